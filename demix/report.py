@@ -1,0 +1,150 @@
+"""Plots and the HTML report of a run, and the short table `demix run` prints."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from demix.config import RunConfig  # noqa: E402
+from demix.search.predictor import cross_val_predictions  # noqa: E402
+from demix.storage import atomic_write_text  # noqa: E402
+
+LABELS = ("chosen", "uniform", "token_prior")
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def plot_search_progress(history: list[dict]) -> str:
+    """Ranking score of every proxy in evaluation order, coloured by round, with the best so far."""
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    scores = np.array([row["ranking_score"] for row in history])
+    rounds = np.array([row["round"] for row in history])
+    for r in sorted(set(rounds.tolist())):
+        idx = np.flatnonzero(rounds == r)
+        ax.scatter(idx, scores[idx], label=f"round {r}", s=28)
+    ax.plot(np.maximum.accumulate(scores), color="black", lw=1, label="best so far")
+    ax.set_xlabel("proxy (evaluation order)")
+    ax.set_ylabel("ranking score")
+    ax.set_title("Search progress")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def plot_predicted_vs_observed(observed: np.ndarray, predicted: np.ndarray, rho: float) -> str:
+    """Cross-validated predictions of the predictor against observed ranking scores."""
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.scatter(observed, predicted, s=28)
+    lo, hi = float(min(observed.min(), predicted.min())), float(max(observed.max(), predicted.max()))
+    ax.plot([lo, hi], [lo, hi], color="grey", lw=1, ls="--")
+    ax.set_xlabel("observed ranking score")
+    ax.set_ylabel("predicted (held-out fold)")
+    ax.set_title(f"Predictor, cross-validated (Spearman {rho:.2f})")
+    return _png(fig)
+
+
+def _grouped_bars(groups: list[str], series: dict[str, list[float]], ylabel: str, title: str) -> str:
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    width = 0.8 / max(1, len(series))
+    x = np.arange(len(groups))
+    for i, (label, values) in enumerate(series.items()):
+        ax.bar(x + i * width - 0.4 + width / 2, values, width, label=label)
+    ax.set_xticks(x, groups)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    def cell(v):
+        return f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def write_report(out: Path, summary: dict, found: dict, config: RunConfig) -> Path:
+    """Write report.html (plots embedded) into the run folder; return its path."""
+    names = summary["datasets"]
+    history = found["history"]
+    mixtures = {"chosen": summary["mixture"], **summary["baselines"]}
+    final = summary["final"]
+    categories = list(config.evaluate.categories)
+    images = [plot_search_progress(history)]
+
+    X = np.array([[row["weights"][n] for n in names] for row in history])
+    y = np.array([row["ranking_score"] for row in history])
+    cv_note = ""
+    if len(y) >= 4:
+        predicted, rho = cross_val_predictions(X, y, config.search.predictor, config.seed)
+        images.append(plot_predicted_vs_observed(y, predicted, rho))
+    else:
+        cv_note = "<p>Too few proxies for a cross-validated predictor plot.</p>"
+    images.append(_grouped_bars(names, {k: [m[n] for n in names] for k, m in mixtures.items()},
+                                "weight", "Chosen mixture vs baselines"))
+    images.append(_grouped_bars(categories, {k: [final[k]["categories"][c] for c in categories] for k in LABELS},
+                                "score (percentile among the 3)", "Final models per category"))
+
+    tasks = config.evaluate.tasks
+    task_rows = []
+    for task in tasks:
+        first = final[LABELS[0]]["tasks"][task]
+        task_rows.append([task, first["metric"] + (" ↑" if first["higher_is_better"] else " ↓")]
+                         + [f"{final[k]['tasks'][task]['value']:.4f} ± {final[k]['tasks'][task]['stderr']:.4f}"
+                            for k in LABELS])
+    mix_rows = [[n, summary["mixture"][n], summary["component_weights"][n], summary["token_prior"][n],
+                 summary["relative_delta_norms"][n]] for n in names]
+    body = [
+        "<h1>DeMix run report</h1>",
+        f"<p>{summary['proxies_evaluated']} merged proxies evaluated in {summary['search_rounds']} rounds; "
+        f"predictor cross-validated Spearman {summary['predictor_spearman']}.</p>",
+        "<h2>Chosen mixture</h2>",
+        _table(["dataset", "data weight", f"component weight ({config.merge.weights} mapping)",
+                "token prior", "||θᵢ − base|| / ||base||"], mix_rows),
+        "<p>Component i was trained on a mix of general data and dataset i; a proxy for data mixture d "
+        "merges with component weights c = M⁻¹d (columns of M: each component's training mix).</p>",
+        _table(["M", *names], [[n, *row] for n, row in zip(names, found["mix_matrix"], strict=True)]),
+        "<h2>Final models</h2>",
+        _table(["model", "ranking score", *categories],
+               [[k, final[k]["ranking_score"], *[final[k]["categories"][c] for c in categories]] for k in LABELS]),
+        _table(["task", "metric", *LABELS], task_rows),
+        "<h2>Plots</h2>", cv_note,
+        *[f'<img src="data:image/png;base64,{img}">' for img in images],
+        "<h2>Cost</h2>",
+        _table(["stage", "seconds"], [[k, v] for k, v in summary["timings_s"].items()]),
+        _table(["training tokens", "count"], [[k, v] for k, v in summary["training_tokens"].items()]),
+    ]
+    style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse;"
+             "margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{margin:.5em}")
+    page = f"<!doctype html><html><head><meta charset='utf-8'><title>DeMix report</title><style>{style}</style></head><body>{''.join(body)}</body></html>"
+    path = out / "report.html"
+    atomic_write_text(path, page)
+    return path
+
+
+def print_summary(summary: dict, out: Path) -> None:
+    """The short table `demix run` prints at the end."""
+    names = summary["datasets"]
+    mixtures = {"chosen": summary["mixture"], **summary["baselines"]}
+    width = max(12, *(len(n) for n in names))
+    print(f"\n{'mixture':<12}" + "".join(f"{n:>{width}}" for n in names) + f"{'ranking score':>16}")
+    for label in LABELS:
+        weights = "".join(f"{mixtures[label][n]:>{width}.3f}" for n in names)
+        print(f"{label:<12}{weights}{summary['final'][label]['ranking_score']:>16.3f}")
+    print(f"\n{summary['proxies_evaluated']} proxies in {summary['search_rounds']} rounds; "
+          f"timings (s): {summary['timings_s']}")
+    print(f"wrote {out / 'summary.json'} and {out / 'report.html'}")

@@ -1,0 +1,218 @@
+"""The one training loop: base pretraining, components, references and final models.
+
+Read it top to bottom in `train_model`. A checkpoint holds everything an exact resume needs
+(model, optimizer, data position, RNG, step); the learning rate is a pure function of the step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from demix.config import ArchitectureConfig, ModelConfig, StageTraining, TrainConfig
+from demix.data.shards import CuratedData, MixtureSampler
+from demix.errors import DemixError
+from demix.model import (
+    build_tiny_llama,
+    load_model,
+    read_model_manifest,
+    resolve_device,
+    resolve_dtype,
+    save_model,
+)
+from demix.storage import read_manifest, staged_dir, write_manifest
+
+CHECKPOINT_KIND = "demix.checkpoint"
+
+
+class TrainingError(DemixError):
+    """Training diverged (non-finite loss)."""
+
+
+def lr_at(step: int, total_steps: int, stage: StageTraining) -> float:
+    """Linear warmup, then cosine decay to min_lr_ratio * lr."""
+    warmup = int(stage.warmup_fraction * total_steps)
+    if step < warmup:
+        return stage.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return stage.lr * (stage.min_lr_ratio + (1 - stage.min_lr_ratio) * cosine)
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _sampler_seed(seed: int, role: str, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(f"{role}:{name}".encode())) % (2**32)
+
+
+def _save_checkpoint(ckpt: Path, job_id: str, model, optimizer, sampler, step: int, history: list) -> None:
+    with staged_dir(ckpt) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+        opt = optimizer.state_dict()
+        tensors = {
+            f"{idx}.{key}": value.contiguous()
+            for idx, state in opt["state"].items()
+            for key, value in state.items()
+        }
+        tensors["rng.torch_cpu"] = torch.get_rng_state()
+        save_file(tensors, tmp / "optimizer.safetensors")
+        state = {"job": job_id, "step": step, "sampler": sampler.state_dict(), "param_groups": opt["param_groups"],
+                 "history": history}
+        (tmp / "state.json").write_text(json.dumps(state))
+        write_manifest(tmp, CHECKPOINT_KIND, step=step)
+
+
+def _load_checkpoint(ckpt: Path, model, optimizer, sampler) -> tuple[int, list]:
+    read_manifest(ckpt, kind=CHECKPOINT_KIND, verify=True)
+    model.load_state_dict(load_file(ckpt / "model.safetensors"))
+    tensors = load_file(ckpt / "optimizer.safetensors")
+    torch.set_rng_state(tensors.pop("rng.torch_cpu"))
+    state = json.loads((ckpt / "state.json").read_text())
+    opt_state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        opt_state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    sampler.load_state_dict(state["sampler"])
+    return state["step"], state["history"]
+
+
+def fingerprint(**parts) -> str:
+    """Stable hash of a job's inputs: same inputs -> same outputs (resume and cache key)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def train_model(
+    out: str | Path,
+    data: CuratedData,
+    weights: dict[str, float],
+    stage: StageTraining,
+    train: TrainConfig,
+    model_cfg: ModelConfig,
+    seed: int,
+    role: str,
+    name: str,
+    init: str | Path | None = None,
+    arch: ArchitectureConfig | None = None,
+    stop_at_step: int | None = None,
+    quiet: bool = False,
+) -> dict | None:
+    """Train from `init` (or a fresh tiny Llama) on the data mixture `weights`; save an HF folder.
+
+    Skips work when `out` already holds a model with the same fingerprint; resumes from
+    `<out>.ckpt` when present. With stop_at_step it checkpoints at that step and returns None
+    (used to test exact resume). Returns the output manifest.
+    Raises TrainingError on a non-finite loss (the last checkpoint is kept), MixtureError on
+    bad weights, ModelError on a bad init folder.
+    """
+    out = Path(out)
+    ckpt = out.with_name(out.name + ".ckpt")
+    init_id = read_model_manifest(init).get("fingerprint", str(init)) if init else None
+    job_id = fingerprint(
+        role=role, name=name, weights=weights, stage=stage.model_dump(), seed=seed, init=init_id,
+        train=train.model_dump(exclude={"base", "component", "final", "checkpoint_every", "log_every"}),
+        data=read_manifest(data.root).get("files"), arch=arch.model_dump() if arch else None,
+    )
+    if (out / "manifest.json").is_file() and read_model_manifest(out).get("fingerprint") == job_id:
+        return read_model_manifest(out)
+
+    device = resolve_device(train.device)
+    amp_dtype = resolve_dtype(train.dtype, device)
+    tokenizer = data.load_tokenizer()
+    if init is None:
+        if arch is None:
+            raise ValueError("train_model needs `init` or `arch`")
+        model = build_tiny_llama(arch, data.vocab_size, data.eos_token_id, seed).to(device)
+    else:
+        model = load_model(init, device, torch.float32, model_cfg.trust_remote_code,
+                           model_cfg.attn_implementation)
+    model.train()
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, train.weight_decay), lr=stage.lr, betas=(train.beta1, train.beta2),
+        foreach=True,
+    )
+    sampler = MixtureSampler(data, weights, train.seq_len, train.batch_size, _sampler_seed(seed, role, name))
+    total_steps = max(1, math.ceil(stage.tokens / train.tokens_per_step))
+
+    step, history = 0, []
+    if (ckpt / "manifest.json").is_file():
+        # A checkpoint of a different job (changed config or data) is never resumed.
+        if json.loads((ckpt / "state.json").read_text()).get("job") == job_id:
+            step, history = _load_checkpoint(ckpt, model, optimizer, sampler)
+
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
+    bar = tqdm(total=total_steps, initial=step, desc=f"train {role} {name}", unit="step",
+               file=sys.stderr, disable=quiet, dynamic_ncols=True)
+    t0, tokens_done, running = time.perf_counter(), 0, None
+    while step < total_steps:
+        batch = torch.from_numpy(sampler.next_batch()).to(device)
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, total_steps, stage)
+        with autocast:
+            logits = model(input_ids=inputs).logits
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        value = loss.item()
+        if not math.isfinite(value):
+            raise TrainingError(
+                f"{role} {name}: loss is {value} at step {step + 1}; the last good checkpoint is kept "
+                f"in {ckpt} (lower train.{role}.lr or raise train.grad_clip)"
+            )
+        step += 1
+        tokens_done += inputs.numel()
+        running = value if running is None else 0.9 * running + 0.1 * value
+        if step % train.log_every == 0 or step == total_steps:
+            history.append({"step": step, "loss": round(value, 5)})
+            rate = tokens_done / max(1e-9, time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{running:.3f}", tok_s=f"{rate:,.0f}")
+        bar.update(1)
+        if step == stop_at_step:
+            _save_checkpoint(ckpt, job_id, model, optimizer, sampler, step, history)
+            bar.close()
+            return None
+        if step % train.checkpoint_every == 0 and step < total_steps:
+            _save_checkpoint(ckpt, job_id, model, optimizer, sampler, step, history)
+    bar.close()
+
+    elapsed = time.perf_counter() - t0
+    manifest = save_model(
+        model, tokenizer, out,
+        extra_files={"training_log.json": json.dumps(history)},
+        role=role, name=name, fingerprint=job_id, weights=weights, steps=total_steps,
+        tokens=total_steps * train.tokens_per_step, seed=seed,
+        final_loss=history[-1]["loss"] if history else None,
+        tokens_per_s=round(tokens_done / elapsed, 1) if elapsed > 0 else None,
+    )
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return manifest
+
+
+def component_weights(names: list[str], target: str, general: np.ndarray, general_ratio: float) -> dict[str, float]:
+    """Training mix of the component for `target`: general_ratio general data + the rest target."""
+    mix = general_ratio * general
+    mix[names.index(target)] += 1 - general_ratio
+    return {n: float(w) for n, w in zip(names, mix, strict=True)}

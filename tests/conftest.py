@@ -1,0 +1,102 @@
+"""Shared fixtures: tiny real corpora, a tiny tokenizer and tiny real Llama models, built once."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+WORDS = ("the a river city council report people year market school north long small old new "
+         "said found made went saw told asked would could should must before after during under").split()
+
+
+def _english(rng: random.Random, n: int) -> list[str]:
+    docs = []
+    for _ in range(n):
+        sentences = []
+        for _ in range(rng.randint(4, 9)):
+            words = [rng.choice(WORDS) for _ in range(rng.randint(6, 14))]
+            sentences.append(" ".join(words).capitalize() + ".")
+        docs.append(" ".join(sentences))
+    return docs
+
+
+def _math(rng: random.Random, n: int) -> list[str]:
+    docs = []
+    for _ in range(n):
+        a, b, c = rng.randint(2, 99), rng.randint(2, 99), rng.randint(2, 9)
+        docs.append(f"Problem:\nCompute ({a} + {b}) * {c}.\n\nSolution:\nFirst {a} + {b} = {a + b}. "
+                    f"Then {a + b} * {c} = {(a + b) * c}. The answer is $\\boxed{{{(a + b) * c}}}$.")
+    return docs
+
+
+def _code(n: int) -> list[str]:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in stdlib.glob("*.py") if 2_000 < p.stat().st_size < 12_000)
+    return [p.read_text(errors="replace") for p in files[:n]]
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    """Three small real-ish domains as jsonl: english prose, python source, math solutions."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    for name, docs in (("general", _english(rng, 160)), ("code", _code(40)), ("math", _math(rng, 240))):
+        with open(root / f"{name}.jsonl", "w") as f:
+            for doc in docs:
+                f.write(json.dumps({"text": doc}) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def eval_dir(tmp_path_factory) -> Path:
+    """Tiny eval files in the bundled tasks' formats (ranked choice and bits-per-byte)."""
+    root = tmp_path_factory.mktemp("eval")
+    rng = random.Random(1)
+    with open(root / "basic_skills_arithmetic.jsonl", "w") as f:
+        for _ in range(12):
+            a, b = rng.randint(2, 50), rng.randint(2, 50)
+            choices = [str(a + b), str(a + b + 1), str(a * b), str(abs(a - b))]
+            f.write(json.dumps({"query": f"{a} + {b} =", "choices": choices, "gold": 0}) + "\n")
+    with open(root / "math500_bpb.jsonl", "w") as f:
+        for doc in _math(rng, 12):
+            problem, solution = doc.split("\n\nSolution:")
+            f.write(json.dumps({"context": problem + "\n\nSolution:", "continuation": solution}) + "\n")
+    return root
+
+
+def smoke_config_dict(corpus: Path, eval_data: Path | None = None) -> dict:
+    """A run config small enough for an end-to-end test in well under two minutes."""
+    categories = {
+        "general": ["heldout:general"],
+        "math": ["heldout:math"] + (["basic_skills_arithmetic", "math500_bpb"] if eval_data else []),
+        "code": ["heldout:code"],
+    }
+    return {
+        "seed": 0,
+        "data": {
+            "datasets": [{"name": n, "paths": [str(corpus / f"{n}.jsonl")]} for n in ("general", "code", "math")],
+            "general": "general",
+            "tokenizer": {"vocab_size": 320},
+        },
+        "model": {"architecture": {"hidden_size": 32, "num_layers": 2, "num_heads": 2,
+                                   "intermediate_size": 64, "max_position_embeddings": 64}},
+        "train": {
+            "seq_len": 32, "batch_size": 8, "checkpoint_every": 10, "log_every": 5,
+            "base": {"tokens": 12_000, "lr": 1e-2},
+            "component": {"tokens": 4_000, "lr": 5e-3},
+            "final": {"tokens": 4_000, "lr": 5e-3},
+        },
+        "evaluate": {"categories": categories, "limit": 8, "batch_size": 8, "heldout_tokens": 1024,
+                     **({"data_dir": str(eval_data)} if eval_data else {})},
+        "search": {"n": 4, "rounds": 2, "candidates": 500, "top_k": 8},
+    }
