@@ -11,12 +11,14 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers.utils import logging as hf_logging
 
 from demix.config import ArchitectureConfig
 from demix.errors import ModelError
 from demix.storage import read_manifest, staged_dir, write_manifest
 
 log = logging.getLogger(__name__)
+hf_logging.disable_progress_bar()
 
 MODEL_KIND = "demix.model"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")

@@ -1,0 +1,327 @@
+"""Evaluate in-memory models on a run's tasks: lm-eval tasks and held-out loss, one result format.
+
+A result is {task: {"metric", "value", "stderr", "higher_is_better", "n", "metrics"}} whatever the
+task's source, so the scoring code never needs to know where a number came from.
+
+Primary metric per task: `acc_norm` for ranked-choice tasks, because unnormalised `acc` sums the
+log-likelihood of each choice and so favours short choices; dividing by the choice's length in
+characters removes most of that bias (what OLMo / DataDecide-style small-model evals report).
+`bits_per_byte` for bits-per-byte tasks (lower is better) and `loss` (nats) for held-out tasks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from demix.config import EvaluateConfig
+from demix.errors import ModelError, TaskError
+from demix.evaluate.heldout import HELDOUT_PREFIX, heldout_loss, heldout_window
+from demix.evaluate.suite import BITS_PER_BYTE, BUNDLED_TASKS, load_task_suite
+from demix.evaluate.tasks.demix_metrics import scored_text
+
+# First present wins; any other lm-eval task falls back to its first reported metric.
+PRIMARY_METRICS = ("acc_norm", "acc", "bits_per_byte", "exact_match", "loss")
+
+# Warnings lm-eval prints every time an in-memory model is wrapped; expected here, so dropped.
+_EXPECTED_WARNINGS = (
+    "`pretrained` model kwarg is not of type `str`",
+    "Passed an already-initialized model through `pretrained`",
+)
+
+# Bootstrap is only used by lm-eval for a few metrics (perplexity, f1, bleu, ...) of non-bundled
+# tasks; 1000 draws keep it to seconds instead of lm-eval's default 100000.
+_BOOTSTRAP_ITERS = 1000
+
+
+# Logged for every long document of every proxy; once per process says all there is to say.
+_TRUNCATION_WARNING = "Combined length of context"
+
+
+class _DropExpectedWarnings(logging.Filter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.truncation_reported = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        if message.startswith(_TRUNCATION_WARNING):
+            if self.truncation_reported:
+                return False
+            self.truncation_reported = True
+            record.msg = message + " (further truncations are not reported)"
+            return True
+        return not message.startswith(_EXPECTED_WARNINGS)
+
+
+def _quiet_lm_eval_logging() -> None:
+    root = logging.getLogger("lm_eval")
+    if root.level == logging.NOTSET:
+        root.setLevel(logging.WARNING)
+    hf_logger = logging.getLogger("lm_eval.models.huggingface")
+    if not any(isinstance(f, _DropExpectedWarnings) for f in hf_logger.filters):
+        hf_logger.addFilter(_DropExpectedWarnings())
+
+
+@contextlib.contextmanager
+def _without_progress_bars() -> Iterator[None]:
+    """Swallow lm-eval's and datasets' tqdm bars (several per task per proxy), keep other output."""
+    # tqdm reads its settings once at import and lm-eval has no switch for its task-building bars,
+    # so stderr is captured instead. tqdm starts every refresh with "\r"; log lines never do.
+    buffer = io.StringIO()
+    real = sys.stderr
+    failed = False
+    try:
+        with contextlib.redirect_stderr(buffer):
+            yield
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        text = buffer.getvalue()
+        if failed:
+            real.write(text)
+        else:
+            # split("\n"), not splitlines(), which would also split at every "\r".
+            kept = [line for line in text.split("\n") if line and "\r" not in line]
+            real.write("".join(line + "\n" for line in kept))
+
+
+class Evaluator:
+    """Builds the configured tasks once; `evaluate(model)` scores one model on all of them.
+
+    `tokenizer` is the HF tokenizer of the models to evaluate; `device` is where they run (a model
+    on another device is moved there). `data` (a CuratedData) is needed for `heldout:<dataset>`
+    tasks, `eval_data_dir` for the bundled demo tasks.
+    """
+
+    def __init__(
+        self,
+        config: EvaluateConfig,
+        tokenizer: Any,
+        device: str,
+        data: Any | None = None,
+        eval_data_dir: str | Path | None = None,
+    ) -> None:
+        """Load every task of config.categories.
+
+        Raises TaskError for unknown tasks, missing eval files or held-out data, empty tasks.
+        """
+        self.config = config
+        self.tokenizer = tokenizer
+        self.device = device
+        self.task_names: list[str] = config.tasks
+        self._heldout: dict[str, np.ndarray] = {}
+        lm_eval_names = []
+        for name in self.task_names:
+            if name.startswith(HELDOUT_PREFIX):
+                self._heldout[name] = self._load_heldout(name, data)
+            else:
+                lm_eval_names.append(name)
+        _quiet_lm_eval_logging()
+        self._workdir = tempfile.TemporaryDirectory(prefix="demix-eval-")
+        self._suite = None
+        self._longest_targets: dict[str, tuple[int, int]] = {}
+        if lm_eval_names:
+            with _without_progress_bars():
+                self._suite = load_task_suite(
+                    lm_eval_names,
+                    Path(self._workdir.name),
+                    eval_data_dir=Path(eval_data_dir) if eval_data_dir is not None else None,
+                    include_path=config.include_path,
+                )
+            self._longest_targets = self._measure_bits_per_byte_targets()
+
+    def _measure_bits_per_byte_targets(self) -> dict[str, tuple[int, int]]:
+        """(tokens, document number) of the longest scored continuation of each bpb task."""
+        assert self._suite is not None
+        longest = {}
+        for name in self._suite.files:
+            if BUNDLED_TASKS[name] != BITS_PER_BYTE:
+                continue
+            docs = self._suite.task_dict["tasks"][name].eval_docs
+            count = len(docs) if self.config.limit is None else min(self.config.limit, len(docs))
+            sizes = []
+            for doc in docs.select(range(count)):
+                # Tokenized like lm-eval's HFLM: the whole text, minus the context's tokens.
+                context = doc["context"].rstrip()
+                whole = self.tokenizer.encode(
+                    context + scored_text(doc["context"], doc["continuation"])
+                )
+                sizes.append(len(whole) - len(self.tokenizer.encode(context)))
+            index = int(np.argmax(sizes))
+            longest[name] = (sizes[index], index + 1)
+        return longest
+
+    def _check_targets_fit(self, max_length: int | None) -> None:
+        # lm-eval asserts that a scored continuation fits the context window; say where instead.
+        assert self._suite is not None
+        for name, (tokens, number) in self._longest_targets.items():
+            if max_length is not None and tokens > max_length:
+                raise TaskError(
+                    f"{self._suite.files[name]}: document {number} of task {name!r} has a "
+                    f"{tokens}-token continuation, longer than the model's context of {max_length}; "
+                    f"shorten that continuation, or raise evaluate.max_length if the model has a longer context"
+                )
+
+    def _load_heldout(self, task: str, data: Any | None) -> np.ndarray:
+        dataset = task.removeprefix(HELDOUT_PREFIX)
+        if data is None:
+            raise TaskError(
+                f"task {task!r} needs the curated dataset; pass data=CuratedData(...) to Evaluator"
+            )
+        if dataset not in data.names:
+            raise TaskError(f"task {task!r}: no dataset {dataset!r}; known: {sorted(data.names)}")
+        tokens = np.asarray(data.tokens(dataset, "heldout")[: self.config.heldout_tokens])
+        if len(tokens) < 2:
+            raise TaskError(
+                f"task {task!r}: the held-out split of {dataset!r} has {len(tokens)} tokens; "
+                f"curate with a larger data.heldout_fraction"
+            )
+        return tokens.astype(np.int64)
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, dict[str, Any]]:
+        """Score `model` on every task: {task: {metric, value, stderr, higher_is_better, n, metrics}}.
+
+        Runs in eval mode without gradients and restores the model's training mode.
+        Raises ModelError when held-out token ids do not fit the model's vocabulary.
+        """
+        model.to(self.device)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                results = self._run_lm_eval(model) if self._suite is not None else {}
+                results.update(self._run_heldout(model))
+        finally:
+            model.train(was_training)
+        return {name: results[name] for name in self.task_names}
+
+    def _max_length(self, model: torch.nn.Module) -> int | None:
+        return self.config.max_length or getattr(model.config, "max_position_embeddings", None)
+
+    def _run_heldout(self, model: torch.nn.Module) -> dict[str, dict[str, Any]]:
+        results = {}
+        window = heldout_window(self._max_length(model))
+        vocab_size = model.get_input_embeddings().num_embeddings
+        for name, tokens in self._heldout.items():
+            if int(tokens.max()) >= vocab_size:
+                raise ModelError(
+                    f"task {name!r}: held-out token id {int(tokens.max())} does not fit the "
+                    f"model's vocabulary of {vocab_size}; evaluate models built for this dataset's "
+                    f"tokenizer"
+                )
+            loss, stderr, windows = heldout_loss(model, tokens, window, self.config.batch_size)
+            results[name] = {
+                "metric": "loss",
+                "value": loss,
+                "stderr": stderr,
+                "higher_is_better": False,
+                "n": windows,
+                "metrics": {"loss": loss},
+            }
+        return results
+
+    def _run_lm_eval(self, model: torch.nn.Module) -> dict[str, dict[str, Any]]:
+        from lm_eval.evaluator import evaluate
+        from lm_eval.models.huggingface import HFLM
+
+        assert self._suite is not None
+        self._check_targets_fit(self._max_length(model))
+        with _without_progress_bars():
+            lm = HFLM(
+                pretrained=model,
+                tokenizer=self.tokenizer,
+                device=self.device,
+                batch_size=self.config.batch_size,
+                max_length=self._max_length(model),
+            )
+            # `limit` keeps the first N documents of each task (lm-eval slices its doc iterator),
+            # so a fixed-order eval file gives the same subsample for every proxy.
+            raw = evaluate(
+                lm=lm,
+                task_dict=self._suite.task_dict,
+                limit=self.config.limit,
+                bootstrap_iters=_BOOTSTRAP_ITERS,
+                log_samples=True,
+            )
+        return {name: _summarise(name, raw, leaves) for name, leaves in self._suite.leaves.items()}
+
+
+def _summarise(name: str, raw: dict[str, Any], leaves: list[str]) -> dict[str, Any]:
+    """One task's lm-eval output in demix's result format."""
+    reported = raw["results"].get(name, {})
+    values: dict[str, tuple[str, str, float]] = {}
+    for key, value in reported.items():
+        metric, sep, filter_key = key.partition(",")
+        if not sep or metric.endswith("_stderr") or not isinstance(value, int | float):
+            continue
+        label = metric if filter_key == "none" else key
+        values.setdefault(label, (metric, filter_key, float(value)))
+    if not values:
+        raise TaskError(
+            f"lm-eval task {name!r} reported no numeric metric; name its subtasks in "
+            f"evaluate.categories"
+        )
+    preferred = (label for m in PRIMARY_METRICS for label in values if values[label][0] == m)
+    primary = next(preferred, next(iter(values)))
+    metric, filter_key, value = values[primary]
+    stderr = reported.get(f"{metric}_stderr,{filter_key}")
+    if not isinstance(stderr, int | float):
+        stderr = (
+            _bits_per_byte_stderr(raw, leaves, filter_key)
+            if metric == "bits_per_byte"
+            else float("nan")
+        )
+    n_samples = raw.get("n-samples", {})
+    if name in n_samples:
+        n = int(n_samples[name]["effective"])
+    else:
+        n = sum(int(n_samples[leaf]["effective"]) for leaf in leaves if leaf in n_samples)
+    return {
+        "metric": primary,
+        "value": value,
+        "stderr": float(stderr),
+        "higher_is_better": _higher_is_better(raw, name, metric),
+        "n": n,
+        "metrics": {label: v for label, (_, _, v) in values.items()},
+    }
+
+
+def _higher_is_better(raw: dict[str, Any], name: str, metric: str) -> bool:
+    direction = raw.get("higher_is_better", {}).get(name, {}).get(metric)
+    if direction is None:
+        from lm_eval.api.registry import is_higher_better
+
+        direction = is_higher_better(metric)
+    return True if direction is None else bool(direction)
+
+
+def _bits_per_byte_stderr(raw: dict[str, Any], leaves: list[str], filter_key: str) -> float:
+    """Delta-method stderr of the weighted bits per byte -sum(ll) / sum(bytes) / ln 2."""
+    # lm-eval has no stderr for its weighted bits_per_byte (it reports "N/A"); the ratio
+    # estimator's linearised variance is sum((ll_i - r * b_i)^2) / (n (n - 1) mean(b)^2).
+    pairs = [
+        sample["bits_per_byte"]
+        for leaf in leaves
+        for sample in raw.get("samples", {}).get(leaf, [])
+        if sample.get("filter") == filter_key and "bits_per_byte" in sample
+    ]
+    if len(pairs) < 2:
+        return float("nan")
+    ll = np.array([p[0] for p in pairs], dtype=np.float64)
+    nbytes = np.array([p[1] for p in pairs], dtype=np.float64)
+    ratio = ll.sum() / nbytes.sum()
+    n = len(pairs)
+    variance = ((ll - ratio * nbytes) ** 2).sum() / (n * (n - 1) * nbytes.mean() ** 2)
+    return float(math.sqrt(variance) / math.log(2))

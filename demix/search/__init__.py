@@ -1,0 +1,21 @@
+"""Mixture search: Dirichlet sampler, LightGBM predictor, rounds, results table, loop."""
+
+from demix.search.loop import run_search, weights_matrix
+from demix.search.predictor import Predictor, cross_val_predictions
+from demix.search.results import ScoresTable, mixture_id
+from demix.search.rounds import propose_round, select_final
+from demix.search.sampler import sample_mixtures, uniform_mixture, validate_mixture
+
+__all__ = [
+    "Predictor",
+    "ScoresTable",
+    "cross_val_predictions",
+    "mixture_id",
+    "propose_round",
+    "run_search",
+    "sample_mixtures",
+    "select_final",
+    "uniform_mixture",
+    "validate_mixture",
+    "weights_matrix",
+]

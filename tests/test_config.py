@@ -1,0 +1,84 @@
+"""Config loading: the shipped configs validate; bad keys and values name their key path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from demix.config import load_config, parse_config
+from demix.errors import ConfigError
+
+from .conftest import smoke_config_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "example-gpu.yaml"])
+def test_shipped_configs_validate_and_open_with_the_command(name):
+    path = ROOT / "configs" / name
+    config = load_config(path)
+    assert len(config.data.datasets) >= 3
+    assert path.read_text().startswith("# Run with:")
+
+
+def test_example_gpu_has_seven_datasets_and_a_real_base():
+    config = load_config(ROOT / "configs" / "example-gpu.yaml")
+    assert len(config.data.datasets) == 7
+    assert config.model.base and config.train.base is None
+
+
+def test_search_round_sizes_halve():
+    config = load_config(ROOT / "configs" / "demo.yaml")
+    assert config.search.round_sizes == [8, 4, 2]
+
+
+def _mutate(raw: dict, path: str, value) -> dict:
+    node = raw
+    keys = path.split(".")
+    for key in keys[:-1]:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    node[keys[-1]] = value
+    return raw
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        ("train.bogus", 1, "train.bogus: unknown key"),
+        ("train.batch_size", "many", "train.batch_size"),
+        ("train.base.tokens", -5, "train.base.tokens"),
+        ("train.general_ratio", 1.5, "train.general_ratio"),
+        ("search.n", 2, "search.n"),
+        ("data.general", "nope", "general='nope' is not one of the datasets"),
+        ("evaluate.categories", {"x": ["heldout:missing"]}, "'heldout:missing' names no dataset"),
+        ("model.architecture.num_heads", 3, "not divisible by num_heads=3"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path, path, value, expected):
+    raw = _mutate(smoke_config_dict(tmp_path), path, value)
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw, "cfg.yaml")
+    assert expected in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_duplicate_dataset_names(tmp_path):
+    raw = smoke_config_dict(tmp_path)
+    raw["data"]["datasets"][1]["name"] = "general"
+    with pytest.raises(ConfigError, match="duplicate dataset names"):
+        parse_config(raw)
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text(yaml.safe_dump([1, 2]))
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(listy)
