@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from demix.config import RunConfig
-from demix.data.curate import curate
+from demix.data.curate import curate, dataset_files
 from demix.data.demo import fetch_demo
 from demix.data.shards import CuratedData
 from demix.errors import DemixError
@@ -24,7 +24,7 @@ from demix.merge.delta_stack import relative_delta_norms
 from demix.model import check_compatible, load_model, read_model_manifest, resolve_device, set_threads
 from demix.search import ScoresTable, run_search, validate_mixture
 from demix.storage import atomic_write_json, read_manifest
-from demix.train import component_weights, train_model
+from demix.train import component_weights, fingerprint, train_model
 
 BASELINES = ("uniform", "token_prior")
 
@@ -52,7 +52,7 @@ def merge_weights(config: RunConfig, data: CuratedData, mixture: np.ndarray) -> 
 
 
 def as_dict(names: list[str], weights) -> dict[str, float]:
-    return {n: round(float(w), 6) for n, w in zip(names, weights, strict=True)}
+    return {n: float(w) for n, w in zip(names, weights, strict=True)}
 
 
 def curate_stage(config: RunConfig, out: Path) -> CuratedData:
@@ -60,10 +60,12 @@ def curate_stage(config: RunConfig, out: Path) -> CuratedData:
     if config.data.fetch_demo:
         fetch_demo(Path(config.data.fetch_demo))
     tokenizer_dir = Path(config.model.base) if config.model.base else None
-    fp = {"data": config.data.model_dump(), "seed": config.seed, "tokenizer": str(tokenizer_dir)}
-    if (out / "manifest.json").is_file() and read_manifest(out).get("config") == fp:
+    inputs = [(str(p), p.stat().st_size, p.stat().st_mtime_ns)
+              for spec in config.data.datasets for p in dataset_files(spec)]
+    fp = fingerprint(data=config.data.model_dump(), seed=config.seed, tokenizer=str(tokenizer_dir), inputs=inputs)
+    if (out / "manifest.json").is_file() and read_manifest(out).get("fingerprint") == fp:
         return CuratedData(out)
-    curate(config.data, out, config.seed, tokenizer_dir=tokenizer_dir, config=fp)
+    curate(config.data, out, config.seed, tokenizer_dir=tokenizer_dir, fingerprint=fp)
     return CuratedData(out)
 
 
@@ -240,7 +242,11 @@ def materialize_merge(config: RunConfig, data: CuratedData, base: Path, componen
                       mixture: dict[str, float], out: Path) -> dict:
     """Write the merged model of a data mixture to disk (`demix merge`)."""
     weights = validate_mixture(mixture, data.names)
-    c = merge_weights(config, data, weights)
-    return merge_to_disk(base, [components[n] for n in data.names], c, out,
+    missing = sorted(set(data.names) - set(components))
+    if missing:
+        raise DemixError(f"no component model given for dataset(s) {missing}")
+    comp_dirs = [components[n] for n in data.names]
+    check_compatible(base, comp_dirs)
+    return merge_to_disk(base, comp_dirs, merge_weights(config, data, weights), out,
                          data_mixture=as_dict(data.names, weights),
-                         relative_delta_norms=relative_delta_norms(base, [components[n] for n in data.names]))
+                         relative_delta_norms=relative_delta_norms(base, comp_dirs))

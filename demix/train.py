@@ -65,7 +65,8 @@ def _sampler_seed(seed: int, role: str, name: str) -> int:
 
 def _save_checkpoint(ckpt: Path, job_id: str, model, optimizer, sampler, step: int, history: list) -> None:
     with staged_dir(ckpt) as tmp:
-        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+        # named_parameters lists tied weights once (safetensors refuses shared storage)
+        save_file({k: p.detach().contiguous() for k, p in model.named_parameters()}, tmp / "model.safetensors")
         opt = optimizer.state_dict()
         tensors = {
             f"{idx}.{key}": value.contiguous()
@@ -82,7 +83,10 @@ def _save_checkpoint(ckpt: Path, job_id: str, model, optimizer, sampler, step: i
 
 def _load_checkpoint(ckpt: Path, model, optimizer, sampler) -> tuple[int, list]:
     read_manifest(ckpt, kind=CHECKPOINT_KIND, verify=True)
-    model.load_state_dict(load_file(ckpt / "model.safetensors"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in load_file(ckpt / "model.safetensors").items():
+            params[name].copy_(value)
     tensors = load_file(ckpt / "optimizer.safetensors")
     torch.set_rng_state(tensors.pop("rng.torch_cpu"))
     state = json.loads((ckpt / "state.json").read_text())

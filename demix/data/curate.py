@@ -49,7 +49,7 @@ def _read_text(path: Path, dataset: str) -> str:
         raise DataError(f"dataset {dataset!r}: {path} is not UTF-8 text (byte {err.start})") from None
 
 
-def _files(spec: DatasetSpec) -> list[Path]:
+def dataset_files(spec: DatasetSpec) -> list[Path]:
     files: list[Path] = []
     for entry in spec.paths:
         path = Path(entry)
@@ -72,7 +72,7 @@ def read_documents(spec: DatasetSpec) -> Iterator[str]:
 
     Raises DataError naming the file (and line) of a missing, binary or malformed input.
     """
-    for path in _files(spec):
+    for path in dataset_files(spec):
         text = _read_text(path, spec.name)
         if not path.name.endswith((".jsonl", ".jsonl.gz")):
             yield text
