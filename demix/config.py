@@ -213,7 +213,9 @@ class RunConfig(Strict):
     @model_validator(mode="after")
     def _cross(self) -> RunConfig:
         if self.model.base is None and self.train.base is None:
-            raise ValueError("train.base is required when model.base is empty (the demo pretrains a base)")
+            raise ValueError(
+                "train.base is required when model.base is empty (the demo pretrains a base)"
+            )
         names = set(self.data.names)
         for category, tasks in self.evaluate.categories.items():
             for task in tasks:
@@ -243,7 +245,9 @@ def parse_config(raw: object, source: str = "<config>") -> RunConfig:
     Raises ConfigError naming the key path of the first problem.
     """
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+        raise ConfigError(
+            f"{source}: expected a mapping at the top level, got {type(raw).__name__}"
+        )
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:

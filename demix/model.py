@@ -10,7 +10,13 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 from transformers.utils import logging as hf_logging
 
 from demix.config import ArchitectureConfig
@@ -38,7 +44,9 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def build_tiny_llama(arch: ArchitectureConfig, vocab_size: int, eos_token_id: int, seed: int) -> LlamaForCausalLM:
+def build_tiny_llama(
+    arch: ArchitectureConfig, vocab_size: int, eos_token_id: int, seed: int
+) -> LlamaForCausalLM:
     """A small Llama initialised from config with a fixed seed (no download)."""
     config = LlamaConfig(
         vocab_size=vocab_size,
@@ -123,8 +131,9 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
         raise ModelError(f"{path}: cannot load tokenizer ({str(err).splitlines()[0]})") from None
 
 
-def save_model(model, tokenizer, out: str | Path, extra_files: dict[str, str] | None = None,
-               **manifest_fields) -> dict:
+def save_model(
+    model, tokenizer, out: str | Path, extra_files: dict[str, str] | None = None, **manifest_fields
+) -> dict:
     """Save an HF folder (config, safetensors, tokenizer, extra text files) atomically, manifest last."""
     out = Path(out)
     with staged_dir(out) as tmp:
@@ -139,7 +148,12 @@ def save_model(model, tokenizer, out: str | Path, extra_files: dict[str, str] | 
 def copy_model_files(src: Path, dst: Path) -> None:
     """Copy config, generation config and tokenizer files (everything but weights) of a model."""
     for p in src.iterdir():
-        if p.is_file() and p.suffix != ".safetensors" and p.name != "manifest.json" and not p.name.endswith(".index.json"):
+        if (
+            p.is_file()
+            and p.suffix != ".safetensors"
+            and p.name != "manifest.json"
+            and not p.name.endswith(".index.json")
+        ):
             shutil.copy2(p, dst / p.name)
 
 
@@ -159,7 +173,9 @@ def _tokenizer_fingerprint(folder: Path) -> str | None:
     if not path.is_file():
         return None
     data = json.loads(path.read_text())
-    return json.dumps({"model": data.get("model"), "added": data.get("added_tokens")}, sort_keys=True)
+    return json.dumps(
+        {"model": data.get("model"), "added": data.get("added_tokens")}, sort_keys=True
+    )
 
 
 def check_compatible(base: str | Path, others: list[str | Path]) -> None:
@@ -176,7 +192,9 @@ def check_compatible(base: str | Path, others: list[str | Path]) -> None:
         cfg = AutoConfig.from_pretrained(other, local_files_only=True).to_dict()
         for k in keys:
             if cfg.get(k) != ref_cfg.get(k):
-                raise ModelError(f"{other}: config {k}={cfg.get(k)} differs from base {base} ({ref_cfg.get(k)})")
+                raise ModelError(
+                    f"{other}: config {k}={cfg.get(k)} differs from base {base} ({ref_cfg.get(k)})"
+                )
         shapes = tensor_shapes(other)
         missing = sorted(set(ref_shapes) ^ set(shapes))
         if missing:
@@ -184,9 +202,13 @@ def check_compatible(base: str | Path, others: list[str | Path]) -> None:
         bad = [n for n in ref_shapes if ref_shapes[n][0] != shapes[n][0]]
         if bad:
             n = bad[0]
-            raise ModelError(f"{other}: tensor {n} has shape {shapes[n][0]}, base has {ref_shapes[n][0]}")
+            raise ModelError(
+                f"{other}: tensor {n} has shape {shapes[n][0]}, base has {ref_shapes[n][0]}"
+            )
         if _tokenizer_fingerprint(other) != ref_tok:
-            raise ModelError(f"{other}: tokenizer differs from base {base}; components must share the base tokenizer")
+            raise ModelError(
+                f"{other}: tokenizer differs from base {base}; components must share the base tokenizer"
+            )
 
 
 def read_model_manifest(folder: str | Path) -> dict:

@@ -47,7 +47,10 @@ def plot_predicted_vs_observed(observed: np.ndarray, predicted: np.ndarray, rho:
     """Cross-validated predictions of the predictor against observed ranking scores."""
     fig, ax = plt.subplots(figsize=(4, 4))
     ax.scatter(observed, predicted, s=28)
-    lo, hi = float(min(observed.min(), predicted.min())), float(max(observed.max(), predicted.max()))
+    lo, hi = (
+        float(min(observed.min(), predicted.min())),
+        float(max(observed.max(), predicted.max())),
+    )
     ax.plot([lo, hi], [lo, hi], color="grey", lw=1, ls="--")
     ax.set_xlabel("observed ranking score")
     ax.set_ylabel("predicted (held-out fold)")
@@ -55,7 +58,9 @@ def plot_predicted_vs_observed(observed: np.ndarray, predicted: np.ndarray, rho:
     return _png(fig)
 
 
-def _grouped_bars(groups: list[str], series: dict[str, list[float]], ylabel: str, title: str) -> str:
+def _grouped_bars(
+    groups: list[str], series: dict[str, list[float]], ylabel: str, title: str
+) -> str:
     fig, ax = plt.subplots(figsize=(6, 3.4))
     width = 0.8 / max(1, len(series))
     x = np.arange(len(groups))
@@ -94,42 +99,86 @@ def write_report(out: Path, summary: dict, found: dict, config: RunConfig) -> Pa
         images.append(plot_predicted_vs_observed(y, predicted, rho))
     else:
         cv_note = "<p>Too few proxies for a cross-validated predictor plot.</p>"
-    images.append(_grouped_bars(names, {k: [m[n] for n in names] for k, m in mixtures.items()},
-                                "weight", "Chosen mixture vs baselines"))
-    images.append(_grouped_bars(categories, {k: [final[k]["categories"][c] for c in categories] for k in LABELS},
-                                "score (percentile among the 3)", "Final models per category"))
+    images.append(
+        _grouped_bars(
+            names,
+            {k: [m[n] for n in names] for k, m in mixtures.items()},
+            "weight",
+            "Chosen mixture vs baselines",
+        )
+    )
+    images.append(
+        _grouped_bars(
+            categories,
+            {k: [final[k]["categories"][c] for c in categories] for k in LABELS},
+            "score (percentile among the 3)",
+            "Final models per category",
+        )
+    )
 
     tasks = config.evaluate.tasks
     task_rows = []
     for task in tasks:
         first = final[LABELS[0]]["tasks"][task]
-        task_rows.append([task, first["metric"] + (" ↑" if first["higher_is_better"] else " ↓")]
-                         + [f"{final[k]['tasks'][task]['value']:.4f} ± {final[k]['tasks'][task]['stderr']:.4f}"
-                            for k in LABELS])
-    mix_rows = [[n, summary["mixture"][n], summary["component_weights"][n], summary["token_prior"][n],
-                 summary["relative_delta_norms"][n]] for n in names]
+        task_rows.append(
+            [task, first["metric"] + (" ↑" if first["higher_is_better"] else " ↓")]
+            + [
+                f"{final[k]['tasks'][task]['value']:.4f} ± {final[k]['tasks'][task]['stderr']:.4f}"
+                for k in LABELS
+            ]
+        )
+    mix_rows = [
+        [
+            n,
+            summary["mixture"][n],
+            summary["component_weights"][n],
+            summary["token_prior"][n],
+            summary["relative_delta_norms"][n],
+        ]
+        for n in names
+    ]
     body = [
         "<h1>DeMix run report</h1>",
         f"<p>{summary['proxies_evaluated']} merged proxies evaluated in {summary['search_rounds']} rounds; "
         f"predictor cross-validated Spearman {summary['predictor_spearman']}.</p>",
         "<h2>Chosen mixture</h2>",
-        _table(["dataset", "data weight", f"component weight ({config.merge.weights} mapping)",
-                "token prior", "||θᵢ − base|| / ||base||"], mix_rows),
+        _table(
+            [
+                "dataset",
+                "data weight",
+                f"component weight ({config.merge.weights} mapping)",
+                "token prior",
+                "||θᵢ − base|| / ||base||",
+            ],
+            mix_rows,
+        ),
         "<p>Component i was trained on a mix of general data and dataset i; a proxy for data mixture d "
         "merges with component weights c = M⁻¹d (columns of M: each component's training mix).</p>",
-        _table(["M", *names], [[n, *row] for n, row in zip(names, found["mix_matrix"], strict=True)]),
+        _table(
+            ["M", *names], [[n, *row] for n, row in zip(names, found["mix_matrix"], strict=True)]
+        ),
         "<h2>Final models</h2>",
-        _table(["model", "ranking score", *categories],
-               [[k, final[k]["ranking_score"], *[final[k]["categories"][c] for c in categories]] for k in LABELS]),
+        _table(
+            ["model", "ranking score", *categories],
+            [
+                [k, final[k]["ranking_score"], *[final[k]["categories"][c] for c in categories]]
+                for k in LABELS
+            ],
+        ),
         _table(["task", "metric", *LABELS], task_rows),
-        "<h2>Plots</h2>", cv_note,
+        "<h2>Plots</h2>",
+        cv_note,
         *[f'<img src="data:image/png;base64,{img}">' for img in images],
         "<h2>Cost</h2>",
         _table(["stage", "seconds"], [[k, v] for k, v in summary["timings_s"].items()]),
-        _table(["training tokens", "count"], [[k, v] for k, v in summary["training_tokens"].items()]),
+        _table(
+            ["training tokens", "count"], [[k, v] for k, v in summary["training_tokens"].items()]
+        ),
     ]
-    style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse;"
-             "margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{margin:.5em}")
+    style = (
+        "body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse;"
+        "margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{margin:.5em}"
+    )
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>DeMix report</title><style>{style}</style></head><body>{''.join(body)}</body></html>"
     path = out / "report.html"
     atomic_write_text(path, page)
@@ -145,6 +194,8 @@ def print_summary(summary: dict, out: Path) -> None:
     for label in LABELS:
         weights = "".join(f"{mixtures[label][n]:>{width}.3f}" for n in names)
         print(f"{label:<12}{weights}{summary['final'][label]['ranking_score']:>16.3f}")
-    print(f"\n{summary['proxies_evaluated']} proxies in {summary['search_rounds']} rounds; "
-          f"timings (s): {summary['timings_s']}")
+    print(
+        f"\n{summary['proxies_evaluated']} proxies in {summary['search_rounds']} rounds; "
+        f"timings (s): {summary['timings_s']}"
+    )
     print(f"wrote {out / 'summary.json'} and {out / 'report.html'}")

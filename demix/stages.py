@@ -21,7 +21,13 @@ from demix.errors import DemixError
 from demix.evaluate import Evaluator, score_models
 from demix.merge import DeltaStack, component_mix_matrix, data_to_component, merge_to_disk
 from demix.merge.delta_stack import relative_delta_norms
-from demix.model import check_compatible, load_model, read_model_manifest, resolve_device, set_threads
+from demix.model import (
+    check_compatible,
+    load_model,
+    read_model_manifest,
+    resolve_device,
+    set_threads,
+)
 from demix.search import ScoresTable, run_search, validate_mixture
 from demix.storage import atomic_write_json, read_manifest
 from demix.train import component_weights, fingerprint, train_model
@@ -60,9 +66,14 @@ def curate_stage(config: RunConfig, out: Path) -> CuratedData:
     if config.data.fetch_demo:
         fetch_demo(Path(config.data.fetch_demo))
     tokenizer_dir = Path(config.model.base) if config.model.base else None
-    inputs = [(str(p), p.stat().st_size, p.stat().st_mtime_ns)
-              for spec in config.data.datasets for p in dataset_files(spec)]
-    fp = fingerprint(data=config.data.model_dump(), seed=config.seed, tokenizer=str(tokenizer_dir), inputs=inputs)
+    inputs = [
+        (str(p), p.stat().st_size, p.stat().st_mtime_ns)
+        for spec in config.data.datasets
+        for p in dataset_files(spec)
+    ]
+    fp = fingerprint(
+        data=config.data.model_dump(), seed=config.seed, tokenizer=str(tokenizer_dir), inputs=inputs
+    )
     if (out / "manifest.json").is_file() and read_manifest(out).get("fingerprint") == fp:
         return CuratedData(out)
     curate(config.data, out, config.seed, tokenizer_dir=tokenizer_dir, fingerprint=fp)
@@ -73,29 +84,61 @@ def base_stage(config: RunConfig, data: CuratedData, out: Path) -> Path:
     """The shared base: `model.base` when given, else a tiny Llama pretrained on the token prior."""
     if config.model.base:
         return Path(config.model.base)
-    train_model(out, data, data.token_prior, config.train.base, config.train, config.model,
-                config.seed, role="base", name="base", arch=config.model.architecture)
+    train_model(
+        out,
+        data,
+        data.token_prior,
+        config.train.base,
+        config.train,
+        config.model,
+        config.seed,
+        role="base",
+        name="base",
+        arch=config.model.architecture,
+    )
     return out
 
 
-def component_stage(config: RunConfig, data: CuratedData, base: Path, dataset: str, out: Path) -> Path:
+def component_stage(
+    config: RunConfig, data: CuratedData, base: Path, dataset: str, out: Path
+) -> Path:
     """Train the component for `dataset` from the base."""
     if dataset not in data.names:
         raise DemixError(f"--dataset {dataset!r} is not one of {data.names}")
-    weights = component_weights(data.names, dataset, general_mix(config, data), config.train.general_ratio)
-    train_model(out, data, weights, config.train.component, config.train, config.model,
-                config.seed, role="component", name=dataset, init=base)
+    weights = component_weights(
+        data.names, dataset, general_mix(config, data), config.train.general_ratio
+    )
+    train_model(
+        out,
+        data,
+        weights,
+        config.train.component,
+        config.train,
+        config.model,
+        config.seed,
+        role="component",
+        name=dataset,
+        init=base,
+    )
     return out
 
 
 def make_evaluator(config: RunConfig, data: CuratedData, device: torch.device) -> Evaluator:
     """Evaluator over the configured tasks, built once."""
     data_dir = Path(config.evaluate.data_dir) if config.evaluate.data_dir else None
-    return Evaluator(config.evaluate, data.load_tokenizer(), str(device), data=data, eval_data_dir=data_dir)
+    return Evaluator(
+        config.evaluate, data.load_tokenizer(), str(device), data=data, eval_data_dir=data_dir
+    )
 
 
-def search_stage(config: RunConfig, data: CuratedData, base: Path, components: dict[str, Path],
-                 out: Path, evaluator: Evaluator | None = None) -> dict:
+def search_stage(
+    config: RunConfig,
+    data: CuratedData,
+    base: Path,
+    components: dict[str, Path],
+    out: Path,
+    evaluator: Evaluator | None = None,
+) -> dict:
     """Search the mixture simplex with merged proxies; write scores.jsonl and result.json to `out`.
 
     Resumes from an existing scores table: proxies already scored are not evaluated again.
@@ -104,8 +147,13 @@ def search_stage(config: RunConfig, data: CuratedData, base: Path, components: d
     comp_dirs = [components[n] for n in names]
     check_compatible(base, comp_dirs)
     device = resolve_device(config.train.device)
-    model = load_model(base, device, torch.float32, config.model.trust_remote_code,
-                       config.model.attn_implementation)
+    model = load_model(
+        base,
+        device,
+        torch.float32,
+        config.model.trust_remote_code,
+        config.model.attn_implementation,
+    )
     model.eval()
     stack = DeltaStack(model, base, comp_dirs)
     evaluator = evaluator or make_evaluator(config, data, device)
@@ -120,8 +168,9 @@ def search_stage(config: RunConfig, data: CuratedData, base: Path, components: d
 
     out.mkdir(parents=True, exist_ok=True)
     prior = np.array([data.token_prior[n] for n in names])
-    found = run_search(names, prior, config.search, config.seed, evaluate, score,
-                       ScoresTable(out / "scores.jsonl"))
+    found = run_search(
+        names, prior, config.search, config.seed, evaluate, score, ScoresTable(out / "scores.jsonl")
+    )
     mixture = found["mixture"]
     result = {
         "mixture": as_dict(names, mixture),
@@ -139,29 +188,58 @@ def search_stage(config: RunConfig, data: CuratedData, base: Path, components: d
     return result
 
 
-def final_stage(config: RunConfig, data: CuratedData, base: Path, label: str,
-                mixture: dict[str, float], out: Path) -> Path:
+def final_stage(
+    config: RunConfig,
+    data: CuratedData,
+    base: Path,
+    label: str,
+    mixture: dict[str, float],
+    out: Path,
+) -> Path:
     """Train a final model from the base on a data mixture (the chosen one or a baseline)."""
     weights = validate_mixture(mixture, data.names)
-    train_model(out, data, as_dict(data.names, weights), config.train.final, config.train,
-                config.model, config.seed, role="final", name=label, init=base)
+    train_model(
+        out,
+        data,
+        as_dict(data.names, weights),
+        config.train.final,
+        config.train,
+        config.model,
+        config.seed,
+        role="final",
+        name=label,
+        init=base,
+    )
     return out
 
 
-def evaluate_models(config: RunConfig, data: CuratedData, models: dict[str, Path],
-                    evaluator: Evaluator | None = None) -> dict[str, dict]:
+def evaluate_models(
+    config: RunConfig,
+    data: CuratedData,
+    models: dict[str, Path],
+    evaluator: Evaluator | None = None,
+) -> dict[str, dict]:
     """Evaluate finished models and rank them against each other."""
     device = resolve_device(config.train.device)
     evaluator = evaluator or make_evaluator(config, data, device)
     results = {}
     for label, path in models.items():
-        model = load_model(path, device, torch.float32, config.model.trust_remote_code,
-                           config.model.attn_implementation)
+        model = load_model(
+            path,
+            device,
+            torch.float32,
+            config.model.trust_remote_code,
+            config.model.attn_implementation,
+        )
         results[label] = evaluator.evaluate(model)
         del model
     scores = score_models(list(results.values()), config.evaluate.categories)
     return {
-        label: {"ranking_score": s["ranking_score"], "categories": s["categories"], "tasks": results[label]}
+        label: {
+            "ranking_score": s["ranking_score"],
+            "categories": s["categories"],
+            "tasks": results[label],
+        }
         for label, s in zip(results, scores, strict=True)
     }
 
@@ -169,7 +247,10 @@ def evaluate_models(config: RunConfig, data: CuratedData, models: dict[str, Path
 def baseline_mixtures(data: CuratedData) -> dict[str, dict[str, float]]:
     """Uniform over datasets and the token-proportional prior."""
     n = len(data.names)
-    return {"uniform": {name: 1.0 / n for name in data.names}, "token_prior": dict(data.token_prior)}
+    return {
+        "uniform": {name: 1.0 / n for name in data.names},
+        "token_prior": dict(data.token_prior),
+    }
 
 
 def run(config: RunConfig, out: str | Path, log=print) -> dict:
@@ -200,7 +281,9 @@ def run(config: RunConfig, out: str | Path, log=print) -> dict:
     components = {}
     with timed("components"):
         for name in data.names:
-            components[name] = component_stage(config, data, base, name, out / "models" / f"component-{name}")
+            components[name] = component_stage(
+                config, data, base, name, out / "models" / f"component-{name}"
+            )
     device = resolve_device(config.train.device)
     evaluator = make_evaluator(config, data, device)
     with timed("search"):
@@ -209,7 +292,9 @@ def run(config: RunConfig, out: str | Path, log=print) -> dict:
     finals = {}
     with timed("final"):
         for label, mixture in mixtures.items():
-            finals[label] = final_stage(config, data, base, label, mixture, out / "models" / f"final-{label}")
+            finals[label] = final_stage(
+                config, data, base, label, mixture, out / "models" / f"final-{label}"
+            )
         final_scores = evaluate_models(config, data, finals, evaluator)
 
     def tokens(path: Path) -> int:
@@ -238,8 +323,14 @@ def run(config: RunConfig, out: str | Path, log=print) -> dict:
     return summary
 
 
-def materialize_merge(config: RunConfig, data: CuratedData, base: Path, components: dict[str, Path],
-                      mixture: dict[str, float], out: Path) -> dict:
+def materialize_merge(
+    config: RunConfig,
+    data: CuratedData,
+    base: Path,
+    components: dict[str, Path],
+    mixture: dict[str, float],
+    out: Path,
+) -> dict:
     """Write the merged model of a data mixture to disk (`demix merge`)."""
     weights = validate_mixture(mixture, data.names)
     missing = sorted(set(data.names) - set(components))
@@ -247,6 +338,11 @@ def materialize_merge(config: RunConfig, data: CuratedData, base: Path, componen
         raise DemixError(f"no component model given for dataset(s) {missing}")
     comp_dirs = [components[n] for n in data.names]
     check_compatible(base, comp_dirs)
-    return merge_to_disk(base, comp_dirs, merge_weights(config, data, weights), out,
-                         data_mixture=as_dict(data.names, weights),
-                         relative_delta_norms=relative_delta_norms(base, comp_dirs))
+    return merge_to_disk(
+        base,
+        comp_dirs,
+        merge_weights(config, data, weights),
+        out,
+        data_mixture=as_dict(data.names, weights),
+        relative_delta_norms=relative_delta_norms(base, comp_dirs),
+    )

@@ -70,8 +70,10 @@ def list_files(root: Path) -> list[str]:
 def write_manifest(root: str | Path, kind: str, **fields: Any) -> dict:
     """Write `manifest.json` last: kind, extra fields, and every file's size and sha256."""
     root = Path(root)
-    files = {rel: {"size": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)}
-             for rel in list_files(root)}
+    files = {
+        rel: {"size": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)}
+        for rel in list_files(root)
+    }
     manifest = {"kind": kind, **fields, "files": files}
     atomic_write_json(root / MANIFEST, manifest)
     return manifest
@@ -101,7 +103,9 @@ def read_manifest(root: str | Path, kind: str | None = None, verify: bool = Fals
     except (OSError, json.JSONDecodeError) as err:
         raise DataError(f"{path}: unreadable manifest ({err})") from None
     if kind is not None and manifest.get("kind") != kind:
-        raise DataError(f"{path}: expected an artifact of kind {kind!r}, found {manifest.get('kind')!r}")
+        raise DataError(
+            f"{path}: expected an artifact of kind {kind!r}, found {manifest.get('kind')!r}"
+        )
     for rel, info in manifest.get("files", {}).items():
         target = _safe_relpath(root, rel)
         if not verify:
@@ -109,7 +113,9 @@ def read_manifest(root: str | Path, kind: str | None = None, verify: bool = Fals
         if not target.is_file():
             raise DataError(f"{target}: listed in {MANIFEST} but missing")
         if target.stat().st_size != info["size"]:
-            raise DataError(f"{target}: size {target.stat().st_size} != {info['size']} in {MANIFEST}")
+            raise DataError(
+                f"{target}: size {target.stat().st_size} != {info['size']} in {MANIFEST}"
+            )
         if sha256_file(target) != info["sha256"]:
             raise DataError(f"{target}: sha256 does not match {MANIFEST}")
     return manifest

@@ -56,17 +56,25 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for _, p in model.named_parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 def _sampler_seed(seed: int, role: str, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(f"{role}:{name}".encode())) % (2**32)
 
 
-def _save_checkpoint(ckpt: Path, job_id: str, model, optimizer, sampler, step: int, history: list) -> None:
+def _save_checkpoint(
+    ckpt: Path, job_id: str, model, optimizer, sampler, step: int, history: list
+) -> None:
     with staged_dir(ckpt) as tmp:
         # named_parameters lists tied weights once (safetensors refuses shared storage)
-        save_file({k: p.detach().contiguous() for k, p in model.named_parameters()}, tmp / "model.safetensors")
+        save_file(
+            {k: p.detach().contiguous() for k, p in model.named_parameters()},
+            tmp / "model.safetensors",
+        )
         opt = optimizer.state_dict()
         tensors = {
             f"{idx}.{key}": value.contiguous()
@@ -75,8 +83,13 @@ def _save_checkpoint(ckpt: Path, job_id: str, model, optimizer, sampler, step: i
         }
         tensors["rng.torch_cpu"] = torch.get_rng_state()
         save_file(tensors, tmp / "optimizer.safetensors")
-        state = {"job": job_id, "step": step, "sampler": sampler.state_dict(), "param_groups": opt["param_groups"],
-                 "history": history}
+        state = {
+            "job": job_id,
+            "step": step,
+            "sampler": sampler.state_dict(),
+            "param_groups": opt["param_groups"],
+            "history": history,
+        }
         (tmp / "state.json").write_text(json.dumps(state))
         write_manifest(tmp, CHECKPOINT_KIND, step=step)
 
@@ -131,9 +144,17 @@ def train_model(
     ckpt = out.with_name(out.name + ".ckpt")
     init_id = read_model_manifest(init).get("fingerprint", str(init)) if init else None
     job_id = fingerprint(
-        role=role, name=name, weights=weights, stage=stage.model_dump(), seed=seed, init=init_id,
-        train=train.model_dump(exclude={"base", "component", "final", "checkpoint_every", "log_every"}),
-        data=read_manifest(data.root).get("files"), arch=arch.model_dump() if arch else None,
+        role=role,
+        name=name,
+        weights=weights,
+        stage=stage.model_dump(),
+        seed=seed,
+        init=init_id,
+        train=train.model_dump(
+            exclude={"base", "component", "final", "checkpoint_every", "log_every"}
+        ),
+        data=read_manifest(data.root).get("files"),
+        arch=arch.model_dump() if arch else None,
     )
     if (out / "manifest.json").is_file() and read_model_manifest(out).get("fingerprint") == job_id:
         return read_model_manifest(out)
@@ -146,26 +167,39 @@ def train_model(
             raise ValueError("train_model needs `init` or `arch`")
         model = build_tiny_llama(arch, data.vocab_size, data.eos_token_id, seed).to(device)
     else:
-        model = load_model(init, device, torch.float32, model_cfg.trust_remote_code,
-                           model_cfg.attn_implementation)
+        model = load_model(
+            init, device, torch.float32, model_cfg.trust_remote_code, model_cfg.attn_implementation
+        )
     model.train()
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(
-        _param_groups(model, train.weight_decay), lr=stage.lr, betas=(train.beta1, train.beta2),
+        _param_groups(model, train.weight_decay),
+        lr=stage.lr,
+        betas=(train.beta1, train.beta2),
         foreach=True,
     )
-    sampler = MixtureSampler(data, weights, train.seq_len, train.batch_size, _sampler_seed(seed, role, name))
+    sampler = MixtureSampler(
+        data, weights, train.seq_len, train.batch_size, _sampler_seed(seed, role, name)
+    )
     total_steps = max(1, math.ceil(stage.tokens / train.tokens_per_step))
 
     step, history = 0, []
-    if (ckpt / "manifest.json").is_file():
-        # A checkpoint of a different job (changed config or data) is never resumed.
-        if json.loads((ckpt / "state.json").read_text()).get("job") == job_id:
-            step, history = _load_checkpoint(ckpt, model, optimizer, sampler)
+    # A checkpoint of a different job (changed config or data) is never resumed.
+    if (ckpt / "manifest.json").is_file() and json.loads((ckpt / "state.json").read_text()).get(
+        "job"
+    ) == job_id:
+        step, history = _load_checkpoint(ckpt, model, optimizer, sampler)
 
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
-    bar = tqdm(total=total_steps, initial=step, desc=f"train {role} {name}", unit="step",
-               file=sys.stderr, disable=quiet, dynamic_ncols=True)
+    bar = tqdm(
+        total=total_steps,
+        initial=step,
+        desc=f"train {role} {name}",
+        unit="step",
+        file=sys.stderr,
+        disable=quiet,
+        dynamic_ncols=True,
+    )
     t0, tokens_done, running = time.perf_counter(), 0, None
     while step < total_steps:
         batch = torch.from_numpy(sampler.next_batch()).to(device)
@@ -204,10 +238,17 @@ def train_model(
 
     elapsed = time.perf_counter() - t0
     manifest = save_model(
-        model, tokenizer, out,
+        model,
+        tokenizer,
+        out,
         extra_files={"training_log.json": json.dumps(history)},
-        role=role, name=name, fingerprint=job_id, weights=weights, steps=total_steps,
-        tokens=total_steps * train.tokens_per_step, seed=seed,
+        role=role,
+        name=name,
+        fingerprint=job_id,
+        weights=weights,
+        steps=total_steps,
+        tokens=total_steps * train.tokens_per_step,
+        seed=seed,
         final_loss=history[-1]["loss"] if history else None,
         tokens_per_s=round(tokens_done / elapsed, 1) if elapsed > 0 else None,
     )
@@ -215,7 +256,9 @@ def train_model(
     return manifest
 
 
-def component_weights(names: list[str], target: str, general: np.ndarray, general_ratio: float) -> dict[str, float]:
+def component_weights(
+    names: list[str], target: str, general: np.ndarray, general_ratio: float
+) -> dict[str, float]:
     """Training mix of the component for `target`: general_ratio general data + the rest target."""
     mix = general_ratio * general
     mix[names.index(target)] += 1 - general_ratio

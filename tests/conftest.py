@@ -15,8 +15,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-WORDS = ("the a river city council report people year market school north long small old new "
-         "said found made went saw told asked would could should must before after during under").split()
+WORDS = (
+    "the a river city council report people year market school north long small old new "
+    "said found made went saw told asked would could should must before after during under"
+).split()
 
 
 def _english(rng: random.Random, n: int) -> list[str]:
@@ -34,8 +36,10 @@ def _math(rng: random.Random, n: int) -> list[str]:
     docs = []
     for _ in range(n):
         a, b, c = rng.randint(2, 99), rng.randint(2, 99), rng.randint(2, 9)
-        docs.append(f"Problem:\nCompute ({a} + {b}) * {c}.\n\nSolution:\nFirst {a} + {b} = {a + b}. "
-                    f"Then {a + b} * {c} = {(a + b) * c}. The answer is $\\boxed{{{(a + b) * c}}}$.")
+        docs.append(
+            f"Problem:\nCompute ({a} + {b}) * {c}.\n\nSolution:\nFirst {a} + {b} = {a + b}. "
+            f"Then {a + b} * {c} = {(a + b) * c}. The answer is $\\boxed{{{(a + b) * c}}}$."
+        )
     return docs
 
 
@@ -50,7 +54,11 @@ def corpus_dir(tmp_path_factory) -> Path:
     """Three small real-ish domains as jsonl: english prose, python source, math solutions."""
     root = tmp_path_factory.mktemp("corpus")
     rng = random.Random(0)
-    for name, docs in (("general", _english(rng, 160)), ("code", _code(40)), ("math", _math(rng, 240))):
+    for name, docs in (
+        ("general", _english(rng, 160)),
+        ("code", _code(40)),
+        ("math", _math(rng, 240)),
+    ):
         with open(root / f"{name}.jsonl", "w") as f:
             for doc in docs:
                 f.write(json.dumps({"text": doc}) + "\n")
@@ -70,7 +78,9 @@ def eval_dir(tmp_path_factory) -> Path:
     with open(root / "math500_bpb.jsonl", "w") as f:
         for doc in _math(rng, 12):
             problem, solution = doc.split("\n\nSolution:")
-            f.write(json.dumps({"context": problem + "\n\nSolution:", "continuation": solution}) + "\n")
+            f.write(
+                json.dumps({"context": problem + "\n\nSolution:", "continuation": solution}) + "\n"
+            )
     return root
 
 
@@ -78,25 +88,44 @@ def smoke_config_dict(corpus: Path, eval_data: Path | None = None) -> dict:
     """A run config small enough for an end-to-end test in well under two minutes."""
     categories = {
         "general": ["heldout:general"],
-        "math": ["heldout:math"] + (["basic_skills_arithmetic", "math500_bpb"] if eval_data else []),
+        "math": ["heldout:math"]
+        + (["basic_skills_arithmetic", "math500_bpb"] if eval_data else []),
         "code": ["heldout:code"],
     }
     return {
         "seed": 0,
         "data": {
-            "datasets": [{"name": n, "paths": [str(corpus / f"{n}.jsonl")]} for n in ("general", "code", "math")],
+            "datasets": [
+                {"name": n, "paths": [str(corpus / f"{n}.jsonl")]}
+                for n in ("general", "code", "math")
+            ],
             "general": "general",
             "tokenizer": {"vocab_size": 320},
         },
-        "model": {"architecture": {"hidden_size": 32, "num_layers": 2, "num_heads": 2,
-                                   "intermediate_size": 64, "max_position_embeddings": 64}},
+        "model": {
+            "architecture": {
+                "hidden_size": 32,
+                "num_layers": 2,
+                "num_heads": 2,
+                "intermediate_size": 64,
+                "max_position_embeddings": 64,
+            }
+        },
         "train": {
-            "seq_len": 32, "batch_size": 8, "checkpoint_every": 10, "log_every": 5,
+            "seq_len": 32,
+            "batch_size": 8,
+            "checkpoint_every": 10,
+            "log_every": 5,
             "base": {"tokens": 12_000, "lr": 1e-2},
             "component": {"tokens": 4_000, "lr": 5e-3},
             "final": {"tokens": 4_000, "lr": 5e-3},
         },
-        "evaluate": {"categories": categories, "limit": 8, "batch_size": 8, "heldout_tokens": 1024,
-                     **({"data_dir": str(eval_data)} if eval_data else {})},
+        "evaluate": {
+            "categories": categories,
+            "limit": 8,
+            "batch_size": 8,
+            "heldout_tokens": 1024,
+            **({"data_dir": str(eval_data)} if eval_data else {}),
+        },
         "search": {"n": 4, "rounds": 2, "candidates": 500, "top_k": 8},
     }

@@ -47,7 +47,9 @@ def test_missing_dataset_path(tmp_path, corpus_dir, capsys):
     raw = smoke_config_dict(corpus_dir)
     raw["data"]["datasets"][1]["paths"] = [str(tmp_path / "nowhere.jsonl")]
     out = tmp_path / "curated"
-    _fails(capsys, ["curate", str(_write_config(tmp_path, raw)), "--out", str(out)], "nowhere.jsonl")
+    _fails(
+        capsys, ["curate", str(_write_config(tmp_path, raw)), "--out", str(out)], "nowhere.jsonl"
+    )
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".curated")]
 
@@ -69,7 +71,9 @@ def test_dataset_empty_after_cleaning(tmp_path, corpus_dir, capsys):
     short.write_text("".join(json.dumps({"text": "tiny"}) + "\n" for _ in range(5)))
     raw = smoke_config_dict(corpus_dir)
     raw["data"]["datasets"][1]["paths"] = [str(short)]
-    _fails(capsys, ["curate", str(_write_config(tmp_path, raw)), "--out", str(tmp_path / "c")], "code")
+    _fails(
+        capsys, ["curate", str(_write_config(tmp_path, raw)), "--out", str(tmp_path / "c")], "code"
+    )
 
 
 @pytest.mark.parametrize(
@@ -83,8 +87,24 @@ def test_dataset_empty_after_cleaning(tmp_path, corpus_dir, capsys):
 )
 def test_bad_mixtures(tmp_path, config_path, capsys, text, expected, curated):
     out = tmp_path / "final"
-    _fails(capsys, ["train", str(config_path), "--role", "final", "--data", str(curated),
-                    "--init", str(curated), "--mixture", text, "--out", str(out)], expected)
+    _fails(
+        capsys,
+        [
+            "train",
+            str(config_path),
+            "--role",
+            "final",
+            "--data",
+            str(curated),
+            "--init",
+            str(curated),
+            "--mixture",
+            text,
+            "--out",
+            str(out),
+        ],
+        expected,
+    )
     assert not out.exists()
 
 
@@ -110,8 +130,9 @@ def curated(corpus_dir, tmp_path_factory):
 
 
 def _save_tiny(folder: Path, tokenizer, **arch) -> Path:
-    spec = ArchitectureConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
-                              max_position_embeddings=64).model_copy(update=arch)
+    spec = ArchitectureConfig(
+        hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=64
+    ).model_copy(update=arch)
     build_tiny_llama(spec, len(tokenizer), tokenizer.eos_token_id, seed=0).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -125,8 +146,19 @@ def test_merge_refuses_mismatched_components(tmp_path, config_path, curated, cap
     good = _save_tiny(tmp_path / "good", tok)
     wide = _save_tiny(tmp_path / "wide", tok, intermediate_size=96)
     out = tmp_path / "merged"
-    args = ["merge", str(config_path), "--data", str(curated), "--base", str(base),
-            "--mixture", "general=0.4,code=0.3,math=0.3", "--out", str(out), "--components"]
+    args = [
+        "merge",
+        str(config_path),
+        "--data",
+        str(curated),
+        "--base",
+        str(base),
+        "--mixture",
+        "general=0.4,code=0.3,math=0.3",
+        "--out",
+        str(out),
+        "--components",
+    ]
     _fails(capsys, [*args, f"general={good}", f"code={wide}", f"math={good}"], "shape")
     assert not out.exists()
     # a different tokenizer (one token added) is refused too
@@ -141,14 +173,32 @@ def test_base_without_safetensors(tmp_path, config_path, curated, capsys):
     base.mkdir()
     (base / "config.json").write_text('{"model_type": "llama"}')
     (base / "pytorch_model.bin").write_bytes(b"not loaded")
-    _fails(capsys, ["train", str(config_path), "--role", "component", "--data", str(curated),
-                    "--init", str(base), "--dataset", "code", "--out", str(tmp_path / "c")],
-           "safetensors only")
+    _fails(
+        capsys,
+        [
+            "train",
+            str(config_path),
+            "--role",
+            "component",
+            "--data",
+            str(curated),
+            "--init",
+            str(base),
+            "--dataset",
+            "code",
+            "--out",
+            str(tmp_path / "c"),
+        ],
+        "safetensors only",
+    )
 
 
 def test_unknown_task(tmp_path, corpus_dir, curated, capsys):
     raw = smoke_config_dict(corpus_dir)
     raw["evaluate"]["categories"]["code"].append("no_such_task_xyz")
     path = _write_config(tmp_path, raw)
-    _fails(capsys, ["evaluate", str(path), "--data", str(curated), "--models", str(curated)],
-           "no_such_task_xyz")
+    _fails(
+        capsys,
+        ["evaluate", str(path), "--data", str(curated), "--models", str(curated)],
+        "no_such_task_xyz",
+    )

@@ -15,8 +15,9 @@ from demix.merge import DeltaStack, component_mix_matrix, data_to_component, mer
 from demix.merge.delta_stack import relative_delta_norms
 from demix.model import build_tiny_llama, check_compatible, load_model
 
-ARCH = ArchitectureConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
-                          max_position_embeddings=64)
+ARCH = ArchitectureConfig(
+    hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=64
+)
 
 
 def _perturbed(model, seed: int, scale: float):

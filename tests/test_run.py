@@ -57,4 +57,7 @@ def test_rerun_skips_finished_work_and_gives_the_same_mixture(smoke_run, capsys)
     assert after["mixture"] == before["mixture"]
     assert after["final"] == before["final"]
     assert (out / "models" / "base" / "model.safetensors").stat().st_mtime_ns == mtime
-    assert len((out / "search" / "scores.jsonl").read_text().splitlines()) == before["proxies_evaluated"]
+    assert (
+        len((out / "search" / "scores.jsonl").read_text().splitlines())
+        == before["proxies_evaluated"]
+    )

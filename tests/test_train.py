@@ -26,8 +26,20 @@ def setup(corpus_dir, tmp_path_factory):
 
 def _train(config, data, out, **kw):
     stage = config.train.base.model_copy(update={"tokens": 256 * 24})
-    return train_model(out, data, data.token_prior, stage, config.train, config.model, config.seed,
-                       role="base", name="base", arch=config.model.architecture, quiet=True, **kw)
+    return train_model(
+        out,
+        data,
+        data.token_prior,
+        stage,
+        config.train,
+        config.model,
+        config.seed,
+        role="base",
+        name="base",
+        arch=config.model.architecture,
+        quiet=True,
+        **kw,
+    )
 
 
 def _weights(folder):
@@ -76,14 +88,27 @@ def test_non_finite_loss_stops_with_the_step(setup, tmp_path):
     stage = config.train.base.model_copy(update={"tokens": 256 * 30, "lr": 1e6})
     train = config.train.model_copy(update={"checkpoint_every": 2, "grad_clip": 1e9})
     with pytest.raises(TrainingError, match=r"at step \d+"):
-        train_model(tmp_path / "x", data, data.token_prior, stage, train, config.model, 0,
-                    role="base", name="base", arch=config.model.architecture, quiet=True)
+        train_model(
+            tmp_path / "x",
+            data,
+            data.token_prior,
+            stage,
+            train,
+            config.model,
+            0,
+            role="base",
+            name="base",
+            arch=config.model.architecture,
+            quiet=True,
+        )
     assert not (tmp_path / "x").exists()
 
 
 def test_lr_schedule_warmup_and_cosine(setup):
     config, _ = setup
-    stage = config.train.base.model_copy(update={"lr": 1.0, "warmup_fraction": 0.1, "min_lr_ratio": 0.1})
+    stage = config.train.base.model_copy(
+        update={"lr": 1.0, "warmup_fraction": 0.1, "min_lr_ratio": 0.1}
+    )
     assert lr_at(0, 100, stage) == pytest.approx(0.1)
     assert lr_at(9, 100, stage) == pytest.approx(1.0)
     assert lr_at(99, 100, stage) == pytest.approx(0.1, abs=1e-3)

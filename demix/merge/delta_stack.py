@@ -57,8 +57,12 @@ class DeltaStack:
         for name, param in self.params:
             b = base_index.get(name).to(param.dtype)
             if b.shape != param.shape:
-                raise ModelError(f"{base}: tensor {name} has shape {tuple(b.shape)}, model has {tuple(param.shape)}")
-            stack = torch.empty((len(components), param.numel()), dtype=param.dtype, device=param.device)
+                raise ModelError(
+                    f"{base}: tensor {name} has shape {tuple(b.shape)}, model has {tuple(param.shape)}"
+                )
+            stack = torch.empty(
+                (len(components), param.numel()), dtype=param.dtype, device=param.device
+            )
             for k, index in enumerate(indexes):
                 t = index.get(name)
                 if t.shape != param.shape:

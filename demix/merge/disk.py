@@ -36,13 +36,20 @@ def merge_to_disk(
     for name in base_index.names():
         b = base_index.get(name)
         out_dtype = dtype or b.dtype
-        merged[name] = merge(b, [ix.get(name) for ix in indexes], weights).to(out_dtype).contiguous()
+        merged[name] = (
+            merge(b, [ix.get(name) for ix in indexes], weights).to(out_dtype).contiguous()
+        )
     with staged_dir(out) as tmp:
         save_file(merged, tmp / "model.safetensors", metadata={"format": "pt"})
         copy_model_files(base, tmp)
         manifest = write_manifest(
-            tmp, MODEL_KIND, role="merged", method=method,
+            tmp,
+            MODEL_KIND,
+            role="merged",
+            method=method,
             component_weights=[float(w) for w in weights],
-            components=[str(c) for c in components], base=str(base), **manifest_fields,
+            components=[str(c) for c in components],
+            base=str(base),
+            **manifest_fields,
         )
     return manifest

@@ -30,7 +30,9 @@ def check_linear_weights(weights: Sequence[float]) -> np.ndarray:
     return c
 
 
-def linear_merge(base: torch.Tensor, components: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+def linear_merge(
+    base: torch.Tensor, components: Sequence[torch.Tensor], weights: Sequence[float]
+) -> torch.Tensor:
     """base + sum_i w_i (component_i - base), computed in float32."""
     c = check_linear_weights(weights)
     acc = base.float().clone()

@@ -14,7 +14,9 @@ from demix.search.rounds import propose_round, select_final
 
 def weights_matrix(rows: list[dict], names: list[str]) -> np.ndarray:
     """Rows' data mixtures as an [n, D] array in `names` order."""
-    return np.array([[row["weights"][n] for n in names] for row in rows], dtype=np.float64).reshape(-1, len(names))
+    return np.array([[row["weights"][n] for n in names] for row in rows], dtype=np.float64).reshape(
+        -1, len(names)
+    )
 
 
 def run_search(
@@ -46,12 +48,26 @@ def run_search(
                 continue
             start = time.perf_counter()
             tasks = evaluate(mixture)
-            table.append({"id": pid, "round": r, "weights": dict(zip(names, mixture.round(6).tolist(), strict=True)),
-                          "tasks": tasks, "time_s": round(time.perf_counter() - start, 3)})
-            log(f"[demix] round {r} proxy {k + 1}/{len(proposals)} {pid} evaluated in {time.perf_counter() - start:.1f} s")
+            table.append(
+                {
+                    "id": pid,
+                    "round": r,
+                    "weights": dict(zip(names, mixture.round(6).tolist(), strict=True)),
+                    "tasks": tasks,
+                    "time_s": round(time.perf_counter() - start, 3),
+                }
+            )
+            log(
+                f"[demix] round {r} proxy {k + 1}/{len(proposals)} {pid} evaluated in {time.perf_counter() - start:.1f} s"
+            )
     rows = table.rows()
     scores = score([row["tasks"] for row in rows])
     mixture, info = select_final(prior, weights_matrix(rows, names), np.array(scores), cfg, seed)
     history = [{**row, "ranking_score": s} for row, s in zip(rows, scores, strict=True)]
-    return {"mixture": mixture, "rounds": len(cfg.round_sizes), "proxies_evaluated": len(rows),
-            "history": history, **info}
+    return {
+        "mixture": mixture,
+        "rounds": len(cfg.round_sizes),
+        "proxies_evaluated": len(rows),
+        "history": history,
+        **info,
+    }

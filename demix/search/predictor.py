@@ -36,8 +36,9 @@ class Predictor:
         return self.model.predict(np.asarray(X, dtype=np.float64))
 
 
-def cross_val_predictions(X: np.ndarray, y: np.ndarray, cfg: PredictorConfig, seed: int,
-                          folds: int = 5) -> tuple[np.ndarray, float]:
+def cross_val_predictions(
+    X: np.ndarray, y: np.ndarray, cfg: PredictorConfig, seed: int, folds: int = 5
+) -> tuple[np.ndarray, float]:
     """Out-of-fold predictions (deterministic folds) and their Spearman with y (nan if < 4 rows)."""
     X, y = np.asarray(X, dtype=np.float64), np.asarray(y, dtype=np.float64)
     n = len(y)

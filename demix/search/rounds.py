@@ -16,8 +16,15 @@ def _best(pred: np.ndarray, k: int) -> np.ndarray:
     return np.lexsort((np.arange(len(pred)), -pred))[:k]
 
 
-def propose_round(round_index: int, size: int, prior: np.ndarray, scored_X: np.ndarray,
-                  scored_y: np.ndarray, cfg: SearchConfig, seed: int) -> np.ndarray:
+def propose_round(
+    round_index: int,
+    size: int,
+    prior: np.ndarray,
+    scored_X: np.ndarray,
+    scored_y: np.ndarray,
+    cfg: SearchConfig,
+    seed: int,
+) -> np.ndarray:
     """Round 0: `size` sampled mixtures. Later: the predicted best of cfg.candidates fresh ones.
 
     Depends only on its arguments (rng seeded from seed and round), so a rerun proposes the same.
@@ -31,8 +38,9 @@ def propose_round(round_index: int, size: int, prior: np.ndarray, scored_X: np.n
     return candidates[_best(predicted, size)]
 
 
-def select_final(prior: np.ndarray, scored_X: np.ndarray, scored_y: np.ndarray, cfg: SearchConfig,
-                 seed: int) -> tuple[np.ndarray, dict]:
+def select_final(
+    prior: np.ndarray, scored_X: np.ndarray, scored_y: np.ndarray, cfg: SearchConfig, seed: int
+) -> tuple[np.ndarray, dict]:
     """Mean of the top_k predicted mixtures among fresh candidates and the scored ones."""
     rng = np.random.default_rng([seed, FINAL_ROUND])
     scored_X = np.asarray(scored_X, dtype=np.float64)

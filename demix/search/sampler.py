@@ -44,8 +44,13 @@ def to_grid(w: np.ndarray, grid: float) -> np.ndarray:
     return base
 
 
-def sample_mixtures(prior: np.ndarray, n: int, rng: np.random.Generator, cfg: SamplerConfig,
-                    exclude: np.ndarray | None = None) -> np.ndarray:
+def sample_mixtures(
+    prior: np.ndarray,
+    n: int,
+    rng: np.random.Generator,
+    cfg: SamplerConfig,
+    exclude: np.ndarray | None = None,
+) -> np.ndarray:
     """n distinct mixtures [n, D] on the grid, none of them in `exclude`.
 
     Raises MixtureError when n distinct mixtures cannot be found (space exhausted).
@@ -57,7 +62,11 @@ def sample_mixtures(prior: np.ndarray, n: int, rng: np.random.Generator, cfg: Sa
     cap = np.minimum(cfg.cap_factor * prior, 1.0)
     if cap.sum() < 1:
         cap = np.ones_like(cap)  # caps that cannot hold a mixture are dropped
-    seen = {tuple(r) for r in to_grid(np.atleast_2d(exclude), cfg.grid)} if exclude is not None and len(exclude) else set()
+    seen = (
+        {tuple(r) for r in to_grid(np.atleast_2d(exclude), cfg.grid)}
+        if exclude is not None and len(exclude)
+        else set()
+    )
     out: list[np.ndarray] = []
     for _ in range(50):
         batch = max(64, 2 * (n - len(out)))
@@ -75,7 +84,9 @@ def sample_mixtures(prior: np.ndarray, n: int, rng: np.random.Generator, cfg: Sa
             out.append(row)
             if len(out) == n:
                 return np.stack(out) / units
-    raise MixtureError(f"could only sample {len(out)} distinct mixtures of {n}; lower search.n or search.candidates")
+    raise MixtureError(
+        f"could only sample {len(out)} distinct mixtures of {n}; lower search.n or search.candidates"
+    )
 
 
 def uniform_mixture(d: int) -> np.ndarray:
