@@ -269,3 +269,41 @@ def load_config(path: str | Path) -> RunConfig:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from None
     return parse_config(raw, str(path))
+
+
+def set_dotted(raw: dict, key: str, value: object) -> None:
+    """Set raw["a"]["b"] = value for key "a.b", creating mappings on the way.
+
+    Raises ConfigError when a part of the path is not a mapping.
+    """
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {part!r} is not a mapping in the config")
+    node[parts[-1]] = value
+
+
+def resolve_config(
+    config_yaml: str, overrides: dict[str, object] | None = None, source: str = "config_yaml"
+) -> RunConfig:
+    """Parse config YAML text, apply dotted-key overrides (None values are skipped), validate.
+
+    Raises ConfigError naming the key path of the first problem.
+    """
+    try:
+        raw = yaml.safe_load(config_yaml)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML ({err})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            set_dotted(raw, key, value)
+    return parse_config(raw, source)
+
+
+def config_yaml(config: RunConfig) -> str:
+    """A config as YAML text (what pipeline components receive)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

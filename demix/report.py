@@ -15,9 +15,8 @@ import numpy as np  # noqa: E402
 
 from demix.config import RunConfig  # noqa: E402
 from demix.search.predictor import cross_val_predictions  # noqa: E402
+from demix.stages import FINAL_LABELS as LABELS  # noqa: E402
 from demix.storage import atomic_write_text  # noqa: E402
-
-LABELS = ("chosen", "uniform", "token_prior")
 
 
 def _png(fig) -> str:
@@ -175,14 +174,20 @@ def write_report(out: Path, summary: dict, found: dict, config: RunConfig) -> Pa
             ["training tokens", "count"], [[k, v] for k, v in summary["training_tokens"].items()]
         ),
     ]
+    path = out / "report.html"
+    atomic_write_text(path, _page("DeMix report", body))
+    return path
+
+
+def _page(title: str, body: list[str]) -> str:
     style = (
         "body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse;"
         "margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{margin:.5em}"
     )
-    page = f"<!doctype html><html><head><meta charset='utf-8'><title>DeMix report</title><style>{style}</style></head><body>{''.join(body)}</body></html>"
-    path = out / "report.html"
-    atomic_write_text(path, page)
-    return path
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{style}</style>"
+        f"</head><body>{''.join(body)}</body></html>"
+    )
 
 
 def print_summary(summary: dict, out: Path) -> None:
@@ -199,3 +204,34 @@ def print_summary(summary: dict, out: Path) -> None:
         f"timings (s): {summary['timings_s']}"
     )
     print(f"wrote {out / 'summary.json'} and {out / 'report.html'}")
+
+
+def write_search_report(history: Path, config: RunConfig, out: Path) -> Path:
+    """A report of the search so far (for the KFP UI): progress plot and the scored proxies."""
+    from demix.search.results import ScoresTable
+    from demix.stages import scorer
+
+    rows = ScoresTable(history).rows()
+    body = ["<h1>DeMix search so far</h1>", f"<p>{len(rows)} proxies scored.</p>"]
+    if rows:
+        scores = scorer(config)([row["tasks"] for row in rows])
+        history_rows = [{**row, "ranking_score": s} for row, s in zip(rows, scores, strict=True)]
+        names = list(rows[0]["weights"])
+        body.append(f'<img src="data:image/png;base64,{plot_search_progress(history_rows)}">')
+        ranked = sorted(history_rows, key=lambda row: -row["ranking_score"])
+        body.append(
+            _table(
+                ["proxy", "round", *names, "ranking score"],
+                [
+                    [
+                        row["id"],
+                        row["round"],
+                        *[row["weights"][n] for n in names],
+                        row["ranking_score"],
+                    ]
+                    for row in ranked
+                ],
+            )
+        )
+    atomic_write_text(out, _page("DeMix search", body))
+    return out

@@ -7,6 +7,8 @@ called from Python, from the `demix` CLI or from one KFP component. `run` chains
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import time
 from pathlib import Path
 
@@ -28,11 +30,20 @@ from demix.model import (
     resolve_device,
     set_threads,
 )
-from demix.search import ScoresTable, run_search, validate_mixture
+from demix.search import (
+    ScoresTable,
+    evaluate_proposals,
+    final_selection,
+    round_proposals,
+    validate_mixture,
+)
 from demix.storage import atomic_write_json, read_manifest
 from demix.train import component_weights, fingerprint, train_model
 
-BASELINES = ("uniform", "token_prior")
+FINAL_LABELS = ("chosen", "uniform", "token_prior")
+# The method assumes components stay close to the base (the paper: about 0.1 or less).
+SMALL_UPDATE = 0.1
+log = logging.getLogger(__name__)
 
 
 def general_mix(config: RunConfig, data: CuratedData) -> np.ndarray:
@@ -131,6 +142,105 @@ def make_evaluator(config: RunConfig, data: CuratedData, device: torch.device) -
     )
 
 
+class ProxyEvaluator:
+    """Base + components loaded once; each call writes a proxy in place and evaluates it."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        data: CuratedData,
+        base: Path,
+        components: dict[str, Path],
+        evaluator: Evaluator | None = None,
+    ):
+        missing = sorted(set(data.names) - set(components))
+        if missing:
+            raise DemixError(f"no component model given for dataset(s) {missing}")
+        comp_dirs = [Path(components[n]) for n in data.names]
+        check_compatible(base, comp_dirs)
+        device = resolve_device(config.train.device)
+        self.config, self.data = config, data
+        self.model = load_model(
+            base,
+            device,
+            torch.float32,
+            config.model.trust_remote_code,
+            config.model.attn_implementation,
+        )
+        self.model.eval()
+        self.stack = DeltaStack(self.model, base, comp_dirs)
+        self.evaluator = evaluator or make_evaluator(config, data, device)
+
+    def __call__(self, mixture: np.ndarray) -> dict:
+        self.stack.write(merge_weights(self.config, self.data, mixture))
+        return self.evaluator.evaluate(self.model)
+
+
+def scorer(config: RunConfig):
+    """Task results of proxies -> their ranking scores (relative to each other)."""
+
+    def score(results: list[dict]) -> list[float]:
+        return [s["ranking_score"] for s in score_models(results, config.evaluate.categories)]
+
+    return score
+
+
+def _prior(data: CuratedData) -> np.ndarray:
+    return np.array([data.token_prior[n] for n in data.names])
+
+
+def propose_stage(
+    config: RunConfig, data: CuratedData, rows: list[dict], round_index: int
+) -> list[dict]:
+    """Proposals of one search round from the rows scored so far."""
+    if not 0 <= round_index < config.search.rounds:
+        raise DemixError(f"round {round_index} is outside search.rounds={config.search.rounds}")
+    return round_proposals(
+        round_index, rows, data.names, _prior(data), config.search, config.seed, scorer(config)
+    )
+
+
+def evaluate_proxies_stage(
+    config: RunConfig,
+    data: CuratedData,
+    base: Path,
+    components: dict[str, Path],
+    proposals: list[dict],
+    out: Path,
+) -> list[dict]:
+    """Build and evaluate each proposed proxy in memory; rows appended to the JSONL table `out`."""
+    table = ScoresTable(out)
+    if proposals and not {p["id"] for p in proposals} <= table.ids():
+        evaluate_proposals(
+            proposals, data.names, ProxyEvaluator(config, data, base, components), table
+        )
+    return table.rows()
+
+
+def select_stage(
+    config: RunConfig,
+    data: CuratedData,
+    rows: list[dict],
+    relative_norms: dict[str, float] | None = None,
+) -> dict:
+    """The final mixture from every scored proxy, with what the report shows about it."""
+    names = data.names
+    found = final_selection(rows, names, _prior(data), config.search, config.seed, scorer(config))
+    mixture = found["mixture"]
+    return {
+        "mixture": as_dict(names, mixture),
+        "component_weights": as_dict(names, merge_weights(config, data, mixture)),
+        "merge_weights": config.merge.weights,
+        "mix_matrix": mix_matrix(config, data).round(6).tolist(),
+        "relative_delta_norms": relative_norms,
+        "rounds": found["rounds"],
+        "proxies_evaluated": found["proxies_evaluated"],
+        "predictor_spearman": found["predictor_spearman"],
+        "predicted_score": found["predicted_score"],
+        "history": found["history"],
+    }
+
+
 def search_stage(
     config: RunConfig,
     data: CuratedData,
@@ -143,47 +253,13 @@ def search_stage(
 
     Resumes from an existing scores table: proxies already scored are not evaluated again.
     """
-    names = data.names
-    comp_dirs = [components[n] for n in names]
-    check_compatible(base, comp_dirs)
-    device = resolve_device(config.train.device)
-    model = load_model(
-        base,
-        device,
-        torch.float32,
-        config.model.trust_remote_code,
-        config.model.attn_implementation,
-    )
-    model.eval()
-    stack = DeltaStack(model, base, comp_dirs)
-    evaluator = evaluator or make_evaluator(config, data, device)
-    categories = config.evaluate.categories
-
-    def evaluate(mixture: np.ndarray) -> dict:
-        stack.write(merge_weights(config, data, mixture))
-        return evaluator.evaluate(model)
-
-    def score(results: list[dict]) -> list[float]:
-        return [s["ranking_score"] for s in score_models(results, categories)]
-
+    proxy = ProxyEvaluator(config, data, base, components, evaluator)
     out.mkdir(parents=True, exist_ok=True)
-    prior = np.array([data.token_prior[n] for n in names])
-    found = run_search(
-        names, prior, config.search, config.seed, evaluate, score, ScoresTable(out / "scores.jsonl")
-    )
-    mixture = found["mixture"]
-    result = {
-        "mixture": as_dict(names, mixture),
-        "component_weights": as_dict(names, merge_weights(config, data, mixture)),
-        "merge_weights": config.merge.weights,
-        "mix_matrix": mix_matrix(config, data).round(6).tolist(),
-        "relative_delta_norms": as_dict(names, stack.relative_norms),
-        "rounds": found["rounds"],
-        "proxies_evaluated": found["proxies_evaluated"],
-        "predictor_spearman": found.get("predictor_spearman"),
-        "predicted_score": found.get("predicted_score"),
-        "history": found["history"],
-    }
+    table = ScoresTable(out / "scores.jsonl")
+    for r in range(config.search.rounds):
+        evaluate_proposals(propose_stage(config, data, table.rows(), r), data.names, proxy, table)
+    norms = as_dict(data.names, proxy.stack.relative_norms)
+    result = select_stage(config, data, table.rows(), norms)
     atomic_write_json(out / "result.json", result)
     return result
 
@@ -255,8 +331,6 @@ def baseline_mixtures(data: CuratedData) -> dict[str, dict[str, float]]:
 
 def run(config: RunConfig, out: str | Path, log=print) -> dict:
     """Run every stage end to end into `out`; each stage resumes or is skipped when done."""
-    from demix.report import write_report
-
     set_threads()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -288,39 +362,71 @@ def run(config: RunConfig, out: str | Path, log=print) -> dict:
     evaluator = make_evaluator(config, data, device)
     with timed("search"):
         found = search_stage(config, data, base, components, out / "search", evaluator)
-    mixtures = {"chosen": found["mixture"], **baseline_mixtures(data)}
     finals = {}
     with timed("final"):
-        for label, mixture in mixtures.items():
+        for label in FINAL_LABELS:
+            mixture = final_mixture(label, found, data)
             finals[label] = final_stage(
                 config, data, base, label, mixture, out / "models" / f"final-{label}"
             )
         final_scores = evaluate_models(config, data, finals, evaluator)
+    summary = summarize(config, data, found, final_scores, base, components, finals, timings)
+    write_outputs(out, summary, found, config)
+    return summary
+
+
+def final_mixture(label: str, selection: dict, data: CuratedData) -> dict[str, float]:
+    """The data mixture of a final model: the chosen one or a baseline."""
+    if label == "chosen":
+        return selection["mixture"]
+    baselines = baseline_mixtures(data)
+    if label not in baselines:
+        raise DemixError(f"final model label {label!r} is not one of {list(FINAL_LABELS)}")
+    return baselines[label]
+
+
+def summarize(
+    config: RunConfig,
+    data: CuratedData,
+    selection: dict,
+    final_scores: dict,
+    base: Path,
+    components: dict[str, Path],
+    finals: dict[str, Path],
+    timings: dict[str, float],
+) -> dict:
+    """The run's summary.json contract."""
 
     def tokens(path: Path) -> int:
         return int(read_model_manifest(path).get("tokens", 0))
 
-    summary = {
+    return {
         "datasets": data.names,
-        "token_prior": {n: round(p, 6) for n, p in data.token_prior.items()},
-        "mixture": found["mixture"],
-        "component_weights": found["component_weights"],
-        "proxies_evaluated": found["proxies_evaluated"],
-        "search_rounds": found["rounds"],
-        "predictor_spearman": found["predictor_spearman"],
-        "relative_delta_norms": found["relative_delta_norms"],
-        "baselines": {k: mixtures[k] for k in BASELINES},
+        "token_prior": dict(data.token_prior),
+        "mixture": selection["mixture"],
+        "component_weights": selection["component_weights"],
+        "proxies_evaluated": selection["proxies_evaluated"],
+        "search_rounds": selection["rounds"],
+        "predictor_spearman": selection["predictor_spearman"],
+        "relative_delta_norms": selection["relative_delta_norms"],
+        "baselines": baseline_mixtures(data),
         "final": final_scores,
         "training_tokens": {
-            "base": tokens(base) if not config.model.base else 0,
+            "base": 0 if config.model.base else tokens(base),
             "components": sum(tokens(p) for p in components.values()),
             "final": sum(tokens(p) for p in finals.values()),
         },
         "timings_s": timings,
     }
+
+
+def write_outputs(out: Path, summary: dict, selection: dict, config: RunConfig) -> None:
+    """summary.json and report.html into `out`."""
+    from demix.report import write_report
+
+    out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "summary.json", summary)
-    write_report(out, summary, found, config)
-    return summary
+    write_report(out, summary, selection, config)
 
 
 def materialize_merge(
@@ -346,3 +452,183 @@ def materialize_merge(
         data_mixture=as_dict(data.names, weights),
         relative_delta_norms=relative_delta_norms(base, comp_dirs),
     )
+
+
+# Steps of the KFP pipeline: each component calls exactly one of these.
+
+
+def models_by_name(paths: list[str | Path]) -> dict[str, Path]:
+    """Model artifact folders keyed by the `name` in their manifest (order-independent)."""
+    out = {}
+    for path in map(Path, paths):
+        name = read_model_manifest(path).get("name")
+        if not name:
+            raise DemixError(
+                f"{path}: model manifest has no name; was it written by `demix train`?"
+            )
+        out[name] = path
+    return out
+
+
+def train_step(
+    config: RunConfig, data_dir: Path, role: str, name: str, init: Path | None, out: Path
+) -> dict:
+    """Train the base (role "base") or one component (role "component", name = dataset)."""
+    data = CuratedData(data_dir)
+    if role == "base":
+        base_stage(config, data, out)
+    elif role == "component":
+        if init is None:
+            raise DemixError("role 'component' needs the base model as `init`")
+        component_stage(config, data, init, name, out)
+    else:
+        raise DemixError(
+            f"train role {role!r} is not base or component (final models use train_final)"
+        )
+    return read_model_manifest(out)
+
+
+def merge_step(
+    config: RunConfig,
+    data_dir: Path,
+    base: Path,
+    components: list[Path],
+    selection: Path,
+    out: Path,
+) -> dict:
+    """Check the components, measure ||theta_i - base|| / ||base||, write the chosen mixture's merge."""
+    data = CuratedData(data_dir)
+    by_name = models_by_name(components)
+    chosen = json.loads(Path(selection).read_text())["mixture"]
+    manifest = materialize_merge(config, data, base, by_name, chosen, out)
+    norms = dict(zip(data.names, manifest["relative_delta_norms"], strict=True))
+    large = {n: round(v, 4) for n, v in norms.items() if v > SMALL_UPDATE}
+    if large:
+        log.warning(
+            "components moved far from the base (||delta||/||base|| > %s): %s; merged proxies "
+            "may not track trained models",
+            SMALL_UPDATE,
+            large,
+        )
+    return {"relative_delta_norms": norms, "large_updates": sorted(large)}
+
+
+def evaluate_proxies_step(
+    config: RunConfig,
+    data_dir: Path,
+    base: Path,
+    components: list[Path],
+    proposals: Path,
+    shard: int,
+    num_shards: int,
+    out: Path,
+) -> list[dict]:
+    """Evaluate shard `shard` of `num_shards` of a round's proposals; rows written to `out`."""
+    data = CuratedData(data_dir)
+    mine = json.loads(Path(proposals).read_text())[shard::num_shards]
+    return evaluate_proxies_stage(config, data, base, models_by_name(components), mine, out)
+
+
+def predict_step(
+    config: RunConfig,
+    data_dir: Path,
+    history: Path | None,
+    scores: list[Path],
+    round_index: int | None,
+    history_out: Path,
+    result_out: Path,
+) -> dict:
+    """Fold new scores into the history, then propose round `round_index` or (None) select.
+
+    Writes the accumulated rows to `history_out` and the proposals (a JSON list) or the
+    selection (a JSON object) to `result_out`; returns metrics for the KFP UI.
+    """
+    data = CuratedData(data_dir)
+    rows = ScoresTable(history).rows() if history else []
+    for path in scores:
+        rows += ScoresTable(path).rows()
+    rows.sort(key=lambda row: (row["round"], row["id"]))
+    table = ScoresTable(history_out)
+    for row in rows:
+        table.append(row)
+    metrics: dict = {"proxies_scored": len(rows)}
+    if round_index is None:
+        result = select_stage(config, data, rows)
+        metrics.update(
+            predictor_spearman=result["predictor_spearman"],
+            predicted_score=result["predicted_score"],
+        )
+    else:
+        result = propose_stage(config, data, rows, round_index)
+        metrics["proposals"] = len(result)
+    if rows:
+        best = max(
+            zip(scorer(config)([row["tasks"] for row in rows]), rows, strict=True),
+            key=lambda t: t[0],
+        )
+        metrics["best_ranking_score"] = best[0]
+    atomic_write_json(result_out, result)
+    return metrics
+
+
+def final_step(
+    config: RunConfig, data_dir: Path, base: Path, selection: Path, label: str, out: Path
+) -> dict:
+    """Train the final model `label` (chosen | uniform | token_prior) from the base."""
+    data = CuratedData(data_dir)
+    mixture = final_mixture(label, json.loads(Path(selection).read_text()), data)
+    final_stage(config, data, base, label, mixture, out)
+    return read_model_manifest(out)
+
+
+def evaluate_final_step(
+    config: RunConfig,
+    data_dir: Path,
+    base: Path,
+    components: list[Path],
+    finals: list[Path],
+    selection: Path,
+    out: Path,
+) -> dict:
+    """Evaluate the final models, write summary.json and report.html into `out`; return the summary."""
+    data = CuratedData(data_dir)
+    by_label = models_by_name(finals)
+    chosen = json.loads(Path(selection).read_text())
+    comps = models_by_name(components)
+    if chosen.get("relative_delta_norms") is None:
+        chosen["relative_delta_norms"] = as_dict(
+            data.names, relative_delta_norms(base, [comps[n] for n in data.names])
+        )
+    scores = evaluate_models(config, data, {label: by_label[label] for label in FINAL_LABELS})
+
+    def seconds(paths) -> float:
+        return round(sum(read_model_manifest(p).get("seconds", 0.0) for p in paths), 1)
+
+    timings = {
+        "base": 0.0 if config.model.base else seconds([base]),
+        "components": seconds(comps.values()),
+        "search": round(sum(row.get("time_s", 0.0) for row in chosen["history"]), 1),
+        "final": seconds(by_label.values()),
+    }
+    summary = summarize(config, data, chosen, scores, base, comps, by_label, timings)
+    write_outputs(out, summary, chosen, config)
+    return summary
+
+
+def write_model_index(models: list[Path], out: Path) -> dict[str, str]:
+    """{name: absolute path} of model artifacts, as JSON (read back by `read_model_index`)."""
+    index = {name: str(Path(path).resolve()) for name, path in models_by_name(models).items()}
+    atomic_write_json(out, index)
+    return index
+
+
+def read_model_index(path: Path) -> dict[str, Path]:
+    """The {name: path} written by `write_model_index`, each a complete model artifact.
+
+    Raises DemixError when an indexed model is missing or incomplete.
+    """
+    index = {name: Path(p) for name, p in json.loads(Path(path).read_text()).items()}
+    for name, folder in index.items():
+        if not (folder / "manifest.json").is_file():
+            raise DemixError(f"{path}: model {name!r} at {folder} is missing or incomplete")
+    return index

@@ -251,6 +251,7 @@ def train_model(
         seed=seed,
         final_loss=history[-1]["loss"] if history else None,
         tokens_per_s=round(tokens_done / elapsed, 1) if elapsed > 0 else None,
+        seconds=round(elapsed, 1),
     )
     shutil.rmtree(ckpt, ignore_errors=True)
     return manifest

@@ -1,12 +1,21 @@
 """Mixture search: Dirichlet sampler, LightGBM predictor, rounds, results table, loop."""
 
-from demix.search.loop import run_search, weights_matrix
+from demix.search.loop import (
+    evaluate_proposals,
+    final_selection,
+    round_proposals,
+    run_search,
+    weights_matrix,
+)
 from demix.search.predictor import Predictor, cross_val_predictions
 from demix.search.results import ScoresTable, mixture_id
 from demix.search.rounds import propose_round, select_final
 from demix.search.sampler import sample_mixtures, uniform_mixture, validate_mixture
 
 __all__ = [
+    "evaluate_proposals",
+    "final_selection",
+    "round_proposals",
     "Predictor",
     "ScoresTable",
     "cross_val_predictions",

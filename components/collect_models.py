@@ -1,0 +1,15 @@
+from kfp import dsl
+from kfp.dsl import Artifact, Input, Model, Output
+
+from components.image import CPU_IMAGE
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def collect_models(models: Input[list[Model]], index: Output[Artifact]):
+    """Index a fan-in of models as {name: path} so tasks inside later loops can read them
+    (KFP cannot pass a collected list into another loop)."""
+    from pathlib import Path
+
+    from demix.stages import write_model_index
+
+    write_model_index([Path(m.path) for m in models], Path(index.path))

@@ -1,0 +1,42 @@
+from kfp import dsl
+from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
+
+from components.image import CUDA_IMAGE
+
+
+@dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)
+def evaluate_final(
+    config_yaml: str,
+    data: Input[Dataset],
+    base: Input[Model],
+    components: Input[list[Model]],
+    finals: Input[list[Model]],
+    selection: Input[Artifact],
+    summary: Output[Artifact],
+    metrics: Output[Metrics],
+    report: Output[HTML],
+):
+    """Evaluate the chosen and baseline final models; summary.json, report.html, final Metrics."""
+    import shutil
+    from pathlib import Path
+
+    from demix.config import resolve_config
+    from demix.stages import evaluate_final_step
+
+    out = Path(summary.path)
+    result = evaluate_final_step(
+        resolve_config(config_yaml),
+        Path(data.path),
+        Path(base.path),
+        [Path(c.path) for c in components],
+        [Path(f.path) for f in finals],
+        Path(selection.path),
+        out,
+    )
+    shutil.copy(out / "report.html", report.path)
+    for label, scores in result["final"].items():
+        metrics.log_metric(f"{label}/ranking_score", scores["ranking_score"])
+        for category, value in scores["categories"].items():
+            metrics.log_metric(f"{label}/{category}", value)
+    for name, weight in result["mixture"].items():
+        metrics.log_metric(f"mixture/{name}", weight)

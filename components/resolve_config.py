@@ -1,0 +1,33 @@
+from kfp import dsl
+
+from components.image import CPU_IMAGE
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def resolve_config(
+    config_yaml: str,
+    seed: int,
+    general_ratio: float,
+    base_model: str,
+    datasets_json: str,
+    search_n: int,
+    component_tokens: int,
+    final_tokens: int,
+) -> str:
+    """Apply the pipeline parameters to the run config and validate it once, up front."""
+    import json
+
+    from demix.config import config_yaml as to_yaml
+    from demix.config import resolve_config as resolve
+
+    datasets = json.loads(datasets_json) if datasets_json else None
+    overrides = {
+        "seed": seed,
+        "train.general_ratio": general_ratio if general_ratio >= 0 else None,
+        "model.base": base_model or None,
+        "data.datasets": datasets,
+        "search.n": search_n or None,
+        "train.component.tokens": component_tokens or None,
+        "train.final.tokens": final_tokens or None,
+    }
+    return to_yaml(resolve(config_yaml, overrides))

@@ -1,0 +1,32 @@
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Model, Output
+
+from components.image import CUDA_IMAGE
+
+
+@dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)
+def train_model(
+    config_yaml: str,
+    role: str,
+    name: str,
+    data: Input[Dataset],
+    model: Output[Model],
+    init: Input[Model] = None,
+):
+    """Train the base (role "base") or the component of dataset `name` (role "component")."""
+    from pathlib import Path
+
+    from demix.config import resolve_config
+    from demix.stages import train_step
+
+    manifest = train_step(
+        resolve_config(config_yaml),
+        Path(data.path),
+        role,
+        name,
+        Path(init.path) if init else None,
+        Path(model.path),
+    )
+    model.metadata.update(
+        {k: manifest.get(k) for k in ("role", "name", "tokens", "final_loss", "seconds")}
+    )

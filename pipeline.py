@@ -1,0 +1,398 @@
+"""The DeMix KFP v2 pipeline: compile it for Kubeflow or Vertex AI, run it locally, submit it.
+
+    python pipeline.py compile --target kubeflow --out demix-kubeflow.yaml
+    python pipeline.py compile --target vertex --out demix-vertex.yaml
+    python pipeline.py run-local --config configs/demo.yaml --out runs/demo
+    python pipeline.py submit --host URL --package demix-kubeflow.yaml --config configs/demo.yaml
+    python pipeline.py submit --vertex --project P --region R --pipeline-root gs://B/root ...
+
+Targets KFP SDK 2.17.3 (pinned in pyproject.toml) with Kubeflow Pipelines backend 2.5 or newer
+(IR schema 2.1.0), and Vertex AI Pipelines.
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from kfp import compiler, dsl
+
+from components.collect_models import collect_models
+from components.curate_data import curate_data
+from components.dataset_names import dataset_names
+from components.evaluate_final import evaluate_final
+from components.evaluate_proxies import evaluate_proxies
+from components.merge import merge
+from components.predict import predict
+from components.resolve_config import resolve_config
+from components.train_final import train_final
+from components.train_model import train_model
+
+PIPELINE_NAME = "demix"
+FINAL_LABELS = ["chosen", "uniform", "token_prior"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where GPU tasks run; compile-time settings of a target, never constants in the code."""
+
+    target: str = "kubeflow"  # kubeflow | vertex | local
+    accelerator_type: str = "nvidia.com/gpu"
+    accelerator_count: int = 1
+    gpu_node_label: str = "nvidia-h100-80gb"  # value of cloud.google.com/gke-accelerator
+    cpu: str = "8"
+    memory: str = "64G"
+    retries: int = 2
+    rounds: int = 3
+
+    @classmethod
+    def for_target(cls, target: str, **overrides) -> "Placement":
+        defaults = {"vertex": {"accelerator_type": "NVIDIA_H100_80GB"}}.get(target, {})
+        return cls(
+            target=target, **{**defaults, **{k: v for k, v in overrides.items() if v is not None}}
+        )
+
+
+def _on_gpu(task: dsl.PipelineTask, placement: Placement) -> dsl.PipelineTask:
+    task.set_cpu_request(placement.cpu).set_memory_request(placement.memory)
+    task.set_accelerator_type(placement.accelerator_type).set_accelerator_limit(
+        placement.accelerator_count
+    )
+    task.set_retry(num_retries=placement.retries, backoff_duration="60s", backoff_factor=2.0)
+    if placement.target == "kubeflow":
+        from kfp import kubernetes
+
+        kubernetes.add_node_selector(
+            task, "cloud.google.com/gke-accelerator", placement.gpu_node_label
+        )
+        kubernetes.add_toleration(
+            task, key="nvidia.com/gpu", operator="Exists", effect="NoSchedule"
+        )
+    return task
+
+
+def _on_cpu(task: dsl.PipelineTask, placement: Placement) -> dsl.PipelineTask:
+    task.set_cpu_request("2").set_memory_request("8G")
+    task.set_retry(num_retries=placement.retries, backoff_duration="30s", backoff_factor=2.0)
+    return task
+
+
+def build_pipeline(placement: Placement):
+    """The pipeline function for one placement; search rounds are unrolled at compile time."""
+
+    @dsl.pipeline(name=PIPELINE_NAME, description="DeMix: data-mixture search by model merging")
+    def demix_pipeline(
+        config_yaml: str,
+        data_fingerprint: str = "",
+        seed: int = 0,
+        general_ratio: float = -1.0,
+        base_model: str = "",
+        datasets_json: str = "",
+        search_n: int = 0,
+        component_tokens: int = 0,
+        final_tokens: int = 0,
+        num_eval_workers: int = 2,
+    ):
+        config = _on_cpu(
+            resolve_config(
+                config_yaml=config_yaml,
+                seed=seed,
+                general_ratio=general_ratio,
+                base_model=base_model,
+                datasets_json=datasets_json,
+                search_n=search_n,
+                component_tokens=component_tokens,
+                final_tokens=final_tokens,
+            ),
+            placement,
+        ).set_caching_options(True)
+        cfg = config.output
+        data = _on_cpu(curate_data(config_yaml=cfg, data_fingerprint=data_fingerprint), placement)
+        dataset = data.outputs["dataset"]
+        base = _on_gpu(
+            train_model(config_yaml=cfg, role="base", name="base", data=dataset), placement
+        )
+        base_model_artifact = base.outputs["model"]
+
+        names = _on_cpu(dataset_names(config_yaml=cfg), placement)
+        with dsl.ParallelFor(names.output) as name:
+            component = _on_gpu(
+                train_model(
+                    config_yaml=cfg,
+                    role="component",
+                    name=name,
+                    data=dataset,
+                    init=base_model_artifact,
+                ),
+                placement,
+            )
+
+        # A Collected object must not be shared between consumers (the compiler loses track of it).
+        def components():
+            return dsl.Collected(component.outputs["model"])
+
+        index = _on_cpu(collect_models(models=components()), placement).outputs["index"]
+
+        step = _on_cpu(
+            predict(config_yaml=cfg, data=dataset, round_index=0, num_shards=num_eval_workers),
+            placement,
+        )
+        for r in range(1, placement.rounds + 1):
+            with dsl.ParallelFor(step.outputs["Output"]) as shard:
+                scored = _on_gpu(
+                    evaluate_proxies(
+                        config_yaml=cfg,
+                        data=dataset,
+                        base=base_model_artifact,
+                        component_index=index,
+                        proposals=step.outputs["result"],
+                        shard=shard,
+                        num_shards=num_eval_workers,
+                    ),
+                    placement,
+                )
+            step = _on_cpu(
+                predict(
+                    config_yaml=cfg,
+                    data=dataset,
+                    round_index=r if r < placement.rounds else -1,
+                    num_shards=num_eval_workers,
+                    history=step.outputs["history_out"],
+                    scores=dsl.Collected(scored.outputs["scores"]),
+                ),
+                placement,
+            )
+        selection = step.outputs["result"]
+
+        _on_cpu(
+            merge(
+                config_yaml=cfg,
+                data=dataset,
+                base=base_model_artifact,
+                components=components(),
+                selection=selection,
+            ),
+            placement,
+        )
+        with dsl.ParallelFor(FINAL_LABELS) as label:
+            final = _on_gpu(
+                train_final(
+                    config_yaml=cfg,
+                    label=label,
+                    data=dataset,
+                    base=base_model_artifact,
+                    selection=selection,
+                ),
+                placement,
+            )
+        _on_gpu(
+            evaluate_final(
+                config_yaml=cfg,
+                data=dataset,
+                base=base_model_artifact,
+                components=components(),
+                finals=dsl.Collected(final.outputs["model"]),
+                selection=selection,
+            ),
+            placement,
+        )
+
+    return demix_pipeline
+
+
+def compile_pipeline(target: str, out: str | Path, **placement) -> Path:
+    """Compile for `kubeflow` (GPU node selector + toleration) or `vertex` (one YAML document)."""
+    if target not in ("kubeflow", "vertex"):
+        raise SystemExit(f"pipeline.py: error: --target {target!r} is not kubeflow or vertex")
+    out = Path(out)
+    compiler.Compiler().compile(build_pipeline(Placement.for_target(target, **placement)), str(out))
+    return out
+
+
+def data_fingerprint(config_path: Path) -> str:
+    """sha256 over the candidate datasets' local files, so changed data is never a cache hit."""
+    from demix.config import load_config
+    from demix.data.curate import dataset_files
+    from demix.storage import sha256_file
+
+    config = load_config(config_path)
+    h = hashlib.sha256()
+    for spec in config.data.datasets:
+        try:
+            files = dataset_files(spec)
+        except Exception:  # noqa: BLE001 (remote or not yet fetched: hashed by name only)
+            files = []
+        for path in files:
+            h.update(f"{spec.name}:{path.name}:{sha256_file(path)}".encode())
+    return h.hexdigest()[:16]
+
+
+def run_local(
+    config_path: Path, out: Path, pipeline_root: Path | None = None, num_eval_workers: int = 2
+) -> dict:
+    """Run the same pipeline with kfp.local (SubprocessRunner, current interpreter).
+
+    Copies summary.json and report.html of the run into `out`; returns the summary.
+    """
+    from kfp import local
+
+    from demix.config import config_yaml, load_config
+    from demix.data.demo import fetch_demo
+
+    config = load_config(config_path)
+    if config.data.fetch_demo:
+        fetch_demo(Path(config.data.fetch_demo))
+    root = Path(pipeline_root or out / "pipeline-root").resolve()
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
+    pipeline = build_pipeline(Placement.for_target("local", rounds=config.search.rounds))
+    pipeline(
+        config_yaml=_absolute_paths(config_yaml(config)),
+        data_fingerprint=data_fingerprint(config_path),
+        seed=config.seed,
+        num_eval_workers=num_eval_workers,
+    )
+    runs = sorted(
+        root.glob(f"{PIPELINE_NAME}-*/evaluate-final/summary"), key=lambda p: p.stat().st_mtime
+    )
+    if not runs:
+        raise SystemExit(
+            f"pipeline.py: error: no evaluate-final output under {root}; see the log above"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("summary.json", "report.html"):
+        shutil.copy2(runs[-1] / name, out / name)
+    return json.loads((out / "summary.json").read_text())
+
+
+def _absolute_paths(text: str) -> str:
+    """Local components run in another working directory: make data paths absolute."""
+    import yaml
+
+    raw = yaml.safe_load(text)
+    for spec in raw["data"]["datasets"]:
+        spec["paths"] = [p if "://" in p else str(Path(p).resolve()) for p in spec["paths"]]
+    for section, key in (
+        ("data", "fetch_demo"),
+        ("evaluate", "data_dir"),
+        ("evaluate", "include_path"),
+        ("model", "base"),
+    ):
+        value = raw[section].get(key)
+        if value and "://" not in value:
+            raw[section][key] = str(Path(value).resolve())
+    return yaml.safe_dump(raw, sort_keys=False)
+
+
+def submit(args) -> str:
+    """Submit a compiled package to a KFP host or to Vertex AI; credentials come from the environment."""
+    params = {
+        "config_yaml": Path(args.config).read_text(),
+        "data_fingerprint": data_fingerprint(Path(args.config)),
+        "num_eval_workers": args.eval_workers,
+    }
+    if args.vertex:
+        from google.cloud import aiplatform
+
+        job = aiplatform.PipelineJob(
+            display_name=PIPELINE_NAME,
+            template_path=args.package,
+            pipeline_root=args.pipeline_root,
+            parameter_values=params,
+            project=args.project,
+            location=args.region,
+            enable_caching=True,
+        )
+        job.submit()
+        return job.resource_name
+    import kfp
+
+    client = kfp.Client(host=args.host)
+    run = client.create_run_from_pipeline_package(
+        args.package,
+        arguments=params,
+        run_name=args.run_name,
+        experiment_name=args.experiment,
+        enable_caching=True,
+    )
+    return run.run_id
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("compile", help="compile the pipeline YAML")
+    p.add_argument("--target", choices=["kubeflow", "vertex"], default="kubeflow")
+    p.add_argument("--out", required=True)
+    p.add_argument(
+        "--accelerator-type",
+        help="kubeflow: resource name (nvidia.com/gpu); vertex: e.g. NVIDIA_H100_80GB",
+    )
+    p.add_argument("--accelerator-count", type=int)
+    p.add_argument("--gpu-node-label", help="kubeflow: cloud.google.com/gke-accelerator value")
+    p.add_argument("--cpu")
+    p.add_argument("--memory")
+    p.add_argument("--retries", type=int)
+    p.add_argument("--rounds", type=int, help="search rounds, unrolled at compile time (default 3)")
+    p = sub.add_parser("run-local", help="run the pipeline locally with kfp.local")
+    p.add_argument("--config", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--pipeline-root")
+    p.add_argument("--eval-workers", type=int, default=2)
+    p = sub.add_parser("submit", help="submit a compiled pipeline")
+    p.add_argument("--package", required=True)
+    p.add_argument("--config", required=True)
+    p.add_argument("--eval-workers", type=int, default=2)
+    p.add_argument("--host", help="KFP API endpoint")
+    p.add_argument("--experiment", default="demix")
+    p.add_argument("--run-name", default="demix")
+    p.add_argument("--vertex", action="store_true")
+    p.add_argument("--project")
+    p.add_argument("--region")
+    p.add_argument("--pipeline-root")
+    args = parser.parse_args(argv)
+
+    from demix.errors import DemixError
+
+    try:
+        if args.command == "compile":
+            placement = {
+                k: getattr(args, k)
+                for k in (
+                    "accelerator_type",
+                    "accelerator_count",
+                    "gpu_node_label",
+                    "cpu",
+                    "memory",
+                    "retries",
+                    "rounds",
+                )
+            }
+            print(compile_pipeline(args.target, args.out, **placement))
+        elif args.command == "run-local":
+            from demix.report import print_summary
+
+            out = Path(args.out)
+            summary = run_local(
+                Path(args.config),
+                out,
+                Path(args.pipeline_root) if args.pipeline_root else None,
+                args.eval_workers,
+            )
+            print_summary(summary, out)
+        else:
+            if not args.vertex and not args.host:
+                parser.error("submit needs --host URL or --vertex")
+            if args.vertex and not (args.project and args.region and args.pipeline_root):
+                parser.error("submit --vertex needs --project, --region and --pipeline-root")
+            print(submit(args))
+    except DemixError as err:
+        print(f"pipeline.py: error: {err}", file=sys.stderr)
+        return err.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
