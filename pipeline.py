@@ -109,19 +109,17 @@ def build_pipeline(placement: Placement):
             ),
             placement,
         ).set_caching_options(True)
-        cfg = config.output
-        data = _on_cpu(curate_data(config_yaml=cfg, data_fingerprint=data_fingerprint), placement)
+        cfg = config.outputs["resolved"]  # an artifact: see components/resolve_config.py
+        data = _on_cpu(curate_data(config=cfg, data_fingerprint=data_fingerprint), placement)
         dataset = data.outputs["dataset"]
-        base = _on_gpu(
-            train_model(config_yaml=cfg, role="base", name="base", data=dataset), placement
-        )
+        base = _on_gpu(train_model(config=cfg, role="base", name="base", data=dataset), placement)
         base_model_artifact = base.outputs["model"]
 
-        names = _on_cpu(dataset_names(config_yaml=cfg), placement)
+        names = _on_cpu(dataset_names(config=cfg), placement)
         with dsl.ParallelFor(names.output) as name:
             component = _on_gpu(
                 train_model(
-                    config_yaml=cfg,
+                    config=cfg,
                     role="component",
                     name=name,
                     data=dataset,
@@ -137,14 +135,14 @@ def build_pipeline(placement: Placement):
         index = _on_cpu(collect_models(models=components()), placement).outputs["index"]
 
         step = _on_cpu(
-            predict(config_yaml=cfg, data=dataset, round_index=0, num_shards=num_eval_workers),
+            predict(config=cfg, data=dataset, round_index=0, num_shards=num_eval_workers),
             placement,
         )
         for r in range(1, placement.rounds + 1):
             with dsl.ParallelFor(step.outputs["Output"]) as shard:
                 scored = _on_gpu(
                     evaluate_proxies(
-                        config_yaml=cfg,
+                        config=cfg,
                         data=dataset,
                         base=base_model_artifact,
                         component_index=index,
@@ -156,7 +154,7 @@ def build_pipeline(placement: Placement):
                 )
             step = _on_cpu(
                 predict(
-                    config_yaml=cfg,
+                    config=cfg,
                     data=dataset,
                     round_index=r if r < placement.rounds else -1,
                     num_shards=num_eval_workers,
@@ -169,7 +167,7 @@ def build_pipeline(placement: Placement):
 
         _on_cpu(
             merge(
-                config_yaml=cfg,
+                config=cfg,
                 data=dataset,
                 base=base_model_artifact,
                 components=components(),
@@ -180,7 +178,7 @@ def build_pipeline(placement: Placement):
         with dsl.ParallelFor(FINAL_LABELS) as label:
             final = _on_gpu(
                 train_final(
-                    config_yaml=cfg,
+                    config=cfg,
                     label=label,
                     data=dataset,
                     base=base_model_artifact,
@@ -190,7 +188,7 @@ def build_pipeline(placement: Placement):
             )
         _on_gpu(
             evaluate_final(
-                config_yaml=cfg,
+                config=cfg,
                 data=dataset,
                 base=base_model_artifact,
                 components=components(),

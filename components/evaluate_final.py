@@ -6,7 +6,7 @@ from components.image import CUDA_IMAGE
 
 @dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)
 def evaluate_final(
-    config_yaml: str,
+    config: Input[Artifact],
     data: Input[Dataset],
     base: Input[Model],
     components: Input[list[Model]],
@@ -25,7 +25,7 @@ def evaluate_final(
 
     out = Path(summary.path)
     result = evaluate_final_step(
-        resolve_config(config_yaml),
+        resolve_config(Path(config.path).read_text()),
         Path(data.path),
         Path(base.path),
         [Path(c.path) for c in components],

@@ -6,7 +6,7 @@ from components.image import CUDA_IMAGE
 
 @dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)
 def evaluate_proxies(
-    config_yaml: str,
+    config: Input[Artifact],
     data: Input[Dataset],
     base: Input[Model],
     component_index: Input[Artifact],
@@ -22,7 +22,7 @@ def evaluate_proxies(
     from demix.stages import evaluate_proxies_step
 
     rows = evaluate_proxies_step(
-        resolve_config(config_yaml),
+        resolve_config(Path(config.path).read_text()),
         Path(data.path),
         Path(base.path),
         Path(component_index.path),

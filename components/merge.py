@@ -6,7 +6,7 @@ from components.image import CPU_IMAGE
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def merge(
-    config_yaml: str,
+    config: Input[Artifact],
     data: Input[Dataset],
     base: Input[Model],
     components: Input[list[Model]],
@@ -21,7 +21,7 @@ def merge(
     from demix.stages import merge_step
 
     report = merge_step(
-        resolve_config(config_yaml),
+        resolve_config(Path(config.path).read_text()),
         Path(data.path),
         Path(base.path),
         [Path(c.path) for c in components],

@@ -6,7 +6,7 @@ from components.image import CPU_IMAGE
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def predict(
-    config_yaml: str,
+    config: Input[Artifact],
     data: Input[Dataset],
     round_index: int,
     num_shards: int,
@@ -28,7 +28,7 @@ def predict(
     from demix.report import write_search_report
     from demix.stages import predict_step
 
-    config = resolve_config(config_yaml)
+    config = resolve_config(Path(config.path).read_text())
     found = predict_step(
         config,
         Path(data.path),

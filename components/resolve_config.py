@@ -1,4 +1,5 @@
 from kfp import dsl
+from kfp.dsl import Artifact, Output
 
 from components.image import CPU_IMAGE
 
@@ -13,9 +14,15 @@ def resolve_config(
     search_n: int,
     component_tokens: int,
     final_tokens: int,
-) -> str:
-    """Apply the pipeline parameters to the run config and validate it once, up front."""
+    resolved: Output[Artifact],
+):
+    """Apply the pipeline parameters to the run config and validate it once, up front.
+
+    The result is an artifact, not a string output: kfp.local 2.17 hands a loop's item to
+    string task outputs consumed inside a ParallelFor.
+    """
     import json
+    from pathlib import Path
 
     from demix.config import config_yaml as to_yaml
     from demix.config import resolve_config as resolve
@@ -30,4 +37,4 @@ def resolve_config(
         "train.component.tokens": component_tokens or None,
         "train.final.tokens": final_tokens or None,
     }
-    return to_yaml(resolve(config_yaml, overrides))
+    Path(resolved.path).write_text(to_yaml(resolve(config_yaml, overrides)))

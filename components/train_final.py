@@ -6,7 +6,7 @@ from components.image import CUDA_IMAGE
 
 @dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)
 def train_final(
-    config_yaml: str,
+    config: Input[Artifact],
     label: str,
     data: Input[Dataset],
     base: Input[Model],
@@ -20,7 +20,7 @@ def train_final(
     from demix.stages import final_step
 
     manifest = final_step(
-        resolve_config(config_yaml),
+        resolve_config(Path(config.path).read_text()),
         Path(data.path),
         Path(base.path),
         Path(selection.path),

@@ -1,12 +1,12 @@
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Model, Output
+from kfp.dsl import Artifact, Dataset, Input, Model, Output
 
 from components.image import CUDA_IMAGE
 
 
 @dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)
 def train_model(
-    config_yaml: str,
+    config: Input[Artifact],
     role: str,
     name: str,
     data: Input[Dataset],
@@ -20,7 +20,7 @@ def train_model(
     from demix.stages import train_step
 
     manifest = train_step(
-        resolve_config(config_yaml),
+        resolve_config(Path(config.path).read_text()),
         Path(data.path),
         role,
         name,

@@ -517,7 +517,7 @@ def evaluate_proxies_step(
     config: RunConfig,
     data_dir: Path,
     base: Path,
-    components: list[Path],
+    component_index: Path,
     proposals: Path,
     shard: int,
     num_shards: int,
@@ -526,7 +526,7 @@ def evaluate_proxies_step(
     """Evaluate shard `shard` of `num_shards` of a round's proposals; rows written to `out`."""
     data = CuratedData(data_dir)
     mine = json.loads(Path(proposals).read_text())[shard::num_shards]
-    return evaluate_proxies_stage(config, data, base, models_by_name(components), mine, out)
+    return evaluate_proxies_stage(config, data, base, read_model_index(component_index), mine, out)
 
 
 def predict_step(

@@ -199,6 +199,7 @@ def train_model(
         file=sys.stderr,
         disable=quiet,
         dynamic_ncols=True,
+        mininterval=1.0 if sys.stderr.isatty() else 30.0,
     )
     t0, tokens_done, running = time.perf_counter(), 0, None
     while step < total_steps:
