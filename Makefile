@@ -8,8 +8,15 @@ STAMP  := $(VENV)/.installed
 # torch first, pinned: it is the CPU build on this path; an unpinned torch pulls a CUDA build.
 TORCH  := torch==2.13.0
 
+# Images the pipeline components name (components/image.py reads DEMIX_IMAGE_REPO too).
+VERSION    := 0.1.0
+IMAGE_REPO ?= demix
+IMAGE_CPU  := $(IMAGE_REPO)/demix:$(VERSION)-cpu
+IMAGE_CUDA := $(IMAGE_REPO)/demix:$(VERSION)-cuda
+export DEMIX_IMAGE_REPO := $(IMAGE_REPO)
+
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-slow lint format bench clean
+.PHONY: help install demo demo-library test test-slow lint format bench compile images clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -23,8 +30,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	@touch $@
 
-demo: install ## run the embedded demo: fetch data, curate, train, search, final train, report
-	$(BIN)/demix run configs/demo.yaml --out runs/demo
+demo: install ## the embedded demo as the KFP pipeline, run locally (writes runs/demo/)
+	$(BIN)/python pipeline.py run-local --config configs/demo.yaml --out runs/demo
+
+demo-library: install ## the same demo through the library directly (demix run), no KFP
+	$(BIN)/demix run configs/demo.yaml --out runs/demo-library
 
 test: install ## fast test suite (no slow, no gpu)
 	$(BIN)/python -m pytest -m "not slow and not gpu" -q
@@ -42,6 +52,14 @@ format: install ## apply ruff formatting and safe fixes
 
 bench: install ## benchmarks: print measured ratios
 	$(BIN)/python benchmarks/proxy_bench.py
+
+compile: install ## compile the pipeline for Kubeflow and Vertex AI
+	$(BIN)/python pipeline.py compile --target kubeflow --out demix-kubeflow.yaml
+	$(BIN)/python pipeline.py compile --target vertex --out demix-vertex.yaml
+
+images: ## build the CPU and CUDA images the components run in (needs a Docker engine)
+	docker build -f images/Dockerfile.cpu -t $(IMAGE_CPU) .
+	docker build -f images/Dockerfile.cuda -t $(IMAGE_CUDA) .
 
 clean: ## remove runs and caches (keeps .venv and data/)
 	rm -rf runs .pytest_cache .ruff_cache

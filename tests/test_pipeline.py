@@ -1,0 +1,247 @@
+"""The KFP pipeline: compiled structure for both targets, offline Vertex job, mocked submit,
+components called directly, and a real local run that matches `demix run`."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import yaml
+from google.protobuf import json_format
+from kfp.dsl import HTML, Artifact, Dataset, Metrics
+from kfp.pipeline_spec import pipeline_spec_pb2
+
+import pipeline
+from components.dataset_names import dataset_names
+from components.image import CPU_IMAGE, CUDA_IMAGE
+from components.predict import predict
+from components.resolve_config import resolve_config
+from demix.cli import main as demix_main
+from demix.config import config_yaml, parse_config
+
+from .conftest import smoke_config_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = {
+    "curate-data",
+    "train-model",
+    "merge",
+    "evaluate-proxies",
+    "predict",
+    "train-final",
+    "evaluate-final",
+}
+GPU_EXECUTORS = (
+    "exec-train-model",
+    "exec-evaluate-proxies",
+    "exec-train-final",
+    "exec-evaluate-final",
+)
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compiled")
+    kubeflow = pipeline.compile_pipeline(
+        "kubeflow", out / "kubeflow.yaml", accelerator_count=2, gpu_node_label="nvidia-h200-141gb"
+    )
+    vertex = pipeline.compile_pipeline(
+        "vertex", out / "vertex.yaml", accelerator_type="NVIDIA_H100_80GB"
+    )
+    return kubeflow, vertex
+
+
+def _spec(path: Path) -> tuple[pipeline_spec_pb2.PipelineSpec, list[dict]]:
+    docs = list(yaml.safe_load_all(path.read_text()))
+    spec = pipeline_spec_pb2.PipelineSpec()
+    json_format.ParseDict(docs[0], spec)
+    return spec, docs
+
+
+def _task_names(spec) -> set[str]:
+    names = set()
+
+    def walk(dag):
+        for name, task in dag.tasks.items():
+            names.add(re.sub(r"-\d+$", "", name))
+            component = spec.components[task.component_ref.name]
+            if component.WhichOneof("implementation") == "dag":
+                walk(component.dag)
+
+    walk(spec.root.dag)
+    return names
+
+
+def test_kubeflow_target_structure(compiled):
+    spec, docs = _spec(compiled[0])
+    assert len(docs) == 2
+    assert _task_names(spec) >= STAGES
+    # fan-outs: components, 3 search rounds, finals
+    assert len([n for n in spec.root.dag.tasks if n.startswith("for-loop")]) == 1 + 3 + 1
+    executors = spec.deployment_spec["executors"]
+    for name in GPU_EXECUTORS:
+        resources = executors[name]["container"]["resources"]
+        assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
+        assert resources["accelerator"]["resourceCount"] == "2"
+        assert executors[name]["container"]["image"] == CUDA_IMAGE
+    assert executors["exec-curate-data"]["container"]["image"] == CPU_IMAGE
+    assert "accelerator" not in executors["exec-curate-data"]["container"]["resources"]
+    platform = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for name in GPU_EXECUTORS:
+        assert platform[name]["nodeSelector"]["labels"] == {
+            "cloud.google.com/gke-accelerator": "nvidia-h200-141gb"
+        }
+        assert platform[name]["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert spec.root.dag.tasks["train-model"].retry_policy.max_retry_count == 2
+
+
+def test_vertex_target_is_one_document_with_vertex_accelerators(compiled):
+    text = compiled[1].read_text()
+    spec, docs = _spec(compiled[1])
+    assert len(docs) == 1 and "nodeSelector" not in text
+    resources = spec.deployment_spec["executors"]["exec-train-model"]["container"]["resources"]
+    assert resources["accelerator"]["resourceType"] == "NVIDIA_H100_80GB"
+    assert _task_names(spec) >= STAGES
+
+
+def test_no_credentials_in_compiled_yaml(compiled):
+    for path in compiled:
+        text = path.read_text()
+        assert not re.search(
+            r"(AKIA[0-9A-Z]{16}|-----BEGIN|private_key|client_secret|ya29\.)", text
+        )
+
+
+def test_vertex_pipeline_job_builds_offline(compiled):
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import aiplatform
+
+    job = aiplatform.PipelineJob(
+        display_name="demix",
+        template_path=str(compiled[1]),
+        pipeline_root="gs://bucket/root",
+        parameter_values={"config_yaml": "seed: 0"},
+        project="p",
+        location="us-central1",
+        credentials=AnonymousCredentials(),
+    )
+    assert job.pipeline_spec["pipelineInfo"]["name"] == "demix"
+
+
+def test_submit_to_kfp_host_uses_the_client(compiled):
+    args = pipeline.argparse.Namespace(
+        vertex=False,
+        host="http://kfp.example",
+        package=str(compiled[0]),
+        config=str(ROOT / "configs" / "demo.yaml"),
+        eval_workers=3,
+        run_name="r",
+        experiment="e",
+    )
+    with mock.patch("kfp.Client") as client:
+        client.return_value.create_run_from_pipeline_package.return_value.run_id = "run-1"
+        assert pipeline.submit(args) == "run-1"
+    client.assert_called_once_with(host="http://kfp.example")
+    call = client.return_value.create_run_from_pipeline_package.call_args
+    assert call.args[0] == str(compiled[0]) and call.kwargs["arguments"]["num_eval_workers"] == 3
+    assert call.kwargs["arguments"]["config_yaml"].startswith("# Run with:")
+
+
+def test_images_named_by_components_are_built_by_make_images():
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^IMAGE_CPU\s*:?=\s*\$\(IMAGE_REPO\)/demix:\$\(VERSION\)-cpu", makefile, re.M)
+    assert re.search(
+        r"^IMAGE_CUDA\s*:?=\s*\$\(IMAGE_REPO\)/demix:\$\(VERSION\)-cuda", makefile, re.M
+    )
+    version = re.search(r"^VERSION\s*:?=\s*(\S+)", makefile, re.M).group(1)
+    repo = re.search(r"^IMAGE_REPO\s*\?=\s*(\S+)", makefile, re.M).group(1)
+    assert (
+        f"{repo}/demix:{version}-cpu" == CPU_IMAGE and f"{repo}/demix:{version}-cuda" == CUDA_IMAGE
+    )
+    for dockerfile in ("images/Dockerfile.cpu", "images/Dockerfile.cuda"):
+        text = (ROOT / dockerfile).read_text()
+        assert re.search(r"^USER demix$", text, re.M), dockerfile
+        assert not re.search(r"(SECRET|TOKEN|PASSWORD|API_KEY)\s*=", text)
+
+
+def _artifact(cls, path: Path):
+    art = cls(uri=str(path))
+    art.path = str(path)  # local artifacts: path == uri
+    return art
+
+
+def test_components_python_func_on_tiny_artifacts(tmp_path, corpus_dir):
+    raw = smoke_config_dict(corpus_dir)
+    resolved = _artifact(Artifact, tmp_path / "config.yaml")
+    resolve_config.python_func(
+        config_yaml=yaml.safe_dump(raw),
+        seed=5,
+        general_ratio=0.25,
+        base_model="",
+        datasets_json="",
+        search_n=0,
+        component_tokens=0,
+        final_tokens=0,
+        resolved=resolved,
+    )
+    config = parse_config(yaml.safe_load((tmp_path / "config.yaml").read_text()))
+    assert config.seed == 5 and config.train.general_ratio == 0.25
+    assert dataset_names.python_func(config=resolved) == ["general", "code", "math"]
+
+    from components.curate_data import curate_data
+
+    dataset = _artifact(Dataset, tmp_path / "dataset")
+    curate_data.python_func(config=resolved, data_fingerprint="abc", dataset=dataset)
+    assert (tmp_path / "dataset" / "manifest.json").is_file() and dataset.metadata[
+        "data_fingerprint"
+    ] == "abc"
+
+    result = _artifact(Artifact, tmp_path / "proposals.json")
+    shards = predict.python_func(
+        config=resolved,
+        data=dataset,
+        round_index=0,
+        num_shards=3,
+        history_out=_artifact(Artifact, tmp_path / "history.jsonl"),
+        result=result,
+        metrics=_artifact(Metrics, tmp_path / "metrics"),
+        report=_artifact(HTML, tmp_path / "report.html"),
+    )
+    proposals = json.loads((tmp_path / "proposals.json").read_text())
+    assert len(proposals) == config.search.n and shards == [0, 1, 2]
+    assert "<h1>DeMix search so far</h1>" in (tmp_path / "report.html").read_text()
+
+
+def test_resolve_config_refuses_bad_overrides(tmp_path, corpus_dir):
+    from demix.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.general_ratio"):
+        resolve_config.python_func(
+            config_yaml=config_yaml(parse_config(smoke_config_dict(corpus_dir))),
+            seed=0,
+            general_ratio=1.0,
+            base_model="",
+            datasets_json="",
+            search_n=0,
+            component_tokens=0,
+            final_tokens=0,
+            resolved=_artifact(Artifact, tmp_path / "c.yaml"),
+        )
+    assert not (tmp_path / "c.yaml").exists()
+
+
+def test_local_pipeline_run_matches_demix_run(tmp_path, corpus_dir, eval_dir):
+    config = tmp_path / "smoke.yaml"
+    config.write_text(yaml.safe_dump(smoke_config_dict(corpus_dir, eval_dir)))
+    summary = pipeline.run_local(config, tmp_path / "kfp", num_eval_workers=2)
+    assert (tmp_path / "kfp" / "report.html").is_file()
+    assert summary["proxies_evaluated"] == 6 and summary["search_rounds"] == 2
+    assert set(summary["final"]) == {"chosen", "uniform", "token_prior"}
+    assert demix_main(["run", str(config), "--out", str(tmp_path / "lib")]) == 0
+    library = json.loads((tmp_path / "lib" / "summary.json").read_text())
+    assert summary["mixture"] == pytest.approx(library["mixture"], abs=1e-9)
+    for label in ("chosen", "uniform", "token_prior"):
+        assert summary["final"][label]["ranking_score"] == library["final"][label]["ranking_score"]
