@@ -242,7 +242,9 @@ def run_local(
     from demix.config import config_yaml, load_config
 
     # Resource, accelerator and image settings are meaningless to the local runner.
-    warnings.filterwarnings("ignore", message=".*(no effect in the current local runner|non-Python base image).*")
+    warnings.filterwarnings(
+        "ignore", message=".*(no effect in the current local runner|non-Python base image).*"
+    )
     from demix.data.demo import fetch_demo
 
     config = load_config(config_path)
