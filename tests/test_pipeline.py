@@ -245,3 +245,25 @@ def test_local_pipeline_run_matches_demix_run(tmp_path, corpus_dir, eval_dir):
     assert summary["mixture"] == pytest.approx(library["mixture"], abs=1e-9)
     for label in ("chosen", "uniform", "token_prior"):
         assert summary["final"][label]["ranking_score"] == library["final"][label]["ranking_score"]
+
+
+def test_submit_to_vertex_builds_and_submits_a_pipeline_job(compiled):
+    args = pipeline.argparse.Namespace(
+        vertex=True,
+        package=str(compiled[1]),
+        config=str(ROOT / "configs" / "demo.yaml"),
+        eval_workers=4,
+        pipeline_root="gs://bucket/root",
+        project="p",
+        region="us-central1",
+    )
+    with mock.patch("google.cloud.aiplatform.PipelineJob") as job:
+        job.return_value.resource_name = "projects/p/locations/us-central1/pipelineJobs/demix-1"
+        assert pipeline.submit(args).endswith("demix-1")
+    kwargs = job.call_args.kwargs
+    assert (
+        kwargs["template_path"] == str(compiled[1])
+        and kwargs["pipeline_root"] == "gs://bucket/root"
+    )
+    assert kwargs["parameter_values"]["num_eval_workers"] == 4
+    job.return_value.submit.assert_called_once()
