@@ -605,6 +605,7 @@ def evaluate_final_step(
         return round(sum(read_model_manifest(p).get("seconds", 0.0) for p in paths), 1)
 
     timings = {
+        "curate": data.manifest.get("seconds", 0.0),
         "base": 0.0 if config.model.base else seconds([base]),
         "components": seconds(comps.values()),
         "search": round(sum(row.get("time_s", 0.0) for row in chosen["history"]), 1),

