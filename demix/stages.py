@@ -95,19 +95,38 @@ def base_stage(config: RunConfig, data: CuratedData, out: Path) -> Path:
     """The shared base: `model.base` when given, else a tiny Llama pretrained on the token prior."""
     if config.model.base:
         return Path(config.model.base)
-    train_model(
+    _train_role(config, data, data.token_prior, "base", "base", out)
+    return out
+
+
+def _train_role(
+    config: RunConfig,
+    data: CuratedData,
+    weights: dict[str, float],
+    role: str,
+    name: str,
+    out: Path,
+    init: Path | None = None,
+) -> dict:
+    """The one training loop with the budget of `role` (base | component | final)."""
+    stage = {
+        "base": config.train.base,
+        "component": config.train.component,
+        "final": config.train.final,
+    }[role]
+    return train_model(
         out,
         data,
-        data.token_prior,
-        config.train.base,
+        weights,
+        stage,
         config.train,
         config.model,
         config.seed,
-        role="base",
-        name="base",
-        arch=config.model.architecture,
+        role=role,
+        name=name,
+        init=init,
+        arch=config.model.architecture if init is None else None,
     )
-    return out
 
 
 def component_stage(
@@ -119,18 +138,7 @@ def component_stage(
     weights = component_weights(
         data.names, dataset, general_mix(config, data), config.train.general_ratio
     )
-    train_model(
-        out,
-        data,
-        weights,
-        config.train.component,
-        config.train,
-        config.model,
-        config.seed,
-        role="component",
-        name=dataset,
-        init=base,
-    )
+    _train_role(config, data, weights, "component", dataset, out, init=base)
     return out
 
 
@@ -274,18 +282,7 @@ def final_stage(
 ) -> Path:
     """Train a final model from the base on a data mixture (the chosen one or a baseline)."""
     weights = validate_mixture(mixture, data.names)
-    train_model(
-        out,
-        data,
-        as_dict(data.names, weights),
-        config.train.final,
-        config.train,
-        config.model,
-        config.seed,
-        role="final",
-        name=label,
-        init=base,
-    )
+    _train_role(config, data, as_dict(data.names, weights), "final", label, out, init=base)
     return out
 
 
