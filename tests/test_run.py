@@ -61,3 +61,36 @@ def test_rerun_skips_finished_work_and_gives_the_same_mixture(smoke_run, capsys)
         len((out / "search" / "scores.jsonl").read_text().splitlines())
         == before["proxies_evaluated"]
     )
+
+
+def test_any_hf_causal_lm_folder_can_be_the_base(smoke_run, tmp_path, corpus_dir, eval_dir):
+    """A base given as an HF folder (here a GPT-2 built from config) is used as is: its tokenizer
+    curates the data and no base is pretrained."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    _, first = smoke_run
+    from demix.data.shards import CuratedData
+
+    tokenizer = CuratedData(first / "dataset").load_tokenizer()
+    base = tmp_path / "gpt2-tiny"
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        n_positions=64,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+    )
+    GPT2LMHeadModel(config).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    raw = smoke_config_dict(corpus_dir, eval_dir)
+    raw["model"] = {"base": str(base), "attn_implementation": None}
+    raw["train"].pop("base")
+    path = tmp_path / "hf-base.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["training_tokens"]["base"] == 0
+    assert not (tmp_path / "out" / "models" / "base").exists()
+    assert sum(summary["mixture"].values()) == pytest.approx(1.0, abs=1e-5)
