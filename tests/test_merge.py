@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from demix.config import ArchitectureConfig
@@ -161,3 +163,28 @@ def test_data_to_component_with_prior_as_general():
     np.testing.assert_allclose(m @ c, d, atol=1e-12)
     # closed form (Sherman-Morrison): c = (d - r * g) / (1 - r) when sum(d) = 1
     np.testing.assert_allclose(c, (d - 0.4 * prior) / 0.6, atol=1e-12)
+
+
+def test_sharded_streaming_merge_equals_single_file(models, tmp_path):
+    base, comps = models
+    # sharded inputs too: the base re-saved in small shards with an index
+    sharded_base = tmp_path / "sharded-base"
+    load_model(base).save_pretrained(sharded_base, max_shard_size="40KB")
+    assert (sharded_base / "model.safetensors.index.json").is_file()
+    weights = [0.2, 0.5, 0.3]
+    merge_to_disk(base, comps, weights, tmp_path / "one")
+    manifest = merge_to_disk(sharded_base, comps, weights, tmp_path / "many", shard_bytes=30_000)
+    files = manifest["weight_files"]
+    assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    index = json.loads((tmp_path / "many" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(files)
+    one, many = _params(load_model(tmp_path / "one")), _params(load_model(tmp_path / "many"))
+    for name, value in one.items():
+        torch.testing.assert_close(many[name], value, rtol=0, atol=0)
+
+
+def test_disk_merge_output_dtype(models, tmp_path):
+    base, comps = models
+    merge_to_disk(base, comps, [0.2, 0.5, 0.3], tmp_path / "bf16", dtype=torch.bfloat16)
+    with safe_open(tmp_path / "bf16" / "model.safetensors", framework="pt") as st:
+        assert {st.get_slice(k).get_dtype() for k in st.keys()} == {"BF16"}  # noqa: SIM118

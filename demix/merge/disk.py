@@ -1,7 +1,14 @@
-"""Write one merged model to disk, streaming tensor by tensor from safetensors."""
+"""Write one merged model to disk, streaming tensor by tensor from (sharded) safetensors.
+
+Memory holds one tensor per component plus the output shard being filled, whatever the
+number of components; output shards are flushed at `shard_bytes` and the HF index
+(`model.safetensors.index.json`) is written after the last shard, the manifest after that.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import torch
@@ -12,6 +19,53 @@ from demix.merge.methods import METHODS
 from demix.model import MODEL_KIND, check_compatible, copy_model_files
 from demix.storage import staged_dir, write_manifest
 
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+
+class ShardWriter:
+    """Collects tensors and writes them as numbered safetensors shards of bounded size."""
+
+    def __init__(self, folder: Path, shard_bytes: int):
+        self.folder, self.shard_bytes = folder, shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.written: list[tuple[Path, list[str], int]] = []
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.shard_bytes:
+            self.flush()
+        self.pending[name] = tensor
+        self.pending_bytes += size
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        path = self.folder / f".shard-{len(self.written):05d}.safetensors"
+        save_file(self.pending, path, metadata={"format": "pt"})
+        self.written.append((path, list(self.pending), self.pending_bytes))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> list[str]:
+        """Name the shards as Hugging Face does and write the index last; return file names."""
+        self.flush()
+        if len(self.written) == 1:
+            os.replace(self.written[0][0], self.folder / "model.safetensors")
+            return ["model.safetensors"]
+        total = len(self.written)
+        weight_map, names = {}, []
+        for i, (path, tensors, _) in enumerate(self.written, start=1):
+            name = f"model-{i:05d}-of-{total:05d}.safetensors"
+            os.replace(path, self.folder / name)
+            names.append(name)
+            weight_map.update(dict.fromkeys(tensors, name))
+        index = {
+            "metadata": {"total_size": sum(size for *_, size in self.written)},
+            "weight_map": weight_map,
+        }
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        return names
+
 
 def merge_to_disk(
     base: str | Path,
@@ -20,27 +74,26 @@ def merge_to_disk(
     out: str | Path,
     method: str = "linear",
     dtype: torch.dtype | None = None,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
     **manifest_fields,
 ) -> dict:
     """Merge `components` onto `base` with component weights; save an HF folder atomically.
 
-    Holds one tensor per component at a time besides the output. Raises ModelError for
-    incompatible models and MixtureError for weights the method refuses.
+    `dtype` is the output dtype (default: the base's per tensor); computation is fp32.
+    Raises ModelError for incompatible models and MixtureError for weights the method refuses.
     """
     base = Path(base)
     check_compatible(base, components)
     merge = METHODS[method]
     base_index = TensorIndex(base)
     indexes = [TensorIndex(c) for c in components]
-    merged: dict[str, torch.Tensor] = {}
-    for name in base_index.names():
-        b = base_index.get(name)
-        out_dtype = dtype or b.dtype
-        merged[name] = (
-            merge(b, [ix.get(name) for ix in indexes], weights).to(out_dtype).contiguous()
-        )
     with staged_dir(out) as tmp:
-        save_file(merged, tmp / "model.safetensors", metadata={"format": "pt"})
+        writer = ShardWriter(tmp, shard_bytes)
+        for name in base_index.names():
+            b = base_index.get(name)
+            merged = merge(b, [ix.get(name) for ix in indexes], weights)
+            writer.add(name, merged.to(dtype or b.dtype).contiguous())
+        files = writer.finish()
         copy_model_files(base, tmp)
         manifest = write_manifest(
             tmp,
@@ -50,6 +103,7 @@ def merge_to_disk(
             component_weights=[float(w) for w in weights],
             components=[str(c) for c in components],
             base=str(base),
+            weight_files=files,
             **manifest_fields,
         )
     return manifest
