@@ -1,7 +1,7 @@
 """Write one merged model to disk, streaming tensor by tensor from (sharded) safetensors.
 
-Memory holds one tensor per component plus the output shard being filled, whatever the
-number of components; output shards are flushed at `shard_bytes` and the HF index
+Memory holds the output shard being filled plus one component tensor at a time for the linear
+methods (one per component for methods that need them all at once, e.g. TIES); output shards are flushed at `shard_bytes` and the HF index
 (`model.safetensors.index.json`) is written after the last shard, the manifest after that.
 """
 
@@ -91,7 +91,8 @@ def merge_to_disk(
         writer = ShardWriter(tmp, shard_bytes)
         for name in base_index.names():
             b = base_index.get(name)
-            merged = merge(b, [ix.get(name) for ix in indexes], weights)
+            # a generator: methods that can stream components hold one of them at a time
+            merged = merge(b, (ix.get(name) for ix in indexes), weights)
             writer.add(name, merged.to(dtype or b.dtype).contiguous())
         files = writer.finish()
         copy_model_files(base, tmp)

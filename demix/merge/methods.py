@@ -9,7 +9,7 @@ of identical components is that component.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -31,13 +31,18 @@ def check_linear_weights(weights: Sequence[float]) -> np.ndarray:
 
 
 def linear_merge(
-    base: torch.Tensor, components: Sequence[torch.Tensor], weights: Sequence[float]
+    base: torch.Tensor, components: Iterable[torch.Tensor], weights: Sequence[float]
 ) -> torch.Tensor:
-    """base + sum_i w_i (component_i - base), computed in float32."""
+    """base + sum_i w_i (component_i - base), computed in float32.
+
+    `components` is consumed one tensor at a time, so a generator keeps memory independent of
+    the number of components.
+    """
     c = check_linear_weights(weights)
-    acc = base.float().clone()
+    b = base.float()
+    acc = b.clone()
     for w, t in zip(c, components, strict=True):
-        acc.add_(t.float() - base.float(), alpha=float(w))
+        acc.add_(t.float() - b, alpha=float(w))
     return acc
 
 
