@@ -29,3 +29,7 @@ class TaskError(DemixError):
 
 class FetchError(DemixError):
     """Demo data that cannot be fetched from the package registries."""
+
+
+class SearchError(DemixError):
+    """A scores table that cannot be read or belongs to another search, or nothing to select."""

@@ -1,5 +1,10 @@
 """The search over rounds, as two pure steps (propose a round, select the final mixture) and a
-resumable loop over them. The local run uses the loop; the KFP pipeline calls the steps."""
+resumable loop over them. The local run uses the loop; the KFP pipeline calls the steps.
+
+Both steps see the scored rows as a set: duplicates (same id) are dropped and the rest sorted
+by (round, id) before fitting, so rows merged from parallel evaluation shards in any order give
+the same proposals and the same final mixture as a sequential run.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from collections.abc import Callable
 import numpy as np
 
 from demix.config import SearchConfig
+from demix.errors import SearchError
 from demix.search.results import ScoresTable, mixture_id
 from demix.search.rounds import propose_round, select_final
 
@@ -16,10 +22,42 @@ Score = Callable[[list[dict]], list[float]]
 
 
 def weights_matrix(rows: list[dict], names: list[str]) -> np.ndarray:
-    """Rows' data mixtures as an [n, D] array in `names` order."""
-    return np.array([[row["weights"][n] for n in names] for row in rows], dtype=np.float64).reshape(
-        -1, len(names)
-    )
+    """Rows' data mixtures as an [n, D] array in `names` order.
+
+    Raises SearchError for a row without a weight for one of `names`.
+    """
+    out = np.zeros((len(rows), len(names)))
+    for i, row in enumerate(rows):
+        missing = [n for n in names if n not in row.get("weights", {})]
+        if missing:
+            raise SearchError(
+                f"scored row {row.get('id')!r} has no weight for {missing}: it was written for "
+                f"other datasets; use a fresh search folder"
+            )
+        out[i] = [row["weights"][n] for n in names]
+    return out
+
+
+def unique_rows(rows: list[dict]) -> list[dict]:
+    """Rows with duplicate ids dropped (the first kept), in the given order."""
+    unique: dict[str, dict] = {}
+    for row in rows:
+        unique.setdefault(row["id"], row)
+    return list(unique.values())
+
+
+def canonical_rows(rows: list[dict]) -> list[dict]:
+    """Rows with duplicate ids dropped (the first kept), sorted by (round, id)."""
+    return sorted(unique_rows(rows), key=lambda row: (row["round"], row["id"]))
+
+
+def _scores(rows: list[dict], score: Score) -> np.ndarray:
+    if not rows:
+        return np.zeros(0)
+    scores = np.asarray(score([row["tasks"] for row in rows]), dtype=np.float64)
+    if scores.shape != (len(rows),):
+        raise ValueError(f"score returned {scores.shape[0]} scores for {len(rows)} rows")
+    return scores
 
 
 def round_proposals(
@@ -34,13 +72,19 @@ def round_proposals(
     """Proposals {"id", "round", "weights"} of a round, from the rows scored in earlier rounds.
 
     Ranking scores are relative to all proxies so far, so `score` recomputes them from the rows'
-    task results. The same inputs always give the same proposals.
+    task results. Depends only on (seed, round, the set of earlier rows): a rerun proposes the
+    same. Raises MixtureError when the grid runs out of unscored mixtures.
     """
-    earlier = [row for row in rows if row["round"] < round_index]
-    y = np.array(score([row["tasks"] for row in earlier])) if earlier else np.zeros(0)
+    earlier = canonical_rows([row for row in rows if row["round"] < round_index])
     size = cfg.round_sizes[round_index]
     proposals = propose_round(
-        round_index, size, prior, weights_matrix(earlier, names), y, cfg, seed
+        round_index,
+        size,
+        prior,
+        weights_matrix(earlier, names),
+        _scores(earlier, score),
+        cfg,
+        seed,
     )
     return [
         {
@@ -60,10 +104,17 @@ def final_selection(
     seed: int,
     score: Score,
 ) -> dict:
-    """The final mixture (mean of the top-k predictions) and the scored history."""
-    scores = score([row["tasks"] for row in rows])
-    mixture, info = select_final(prior, weights_matrix(rows, names), np.array(scores), cfg, seed)
-    history = [{**row, "ranking_score": s} for row, s in zip(rows, scores, strict=True)]
+    """The final mixture (mean of the top-k predictions), its info and the scored history.
+
+    history: the rows in the given order (duplicates dropped), each with its "ranking_score".
+    Raises SearchError when there are no scored rows.
+    """
+    rows = unique_rows(rows)
+    fitted = canonical_rows(rows)
+    scores = _scores(fitted, score)
+    mixture, info = select_final(prior, weights_matrix(fitted, names), scores, cfg, seed)
+    by_id = {row["id"]: float(s) for row, s in zip(fitted, scores, strict=True)}
+    history = [{**row, "ranking_score": by_id[row["id"]]} for row in rows]
     rounds = max((row["round"] for row in rows), default=-1) + 1
     return {
         "mixture": mixture,
@@ -74,6 +125,29 @@ def final_selection(
     }
 
 
+def check_table_matches(proposals: list[dict], table: ScoresTable) -> None:
+    """Refuse a table holding rows of the proposals' round that this search did not propose.
+
+    Such rows come from another seed or search config; resuming would mix two searches.
+    Raises SearchError naming the table and the first stray row.
+    """
+    if not proposals:
+        return
+    round_index = proposals[0]["round"]
+    proposed = {p["id"] for p in proposals}
+    stray = [
+        row["id"]
+        for row in table.rows()
+        if row["round"] == round_index and row["id"] not in proposed
+    ]
+    if stray:
+        raise SearchError(
+            f"{table.path}: row {stray[0]!r} of round {round_index} is not a proposal of this "
+            f"search ({len(stray)} such rows); it was written with another seed or search config, "
+            f"use a fresh output folder"
+        )
+
+
 def evaluate_proposals(
     proposals: list[dict],
     names: list[str],
@@ -81,7 +155,11 @@ def evaluate_proposals(
     table: ScoresTable,
     log: Callable[[str], None] = print,
 ) -> int:
-    """Evaluate proposals not yet in `table`, appending one row each; return how many ran."""
+    """Evaluate proposals not yet in `table`, appending one row each; return how many ran.
+
+    Raises SearchError when the table holds rows of this round that were not proposed.
+    """
+    check_table_matches(proposals, table)
     done = table.ids()
     ran = 0
     for k, proposal in enumerate(proposals):
@@ -92,7 +170,8 @@ def evaluate_proposals(
         elapsed = time.perf_counter() - start
         table.append({**proposal, "tasks": tasks, "time_s": round(elapsed, 3)})
         log(
-            f"[demix] round {proposal['round']} proxy {k + 1}/{len(proposals)} {proposal['id']}: {elapsed:.1f} s"
+            f"[demix] round {proposal['round']} proxy {k + 1}/{len(proposals)} "
+            f"{proposal['id']}: {elapsed:.1f} s"
         )
         ran += 1
     return ran
@@ -111,8 +190,15 @@ def run_search(
     """Rounds of cfg.round_sizes proxies, then the final selection; resumes from `table`.
 
     `evaluate(mixture)` returns a proxy's task results; proxies already in `table` are skipped.
+    Returns final_selection's dict (mixture, rounds, proxies_evaluated, predictor_spearman,
+    predicted_score, top_prediction, best_observed, history).
+    Raises SearchError for a table of another search, MixtureError when the grid runs out.
     """
+    if len(prior) != len(names):
+        raise ValueError(f"{len(names)} dataset names but a prior of {len(prior)} weights")
     for r in range(len(cfg.round_sizes)):
         proposals = round_proposals(r, table.rows(), names, prior, cfg, seed, score)
-        evaluate_proposals(proposals, names, evaluate, table, log)
+        ran = evaluate_proposals(proposals, names, evaluate, table, log)
+        if ran < len(proposals):
+            log(f"[demix] round {r}: {len(proposals) - ran} proxies already scored (resumed)")
     return final_selection(table.rows(), names, prior, cfg, seed, score)

@@ -1,4 +1,9 @@
-"""Append-only JSONL table of scored proxies: an interrupted search resumes from it."""
+"""Append-only JSONL table of scored proxies: an interrupted search resumes from it.
+
+One line per evaluated proxy: {"id", "round", "weights": {dataset: w}, "tasks": {task: result},
+"time_s"}. Each append is flushed and fsynced, so a crash loses at most the line being written;
+that truncated last line is dropped on reading (with a warning) and cut off on the next append.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
+from demix.errors import SearchError
+
 
 def mixture_id(weights: np.ndarray, grid: float = 2e-4) -> str:
-    """Stable id of a mixture from its grid-rounded weights."""
-    units = np.rint(np.asarray(weights, dtype=np.float64) / grid).astype(np.int64)
+    """Stable id of a mixture (in dataset order) from its grid-rounded weights: "m-" + 12 hex."""
+    units = np.rint(np.asarray(weights, dtype=np.float64) / grid).astype("<i8")
     return "m-" + hashlib.sha256(units.tobytes()).hexdigest()[:12]
 
 
@@ -24,33 +31,58 @@ class ScoresTable:
         self.path = Path(path)
 
     def rows(self) -> list[dict]:
-        """All complete rows; a truncated last line (a crash mid-write) is dropped with a warning."""
+        """All complete rows in file order; a truncated last line is dropped with a warning.
+
+        Raises SearchError for a broken line before the last one, or a row without an id.
+        """
         if not self.path.is_file():
             return []
         rows = []
         lines = self.path.read_text().splitlines()
-        for i, line in enumerate(lines):
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                if i == len(lines) - 1:
-                    warnings.warn(f"{self.path}: dropping a truncated last row", stacklevel=2)
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                if number == len(lines):
+                    warnings.warn(
+                        f"{self.path}:{number}: dropping a truncated last row (interrupted write)",
+                        stacklevel=2,
+                    )
                     continue
-                raise
+                raise SearchError(
+                    f"{self.path}:{number}: not a JSON row ({err.msg}); the scores table is "
+                    f"corrupt, delete that line to re-evaluate the proxy"
+                ) from None
+            if not isinstance(row, dict) or "id" not in row:
+                raise SearchError(
+                    f"{self.path}:{number}: a row must be a JSON object with an 'id'; "
+                    f"delete that line to re-evaluate the proxy"
+                )
+            rows.append(row)
         return rows
 
     def ids(self) -> set[str]:
+        """Ids of all complete rows."""
         return {row["id"] for row in self.rows()}
+
+    def has(self, mixture: str) -> bool:
+        """Whether a row with this id is in the table."""
+        return mixture in self.ids()
 
     def append(self, row: dict) -> None:
         """Append one row and fsync, so a crash loses at most the row being written."""
+        line = json.dumps(row) + "\n"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        text = self.path.read_text() if self.path.is_file() else ""
-        if text and not text.endswith("\n"):
-            # a truncated last line from a crash: rewrite without it before appending
-            text = text[: text.rfind("\n") + 1]
-            self.path.write_text(text)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if self.path.is_file() and self.path.stat().st_size:
+            with open(self.path, "rb+") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    # a truncated last line from a crash: cut it off before appending
+                    f.seek(0)
+                    f.truncate(f.read().rfind(b"\n") + 1)
+        with open(self.path, "ab") as f:
+            f.write(line.encode())
             f.flush()
             os.fsync(f.fileno())

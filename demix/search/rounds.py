@@ -1,19 +1,62 @@
-"""Rounds of the search: sample, then propose the predictor's best; select the final mixture."""
+"""Rounds of the search: sample, then propose the predictor's best; select the final mixture.
+
+Each call draws from its own rng, default_rng([seed, round_index, stream]), so its result
+depends only on its arguments, never on what ran before it in the process.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
 from demix.config import SearchConfig
-from demix.search.predictor import Predictor, cross_val_predictions
+from demix.errors import MixtureError, SearchError
+from demix.search.predictor import Predictor, cross_val_predictions, seed_entropy
 from demix.search.sampler import sample_mixtures
 
-FINAL_ROUND = 1_000_000  # rng stream of the final selection, apart from every round's
+CANDIDATES_STREAM = 0
+FINAL_ROUND = 1_000_000  # the final selection's rng, apart from every round's
 
 
-def _best(pred: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest predictions; ties broken by position (deterministic)."""
-    return np.lexsort((np.arange(len(pred)), -pred))[:k]
+def _rng(seed: int, round_index: int) -> np.random.Generator:
+    return np.random.default_rng([seed_entropy(seed), round_index, CANDIDATES_STREAM])
+
+
+def best_indices(predicted: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest predictions; ties go to the earlier index (deterministic)."""
+    return np.lexsort((np.arange(len(predicted)), -predicted))[:k]
+
+
+def _scored(prior: np.ndarray, X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scored rows as arrays, those without a finite score dropped (they cannot be fitted)."""
+    X = np.asarray(X, dtype=np.float64).reshape(-1, len(prior))
+    y = np.asarray(y, dtype=np.float64).reshape(-1)
+    if len(X) != len(y):
+        raise ValueError(f"{len(X)} scored mixtures but {len(y)} scores")
+    keep = np.isfinite(y)
+    return X[keep], y[keep]
+
+
+def candidate_pool(
+    round_index: int,
+    prior: np.ndarray,
+    scored_X: np.ndarray,
+    cfg: SearchConfig,
+    seed: int,
+    size: int = 0,
+) -> np.ndarray:
+    """The fresh candidates a round ranks: max(cfg.candidates, size) of them, none scored.
+
+    Fewer only when the grid holds fewer unscored mixtures.
+    """
+    exclude = np.asarray(scored_X, dtype=np.float64).reshape(-1, len(prior))
+    return sample_mixtures(
+        prior,
+        max(cfg.candidates, size),
+        _rng(seed, round_index),
+        cfg.sampler,
+        exclude=exclude,
+        allow_fewer=True,
+    )
 
 
 def propose_round(
@@ -27,34 +70,54 @@ def propose_round(
 ) -> np.ndarray:
     """Round 0: `size` sampled mixtures. Later: the predicted best of cfg.candidates fresh ones.
 
-    Depends only on its arguments (rng seeded from seed and round), so a rerun proposes the same.
+    Fresh candidates exclude the scored rows. A later round with fewer than 2 scored rows has
+    nothing to learn from and samples like round 0.
+    Raises MixtureError when the space holds fewer than `size` unscored mixtures.
     """
-    rng = np.random.default_rng([seed, round_index])
-    scored_X = np.asarray(scored_X, dtype=np.float64).reshape(-1, len(prior))
-    if round_index == 0 or len(scored_X) < 2:
-        return sample_mixtures(prior, size, rng, cfg.sampler, exclude=scored_X)
-    candidates = sample_mixtures(prior, cfg.candidates, rng, cfg.sampler, exclude=scored_X)
-    predicted = Predictor(cfg.predictor, seed).fit(scored_X, scored_y).predict(candidates)
-    return candidates[_best(predicted, size)]
+    prior = np.asarray(prior, dtype=np.float64)
+    X, y = _scored(prior, scored_X, scored_y)
+    if round_index == 0 or len(X) < 2:
+        exclude = np.asarray(scored_X, dtype=np.float64).reshape(-1, len(prior))
+        return sample_mixtures(prior, size, _rng(seed, round_index), cfg.sampler, exclude=exclude)
+    candidates = candidate_pool(round_index, prior, scored_X, cfg, seed, size)
+    if len(candidates) < size:
+        raise MixtureError(
+            f"round {round_index}: only {len(candidates)} unscored mixtures left on the grid, "
+            f"{size} needed; lower search.n or refine search.sampler.grid"
+        )
+    predicted = Predictor(cfg.predictor, seed).fit(X, y).predict(candidates)
+    return candidates[best_indices(predicted, size)]
 
 
 def select_final(
     prior: np.ndarray, scored_X: np.ndarray, scored_y: np.ndarray, cfg: SearchConfig, seed: int
 ) -> tuple[np.ndarray, dict]:
-    """Mean of the top_k predicted mixtures among fresh candidates and the scored ones."""
-    rng = np.random.default_rng([seed, FINAL_ROUND])
-    scored_X = np.asarray(scored_X, dtype=np.float64)
-    predictor = Predictor(cfg.predictor, seed).fit(scored_X, scored_y)
-    pool = np.vstack([sample_mixtures(prior, cfg.candidates, rng, cfg.sampler), scored_X])
+    """Mean of the top_k predicted mixtures among cfg.candidates fresh ones and the scored ones.
+
+    info: predicted_score (of the returned mixture), top_prediction, predictor_spearman
+    (cross-validated; None below 4 rows), best_observed.
+    Raises SearchError when no row has a finite score.
+    """
+    prior = np.asarray(prior, dtype=np.float64)
+    X, y = _scored(prior, scored_X, scored_y)
+    if len(X) == 0:
+        raise SearchError(
+            "no scored proxies to select a mixture from; run the search rounds first "
+            "(search.rounds >= 1) and check the scores table is not empty"
+        )
+    rng = _rng(seed, FINAL_ROUND)
+    fresh = sample_mixtures(prior, cfg.candidates, rng, cfg.sampler, exclude=X, allow_fewer=True)
+    pool = np.vstack([fresh, X])
+    predictor = Predictor(cfg.predictor, seed).fit(X, y)
     predicted = predictor.predict(pool)
-    top = _best(predicted, cfg.top_k)
+    top = best_indices(predicted, cfg.top_k)
     mixture = pool[top].mean(axis=0)
     mixture /= mixture.sum()
-    _, rho = cross_val_predictions(scored_X, scored_y, cfg.predictor, seed)
+    _, rho = cross_val_predictions(X, y, cfg.predictor, seed)
     info = {
         "predicted_score": float(predictor.predict(mixture[None])[0]),
         "top_prediction": float(predicted[top[0]]),
         "predictor_spearman": None if np.isnan(rho) else round(rho, 4),
-        "best_observed": float(np.max(scored_y)),
+        "best_observed": float(np.max(y)),
     }
     return mixture, info

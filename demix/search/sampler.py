@@ -1,8 +1,15 @@
 """Mixture sampler over the simplex, as in the authors' code.
 
-w ~ Dirichlet(s * p^power) with p the token prior and s drawn from log-spaced scales; each
-dataset capped at min(cap_factor * p, 1); weights under min_weight zeroed; rounded to a grid
-(exactly, in integer grid units); duplicates removed.
+w ~ Dirichlet(s * p^power) with p the token prior and s drawn from `num_scales` log-spaced
+values in [scale_min, scale_max]; weights under min_weight zeroed; each dataset capped at
+min(cap_factor * p, 1) with the excess moved to the uncapped datasets in proportion; rounded to
+the grid in integer grid units that sum exactly to 1/grid (largest remainder, never above a
+cap); duplicates and excluded rows removed.
+
+Zeroing comes before capping (the authors' order is cap, then zero): moving capped mass only
+ever raises the other weights, so a row zeroed then capped still satisfies both rules, while
+zeroing after capping would break the sum and call for another pass. A rounded row that still
+breaks a rule (possible only in corner cases) is drawn again rather than repaired.
 """
 
 from __future__ import annotations
@@ -14,9 +21,33 @@ import numpy as np
 from demix.config import SamplerConfig
 from demix.errors import MixtureError
 
+# Sampling stops when the rows found stop growing: the space (or the part of it the Dirichlet
+# reaches) is exhausted. Both bounds keep a hopeless request from spinning.
+MAX_ATTEMPTS = 50
+MAX_BARREN_ATTEMPTS = 3
+
+
+def grid_units(grid: float) -> int:
+    """Grid units in a whole mixture (1/grid), checking that the grid divides 1.
+
+    Raises MixtureError when 1/grid is not an integer.
+    """
+    units = round(1 / grid)
+    if abs(units * grid - 1) > 1e-9:
+        raise MixtureError(
+            f"search.sampler.grid={grid}: 1/grid={1 / grid:.6g} is not a whole number; "
+            f"use a grid such as 2e-4 or 1e-3"
+        )
+    return units
+
 
 def _cap(w: np.ndarray, cap: np.ndarray) -> np.ndarray:
-    """Clip rows to `cap`, moving the excess to uncapped entries in proportion, until feasible."""
+    """Clip rows to `cap`, moving the excess to the entries under their cap until none is over.
+
+    The excess goes in proportion to the receiving weights; a row whose uncapped entries are all
+    zero takes it in proportion to their room left instead. Every pass caps one more entry, so
+    D passes suffice. Needs cap.sum() >= 1.
+    """
     w = w.copy()
     for _ in range(w.shape[1]):
         over = w > cap
@@ -24,24 +55,50 @@ def _cap(w: np.ndarray, cap: np.ndarray) -> np.ndarray:
             break
         excess = np.where(over, w - cap, 0.0).sum(axis=1, keepdims=True)
         w = np.minimum(w, cap)
-        free = np.where(w < cap, w, 0.0)
-        total = free.sum(axis=1, keepdims=True)
-        share = np.divide(free, total, out=np.zeros_like(free), where=total > 0)
-        w = w + excess * share
+        under = w < cap
+        share = np.where(under, w, 0.0)
+        total = share.sum(axis=1, keepdims=True)
+        room = np.where(under, cap - w, 0.0)
+        share = np.where(total > 0, share, room)
+        total = share.sum(axis=1, keepdims=True)
+        w = w + excess * np.divide(share, total, out=np.zeros_like(share), where=total > 0)
     return w
 
 
-def to_grid(w: np.ndarray, grid: float) -> np.ndarray:
-    """Round rows to integer grid units that sum exactly to 1/grid (largest remainder)."""
-    units = round(1 / grid)
+def to_grid(w: np.ndarray, grid: float, cap_units: np.ndarray | None = None) -> np.ndarray:
+    """Round rows to integer grid units summing exactly to 1/grid (largest remainder).
+
+    With `cap_units`, no entry is rounded up past its cap. Raises MixtureError for a bad grid.
+    """
+    units = grid_units(grid)
+    w = np.atleast_2d(np.asarray(w, dtype=np.float64))
     scaled = w * units
     base = np.floor(scaled).astype(np.int64)
+    remainder = scaled - base
+    if cap_units is not None:
+        over = base > cap_units[None, :]
+        base = np.where(over, cap_units[None, :], base)
+        # an entry at its cap can take no unit; any other can, the largest remainder first
+        remainder = np.where(base >= cap_units[None, :], -np.inf, remainder)
     missing = units - base.sum(axis=1)
-    order = np.argsort(-(scaled - base), axis=1, kind="stable")
+    order = np.argsort(-remainder, axis=1, kind="stable")
     rows = np.arange(len(w))[:, None]
     bump = np.arange(w.shape[1])[None, :] < missing[:, None]
+    bump &= np.isfinite(np.take_along_axis(remainder, order, axis=1))
     base[rows, order] += bump.astype(np.int64)
     return base
+
+
+def _check_prior(prior: np.ndarray) -> np.ndarray:
+    prior = np.asarray(prior, dtype=np.float64)
+    if prior.ndim != 1 or prior.size == 0:
+        raise MixtureError(f"token prior has shape {prior.shape}; expected one weight per dataset")
+    if not np.all(np.isfinite(prior)) or (prior < 0).any() or abs(prior.sum() - 1) > 1e-6:
+        raise MixtureError(
+            f"token prior {prior.tolist()} is not on the simplex; check the dataset manifest's "
+            f"token_prior"
+        )
+    return prior
 
 
 def sample_mixtures(
@@ -50,43 +107,64 @@ def sample_mixtures(
     rng: np.random.Generator,
     cfg: SamplerConfig,
     exclude: np.ndarray | None = None,
+    *,
+    allow_fewer: bool = False,
 ) -> np.ndarray:
-    """n distinct mixtures [n, D] on the grid, none of them in `exclude`.
+    """n distinct mixtures [n, D] on the grid, none of them in `exclude`, in the order drawn.
 
-    Raises MixtureError when n distinct mixtures cannot be found (space exhausted).
+    With allow_fewer, a space that runs out returns the rows found (a candidate pool).
+    Raises MixtureError for a prior off the simplex, a bad grid, or a space with fewer than n
+    distinct mixtures (unless allow_fewer).
     """
-    prior = np.asarray(prior, dtype=np.float64)
-    units = round(1 / cfg.grid)
+    prior = _check_prior(prior)
+    d = prior.size
+    units = grid_units(cfg.grid)
+    if n < 0:
+        raise ValueError(f"n={n} must be >= 0")
+    # a dataset with no tokens gets a vanishing Dirichlet parameter and a zero cap: never drawn
     alpha = np.power(np.maximum(prior, 1e-12), cfg.power)
     scales = np.logspace(math.log10(cfg.scale_min), math.log10(cfg.scale_max), cfg.num_scales)
     cap = np.minimum(cfg.cap_factor * prior, 1.0)
-    if cap.sum() < 1:
-        cap = np.ones_like(cap)  # caps that cannot hold a mixture are dropped
-    seen = (
-        {tuple(r) for r in to_grid(np.atleast_2d(exclude), cfg.grid)}
-        if exclude is not None and len(exclude)
-        else set()
-    )
+    cap_units = np.floor(cap * units + 1e-9).astype(np.int64)
+    if cap_units.sum() < units:
+        # caps that cannot hold a whole mixture (cap_factor * p summing under 1) are dropped
+        cap, cap_units = np.ones(d), np.full(d, units, dtype=np.int64)
+    min_units = math.ceil(cfg.min_weight * units - 1e-9)
+    seen: set[bytes] = set()
+    if exclude is not None and len(exclude):
+        exclude = np.asarray(exclude, dtype=np.float64).reshape(-1, d)
+        seen = {row.tobytes() for row in to_grid(exclude, cfg.grid)}
     out: list[np.ndarray] = []
-    for _ in range(50):
+    barren = 0
+    for _ in range(MAX_ATTEMPTS):
+        if len(out) >= n or barren >= MAX_BARREN_ATTEMPTS:
+            break
         batch = max(64, 2 * (n - len(out)))
         s = rng.choice(scales, size=batch)
         w = rng.gamma(s[:, None] * alpha[None, :])
         w /= np.maximum(w.sum(axis=1, keepdims=True), 1e-300)
         w = np.where(w < cfg.min_weight, 0.0, w)
         w /= np.maximum(w.sum(axis=1, keepdims=True), 1e-300)
-        w = _cap(w, cap)
-        for row in to_grid(w, cfg.grid):
-            key = tuple(row)
-            if key in seen or row.sum() != units:
+        grid_rows = to_grid(_cap(w, cap), cfg.grid, cap_units)
+        valid = (grid_rows.sum(axis=1) == units) & (grid_rows <= cap_units).all(axis=1)
+        valid &= ((grid_rows == 0) | (grid_rows >= min_units)).all(axis=1)
+        found = len(out)
+        for row in grid_rows[valid]:
+            key = row.tobytes()
+            if key in seen:
                 continue
             seen.add(key)
             out.append(row)
             if len(out) == n:
-                return np.stack(out) / units
-    raise MixtureError(
-        f"could only sample {len(out)} distinct mixtures of {n}; lower search.n or search.candidates"
-    )
+                break
+        barren = barren + 1 if len(out) == found else 0
+    if len(out) < n and not allow_fewer:
+        raise MixtureError(
+            f"could only sample {len(out)} distinct mixtures of the {n} asked on a grid of "
+            f"{cfg.grid} over {d} datasets; lower search.n or search.candidates, or refine "
+            f"search.sampler.grid"
+        )
+    return np.stack(out).astype(np.float64) / units if out else np.zeros((0, d))
 
 
 def uniform_mixture(d: int) -> np.ndarray:
@@ -95,20 +173,34 @@ def uniform_mixture(d: int) -> np.ndarray:
 
 
 def validate_mixture(weights: dict[str, float], names: list[str]) -> np.ndarray:
-    """A {dataset: weight} mapping as a simplex point in `names` order; missing names are 0.
+    """A {dataset: weight} mapping as a simplex point in `names` order; missing names count as 0.
 
-    Raises MixtureError for unknown names, NaN/inf, negative weights or a sum off 1 by > 1e-6.
+    Raises MixtureError for unknown names, non-numbers, NaN/inf, negative weights, or a sum
+    off 1 by more than 1e-6.
     """
     unknown = sorted(set(weights) - set(names))
     if unknown:
-        raise MixtureError(f"mixture names unknown dataset(s) {unknown}; known: {names}")
-    w = np.array([float(weights.get(n, 0.0)) for n in names])
+        raise MixtureError(
+            f"mixture names unknown dataset(s) {unknown}; known: {names} (check the spelling)"
+        )
+    values = []
+    for name in names:
+        value = weights.get(name, 0.0)
+        try:
+            values.append(float(value))
+        except (TypeError, ValueError):
+            raise MixtureError(
+                f"mixture weight of {name!r} is {value!r}, not a number; give a float in [0, 1]"
+            ) from None
+    w = np.array(values, dtype=np.float64)
     if not np.all(np.isfinite(w)):
         bad = [n for n, x in zip(names, w, strict=True) if not math.isfinite(x)]
-        raise MixtureError(f"mixture weight of {bad} is NaN or infinite")
+        raise MixtureError(f"mixture weight of {bad} is NaN or infinite; give floats in [0, 1]")
     if (w < 0).any():
-        bad = {n: x for n, x in zip(names, w, strict=True) if x < 0}
+        bad = {n: float(x) for n, x in zip(names, w, strict=True) if x < 0}
         raise MixtureError(f"mixture has negative weights {bad}; weights must be >= 0")
     if abs(w.sum() - 1) > 1e-6:
-        raise MixtureError(f"mixture weights sum to {w.sum():.8f}, not 1 (within 1e-6)")
+        raise MixtureError(
+            f"mixture weights sum to {w.sum():.8f}, not 1 (within 1e-6); rescale them to sum 1"
+        )
     return w
