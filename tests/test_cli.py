@@ -138,15 +138,9 @@ def _save_tiny(folder: Path, tokenizer, **arch) -> Path:
     return folder
 
 
-def test_merge_refuses_mismatched_components(tmp_path, config_path, curated, capsys):
-    from demix.data.shards import CuratedData
-
-    tok = CuratedData(curated).load_tokenizer()
-    base = _save_tiny(tmp_path / "base", tok)
-    good = _save_tiny(tmp_path / "good", tok)
-    wide = _save_tiny(tmp_path / "wide", tok, intermediate_size=96)
-    out = tmp_path / "merged"
-    args = [
+def _merge_argv(config_path: Path, curated: Path, base: Path, out: Path) -> list[str]:
+    """`demix merge` arguments up to --components (the caller appends NAME=PATH entries)."""
+    return [
         "merge",
         str(config_path),
         "--data",
@@ -159,6 +153,17 @@ def test_merge_refuses_mismatched_components(tmp_path, config_path, curated, cap
         str(out),
         "--components",
     ]
+
+
+def test_merge_refuses_mismatched_components(tmp_path, config_path, curated, capsys):
+    from demix.data.shards import CuratedData
+
+    tok = CuratedData(curated).load_tokenizer()
+    base = _save_tiny(tmp_path / "base", tok)
+    good = _save_tiny(tmp_path / "good", tok)
+    wide = _save_tiny(tmp_path / "wide", tok, intermediate_size=96)
+    out = tmp_path / "merged"
+    args = _merge_argv(config_path, curated, base, out)
     _fails(capsys, [*args, f"general={good}", f"code={wide}", f"math={good}"], "shape")
     assert not out.exists()
     # a different tokenizer (one token added) is refused too
@@ -220,24 +225,6 @@ def test_merge_refuses_a_different_tokenizer_of_the_same_size(
     vocab[a], vocab[b] = vocab[b], vocab[a]
     (other / "tokenizer.json").write_text(json.dumps(data))
     out = tmp_path / "merged"
-    _fails(
-        capsys,
-        [
-            "merge",
-            str(config_path),
-            "--data",
-            str(curated),
-            "--base",
-            str(base),
-            "--mixture",
-            "general=0.4,code=0.3,math=0.3",
-            "--out",
-            str(out),
-            "--components",
-            f"general={good}",
-            f"code={other}",
-            f"math={good}",
-        ],
-        "tokenizer differs",
-    )
+    argv = _merge_argv(config_path, curated, base, out)
+    _fails(capsys, [*argv, f"general={good}", f"code={other}", f"math={good}"], "tokenizer differs")
     assert not out.exists()
