@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from demix.errors import DemixError, MixtureError
+from demix.errors import ConfigError, DemixError, MixtureError
 
 
 def parse_mixture(text: str) -> dict[str, float]:
@@ -174,7 +174,23 @@ def _cmd_validate_config(args) -> None:
 def _config(args):
     from demix.config import load_config
 
-    return load_config(args.config)
+    return load_config(args.config, parse_overrides(args.set))
+
+
+def parse_overrides(items: list[str]) -> dict[str, object]:
+    """`--set key.path=value` items as {key.path: value}, values read as YAML scalars."""
+    import yaml
+
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. merge.method=ties")
+        try:
+            overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {item!r}: value is not a YAML scalar") from None
+    return overrides
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,6 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
     def with_config(name: str, help_: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         p.add_argument("config", help="run config YAML")
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config key, e.g. --set merge.method=ties (repeatable)",
+        )
         return p
 
     p = with_config("curate", "clean, dedupe, split, tokenize and pack the candidate datasets")

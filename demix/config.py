@@ -124,11 +124,52 @@ class TrainConfig(Strict):
         return self.seq_len * self.batch_size
 
 
-class MergeConfig(Strict):
-    """How a mixture becomes a proxy model."""
+# The parameters each merge method takes (demix.merge.methods; a test keeps the two in step).
+MERGE_METHOD_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "linear": (),
+    "task_arithmetic": ("scale",),
+    "ties": ("scale", "density"),
+    "dare_linear": ("scale", "drop_rate", "seed"),
+    "dare_ties": ("scale", "drop_rate", "seed"),
+}
 
-    method: Literal["linear"] = "linear"
+
+class MergeConfig(Strict):
+    """How a mixture becomes a proxy model.
+
+    `weights: data` maps a data mixture d to component weights c = M^-1 d (what each component
+    was trained on), `component` uses d as c. Method parameters left empty take the method's
+    default (scale 1, density 0.2, drop_rate 0.5, seed 0); setting one the method does not take
+    is an error. `delta_dtype: bfloat16` halves the memory of the search's in-memory deltas.
+    """
+
+    method: Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"] = "linear"
     weights: Literal["data", "component"] = "data"
+    scale: float | None = Field(default=None, allow_inf_nan=False)
+    density: float | None = Field(default=None, gt=0, le=1)
+    drop_rate: float | None = Field(default=None, ge=0, lt=1)
+    seed: int | None = None
+    delta_dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @model_validator(mode="after")
+    def _parameters_of_method(self) -> MergeConfig:
+        takes = MERGE_METHOD_PARAMETERS[self.method]
+        for key in ("scale", "density", "drop_rate", "seed"):
+            if getattr(self, key) is not None and key not in takes:
+                raise ValueError(
+                    f"merge.{key} does not apply to method {self.method!r} "
+                    f"(it takes {list(takes) or 'no parameters'}); remove it or change merge.method"
+                )
+        return self
+
+    @property
+    def parameters(self) -> dict[str, float | int]:
+        """The method parameters that are set (the method's defaults fill the rest)."""
+        return {
+            k: getattr(self, k)
+            for k in MERGE_METHOD_PARAMETERS[self.method]
+            if getattr(self, k) is not None
+        }
 
 
 class EvaluateConfig(Strict):
@@ -216,6 +257,17 @@ class RunConfig(Strict):
             raise ValueError(
                 "train.base is required when model.base is empty (the demo pretrains a base)"
             )
+        if (
+            self.merge.method in ("ties", "dare_ties")
+            and self.merge.weights == "data"
+            and self.train.general_ratio > 0
+        ):
+            raise ValueError(
+                f"merge.method {self.merge.method!r} averages with non-negative component weights, "
+                f"but merge.weights: data maps mixtures to component weights that can be negative "
+                f"when train.general_ratio > 0; set merge.weights: component, or use linear, "
+                f"task_arithmetic or dare_linear"
+            )
         names = set(self.data.names)
         for category, tasks in self.evaluate.categories.items():
             for task in tasks:
@@ -254,8 +306,8 @@ def parse_config(raw: object, source: str = "<config>") -> RunConfig:
         raise ConfigError(_format_error(err, source)) from None
 
 
-def load_config(path: str | Path) -> RunConfig:
-    """Load and validate a run config from YAML.
+def load_config(path: str | Path, overrides: dict[str, object] | None = None) -> RunConfig:
+    """Load and validate a run config from YAML, with optional dotted-key overrides.
 
     Raises ConfigError when the file is missing, is not YAML, or fails validation.
     """
@@ -264,11 +316,7 @@ def load_config(path: str | Path) -> RunConfig:
         text = path.read_text()
     except OSError as err:
         raise ConfigError(f"{path}: cannot read config ({err.strerror})") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
-    return parse_config(raw, str(path))
+    return resolve_config(text, overrides, str(path))
 
 
 def set_dotted(raw: dict, key: str, value: object) -> None:

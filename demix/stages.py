@@ -21,7 +21,14 @@ from demix.data.demo import fetch_demo
 from demix.data.shards import CuratedData
 from demix.errors import DemixError
 from demix.evaluate import Evaluator, score_models
-from demix.merge import DeltaStack, component_mix_matrix, data_to_component, merge_to_disk
+from demix.merge import (
+    DeltaStack,
+    MergeMethod,
+    component_mix_matrix,
+    data_to_component,
+    make_method,
+    merge_to_disk,
+)
 from demix.merge.delta_stack import relative_delta_norms
 from demix.model import (
     check_compatible,
@@ -66,6 +73,11 @@ def merge_weights(config: RunConfig, data: CuratedData, mixture: np.ndarray) -> 
     if config.merge.weights == "component":
         return np.asarray(mixture, dtype=np.float64)
     return data_to_component(mix_matrix(config, data), mixture)
+
+
+def merge_method(config: RunConfig) -> MergeMethod:
+    """The configured merge method with its parameters."""
+    return make_method(config.merge.method, **config.merge.parameters)
 
 
 def as_dict(names: list[str], weights) -> dict[str, float]:
@@ -176,7 +188,13 @@ class ProxyEvaluator:
             config.model.attn_implementation,
         )
         self.model.eval()
-        self.stack = DeltaStack(self.model, base, comp_dirs)
+        self.stack = DeltaStack(
+            self.model,
+            base,
+            comp_dirs,
+            merge_method(config),
+            delta_dtype=getattr(torch, config.merge.delta_dtype),
+        )
         self.evaluator = evaluator or make_evaluator(config, data, device)
 
     def __call__(self, mixture: np.ndarray) -> dict:
@@ -446,6 +464,7 @@ def materialize_merge(
         comp_dirs,
         merge_weights(config, data, weights),
         out,
+        method=merge_method(config),
         data_mixture=as_dict(data.names, weights),
         relative_delta_norms=relative_delta_norms(base, comp_dirs),
     )

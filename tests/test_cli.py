@@ -228,3 +228,23 @@ def test_merge_refuses_a_different_tokenizer_of_the_same_size(
     argv = _merge_argv(config_path, curated, base, out)
     _fails(capsys, [*argv, f"general={good}", f"code={other}", f"math={good}"], "tokenizer differs")
     assert not out.exists()
+
+
+def test_merge_with_any_method_through_set(tmp_path, config_path, curated, capsys):
+    from demix.data.shards import CuratedData
+    from demix.model import read_model_manifest
+
+    tok = CuratedData(curated).load_tokenizer()
+    base = _save_tiny(tmp_path / "base", tok)
+    comps = [f"{name}={_save_tiny(tmp_path / name, tok)}" for name in ("general", "code", "math")]
+    out = tmp_path / "merged"
+    argv = [*_merge_argv(config_path, curated, base, out), *comps]
+    settings = ["--set", "merge.method=ties", "--set", "merge.weights=component"]
+    assert main([*argv, *settings, "--set", "merge.density=0.3"]) == 0
+    capsys.readouterr()
+    assert read_model_manifest(out)["method"] == {"name": "ties", "density": 0.3, "scale": 1.0}
+    out.rename(tmp_path / "first")
+    _fails(capsys, [*argv, *settings, "--set", "merge.drop_rate=0.3"], "merge.drop_rate")
+    _fails(capsys, [*argv, "--set", "merge.method"], "expected KEY=VALUE")
+    _fails(capsys, [*argv, "--set", "merge.method=slerp"], "merge.method")
+    assert not out.exists()

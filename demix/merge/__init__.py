@@ -2,7 +2,7 @@
 
 from demix.merge.delta_stack import DeltaStack, relative_delta_norms
 from demix.merge.disk import merge_to_disk
-from demix.merge.methods import METHODS, linear_merge
+from demix.merge.methods import METHODS, MergeMethod, make_method
 from demix.merge.weights import component_mix_matrix, data_to_component
 
 __all__ = [
@@ -10,7 +10,8 @@ __all__ = [
     "DeltaStack",
     "component_mix_matrix",
     "data_to_component",
-    "linear_merge",
+    "MergeMethod",
+    "make_method",
     "merge_to_disk",
     "relative_delta_norms",
 ]

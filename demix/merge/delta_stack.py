@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from demix.errors import ModelError
-from demix.merge.methods import check_linear_weights
+from demix.merge.methods import MergeMethod, make_method
 from demix.model import safetensors_files
 
 
@@ -36,17 +36,30 @@ class TensorIndex:
 
 
 class DeltaStack:
-    """Holds base and stacked deltas (theta_i - base) per parameter of `model`.
+    """Holds the base and the prepared deltas of every parameter of `model`, stacked per tensor.
 
-    `write(c)` sets every parameter of `model` to base + sum_i c_i delta_i in place: one matmul
-    into the parameter's own storage plus one add; nothing is allocated per proxy and nothing
-    touches disk. Buffers (e.g. rotary frequencies) are not merged: they are equal by construction.
+    `write(w)` makes every parameter of `model` the merge of the components with weights `w`, in
+    place: for weighted-sum methods (linear, task arithmetic, DARE linear) one matrix-vector
+    product into the parameter's own storage plus one add, nothing allocated per proxy; for the
+    TIES family the sign election runs in chunks of `chunk` entries, so its scratch memory is
+    bounded by K x chunk whatever the model size. Deltas are prepared once (TIES's trim and DARE's
+    drop do not depend on the weights). `delta_dtype=torch.bfloat16` halves the deltas' memory
+    (about 3 significant digits per delta entry; the base and the proxy stay in the model's dtype).
+    Buffers (e.g. rotary frequencies) are not merged: they are equal by construction.
     """
 
-    def __init__(self, model: torch.nn.Module, base: str | Path, components: list[str | Path]):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        base: str | Path,
+        components: list[str | Path],
+        method: MergeMethod | str = "linear",
+        delta_dtype: torch.dtype | None = None,
+        chunk: int = 1 << 20,
+    ):
         if not components:
             raise ModelError("DeltaStack needs at least one component model")
-        self.model = model
+        self.model, self.method, self.chunk = model, make_method(method), chunk
         base_index = TensorIndex(base)
         indexes = [TensorIndex(c) for c in components]
         self.params: list[tuple[str, torch.nn.Parameter]] = list(model.named_parameters())
@@ -55,13 +68,15 @@ class DeltaStack:
         base_sq = 0.0
         delta_sq = np.zeros(len(components))
         for name, param in self.params:
-            b = base_index.get(name).to(param.dtype)
+            b = base_index.get(name).float()
             if b.shape != param.shape:
                 raise ModelError(
                     f"{base}: tensor {name} has shape {tuple(b.shape)}, model has {tuple(param.shape)}"
                 )
             stack = torch.empty(
-                (len(components), param.numel()), dtype=param.dtype, device=param.device
+                (len(components), param.numel()),
+                dtype=delta_dtype or param.dtype,
+                device=param.device,
             )
             for k, index in enumerate(indexes):
                 t = index.get(name)
@@ -69,10 +84,11 @@ class DeltaStack:
                     raise ModelError(
                         f"{index.folder}: tensor {name} has shape {tuple(t.shape)}, base has {tuple(param.shape)}"
                     )
-                stack[k].copy_(t.reshape(-1).to(param.dtype) - b.reshape(-1))
-                delta_sq[k] += float(stack[k].double().pow(2).sum())
+                delta = t.reshape(-1).float() - b.reshape(-1)
+                delta_sq[k] += float(delta.double().pow(2).sum())
+                stack[k].copy_(self.method.prepare(delta, k, name))
             base_sq += float(b.double().pow(2).sum())
-            self.base[name] = b.reshape(-1).to(param.device)
+            self.base[name] = b.reshape(-1).to(param.device, param.dtype)
             self.deltas[name] = stack
         self.relative_norms = np.sqrt(delta_sq / base_sq)
 
@@ -82,16 +98,43 @@ class DeltaStack:
 
     @torch.no_grad()
     def write(self, weights) -> torch.nn.Module:
-        """Make `model` the linear merge with component weights `weights` (summing to 1)."""
-        c = check_linear_weights(weights)
+        """Make `model` the merge with component weights `weights`; returns the model.
+
+        Raises MixtureError for weights the method refuses, ModelError for a wrong count.
+        """
+        c = self.method.check_weights(weights)
         if len(c) != self.num_components:
             raise ModelError(f"expected {self.num_components} component weights, got {len(c)}")
-        for name, param in self.params:
-            vec = torch.as_tensor(c, dtype=param.dtype, device=param.device)
-            flat = param.view(-1)
-            torch.mv(self.deltas[name].t(), vec, out=flat)
-            flat.add_(self.base[name])
+        if self.method.weighted_sum:
+            self._write_sum(self.method.sum_coefficients(c))
+        else:
+            self._write_chunked(c)
         return self.model
+
+    def _write_sum(self, coefficients: np.ndarray) -> None:
+        vectors: dict[tuple, torch.Tensor] = {}
+        for name, param in self.params:
+            flat, deltas = param.view(-1), self.deltas[name]
+            if deltas.dtype == flat.dtype:
+                key = (deltas.dtype, deltas.device)
+                if key not in vectors:
+                    vectors[key] = torch.as_tensor(coefficients, dtype=key[0], device=key[1])
+                torch.mv(deltas.t(), vectors[key], out=flat)
+                flat.add_(self.base[name])
+            else:  # low-precision deltas: accumulate into the fp32 parameter, no temporary
+                flat.copy_(self.base[name])
+                for k, a in enumerate(coefficients):
+                    flat.add_(deltas[k], alpha=float(a))
+
+    def _write_chunked(self, weights: np.ndarray) -> None:
+        for name, param in self.params:
+            flat, deltas, base = param.view(-1), self.deltas[name], self.base[name]
+            w = torch.as_tensor(weights, dtype=flat.dtype, device=flat.device)
+            for start in range(0, flat.numel(), self.chunk):
+                end = min(start + self.chunk, flat.numel())
+                part = deltas[:, start:end].to(flat.dtype)
+                self.method.combine(part, w, flat[start:end])
+                flat[start:end].add_(base[start:end])
 
 
 def relative_delta_norms(base: str | Path, components: list[str | Path]) -> list[float]:

@@ -1,21 +1,25 @@
 """Write one merged model to disk, streaming tensor by tensor from (sharded) safetensors.
 
-Memory holds the output shard being filled plus one component tensor at a time for the linear
-methods (one per component for methods that need them all at once, e.g. TIES); output shards are flushed at `shard_bytes` and the HF index
-(`model.safetensors.index.json`) is written after the last shard, the manifest after that.
+Memory holds the output shard being filled plus, per tensor, one component tensor at a time for
+the weighted-sum methods (linear, task arithmetic, DARE linear) and one per component for the TIES
+family, whose sign election needs all of them at once. Output shards are flushed at `shard_bytes`;
+the HF index (`model.safetensors.index.json`) is written after the last shard, the manifest last.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from demix.errors import MixtureError
 from demix.merge.delta_stack import TensorIndex
-from demix.merge.methods import METHODS
+from demix.merge.methods import MergeMethod, make_method
 from demix.model import MODEL_KIND, check_compatible, copy_model_files
 from demix.storage import staged_dir, write_manifest
 
@@ -67,24 +71,51 @@ class ShardWriter:
         return names
 
 
+def merge_tensor(
+    method: MergeMethod,
+    name: str,
+    base: torch.Tensor,
+    components: Iterable[torch.Tensor],
+    weights: np.ndarray,
+) -> torch.Tensor:
+    """The merge of one tensor, in float32. `components` is consumed one tensor at a time."""
+    b = base.float()
+    if method.weighted_sum:
+        merged = b.clone()
+        coefficients = method.sum_coefficients(weights)
+        for k, (t, a) in enumerate(zip(components, coefficients, strict=True)):
+            merged.add_(method.prepare(t.float() - b, k, name), alpha=float(a))
+        return merged
+    deltas = torch.empty((len(weights), b.numel()), dtype=torch.float32)
+    for k, t in enumerate(components):
+        deltas[k] = method.prepare(t.reshape(-1).float() - b.reshape(-1), k, name)
+    merged = torch.empty(b.numel(), dtype=torch.float32)
+    method.combine(deltas, torch.as_tensor(weights, dtype=torch.float32), merged)
+    return merged.add_(b.reshape(-1)).view(b.shape)
+
+
 def merge_to_disk(
     base: str | Path,
     components: list[str | Path],
     weights,
     out: str | Path,
-    method: str = "linear",
+    method: MergeMethod | str = "linear",
     dtype: torch.dtype | None = None,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     **manifest_fields,
 ) -> dict:
     """Merge `components` onto `base` with component weights; save an HF folder atomically.
 
-    `dtype` is the output dtype (default: the base's per tensor); computation is fp32.
-    Raises ModelError for incompatible models and MixtureError for weights the method refuses.
+    `method` is a MergeMethod or a method name with default parameters. `dtype` is the output
+    dtype (default: the base's, per tensor); computation is fp32. Raises ModelError for
+    incompatible models and MixtureError for weights the method refuses, before writing anything.
     """
     base = Path(base)
+    method = make_method(method)
+    c = method.check_weights(weights)
+    if len(c) != len(components):
+        raise MixtureError(f"{len(c)} merge weights for {len(components)} components")
     check_compatible(base, components)
-    merge = METHODS[method]
     base_index = TensorIndex(base)
     indexes = [TensorIndex(c) for c in components]
     with staged_dir(out) as tmp:
@@ -92,7 +123,7 @@ def merge_to_disk(
         for name in base_index.names():
             b = base_index.get(name)
             # a generator: methods that can stream components hold one of them at a time
-            merged = merge(b, (ix.get(name) for ix in indexes), weights)
+            merged = merge_tensor(method, name, b, (ix.get(name) for ix in indexes), c)
             writer.add(name, merged.to(dtype or b.dtype).contiguous())
         files = writer.finish()
         copy_model_files(base, tmp)
@@ -100,8 +131,8 @@ def merge_to_disk(
             tmp,
             MODEL_KIND,
             role="merged",
-            method=method,
-            component_weights=[float(w) for w in weights],
+            method=method.describe(),
+            component_weights=c.tolist(),
             components=[str(c) for c in components],
             base=str(base),
             weight_files=files,
