@@ -2,8 +2,10 @@
 
 1. in-place proxy build (DeltaStack.write) / the memory-traffic floor: (K + 1) tensors read and
    one written, at the bandwidth of a plain copy measured in the same run;
-2. streaming disk merge (demix) vs `mergekit-yaml` (linear, same inputs, same output dtype),
-   wall time (skipped when mergekit is not installed: `pip install mergekit==0.1.5`);
+2. streaming disk merge (demix) vs `mergekit-yaml` (linear, same inputs, same output dtype, its
+   --num-threads set to torch's), wall time of the whole command, medians of alternating runs
+   with dirty pages flushed before each (skipped when mergekit is not installed: it is in the
+   dev extra);
 3. peak RSS of the streaming disk merge for K = 2 and K = 7, each in a fresh process;
 4. the in-place proxy on CUDA when a GPU is present.
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -29,6 +32,9 @@ import torch
 from demix.config import ArchitectureConfig
 from demix.merge import DeltaStack
 from demix.model import build_tiny_llama, load_model
+
+# in-place proxy timings per method (linear has the goal; the others are for reference)
+METHODS_TIMED = ("linear", "ties", "dare_ties")
 
 
 def median_time(fn, repeats: int) -> float:
@@ -61,40 +67,57 @@ def make_checkpoints(
     return root / "base", comps
 
 
-def in_place_vs_floor(base: Path, comps: list[Path], device: str, repeats: int) -> dict:
+def in_place_vs_floor(
+    base: Path, comps: list[Path], device: str, repeats: int, methods: tuple[str, ...]
+) -> dict:
+    """Median in-place proxy time per merge method, and the copy floor of the same bytes."""
     model = load_model(base, device)
-    stack = DeltaStack(model, base, comps)
     weights = np.full(len(comps), 1.0 / len(comps))
     flat = torch.cat([p.detach().flatten() for p in model.parameters()])
     dst = torch.empty_like(flat)
     t_copy = median_time(lambda: dst.copy_(flat), repeats)
-    t_place = median_time(lambda: stack.write(weights), repeats)
     floor = t_copy * (len(comps) + 2) / 2  # K deltas + base read, one model written
-    return {"copy_s": t_copy, "floor_s": floor, "in_place_s": t_place, "ratio": t_place / floor}
+    times = {}
+    for method in methods:
+        stack = DeltaStack(model, base, comps, method)
+        times[method] = median_time(lambda stack=stack: stack.write(weights), repeats)
+        del stack
+    return {"copy_s": t_copy, "floor_s": floor, "times": times}
 
 
-def peak_rss_of_merge(base: Path, comps: list[Path], out: Path) -> tuple[float, float]:
-    """(wall s, peak RSS MiB) of a streaming merge in a fresh process."""
+def _drop_caches_of_writes() -> None:
+    """Flush dirty pages so one merge's writeback does not slow the next one down."""
+    os.sync()
+
+
+def demix_merge_wall(base: Path, comps: list[Path], out: Path) -> tuple[float, float]:
+    """(wall s of the whole process, imports included, like mergekit-yaml's; peak RSS MiB) of a
+    demix streaming merge in a fresh process."""
     # VmHWM of the fresh process, not ru_maxrss: that one keeps the parent's high-water mark
     # across the fork.
     code = (
-        "import json, time; from demix.merge import merge_to_disk; t = time.perf_counter();"
+        "from demix.merge import merge_to_disk;"
         f"merge_to_disk({str(base)!r}, {[str(c) for c in comps]!r}, [1 / {len(comps)}] * {len(comps)}, {str(out)!r});"
-        "hwm = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM'));"
-        "print(json.dumps([time.perf_counter() - t, hwm / 1024]))"
+        "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')))"
     )
+    _drop_caches_of_writes()
+    start = time.perf_counter()
     result = subprocess.run(
         [sys.executable, "-c", code], check=True, capture_output=True, text=True
     )
-    wall, rss = json.loads(result.stdout.strip().splitlines()[-1])
+    wall = time.perf_counter() - start
+    rss_kib = int(result.stdout.strip().splitlines()[-1])
     shutil.rmtree(out, ignore_errors=True)
-    return wall, rss
+    return wall, rss_kib / 1024
 
 
-def mergekit_wall(base: Path, comps: list[Path], out: Path) -> float | None:
+def mergekit_yaml() -> str | None:
     exe = shutil.which("mergekit-yaml") or str(Path(sys.executable).with_name("mergekit-yaml"))
-    if not Path(exe).exists():
-        return None
+    return exe if Path(exe).exists() else None
+
+
+def mergekit_wall(exe: str, comps: list[Path], out: Path, threads: int) -> float:
+    """Wall time of `mergekit-yaml` (linear, fp32, the same weights), process start included."""
     config = {
         "merge_method": "linear",
         "dtype": "float32",
@@ -103,14 +126,16 @@ def mergekit_wall(base: Path, comps: list[Path], out: Path) -> float | None:
     }
     path = out.with_suffix(".yaml")
     path.write_text(json.dumps(config))
+    _drop_caches_of_writes()
     start = time.perf_counter()
-    subprocess.run(
-        [exe, str(path), str(out), "--copy-tokenizer", "--lazy-unpickle"],
-        check=True,
+    result = subprocess.run(
+        [exe, str(path), str(out), "--no-copy-tokenizer", "--num-threads", str(threads)],
         capture_output=True,
         text=True,
     )
     wall = time.perf_counter() - start
+    if result.returncode != 0:
+        raise SystemExit(f"mergekit-yaml failed: {result.stderr.strip().splitlines()[-1:]}")
     shutil.rmtree(out, ignore_errors=True)
     return wall
 
@@ -122,6 +147,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--components", type=int, default=7)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--disk-repeats", type=int, default=3)
     args = parser.parse_args()
     arch = ArchitectureConfig(
         hidden_size=args.hidden,
@@ -131,42 +157,70 @@ def main() -> None:
         max_position_embeddings=256,
         tie_word_embeddings=False,
     )
+    threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory(dir=".") as tmp:
-        root = Path(tmp)
+        root = Path(tmp).resolve()  # mergekit takes a relative path for a Hub repo id
         base, comps = make_checkpoints(root, arch, args.vocab, args.components)
         n_params = sum(p.numel() for p in load_model(base).parameters())
-        print(
-            f"model: {n_params / 1e6:.0f}M params fp32, K = {args.components}, {torch.get_num_threads()} threads"
-        )
-        cpu = in_place_vs_floor(base, comps, "cpu", args.repeats)
-        print(
-            f"1. in-place proxy {cpu['in_place_s']:.4f} s; floor {cpu['floor_s']:.4f} s "
-            f"(copy {cpu['copy_s']:.4f} s x (K+2)/2) -> {cpu['ratio']:.2f}x the floor (goal <= 1.5x)"
-        )
-        wall, _ = peak_rss_of_merge(base, comps, root / "merged")
-        mk = mergekit_wall(base, comps, root / "mergekit")
-        if mk is None:
-            print(
-                f"2. streaming disk merge {wall:.2f} s; mergekit-yaml not installed (pip install mergekit==0.1.5)"
+        k = len(comps)
+        print(f"model: {n_params / 1e6:.0f}M params fp32, K = {k} components, {threads} threads")
+        print(f"{'measurement':58s} {'median':>10s} {'ratio':>8s}  goal")
+
+        def row(label: str, seconds: str, ratio: str, goal: str = "") -> None:
+            print(f"{label:58s} {seconds:>10s} {ratio:>8s}  {goal}")
+
+        cpu = in_place_vs_floor(base, comps, "cpu", args.repeats, METHODS_TIMED)
+        row("1. floor: copy of (K+2)/2 models' bytes", f"{cpu['floor_s']:.4f} s", "1.00x")
+        for method, seconds in cpu["times"].items():
+            goal = "<= 1.5x" if method == "linear" else ""
+            row(
+                f"   in-place proxy, {method}",
+                f"{seconds:.4f} s",
+                f"{seconds / cpu['floor_s']:.2f}x",
+                goal,
+            )
+
+        exe = mergekit_yaml()
+        ours, theirs = [], []
+        for _ in range(args.disk_repeats):  # alternate the two so drift hits both
+            ours.append(demix_merge_wall(base, comps, root / "merged")[0])
+            if exe:
+                theirs.append(mergekit_wall(exe, comps, root / "mergekit", threads))
+        wall = statistics.median(ours)
+        row("2. streaming disk merge, demix (linear, whole process)", f"{wall:.2f} s", "1.00x")
+        if theirs:
+            mk = statistics.median(theirs)
+            row(
+                f"   mergekit-yaml (linear, fp32, -j {threads})",
+                f"{mk:.2f} s",
+                f"{mk / wall:.2f}x",
+                ">= 3x",
             )
         else:
-            print(
-                f"2. streaming disk merge {wall:.2f} s vs mergekit-yaml {mk:.2f} s -> {mk / wall:.2f}x (goal >= 3x)"
-            )
-        _, rss2 = peak_rss_of_merge(base, comps[:2], root / "merged2")
-        _, rss7 = peak_rss_of_merge(base, comps, root / "merged7")
-        print(
-            f"3. peak RSS of the streaming merge: K=2 {rss2:.0f} MiB, K={len(comps)} {rss7:.0f} MiB "
-            f"-> ratio {rss7 / rss2:.2f} (goal <= 1.2)"
+            row("   mergekit-yaml: not installed (pip install mergekit==0.1.5)", "-", "-")
+
+        _, rss2 = demix_merge_wall(base, comps[:2], root / "merged2")
+        _, rss7 = demix_merge_wall(base, comps, root / "merged7")
+        row("3. peak RSS of the streaming merge, K = 2", f"{rss2:.0f} MiB", "1.00x")
+        row(
+            f"   peak RSS of the streaming merge, K = {k}",
+            f"{rss7:.0f} MiB",
+            f"{rss7 / rss2:.2f}x",
+            "<= 1.2x",
         )
+
         if torch.cuda.is_available():
-            gpu = in_place_vs_floor(base, comps, "cuda", args.repeats)
-            print(
-                f"4. CUDA ({torch.cuda.get_device_name()}): in-place proxy {gpu['in_place_s'] * 1e3:.2f} ms, "
-                f"{gpu['ratio']:.2f}x the copy floor"
-            )
+            gpu = in_place_vs_floor(base, comps, "cuda", args.repeats, METHODS_TIMED)
+            name = torch.cuda.get_device_name()
+            row(f"4. CUDA floor ({name})", f"{gpu['floor_s'] * 1e3:.3f} ms", "1.00x")
+            for method, seconds in gpu["times"].items():
+                row(
+                    f"   in-place proxy on CUDA, {method}",
+                    f"{seconds * 1e3:.3f} ms",
+                    f"{seconds / gpu['floor_s']:.2f}x",
+                )
         else:
-            print("4. CUDA: no GPU here, skipped")
+            row("4. CUDA: no GPU here, skipped", "-", "-")
 
 
 if __name__ == "__main__":

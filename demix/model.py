@@ -7,24 +7,22 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    LlamaConfig,
-    LlamaForCausalLM,
-)
-from transformers.utils import logging as hf_logging
 
 from demix.config import ArchitectureConfig
 from demix.errors import ModelError
 from demix.storage import read_manifest, staged_dir, write_manifest
 
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM
+
+# transformers is imported where a model or tokenizer is built or loaded, not at import time:
+# it takes about 2 s, and merging, checking and hashing checkpoints never need it.
+
 log = logging.getLogger(__name__)
-hf_logging.disable_progress_bar()
 
 MODEL_KIND = "demix.model"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -48,6 +46,8 @@ def build_tiny_llama(
     arch: ArchitectureConfig, vocab_size: int, eos_token_id: int, seed: int
 ) -> LlamaForCausalLM:
     """A small Llama initialised from config with a fixed seed (no download)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     config = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=arch.hidden_size,
@@ -97,6 +97,10 @@ def load_model(
 
     Raises ModelError when the folder has no config.json or no safetensors weights.
     """
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     folder = Path(path)
     safetensors_files(folder)
     if not (folder / "config.json").is_file():
@@ -123,6 +127,8 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
 
     Raises ModelError when the folder has no loadable tokenizer.
     """
+    from transformers import AutoTokenizer
+
     try:
         return AutoTokenizer.from_pretrained(
             Path(path), local_files_only=True, trust_remote_code=trust_remote_code
@@ -168,6 +174,22 @@ def tensor_shapes(folder: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     return shapes
 
 
+def read_hf_config(folder: Path) -> dict:
+    """A model folder's config.json as a dict; ModelError when missing or not a JSON object."""
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelError(
+            f"{folder}: no config.json; expected a Hugging Face model folder"
+        ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelError(f"{path}: not a readable JSON config ({err})") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{path}: expected a JSON object")
+    return config
+
+
 def _tokenizer_fingerprint(folder: Path) -> str | None:
     path = folder / "tokenizer.json"
     if not path.is_file():
@@ -185,11 +207,11 @@ def check_compatible(base: str | Path, others: list[str | Path]) -> None:
     """
     base = Path(base)
     ref_shapes = tensor_shapes(base)
-    ref_cfg = AutoConfig.from_pretrained(base, local_files_only=True).to_dict()
+    ref_cfg = read_hf_config(base)
     ref_tok = _tokenizer_fingerprint(base)
     keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "num_attention_heads")
     for other in map(Path, others):
-        cfg = AutoConfig.from_pretrained(other, local_files_only=True).to_dict()
+        cfg = read_hf_config(other)
         for k in keys:
             if cfg.get(k) != ref_cfg.get(k):
                 raise ModelError(
