@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
+import torch
 import yaml
 
 from demix.cli import main
@@ -94,3 +96,52 @@ def test_any_hf_causal_lm_folder_can_be_the_base(smoke_run, tmp_path, corpus_dir
     assert summary["training_tokens"]["base"] == 0
     assert not (tmp_path / "out" / "models" / "base").exists()
     assert sum(summary["mixture"].values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_the_search_builds_proxies_with_the_configured_merge_method(smoke_run, tmp_path):
+    """`merge.method` and its parameters reach the search's in-memory proxies: a proxy equals
+    `demix merge` of the same mixture with the same config."""
+    from demix.config import load_config
+    from demix.data.shards import CuratedData
+    from demix.model import load_model
+    from demix.stages import ProxyEvaluator
+
+    config_path, out = smoke_run
+    overrides = {"merge.method": "dare_linear", "merge.drop_rate": 0.3, "merge.seed": 4}
+    config = load_config(config_path, overrides)
+    data = CuratedData(out / "dataset")
+    models = out / "models"
+    components = {name: models / f"component-{name}" for name in data.names}
+
+    class Snapshot:
+        """Evaluator stand-in that keeps a copy of the proxy's weights."""
+
+        def evaluate(self, model):
+            self.weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+            return {}
+
+    snapshot = Snapshot()
+    proxies = ProxyEvaluator(config, data, models / "base", components, snapshot)
+    assert proxies.stack.method.describe() == {
+        "name": "dare_linear",
+        "scale": 1.0,
+        "drop_rate": 0.3,
+        "seed": 4,
+    }
+    mixture = {"general": 0.5, "code": 0.3, "math": 0.2}
+    proxies(np.array([mixture[n] for n in data.names]))
+    argv = [
+        "merge",
+        str(config_path),
+        "--data",
+        str(out / "dataset"),
+        "--base",
+        str(models / "base"),
+    ]
+    argv += ["--mixture", json.dumps(mixture), "--out", str(tmp_path / "merged"), "--components"]
+    argv += [f"{n}={p}" for n, p in components.items()]
+    argv += [f"--set={key}={value}" for key, value in overrides.items()]
+    assert main(argv) == 0
+    merged = dict(load_model(tmp_path / "merged").named_parameters())
+    for name, value in snapshot.weights.items():
+        torch.testing.assert_close(value, merged[name].detach(), rtol=0, atol=1e-6)
