@@ -10,6 +10,7 @@ from safetensors import safe_open
 
 from demix.errors import ModelError
 from demix.merge.methods import MergeMethod, make_method
+from demix.merge.methods.base import DEFAULT_CHUNK, combine_in_chunks
 from demix.model import safetensors_files
 
 
@@ -55,7 +56,7 @@ class DeltaStack:
         components: list[str | Path],
         method: MergeMethod | str = "linear",
         delta_dtype: torch.dtype | None = None,
-        chunk: int = 1 << 20,
+        chunk: int = DEFAULT_CHUNK,
     ):
         if not components:
             raise ModelError("DeltaStack needs at least one component model")
@@ -128,13 +129,10 @@ class DeltaStack:
 
     def _write_chunked(self, weights: np.ndarray) -> None:
         for name, param in self.params:
-            flat, deltas, base = param.view(-1), self.deltas[name], self.base[name]
+            flat = param.view(-1)
             w = torch.as_tensor(weights, dtype=flat.dtype, device=flat.device)
-            for start in range(0, flat.numel(), self.chunk):
-                end = min(start + self.chunk, flat.numel())
-                part = deltas[:, start:end].to(flat.dtype)
-                self.method.combine(part, w, flat[start:end])
-                flat[start:end].add_(base[start:end])
+            combine_in_chunks(self.method, self.deltas[name], w, flat, self.chunk)
+            flat.add_(self.base[name])
 
 
 def relative_delta_norms(base: str | Path, components: list[str | Path]) -> list[float]:

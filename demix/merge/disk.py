@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from demix.errors import MixtureError
 from demix.merge.delta_stack import TensorIndex
 from demix.merge.methods import MergeMethod, make_method
+from demix.merge.methods.base import combine_in_chunks
 from demix.model import MODEL_KIND, check_compatible, copy_model_files
 from demix.storage import staged_dir, write_manifest
 
@@ -90,7 +91,7 @@ def merge_tensor(
     for k, t in enumerate(components):
         deltas[k] = method.prepare(t.reshape(-1).float() - b.reshape(-1), k, name)
     merged = torch.empty(b.numel(), dtype=torch.float32)
-    method.combine(deltas, torch.as_tensor(weights, dtype=torch.float32), merged)
+    combine_in_chunks(method, deltas, torch.as_tensor(weights, dtype=torch.float32), merged)
     return merged.add_(b.reshape(-1)).view(b.shape)
 
 

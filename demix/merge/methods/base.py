@@ -74,3 +74,20 @@ class MergeMethod:
     def describe(self) -> dict:
         """The method and its parameters, for manifests and reports."""
         return {"name": self.name, **asdict(self)}
+
+
+DEFAULT_CHUNK = 1 << 20
+
+
+def combine_in_chunks(
+    method: MergeMethod,
+    deltas: torch.Tensor,
+    weights: torch.Tensor,
+    out: torch.Tensor,
+    chunk: int = DEFAULT_CHUNK,
+) -> None:
+    """`method.combine` over `chunk` entries at a time (in `out`'s dtype), so that a method's
+    temporaries stay within K x chunk entries whatever the tensor size."""
+    for start in range(0, out.numel(), chunk):
+        end = min(start + chunk, out.numel())
+        method.combine(deltas[:, start:end].to(out.dtype), weights, out[start:end])
