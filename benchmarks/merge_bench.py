@@ -90,14 +90,16 @@ def _drop_caches_of_writes() -> None:
     os.sync()
 
 
-def demix_merge_wall(base: Path, comps: list[Path], out: Path) -> tuple[float, float]:
+def demix_merge_wall(
+    base: Path, comps: list[Path], out: Path, method: str = "linear"
+) -> tuple[float, float]:
     """(wall s of the whole process, imports included, like mergekit-yaml's; peak RSS MiB) of a
     demix streaming merge in a fresh process."""
     # VmHWM of the fresh process, not ru_maxrss: that one keeps the parent's high-water mark
     # across the fork.
     code = (
         "from demix.merge import merge_to_disk;"
-        f"merge_to_disk({str(base)!r}, {[str(c) for c in comps]!r}, [1 / {len(comps)}] * {len(comps)}, {str(out)!r});"
+        f"merge_to_disk({str(base)!r}, {[str(c) for c in comps]!r}, [1 / {len(comps)}] * {len(comps)}, {str(out)!r}, method={method!r});"
         "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')))"
     )
     _drop_caches_of_writes()
@@ -207,6 +209,19 @@ def main() -> None:
             f"{rss7:.0f} MiB",
             f"{rss7 / rss2:.2f}x",
             "<= 1.2x",
+        )
+        largest = max(p.numel() for p in load_model(base).parameters()) * 4 / 2**20
+        _, ties2 = demix_merge_wall(base, comps[:2], root / "ties2", "ties")
+        _, ties7 = demix_merge_wall(base, comps, root / "ties7", "ties")
+        row(
+            "   peak RSS, ties (all K tensors at once), K = 2",
+            f"{ties2:.0f} MiB",
+            f"{ties2 / rss2:.2f}x",
+        )
+        row(
+            f"   peak RSS, ties, K = {k} (K - 2 more largest tensors: {largest * (k - 2):.0f} MiB)",
+            f"{ties7:.0f} MiB",
+            f"{ties7 / rss2:.2f}x",
         )
 
         if torch.cuda.is_available():
