@@ -79,20 +79,35 @@ def merge_tensor(
     components: Iterable[torch.Tensor],
     weights: np.ndarray,
 ) -> torch.Tensor:
-    """The merge of one tensor, in float32. `components` is consumed one tensor at a time."""
+    """The merge of one tensor, in float32. `components` is consumed one tensor at a time.
+
+    Nothing tensor-sized is allocated per component: a weighted sum without preparation is
+    accumulated as (1 - sum a) base + sum a_i theta_i straight from each loaded tensor (for
+    linear, sum a = 1 and this is the weighted average itself); prepared deltas go through one
+    scratch buffer (weighted sums) or their row of the K x n stack (the TIES family).
+    """
     b = base.float()
     if method.weighted_sum:
-        merged = b.clone()
         coefficients = method.sum_coefficients(weights)
+        if method.prepares:  # base + sum a_i prepare(theta_i - base)
+            merged, scratch = b.clone(), torch.empty_like(b)
+        else:  # (1 - sum a) base + sum a_i theta_i
+            merged, scratch = b * float(1.0 - coefficients.sum()), None
         for k, (t, a) in enumerate(zip(components, coefficients, strict=True)):
-            merged.add_(method.prepare(t.float() - b, k, name), alpha=float(a))
+            if scratch is None:
+                merged.add_(t, alpha=float(a))
+            else:
+                torch.sub(t, b, out=scratch)
+                merged.add_(method.prepare(scratch, k, name), alpha=float(a))
         return merged
-    deltas = torch.empty((len(weights), b.numel()), dtype=torch.float32)
+    flat = b.reshape(-1)
+    deltas = torch.empty((len(weights), flat.numel()), dtype=torch.float32)
     for k, t in enumerate(components):
-        deltas[k] = method.prepare(t.reshape(-1).float() - b.reshape(-1), k, name)
-    merged = torch.empty(b.numel(), dtype=torch.float32)
+        torch.sub(t.reshape(-1), flat, out=deltas[k])
+        method.prepare(deltas[k], k, name)
+    merged = torch.empty(flat.numel(), dtype=torch.float32)
     combine_in_chunks(method, deltas, torch.as_tensor(weights, dtype=torch.float32), merged)
-    return merged.add_(b.reshape(-1)).view(b.shape)
+    return merged.add_(flat).view(b.shape)
 
 
 def merge_to_disk(

@@ -46,13 +46,15 @@ class MergeMethod:
     name: ClassVar[str]
     citation: ClassVar[str]
     weighted_sum: ClassVar[bool] = True
+    prepares: ClassVar[bool] = False  # whether `prepare` changes deltas
 
     def check_weights(self, weights: Sequence[float]) -> np.ndarray:
         """The component weights as float64, or MixtureError when the method cannot use them."""
         return finite_weights(weights, self.name)
 
     def prepare(self, delta: torch.Tensor, component: int, tensor: str) -> torch.Tensor:
-        """The delta as the combination sees it (may modify `delta` in place and return it)."""
+        """The delta as the combination sees it, modified in place and returned (1-D or any
+        shape; the result must not depend on the shape)."""
         return delta
 
     def sum_coefficients(self, weights: np.ndarray) -> np.ndarray:

@@ -49,6 +49,7 @@ class DareLinear(MergeMethod):
     citation: ClassVar[str] = (
         "Yu et al. 2024, Language Models are Super Mario (DARE), arXiv:2311.03099"
     )
+    prepares: ClassVar[bool] = True
     scale: float = 1.0
     drop_rate: float = 0.5
     seed: int = 0

@@ -76,6 +76,7 @@ class Ties(MergeMethod):
     name: ClassVar[str] = "ties"
     citation: ClassVar[str] = "Yadav et al. 2023, TIES-Merging, arXiv:2306.01708"
     weighted_sum: ClassVar[bool] = False
+    prepares: ClassVar[bool] = True
     scale: float = 1.0
     density: float = 0.2
 
