@@ -72,7 +72,7 @@ def _cmd_curate(args) -> None:
 
 def _cmd_train(args) -> None:
     from demix.data.shards import CuratedData
-    from demix.stages import base_stage, component_stage, final_stage
+    from demix.stages import base_stage, component_stage, final_stage, reference_stage
 
     config = _config(args)
     data = CuratedData(args.data)
@@ -86,7 +86,12 @@ def _cmd_train(args) -> None:
     else:
         if not args.mixture:
             raise DemixError(f"--role {args.role} needs --mixture")
-        final_stage(config, data, Path(args.init), args.role, parse_mixture(args.mixture), out)
+        if not args.init:
+            raise DemixError(f"--role {args.role} needs --init BASE")
+        if args.role == "reference":
+            reference_stage(config, data, Path(args.init), parse_mixture(args.mixture), out)
+        else:
+            final_stage(config, data, Path(args.init), "final", parse_mixture(args.mixture), out)
     print(f"model written to {out}")
 
 
@@ -143,6 +148,30 @@ def _cmd_search(args) -> None:
     print(
         json.dumps({"mixture": result["mixture"], "proxies_evaluated": result["proxies_evaluated"]})
     )
+
+
+def _cmd_validate(args) -> None:
+    from demix.data.shards import CuratedData
+    from demix.fidelity import AGGREGATE
+    from demix.validate import validate_stage
+
+    result = validate_stage(
+        _config(args),
+        CuratedData(args.data),
+        Path(args.base),
+        _components(args.components),
+        Path(args.out),
+    )
+    print(f"{'category':<14}{'rho proxy':>11}{'rho weights':>13}{'regret':>9}{'CRR':>7}")
+    for category, entry in result["categories"].items():
+        crr = result["crr"].get(category, result["crr"]["mean"])
+        print(
+            f"{category:<14}{entry['proxy']['rho']:>11.3f}{entry['trivial_linear']['rho']:>13.3f}"
+            f"{entry['proxy']['regret']:>9.3f}{crr:>7.3f}"
+        )
+    verdict = "beat" if result["categories"][AGGREGATE]["proxy_beats_trivial"] else "do NOT beat"
+    print(f"merged proxies {verdict} the weights-only predictor on the aggregate score")
+    print(f"wrote {Path(args.out) / 'fidelity.json'} and {Path(args.out) / 'fidelity.html'}")
 
 
 def _cmd_run(args) -> None:
@@ -249,9 +278,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config("search", "search mixtures with merged proxies and a LightGBM predictor")
     p.add_argument("--data", required=True, help="curated dataset folder")
     p.add_argument("--base", required=True, help="base model folder")
-    p.add_argument("--components", nargs="+", required=True, metavar="NAME=PATH")
+    p.add_argument(
+        "--components",
+        nargs="*",
+        default=[],
+        metavar="NAME=PATH",
+        help="component models (not used by search.method: trained)",
+    )
     p.add_argument("--out", required=True, help="search folder (scores.jsonl, result.json)")
     p.set_defaults(func=_cmd_search)
+
+    p = with_config(
+        "validate", "check proxy fidelity: merged proxies vs models trained on the same mixtures"
+    )
+    p.add_argument("--data", required=True, help="curated dataset folder")
+    p.add_argument("--base", required=True, help="base model folder")
+    p.add_argument("--components", nargs="+", required=True, metavar="NAME=PATH")
+    p.add_argument(
+        "--out", required=True, help="folder for fidelity.json, fidelity.html, references/"
+    )
+    p.set_defaults(func=_cmd_validate)
 
     p = with_config("run", "run every stage end to end locally")
     p.add_argument("--out", required=True, help="run folder")

@@ -226,8 +226,14 @@ class PredictorConfig(Strict):
 
 
 class SearchConfig(Strict):
-    """Rounds of N, N/2, N/4, ... proxies; final mixture = mean of the top-k predictions."""
+    """Rounds of N, N/2, N/4, ... proxies; final mixture = mean of the top-k predictions.
 
+    `method: merge` builds each proxy by merging the components (DeMix); `trained` trains a
+    proxy model per mixture from the base with the component budget (the training-based
+    baseline, RegMix-style), with the same sampler, predictor, rounds and selection.
+    """
+
+    method: Literal["merge", "trained"] = "merge"
     n: int = Field(default=8, ge=4)
     rounds: int = Field(default=3, ge=1)
     candidates: int = Field(default=100_000, ge=100)
@@ -240,6 +246,13 @@ class SearchConfig(Strict):
         return [max(1, self.n >> r) for r in range(self.rounds)]
 
 
+class FidelityConfig(Strict):
+    """`demix validate`: R sampled reference mixtures plus the vertices and the uniform mixture,
+    each trained from the base with the component budget and compared with its merged proxy."""
+
+    references: int = Field(default=12, ge=2)
+
+
 class RunConfig(Strict):
     """One DeMix run."""
 
@@ -250,6 +263,7 @@ class RunConfig(Strict):
     merge: MergeConfig = MergeConfig()
     evaluate: EvaluateConfig
     search: SearchConfig = SearchConfig()
+    fidelity: FidelityConfig = FidelityConfig()
 
     @model_validator(mode="after")
     def _cross(self) -> RunConfig:

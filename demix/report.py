@@ -132,13 +132,14 @@ def write_report(out: Path, summary: dict, found: dict, config: RunConfig) -> Pa
             summary["mixture"][n],
             summary["component_weights"][n],
             summary["token_prior"][n],
-            summary["relative_delta_norms"][n],
+            (summary["relative_delta_norms"] or {}).get(n, "-"),
         ]
         for n in names
     ]
+    proxies = "merged" if summary.get("search_method", "merge") == "merge" else "trained"
     body = [
         "<h1>DeMix run report</h1>",
-        f"<p>{summary['proxies_evaluated']} merged proxies evaluated in {summary['search_rounds']} rounds; "
+        f"<p>{summary['proxies_evaluated']} {proxies} proxies evaluated in {summary['search_rounds']} rounds; "
         f"predictor cross-validated Spearman {summary['predictor_spearman']}.</p>",
         "<h2>Chosen mixture</h2>",
         _table(

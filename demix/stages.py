@@ -44,6 +44,7 @@ from demix.search import (
     round_proposals,
     validate_mixture,
 )
+from demix.search.results import mixture_id
 from demix.storage import atomic_write_json, read_manifest
 from demix.train import component_weights, fingerprint, train_model
 
@@ -120,10 +121,11 @@ def _train_role(
     out: Path,
     init: Path | None = None,
 ) -> dict:
-    """The one training loop with the budget of `role` (base | component | final)."""
+    """The one training loop with the budget of `role` (base | component | reference | final)."""
     stage = {
         "base": config.train.base,
         "component": config.train.component,
+        "reference": config.train.component,  # training-based proxies: the component budget
         "final": config.train.final,
     }[role]
     return train_model(
@@ -151,6 +153,16 @@ def component_stage(
         data.names, dataset, general_mix(config, data), config.train.general_ratio
     )
     _train_role(config, data, weights, "component", dataset, out, init=base)
+    return out
+
+
+def reference_stage(
+    config: RunConfig, data: CuratedData, base: Path, mixture: dict[str, float], out: Path
+) -> Path:
+    """Train a model from the base on a data mixture with the component budget: the reference
+    of `demix validate` and the proxy of the training-based search (`search.method: trained`)."""
+    weights = validate_mixture(mixture, data.names)
+    _train_role(config, data, as_dict(data.names, weights), "reference", out.name, out, init=base)
     return out
 
 
@@ -202,6 +214,42 @@ class ProxyEvaluator:
         return self.evaluator.evaluate(self.model)
 
 
+class TrainedProxyEvaluator:
+    """The training-based baseline: each call trains a proxy model on the mixture from the base
+    (component budget, kept under `folder` so a resumed search trains nothing again) and
+    evaluates it. `tokens` counts the training tokens spent so far."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        data: CuratedData,
+        base: Path,
+        folder: Path,
+        evaluator: Evaluator | None = None,
+    ):
+        self.config, self.data, self.base, self.folder = config, data, base, folder
+        self.device = resolve_device(config.train.device)
+        self.evaluator = evaluator or make_evaluator(config, data, self.device)
+
+    def __call__(self, mixture: np.ndarray) -> dict:
+        out = self.folder / f"proxy-{mixture_id(mixture, self.config.search.sampler.grid)}"
+        reference_stage(self.config, self.data, self.base, as_dict(self.data.names, mixture), out)
+        model = load_model(
+            out,
+            self.device,
+            torch.float32,
+            self.config.model.trust_remote_code,
+            self.config.model.attn_implementation,
+        )
+        return self.evaluator.evaluate(model)
+
+    def trained_tokens(self) -> int:
+        return sum(
+            int(read_model_manifest(p).get("tokens", 0))
+            for p in sorted(self.folder.glob("proxy-*"))
+        )
+
+
 def scorer(config: RunConfig):
     """Task results of proxies -> their ranking scores (relative to each other)."""
 
@@ -237,9 +285,11 @@ def evaluate_proxies_stage(
     """Build and evaluate each proposed proxy in memory; rows appended to the JSONL table `out`."""
     table = ScoresTable(out)
     if proposals and not {p["id"] for p in proposals} <= table.ids():
-        evaluate_proposals(
-            proposals, data.names, ProxyEvaluator(config, data, base, components), table
-        )
+        if config.search.method == "trained":
+            proxy = TrainedProxyEvaluator(config, data, base, out.parent / "proxies")
+        else:
+            proxy = ProxyEvaluator(config, data, base, components)
+        evaluate_proposals(proposals, data.names, proxy, table)
     return table.rows()
 
 
@@ -279,13 +329,21 @@ def search_stage(
 
     Resumes from an existing scores table: proxies already scored are not evaluated again.
     """
-    proxy = ProxyEvaluator(config, data, base, components, evaluator)
     out.mkdir(parents=True, exist_ok=True)
+    if config.search.method == "trained":
+        proxy = TrainedProxyEvaluator(config, data, base, out / "proxies", evaluator)
+        norms = None
+    else:
+        proxy = ProxyEvaluator(config, data, base, components, evaluator)
+        norms = as_dict(data.names, proxy.stack.relative_norms)
     table = ScoresTable(out / "scores.jsonl")
     for r in range(config.search.rounds):
         evaluate_proposals(propose_stage(config, data, table.rows(), r), data.names, proxy, table)
-    norms = as_dict(data.names, proxy.stack.relative_norms)
     result = select_stage(config, data, table.rows(), norms)
+    result["search_method"] = config.search.method
+    result["proxy_training_tokens"] = (
+        proxy.trained_tokens() if isinstance(proxy, TrainedProxyEvaluator) else 0
+    )
     atomic_write_json(out / "result.json", result)
     return result
 
@@ -369,7 +427,8 @@ def run(config: RunConfig, out: str | Path, log=print) -> dict:
         base = base_stage(config, data, out / "models" / "base")
     components = {}
     with timed("components"):
-        for name in data.names:
+        # the training-based search trains a model per proxy instead of components to merge
+        for name in data.names if config.search.method == "merge" else []:
             components[name] = component_stage(
                 config, data, base, name, out / "models" / f"component-{name}"
             )
@@ -426,9 +485,11 @@ def summarize(
         "relative_delta_norms": selection["relative_delta_norms"],
         "baselines": baseline_mixtures(data),
         "final": final_scores,
+        "search_method": config.search.method,
         "training_tokens": {
             "base": 0 if config.model.base else tokens(base),
             "components": sum(tokens(p) for p in components.values()),
+            "search_proxies": int(selection.get("proxy_training_tokens", 0)),
             "final": sum(tokens(p) for p in finals.values()),
         },
         "timings_s": timings,

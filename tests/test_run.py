@@ -145,3 +145,74 @@ def test_the_search_builds_proxies_with_the_configured_merge_method(smoke_run, t
     merged = dict(load_model(tmp_path / "merged").named_parameters())
     for name, value in snapshot.weights.items():
         torch.testing.assert_close(value, merged[name].detach(), rtol=0, atol=1e-6)
+
+
+def _run_parts(smoke_run):
+    from demix.config import load_config
+    from demix.data.shards import CuratedData
+
+    config_path, out = smoke_run
+    data = CuratedData(out / "dataset")
+    models = out / "models"
+    components = {name: models / f"component-{name}" for name in data.names}
+    return config_path, load_config(config_path), data, models / "base", components
+
+
+def test_the_training_based_search_runs_the_same_loop(smoke_run, tmp_path, capsys):
+    """`search.method: trained` trains one proxy per mixture (component budget), needs no
+    components, accounts its training tokens, and resumes without training again."""
+    config_path, config, data, base, _ = _run_parts(smoke_run)
+    argv = ["search", str(config_path), "--data", str(smoke_run[1] / "dataset")]
+    argv += [
+        "--base",
+        str(base),
+        "--out",
+        str(tmp_path / "search"),
+        "--set",
+        "search.method=trained",
+    ]
+    assert main(argv) == 0
+    capsys.readouterr()
+    result = json.loads((tmp_path / "search" / "result.json").read_text())
+    proxies = sorted((tmp_path / "search" / "proxies").glob("proxy-*"))
+    assert result["search_method"] == "trained"
+    assert result["proxies_evaluated"] == len(proxies) == 4 + 2
+    assert result["proxy_training_tokens"] == len(proxies) * 4096  # 4000 rounded up to whole steps
+    assert result["relative_delta_norms"] is None
+    assert sum(result["mixture"].values()) == pytest.approx(1.0, abs=1e-5)
+    stamps = [p.stat().st_mtime_ns for p in proxies]
+    assert main(argv) == 0  # resumed: nothing trained or evaluated again
+    assert [p.stat().st_mtime_ns for p in proxies] == stamps
+    assert (
+        json.loads((tmp_path / "search" / "result.json").read_text())["mixture"]
+        == result["mixture"]
+    )
+
+
+@pytest.mark.slow
+def test_validate_compares_proxies_with_trained_references(smoke_run, tmp_path, capsys):
+    from demix.fidelity import AGGREGATE
+
+    config_path, config, data, base, components = _run_parts(smoke_run)
+    argv = ["validate", str(config_path), "--data", str(smoke_run[1] / "dataset")]
+    argv += ["--base", str(base), "--out", str(tmp_path / "validate"), "--components"]
+    argv += [f"{n}={p}" for n, p in components.items()]
+    argv += ["--set", "fidelity.references=2"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "rho proxy" in printed and "weights-only predictor" in printed
+    result = json.loads((tmp_path / "validate" / "fidelity.json").read_text())
+    # 2 sampled + 3 vertices + uniform (unless a sample hit one of them)
+    assert 5 <= result["n"] == len(result["mixtures"]) <= 6
+    assert {m["id"] for m in result["mixtures"]} == {
+        p.name.removeprefix("reference-") for p in (tmp_path / "validate" / "references").iterdir()
+    }
+    entry = result["categories"][AGGREGATE]
+    assert {"proxy", "trivial_linear", "trivial_weight", "proxy_beats_trivial"} <= set(entry)
+    assert -1.0 <= entry["proxy"]["rho"] <= 1.0 and entry["proxy"]["regret"] >= 0.0
+    assert set(result["crr"]) == CATEGORIES | {"mean"}
+    tokens = result["cost"]["reference_training_tokens"]
+    assert tokens == result["n"] * 4096
+    assert (tmp_path / "validate" / "fidelity.html").read_text().count("<img") == len(
+        CATEGORIES
+    ) + 1

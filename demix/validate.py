@@ -1,0 +1,190 @@
+"""`demix validate`: do merged proxies rank mixtures like models trained on them, on this data?
+
+Reference mixtures are R draws of the search sampler plus every vertex and the uniform mixture.
+For each, a reference model is trained from the base with the component budget (the
+training-based proxy) and the merged proxy of the same mixture is built; both are evaluated on
+the run's tasks and compared (demix.fidelity), always next to predictors that see only the
+weights. Writes fidelity.json and fidelity.html; reference models are kept under `references/`
+so a rerun trains nothing again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from demix.config import RunConfig
+from demix.data.shards import CuratedData
+from demix.evaluate.harness import Evaluator
+from demix.fidelity import AGGREGATE, fidelity
+from demix.model import load_model, read_model_manifest, resolve_device
+from demix.search.predictor import seed_entropy
+from demix.search.results import mixture_id
+from demix.search.sampler import sample_mixtures, uniform_mixture
+from demix.stages import (
+    SMALL_UPDATE,
+    ProxyEvaluator,
+    as_dict,
+    make_evaluator,
+    reference_stage,
+)
+from demix.storage import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+VALIDATE_STREAM = 0x7A11D
+
+
+def reference_mixtures(config: RunConfig, data: CuratedData) -> np.ndarray:
+    """Sampled mixtures, then the vertices and the uniform mixture, without duplicates."""
+    prior = np.array([data.token_prior[n] for n in data.names])
+    rng = np.random.default_rng([seed_entropy(config.seed), VALIDATE_STREAM])
+    sampled = sample_mixtures(prior, config.fidelity.references, rng, config.search.sampler)
+    d = len(data.names)
+    fixed = np.vstack([np.eye(d), uniform_mixture(d)[None]])
+    out, seen = [], set()
+    for w in np.vstack([sampled, fixed]):
+        key = mixture_id(w, config.search.sampler.grid)
+        if key not in seen:
+            seen.add(key)
+            out.append(w)
+    return np.array(out)
+
+
+def validate_stage(
+    config: RunConfig,
+    data: CuratedData,
+    base: Path,
+    components: dict[str, Path],
+    out: Path,
+    evaluator: Evaluator | None = None,
+    log_line=print,
+) -> dict[str, Any]:
+    """Train references, build proxies, evaluate both, write fidelity.json/.html into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    mixtures = reference_mixtures(config, data)
+    device = resolve_device(config.train.device)
+    evaluator = evaluator or make_evaluator(config, data, device)
+    grid = config.search.sampler.grid
+    ids = [mixture_id(w, grid) for w in mixtures]
+
+    start = time.perf_counter()
+    proxies = ProxyEvaluator(config, data, base, components, evaluator)
+    proxy_results = [proxies(w) for w in mixtures]
+    proxy_seconds = time.perf_counter() - start
+    norms = as_dict(data.names, proxies.stack.relative_norms)
+    del proxies
+
+    start = time.perf_counter()
+    reference_results, reference_tokens = [], 0
+    for k, (w, key) in enumerate(zip(mixtures, ids, strict=True)):
+        folder = out / "references" / f"reference-{key}"
+        log_line(f"[demix] validate: reference {k + 1}/{len(mixtures)} {key}")
+        reference_stage(config, data, base, as_dict(data.names, w), folder)
+        reference_tokens += int(read_model_manifest(folder).get("tokens", 0))
+        model = load_model(
+            folder,
+            device,
+            torch.float32,
+            config.model.trust_remote_code,
+            config.model.attn_implementation,
+        )
+        reference_results.append(evaluator.evaluate(model))
+        del model
+    reference_seconds = time.perf_counter() - start
+
+    result = {
+        "datasets": data.names,
+        "mixtures": [
+            {"id": key, **as_dict(data.names, w)} for key, w in zip(ids, mixtures, strict=True)
+        ],
+        **fidelity(
+            data.names, mixtures, proxy_results, reference_results, config.evaluate.categories
+        ),
+        "relative_delta_norms": norms,
+        "cost": {
+            "reference_training_tokens": reference_tokens,
+            "reference_seconds": round(reference_seconds, 1),
+            "proxy_seconds": round(proxy_seconds, 1),
+        },
+        "proxy_results": proxy_results,
+        "reference_results": reference_results,
+    }
+    result["warnings"] = fidelity_warnings(result)
+    for warning in result["warnings"]:
+        log.warning(warning)
+    atomic_write_json(out / "fidelity.json", result)
+    write_fidelity_report(out / "fidelity.html", result)
+    return result
+
+
+def fidelity_warnings(result: dict[str, Any]) -> list[str]:
+    """Plain-language warnings: proxies no better than weights alone, large component updates."""
+    warnings = []
+    aggregate = result["categories"][AGGREGATE]
+    if not aggregate["proxy_beats_trivial"]:
+        warnings.append(
+            f"merged proxies do not rank mixtures better than a fit on the weights alone "
+            f"(aggregate rho {aggregate['proxy']['rho']:.3f} vs "
+            f"{aggregate['trivial_linear']['rho']:.3f}); do not trust a search on this data"
+        )
+    large = {n: round(v, 3) for n, v in result["relative_delta_norms"].items() if v > SMALL_UPDATE}
+    if large:
+        warnings.append(
+            f"components moved far from the base (||delta||/||base|| > {SMALL_UPDATE}): {large}; "
+            f"merged proxies assume small updates (lower the component lr or budget)"
+        )
+    return warnings
+
+
+def write_fidelity_report(path: Path, result: dict[str, Any]) -> Path:
+    """fidelity.html: a proxy-vs-reference scatter per category and the aggregate, and the table."""
+    from demix.report import _page, _png, _table, plt
+
+    body = ["<h1>DeMix proxy fidelity</h1>"]
+    body += [f"<p><b>warning:</b> {w}</p>" for w in result["warnings"]]
+    rows = []
+    for category, entry in result["categories"].items():
+        weight = entry["trivial_weight"]
+        rows.append(
+            [
+                category,
+                entry["proxy"]["rho"],
+                entry["trivial_linear"]["rho"],
+                weight["rho"] if weight else "-",
+                entry["proxy"]["rho_top_quarter"],
+                entry["proxy"]["regret"],
+                entry["trivial_linear"]["regret"],
+                result["crr"].get(category, result["crr"]["mean"]),
+            ]
+        )
+    body.append(
+        _table(
+            [
+                "category",
+                "rho proxy",
+                "rho weights fit",
+                "rho own weight",
+                "rho top quarter",
+                "regret proxy",
+                "regret weights fit",
+                "CRR",
+            ],
+            rows,
+        )
+    )
+    for category in result["categories"]:
+        fig, ax = plt.subplots(figsize=(4, 4))
+        ax.scatter(result["reference_scores"][category], result["proxy_scores"][category], s=28)
+        rho = result["categories"][category]["proxy"]["rho"]
+        ax.set_xlabel("trained reference score")
+        ax.set_ylabel("merged proxy score")
+        ax.set_title(f"{category} (Spearman {rho:.2f})")
+        body.append(f'<img src="data:image/png;base64,{_png(fig)}">')
+    atomic_write_text(path, _page("DeMix fidelity", body))
+    return path
