@@ -16,7 +16,7 @@ IMAGE_CUDA := $(IMAGE_REPO)/demix:$(VERSION)-cuda
 export DEMIX_IMAGE_REPO := $(IMAGE_REPO)
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo demo-library test test-slow lint format bench compile images clean
+.PHONY: help install demo demo-library reproduce test test-slow lint format bench compile images clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -35,6 +35,9 @@ demo: install ## the embedded demo as the KFP pipeline, run locally (writes runs
 
 demo-library: install ## the same demo through the library directly (demix run), no KFP
 	$(BIN)/demix run configs/demo.yaml --out runs/demo-library
+
+reproduce: install ## the paper's protocol on CPU, about an hour (writes runs/reproduce/)
+	$(BIN)/demix reproduce configs/reproduce.yaml --out runs/reproduce
 
 test: install ## fast test suite (no slow, no gpu)
 	$(BIN)/python -m pytest -m "not slow and not gpu" -q

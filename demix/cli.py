@@ -174,6 +174,13 @@ def _cmd_validate(args) -> None:
     print(f"wrote {Path(args.out) / 'fidelity.json'} and {Path(args.out) / 'fidelity.html'}")
 
 
+def _cmd_reproduce(args) -> None:
+    from demix.reproduce import reproduce
+
+    reproduce(_config(args), Path(args.out))
+    print(f"wrote {Path(args.out) / 'reproduce.json'} and {Path(args.out) / 'reproduce.md'}")
+
+
 def _cmd_run(args) -> None:
     from demix.report import print_summary
     from demix.stages import run
@@ -298,6 +305,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, help="folder for fidelity.json, fidelity.html, references/"
     )
     p.set_defaults(func=_cmd_validate)
+
+    p = with_config(
+        "reproduce",
+        "the paper's protocol: merged vs trained-proxy search, validate, sweep, finals, one table",
+    )
+    p.add_argument("--out", required=True, help="folder for every step and reproduce.json/.md")
+    p.set_defaults(func=_cmd_reproduce)
 
     p = with_config("run", "run every stage end to end locally")
     p.add_argument("--out", required=True, help="run folder")

@@ -248,9 +248,14 @@ class SearchConfig(Strict):
 
 class FidelityConfig(Strict):
     """`demix validate`: R sampled reference mixtures plus the vertices and the uniform mixture,
-    each trained from the base with the component budget and compared with its merged proxy."""
+    each trained from the base with the component budget and compared with its merged proxy.
+
+    `sweep` (used by `demix reproduce`) lists component budgets and learning rates to retrain the
+    components with, measuring fidelity against the same references as the updates grow.
+    """
 
     references: int = Field(default=12, ge=2)
+    sweep: list[StageTraining] = Field(default_factory=list)
 
 
 class RunConfig(Strict):

@@ -216,3 +216,37 @@ def test_validate_compares_proxies_with_trained_references(smoke_run, tmp_path, 
     assert (tmp_path / "validate" / "fidelity.html").read_text().count("<img") == len(
         CATEGORIES
     ) + 1
+
+
+@pytest.mark.slow
+def test_reproduce_writes_one_table_of_every_step(tmp_path, corpus_dir, eval_dir, capsys):
+    config = tmp_path / "smoke.yaml"
+    config.write_text(yaml.safe_dump(smoke_config_dict(corpus_dir, eval_dir)))
+    argv = ["reproduce", str(config), "--out", str(tmp_path / "out")]
+    argv += [
+        "--set",
+        "fidelity.references=2",
+        "--set",
+        "fidelity.sweep=[{tokens: 2048, lr: 0.005}]",
+    ]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((tmp_path / "out" / "reproduce.json").read_text())
+    searches = result["searches"]
+    assert searches["merge"]["proxies_evaluated"] == searches["trained"]["proxies_evaluated"] == 6
+    # 6 trained proxies against 3 components of the same budget
+    assert searches["token_ratio"] == pytest.approx(2.0)
+    assert set(result["final"]) == {"chosen_merge", "chosen_trained", "uniform", "token_prior"}
+    assert [p["tokens"] for p in result["sweep"]] == [2048]
+    assert set(result["timings_s"]) >= {
+        "base",
+        "search_merge",
+        "search_trained",
+        "validate",
+        "sweep",
+    }
+    table = (tmp_path / "out" / "reproduce.md").read_text()
+    assert table in printed
+    assert (
+        "| aggregate |" in table and "| chosen_trained |" in table and "| 2,048 | 0.005 |" in table
+    )

@@ -1,0 +1,231 @@
+"""`demix reproduce`: the paper's protocol on one config, with a training-based baseline.
+
+Runs, in one folder (every step resumes): curation, the base, the components, the merged-proxy
+search, the training-based search over the same number of proxies, `validate` (merged proxies vs
+trained references, next to weights-only predictors), a sweep of component budget x learning rate
+(fidelity against the same references as the updates grow), and final models for both chosen
+mixtures and the two baselines. Writes reproduce.json and reproduce.md (the table) and prints it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from demix.config import RunConfig, StageTraining
+from demix.data.demo import fetch_demo
+from demix.data.shards import CuratedData
+from demix.evaluate.harness import Evaluator
+from demix.fidelity import AGGREGATE, fidelity
+from demix.model import read_model_manifest, resolve_device, set_threads
+from demix.stages import (
+    ProxyEvaluator,
+    base_stage,
+    baseline_mixtures,
+    component_stage,
+    curate_stage,
+    evaluate_models,
+    final_stage,
+    make_evaluator,
+    search_stage,
+)
+from demix.storage import atomic_write_json, atomic_write_text
+from demix.validate import validate_stage
+
+
+def _tokens(paths) -> int:
+    return sum(int(read_model_manifest(p).get("tokens", 0)) for p in paths)
+
+
+def _with(config: RunConfig, section: str, **update) -> RunConfig:
+    return config.model_copy(update={section: getattr(config, section).model_copy(update=update)})
+
+
+def sweep_point(
+    config: RunConfig,
+    data: CuratedData,
+    base: Path,
+    point: StageTraining,
+    validation: dict[str, Any],
+    evaluator: Evaluator,
+    out: Path,
+) -> dict[str, Any]:
+    """Components retrained with one budget / lr; their proxies scored against the references."""
+    swept = _with(config, "train", component=point)
+    components = {
+        name: component_stage(swept, data, base, name, out / f"component-{name}")
+        for name in data.names
+    }
+    proxies = ProxyEvaluator(swept, data, base, components, evaluator)
+    weights = np.array([[m[n] for n in data.names] for m in validation["mixtures"]])
+    results = [proxies(w) for w in weights]
+    measured = fidelity(
+        data.names, weights, results, validation["reference_results"], config.evaluate.categories
+    )
+    aggregate = measured["categories"][AGGREGATE]
+    norms = proxies.stack.relative_norms
+    return {
+        "tokens": point.tokens,
+        "lr": point.lr,
+        "mean_delta_norm": float(np.mean(norms)),
+        "max_delta_norm": float(np.max(norms)),
+        "rho_proxy": aggregate["proxy"]["rho"],
+        "rho_weights_fit": aggregate["trivial_linear"]["rho"],
+        "regret_proxy": aggregate["proxy"]["regret"],
+        "crr": measured["crr"]["mean"],
+    }
+
+
+def reproduce(config: RunConfig, out: str | Path, log=print) -> dict[str, Any]:
+    """Every step of the protocol into `out`; returns (and writes) the result table's data."""
+    set_threads()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "config.json", config.model_dump())
+    timings: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def timed(stage: str):
+        start = time.perf_counter()
+        log(f"[demix] {stage} ...")
+        yield
+        timings[stage] = round(time.perf_counter() - start, 1)
+        log(f"[demix] {stage} done in {timings[stage]:.1f} s")
+
+    merge_config = _with(config, "search", method="merge")
+    trained_config = _with(config, "search", method="trained")
+    if config.data.fetch_demo:
+        with timed("fetch"):
+            fetch_demo(Path(config.data.fetch_demo))
+    with timed("curate"):
+        data = curate_stage(config, out / "dataset")
+    with timed("base"):
+        base = base_stage(config, data, out / "models" / "base")
+    with timed("components"):
+        components = {
+            name: component_stage(config, data, base, name, out / "models" / f"component-{name}")
+            for name in data.names
+        }
+    evaluator = make_evaluator(config, data, resolve_device(config.train.device))
+    with timed("search_merge"):
+        merged = search_stage(merge_config, data, base, components, out / "search-merge", evaluator)
+    with timed("search_trained"):
+        trained = search_stage(trained_config, data, base, {}, out / "search-trained", evaluator)
+    with timed("validate"):
+        validation = validate_stage(config, data, base, components, out / "validate", evaluator)
+    sweep = []
+    with timed("sweep"):
+        for point in config.fidelity.sweep:
+            folder = out / "sweep" / f"tokens{point.tokens}-lr{point.lr:g}"
+            sweep.append(sweep_point(config, data, base, point, validation, evaluator, folder))
+    mixtures = {
+        "chosen_merge": merged["mixture"],
+        "chosen_trained": trained["mixture"],
+        **baseline_mixtures(data),
+    }
+    with timed("final"):
+        finals = {
+            label: final_stage(
+                config, data, base, label, mixture, out / "models" / f"final-{label}"
+            )
+            for label, mixture in mixtures.items()
+        }
+        final_scores = evaluate_models(config, data, finals, evaluator)
+
+    merge_tokens = _tokens(components.values())
+    result = {
+        "datasets": data.names,
+        "fidelity": {k: validation[k] for k in ("n", "categories", "crr", "relative_delta_norms")},
+        "sweep": sweep,
+        "searches": {
+            "merge": {
+                "proxies_evaluated": merged["proxies_evaluated"],
+                "training_tokens": merge_tokens,
+            },
+            "trained": {
+                "proxies_evaluated": trained["proxies_evaluated"],
+                "training_tokens": trained["proxy_training_tokens"],
+            },
+            "token_ratio": trained["proxy_training_tokens"] / max(1, merge_tokens),
+        },
+        "mixtures": mixtures,
+        "final": {
+            label: {"ranking_score": s["ranking_score"], "categories": s["categories"]}
+            for label, s in final_scores.items()
+        },
+        "training_tokens": {
+            "base": 0 if config.model.base else _tokens([base]),
+            "components": merge_tokens,
+            "search_trained": trained["proxy_training_tokens"],
+            "references": validation["cost"]["reference_training_tokens"],
+            "final": _tokens(finals.values()),
+        },
+        "timings_s": timings,
+    }
+    atomic_write_json(out / "reproduce.json", result)
+    table = format_table(result)
+    atomic_write_text(out / "reproduce.md", table)
+    log(table)
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The one table of `demix reproduce`, as Markdown."""
+    fid = result["fidelity"]
+    lines = [
+        f"Fidelity over {fid['n']} mixtures (merged proxy vs trained reference):",
+        "",
+        "| score | rho proxy | rho weights fit | rho own weight | regret proxy | regret weights fit | CRR |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for category, entry in fid["categories"].items():
+        proxy, fit, own = entry["proxy"], entry["trivial_linear"], entry["trivial_weight"]
+        own_rho = f"{own['rho']:.3f}" if own else "-"
+        crr = fid["crr"].get(category, fid["crr"]["mean"])
+        lines.append(
+            f"| {category} | {proxy['rho']:.3f} | {fit['rho']:.3f} | {own_rho} | "
+            f"{proxy['regret']:.3f} | {fit['regret']:.3f} | {crr:.3f} |"
+        )
+    norms = ", ".join(f"{n} {v:.3f}" for n, v in fid["relative_delta_norms"].items())
+    categories = list(next(iter(result["final"].values()))["categories"])
+    final_header = (
+        f"| final model | {' | '.join('w ' + n for n in result['datasets'])} | ranking score | "
+        f"{' | '.join('score ' + c for c in categories)} |"
+    )
+    searches = result["searches"]
+    lines += [
+        "",
+        f"Component ‖Δ‖/‖base‖: {norms}",
+        "",
+        "| search | proxies evaluated | training tokens |",
+        "|---|---|---|",
+        f"| merged proxies | {searches['merge']['proxies_evaluated']} | "
+        f"{searches['merge']['training_tokens']:,} (components) |",
+        f"| trained proxies | {searches['trained']['proxies_evaluated']} | "
+        f"{searches['trained']['training_tokens']:,} |",
+        f"| ratio | | {searches['token_ratio']:.2f}x fewer with merging |",
+        "",
+        final_header,
+        "|---" * (len(result["datasets"]) + 2 + len(categories)) + "|",
+    ]
+    for label, scores in result["final"].items():
+        weights = " | ".join(f"{result['mixtures'][label][n]:.3f}" for n in result["datasets"])
+        per_category = " | ".join(f"{scores['categories'][c]:.3f}" for c in categories)
+        lines.append(f"| {label} | {weights} | {scores['ranking_score']:.3f} | {per_category} |")
+    if result["sweep"]:
+        lines += [
+            "",
+            "| component tokens | lr | mean ‖Δ‖/‖base‖ | rho proxy | rho weights fit | regret | CRR |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for point in result["sweep"]:
+            lines.append(
+                f"| {point['tokens']:,} | {point['lr']:g} | {point['mean_delta_norm']:.3f} | "
+                f"{point['rho_proxy']:.3f} | {point['rho_weights_fit']:.3f} | "
+                f"{point['regret_proxy']:.3f} | {point['crr']:.3f} |"
+            )
+    return "\n".join(lines) + "\n"
