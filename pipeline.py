@@ -31,6 +31,7 @@ from components.predict import predict
 from components.resolve_config import resolve_config
 from components.train_final import train_final
 from components.train_model import train_model
+from components.validate_fidelity import validate_fidelity
 
 PIPELINE_NAME = "demix"
 FINAL_LABELS = ["chosen", "uniform", "token_prior"]
@@ -102,6 +103,7 @@ def build_pipeline(placement: Placement):
         component_tokens: int = 0,
         final_tokens: int = 0,
         num_eval_workers: int = 2,
+        validate: bool = False,
     ):
         config = _on_cpu(
             resolve_config(
@@ -173,6 +175,15 @@ def build_pipeline(placement: Placement):
                 placement,
             )
         selection = step.outputs["result"]
+
+        # Optional fidelity check (off by default): trained references vs merged proxies.
+        with dsl.If(validate == True, name="validate"):  # noqa: E712 (a KFP condition)
+            _on_gpu(
+                validate_fidelity(
+                    config=cfg, data=dataset, base=base_model_artifact, component_index=index
+                ),
+                placement,
+            )
 
         _on_cpu(
             merge(

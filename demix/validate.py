@@ -188,3 +188,27 @@ def write_fidelity_report(path: Path, result: dict[str, Any]) -> Path:
         body.append(f'<img src="data:image/png;base64,{_png(fig)}">')
     atomic_write_text(path, _page("DeMix fidelity", body))
     return path
+
+
+def validate_step(
+    config: RunConfig,
+    data_dir: Path,
+    base: Path,
+    component_index: Path,
+    fidelity_out: Path,
+    report_out: Path,
+) -> dict[str, Any]:
+    """The pipeline's validate task: references and proxies, fidelity JSON and HTML as artifacts.
+
+    Works under `fidelity_out`.work (references are kept there for a retried task).
+    """
+    from demix.stages import read_model_index
+
+    work = fidelity_out.with_name(fidelity_out.name + ".work")
+    result = validate_stage(
+        config, CuratedData(data_dir), base, read_model_index(component_index), work
+    )
+    atomic_write_json(fidelity_out, result)
+    report_out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(report_out, (work / "fidelity.html").read_text())
+    return result

@@ -39,6 +39,7 @@ GPU_EXECUTORS = (
     "exec-evaluate-proxies",
     "exec-train-final",
     "exec-evaluate-final",
+    "exec-validate-fidelity",
 )
 
 
@@ -96,6 +97,17 @@ def test_kubeflow_target_structure(compiled):
         }
         assert platform[name]["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert spec.root.dag.tasks["train-model"].retry_policy.max_retry_count == 2
+
+
+def test_validate_branch_is_off_by_default_and_conditional(compiled):
+    spec, _ = _spec(compiled[0])
+    parameter = spec.root.input_definitions.parameters["validate"]
+    assert parameter.default_value.bool_value is False
+    conditions = [t for t in spec.root.dag.tasks.values() if t.trigger_policy.condition]
+    branch = [t for t in conditions if "validate" in t.trigger_policy.condition]
+    assert len(branch) == 1
+    dag = spec.components[branch[0].component_ref.name].dag
+    assert list(dag.tasks) == ["validate-fidelity"]
 
 
 def test_vertex_target_is_one_document_with_vertex_accelerators(compiled):

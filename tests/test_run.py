@@ -250,3 +250,37 @@ def test_reproduce_writes_one_table_of_every_step(tmp_path, corpus_dir, eval_dir
     assert (
         "| aggregate |" in table and "| chosen_trained |" in table and "| 2,048 | 0.005 |" in table
     )
+
+
+@pytest.mark.slow
+def test_validate_component_writes_fidelity_artifacts(smoke_run, tmp_path):
+    from kfp.dsl import HTML, Artifact, Dataset, Metrics, Model
+
+    from components.validate_fidelity import validate_fidelity
+    from demix.stages import write_model_index
+
+    config_path, config, data, base, components = _run_parts(smoke_run)
+    raw = yaml.safe_load(config_path.read_text())
+    raw["fidelity"] = {"references": 2}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw))
+    write_model_index(list(components.values()), tmp_path / "index.json")
+
+    def artifact(cls, path):
+        art = cls(uri=str(path))
+        art.path = str(path)
+        return art
+
+    metrics = artifact(Metrics, tmp_path / "metrics")
+    validate_fidelity.python_func(
+        config=artifact(Artifact, tmp_path / "config.yaml"),
+        data=artifact(Dataset, smoke_run[1] / "dataset"),
+        base=artifact(Model, base),
+        component_index=artifact(Artifact, tmp_path / "index.json"),
+        metrics=metrics,
+        fidelity=artifact(Artifact, tmp_path / "fidelity"),
+        report=artifact(HTML, tmp_path / "report.html"),
+    )
+    result = json.loads((tmp_path / "fidelity").read_text())
+    assert result["n"] >= 5 and "aggregate" in result["categories"]
+    assert "<h1>DeMix proxy fidelity</h1>" in (tmp_path / "report.html").read_text()
+    assert metrics.metadata["crr/mean"] == pytest.approx(result["crr"]["mean"])
