@@ -28,6 +28,13 @@ MODEL_KIND = "demix.model"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
+def _quiet_transformers() -> None:
+    """No per-file progress bars from transformers (loading and saving shards)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     """'auto' -> cuda when available, else cpu."""
     if device == "auto":
@@ -48,6 +55,7 @@ def build_tiny_llama(
     """A small Llama initialised from config with a fixed seed (no download)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    _quiet_transformers()
     config = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=arch.hidden_size,
@@ -98,9 +106,8 @@ def load_model(
     Raises ModelError when the folder has no config.json or no safetensors weights.
     """
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+    _quiet_transformers()
     folder = Path(path)
     safetensors_files(folder)
     if not (folder / "config.json").is_file():
@@ -142,6 +149,7 @@ def save_model(
 ) -> dict:
     """Save an HF folder (config, safetensors, tokenizer, extra text files) atomically, manifest last."""
     out = Path(out)
+    _quiet_transformers()
     with staged_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

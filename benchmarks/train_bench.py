@@ -1,0 +1,160 @@
+"""Training throughput: the demix training loop vs a bare torch loop, tokens/s in one run.
+
+The bare loop is forward, cross-entropy, backward and an AdamW step on pre-made random batches,
+nothing else. The demix loop is `demix.train.train_model` as every stage runs it (mixture
+sampling from the packed shards, LR schedule, gradient clipping, NaN check, progress, periodic
+checkpoints at the config's interval). Same model (the demo's Llama shape unless overridden),
+same batch and sequence length, same number of steps, alternating runs, medians.
+Goal: demix / bare >= 0.9.
+
+Usage: python benchmarks/train_bench.py [--hidden 128 --layers 2 --steps 120 --repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from demix.config import ArchitectureConfig, parse_config
+from demix.data.shards import CuratedData
+from demix.model import build_tiny_llama, resolve_device, set_threads
+from demix.stages import curate_stage
+from demix.train import train_model
+
+SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "pa", "do", "gu", "be", "fi"]
+
+
+def synthetic_corpus(folder: Path, names: list[str], docs: int, seed: int = 0) -> None:
+    """Three jsonl datasets of pseudo-words (each with its own word distribution)."""
+    rng = random.Random(seed)
+    for k, name in enumerate(names):
+        words = ["".join(rng.choices(SYLLABLES, k=rng.randint(1, 3))) for _ in range(400)]
+        weights = [1.0 / (i + 1 + 10 * k) for i in range(len(words))]
+        with open(folder / f"{name}.jsonl", "w") as f:
+            for _ in range(docs):
+                text = " ".join(rng.choices(words, weights, k=rng.randint(80, 200)))
+                f.write(json.dumps({"text": text}) + "\n")
+
+
+def bench_config(folder: Path, arch: ArchitectureConfig, seq_len: int, batch: int, steps: int):
+    names = ["general", "code", "math"]
+    synthetic_corpus(folder, names, docs=3000)
+    tokens = steps * seq_len * batch
+    return parse_config(
+        {
+            "data": {
+                "datasets": [{"name": n, "paths": [str(folder / f"{n}.jsonl")]} for n in names],
+                "general": "general",
+                "tokenizer": {"vocab_size": 4096},
+            },
+            "model": {"architecture": arch.model_dump()},
+            "train": {
+                "seq_len": seq_len,
+                "batch_size": batch,
+                "base": {"tokens": tokens, "lr": 3e-3},
+                "component": {"tokens": tokens},
+                "final": {"tokens": tokens},
+            },
+            "evaluate": {"categories": {"general": ["heldout:general"]}},
+        }
+    )
+
+
+def demix_loop(config, data: CuratedData, out: Path, run: int) -> float:
+    """tokens/s of train_model (the loop's own clock: no model build, no final save)."""
+    manifest = train_model(
+        out / f"demix-{run}",
+        data,
+        dict(data.token_prior),
+        config.train.base,
+        config.train,
+        config.model,
+        seed=run,
+        role="base",
+        name=f"bench-{run}",
+        arch=config.model.architecture,
+        quiet=True,
+    )
+    return float(manifest["tokens_per_s"])
+
+
+def bare_loop(config, data: CuratedData, run: int) -> float:
+    """tokens/s of forward + backward + AdamW on random batches of the same shape."""
+    device = resolve_device(config.train.device)
+    model = build_tiny_llama(config.model.architecture, data.vocab_size, data.eos_token_id, run)
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, foreach=True)
+    train = config.train
+    steps = config.train.base.tokens // train.tokens_per_step
+    rng = np.random.default_rng(run)
+    batches = [
+        torch.from_numpy(rng.integers(0, data.vocab_size, (train.batch_size, train.seq_len + 1)))
+        for _ in range(steps)
+    ]
+    start = time.perf_counter()
+    for batch in batches:
+        batch = batch.to(device)
+        logits = model(input_ids=batch[:, :-1]).logits
+        loss = F.cross_entropy(
+            logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1)
+        )
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps * train.batch_size * train.seq_len / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    set_threads()
+    arch = ArchitectureConfig(
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_heads=max(1, args.hidden // 32),
+        intermediate_size=args.hidden * 3,
+        max_position_embeddings=max(256, args.seq_len),
+    )
+    with tempfile.TemporaryDirectory(dir=".") as tmp:
+        root = Path(tmp).resolve()
+        config = bench_config(root, arch, args.seq_len, args.batch, args.steps)
+        data = curate_stage(config, root / "dataset")
+        device = resolve_device(config.train.device)
+        bare_loop(config, data, 99)  # warm-up: allocator, kernels
+        ours, bare = [], []
+        for run in range(args.repeats):
+            ours.append(demix_loop(config, data, root, run))
+            bare.append(bare_loop(config, data, run))
+        n_params = sum(
+            p.numel() for p in build_tiny_llama(arch, data.vocab_size, 0, 0).parameters()
+        )
+        ours_s, bare_s = statistics.median(ours), statistics.median(bare)
+        print(
+            f"model: {n_params / 1e6:.2f}M params, batch {args.batch} x seq {args.seq_len}, "
+            f"{args.steps} steps, {device.type}, {torch.get_num_threads()} threads, "
+            f"median of {args.repeats}"
+        )
+        print(f"{'loop':44s} {'tokens/s':>10s} {'ratio':>7s}  goal")
+        print(f"{'bare torch (fwd, bwd, AdamW)':44s} {bare_s:>10,.0f} {1:>6.2f}x")
+        print(f"{'demix train_model':44s} {ours_s:>10,.0f} {ours_s / bare_s:>6.2f}x  >= 0.9x")
+
+
+if __name__ == "__main__":
+    main()
