@@ -36,6 +36,9 @@ class TensorIndex:
             return st.get_tensor(name)
 
 
+SUM_BLOCK = 1 << 18
+
+
 class DeltaStack:
     """Holds the base and the prepared deltas of every parameter of `model`, stacked per tensor.
 
@@ -120,8 +123,14 @@ class DeltaStack:
                 key = (deltas.dtype, deltas.device)
                 if key not in vectors:
                     vectors[key] = torch.as_tensor(coefficients, dtype=key[0], device=key[1])
-                torch.mv(deltas.t(), vectors[key], out=flat)
-                flat.add_(self.base[name])
+                base = self.base[name]
+                # base + D^T c in one pass per block; blocks of SUM_BLOCK entries keep the
+                # output block in cache while the K delta rows stream through
+                for start in range(0, flat.numel(), SUM_BLOCK):
+                    end = start + SUM_BLOCK
+                    torch.addmv(
+                        base[start:end], deltas[:, start:end].t(), vectors[key], out=flat[start:end]
+                    )
             else:  # low-precision deltas: accumulate into the fp32 parameter, no temporary
                 flat.copy_(self.base[name])
                 for k, a in enumerate(coefficients):
