@@ -37,18 +37,6 @@ from demix.model import build_tiny_llama, load_model
 METHODS_TIMED = ("linear", "ties", "dare_ties")
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def make_checkpoints(
     root: Path, arch: ArchitectureConfig, vocab: int, k: int
 ) -> tuple[Path, list[Path]]:
