@@ -9,29 +9,27 @@ mixtures and the two baselines. Writes reproduce.json and reproduce.md (the tabl
 
 from __future__ import annotations
 
-import contextlib
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from demix.config import RunConfig, StageTraining
-from demix.data.demo import fetch_demo
 from demix.data.shards import CuratedData
 from demix.evaluate.harness import Evaluator
 from demix.fidelity import AGGREGATE, fidelity
-from demix.model import read_model_manifest, resolve_device, set_threads
+from demix.model import read_model_manifest, resolve_device
 from demix.stages import (
     ProxyEvaluator,
-    base_stage,
+    StageClock,
     baseline_mixtures,
     component_stage,
-    curate_stage,
     evaluate_models,
     final_stage,
     make_evaluator,
+    prepare_models,
     search_stage,
+    start_run_folder,
 )
 from demix.storage import atomic_write_json, atomic_write_text
 from demix.validate import validate_stage
@@ -82,34 +80,11 @@ def sweep_point(
 
 def reproduce(config: RunConfig, out: str | Path, log=print) -> dict[str, Any]:
     """Every step of the protocol into `out`; returns (and writes) the result table's data."""
-    set_threads()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "config.json", config.model_dump())
-    timings: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def timed(stage: str):
-        start = time.perf_counter()
-        log(f"[demix] {stage} ...")
-        yield
-        timings[stage] = round(time.perf_counter() - start, 1)
-        log(f"[demix] {stage} done in {timings[stage]:.1f} s")
-
+    out = start_run_folder(config, out)
+    timed = StageClock(log)
     merge_config = _with(config, "search", method="merge")
     trained_config = _with(config, "search", method="trained")
-    if config.data.fetch_demo:
-        with timed("fetch"):
-            fetch_demo(Path(config.data.fetch_demo))
-    with timed("curate"):
-        data = curate_stage(config, out / "dataset")
-    with timed("base"):
-        base = base_stage(config, data, out / "models" / "base")
-    with timed("components"):
-        components = {
-            name: component_stage(config, data, base, name, out / "models" / f"component-{name}")
-            for name in data.names
-        }
+    data, base, components = prepare_models(config, out, timed)
     evaluator = make_evaluator(config, data, resolve_device(config.train.device))
     with timed("search_merge"):
         merged = search_stage(merge_config, data, base, components, out / "search-merge", evaluator)
@@ -164,7 +139,7 @@ def reproduce(config: RunConfig, out: str | Path, log=print) -> dict[str, Any]:
             "references": validation["cost"]["reference_training_tokens"],
             "final": _tokens(finals.values()),
         },
-        "timings_s": timings,
+        "timings_s": timed.timings,
     }
     atomic_write_json(out / "reproduce.json", result)
     table = format_table(result)

@@ -166,6 +166,17 @@ def reference_stage(
     return out
 
 
+def load_for_eval(config: RunConfig, path: Path, device: torch.device | str):
+    """A model folder loaded in fp32 for evaluation, with the config's loading options."""
+    return load_model(
+        path,
+        device,
+        torch.float32,
+        config.model.trust_remote_code,
+        config.model.attn_implementation,
+    )
+
+
 def make_evaluator(config: RunConfig, data: CuratedData, device: torch.device) -> Evaluator:
     """Evaluator over the configured tasks, built once."""
     data_dir = Path(config.evaluate.data_dir) if config.evaluate.data_dir else None
@@ -192,13 +203,7 @@ class ProxyEvaluator:
         check_compatible(base, comp_dirs)
         device = resolve_device(config.train.device)
         self.config, self.data = config, data
-        self.model = load_model(
-            base,
-            device,
-            torch.float32,
-            config.model.trust_remote_code,
-            config.model.attn_implementation,
-        )
+        self.model = load_for_eval(config, base, device)
         self.model.eval()
         self.stack = DeltaStack(
             self.model,
@@ -234,13 +239,7 @@ class TrainedProxyEvaluator:
     def __call__(self, mixture: np.ndarray) -> dict:
         out = self.folder / f"proxy-{mixture_id(mixture, self.config.search.sampler.grid)}"
         reference_stage(self.config, self.data, self.base, as_dict(self.data.names, mixture), out)
-        model = load_model(
-            out,
-            self.device,
-            torch.float32,
-            self.config.model.trust_remote_code,
-            self.config.model.attn_implementation,
-        )
+        model = load_for_eval(self.config, out, self.device)
         return self.evaluator.evaluate(model)
 
     def trained_tokens(self) -> int:
@@ -373,13 +372,7 @@ def evaluate_models(
     evaluator = evaluator or make_evaluator(config, data, device)
     results = {}
     for label, path in models.items():
-        model = load_model(
-            path,
-            device,
-            torch.float32,
-            config.model.trust_remote_code,
-            config.model.attn_implementation,
-        )
+        model = load_for_eval(config, path, device)
         results[label] = evaluator.evaluate(model)
         del model
     scores = score_models(list(results.values()), config.evaluate.categories)
@@ -402,22 +395,34 @@ def baseline_mixtures(data: CuratedData) -> dict[str, dict[str, float]]:
     }
 
 
-def run(config: RunConfig, out: str | Path, log=print) -> dict:
-    """Run every stage end to end into `out`; each stage resumes or is skipped when done."""
+class StageClock:
+    """Logs the start and end of named stages and keeps their wall times in `timings`."""
+
+    def __init__(self, log=print) -> None:
+        self.log, self.timings = log, {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        self.log(f"[demix] {stage} ...")
+        yield
+        self.timings[stage] = round(time.perf_counter() - start, 1)
+        self.log(f"[demix] {stage} done in {self.timings[stage]:.1f} s")
+
+
+def start_run_folder(config: RunConfig, out: str | Path) -> Path:
+    """The run folder, created, with the config it runs; threads set for this machine."""
     set_threads()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", config.model_dump())
-    timings: dict[str, float] = {}
+    return out
 
-    @contextlib.contextmanager
-    def timed(stage: str):
-        start = time.perf_counter()
-        log(f"[demix] {stage} ...")
-        yield
-        timings[stage] = round(time.perf_counter() - start, 1)
-        log(f"[demix] {stage} done in {timings[stage]:.1f} s")
 
+def prepare_models(
+    config: RunConfig, out: Path, timed: StageClock, components: bool = True
+) -> tuple[CuratedData, Path, dict[str, Path]]:
+    """Fetch (demo), curate, the base and (unless `components` is False) the components."""
     if config.data.fetch_demo:
         with timed("fetch"):
             fetch_demo(Path(config.data.fetch_demo))
@@ -425,13 +430,23 @@ def run(config: RunConfig, out: str | Path, log=print) -> dict:
         data = curate_stage(config, out / "dataset")
     with timed("base"):
         base = base_stage(config, data, out / "models" / "base")
-    components = {}
+    trained = {}
     with timed("components"):
-        # the training-based search trains a model per proxy instead of components to merge
-        for name in data.names if config.search.method == "merge" else []:
-            components[name] = component_stage(
+        for name in data.names if components else []:
+            trained[name] = component_stage(
                 config, data, base, name, out / "models" / f"component-{name}"
             )
+    return data, base, trained
+
+
+def run(config: RunConfig, out: str | Path, log=print) -> dict:
+    """Run every stage end to end into `out`; each stage resumes or is skipped when done."""
+    out = start_run_folder(config, out)
+    timed = StageClock(log)
+    # the training-based search trains a model per proxy instead of components to merge
+    data, base, components = prepare_models(
+        config, out, timed, components=config.search.method == "merge"
+    )
     device = resolve_device(config.train.device)
     evaluator = make_evaluator(config, data, device)
     with timed("search"):
@@ -444,7 +459,7 @@ def run(config: RunConfig, out: str | Path, log=print) -> dict:
                 config, data, base, label, mixture, out / "models" / f"final-{label}"
             )
         final_scores = evaluate_models(config, data, finals, evaluator)
-    summary = summarize(config, data, found, final_scores, base, components, finals, timings)
+    summary = summarize(config, data, found, final_scores, base, components, finals, timed.timings)
     write_outputs(out, summary, found, config)
     return summary
 

@@ -16,13 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from demix.config import RunConfig
 from demix.data.shards import CuratedData
 from demix.evaluate.harness import Evaluator
 from demix.fidelity import AGGREGATE, fidelity
-from demix.model import load_model, read_model_manifest, resolve_device
+from demix.model import read_model_manifest, resolve_device
 from demix.search.predictor import seed_entropy
 from demix.search.results import mixture_id
 from demix.search.sampler import sample_mixtures, uniform_mixture
@@ -30,6 +29,7 @@ from demix.stages import (
     SMALL_UPDATE,
     ProxyEvaluator,
     as_dict,
+    load_for_eval,
     make_evaluator,
     reference_stage,
 )
@@ -87,13 +87,7 @@ def validate_stage(
         log_line(f"[demix] validate: reference {k + 1}/{len(mixtures)} {key}")
         reference_stage(config, data, base, as_dict(data.names, w), folder)
         reference_tokens += int(read_model_manifest(folder).get("tokens", 0))
-        model = load_model(
-            folder,
-            device,
-            torch.float32,
-            config.model.trust_remote_code,
-            config.model.attn_implementation,
-        )
+        model = load_for_eval(config, folder, device)
         reference_results.append(evaluator.evaluate(model))
         del model
     reference_seconds = time.perf_counter() - start
