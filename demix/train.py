@@ -227,7 +227,7 @@ def train_model(
         if step % train.log_every == 0 or step == total_steps:
             history.append({"step": step, "loss": round(value, 5)})
             rate = tokens_done / max(1e-9, time.perf_counter() - t0)
-            bar.set_postfix(loss=f"{running:.3f}", tok_s=f"{rate:,.0f}")
+            bar.set_postfix(loss=f"{running:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
         bar.update(1)
         if step == stop_at_step:
             _save_checkpoint(ckpt, job_id, model, optimizer, sampler, step, history)
