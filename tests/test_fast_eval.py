@@ -143,8 +143,18 @@ def continuation_logprob(model, context: list[int], continuation: list[int]) -> 
     return chosen.sum().item(), bool((logprobs.argmax(dim=-1) == targets).all())
 
 
-def test_packed_scores_equal_direct_computation(models, tokenizer):
+@pytest.fixture(params=["sdpa kernel", "eager kernel"])
+def packing_model(request, models):
+    """The eager-configured model, packed through SDPA (the default) or its own eager attention."""
     model = models["eager"]
+    if request.param == "eager kernel":
+        model._supports_sdpa = False  # instance attribute: this model has no SDPA to switch to
+    yield model
+    model.__dict__.pop("_supports_sdpa", None)
+
+
+def test_packed_scores_equal_direct_computation(packing_model, tokenizer):
+    model = packing_model
     question = tokenizer.encode("Question: what is 2 plus 3?\nAnswer:")
     long_context = tokenizer.encode(LONG)
     greedy = model.generate(
@@ -159,6 +169,7 @@ def test_packed_scores_equal_direct_computation(models, tokenizer):
     ]
     plan = plan_requests(requests, CONTEXT, rows_per_batch=2)
     sums, is_greedy = score_plan(model, plan)
+    assert model.config._attn_implementation == "eager"  # restored after scoring
     for index, request in enumerate(requests):
         expected, expected_greedy = continuation_logprob(
             model, list(request.context), list(request.continuation)

@@ -103,7 +103,9 @@ class FastScorer:
     def _build(self, name: str, task: Any) -> _TaskRequests:
         limit = get_sample_size(task, self.limit)
         task.build_all_requests(limit=limit, rank=0, world_size=1)
-        instances = list(task.instances)
+        # The task's own list: lm-eval's evaluate replaces it when it rebuilds requests (see
+        # _refresh_stale_tasks).
+        instances = task.instances
         for instance in instances:
             if instance.request_type not in _REQUEST_TYPES or instance.repeats != 1:
                 raise TaskError(

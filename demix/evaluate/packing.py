@@ -13,6 +13,10 @@ changes no number beyond float noise:
   between rows of nearly equal length (HFLM pads every request to the longest of its batch).
 - Logits are projected only where a scored token is predicted (`logits_to_keep`), so the
   vocabulary projection and log-softmax skip every context position.
+- Attention runs through PyTorch's fused SDPA kernel whenever the model supports it, whatever
+  attention the model is configured with (restored afterwards): it takes the custom mask and is
+  about 2x faster than eager attention on these batches on CPU. Eager and SDPA compute the same
+  function; models without SDPA keep eager attention with an additive mask.
 
 Packing several trees into one row was measured too: no faster on CPU than one tree per row
 (attention across packed trees is computed and masked away), so rows stay one tree each.
@@ -22,9 +26,10 @@ The layout is planned once from token ids (`plan_requests`); `score_plan` runs i
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -43,6 +48,9 @@ MAX_MASK_ELEMENTS = 2**27
 
 # Attention implementations that apply a custom 4-D mask as given.
 MASKED_ATTENTION = ("eager", "sdpa")
+
+# A plan keeps its attention masks between models when they take at most this many bytes.
+MASK_CACHE_BYTES = 2**28
 
 
 @dataclass(frozen=True)
@@ -84,11 +92,34 @@ class Plan:
     batches: list[Batch]
     unique_of: np.ndarray
     n_unique: int
+    _masks: dict[tuple[str, torch.dtype, torch.device], list[torch.Tensor]] = field(
+        default_factory=dict, repr=False
+    )
 
     @property
     def tokens(self) -> int:
         """Tokens the model reads for the whole plan (no padding)."""
         return sum(batch.tokens for batch in self.batches)
+
+    def masks(
+        self, implementation: str, dtype: torch.dtype, device: torch.device
+    ) -> Iterator[torch.Tensor]:
+        """The attention mask of each batch for this attention implementation, kept when small."""
+        key = (implementation, dtype, device)
+        if key in self._masks:
+            yield from self._masks[key]
+            return
+        element_bytes = 1 if implementation == "sdpa" else torch.finfo(dtype).bits // 8
+        size = sum(b.branch.shape[0] * b.branch.shape[1] ** 2 for b in self.batches)
+        keep = size * element_bytes <= MASK_CACHE_BYTES
+        built = []
+        for batch in self.batches:
+            mask = attention_mask(batch, implementation, dtype, device)
+            if keep:
+                built.append(mask)
+            yield mask
+        if keep:
+            self._masks[key] = built
 
 
 @dataclass
@@ -207,27 +238,32 @@ def _build_batch(trees: list[_Tree], width: int) -> Batch:
     )
 
 
-def attention_mask(batch: Batch, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Additive 4-D mask (rows, 1, query, key): 0 where a token may attend, the dtype's min else."""
+def attention_mask(
+    batch: Batch, implementation: str, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """4-D mask (rows, 1, query, key) of a batch: boolean (True = attend) for SDPA, additive
+    (0 or the dtype's min) for eager attention."""
     branch = batch.branch.to(device)
     width = branch.shape[1]
     causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
     # Context (branch 0) is visible to its whole row, a branch only to itself. Padding (branch -1)
     # sees earlier padding only, so no softmax row is empty.
     key, query = branch[:, None, :], branch[:, :, None]
-    visible = ((key == 0) | (key == query)) & causal
-    mask = torch.zeros(visible.shape, dtype=dtype, device=device)
-    mask.masked_fill_(~visible, torch.finfo(dtype).min)
-    return mask[:, None]
+    visible = (((key == 0) | (key == query)) & causal)[:, None]
+    if implementation == "sdpa":
+        return visible
+    additive = torch.zeros(visible.shape, dtype=dtype, device=device)
+    return additive.masked_fill_(~visible, torch.finfo(dtype).min)
 
 
 def supports_packing(model: torch.nn.Module) -> str | None:
     """None when the model can run packed rows exactly; otherwise the reason it cannot."""
     config = getattr(model, "config", None)
-    implementation = getattr(config, "_attn_implementation", None)
-    if implementation not in MASKED_ATTENTION:
+    if _packing_attention(model) is None:
+        implementation = getattr(config, "_attn_implementation", None)
         return (
-            f"attention implementation {implementation!r} (packing needs one of {MASKED_ATTENTION})"
+            f"attention implementation {implementation!r} and no SDPA support (packing needs "
+            f"one of {MASKED_ATTENTION})"
         )
     if getattr(config, "is_encoder_decoder", False):
         return "an encoder-decoder model"
@@ -236,6 +272,33 @@ def supports_packing(model: torch.nn.Module) -> str | None:
     ):
         return "sliding-window attention (a custom mask would override the window)"
     return None
+
+
+def _packing_attention(model: torch.nn.Module) -> str | None:
+    """SDPA when the model supports it, else its configured attention if that takes a mask."""
+    if getattr(model, "_supports_sdpa", False) and hasattr(model, "set_attn_implementation"):
+        return "sdpa"
+    configured = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return configured if configured in MASKED_ATTENTION else None
+
+
+@contextlib.contextmanager
+def packing_attention(model: torch.nn.Module) -> Iterator[str]:
+    """Run the model with the attention `supports_packing` chose; the configured one is restored.
+
+    Raises ValueError for a model without such an attention (see supports_packing).
+    """
+    chosen = _packing_attention(model)
+    configured = model.config._attn_implementation
+    if chosen is None:
+        raise ValueError(f"cannot pack requests for a model with {configured!r} attention")
+    if chosen != configured:
+        model.set_attn_implementation(chosen)
+    try:
+        yield model.config._attn_implementation
+    finally:
+        if chosen != configured:
+            model.set_attn_implementation(configured)
 
 
 def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
@@ -247,30 +310,34 @@ def score_plan(model: torch.nn.Module, plan: Plan) -> tuple[np.ndarray, np.ndarr
     """(log-likelihood, is greedy) of every unique request of the plan, as HFLM computes them.
 
     The model must be in eval mode. Log-softmax runs in the model's dtype, as HFLM's does.
+    Raises ValueError for a model that cannot run packed rows (see supports_packing).
     """
     parameter = next(model.parameters())
     keep_logits = _accepts_logits_to_keep(model)
     sums = torch.zeros(plan.n_unique, dtype=torch.float64)
     misses = torch.zeros(plan.n_unique, dtype=torch.int64)
-    for batch in plan.batches:
-        logprobs = F.log_softmax(_kept_logits(model, batch, parameter, keep_logits), dim=-1)
-        source = batch.source.to(parameter.device)
-        target = batch.target.to(parameter.device)
-        sums.index_add_(0, batch.request, logprobs[source, target].double().cpu())
-        greedy = logprobs.argmax(dim=-1)[source] == target
-        misses.index_add_(0, batch.request, (~greedy).long().cpu())
+    with packing_attention(model) as implementation:
+        masks = plan.masks(implementation, parameter.dtype, parameter.device)
+        for batch, mask in zip(plan.batches, masks, strict=True):
+            logits = _kept_logits(model, batch, mask, keep_logits)
+            logprobs = F.log_softmax(logits, dim=-1)
+            source = batch.source.to(parameter.device)
+            target = batch.target.to(parameter.device)
+            sums.index_add_(0, batch.request, logprobs[source, target].double().cpu())
+            greedy = logprobs.argmax(dim=-1)[source] == target
+            misses.index_add_(0, batch.request, (~greedy).long().cpu())
     return sums.numpy(), (misses == 0).numpy()
 
 
 def _kept_logits(
-    model: torch.nn.Module, batch: Batch, parameter: torch.Tensor, keep_logits: bool
+    model: torch.nn.Module, batch: Batch, mask: torch.Tensor, keep_logits: bool
 ) -> torch.Tensor:
     """Logits (kept positions, vocab) of one batch, in row-major order of batch.kept."""
-    kept = batch.kept.to(parameter.device)
+    kept = batch.kept.to(mask.device)
     logits = model(
-        input_ids=batch.input_ids.to(parameter.device),
-        attention_mask=attention_mask(batch, parameter.dtype, parameter.device),
-        position_ids=batch.position_ids.to(parameter.device),
+        input_ids=batch.input_ids.to(mask.device),
+        attention_mask=mask,
+        position_ids=batch.position_ids.to(mask.device),
         use_cache=False,
         **({"logits_to_keep": kept} if keep_logits else {}),
     ).logits
