@@ -18,6 +18,9 @@ from typing import Any
 
 import numpy as np
 import torch
+
+# _process_results is the aggregation lm-eval's own `evaluate` ends with (per-task aggregation,
+# standard errors, groups); calling it keeps every number lm-eval's (lm-eval is pinned).
 from lm_eval.evaluator_utils import _process_results, get_sample_size
 from lm_eval.models.huggingface import HFLM
 
@@ -39,7 +42,7 @@ class _RequestRecorder(HFLM):
 
     recorded: list[TokenRequest]
 
-    def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):  # noqa: ARG002
+    def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
         self.recorded.extend(TokenRequest(tuple(ctx), tuple(cont)) for _, ctx, cont in requests)
         return [(0.0, False)] * len(requests)
 
@@ -74,7 +77,7 @@ class FastScorer:
 
     `tasks` are loaded lm-eval tasks (name -> Task, each `is_fast_task`), `groups` their groups as
     TaskManager.load returns them. `limit` keeps the first N documents of each task, as lm-eval's
-    `limit` does. `batch_size` is the number of packed rows per forward pass.
+    `limit` does. A forward pass holds about batch_size x max_length tokens.
     """
 
     def __init__(

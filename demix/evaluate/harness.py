@@ -24,7 +24,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -35,6 +35,9 @@ from demix.evaluate.heldout import HELDOUT_PREFIX, heldout_loss, heldout_window
 from demix.evaluate.packing import supports_packing
 from demix.evaluate.suite import BITS_PER_BYTE, BUNDLED_TASKS, TaskSuite, load_task_suite
 from demix.evaluate.tasks.demix_metrics import scored_text
+
+if TYPE_CHECKING:
+    from demix.evaluate.fast import FastScorer
 
 # First present wins; any other lm-eval task falls back to its first reported metric.
 PRIMARY_METRICS = ("acc_norm", "acc", "bits_per_byte", "exact_match", "loss")
@@ -49,7 +52,7 @@ _EXPECTED_WARNINGS = (
 # tasks; 1000 draws keep it to seconds instead of lm-eval's default 100000.
 _BOOTSTRAP_ITERS = 1000
 
-
+# The engines a task can be scored by (Evaluator.engines).
 FAST = "fast"
 LM_EVAL = "lm-eval"
 HELDOUT = "heldout"
@@ -144,7 +147,7 @@ class Evaluator:
         _quiet_lm_eval_logging()
         self._workdir = tempfile.TemporaryDirectory(prefix="demix-eval-")
         self._suite: TaskSuite | None = None
-        self._fast: Any = None
+        self._fast: FastScorer | None = None
         self._fast_unsupported_reported = False
         self._longest_targets: dict[str, tuple[int, int]] = {}
         self.engines = {name: HELDOUT for name in self._heldout}
@@ -163,7 +166,7 @@ class Evaluator:
     def _names(self, engine: str) -> list[str]:
         return [name for name in self.task_names if self.engines.get(name) == engine]
 
-    def _build_fast_scorer(self) -> Any:
+    def _build_fast_scorer(self) -> FastScorer | None:
         """Build the fast-engine tasks' requests once (None when no task uses the fast engine)."""
         names = self._names(FAST)
         if not names:
@@ -291,7 +294,7 @@ class Evaluator:
         return reason is None
 
     def _run_fast(self, model: torch.nn.Module, names: list[str]) -> dict[str, dict[str, Any]]:
-        assert self._suite is not None
+        assert self._suite is not None and self._fast is not None
         with _without_progress_bars():
             raw = self._fast.evaluate(model, self.tokenizer, self.device, self._max_length(model))
         return {name: _summarise(name, raw, self._suite.leaves[name]) for name in names}
