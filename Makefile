@@ -56,6 +56,7 @@ format: install ## apply ruff formatting and safe fixes
 bench: install ## benchmarks: print measured ratios
 	$(BIN)/python benchmarks/proxy_bench.py
 	$(BIN)/python benchmarks/merge_bench.py
+	$(BIN)/python benchmarks/eval_bench.py
 	$(BIN)/python benchmarks/train_bench.py
 
 compile: install ## compile the pipeline for Kubeflow and Vertex AI

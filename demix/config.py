@@ -177,6 +177,8 @@ class EvaluateConfig(Strict):
 
     A task is a bundled demo task, any lm-eval task name, or `heldout:<dataset>` (mean token
     loss on that dataset's held-out split). `data_dir` holds the bundled tasks' jsonl files.
+    `engine` scores log-likelihood tasks: `fast` (requests built once, packed batches, the same
+    numbers) or `lm-eval` (its own evaluate per model); generation tasks always run in lm-eval.
     """
 
     categories: dict[str, list[str]] = Field(min_length=1)
@@ -186,6 +188,7 @@ class EvaluateConfig(Strict):
     heldout_tokens: int = Field(default=16384, ge=1)
     include_path: str | None = None
     data_dir: str | None = None
+    engine: Literal["lm-eval", "fast"] = "fast"
 
     @field_validator("categories")
     @classmethod

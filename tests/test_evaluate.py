@@ -67,8 +67,8 @@ class HeldoutData:
         return self.streams[name]
 
 
-@pytest.fixture(scope="session")
-def tokenizer() -> PreTrainedTokenizerFast:
+def bpe_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (vocab 300) trained on TEXT."""
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -79,6 +79,11 @@ def tokenizer() -> PreTrainedTokenizerFast:
     )
     bpe.train_from_iterator(TEXT, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return bpe_tokenizer()
 
 
 def tiny_llama(vocab_size: int, seed: int) -> LlamaForCausalLM:

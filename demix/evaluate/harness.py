@@ -7,6 +7,11 @@ Primary metric per task: `acc_norm` for ranked-choice tasks, because unnormalise
 log-likelihood of each choice and so favours short choices; dividing by the choice's length in
 characters removes most of that bias (what OLMo / DataDecide-style small-model evals report).
 `bits_per_byte` for bits-per-byte tasks (lower is better) and `loss` (nats) for held-out tasks.
+
+Engines: with `evaluate.engine: fast` (the default) every task that only asks for
+log-likelihoods is scored by `fast.FastScorer` (requests built once, packed batches, lm-eval's own
+metrics); generation tasks, and every task with `engine: lm-eval`, run through lm-eval's
+`evaluate`. Both give the same numbers (accuracy exactly, continuous metrics to float noise).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,8 +32,12 @@ import torch
 from demix.config import EvaluateConfig
 from demix.errors import ModelError, TaskError
 from demix.evaluate.heldout import HELDOUT_PREFIX, heldout_loss, heldout_window
-from demix.evaluate.suite import BITS_PER_BYTE, BUNDLED_TASKS, load_task_suite
+from demix.evaluate.packing import supports_packing
+from demix.evaluate.suite import BITS_PER_BYTE, BUNDLED_TASKS, TaskSuite, load_task_suite
 from demix.evaluate.tasks.demix_metrics import scored_text
+
+if TYPE_CHECKING:
+    from demix.evaluate.fast import FastScorer
 
 # First present wins; any other lm-eval task falls back to its first reported metric.
 PRIMARY_METRICS = ("acc_norm", "acc", "bits_per_byte", "exact_match", "loss")
@@ -43,6 +52,12 @@ _EXPECTED_WARNINGS = (
 # tasks; 1000 draws keep it to seconds instead of lm-eval's default 100000.
 _BOOTSTRAP_ITERS = 1000
 
+# The engines a task can be scored by (Evaluator.engines).
+FAST = "fast"
+LM_EVAL = "lm-eval"
+HELDOUT = "heldout"
+
+logger = logging.getLogger(__name__)
 
 # Logged for every long document of every proxy; once per process says all there is to say.
 _TRUNCATION_WARNING = "Combined length of context"
@@ -102,7 +117,8 @@ class Evaluator:
 
     `tokenizer` is the HF tokenizer of the models to evaluate; `device` is where they run (a model
     on another device is moved there). `data` (a CuratedData) is needed for `heldout:<dataset>`
-    tasks, `eval_data_dir` for the bundled demo tasks.
+    tasks, `eval_data_dir` for the bundled demo tasks. `engines` says which engine scores each
+    task ("fast", "lm-eval" or "heldout").
     """
 
     def __init__(
@@ -130,8 +146,11 @@ class Evaluator:
                 lm_eval_names.append(name)
         _quiet_lm_eval_logging()
         self._workdir = tempfile.TemporaryDirectory(prefix="demix-eval-")
-        self._suite = None
+        self._suite: TaskSuite | None = None
+        self._fast: FastScorer | None = None
+        self._fast_unsupported_reported = False
         self._longest_targets: dict[str, tuple[int, int]] = {}
+        self.engines = {name: HELDOUT for name in self._heldout}
         if lm_eval_names:
             with _without_progress_bars():
                 self._suite = load_task_suite(
@@ -140,7 +159,29 @@ class Evaluator:
                     eval_data_dir=Path(eval_data_dir) if eval_data_dir is not None else None,
                     include_path=config.include_path,
                 )
+                self.engines.update(choose_engines(self._suite, config.engine))
+                self._fast = self._build_fast_scorer()
             self._longest_targets = self._measure_bits_per_byte_targets()
+
+    def _names(self, engine: str) -> list[str]:
+        return [name for name in self.task_names if self.engines.get(name) == engine]
+
+    def _build_fast_scorer(self) -> FastScorer | None:
+        """Build the fast-engine tasks' requests once (None when no task uses the fast engine)."""
+        names = self._names(FAST)
+        if not names:
+            return None
+        from demix.evaluate.fast import FastScorer
+
+        assert self._suite is not None
+        task_dict = self._suite.task_dict_for(names)
+        return FastScorer(
+            task_dict["tasks"],
+            task_dict["groups"],
+            limit=self.config.limit,
+            batch_size=self.config.batch_size,
+            bootstrap_iters=_BOOTSTRAP_ITERS,
+        )
 
     def _measure_bits_per_byte_targets(self) -> dict[str, tuple[int, int]]:
         """(tokens, document number) of the longest scored continuation of each bpb task."""
@@ -201,7 +242,7 @@ class Evaluator:
         model.eval()
         try:
             with torch.no_grad():
-                results = self._run_lm_eval(model) if self._suite is not None else {}
+                results = self._run_tasks(model)
                 results.update(self._run_heldout(model))
         finally:
             model.train(was_training)
@@ -232,12 +273,37 @@ class Evaluator:
             }
         return results
 
-    def _run_lm_eval(self, model: torch.nn.Module) -> dict[str, dict[str, Any]]:
+    def _run_tasks(self, model: torch.nn.Module) -> dict[str, dict[str, Any]]:
+        """Results of the lm-eval tasks, each from its engine."""
+        if self._suite is None:
+            return {}
+        self._check_targets_fit(self._max_length(model))
+        fast_names, lm_eval_names = self._names(FAST), self._names(LM_EVAL)
+        if fast_names and not self._fast_supports(model):
+            fast_names, lm_eval_names = [], fast_names + lm_eval_names
+        results = self._run_lm_eval(model, lm_eval_names) if lm_eval_names else {}
+        if fast_names:
+            results.update(self._run_fast(model, fast_names))
+        return results
+
+    def _fast_supports(self, model: torch.nn.Module) -> bool:
+        reason = supports_packing(model)
+        if reason is not None and not self._fast_unsupported_reported:
+            logger.warning("evaluate.engine fast cannot run a model with %s; using lm-eval", reason)
+            self._fast_unsupported_reported = True
+        return reason is None
+
+    def _run_fast(self, model: torch.nn.Module, names: list[str]) -> dict[str, dict[str, Any]]:
+        assert self._suite is not None and self._fast is not None
+        with _without_progress_bars():
+            raw = self._fast.evaluate(model, self.tokenizer, self.device, self._max_length(model))
+        return {name: _summarise(name, raw, self._suite.leaves[name]) for name in names}
+
+    def _run_lm_eval(self, model: torch.nn.Module, names: list[str]) -> dict[str, dict[str, Any]]:
         from lm_eval.evaluator import evaluate
         from lm_eval.models.huggingface import HFLM
 
         assert self._suite is not None
-        self._check_targets_fit(self._max_length(model))
         with _without_progress_bars():
             lm = HFLM(
                 pretrained=model,
@@ -250,12 +316,36 @@ class Evaluator:
             # so a fixed-order eval file gives the same subsample for every proxy.
             raw = evaluate(
                 lm=lm,
-                task_dict=self._suite.task_dict,
+                task_dict=self._suite.task_dict_for(names),
                 limit=self.config.limit,
                 bootstrap_iters=_BOOTSTRAP_ITERS,
                 log_samples=True,
             )
-        return {name: _summarise(name, raw, leaves) for name, leaves in self._suite.leaves.items()}
+        return {name: _summarise(name, raw, self._suite.leaves[name]) for name in names}
+
+
+def choose_engines(suite: TaskSuite, engine: str) -> dict[str, str]:
+    """The engine of each of the suite's names: lm-eval, or fast where `engine` is fast and all
+    of a name's tasks ask only for log-likelihoods (generation tasks always go to lm-eval)."""
+    from demix.evaluate.fast import is_fast_task
+
+    tasks = suite.task_dict["tasks"]
+    engines = {
+        name: FAST
+        if engine == FAST and all(is_fast_task(tasks[leaf]) for leaf in leaves)
+        else LM_EVAL
+        for name, leaves in suite.leaves.items()
+    }
+    # A task object belongs to one engine: lm-eval's evaluate rebuilds the requests of the tasks
+    # it runs, so a task shared with an lm-eval name (a group and one of its tasks) goes there.
+    changed = True
+    while changed:
+        taken = {leaf for n, e in engines.items() if e == LM_EVAL for leaf in suite.leaves[n]}
+        changed = False
+        for name, leaves in suite.leaves.items():
+            if engines[name] == FAST and taken.intersection(leaves):
+                engines[name], changed = LM_EVAL, True
+    return engines
 
 
 def _summarise(name: str, raw: dict[str, Any], leaves: list[str]) -> dict[str, Any]:

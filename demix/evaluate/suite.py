@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +39,25 @@ _LIST_HINT = "see the bundled tasks {bundled} and lm-eval's with `lm-eval ls tas
 
 @dataclass
 class TaskSuite:
-    """lm-eval tasks loaded once: the task dict for `evaluate`, each name's leaf tasks, and the
-    eval file of each bundled task."""
+    """lm-eval tasks loaded once: the task dict for `evaluate`, each name's leaf tasks and groups,
+    and the eval file of each bundled task."""
 
     task_dict: dict[str, Any]
     leaves: dict[str, list[str]]
     files: dict[str, Path]
+    groups: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def task_dict_for(self, names: list[str]) -> dict[str, Any]:
+        """The task dict (tasks, groups, group_map) of some of the suite's names only."""
+        tasks = self.task_dict["tasks"]
+        leaves = {leaf for name in names for leaf in self.leaves[name]}
+        groups = {g: group for name in names for g, group in self.groups.get(name, {}).items()}
+        group_map = {g: m for g, m in self.task_dict["group_map"].items() if g in groups}
+        return {
+            "tasks": {leaf: task for leaf, task in tasks.items() if leaf in leaves},
+            "groups": groups,
+            "group_map": group_map,
+        }
 
 
 def check_eval_file(path: Path, kind: str) -> int:
@@ -171,6 +184,7 @@ def load_task_suite(
     groups: dict[str, Any] = {}
     group_map: dict[str, list[str]] = {}
     leaves: dict[str, list[str]] = {}
+    groups_of: dict[str, dict[str, Any]] = {}
     for manager, wanted in managers:
         for name in wanted:
             if name in manager.all_tags:
@@ -186,4 +200,7 @@ def load_task_suite(
             groups.update(loaded.get("groups", {}))
             group_map.update(loaded.get("group_map", {}))
             leaves[name] = list(loaded["tasks"])
-    return TaskSuite({"tasks": tasks, "groups": groups, "group_map": group_map}, leaves, files)
+            groups_of[name] = dict(loaded.get("groups", {}))
+    return TaskSuite(
+        {"tasks": tasks, "groups": groups, "group_map": group_map}, leaves, files, groups_of
+    )
