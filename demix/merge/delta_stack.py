@@ -36,20 +36,19 @@ class TensorIndex:
             return st.get_tensor(name)
 
 
-SUM_BLOCK = 1 << 18
-
-
 class DeltaStack:
-    """Holds the base and the prepared deltas of every parameter of `model`, stacked per tensor.
+    """Holds the base and the prepared deltas of all parameters of `model` as flat buffers.
 
-    `write(w)` makes every parameter of `model` the merge of the components with weights `w`, in
-    place: for weighted-sum methods (linear, task arithmetic, DARE linear) one matrix-vector
-    product into the parameter's own storage plus one add, nothing allocated per proxy; for the
-    TIES family the sign election runs in chunks of `chunk` entries, so its scratch memory is
-    bounded by K x chunk whatever the model size. Deltas are prepared once (TIES's trim and DARE's
-    drop do not depend on the weights). `delta_dtype=torch.bfloat16` halves the deltas' memory
-    (about 3 significant digits per delta entry; the base and the proxy stay in the model's dtype).
-    Buffers (e.g. rotary frequencies) are not merged: they are equal by construction.
+    The model's parameters are re-pointed to views of one flat buffer, so `write(w)` makes the
+    whole model the merge of the components with weights `w` in one call, in place: for
+    weighted-sum methods (linear, task arithmetic, DARE linear) flat = base + D^T c, one
+    matrix-vector product over every parameter at once (one parallel region, not one per
+    tensor), nothing allocated per proxy; for the TIES family the sign election runs in chunks of
+    `chunk` entries, so its scratch memory is bounded by K x chunk whatever the model size.
+    Deltas are prepared once (TIES's trim and DARE's drop do not depend on the weights).
+    `delta_dtype=torch.bfloat16` halves the deltas' memory (about 3 significant digits per delta
+    entry; the base and the proxy stay in the model's dtype). Buffers (e.g. rotary frequencies)
+    are not merged: they are equal by construction.
     """
 
     def __init__(
@@ -64,24 +63,32 @@ class DeltaStack:
         if not components:
             raise ModelError("DeltaStack needs at least one component model")
         self.model, self.method, self.chunk = model, make_method(method), chunk
+        params = list(model.named_parameters())
+        dtype, device = params[0][1].dtype, params[0][1].device
+        mixed = [n for n, p in params if p.dtype != dtype or p.device != device]
+        if mixed:
+            raise ModelError(
+                f"DeltaStack needs every parameter in one dtype on one device; {mixed[0]} is "
+                f"not {dtype} on {device}"
+            )
         base_index = TensorIndex(base)
         indexes = [TensorIndex(c) for c in components]
-        self.params: list[tuple[str, torch.nn.Parameter]] = list(model.named_parameters())
-        self.base: dict[str, torch.Tensor] = {}
-        self.deltas: dict[str, torch.Tensor] = {}
-        base_sq = 0.0
-        delta_sq = np.zeros(len(components))
-        for name, param in self.params:
+        total = sum(p.numel() for _, p in params)
+        self.flat = torch.empty(total, dtype=dtype, device=device)
+        self.base = torch.empty(total, dtype=dtype, device=device)
+        self.deltas = torch.empty(
+            (len(components), total), dtype=delta_dtype or dtype, device=device
+        )
+        base_sq, delta_sq = 0.0, np.zeros(len(components))
+        offset = 0
+        for name, param in params:
+            part = slice(offset, offset + param.numel())
+            offset = part.stop
             b = base_index.get(name).float()
             if b.shape != param.shape:
                 raise ModelError(
                     f"{base}: tensor {name} has shape {tuple(b.shape)}, model has {tuple(param.shape)}"
                 )
-            stack = torch.empty(
-                (len(components), param.numel()),
-                dtype=delta_dtype or param.dtype,
-                device=param.device,
-            )
             for k, index in enumerate(indexes):
                 t = index.get(name)
                 if t.shape != param.shape:
@@ -90,10 +97,11 @@ class DeltaStack:
                     )
                 delta = t.reshape(-1).float() - b.reshape(-1)
                 delta_sq[k] += float(delta.double().pow(2).sum())
-                stack[k].copy_(self.method.prepare(delta, k, name))
+                self.deltas[k, part].copy_(self.method.prepare(delta, k, name))
             base_sq += float(b.double().pow(2).sum())
-            self.base[name] = b.reshape(-1).to(param.device, param.dtype)
-            self.deltas[name] = stack
+            self.base[part].copy_(b.reshape(-1))
+            self.flat[part].copy_(param.detach().reshape(-1))
+            param.data = self.flat[part].view_as(param)
         self.relative_norms = np.sqrt(delta_sq / base_sq)
 
     @property
@@ -109,39 +117,21 @@ class DeltaStack:
         c = self.method.check_weights(weights)
         if len(c) != self.num_components:
             raise ModelError(f"expected {self.num_components} component weights, got {len(c)}")
+        flat, deltas = self.flat, self.deltas
         if self.method.weighted_sum:
-            self._write_sum(self.method.sum_coefficients(c))
-        else:
-            self._write_chunked(c)
-        return self.model
-
-    def _write_sum(self, coefficients: np.ndarray) -> None:
-        vectors: dict[tuple, torch.Tensor] = {}
-        for name, param in self.params:
-            flat, deltas = param.view(-1), self.deltas[name]
+            coefficients = self.method.sum_coefficients(c)
             if deltas.dtype == flat.dtype:
-                key = (deltas.dtype, deltas.device)
-                if key not in vectors:
-                    vectors[key] = torch.as_tensor(coefficients, dtype=key[0], device=key[1])
-                base = self.base[name]
-                # base + D^T c in one pass per block; blocks of SUM_BLOCK entries keep the
-                # output block in cache while the K delta rows stream through
-                for start in range(0, flat.numel(), SUM_BLOCK):
-                    end = start + SUM_BLOCK
-                    torch.addmv(
-                        base[start:end], deltas[:, start:end].t(), vectors[key], out=flat[start:end]
-                    )
-            else:  # low-precision deltas: accumulate into the fp32 parameter, no temporary
-                flat.copy_(self.base[name])
+                vector = torch.as_tensor(coefficients, dtype=flat.dtype, device=flat.device)
+                torch.addmv(self.base, deltas.t(), vector, out=flat)
+            else:  # low-precision deltas: accumulate into the parameters, no temporary
+                flat.copy_(self.base)
                 for k, a in enumerate(coefficients):
                     flat.add_(deltas[k], alpha=float(a))
-
-    def _write_chunked(self, weights: np.ndarray) -> None:
-        for name, param in self.params:
-            flat = param.view(-1)
-            w = torch.as_tensor(weights, dtype=flat.dtype, device=flat.device)
-            combine_in_chunks(self.method, self.deltas[name], w, flat, self.chunk)
-            flat.add_(self.base[name])
+        else:
+            w = torch.as_tensor(c, dtype=flat.dtype, device=flat.device)
+            combine_in_chunks(self.method, deltas, w, flat, self.chunk)
+            flat.add_(self.base)
+        return self.model
 
 
 def relative_delta_norms(base: str | Path, components: list[str | Path]) -> list[float]:
