@@ -13,6 +13,7 @@ import shutil
 import sys
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ from demix.model import (
     resolve_dtype,
     save_model,
 )
-from demix.storage import read_manifest, staged_dir, write_manifest
+from demix.storage import read_manifest, recover_replaced_dir, staged_dir, write_manifest
 
 CHECKPOINT_KIND = "demix.checkpoint"
 
@@ -94,6 +95,14 @@ def _save_checkpoint(
         write_manifest(tmp, CHECKPOINT_KIND, step=step)
 
 
+def _checkpoint_job(ckpt: Path) -> str | None:
+    """The job id a checkpoint was saved for (None when its state is unreadable)."""
+    try:
+        return json.loads((ckpt / "state.json").read_text()).get("job")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _load_checkpoint(ckpt: Path, model, optimizer, sampler) -> tuple[int, list]:
     read_manifest(ckpt, kind=CHECKPOINT_KIND, verify=True)
     params = dict(model.named_parameters())
@@ -131,12 +140,14 @@ def train_model(
     arch: ArchitectureConfig | None = None,
     stop_at_step: int | None = None,
     quiet: bool = False,
+    on_checkpoint: Callable[[Path], None] | None = None,
 ) -> dict | None:
     """Train from `init` (or a fresh tiny Llama) on the data mixture `weights`; save an HF folder.
 
     Skips work when `out` already holds a model with the same fingerprint; resumes from
     `<out>.ckpt` when present. With stop_at_step it checkpoints at that step and returns None
-    (used to test exact resume). Returns the output manifest.
+    (used to test exact resume). `on_checkpoint(folder)` runs after each checkpoint is saved
+    (it publishes checkpoints of a gs:// output). Returns the output manifest.
     Raises TrainingError on a non-finite loss (the last checkpoint is kept), MixtureError on
     bad weights, ModelError on a bad init folder.
     """
@@ -184,11 +195,14 @@ def train_model(
     total_steps = max(1, math.ceil(stage.tokens / train.tokens_per_step))
 
     step, history = 0, []
+    recover_replaced_dir(ckpt)  # a kill between the two renames of a checkpoint save
     # A checkpoint of a different job (changed config or data) is never resumed.
-    if (ckpt / "manifest.json").is_file() and json.loads((ckpt / "state.json").read_text()).get(
-        "job"
-    ) == job_id:
+    if (ckpt / "manifest.json").is_file() and _checkpoint_job(ckpt) == job_id:
         step, history = _load_checkpoint(ckpt, model, optimizer, sampler)
+        if not quiet:
+            print(
+                f"[demix] train {role} {name}: resumed at step {step} from {ckpt}", file=sys.stderr
+            )
 
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
     bar = tqdm(
@@ -229,12 +243,13 @@ def train_model(
             rate = tokens_done / max(1e-9, time.perf_counter() - t0)
             bar.set_postfix(loss=f"{running:.3f}", tok_s=f"{rate:,.0f}")
         bar.update(1)
-        if step == stop_at_step:
+        if step == stop_at_step or (step % train.checkpoint_every == 0 and step < total_steps):
             _save_checkpoint(ckpt, job_id, model, optimizer, sampler, step, history)
+            if on_checkpoint is not None:
+                on_checkpoint(ckpt)
+        if step == stop_at_step:
             bar.close()
             return None
-        if step % train.checkpoint_every == 0 and step < total_steps:
-            _save_checkpoint(ckpt, job_id, model, optimizer, sampler, step, history)
     bar.close()
 
     elapsed = time.perf_counter() - t0
