@@ -2,8 +2,9 @@
 
 Transient failures (429, 5xx, connection resets, timeouts) are retried with exponential
 backoff by the client library's retry policy, also for uploads (an artifact file written to the
-same name with the same bytes is idempotent). Files above `chunk_bytes()` go up as resumable
-uploads in chunks, so a dropped connection resends one chunk, not the file. Every transfer is
+same name with the same bytes is idempotent). Files above 8 MiB (the library's multipart limit)
+go up as resumable uploads in chunks of `chunk_bytes()`, so a dropped connection resends one
+chunk, not the file. Every transfer is
 checked with crc32c; a download that still does not match after a few attempts is refused.
 
 The client honours STORAGE_EMULATOR_HOST (a local emulator, anonymous credentials); otherwise it
@@ -119,10 +120,9 @@ def upload_file(bkt, name: str, path: Path) -> None:
     """
     from google.cloud.storage.exceptions import DataCorruption
 
-    size = path.stat().st_size
     last: BaseException | None = None
     for _ in range(ATTEMPTS):
-        blob = bkt.blob(name, chunk_size=chunk_bytes() if size > chunk_bytes() else None)
+        blob = bkt.blob(name, chunk_size=chunk_bytes())
         try:
             blob.upload_from_filename(str(path), checksum="crc32c", retry=retry_policy())
             return

@@ -6,6 +6,7 @@ import json
 import os
 import random
 import sysconfig
+import uuid
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,56 @@ def smoke_config_dict(corpus: Path, eval_data: Path | None = None) -> dict:
         },
         "search": {"n": 4, "rounds": 2, "candidates": 500, "top_k": 8},
     }
+
+
+# ---------------------------------------------------------------- GCS emulator and faults
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """A real GCS emulator server (gcp-storage-emulator) on loopback, for the session."""
+    from .gcs_server import Emulator
+
+    server = Emulator()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def gcs(gcs_emulator, monkeypatch, tmp_path):
+    """A fresh bucket behind a fault-injecting proxy; the client and cache point at them.
+
+    Yields the proxy (its `plan` sets faults); `gcs.bucket` is the bucket's name. Retries back
+    off from 10 ms so injected faults cost little time; resumable uploads (files above 8 MiB)
+    go in 1 MiB chunks.
+    """
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    from . import reliability
+    from .gcs_server import FaultProxy
+
+    proxy = FaultProxy(gcs_emulator.port)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
+    monkeypatch.setenv("DEMIX_GCS_BACKOFF_S", "0.01")
+    monkeypatch.setenv("DEMIX_GCS_CHUNK_BYTES", str(1 << 20))
+    monkeypatch.setenv("DEMIX_CACHE", str(tmp_path / "cache"))
+    proxy.bucket = f"demix-{uuid.uuid4().hex[:12]}"
+    # created through the proxy before any fault is planned
+    storage.Client(project="demix-test", credentials=AnonymousCredentials()).create_bucket(
+        proxy.bucket
+    )
+    yield proxy
+    reliability.count("faults_injected", proxy.plan.injected)
+    proxy.stop()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print the reliability table when reliability tests ran."""
+    from . import reliability
+
+    lines = reliability.table()
+    if lines:
+        terminalreporter.section("reliability: nothing lost")
+        for line in lines:
+            terminalreporter.write_line(line)
