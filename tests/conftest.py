@@ -132,6 +132,15 @@ def smoke_config_dict(corpus: Path, eval_data: Path | None = None) -> dict:
     }
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: the tiny models train fastest so on a busy CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ---------------------------------------------------------------- GCS emulator and faults
 
 

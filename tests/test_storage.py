@@ -163,3 +163,158 @@ def test_a_manifest_entry_escaping_the_artifact_is_refused_before_download(gcs, 
     with pytest.raises(DataError, match="escapes the artifact directory"):
         fetch_artifact(f"gs://{gcs.bucket}/runs/evil")
     assert gcs.plan.requests["GET"] - gets <= 2  # the bucket and the manifest, nothing else
+
+
+# ---------------------------------------------------------------- stages against gs://
+
+
+def _upload_corpus(gcs, corpus_dir: Path) -> dict[str, str]:
+    """The smoke corpus on the bucket: two single objects and one folder; name -> gs:// URI."""
+    from demix import gcs as gcs_io
+
+    bucket = gcs_io.bucket(gcs.bucket)
+    gcs_io.upload_file(bucket, "raw/general.jsonl", corpus_dir / "general.jsonl")
+    gcs_io.upload_file(bucket, "raw/math.jsonl", corpus_dir / "math.jsonl")
+    gcs_io.upload_file(bucket, "raw/code/part0.jsonl", corpus_dir / "code.jsonl")
+    root = f"gs://{gcs.bucket}/raw"
+    return {
+        "general": f"{root}/general.jsonl",
+        "code": f"{root}/code",
+        "math": f"{root}/math.jsonl",
+    }
+
+
+def _stage_argvs(config: Path, root: str, names: list[str]) -> list[list[str]]:
+    """curate -> base -> components -> merge, every path under `root` (local or gs://)."""
+    argvs = [
+        ["curate", str(config), "--out", f"{root}/dataset"],
+        [
+            "train",
+            str(config),
+            "--role",
+            "base",
+            "--data",
+            f"{root}/dataset",
+            "--out",
+            f"{root}/base",
+        ],
+    ]
+    for name in names:
+        argvs.append(
+            ["train", str(config), "--role", "component", "--dataset", name]
+            + ["--data", f"{root}/dataset", "--init", f"{root}/base", "--out", f"{root}/c-{name}"]
+        )
+    argvs.append(
+        ["merge", str(config), "--data", f"{root}/dataset", "--base", f"{root}/base"]
+        + ["--mixture", "general=0.5,code=0.3,math=0.2", "--out", f"{root}/merged"]
+        + ["--components", *(f"{n}={root}/c-{n}" for n in names)]
+    )
+    return argvs
+
+
+def test_curate_train_merge_against_gs_uris_with_faults(
+    gcs, one_thread, tmp_path, corpus_dir, monkeypatch, capsys
+):
+    import yaml
+
+    from demix import gcs as gcs_io
+    from demix.cli import main
+
+    from .conftest import smoke_config_dict
+
+    names = ["general", "code", "math"]
+    uris = _upload_corpus(gcs, corpus_dir)
+    remote_raw = smoke_config_dict(corpus_dir)
+    for spec in remote_raw["data"]["datasets"]:
+        spec["paths"] = [uris[spec["name"]]]
+    local_raw = smoke_config_dict(corpus_dir)
+    for raw in (remote_raw, local_raw):  # small budgets: this test is about the bytes
+        raw["train"].update(checkpoint_every=4)
+        raw["train"]["base"]["tokens"] = 3000
+        raw["train"]["component"]["tokens"] = 1500
+    remote_config, local_config = tmp_path / "remote.yaml", tmp_path / "local.yaml"
+    remote_config.write_text(yaml.safe_dump(remote_raw))
+    local_config.write_text(yaml.safe_dump(local_raw))
+
+    gcs.plan.every, gcs.plan.drop_uploads, gcs.plan.drop_min_bytes = 7, 4, 4096
+    root = f"gs://{gcs.bucket}/run"
+    for argv in _stage_argvs(remote_config, root, names):
+        assert main(argv) == 0, capsys.readouterr().err
+    assert gcs.plan.injected > 10
+    reliability.count("faults_retried", gcs.plan.injected)
+    gcs.plan.every = gcs.plan.drop_uploads = 0
+
+    local = tmp_path / "local"
+    for argv in _stage_argvs(local_config, str(local), names):
+        assert main(argv) == 0, capsys.readouterr().err
+
+    _new_machine(monkeypatch, tmp_path, "reader")
+    merged = fetch_artifact(f"{root}/merged", "demix.model")
+    for rel in ("model.safetensors", "config.json", "tokenizer.json"):
+        reliability.intact(
+            (merged / rel).read_bytes() == (local / "merged" / rel).read_bytes(),
+            f"{rel} merged from gs:// differs from the local run",
+        )
+    left = [n for n in gcs_io.list_blobs(gcs_io.bucket(gcs.bucket), "run/") if ".ckpt/" in n]
+    assert not left, f"checkpoints left after training finished: {left[:3]}"
+
+
+def test_training_resumes_from_a_checkpoint_another_machine_published(
+    gcs, one_thread, tmp_path, corpus_dir, monkeypatch, capsys
+):
+    import yaml
+
+    from demix.cli import main
+    from demix.config import parse_config
+    from demix.data.curate import curate
+    from demix.data.shards import CuratedData
+    from demix.storage import artifact_output, checkpoint_sync
+    from demix.train import train_model
+
+    from .conftest import smoke_config_dict
+
+    raw = smoke_config_dict(corpus_dir)
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+    config = parse_config(raw)
+    curate(config.data, tmp_path / "data", config.seed)
+    data = CuratedData(tmp_path / "data")
+    uri = f"gs://{gcs.bucket}/models/base"
+
+    # machine A trains 7 steps, publishes its checkpoint, and is preempted
+    _new_machine(monkeypatch, tmp_path, "machine-a")
+    train = config.train.model_copy(update={"checkpoint_every": 3})
+    with artifact_output(uri) as out:
+        stopped = train_model(
+            out,
+            data,
+            data.token_prior,
+            config.train.base,
+            train,
+            config.model,
+            config.seed,
+            role="base",
+            name="base",
+            arch=config.model.architecture,
+            stop_at_step=7,
+            quiet=True,
+            on_checkpoint=checkpoint_sync(uri),
+        )
+    assert stopped is None
+
+    # machine B has nothing local: it fetches the checkpoint and finishes the job
+    _new_machine(monkeypatch, tmp_path, "machine-b")
+    gcs.plan.every = 4
+    argv = ["train", str(config_path), "--role", "base", "--data", str(tmp_path / "data")]
+    assert main([*argv, "--out", uri]) == 0
+    assert "resumed at step 7" in capsys.readouterr().err
+    reliability.count("faults_retried", gcs.plan.injected)
+    gcs.plan.every = 0
+    assert main([*argv, "--out", str(tmp_path / "uninterrupted")]) == 0
+
+    _new_machine(monkeypatch, tmp_path, "reader")
+    resumed = fetch_artifact(uri, "demix.model") / "model.safetensors"
+    reliability.intact(
+        resumed.read_bytes() == (tmp_path / "uninterrupted" / "model.safetensors").read_bytes(),
+        "resumed weights differ from an uninterrupted run",
+    )
