@@ -42,7 +42,10 @@ def parse_mixture(text: str) -> dict[str, float]:
         try:
             out[name.strip()] = float(value)
         except ValueError:
-            raise MixtureError(f"mixture entry {part!r}: {value!r} is not a number") from None
+            raise MixtureError(
+                f"mixture entry {part!r}: {value!r} is not a number; write name=weight with "
+                "weights summing to 1"
+            ) from None
     return out
 
 

@@ -216,41 +216,42 @@ def train_model(
         mininterval=1.0 if sys.stderr.isatty() else 30.0,
     )
     t0, tokens_done, running = time.perf_counter(), 0, None
-    while step < total_steps:
-        batch = torch.from_numpy(sampler.next_batch()).to(device)
-        inputs, targets = batch[:, :-1], batch[:, 1:]
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, total_steps, stage)
-        with autocast:
-            logits = model(input_ids=inputs).logits
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    try:  # the bar ends its line first, so an error message starts on its own line
+        while step < total_steps:
+            batch = torch.from_numpy(sampler.next_batch()).to(device)
+            inputs, targets = batch[:, :-1], batch[:, 1:]
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total_steps, stage)
+            with autocast:
+                logits = model(input_ids=inputs).logits
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
-        value = loss.item()
-        if not math.isfinite(value):
-            raise TrainingError(
-                f"{role} {name}: loss is {value} at step {step + 1}; the last good checkpoint is kept "
-                f"in {ckpt} (lower train.{role}.lr or raise train.grad_clip)"
-            )
-        step += 1
-        tokens_done += inputs.numel()
-        running = value if running is None else 0.9 * running + 0.1 * value
-        if step % train.log_every == 0 or step == total_steps:
-            history.append({"step": step, "loss": round(value, 5)})
-            rate = tokens_done / max(1e-9, time.perf_counter() - t0)
-            bar.set_postfix(loss=f"{running:.3f}", tok_s=f"{rate:,.0f}")
-        bar.update(1)
-        if step == stop_at_step or (step % train.checkpoint_every == 0 and step < total_steps):
-            _save_checkpoint(ckpt, job_id, model, optimizer, sampler, step, history)
-            if on_checkpoint is not None:
-                on_checkpoint(ckpt)
-        if step == stop_at_step:
-            bar.close()
-            return None
-    bar.close()
+            value = loss.item()
+            if not math.isfinite(value):
+                raise TrainingError(
+                    f"{role} {name}: loss is {value} at step {step + 1}; the last good checkpoint is kept "
+                    f"in {ckpt} (lower train.{role}.lr or raise train.grad_clip)"
+                )
+            step += 1
+            tokens_done += inputs.numel()
+            running = value if running is None else 0.9 * running + 0.1 * value
+            if step % train.log_every == 0 or step == total_steps:
+                history.append({"step": step, "loss": round(value, 5)})
+                rate = tokens_done / max(1e-9, time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{running:.3f}", tok_s=f"{rate:,.0f}")
+            bar.update(1)
+            if step == stop_at_step or (step % train.checkpoint_every == 0 and step < total_steps):
+                _save_checkpoint(ckpt, job_id, model, optimizer, sampler, step, history)
+                if on_checkpoint is not None:
+                    on_checkpoint(ckpt)
+            if step == stop_at_step:
+                return None
+    finally:
+        bar.close()
 
     elapsed = time.perf_counter() - t0
     manifest = save_model(
