@@ -103,13 +103,27 @@ def _checkpoint_job(ckpt: Path) -> str | None:
         return None
 
 
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint file, parsed as safetensors only (never unpickled).
+
+    Raises TrainingError naming the file when it is not a safetensors file.
+    """
+    try:
+        return load_file(path)
+    except Exception as err:  # noqa: BLE001 (SafetensorError, OSError: one line, not a traceback)
+        raise TrainingError(
+            f"{path}: not a readable safetensors checkpoint ({type(err).__name__}); delete "
+            f"{path.parent} to train from the start"
+        ) from None
+
+
 def _load_checkpoint(ckpt: Path, model, optimizer, sampler) -> tuple[int, list]:
     read_manifest(ckpt, kind=CHECKPOINT_KIND, verify=True)
     params = dict(model.named_parameters())
     with torch.no_grad():
-        for name, value in load_file(ckpt / "model.safetensors").items():
+        for name, value in _load_tensors(ckpt / "model.safetensors").items():
             params[name].copy_(value)
-    tensors = load_file(ckpt / "optimizer.safetensors")
+    tensors = _load_tensors(ckpt / "optimizer.safetensors")
     torch.set_rng_state(tensors.pop("rng.torch_cpu"))
     state = json.loads((ckpt / "state.json").read_text())
     opt_state: dict[int, dict] = {}

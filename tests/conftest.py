@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import sysconfig
 import uuid
 from pathlib import Path
@@ -15,6 +16,14 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# Strings that look like credentials: cloud keys, OAuth tokens, private keys, service accounts.
+KEY_LIKE = re.compile(
+    r"AKIA[0-9A-Z]{16}|-----BEGIN [A-Z ]*PRIVATE KEY|private_key|client_secret|refresh_token"
+    r"|ya29\.[0-9A-Za-z_-]+|AIza[0-9A-Za-z_-]{35}|aws_secret_access_key|ghp_[0-9A-Za-z]{36}"
+    r"|xox[abprs]-[0-9A-Za-z-]+",
+    re.IGNORECASE,
+)
 
 WORDS = (
     "the a river city council report people year market school north long small old new "

@@ -145,3 +145,12 @@ def test_the_search_builds_proxies_with_the_configured_merge_method(smoke_run, t
     merged = dict(load_model(tmp_path / "merged").named_parameters())
     for name, value in snapshot.weights.items():
         torch.testing.assert_close(value, merged[name].detach(), rtol=0, atol=1e-6)
+
+
+def test_run_outputs_hold_no_credentials(smoke_run):
+    from .conftest import KEY_LIKE
+
+    _, out = smoke_run
+    for name in ("report.html", "summary.json", "config.json", "search/result.json"):
+        found = KEY_LIKE.search((out / name).read_text())
+        assert not found, f"{name}: key-like string {found.group(0)!r}"
