@@ -14,9 +14,10 @@ COUNTS: Counter = Counter()
 ROWS = (
     ("kills", "processes killed with SIGKILL mid-run, rerun to an identical result"),
     ("faults_injected", "GCS faults injected (503/429/500, dropped connections, flipped bytes)"),
-    ("faults_retried", "  of which retried until the transfer succeeded"),
-    ("corruption_refused", "  of which corrupt downloads refused (never accepted)"),
-    ("partial_publishes", "publishes cut off mid-way, never read as complete"),
+    ("faults_retried", "  retried until the transfer succeeded"),
+    ("faults_fatal", "  outlasted the retry deadline: publish failed, never read as complete"),
+    ("corruption_refused", "  flipped bytes that reached the reader: download refused"),
+    ("tampered_refused", "published artifacts tampered with afterwards, refused on read"),
     ("bad_inputs", "bad inputs refused with one line, exit 2, nothing written"),
     ("integrity_checks", "artifact integrity checks"),
     ("artifacts_lost", "artifacts lost or corrupt artifacts accepted"),

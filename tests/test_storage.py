@@ -121,7 +121,7 @@ def test_a_cut_off_publish_is_never_read_and_resumes(gcs, tmp_path, payload, mon
         upload_artifact(new, uri)
     gcs.plan.decide = decide
     gcs.plan.fail_all = False
-    reliability.count("partial_publishes")
+    reliability.count("faults_fatal", gcs.plan.injected)
 
     # a reader on another machine sees no artifact, neither the old manifest nor a mix
     _new_machine(monkeypatch, tmp_path, "cache-b")
@@ -147,7 +147,7 @@ def test_a_remote_file_changed_after_publishing_is_refused(gcs, tmp_path, payloa
     gcs_io.upload_file(gcs_io.bucket(gcs.bucket), "runs/a/config.json", tampered)
     with pytest.raises(DataError, match=r"runs/a/config\.json: sha256 does not match"):
         fetch_artifact(uri)
-    reliability.count("corruption_refused")
+    reliability.count("tampered_refused")
 
 
 def test_a_manifest_entry_escaping_the_artifact_is_refused_before_download(gcs, tmp_path):
