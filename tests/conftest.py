@@ -19,11 +19,18 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 # Strings that look like credentials: cloud keys, OAuth tokens, private keys, service accounts.
 KEY_LIKE = re.compile(
-    r"AKIA[0-9A-Z]{16}|-----BEGIN [A-Z ]*PRIVATE KEY|private_key|client_secret|refresh_token"
-    r"|ya29\.[0-9A-Za-z_-]+|AIza[0-9A-Za-z_-]{35}|aws_secret_access_key|ghp_[0-9A-Za-z]{36}"
-    r"|xox[abprs]-[0-9A-Za-z-]+",
-    re.IGNORECASE,
+    r"AKIA[0-9A-Z]{16}|-----BEGIN [A-Z ]*PRIVATE KEY|ya29\.[0-9A-Za-z_-]{20,}"
+    r"|AIza[0-9A-Za-z_-]{35}|ghp_[0-9A-Za-z]{36}|xox[abprs]-[0-9A-Za-z-]{10,}"
+    r"|(?i:private_key|client_secret|refresh_token|aws_secret_access_key)"
 )
+_EMBEDDED_IMAGE = re.compile(r"data:image/[a-z]+;base64,[A-Za-z0-9+/=]+")
+
+
+def key_like(text: str) -> str | None:
+    """The first credential-like string in `text` (embedded base64 images skipped), or None."""
+    found = KEY_LIKE.search(_EMBEDDED_IMAGE.sub("", text))
+    return found.group(0) if found else None
+
 
 WORDS = (
     "the a river city council report people year market school north long small old new "

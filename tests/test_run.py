@@ -148,9 +148,9 @@ def test_the_search_builds_proxies_with_the_configured_merge_method(smoke_run, t
 
 
 def test_run_outputs_hold_no_credentials(smoke_run):
-    from .conftest import KEY_LIKE
+    from .conftest import key_like
 
     _, out = smoke_run
     for name in ("report.html", "summary.json", "config.json", "search/result.json"):
-        found = KEY_LIKE.search((out / name).read_text())
-        assert not found, f"{name}: key-like string {found.group(0)!r}"
+        found = key_like((out / name).read_text())
+        assert not found, f"{name}: key-like string {found!r}"

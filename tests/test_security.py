@@ -19,7 +19,7 @@ from demix.model import build_tiny_llama, load_model
 from demix.storage import read_manifest, write_manifest
 
 from . import reliability
-from .conftest import KEY_LIKE, smoke_config_dict
+from .conftest import key_like, smoke_config_dict
 
 pytestmark = pytest.mark.reliability
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,8 +121,8 @@ def test_a_manifest_cannot_name_a_file_outside_its_artifact(tmp_path):
 
 
 def _no_key_like(where: str, text: str, secrets: list[str]) -> None:
-    found = KEY_LIKE.search(text)
-    assert not found, f"{where}: key-like string {found.group(0)!r}"
+    found = key_like(text)
+    assert not found, f"{where}: key-like string {found!r}"
     for secret in secrets:
         assert secret not in text, f"{where}: a credential from the environment leaked"
 
