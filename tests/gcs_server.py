@@ -77,7 +77,7 @@ class FaultPlan:
     bodies larger than drop_min_bytes halfway; corrupt: a substring of object paths whose
     downloads get one byte flipped, `corrupt_times` times (None: always); strip_hash drops the
     x-goog-hash header so the client cannot catch the flip itself; fail_all answers 503 to
-    everything. `counts` holds the faults injected, `requests` the requests seen per method.
+    everything; delay_s holds every upload request back (so a kill can land mid-publish). `counts` holds the faults injected, `requests` the requests seen per method.
     """
 
     every: int = 0
@@ -88,6 +88,7 @@ class FaultPlan:
     corrupt_times: int | None = None
     strip_hash: bool = False
     fail_all: bool = False
+    delay_s: float = 0.0
     counts: Counter = field(default_factory=Counter)
     requests: Counter = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -135,6 +136,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _handle(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
+        if self.command in ("PUT", "POST") and self.server.plan.delay_s:
+            time.sleep(self.server.plan.delay_s)
         fault = self.server.plan.decide(self.command, self.path, length)
         if fault == "drop":
             self.rfile.read(length // 2)

@@ -26,15 +26,15 @@ from .conftest import smoke_config_dict
 
 pytestmark = pytest.mark.reliability
 
-# One torch thread, in the subprocesses and in the reference runs alike: same numerics, and the
-# tiny models train fastest so on a busy CPU.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-
 
 def _demix(argv: list[str]) -> subprocess.Popen:
+    """`demix argv` in a subprocess with this test's environment (GCS emulator, cache)."""
+    # One torch thread, in every run alike: same numerics, and the tiny models train fastest so
+    # on a busy CPU.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen(
         [sys.executable, "-m", "demix.cli", *argv],
-        env=ENV,
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -163,4 +163,35 @@ def test_kill_9_during_search_never_rescores_a_proxy_and_picks_the_same_mixture(
     got = json.loads((out / "result.json").read_text())["mixture"]
     want = json.loads((reference / "result.json").read_text())["mixture"]
     reliability.intact(got == want, f"seed {seed}: resumed search chose {got}, not {want}")
+    reliability.count("kills")
+
+
+def test_kill_9_while_publishing_to_gcs_leaves_nothing_readable_and_the_rerun_completes(
+    curated, gcs, tmp_path, monkeypatch
+):
+    from demix.errors import DataError
+    from demix.storage import fetch_artifact
+
+    seed = random.randrange(1 << 30)
+    kill_after = random.Random(seed).randrange(1, 7)  # of the dataset's 9 files
+    uri = f"gs://{gcs.bucket}/run/dataset"
+    argv = ["curate", str(curated / "config.yaml"), "--out", uri]
+    gcs.plan.delay_s = 0.1  # every upload request waits, so the kill lands mid-publish
+    uploads = gcs.plan.requests["POST"]
+    _kill_when(_demix(argv), lambda: gcs.plan.requests["POST"] >= uploads + kill_after)
+    gcs.plan.delay_s = 0.0
+
+    monkeypatch.setenv("DEMIX_CACHE", str(tmp_path / "reader"))
+    with pytest.raises(DataError, match="no manifest.json; the artifact is missing"):
+        fetch_artifact(uri)
+
+    monkeypatch.setenv("DEMIX_CACHE", str(tmp_path / "cache"))
+    _run(argv)
+    monkeypatch.setenv("DEMIX_CACHE", str(tmp_path / "reader"))
+    got = fetch_artifact(uri, "demix.dataset")
+    for split in ("general/train.bin", "math/heldout.bin", "tokenizer/tokenizer.json"):
+        reliability.intact(
+            (got / split).read_bytes() == (curated / "data" / split).read_bytes(),
+            f"seed {seed}: {split} published after kill -9 at upload {kill_after} differs",
+        )
     reliability.count("kills")
