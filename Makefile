@@ -16,7 +16,7 @@ IMAGE_CUDA := $(IMAGE_REPO)/demix:$(VERSION)-cuda
 export DEMIX_IMAGE_REPO := $(IMAGE_REPO)
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo demo-library reproduce test test-slow lint format bench compile images clean
+.PHONY: help install demo demo-library reproduce test test-slow test-reliability lint format bench compile images clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -44,6 +44,9 @@ test: install ## fast test suite (no slow, no gpu)
 
 test-slow: install ## the slow tail (real data fetch, longer runs)
 	$(BIN)/python -m pytest -m "slow and not gpu" -q
+
+test-reliability: install ## kill -9/resume, GCS emulator with faults, bad input, security; prints the table
+	$(BIN)/python -m pytest -m "reliability and not gpu" -q
 
 lint: install ## ruff lint and format check
 	$(BIN)/ruff check .

@@ -42,18 +42,38 @@ def parse_mixture(text: str) -> dict[str, float]:
         try:
             out[name.strip()] = float(value)
         except ValueError:
-            raise MixtureError(f"mixture entry {part!r}: {value!r} is not a number") from None
+            raise MixtureError(
+                f"mixture entry {part!r}: {value!r} is not a number; write name=weight with "
+                "weights summing to 1"
+            ) from None
     return out
 
 
 def _components(values: list[str]) -> dict[str, Path]:
+    """--components NAME=PATH entries as {name: local verified folder} (gs:// fetched)."""
     out = {}
     for value in values:
         name, sep, path = value.partition("=")
         if not sep:
             raise DemixError(f"--components entry {value!r}: expected NAME=PATH")
-        out[name] = Path(path)
+        out[name] = _model(path)
     return out
+
+
+def _dataset(uri: str):
+    """The curated dataset at a local path or gs:// URI, every file checked against its manifest."""
+    from demix.data.shards import DATASET_KIND, CuratedData
+    from demix.storage import fetch_artifact
+
+    return CuratedData(fetch_artifact(uri, DATASET_KIND))
+
+
+def _model(uri: str) -> Path:
+    """A model folder at a local path or gs:// URI; a demix manifest, when present, is verified."""
+    from demix.model import MODEL_KIND
+    from demix.storage import fetch_artifact
+
+    return fetch_artifact(uri, MODEL_KIND, require_manifest=False)
 
 
 def _cmd_fetch_demo(args) -> None:
@@ -65,48 +85,55 @@ def _cmd_fetch_demo(args) -> None:
 
 def _cmd_curate(args) -> None:
     from demix.stages import curate_stage
+    from demix.storage import artifact_output
 
-    data = curate_stage(_config(args), Path(args.out))
+    config = _config(args)
+    with artifact_output(args.out) as out:
+        data = curate_stage(config, out)
     print(json.dumps({"datasets": data.names, "token_prior": data.token_prior}, indent=2))
 
 
 def _cmd_train(args) -> None:
-    from demix.data.shards import CuratedData
     from demix.stages import base_stage, component_stage, final_stage, reference_stage
+    from demix.storage import artifact_output, checkpoint_sync, discard_checkpoint
 
     config = _config(args)
-    data = CuratedData(args.data)
-    out = Path(args.out)
-    if args.role == "base":
-        base_stage(config, data, out)
-    elif args.role == "component":
-        if not args.dataset:
-            raise DemixError("--role component needs --dataset NAME")
-        component_stage(config, data, Path(args.init), args.dataset, out)
-    else:
-        if not args.mixture:
-            raise DemixError(f"--role {args.role} needs --mixture")
-        if not args.init:
-            raise DemixError(f"--role {args.role} needs --init BASE")
-        if args.role == "reference":
-            reference_stage(config, data, Path(args.init), parse_mixture(args.mixture), out)
+    if args.role != "base" and not args.init:
+        raise DemixError(f"--role {args.role} needs --init BASE_MODEL")
+    if args.role == "component" and not args.dataset:
+        raise DemixError("--role component needs --dataset NAME")
+    if args.role in ("reference", "final") and not args.mixture:
+        raise DemixError(f"--role {args.role} needs --mixture")
+    mixture = parse_mixture(args.mixture) if args.mixture else None
+    data = _dataset(args.data)
+    if mixture is not None:
+        from demix.search.sampler import validate_mixture
+
+        validate_mixture(mixture, data.names)  # before fetching the base: fail fast
+    init = _model(args.init) if args.init else None
+    with artifact_output(args.out) as out:
+        publish = checkpoint_sync(args.out)
+        if args.role == "base":
+            base_stage(config, data, out, on_checkpoint=publish)
+        elif args.role == "component":
+            component_stage(config, data, init, args.dataset, out, on_checkpoint=publish)
+        elif args.role == "reference":
+            reference_stage(config, data, init, mixture, out, on_checkpoint=publish)
         else:
-            final_stage(config, data, Path(args.init), "final", parse_mixture(args.mixture), out)
-    print(f"model written to {out}")
+            final_stage(config, data, init, "final", mixture, out, on_checkpoint=publish)
+    discard_checkpoint(args.out)
+    print(f"model written to {args.out}")
 
 
 def _cmd_merge(args) -> None:
-    from demix.data.shards import CuratedData
     from demix.stages import materialize_merge
+    from demix.storage import artifact_output
 
-    manifest = materialize_merge(
-        _config(args),
-        CuratedData(args.data),
-        Path(args.base),
-        _components(args.components),
-        parse_mixture(args.mixture),
-        Path(args.out),
-    )
+    config = _config(args)
+    mixture = parse_mixture(args.mixture)
+    data, base, components = _dataset(args.data), _model(args.base), _components(args.components)
+    with artifact_output(args.out) as out:
+        manifest = materialize_merge(config, data, base, components, mixture, out)
     print(
         json.dumps(
             {k: manifest[k] for k in ("data_mixture", "component_weights", "relative_delta_norms")}
@@ -115,14 +142,20 @@ def _cmd_merge(args) -> None:
 
 
 def _cmd_evaluate(args) -> None:
-    from demix.data.shards import CuratedData
-    from demix.stages import evaluate_models
-    from demix.storage import atomic_write_json
+    from demix.model import resolve_device
+    from demix.stages import evaluate_models, make_evaluator
+    from demix.storage import check_uri, write_output_bytes
 
-    models = {Path(m).name: Path(m) for m in args.models}
-    result = evaluate_models(_config(args), CuratedData(args.data), models)
+    config = _config(args)
     if args.out:
-        atomic_write_json(args.out, result)
+        check_uri(args.out)
+    data = _dataset(args.data)
+    # The tasks first: an unknown task or an empty eval set fails before any model is fetched.
+    evaluator = make_evaluator(config, data, resolve_device(config.train.device))
+    models = {Path(m).name: _model(m) for m in args.models}
+    result = evaluate_models(config, data, models, evaluator)
+    if args.out:
+        write_output_bytes(args.out, (json.dumps(result, indent=2) + "\n").encode())
     print(
         json.dumps(
             {
@@ -135,16 +168,13 @@ def _cmd_evaluate(args) -> None:
 
 
 def _cmd_search(args) -> None:
-    from demix.data.shards import CuratedData
     from demix.stages import search_stage
+    from demix.storage import synced_folder
 
-    result = search_stage(
-        _config(args),
-        CuratedData(args.data),
-        Path(args.base),
-        _components(args.components),
-        Path(args.out),
-    )
+    config = _config(args)
+    data, base, components = _dataset(args.data), _model(args.base), _components(args.components)
+    with synced_folder(args.out) as out:
+        result = search_stage(config, data, base, components, out)
     print(
         json.dumps({"mixture": result["mixture"], "proxies_evaluated": result["proxies_evaluated"]})
     )
@@ -181,19 +211,34 @@ def _cmd_reproduce(args) -> None:
     print(f"wrote {Path(args.out) / 'reproduce.json'} and {Path(args.out) / 'reproduce.md'}")
 
 
+def _local_folder(uri: str) -> Path:
+    """A folder argument that must be local (a /gcs/ mount path is local)."""
+    from demix.storage import check_uri, is_remote
+
+    check_uri(uri)
+    if is_remote(uri):
+        raise DemixError(
+            f"{uri}: this command writes a local run folder; give a local or /gcs/... path, "
+            "or run the stages one by one with gs:// URIs"
+        )
+    return Path(uri)
+
+
 def _cmd_run(args) -> None:
     from demix.report import print_summary
     from demix.stages import run
 
-    summary = run(_config(args), Path(args.out))
-    print_summary(summary, Path(args.out))
+    config = _config(args)
+    out = _local_folder(args.out)
+    summary = run(config, out)
+    print_summary(summary, out)
 
 
 def _cmd_report(args) -> None:
     from demix.config import RunConfig
     from demix.report import write_report
 
-    out = Path(args.run)
+    out = _local_folder(args.run)
     summary = json.loads((out / "summary.json").read_text())
     found = json.loads((out / "search" / "result.json").read_text())
     config = RunConfig.model_validate(json.loads((out / "config.json").read_text()))

@@ -91,7 +91,10 @@ def safetensors_files(folder: Path) -> list[Path]:
             f"{folder}: only pickle checkpoints ({', '.join(pickles)}); DeMix loads safetensors only "
             "(convert with `model.save_pretrained(dir, safe_serialization=True)` in a trusted environment)"
         )
-    raise ModelError(f"{folder}: no *.safetensors weights found")
+    raise ModelError(
+        f"{folder}: no *.safetensors weights found; save the model with "
+        "`save_pretrained(dir, safe_serialization=True)`"
+    )
 
 
 def load_model(
@@ -223,17 +226,22 @@ def check_compatible(base: str | Path, others: list[str | Path]) -> None:
         for k in keys:
             if cfg.get(k) != ref_cfg.get(k):
                 raise ModelError(
-                    f"{other}: config {k}={cfg.get(k)} differs from base {base} ({ref_cfg.get(k)})"
+                    f"{other}: config {k}={cfg.get(k)} differs from base {base} "
+                    f"({ref_cfg.get(k)}); components must be trained from this base"
                 )
         shapes = tensor_shapes(other)
         missing = sorted(set(ref_shapes) ^ set(shapes))
         if missing:
-            raise ModelError(f"{other}: tensor set differs from base {base}: {missing[:3]}")
+            raise ModelError(
+                f"{other}: tensor set differs from base {base}: {missing[:3]}; components must "
+                "be trained from this base"
+            )
         bad = [n for n in ref_shapes if ref_shapes[n][0] != shapes[n][0]]
         if bad:
             n = bad[0]
             raise ModelError(
-                f"{other}: tensor {n} has shape {shapes[n][0]}, base has {ref_shapes[n][0]}"
+                f"{other}: tensor {n} has shape {shapes[n][0]}, base has {ref_shapes[n][0]}; "
+                "components must be trained from this base"
             )
         if _tokenizer_fingerprint(other) != ref_tok:
             raise ModelError(

@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -45,10 +46,19 @@ from demix.search import (
     validate_mixture,
 )
 from demix.search.results import mixture_id
-from demix.storage import atomic_write_json, read_manifest
+from demix.storage import (
+    atomic_write_json,
+    atomic_write_text,
+    fetch_artifact,
+    fetch_files,
+    is_remote,
+    read_manifest,
+)
 from demix.train import component_weights, fingerprint, train_model
 
 FINAL_LABELS = ("chosen", "uniform", "token_prior")
+# Runs after each training checkpoint is saved (publishes checkpoints of a gs:// output).
+CheckpointHook = Callable[[Path], None] | None
 # The method assumes components stay close to the base (the paper: about 0.1 or less).
 SMALL_UPDATE = 0.1
 log = logging.getLogger(__name__)
@@ -85,11 +95,36 @@ def as_dict(names: list[str], weights) -> dict[str, float]:
     return {n: float(w) for n, w in zip(names, weights, strict=True)}
 
 
+def base_model_dir(config: RunConfig) -> Path | None:
+    """The local folder of `model.base` (a gs:// URI is fetched and verified), or None."""
+    if not config.model.base:
+        return None
+    from demix.model import MODEL_KIND
+
+    return fetch_artifact(config.model.base, MODEL_KIND, require_manifest=False)
+
+
+def with_local_datasets(config: RunConfig) -> RunConfig:
+    """The config with every gs:// dataset path replaced by its local cached copy."""
+    specs = [
+        spec.model_copy(update={"paths": [str(fetch_files(p)) for p in spec.paths]})
+        if any(is_remote(p) for p in spec.paths)
+        else spec
+        for spec in config.data.datasets
+    ]
+    data = config.data.model_copy(update={"datasets": specs})
+    return config.model_copy(update={"data": data})
+
+
 def curate_stage(config: RunConfig, out: Path) -> CuratedData:
-    """Fetch the demo corpus when configured, then curate the candidate datasets into `out`."""
+    """Fetch the demo corpus when configured, then curate the candidate datasets into `out`.
+
+    Dataset paths and `model.base` may be gs:// URIs (fetched into the local cache first).
+    """
     if config.data.fetch_demo:
         fetch_demo(Path(config.data.fetch_demo))
-    tokenizer_dir = Path(config.model.base) if config.model.base else None
+    config = with_local_datasets(config)
+    tokenizer_dir = base_model_dir(config)
     inputs = [
         (str(p), p.stat().st_size, p.stat().st_mtime_ns)
         for spec in config.data.datasets
@@ -104,11 +139,13 @@ def curate_stage(config: RunConfig, out: Path) -> CuratedData:
     return CuratedData(out)
 
 
-def base_stage(config: RunConfig, data: CuratedData, out: Path) -> Path:
+def base_stage(
+    config: RunConfig, data: CuratedData, out: Path, on_checkpoint: CheckpointHook = None
+) -> Path:
     """The shared base: `model.base` when given, else a tiny Llama pretrained on the token prior."""
     if config.model.base:
-        return Path(config.model.base)
-    _train_role(config, data, data.token_prior, "base", "base", out)
+        return base_model_dir(config)
+    _train_role(config, data, data.token_prior, "base", "base", out, on_checkpoint=on_checkpoint)
     return out
 
 
@@ -120,6 +157,7 @@ def _train_role(
     name: str,
     out: Path,
     init: Path | None = None,
+    on_checkpoint: CheckpointHook = None,
 ) -> dict:
     """The one training loop with the budget of `role` (base | component | reference | final)."""
     stage = {
@@ -140,11 +178,17 @@ def _train_role(
         name=name,
         init=init,
         arch=config.model.architecture if init is None else None,
+        on_checkpoint=on_checkpoint,
     )
 
 
 def component_stage(
-    config: RunConfig, data: CuratedData, base: Path, dataset: str, out: Path
+    config: RunConfig,
+    data: CuratedData,
+    base: Path,
+    dataset: str,
+    out: Path,
+    on_checkpoint: CheckpointHook = None,
 ) -> Path:
     """Train the component for `dataset` from the base."""
     if dataset not in data.names:
@@ -152,17 +196,27 @@ def component_stage(
     weights = component_weights(
         data.names, dataset, general_mix(config, data), config.train.general_ratio
     )
-    _train_role(config, data, weights, "component", dataset, out, init=base)
+    _train_role(
+        config, data, weights, "component", dataset, out, init=base, on_checkpoint=on_checkpoint
+    )
     return out
 
 
 def reference_stage(
-    config: RunConfig, data: CuratedData, base: Path, mixture: dict[str, float], out: Path
+    config: RunConfig,
+    data: CuratedData,
+    base: Path,
+    mixture: dict[str, float],
+    out: Path,
+    on_checkpoint: CheckpointHook = None,
 ) -> Path:
     """Train a model from the base on a data mixture with the component budget: the reference
     of `demix validate` and the proxy of the training-based search (`search.method: trained`)."""
     weights = validate_mixture(mixture, data.names)
-    _train_role(config, data, as_dict(data.names, weights), "reference", out.name, out, init=base)
+    mix = as_dict(data.names, weights)
+    _train_role(
+        config, data, mix, "reference", out.name, out, init=base, on_checkpoint=on_checkpoint
+    )
     return out
 
 
@@ -179,7 +233,7 @@ def load_for_eval(config: RunConfig, path: Path, device: torch.device | str):
 
 def make_evaluator(config: RunConfig, data: CuratedData, device: torch.device) -> Evaluator:
     """Evaluator over the configured tasks, built once."""
-    data_dir = Path(config.evaluate.data_dir) if config.evaluate.data_dir else None
+    data_dir = fetch_files(config.evaluate.data_dir) if config.evaluate.data_dir else None
     return Evaluator(
         config.evaluate, data.load_tokenizer(), str(device), data=data, eval_data_dir=data_dir
     )
@@ -354,10 +408,12 @@ def final_stage(
     label: str,
     mixture: dict[str, float],
     out: Path,
+    on_checkpoint: CheckpointHook = None,
 ) -> Path:
     """Train a final model from the base on a data mixture (the chosen one or a baseline)."""
     weights = validate_mixture(mixture, data.names)
-    _train_role(config, data, as_dict(data.names, weights), "final", label, out, init=base)
+    mix = as_dict(data.names, weights)
+    _train_role(config, data, mix, "final", label, out, init=base, on_checkpoint=on_checkpoint)
     return out
 
 
@@ -640,9 +696,8 @@ def predict_step(
     for path in scores:
         rows += ScoresTable(path).rows()
     rows.sort(key=lambda row: (row["round"], row["id"]))
-    table = ScoresTable(history_out)
-    for row in rows:
-        table.append(row)
+    # Written whole, not appended: a retried task gives the same file, not duplicated rows.
+    atomic_write_text(history_out, "".join(json.dumps(row) + "\n" for row in rows))
     metrics: dict = {"proxies_scored": len(rows)}
     if round_index is None:
         result = select_stage(config, data, rows)

@@ -13,6 +13,7 @@ import shutil
 import sys
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ from demix.model import (
     resolve_dtype,
     save_model,
 )
-from demix.storage import read_manifest, staged_dir, write_manifest
+from demix.storage import read_manifest, recover_replaced_dir, staged_dir, write_manifest
 
 CHECKPOINT_KIND = "demix.checkpoint"
 
@@ -94,13 +95,35 @@ def _save_checkpoint(
         write_manifest(tmp, CHECKPOINT_KIND, step=step)
 
 
+def _checkpoint_job(ckpt: Path) -> str | None:
+    """The job id a checkpoint was saved for (None when its state is unreadable)."""
+    try:
+        return json.loads((ckpt / "state.json").read_text()).get("job")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint file, parsed as safetensors only (never unpickled).
+
+    Raises TrainingError naming the file when it is not a safetensors file.
+    """
+    try:
+        return load_file(path)
+    except Exception as err:  # noqa: BLE001 (SafetensorError, OSError: one line, not a traceback)
+        raise TrainingError(
+            f"{path}: not a readable safetensors checkpoint ({type(err).__name__}); delete "
+            f"{path.parent} to train from the start"
+        ) from None
+
+
 def _load_checkpoint(ckpt: Path, model, optimizer, sampler) -> tuple[int, list]:
     read_manifest(ckpt, kind=CHECKPOINT_KIND, verify=True)
     params = dict(model.named_parameters())
     with torch.no_grad():
-        for name, value in load_file(ckpt / "model.safetensors").items():
+        for name, value in _load_tensors(ckpt / "model.safetensors").items():
             params[name].copy_(value)
-    tensors = load_file(ckpt / "optimizer.safetensors")
+    tensors = _load_tensors(ckpt / "optimizer.safetensors")
     torch.set_rng_state(tensors.pop("rng.torch_cpu"))
     state = json.loads((ckpt / "state.json").read_text())
     opt_state: dict[int, dict] = {}
@@ -131,12 +154,14 @@ def train_model(
     arch: ArchitectureConfig | None = None,
     stop_at_step: int | None = None,
     quiet: bool = False,
+    on_checkpoint: Callable[[Path], None] | None = None,
 ) -> dict | None:
     """Train from `init` (or a fresh tiny Llama) on the data mixture `weights`; save an HF folder.
 
     Skips work when `out` already holds a model with the same fingerprint; resumes from
     `<out>.ckpt` when present. With stop_at_step it checkpoints at that step and returns None
-    (used to test exact resume). Returns the output manifest.
+    (used to test exact resume). `on_checkpoint(folder)` runs after each checkpoint is saved
+    (it publishes checkpoints of a gs:// output). Returns the output manifest.
     Raises TrainingError on a non-finite loss (the last checkpoint is kept), MixtureError on
     bad weights, ModelError on a bad init folder.
     """
@@ -184,11 +209,14 @@ def train_model(
     total_steps = max(1, math.ceil(stage.tokens / train.tokens_per_step))
 
     step, history = 0, []
+    recover_replaced_dir(ckpt)  # a kill between the two renames of a checkpoint save
     # A checkpoint of a different job (changed config or data) is never resumed.
-    if (ckpt / "manifest.json").is_file() and json.loads((ckpt / "state.json").read_text()).get(
-        "job"
-    ) == job_id:
+    if (ckpt / "manifest.json").is_file() and _checkpoint_job(ckpt) == job_id:
         step, history = _load_checkpoint(ckpt, model, optimizer, sampler)
+        if not quiet:
+            print(
+                f"[demix] train {role} {name}: resumed at step {step} from {ckpt}", file=sys.stderr
+            )
 
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
     bar = tqdm(
@@ -202,40 +230,42 @@ def train_model(
         mininterval=1.0 if sys.stderr.isatty() else 30.0,
     )
     t0, tokens_done, running = time.perf_counter(), 0, None
-    while step < total_steps:
-        batch = torch.from_numpy(sampler.next_batch()).to(device)
-        inputs, targets = batch[:, :-1], batch[:, 1:]
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, total_steps, stage)
-        with autocast:
-            logits = model(input_ids=inputs).logits
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    try:  # the bar ends its line first, so an error message starts on its own line
+        while step < total_steps:
+            batch = torch.from_numpy(sampler.next_batch()).to(device)
+            inputs, targets = batch[:, :-1], batch[:, 1:]
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total_steps, stage)
+            with autocast:
+                logits = model(input_ids=inputs).logits
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
-        value = loss.item()
-        if not math.isfinite(value):
-            raise TrainingError(
-                f"{role} {name}: loss is {value} at step {step + 1}; the last good checkpoint is kept "
-                f"in {ckpt} (lower train.{role}.lr or raise train.grad_clip)"
-            )
-        step += 1
-        tokens_done += inputs.numel()
-        running = value if running is None else 0.9 * running + 0.1 * value
-        if step % train.log_every == 0 or step == total_steps:
-            history.append({"step": step, "loss": round(value, 5)})
-            rate = tokens_done / max(1e-9, time.perf_counter() - t0)
-            bar.set_postfix(loss=f"{running:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
-        bar.update(1)
-        if step == stop_at_step:
-            _save_checkpoint(ckpt, job_id, model, optimizer, sampler, step, history)
-            bar.close()
-            return None
-        if step % train.checkpoint_every == 0 and step < total_steps:
-            _save_checkpoint(ckpt, job_id, model, optimizer, sampler, step, history)
-    bar.close()
+            value = loss.item()
+            if not math.isfinite(value):
+                raise TrainingError(
+                    f"{role} {name}: loss is {value} at step {step + 1}; the last good checkpoint is kept "
+                    f"in {ckpt} (lower train.{role}.lr or raise train.grad_clip)"
+                )
+            step += 1
+            tokens_done += inputs.numel()
+            running = value if running is None else 0.9 * running + 0.1 * value
+            if step % train.log_every == 0 or step == total_steps:
+                history.append({"step": step, "loss": round(value, 5)})
+                rate = tokens_done / max(1e-9, time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{running:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
+            bar.update(1)
+            if step == stop_at_step or (step % train.checkpoint_every == 0 and step < total_steps):
+                _save_checkpoint(ckpt, job_id, model, optimizer, sampler, step, history)
+                if on_checkpoint is not None:
+                    on_checkpoint(ckpt)
+            if step == stop_at_step:
+                return None
+    finally:
+        bar.close()
 
     elapsed = time.perf_counter() - t0
     manifest = save_model(

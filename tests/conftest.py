@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import sysconfig
+import uuid
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,21 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# Strings that look like credentials: cloud keys, OAuth tokens, private keys, service accounts.
+KEY_LIKE = re.compile(
+    r"AKIA[0-9A-Z]{16}|-----BEGIN [A-Z ]*PRIVATE KEY|ya29\.[0-9A-Za-z_-]{20,}"
+    r"|AIza[0-9A-Za-z_-]{35}|ghp_[0-9A-Za-z]{36}|xox[abprs]-[0-9A-Za-z-]{10,}"
+    r"|(?i:private_key|client_secret|refresh_token|aws_secret_access_key)"
+)
+_EMBEDDED_IMAGE = re.compile(r"data:image/[a-z]+;base64,[A-Za-z0-9+/=]+")
+
+
+def key_like(text: str) -> str | None:
+    """The first credential-like string in `text` (embedded base64 images skipped), or None."""
+    found = KEY_LIKE.search(_EMBEDDED_IMAGE.sub("", text))
+    return found.group(0) if found else None
+
 
 WORDS = (
     "the a river city council report people year market school north long small old new "
@@ -129,3 +146,65 @@ def smoke_config_dict(corpus: Path, eval_data: Path | None = None) -> dict:
         },
         "search": {"n": 4, "rounds": 2, "candidates": 500, "top_k": 8},
     }
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: the tiny models train fastest so on a busy CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------- GCS emulator and faults
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """A real GCS emulator server (gcp-storage-emulator) on loopback, for the session."""
+    from .gcs_server import Emulator
+
+    server = Emulator()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def gcs(gcs_emulator, monkeypatch, tmp_path):
+    """A fresh bucket behind a fault-injecting proxy; the client and cache point at them.
+
+    Yields the proxy (its `plan` sets faults); `gcs.bucket` is the bucket's name. Retries back
+    off from 10 ms so injected faults cost little time; resumable uploads (files above 8 MiB)
+    go in 1 MiB chunks.
+    """
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    from . import reliability
+    from .gcs_server import FaultProxy
+
+    proxy = FaultProxy(gcs_emulator.port)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
+    monkeypatch.setenv("DEMIX_GCS_BACKOFF_S", "0.01")
+    monkeypatch.setenv("DEMIX_GCS_CHUNK_BYTES", str(1 << 20))
+    monkeypatch.setenv("DEMIX_CACHE", str(tmp_path / "cache"))
+    proxy.bucket = f"demix-{uuid.uuid4().hex[:12]}"
+    # created through the proxy before any fault is planned
+    storage.Client(project="demix-test", credentials=AnonymousCredentials()).create_bucket(
+        proxy.bucket
+    )
+    yield proxy
+    reliability.count("faults_injected", proxy.plan.injected)
+    proxy.stop()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print the reliability table when reliability tests ran."""
+    from . import reliability
+
+    lines = reliability.table()
+    if lines:
+        terminalreporter.section("reliability: nothing lost")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from unittest import mock
 
 import pytest
 import yaml
 from google.protobuf import json_format
-from kfp.dsl import HTML, Artifact, Dataset, Metrics
+from kfp.dsl import HTML, Artifact, Dataset, Metrics, Model
 from kfp.pipeline_spec import pipeline_spec_pb2
 
 import pipeline
@@ -279,3 +280,71 @@ def test_submit_to_vertex_builds_and_submits_a_pipeline_job(compiled):
     )
     assert kwargs["parameter_values"]["num_eval_workers"] == 4
     job.return_value.submit.assert_called_once()
+
+
+TIMING_KEYS = {"seconds", "tokens_per_s"}
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under root; manifests without their timing fields (wall clock differs)."""
+    out = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        if path.name == "manifest.json":
+            manifest = {k: v for k, v in json.loads(data).items() if k not in TIMING_KEYS}
+            data = json.dumps(manifest, sort_keys=True).encode()
+        out[path.relative_to(root).as_posix()] = data
+    return out
+
+
+def _attempt(root: Path, raw: dict) -> None:
+    """One attempt of the first four tasks, writing to fixed output paths under root."""
+    from components.curate_data import curate_data
+    from components.train_model import train_model
+
+    root.mkdir(exist_ok=True)
+    resolved = _artifact(Artifact, root / "config.yaml")
+    resolve_config.python_func(
+        config_yaml=yaml.safe_dump(raw), seed=0, general_ratio=-1.0, base_model="",
+        datasets_json="", search_n=0, component_tokens=0, final_tokens=0, resolved=resolved,
+    )  # fmt: skip
+    dataset = _artifact(Dataset, root / "dataset")
+    curate_data.python_func(config=resolved, data_fingerprint="fp", dataset=dataset)
+    model = _artifact(Model, root / "model")
+    train_model.python_func(config=resolved, role="base", name="base", data=dataset, model=model)
+    predict.python_func(
+        config=resolved, data=dataset, round_index=0, num_shards=2,
+        history_out=_artifact(Artifact, root / "history.jsonl"),
+        result=_artifact(Artifact, root / "proposals.json"),
+        metrics=_artifact(Metrics, root / "metrics"),
+        report=_artifact(HTML, root / "report.html"),
+    )  # fmt: skip
+
+
+@pytest.mark.reliability
+def test_a_retried_task_writes_the_same_outputs(tmp_path, corpus_dir, one_thread):
+    from demix.config import resolve_config as resolve
+    from demix.data.shards import CuratedData
+    from demix.train import train_model as train
+
+    raw = smoke_config_dict(corpus_dir)
+    raw["train"]["base"]["tokens"] = 3000
+    _attempt(tmp_path / "a", raw)
+    first = _snapshot(tmp_path / "a")
+    _attempt(tmp_path / "a", raw)  # retried after it had finished
+    assert _snapshot(tmp_path / "a") == first
+
+    # retried after an attempt that died mid-training: a checkpoint and a temporary left behind
+    _attempt(tmp_path / "b", raw)
+    shutil.rmtree(tmp_path / "b" / "model")
+    config = resolve((tmp_path / "b" / "config.yaml").read_text())
+    data = CuratedData(tmp_path / "b" / "dataset")
+    train(
+        tmp_path / "b" / "model", data, data.token_prior, config.train.base, config.train,
+        config.model, config.seed, role="base", name="base", arch=config.model.architecture,
+        stop_at_step=5, quiet=True,
+    )  # fmt: skip
+    (tmp_path / "b" / ".model.x1y2.tmp").mkdir()
+    (tmp_path / "b" / ".model.x1y2.tmp" / "model.safetensors").write_bytes(b"half written")
+    _attempt(tmp_path / "b", raw)
+    assert _snapshot(tmp_path / "b") == first

@@ -284,3 +284,12 @@ def test_validate_component_writes_fidelity_artifacts(smoke_run, tmp_path):
     assert result["n"] >= 5 and "aggregate" in result["categories"]
     assert "<h1>DeMix proxy fidelity</h1>" in (tmp_path / "report.html").read_text()
     assert metrics.metadata["crr/mean"] == pytest.approx(result["crr"]["mean"])
+
+
+def test_run_outputs_hold_no_credentials(smoke_run):
+    from .conftest import key_like
+
+    _, out = smoke_run
+    for name in ("report.html", "summary.json", "config.json", "search/result.json"):
+        found = key_like((out / name).read_text())
+        assert not found, f"{name}: key-like string {found!r}"

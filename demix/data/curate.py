@@ -20,7 +20,7 @@ import numpy as np
 from demix.config import DataConfig, DatasetSpec
 from demix.data.shards import DATASET_KIND
 from demix.errors import DataError, ModelError
-from demix.storage import staged_dir, write_manifest
+from demix.storage import check_uri, staged_dir, write_manifest
 
 EOS = "<|endoftext|>"
 TEXT_SUFFIXES = (".jsonl", ".jsonl.gz", ".txt", ".txt.gz")
@@ -72,9 +72,10 @@ def dataset_files(spec: DatasetSpec) -> list[Path]:
     for entry in spec.paths:
         path = Path(entry)
         if "://" in entry:
+            check_uri(entry)
             raise DataError(
-                f"dataset {spec.name!r}: {entry}: remote URIs are not read by curate; copy the "
-                "files to a local path"
+                f"dataset {spec.name!r}: {entry}: gs:// paths are fetched by `demix curate` "
+                "(demix.stages.curate_stage); call that, or copy the files to a local path"
             )
         if path.is_dir():
             try:

@@ -33,7 +33,9 @@ BUNDLED_TASKS: dict[str, str] = {
     "mbpp_bpb": BITS_PER_BYTE,
 }
 
-_FETCH_HINT = "run `demix data fetch-demo --out data/` or point eval_data_dir at the eval folder"
+_FETCH_HINT = (
+    "run `demix data fetch-demo --out data/` or point evaluate.data_dir at the eval folder"
+)
 _LIST_HINT = "see the bundled tasks {bundled} and lm-eval's with `lm-eval ls tasks`"
 
 

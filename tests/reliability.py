@@ -1,0 +1,47 @@
+"""Counters the reliability tests record as they run; conftest prints them as a table.
+
+Every number in the table comes from a test that ran in this session: a kill that was
+survived, a fault the proxy injected, a bad input that was refused. `intact` records each
+integrity check before asserting it, so a lost or corrupt artifact shows in the table too.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+COUNTS: Counter = Counter()
+
+ROWS = (
+    ("kills", "processes killed with SIGKILL mid-run, rerun to an identical result"),
+    ("faults_injected", "GCS faults injected (503/429/500, dropped connections, flipped bytes)"),
+    ("faults_retried", "  retried until the transfer succeeded"),
+    ("faults_fatal", "  outlasted the retry deadline: publish failed, never read as complete"),
+    ("corruption_refused", "  flipped bytes that reached the reader: download refused"),
+    ("tampered_refused", "published artifacts tampered with afterwards, refused on read"),
+    ("bad_inputs", "bad inputs refused with one line, exit 2, nothing written"),
+    ("integrity_checks", "artifact integrity checks"),
+    ("artifacts_lost", "artifacts lost or corrupt artifacts accepted"),
+)
+
+
+def count(key: str, n: int = 1) -> None:
+    """Add n to a counter of the reliability table."""
+    COUNTS[key] += n
+
+
+def intact(ok: bool, what: str) -> None:
+    """Record one integrity check (a failure counts as an artifact lost), then assert it."""
+    COUNTS["integrity_checks"] += 1
+    if not ok:
+        COUNTS["artifacts_lost"] += 1
+    assert ok, what
+
+
+def table() -> list[str]:
+    """The table's lines, or none when no reliability test ran."""
+    if not any(COUNTS[key] for key, _ in ROWS):
+        return []
+    width = max(len(label) for _, label in ROWS)
+    lines = [f"{'what':<{width}}  count", f"{'-' * width}  -----"]
+    lines += [f"{label:<{width}}  {COUNTS[key]:>5}" for key, label in ROWS]
+    return lines
