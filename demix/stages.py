@@ -212,12 +212,7 @@ def reference_stage(
 ) -> Path:
     """Train a model from the base on a data mixture with the component budget: the reference
     of `demix validate` and the proxy of the training-based search (`search.method: trained`)."""
-    weights = validate_mixture(mixture, data.names)
-    mix = as_dict(data.names, weights)
-    _train_role(
-        config, data, mix, "reference", out.name, out, init=base, on_checkpoint=on_checkpoint
-    )
-    return out
+    return _train_on_mixture(config, data, base, "reference", out.name, mixture, out, on_checkpoint)
 
 
 def load_for_eval(config: RunConfig, path: Path, device: torch.device | str):
@@ -411,9 +406,22 @@ def final_stage(
     on_checkpoint: CheckpointHook = None,
 ) -> Path:
     """Train a final model from the base on a data mixture (the chosen one or a baseline)."""
-    weights = validate_mixture(mixture, data.names)
-    mix = as_dict(data.names, weights)
-    _train_role(config, data, mix, "final", label, out, init=base, on_checkpoint=on_checkpoint)
+    return _train_on_mixture(config, data, base, "final", label, mixture, out, on_checkpoint)
+
+
+def _train_on_mixture(
+    config: RunConfig,
+    data: CuratedData,
+    base: Path,
+    role: str,
+    name: str,
+    mixture: dict[str, float],
+    out: Path,
+    on_checkpoint: CheckpointHook,
+) -> Path:
+    """Train `role` from the base on a data mixture (checked first); returns `out`."""
+    mix = as_dict(data.names, validate_mixture(mixture, data.names))
+    _train_role(config, data, mix, role, name, out, init=base, on_checkpoint=on_checkpoint)
     return out
 
 
