@@ -14,6 +14,11 @@ The same rho, top-quarter rho and regret are always reported for two trivial pre
 only the mixture weights: a leave-one-out least-squares fit of the reference score on the
 weights, and, for a category named like a dataset, that dataset's weight. Per-domain rho is
 easy to get from weights alone; a proxy is only informative where it beats these.
+
+Per task, the signal-to-noise ratio of the references (standard deviation of a task's reference
+values across mixtures / their mean standard error) tells whether the task separates the
+mixtures at all: a task below 1 (e.g. multiple choice at chance for a small model) only adds
+noise to every rank-based score, for proxies and references alike.
 """
 
 from __future__ import annotations
@@ -66,6 +71,31 @@ def loo_linear_predictions(weights: np.ndarray, target) -> np.ndarray:
     return out
 
 
+def task_signal(
+    proxy_results: list[dict], reference_results: list[dict], tasks: list[str]
+) -> dict[str, dict[str, float]]:
+    """Per task: rho proxy vs reference values, and the references' spread, stderr and SNR.
+
+    spread = sample standard deviation of the reference values across mixtures; stderr = mean of
+    the references' finite standard errors (NaN when none); snr = spread / stderr.
+    """
+    out = {}
+    for task in tasks:
+        proxy = np.array([float(r[task]["value"]) for r in proxy_results])
+        reference = np.array([float(r[task]["value"]) for r in reference_results])
+        errors = [r[task].get("stderr") for r in reference_results]
+        errors = [float(e) for e in errors if e is not None and math.isfinite(float(e))]
+        spread = float(np.std(reference, ddof=1)) if reference.size > 1 else float("nan")
+        stderr = float(np.mean(errors)) if errors else float("nan")
+        out[task] = {
+            "rho": spearman(proxy, reference),
+            "spread": spread,
+            "stderr": stderr,
+            "snr": spread / stderr if stderr > 0 else float("nan"),
+        }
+    return out
+
+
 def ranking_metrics(predicted, reference) -> dict[str, float]:
     return {
         "rho": spearman(predicted, reference),
@@ -103,7 +133,7 @@ def fidelity(
 
     Returns {"categories": {category | "aggregate": {"proxy": {...}, "trivial_linear": {...},
     "trivial_weight": {...} | None, "proxy_beats_trivial": bool}}, "crr": {...}, "n": R,
-    "proxy_scores": {...}, "reference_scores": {...}}.
+    "tasks": {task: task_signal entry}, "proxy_scores": {...}, "reference_scores": {...}}.
     """
     weights = np.asarray(weights, dtype=np.float64)
     proxy = score_models(proxy_results, categories)
@@ -135,6 +165,9 @@ def fidelity(
         "n": int(len(weights)),
         "categories": out,
         "crr": capability_recovery(proxy_results, reference_results, categories),
+        "tasks": task_signal(
+            proxy_results, reference_results, list(dict.fromkeys(sum(categories.values(), [])))
+        ),
         "proxy_scores": {c: column(proxy, c).tolist() for c in [*categories, AGGREGATE]},
         "reference_scores": {c: column(reference, c).tolist() for c in [*categories, AGGREGATE]},
     }

@@ -114,7 +114,9 @@ def reproduce(config: RunConfig, out: str | Path, log=print) -> dict[str, Any]:
     merge_tokens = _tokens(components.values())
     result = {
         "datasets": data.names,
-        "fidelity": {k: validation[k] for k in ("n", "categories", "crr", "relative_delta_norms")},
+        "fidelity": {
+            k: validation[k] for k in ("n", "categories", "crr", "tasks", "relative_delta_norms")
+        },
         "sweep": sweep,
         "searches": {
             "merge": {
@@ -164,6 +166,16 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(
             f"| {category} | {proxy['rho']:.3f} | {fit['rho']:.3f} | {own_rho} | "
             f"{proxy['regret']:.3f} | {fit['regret']:.3f} | {crr:.3f} |"
+        )
+    lines += [
+        "",
+        "| task | rho proxy | reference spread | reference stderr | signal/noise |",
+        "|---|---|---|---|---|",
+    ]
+    for task, entry in fid["tasks"].items():
+        lines.append(
+            f"| {task} | {entry['rho']:.3f} | {entry['spread']:.4f} | {entry['stderr']:.4f} | "
+            f"{entry['snr']:.2f} |"
         )
     norms = ", ".join(f"{n} {v:.3f}" for n, v in fid["relative_delta_norms"].items())
     categories = list(next(iter(result["final"].values()))["categories"])

@@ -234,8 +234,30 @@ def make_evaluator(config: RunConfig, data: CuratedData, device: torch.device) -
     )
 
 
+def _model_id(folder: Path) -> str:
+    return read_model_manifest(folder).get("fingerprint") or str(folder)
+
+
+def score_key(config: RunConfig, data: CuratedData, base: Path, **what) -> str:
+    """Fingerprint of everything a proxy's scores depend on besides its mixture.
+
+    Stamped on every scores row; a resumed search refuses rows stamped differently (changed
+    tasks, limits, merge settings or models) instead of mixing them. Settings that do not change
+    scores (evaluation engine, batch size) are left out.
+    """
+    return fingerprint(
+        evaluate=config.evaluate.model_dump(exclude={"engine", "batch_size"}),
+        data=read_manifest(data.root).get("files"),
+        base=_model_id(base),
+        **what,
+    )
+
+
 class ProxyEvaluator:
-    """Base + components loaded once; each call writes a proxy in place and evaluates it."""
+    """Base + components loaded once; each call writes a proxy in place and evaluates it.
+
+    `key` identifies what the scores depend on (see score_key).
+    """
 
     def __init__(
         self,
@@ -262,6 +284,14 @@ class ProxyEvaluator:
             delta_dtype=getattr(torch, config.merge.delta_dtype),
         )
         self.evaluator = evaluator or make_evaluator(config, data, device)
+        self.key = score_key(
+            config,
+            data,
+            base,
+            merge=config.merge.model_dump(),
+            general_ratio=config.train.general_ratio,
+            components=[_model_id(d) for d in comp_dirs],
+        )
 
     def __call__(self, mixture: np.ndarray) -> dict:
         self.stack.write(merge_weights(self.config, self.data, mixture))
@@ -284,6 +314,14 @@ class TrainedProxyEvaluator:
         self.config, self.data, self.base, self.folder = config, data, base, folder
         self.device = resolve_device(config.train.device)
         self.evaluator = evaluator or make_evaluator(config, data, self.device)
+        self.key = score_key(
+            config,
+            data,
+            base,
+            trained=config.train.model_dump(exclude={"checkpoint_every", "log_every", "device"}),
+            seed=config.seed,
+            model=config.model.model_dump(),
+        )
 
     def __call__(self, mixture: np.ndarray) -> dict:
         out = self.folder / f"proxy-{mixture_id(mixture, self.config.search.sampler.grid)}"
@@ -337,7 +375,7 @@ def evaluate_proxies_stage(
             proxy = TrainedProxyEvaluator(config, data, base, out.parent / "proxies")
         else:
             proxy = ProxyEvaluator(config, data, base, components)
-        evaluate_proposals(proposals, data.names, proxy, table)
+        evaluate_proposals(proposals, data.names, proxy, table, key=proxy.key)
     return table.rows()
 
 
@@ -386,7 +424,9 @@ def search_stage(
         norms = as_dict(data.names, proxy.stack.relative_norms)
     table = ScoresTable(out / "scores.jsonl")
     for r in range(config.search.rounds):
-        evaluate_proposals(propose_stage(config, data, table.rows(), r), data.names, proxy, table)
+        evaluate_proposals(
+            propose_stage(config, data, table.rows(), r), data.names, proxy, table, key=proxy.key
+        )
     result = select_stage(config, data, table.rows(), norms)
     result["search_method"] = config.search.method
     result["proxy_training_tokens"] = (

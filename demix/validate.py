@@ -127,6 +127,13 @@ def fidelity_warnings(result: dict[str, Any]) -> list[str]:
             f"(aggregate rho {aggregate['proxy']['rho']:.3f} vs "
             f"{aggregate['trivial_linear']['rho']:.3f}); do not trust a search on this data"
         )
+    quiet = {t: round(e["snr"], 2) for t, e in result.get("tasks", {}).items() if e["snr"] < 1}
+    if quiet:
+        warnings.append(
+            f"tasks whose scores differ between references by less than their standard error "
+            f"(signal/noise {quiet}): they add noise to every ranking; drop them or raise "
+            f"evaluate.limit"
+        )
     large = {n: round(v, 3) for n, v in result["relative_delta_norms"].items() if v > SMALL_UPDATE}
     if large:
         warnings.append(
@@ -172,6 +179,16 @@ def write_fidelity_report(path: Path, result: dict[str, Any]) -> Path:
             rows,
         )
     )
+    if result.get("tasks"):
+        body.append(
+            _table(
+                ["task", "rho proxy", "reference spread", "reference stderr", "signal/noise"],
+                [
+                    [t, e["rho"], e["spread"], e["stderr"], e["snr"]]
+                    for t, e in result["tasks"].items()
+                ],
+            )
+        )
     for category in result["categories"]:
         fig, ax = plt.subplots(figsize=(4, 4))
         ax.scatter(result["reference_scores"][category], result["proxy_scores"][category], s=28)

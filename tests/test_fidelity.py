@@ -14,6 +14,7 @@ from demix.fidelity import (
     loo_linear_predictions,
     regret,
     spearman,
+    task_signal,
     top_quarter_spearman,
 )
 
@@ -90,3 +91,51 @@ def test_fidelity_separates_a_proxy_from_the_weights_only_predictor():
     weightish = [{"t1": _result(x), "t2": _result(x)} for x in w[:, 0]]
     lazy = fidelity(names, w, weightish, refs, categories)
     assert not lazy["categories"]["a"]["proxy_beats_trivial"]
+
+
+def test_task_signal_hand_computed():
+    """spread = sample sd of the reference values, stderr = mean finite stderr, snr = ratio;
+    rho compares proxy and reference values per task."""
+    refs = [
+        {"loud": {**_result(v), "stderr": e}, "quiet": {**_result(q), "stderr": 0.5}}
+        for v, e, q in [(1.0, 0.1, 0.30), (2.0, 0.3, 0.31), (3.0, None, 0.29)]
+    ]
+    proxies = [
+        {"loud": _result(v), "quiet": _result(q)}
+        for v, q in [(10.0, 0.2), (30.0, 0.1), (20.0, 0.3)]
+    ]
+    out = task_signal(proxies, refs, ["loud", "quiet"])
+    assert out["loud"]["spread"] == pytest.approx(1.0)
+    assert out["loud"]["stderr"] == pytest.approx(0.2)  # the missing stderr is left out
+    assert out["loud"]["snr"] == pytest.approx(5.0)
+    assert out["loud"]["rho"] == pytest.approx(0.5)
+    assert out["quiet"]["spread"] == pytest.approx(0.01)
+    assert out["quiet"]["snr"] == pytest.approx(0.02)
+    assert out["quiet"]["rho"] == pytest.approx(-1.0)
+    # fidelity() carries it per task, once per task even when categories share one
+    result = fidelity(
+        ["a", "b", "c"],
+        np.eye(3),
+        proxies,
+        refs,
+        {"x": ["loud", "quiet"], "y": ["quiet"]},
+    )
+    assert list(result["tasks"]) == ["loud", "quiet"]
+    assert result["tasks"]["quiet"]["snr"] == pytest.approx(0.02)
+
+
+def test_a_task_without_signal_is_warned_about():
+    from demix.validate import fidelity_warnings
+
+    rng = np.random.default_rng(0)
+    w = rng.dirichlet(np.ones(2), size=6)
+    refs = [{"t": {**_result(x), "stderr": 1.0}} for x in w[:, 0]]  # spread ~0.3 < stderr 1
+    result = fidelity(["a", "b"], w, refs, refs, {"a": ["t"]})
+    result["relative_delta_norms"] = {"a": 0.01, "b": 0.01}
+    (warning,) = [m for m in fidelity_warnings(result) if "signal/noise" in m]
+    assert "'t'" in warning and "evaluate.limit" in warning
+    for r in refs:
+        r["t"]["stderr"] = 0.01
+    loud = fidelity(["a", "b"], w, refs, refs, {"a": ["t"]})
+    loud["relative_delta_norms"] = result["relative_delta_norms"]
+    assert not [m for m in fidelity_warnings(loud) if "signal/noise" in m]

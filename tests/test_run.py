@@ -65,6 +65,21 @@ def test_rerun_skips_finished_work_and_gives_the_same_mixture(smoke_run, capsys)
     )
 
 
+def test_a_search_resumed_with_other_evaluation_settings_is_refused(smoke_run, capsys):
+    """Scores rows carry what they were scored with; a rerun in the same folder with other
+    evaluation settings must not mix old and new scores."""
+    config, out = smoke_run
+    scores = out / "search" / "scores.jsonl"
+    before = scores.read_text()
+    rows = [json.loads(line) for line in before.splitlines()]
+    assert len({row["scored_with"] for row in rows}) == 1
+    capsys.readouterr()
+    assert main(["run", str(config), "--out", str(out), "--set", "evaluate.limit=3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("demix: error: ") and "scored with other evaluation" in err[-1]
+    assert scores.read_text() == before
+
+
 def test_any_hf_causal_lm_folder_can_be_the_base(smoke_run, tmp_path, corpus_dir, eval_dir):
     """A base given as an HF folder (here a GPT-2 built from config) is used as is: its tokenizer
     curates the data and no base is pretrained."""

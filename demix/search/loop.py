@@ -148,18 +148,38 @@ def check_table_matches(proposals: list[dict], table: ScoresTable) -> None:
         )
 
 
+def check_scored_with(table: ScoresTable, key: str) -> None:
+    """Refuse a table holding rows scored under another setup (row field "scored_with").
+
+    Such rows come from changed tasks, limits, merge settings or models; mixing them with new
+    rows would rank proxies on different scales. Raises SearchError naming the table.
+    """
+    stale = [row["id"] for row in table.rows() if row.get("scored_with") != key]
+    if stale:
+        raise SearchError(
+            f"{table.path}: {len(stale)} row(s) (first {stale[0]!r}) were scored with other "
+            "evaluation, merge or model settings; delete the table or use a fresh output folder"
+        )
+
+
 def evaluate_proposals(
     proposals: list[dict],
     names: list[str],
     evaluate: Callable[[np.ndarray], dict],
     table: ScoresTable,
     log: Callable[[str], None] = print,
+    key: str | None = None,
 ) -> int:
     """Evaluate proposals not yet in `table`, appending one row each; return how many ran.
 
-    Raises SearchError when the table holds rows of this round that were not proposed.
+    With `key` (what the scores depend on, see demix.stages.score_key) rows are stamped with it
+    and a table holding rows stamped differently is refused.
+    Raises SearchError when the table holds rows of this round that were not proposed, or rows
+    scored with another key.
     """
     check_table_matches(proposals, table)
+    if key is not None:
+        check_scored_with(table, key)
     done = table.ids()
     ran = 0
     for k, proposal in enumerate(proposals):
@@ -168,7 +188,8 @@ def evaluate_proposals(
         start = time.perf_counter()
         tasks = evaluate(np.array([proposal["weights"][n] for n in names]))
         elapsed = time.perf_counter() - start
-        table.append({**proposal, "tasks": tasks, "time_s": round(elapsed, 3)})
+        row = {**proposal, "tasks": tasks, "time_s": round(elapsed, 3)}
+        table.append(row if key is None else {**row, "scored_with": key})
         log(
             f"[demix] round {proposal['round']} proxy {k + 1}/{len(proposals)} "
             f"{proposal['id']}: {elapsed:.1f} s"
