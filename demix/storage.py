@@ -77,13 +77,23 @@ def list_files(root: Path) -> list[str]:
     return out
 
 
-def write_manifest(root: str | Path, kind: str, **fields: Any) -> dict:
-    """Write `manifest.json` last: kind, extra fields, and every file's size and sha256."""
+def write_manifest(
+    root: str | Path, kind: str, known_files: dict[str, dict] | None = None, **fields: Any
+) -> dict:
+    """Write `manifest.json` last: kind, extra fields, and every file's size and sha256.
+
+    `known_files` {rel: {"size", "sha256"}} are hashes the writer computed while writing (a file
+    whose size differs from its entry is hashed again); every other file is hashed here.
+    """
     root = Path(root)
-    files = {
-        rel: {"size": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)}
-        for rel in list_files(root)
-    }
+    known_files = known_files or {}
+    files = {}
+    for rel in list_files(root):
+        size = (root / rel).stat().st_size
+        entry = known_files.get(rel)
+        if entry is None or entry["size"] != size:
+            entry = {"size": size, "sha256": sha256_file(root / rel)}
+        files[rel] = {"size": size, "sha256": entry["sha256"]}
     manifest = {"kind": kind, **fields, "files": files}
     atomic_write_json(root / MANIFEST, manifest)
     return manifest

@@ -1,113 +1,96 @@
 """Write one merged model to disk, streaming tensor by tensor from (sharded) safetensors.
 
-Memory holds the output shard being filled plus, per tensor, one component tensor at a time for
-the weighted-sum methods (linear, task arithmetic, DARE linear) and one per component for the TIES
-family, whose sign election needs all of them at once. Output shards are flushed at `shard_bytes`;
-the HF index (`model.safetensors.index.json`) is written after the last shard, the manifest last.
+Inputs are memory-mapped once per file and read without copies; each input tensor's pages are
+dropped from the process once merged. Output shards are planned up front (names, shapes, dtypes
+are known from the base), so each merged tensor is written and hashed on a background thread
+while the next one is merged; the HF index (`model.safetensors.index.json`) is written after the
+last shard, the manifest (with the hashes computed while writing) last.
+
+Memory: the weighted-sum methods (linear, task arithmetic, DARE linear) hold one output tensor
+per tensor in flight (at most three) and read the components in cache-sized chunks; the TIES
+family holds one delta per component for the tensor being merged, as its sign election needs
+all of them at once.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Iterable
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from demix.errors import MixtureError
 from demix.merge.delta_stack import TensorIndex
 from demix.merge.methods import MergeMethod, make_method
 from demix.merge.methods.base import combine_in_chunks
+from demix.merge.safetensors_io import SafetensorsStreamWriter
 from demix.model import MODEL_KIND, check_compatible, copy_model_files
 from demix.storage import staged_dir, write_manifest
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
+# Entries per chunk of the fused weighted sum: the output chunk stays in cache while every
+# component's chunk is added to it (one pass over memory instead of one per component).
+SUM_CHUNK = 1 << 15
+# A base coefficient (1 - sum a) below this is float rounding of weights that sum to 1: its term
+# would change no fp32 output value, so it is skipped rather than read.
+NEGLIGIBLE = 1e-9
 
 
-class ShardWriter:
-    """Collects tensors and writes them as numbered safetensors shards of bounded size."""
-
-    def __init__(self, folder: Path, shard_bytes: int):
-        self.folder, self.shard_bytes = folder, shard_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.written: list[tuple[Path, list[str], int]] = []
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.shard_bytes:
-            self.flush()
-        self.pending[name] = tensor
-        self.pending_bytes += size
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        path = self.folder / f".shard-{len(self.written):05d}.safetensors"
-        save_file(self.pending, path, metadata={"format": "pt"})
-        self.written.append((path, list(self.pending), self.pending_bytes))
-        self.pending, self.pending_bytes = {}, 0
-
-    def finish(self) -> list[str]:
-        """Name the shards as Hugging Face does and write the index last; return file names."""
-        self.flush()
-        if len(self.written) == 1:
-            os.replace(self.written[0][0], self.folder / "model.safetensors")
-            return ["model.safetensors"]
-        total = len(self.written)
-        weight_map, names = {}, []
-        for i, (path, tensors, _) in enumerate(self.written, start=1):
-            name = f"model-{i:05d}-of-{total:05d}.safetensors"
-            os.replace(path, self.folder / name)
-            names.append(name)
-            weight_map.update(dict.fromkeys(tensors, name))
-        index = {
-            "metadata": {"total_size": sum(size for *_, size in self.written)},
-            "weight_map": weight_map,
-        }
-        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        return names
+def _weighted_sum(
+    terms: Sequence[tuple[torch.Tensor, float]], out: torch.Tensor, chunk: int = SUM_CHUNK
+) -> torch.Tensor:
+    """out = sum a * t over (t, a) in `terms` (flat fp32 views), chunk by chunk."""
+    n = out.numel()
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        part = out[start:stop]
+        first, a = terms[0]
+        torch.mul(first[start:stop], a, out=part)
+        for t, a in terms[1:]:
+            part.add_(t[start:stop], alpha=a)
+    return out
 
 
 def merge_tensor(
     method: MergeMethod,
     name: str,
     base: torch.Tensor,
-    components: Iterable[torch.Tensor],
+    components: Sequence[torch.Tensor],
     weights: np.ndarray,
 ) -> torch.Tensor:
-    """The merge of one tensor, in float32. `components` is consumed one tensor at a time.
+    """The merge of one tensor, in float32 (inputs are read, never changed).
 
-    Nothing tensor-sized is allocated per component: a weighted sum without preparation is
-    accumulated as (1 - sum a) base + sum a_i theta_i straight from each loaded tensor (for
-    linear, sum a = 1 and this is the weighted average itself); prepared deltas go through one
-    scratch buffer (weighted sums) or their row of the K x n stack (the TIES family).
+    Nothing tensor-sized is allocated per component for a weighted sum without preparation: it
+    is (1 - sum a) base + sum a_i theta_i computed in one chunked pass (for linear, sum a = 1
+    and this is the weighted average itself). Prepared deltas go through one scratch buffer
+    (weighted sums) or their row of the K x n stack (the TIES family).
     """
-    b = base.float()
+    b = base.float().reshape(-1)
+    shape = base.shape
     if method.weighted_sum:
         coefficients = method.sum_coefficients(weights)
         if method.prepares:  # base + sum a_i prepare(theta_i - base)
             merged, scratch = b.clone(), torch.empty_like(b)
-        else:  # (1 - sum a) base + sum a_i theta_i
-            merged, scratch = b * float(1.0 - coefficients.sum()), None
-        for k, (t, a) in enumerate(zip(components, coefficients, strict=True)):
-            if scratch is None:
-                merged.add_(t, alpha=float(a))
-            else:
-                torch.sub(t, b, out=scratch)
+            for k, (t, a) in enumerate(zip(components, coefficients, strict=True)):
+                torch.sub(t.reshape(-1), b, out=scratch)
                 merged.add_(method.prepare(scratch, k, name), alpha=float(a))
-        return merged
-    flat = b.reshape(-1)
-    deltas = torch.empty((len(weights), flat.numel()), dtype=torch.float32)
+            return merged.view(shape)
+        terms = [
+            (t.reshape(-1) if t.dtype == torch.float32 else t.reshape(-1).float(), float(a))
+            for t, a in zip(components, coefficients, strict=True)
+        ]
+        rest = float(1.0 - coefficients.sum())
+        if abs(rest) > NEGLIGIBLE or not terms:
+            terms.append((b, rest))
+        return _weighted_sum(terms, torch.empty_like(b)).view(shape)
+    deltas = torch.empty((len(weights), b.numel()), dtype=torch.float32)
     for k, t in enumerate(components):
-        torch.sub(t.reshape(-1), flat, out=deltas[k])
+        torch.sub(t.reshape(-1), b, out=deltas[k])
         method.prepare(deltas[k], k, name)
-    merged = torch.empty(flat.numel(), dtype=torch.float32)
+    merged = torch.empty(b.numel(), dtype=torch.float32)
     combine_in_chunks(method, deltas, torch.as_tensor(weights, dtype=torch.float32), merged)
-    return merged.add_(flat).view(b.shape)
+    return merged.add_(b).view(shape)
 
 
 def merge_to_disk(
@@ -134,14 +117,24 @@ def merge_to_disk(
     check_compatible(base, components)
     base_index = TensorIndex(base)
     indexes = [TensorIndex(c) for c in components]
+    names = base_index.names()
+    plan = []
+    for name in names:
+        b = base_index.get(name)
+        plan.append((name, tuple(b.shape), dtype or b.dtype))
     with staged_dir(out) as tmp:
-        writer = ShardWriter(tmp, shard_bytes)
-        for name in base_index.names():
-            b = base_index.get(name)
-            # a generator: methods that can stream components hold one of them at a time
-            merged = merge_tensor(method, name, b, (ix.get(name) for ix in indexes), c)
-            writer.add(name, merged.to(dtype or b.dtype).contiguous())
-        files = writer.finish()
+        writer = SafetensorsStreamWriter(tmp, plan, shard_bytes)
+        try:
+            for name, (_, _, out_dtype) in zip(names, plan, strict=True):
+                b = base_index.get(name)
+                merged = merge_tensor(method, name, b, [ix.get(name) for ix in indexes], c)
+                writer.write(name, merged if merged.dtype == out_dtype else merged.to(out_dtype))
+                for index in (base_index, *indexes):
+                    index.release(name)
+            hashes = writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
         copy_model_files(base, tmp)
         manifest = write_manifest(
             tmp,
@@ -151,7 +144,8 @@ def merge_to_disk(
             component_weights=c.tolist(),
             components=[str(c) for c in components],
             base=str(base),
-            weight_files=files,
+            weight_files=sorted(hashes),
+            known_files=hashes,
             **manifest_fields,
         )
     return manifest
