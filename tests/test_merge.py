@@ -188,3 +188,44 @@ def test_disk_merge_output_dtype(models, tmp_path):
     merge_to_disk(base, comps, [0.2, 0.5, 0.3], tmp_path / "bf16", dtype=torch.bfloat16)
     with safe_open(tmp_path / "bf16" / "model.safetensors", framework="pt") as st:
         assert {st.get_slice(k).get_dtype() for k in st.keys()} == {"BF16"}  # noqa: SIM118
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties"])
+def test_disk_merge_of_bf16_models_is_computed_in_fp32(models, tmp_path, method):
+    """bf16 inputs are read as they are and accumulated in fp32: the result equals the fp32
+    merge of the same bf16 values, in the inputs' dtype (the base's)."""
+    from safetensors.torch import load_file
+
+    base, comps = models
+    halves = []
+    for i, folder in enumerate([base, *comps]):
+        out = tmp_path / f"bf16-{i}"
+        out.mkdir()
+        for f in folder.iterdir():
+            if f.name == "model.safetensors":
+                tensors = {k: v.to(torch.bfloat16) for k, v in load_file(f).items()}
+                save_file(tensors, out / f.name, metadata={"format": "pt"})
+            elif f.name != "manifest.json":
+                (out / f.name).write_bytes(f.read_bytes())
+        halves.append(out)
+    weights = [0.2, 0.5, 0.3]
+    merge_to_disk(halves[0], halves[1:], weights, tmp_path / "from-bf16", method=method)
+    upcast = tmp_path / "fp32-of-bf16"
+    upcast.mkdir()
+    for i, folder in enumerate(halves):
+        dst = upcast / str(i)
+        dst.mkdir()
+        for f in folder.iterdir():
+            if f.name == "model.safetensors":
+                save_file({k: v.float() for k, v in load_file(f).items()}, dst / f.name)
+            else:
+                (dst / f.name).write_bytes(f.read_bytes())
+    paths = [upcast / str(i) for i in range(len(halves))]
+    merge_to_disk(
+        paths[0], paths[1:], weights, tmp_path / "ref", method=method, dtype=torch.bfloat16
+    )
+    got = load_file(tmp_path / "from-bf16" / "model.safetensors")
+    ref = load_file(tmp_path / "ref" / "model.safetensors")
+    assert {v.dtype for v in got.values()} == {torch.bfloat16}
+    for name, value in ref.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=0)

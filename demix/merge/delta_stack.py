@@ -43,9 +43,10 @@ class TensorIndex:
         """
         return self._file(name).tensor(name)
 
-    def release(self, name: str) -> None:
-        """Drop the pages of tensor `name` from this process (views of it stay valid)."""
-        self._file(name).release(name)
+    def release(self, name: str, start: int = 0, stop: int | None = None) -> None:
+        """Drop the pages of elements [start, stop) of tensor `name` from this process (views
+        of it stay valid)."""
+        self._file(name).release(name, start, stop)
 
 
 class DeltaStack:

@@ -14,7 +14,7 @@ all of them at once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -32,23 +32,41 @@ DEFAULT_SHARD_BYTES = 2 * 1024**3
 # Entries per chunk of the fused weighted sum: the output chunk stays in cache while every
 # component's chunk is added to it (one pass over memory instead of one per component).
 SUM_CHUNK = 1 << 15
+# Entries per block: after each block, the inputs' pages of it are released (see merge_tensor).
+SUM_BLOCK = 1 << 21
 # A base coefficient (1 - sum a) below this is float rounding of weights that sum to 1: its term
 # would change no fp32 output value, so it is skipped rather than read.
 NEGLIGIBLE = 1e-9
 
 
+Release = Callable[[int | None, int, int], None]
+
+
 def _weighted_sum(
-    terms: Sequence[tuple[torch.Tensor, float]], out: torch.Tensor, chunk: int = SUM_CHUNK
+    terms: Sequence[tuple[torch.Tensor, float]],
+    out: torch.Tensor,
+    release: Release | None = None,
+    chunk: int = SUM_CHUNK,
+    block: int = SUM_BLOCK,
 ) -> torch.Tensor:
-    """out = sum a * t over (t, a) in `terms` (flat fp32 views), chunk by chunk."""
+    """out = sum a * t over (t, a) in `terms` (flat fp32 views), chunk by chunk; after each
+    block, release(k, start, stop) for every term k."""
     n = out.numel()
-    for start in range(0, n, chunk):
-        stop = min(n, start + chunk)
-        part = out[start:stop]
-        first, a = terms[0]
-        torch.mul(first[start:stop], a, out=part)
-        for t, a in terms[1:]:
-            part.add_(t[start:stop], alpha=a)
+    for block_start in range(0, n, block):
+        block_stop = min(n, block_start + block)
+        for start in range(block_start, block_stop, chunk):
+            stop = min(block_stop, start + chunk)
+            part = out[start:stop]
+            first, a = terms[0]
+            if first.dtype == torch.float32:
+                torch.mul(first[start:stop], a, out=part)
+            else:  # upcast first: a multiply with out= would round in the input's dtype
+                part.copy_(first[start:stop]).mul_(a)
+            for t, a in terms[1:]:
+                part.add_(t[start:stop], alpha=a)
+        if release is not None:
+            for k in range(len(terms)):
+                release(k, block_start, block_stop)
     return out
 
 
@@ -58,6 +76,7 @@ def merge_tensor(
     base: torch.Tensor,
     components: Sequence[torch.Tensor],
     weights: np.ndarray,
+    release: Release | None = None,
 ) -> torch.Tensor:
     """The merge of one tensor, in float32 (inputs are read, never changed).
 
@@ -65,29 +84,43 @@ def merge_tensor(
     is (1 - sum a) base + sum a_i theta_i computed in one chunked pass (for linear, sum a = 1
     and this is the weighted average itself). Prepared deltas go through one scratch buffer
     (weighted sums) or their row of the K x n stack (the TIES family).
+    `release(k, start, stop)` is told when elements [start, stop) of component k (None: the
+    base) are no longer needed, so memory-mapped inputs can drop their pages as the merge goes.
     """
-    b = base.float().reshape(-1)
     shape = base.shape
-    if method.weighted_sum:
+    done = release or (lambda k, start, stop: None)
+    if method.weighted_sum and not method.prepares:
+        # Inputs in any float dtype are read as they are; the sum is accumulated in fp32.
         coefficients = method.sum_coefficients(weights)
-        if method.prepares:  # base + sum a_i prepare(theta_i - base)
-            merged, scratch = b.clone(), torch.empty_like(b)
-            for k, (t, a) in enumerate(zip(components, coefficients, strict=True)):
-                torch.sub(t.reshape(-1), b, out=scratch)
-                merged.add_(method.prepare(scratch, k, name), alpha=float(a))
-            return merged.view(shape)
-        terms = [
-            (t.reshape(-1) if t.dtype == torch.float32 else t.reshape(-1).float(), float(a))
-            for t, a in zip(components, coefficients, strict=True)
-        ]
+        terms = [(t.reshape(-1), float(a)) for t, a in zip(components, coefficients, strict=True)]
+        owners: list[int | None] = list(range(len(terms)))
         rest = float(1.0 - coefficients.sum())
         if abs(rest) > NEGLIGIBLE or not terms:
-            terms.append((b, rest))
-        return _weighted_sum(terms, torch.empty_like(b)).view(shape)
+            terms.append((base.reshape(-1), rest))
+            owners.append(None)
+        merged = _weighted_sum(
+            terms,
+            torch.empty(base.numel(), dtype=torch.float32),
+            lambda i, start, stop: done(owners[i], start, stop),
+        )
+        done(None, 0, base.numel())
+        return merged.view(shape)
+    b = base.float().reshape(-1)
+    if method.weighted_sum:  # base + sum a_i prepare(theta_i - base)
+        merged, scratch = b.clone(), torch.empty_like(b)
+        coefficients = method.sum_coefficients(weights)
+        for k, (t, a) in enumerate(zip(components, coefficients, strict=True)):
+            torch.sub(t.reshape(-1), b, out=scratch)
+            merged.add_(method.prepare(scratch, k, name), alpha=float(a))
+            done(k, 0, b.numel())
+        done(None, 0, b.numel())
+        return merged.view(shape)
     deltas = torch.empty((len(weights), b.numel()), dtype=torch.float32)
     for k, t in enumerate(components):
         torch.sub(t.reshape(-1), b, out=deltas[k])
         method.prepare(deltas[k], k, name)
+        done(k, 0, b.numel())
+    done(None, 0, b.numel())
     merged = torch.empty(b.numel(), dtype=torch.float32)
     combine_in_chunks(method, deltas, torch.as_tensor(weights, dtype=torch.float32), merged)
     return merged.add_(b).view(shape)
@@ -127,10 +160,12 @@ def merge_to_disk(
         try:
             for name, (_, _, out_dtype) in zip(names, plan, strict=True):
                 b = base_index.get(name)
-                merged = merge_tensor(method, name, b, [ix.get(name) for ix in indexes], c)
+
+                def release(k: int | None, start: int, stop: int, name: str = name) -> None:
+                    (base_index if k is None else indexes[k]).release(name, start, stop)
+
+                merged = merge_tensor(method, name, b, [ix.get(name) for ix in indexes], c, release)
                 writer.write(name, merged if merged.dtype == out_dtype else merged.to(out_dtype))
-                for index in (base_index, *indexes):
-                    index.release(name)
             hashes = writer.finish()
         except BaseException:
             writer.abort()

@@ -103,14 +103,19 @@ class MappedSafetensors:
         )
         return flat.view(shape)
 
-    def release(self, name: str) -> None:
-        """Drop the tensor's pages from this process (a later read maps them from the file again)."""
-        _, _, begin, end = self.entries[name]
+    def release(self, name: str, start: int = 0, stop: int | None = None) -> None:
+        """Drop the pages of elements [start, stop) of tensor `name` from this process.
+
+        Views stay valid: a later read maps the pages from the file again. Pages that the range
+        only partly covers are dropped too (that costs at most a re-read, never a wrong value).
+        """
+        dtype, shape, begin, end = self.entries[name]
+        first = self.data_start + begin + start * dtype.itemsize
+        last = self.data_start + (end if stop is None else begin + stop * dtype.itemsize)
         page = mmap.PAGESIZE
-        start = (self.data_start + begin) // page * page
-        stop = -(-(self.data_start + end) // page) * page
-        if stop > start:
-            self._map.madvise(mmap.MADV_DONTNEED, start, min(stop, len(self._map)) - start)
+        first, last = first // page * page, min(-(-last // page) * page, len(self._map))
+        if last > first:
+            self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 def _header(entries: list[tuple[str, tuple[int, ...], torch.dtype]]) -> tuple[bytes, int]:
