@@ -324,16 +324,18 @@ class TrainedProxyEvaluator:
         )
 
     def __call__(self, mixture: np.ndarray) -> dict:
-        out = self.folder / f"proxy-{mixture_id(mixture, self.config.search.sampler.grid)}"
+        out = self._folder(mixture_id(mixture, self.config.search.sampler.grid))
         reference_stage(self.config, self.data, self.base, as_dict(self.data.names, mixture), out)
         model = load_for_eval(self.config, out, self.device)
         return self.evaluator.evaluate(model)
 
-    def trained_tokens(self) -> int:
-        return sum(
-            int(read_model_manifest(p).get("tokens", 0))
-            for p in sorted(self.folder.glob("proxy-*"))
-        )
+    def _folder(self, mixture_key: str) -> Path:
+        return self.folder / f"proxy-{mixture_key}"
+
+    def trained_tokens(self, ids: list[str]) -> int:
+        """Training tokens of the proxies of mixtures `ids` (the rows of this search; other
+        proxies left in the folder by an earlier search are not counted)."""
+        return sum(int(read_model_manifest(self._folder(i)).get("tokens", 0)) for i in ids)
 
 
 def scorer(config: RunConfig):
@@ -430,7 +432,9 @@ def search_stage(
     result = select_stage(config, data, table.rows(), norms)
     result["search_method"] = config.search.method
     result["proxy_training_tokens"] = (
-        proxy.trained_tokens() if isinstance(proxy, TrainedProxyEvaluator) else 0
+        proxy.trained_tokens([row["id"] for row in table.rows()])
+        if isinstance(proxy, TrainedProxyEvaluator)
+        else 0
     )
     atomic_write_json(out / "result.json", result)
     return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -202,6 +203,11 @@ def test_the_training_based_search_runs_the_same_loop(smoke_run, tmp_path, capsy
         json.loads((tmp_path / "search" / "result.json").read_text())["mixture"]
         == result["mixture"]
     )
+    # a proxy an earlier search left in the folder is not this search's cost
+    shutil.copytree(proxies[0], proxies[0].with_name("proxy-m-000000000000"))
+    assert main(argv) == 0
+    again = json.loads((tmp_path / "search" / "result.json").read_text())
+    assert again["proxy_training_tokens"] == result["proxy_training_tokens"]
 
 
 @pytest.mark.slow
