@@ -78,14 +78,15 @@ def make_accelerator(train: TrainConfig):
 
 
 @contextlib.contextmanager
-def node_first() -> Iterator[None]:
+def node_first(train: TrainConfig) -> Iterator[None]:
     """Run the block on each machine's first process first (it fills the shared local cache)."""
     if not launched():
         yield
         return
     from accelerate import PartialState
 
-    with PartialState().local_main_process_first():
+    # cpu=True matters: without it, processes launched on a machine without GPUs run apart
+    with PartialState(cpu=_precision(train)[0]).local_main_process_first():
         yield
 
 
@@ -123,9 +124,14 @@ def cluster_from_env(environ: Mapping[str, str] = os.environ) -> Cluster | None:
 
 
 def launch_command(
-    argv: list[str], processes: int, cluster: Cluster | None = None, python: str = sys.executable
+    argv: list[str],
+    processes: int,
+    cluster: Cluster | None = None,
+    python: str = sys.executable,
+    module: str = "demix.cli",
 ) -> list[str]:
-    """`accelerate launch` of `demix <argv>` with `processes` processes on each machine."""
+    """`accelerate launch` of `python -m <module> <argv>` (the `demix` command by default) with
+    `processes` processes on each machine of `cluster` (this machine alone when None)."""
     nodes = cluster.nodes if cluster else 1
     cmd = [python, "-m", "accelerate.commands.launch", "--multi_gpu"]
     cmd += ["--num_processes", str(processes * nodes), "--num_machines", str(nodes)]
@@ -134,7 +140,7 @@ def launch_command(
     if cluster and nodes > 1:
         cmd += ["--machine_rank", str(cluster.rank), "--main_process_ip", cluster.address]
         cmd += ["--main_process_port", str(cluster.port)]
-    return [*cmd, "--module", "demix.cli", *argv]
+    return [*cmd, "--module", module, *argv]
 
 
 def run_launched(argv: list[str], processes: int, cluster: Cluster | None = None) -> None:

@@ -335,7 +335,7 @@ def train_model(
                 step_loss = part if step_loss is None else step_loss + part
             if micro_steps > 1:
                 step_loss = step_loss / micro_steps
-            accelerator.clip_grad_norm_(model.parameters(), train.grad_clip)
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), train.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -351,7 +351,9 @@ def train_model(
             tokens_done += train.tokens_per_step
             running = value if running is None else 0.9 * running + 0.1 * value
             if step % train.log_every == 0 or step == total_steps:
-                history.append({"step": step, "loss": round(value, 5)})
+                # the norm of the global batch's gradient, before clipping
+                norm = round(float(grad_norm), 5)
+                history.append({"step": step, "loss": round(value, 5), "grad_norm": norm})
                 rate = tokens_done / max(1e-9, time.perf_counter() - t0)
                 bar.set_postfix(loss=f"{running:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
             bar.update(1)
