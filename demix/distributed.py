@@ -173,17 +173,12 @@ def run_launched(argv: list[str], processes: int, cluster: Cluster | None = None
 
 
 def vertex_worker_pools(
-    nodes: int,
-    machine_type: str,
-    accelerator_type: str,
-    accelerator_count: int,
-    image: str,
-    location: str = "",
+    nodes: int, machine_type: str, accelerator_type: str, accelerator_count: int, image: str
 ) -> str:
     """The worker pools of a Vertex AI custom job of `nodes` machines, as JSON (a pipeline input).
 
     Pool 0 is the primary replica, pool 1 the other nodes - 1; every replica runs the same
-    image and command (filled in by run_vertex_job). `location` empty: the pipeline's region.
+    image and command (filled in by vertex_job). Raises LaunchError for fewer than 2 nodes.
     """
     if nodes < 2:
         raise LaunchError(f"nodes={nodes}: a multi-node job needs at least 2 machines")
@@ -196,16 +191,15 @@ def vertex_worker_pools(
         "replica_count": 1,
         "container_spec": {"image_uri": image},
     }
-    pools = [pool, {**pool, "replica_count": nodes - 1}]
-    return json.dumps({"worker_pool_specs": pools, "location": location}, sort_keys=True)
+    return json.dumps({"worker_pool_specs": [pool, {**pool, "replica_count": nodes - 1}]})
 
 
-def gcs_uri(path: Path) -> str:
+def gcs_uri(path: str | Path) -> str:
     """gs://bucket/key of a /gcs/bucket/key path (Cloud Storage FUSE, as in Vertex AI).
 
     Raises LaunchError for a path outside /gcs/.
     """
-    parts = Path(path).resolve().parts
+    parts = Path(path).parts
     if len(parts) < 4 or parts[:2] != ("/", "gcs"):
         raise LaunchError(
             f"{path}: a multi-node training job reads and writes through /gcs/; run the pipeline "
@@ -214,34 +208,38 @@ def gcs_uri(path: Path) -> str:
     return "gs://" + "/".join(parts[2:])
 
 
-def vertex_job_specs(cluster_json: str, argv: list[str], processes: int) -> list[dict]:
-    """The worker pool specs of `cluster_json` with each replica's command: `demix <argv>`
-    with `processes` processes per machine (each finds its place in CLUSTER_SPEC)."""
-    pools = json.loads(cluster_json)["worker_pool_specs"]
-    command = ["python", "-m", "demix.cli", *argv, "--processes", str(processes)]
-    return [
-        {**pool, "container_spec": {**pool["container_spec"], "command": command}} for pool in pools
-    ]
+def vertex_job(cluster_json: str, argv: list[str], processes: int, out: Path, **client):
+    """A Vertex AI custom job (not yet run) whose replicas each run `demix <argv>` with
+    `processes` processes per machine, each finding its place in CLUSTER_SPEC.
 
-
-def run_vertex_job(
-    cluster_json: str, argv: list[str], processes: int, out: Path, display_name: str
-) -> None:
-    """Run `demix <argv>` as a Vertex AI custom job over the machines of `cluster_json`; wait.
-
-    The job's own files go beside `out` (`<out>.job`). Project and credentials come from the
-    environment (Application Default Credentials). Raises LaunchError when the job fails.
+    The job's own files go beside `out` (`<out>.job`); `client` (project, location,
+    credentials) defaults to the environment, as inside a Vertex AI pipeline task.
+    Raises LaunchError when `out` is not on /gcs/.
     """
     from google.cloud import aiplatform
 
-    location = json.loads(cluster_json).get("location") or None
-    job = aiplatform.CustomJob(
-        display_name=display_name,
-        worker_pool_specs=vertex_job_specs(cluster_json, argv, processes),
-        base_output_dir=gcs_uri(out.with_name(out.name + ".job")),
-        location=location,
+    command = ["python", "-m", "demix.cli", *argv, "--processes", str(processes)]
+    pools = [
+        {**pool, "container_spec": {**pool["container_spec"], "command": command}}
+        for pool in json.loads(cluster_json)["worker_pool_specs"]
+    ]
+    job_dir = gcs_uri(Path(out).with_name(Path(out).name + ".job"))
+    return aiplatform.CustomJob(
+        display_name=f"demix-{Path(out).name}",
+        worker_pool_specs=pools,
+        base_output_dir=job_dir,
+        staging_bucket=job_dir,
+        **client,
     )
+
+
+def run_vertex_job(cluster_json: str, argv: list[str], processes: int, out: Path) -> None:
+    """Run `demix <argv>` on the machines of `cluster_json` as a Vertex AI custom job; wait.
+
+    Raises LaunchError when the job fails.
+    """
+    job = vertex_job(cluster_json, argv, processes, out)
     try:
         job.run(sync=True)
     except RuntimeError as err:
-        raise LaunchError(f"Vertex AI custom job {display_name} failed: {err}") from None
+        raise LaunchError(f"Vertex AI custom job {job.display_name} failed: {err}") from None

@@ -204,6 +204,44 @@ def test_two_processes_resume_exactly(runs):
     assert not (tmp / "resumed.ckpt").exists()
 
 
+def test_final_training_component_launches_one_process_per_gpu(
+    runs, setup, tmp_path, monkeypatch, one_thread
+):
+    from kfp.dsl import Artifact, Dataset, Model
+
+    from components.train_final import train_final
+    from demix.stages import final_step
+
+    root, config, _ = setup
+    tmp = runs[0]
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    selection = tmp_path / "selection.json"
+    selection.write_text(json.dumps({"mixture": {"general": 0.5, "code": 0.25, "math": 0.25}}))
+
+    def artifact(cls, path: Path):
+        art = cls(uri=str(path))
+        art.path = str(path)
+        return art
+
+    model = artifact(Model, tmp_path / "final")
+    train_final.python_func(
+        config=artifact(Artifact, root / "config.yaml"),
+        label="chosen",
+        data=artifact(Dataset, root / "data"),
+        base=artifact(Model, tmp / "two"),
+        selection=artifact(Artifact, selection),
+        model=model,
+        processes=2,
+    )
+    manifest = json.loads((tmp_path / "final" / "manifest.json").read_text())
+    assert manifest["processes"] == 2 and manifest["name"] == model.metadata["name"] == "chosen"
+    assert not (tmp_path / "final.launch.yaml").exists()
+    one = final_step(config, root / "data", tmp / "two", selection, "chosen", tmp_path / "one")
+    assert one["fingerprint"] == manifest["fingerprint"] and one["processes"] == 1
+    _same_curves(tmp_path / "final", tmp_path / "one")
+
+
 # ---------------------------------------------------------------- launching
 
 
