@@ -227,8 +227,11 @@ def train_model(
     `<out>.ckpt` when present. With stop_at_step it checkpoints at that step and returns None
     (used to test exact resume). `on_checkpoint(folder)` runs after each checkpoint is saved
     (it publishes checkpoints of a gs:// output). Returns the output manifest.
+    Under `accelerate launch` every process calls it alike: each reads its rows of every global
+    batch; the main process alone writes checkpoints (and calls on_checkpoint) and the model.
     Raises TrainingError on a non-finite loss (the last checkpoint is kept), MixtureError on
-    bad weights, ModelError on a bad init folder.
+    bad weights, ModelError on a bad init folder, ConfigError when train.batch_size does not
+    split over the processes.
     """
     out = Path(out)
     ckpt = out.with_name(out.name + ".ckpt")
