@@ -28,11 +28,6 @@ class LaunchError(DemixError):
     """A launch of several training processes that failed or cannot be set up."""
 
 
-def process_rank() -> int:
-    """This process's global rank under `accelerate launch`/torchrun (0 when not launched)."""
-    return int(os.environ.get("RANK", "0"))
-
-
 def launched() -> bool:
     """True in one of several processes started by `accelerate launch` (or torchrun)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1

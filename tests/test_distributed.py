@@ -18,7 +18,13 @@ from safetensors.torch import load_file
 from demix.config import parse_config
 from demix.data.curate import curate
 from demix.data.shards import CuratedData, MixtureSampler
-from demix.distributed import Cluster, cluster_from_env, launch_command
+from demix.distributed import (
+    Cluster,
+    cluster_from_env,
+    launch_command,
+    vertex_job,
+    vertex_worker_pools,
+)
 from demix.errors import ConfigError, DemixError
 
 from . import distributed_worker
@@ -272,3 +278,12 @@ def test_vertex_cluster_spec_gives_each_machine_its_place():
     assert cluster_from_env({"CLUSTER_SPEC": json.dumps(second)}) == Cluster(3, 2, "cmle-0", 2222)
     with pytest.raises(DemixError, match="not a Vertex AI cluster spec"):
         cluster_from_env({"CLUSTER_SPEC": "{}"})
+
+
+def test_multi_node_jobs_need_two_machines_and_gcs_paths():
+    pools = vertex_worker_pools(2, "a3-highgpu-8g", "NVIDIA_H100_80GB", 8, "img")
+    assert [p["replica_count"] for p in json.loads(pools)["worker_pool_specs"]] == [1, 1]
+    with pytest.raises(DemixError, match="at least 2 machines"):
+        vertex_worker_pools(1, "a3-highgpu-8g", "NVIDIA_H100_80GB", 8, "img")
+    with pytest.raises(DemixError, match="reads and writes through /gcs/"):
+        vertex_job(pools, ["train"], 8, Path("/tmp/run/model"))
