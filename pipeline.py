@@ -2,6 +2,8 @@
 
     python pipeline.py compile --target kubeflow --out demix-kubeflow.yaml
     python pipeline.py compile --target vertex --out demix-vertex.yaml
+    python pipeline.py compile --target vertex --out demix-vertex.yaml --nodes 4 \
+        --machine-type a3-highgpu-8g --accelerator-type NVIDIA_H100_80GB --accelerator-count 8
     python pipeline.py run-local --config configs/demo.yaml --out runs/demo
     python pipeline.py submit --host URL --package demix-kubeflow.yaml --config configs/demo.yaml
     python pipeline.py submit --vertex --project P --region R --pipeline-root gs://B/root ...
@@ -26,6 +28,7 @@ from components.curate_data import curate_data
 from components.dataset_names import dataset_names
 from components.evaluate_final import evaluate_final
 from components.evaluate_proxies import evaluate_proxies
+from components.image import CUDA_IMAGE
 from components.merge import merge
 from components.predict import predict
 from components.resolve_config import resolve_config
@@ -52,6 +55,10 @@ class Placement:
     # Concurrent loop iterations (0: unlimited). Local runs use 1: two torch processes sharing
     # a few cores run far slower than one after the other.
     parallelism: int = 0
+    # Training on several machines (vertex only): a Vertex AI custom job of `nodes` machines of
+    # `machine_type`, each with accelerator_count GPUs of accelerator_type.
+    nodes: int = 1
+    machine_type: str = ""
 
     @classmethod
     def for_target(cls, target: str, **overrides) -> "Placement":
@@ -80,6 +87,29 @@ def _on_gpu(task: dsl.PipelineTask, placement: Placement) -> dsl.PipelineTask:
             task, key="nvidia.com/gpu", operator="Exists", effect="NoSchedule"
         )
     return task
+
+
+def _training(placement: Placement) -> dict:
+    """Inputs of the training components: one process per GPU (accelerate launch when there are
+    several), and with nodes > 1 the worker pools of the Vertex AI custom job to run on."""
+    cluster = ""
+    if placement.nodes > 1:
+        from demix.distributed import vertex_worker_pools
+
+        cluster = vertex_worker_pools(
+            placement.nodes,
+            placement.machine_type,
+            placement.accelerator_type,
+            placement.accelerator_count,
+            CUDA_IMAGE,
+        )
+    return {"processes": placement.accelerator_count, "cluster": cluster}
+
+
+def _on_training_gpus(task: dsl.PipelineTask, placement: Placement) -> dsl.PipelineTask:
+    """GPU placement of a training task; with several machines the custom job holds the GPUs
+    and the task only starts it and waits."""
+    return _on_cpu(task, placement) if placement.nodes > 1 else _on_gpu(task, placement)
 
 
 def _on_cpu(task: dsl.PipelineTask, placement: Placement) -> dsl.PipelineTask:
@@ -121,18 +151,22 @@ def build_pipeline(placement: Placement):
         cfg = config.outputs["resolved"]  # an artifact: see components/resolve_config.py
         data = _on_cpu(curate_data(config=cfg, data_fingerprint=data_fingerprint), placement)
         dataset = data.outputs["dataset"]
-        base = _on_gpu(train_model(config=cfg, role="base", name="base", data=dataset), placement)
+        training = _training(placement)
+        base = _on_training_gpus(
+            train_model(config=cfg, role="base", name="base", data=dataset, **training), placement
+        )
         base_model_artifact = base.outputs["model"]
 
         names = _on_cpu(dataset_names(config=cfg), placement)
         with dsl.ParallelFor(names.output, parallelism=placement.parallelism) as name:
-            component = _on_gpu(
+            component = _on_training_gpus(
                 train_model(
                     config=cfg,
                     role="component",
                     name=name,
                     data=dataset,
                     init=base_model_artifact,
+                    **training,
                 ),
                 placement,
             )
@@ -196,13 +230,14 @@ def build_pipeline(placement: Placement):
             placement,
         )
         with dsl.ParallelFor(FINAL_LABELS, parallelism=placement.parallelism) as label:
-            final = _on_gpu(
+            final = _on_training_gpus(
                 train_final(
                     config=cfg,
                     label=label,
                     data=dataset,
                     base=base_model_artifact,
                     selection=selection,
+                    **training,
                 ),
                 placement,
             )
@@ -225,6 +260,16 @@ def compile_pipeline(target: str, out: str | Path, **placement) -> Path:
     """Compile for `kubeflow` (GPU node selector + toleration) or `vertex` (one YAML document)."""
     if target not in ("kubeflow", "vertex"):
         raise SystemExit(f"pipeline.py: error: --target {target!r} is not kubeflow or vertex")
+    nodes = placement.get("nodes") or 1
+    if nodes > 1 and target != "vertex":
+        raise SystemExit(
+            f"pipeline.py: error: --nodes {nodes} runs training as a Vertex AI custom job; "
+            "compile with --target vertex"
+        )
+    if nodes > 1 and not placement.get("machine_type"):
+        raise SystemExit(
+            f"pipeline.py: error: --nodes {nodes} needs --machine-type (e.g. a3-highgpu-8g)"
+        )
     out = Path(out)
     compiler.Compiler().compile(build_pipeline(Placement.for_target(target, **placement)), str(out))
     return out
@@ -371,6 +416,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory")
     p.add_argument("--retries", type=int)
     p.add_argument("--rounds", type=int, help="search rounds, unrolled at compile time (default 3)")
+    p.add_argument(
+        "--nodes",
+        type=int,
+        help="vertex: train on this many machines (a Vertex AI custom job; default 1)",
+    )
+    p.add_argument("--machine-type", help="vertex, with --nodes: e.g. a3-highgpu-8g")
     p = sub.add_parser("run-local", help="run the pipeline locally with kfp.local")
     p.add_argument("--config", required=True)
     p.add_argument("--out", required=True)
@@ -408,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
                     "memory",
                     "retries",
                     "rounds",
+                    "nodes",
+                    "machine_type",
                 )
             }
             print(compile_pipeline(args.target, args.out, **placement))

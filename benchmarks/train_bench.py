@@ -7,15 +7,24 @@ checkpoints at the config's interval). Same model (the demo's Llama shape unless
 same batch and sequence length, same number of steps, alternating runs, medians.
 Goal: demix / bare >= 0.9.
 
-Usage: python benchmarks/train_bench.py [--hidden 128 --layers 2 --steps 120 --repeats 3]
+Then the same loop in several processes: `demix train --processes N` (accelerate launch; DDP
+over gloo on CPU, each process one thread of the cores), same global batch, against the one
+process above (all cores); tokens/s is global tokens over the loop's own clock, so process
+start and the final save are not counted.
+
+Usage: python benchmarks/train_bench.py [--hidden 128 --layers 2 --steps 120 --repeats 3
+                                         --processes 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,8 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 
-from demix.config import ArchitectureConfig, parse_config
+from demix.config import ArchitectureConfig, config_yaml, parse_config
 from demix.data.shards import CuratedData
 from demix.model import build_tiny_llama, resolve_device, set_threads
 from demix.stages import curate_stage
@@ -87,6 +97,23 @@ def demix_loop(config, data: CuratedData, out: Path, run: int) -> float:
     return float(manifest["tokens_per_s"])
 
 
+def launched_loop(config, data: CuratedData, out: Path, run: int, processes: int) -> float:
+    """tokens/s (global) of `demix train --role base --processes N`, from its manifest."""
+    raw = yaml.safe_load(config_yaml(config))
+    raw["seed"] = 1000 + run  # a new job each run (a finished one would be skipped)
+    path = out / f"launched-{run}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    model = out / f"launched-{run}"
+    argv = ["train", str(path), "--role", "base", "--data", str(data.root), "--out", str(model)]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    cmd = [sys.executable, "-m", "demix.cli", *argv, "--processes", str(processes)]
+    subprocess.run(cmd, check=True, cwd=root, env=env, capture_output=True)
+    manifest = json.loads((model / "manifest.json").read_text())
+    assert manifest["processes"] == processes
+    return float(manifest["tokens_per_s"])
+
+
 def bare_loop(config, data: CuratedData, run: int) -> float:
     """tokens/s of forward + backward + AdamW on random batches of the same shape."""
     device = resolve_device(config.train.device)
@@ -123,6 +150,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--processes", type=int, default=2, help="processes of the launched runs (0: skip them)"
+    )
     args = parser.parse_args()
     set_threads()
     arch = ArchitectureConfig(
@@ -138,10 +168,12 @@ def main() -> None:
         data = curate_stage(config, root / "dataset")
         device = resolve_device(config.train.device)
         bare_loop(config, data, 99)  # warm-up: allocator, kernels
-        ours, bare = [], []
+        ours, bare, launched = [], [], []
         for run in range(args.repeats):
             ours.append(demix_loop(config, data, root, run))
             bare.append(bare_loop(config, data, run))
+            if args.processes > 1:
+                launched.append(launched_loop(config, data, root, run, args.processes))
         n_params = sum(
             p.numel() for p in build_tiny_llama(arch, data.vocab_size, 0, 0).parameters()
         )
@@ -154,6 +186,12 @@ def main() -> None:
         print(f"{'loop':44s} {'tokens/s':>10s} {'ratio':>7s}  goal")
         print(f"{'bare torch (fwd, bwd, AdamW)':44s} {bare_s:>10,.0f} {1:>6.2f}x")
         print(f"{'demix train_model':44s} {ours_s:>10,.0f} {ours_s / bare_s:>6.2f}x  >= 0.9x")
+        if launched:
+            many = statistics.median(launched)
+            label = f"demix, {args.processes} processes (accelerate launch)"
+            print(f"{label:44s} {many:>10,.0f} {many / bare_s:>6.2f}x")
+            ratio = f"{args.processes} processes / 1 process, same global batch"
+            print(f"{ratio:44s} {'':>10s} {many / ours_s:>6.2f}x")
 
 
 if __name__ == "__main__":

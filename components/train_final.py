@@ -12,8 +12,13 @@ def train_final(
     base: Input[Model],
     selection: Input[Artifact],
     model: Output[Model],
+    processes: int = 1,
+    cluster: str = "",
 ):
-    """Train a final model from the base: the chosen mixture or a baseline (uniform, token_prior)."""
+    """Train a final model from the base: the chosen mixture or a baseline (uniform, token_prior).
+
+    `processes` and `cluster` as in train_model.
+    """
     from pathlib import Path
 
     from demix.config import resolve_config
@@ -26,5 +31,7 @@ def train_final(
         Path(selection.path),
         label,
         Path(model.path),
+        processes=processes,
+        cluster=cluster,
     )
     model.metadata.update({k: manifest.get(k) for k in ("name", "weights", "tokens", "final_loss")})

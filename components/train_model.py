@@ -12,8 +12,14 @@ def train_model(
     data: Input[Dataset],
     model: Output[Model],
     init: Input[Model] = None,
+    processes: int = 1,
+    cluster: str = "",
 ):
-    """Train the base (role "base") or the component of dataset `name` (role "component")."""
+    """Train the base (role "base") or the component of dataset `name` (role "component").
+
+    `processes` > 1: under accelerate launch, one process per GPU; `cluster`: on the machines
+    of a Vertex AI custom job (see demix.stages.launch_train).
+    """
     from pathlib import Path
 
     from demix.config import resolve_config
@@ -26,6 +32,8 @@ def train_model(
         name,
         Path(init.path) if init else None,
         Path(model.path),
+        processes=processes,
+        cluster=cluster,
     )
     model.metadata.update(
         {k: manifest.get(k) for k in ("role", "name", "tokens", "final_loss", "seconds")}

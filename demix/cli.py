@@ -6,6 +6,7 @@ Bad input prints one line `demix: error: ...` and exits with code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -94,6 +95,7 @@ def _cmd_curate(args) -> None:
 
 
 def _cmd_train(args) -> None:
+    from demix.distributed import cluster_from_env, launched, node_first, run_launched
     from demix.stages import base_stage, component_stage, final_stage, reference_stage
     from demix.storage import artifact_output, checkpoint_sync, discard_checkpoint
 
@@ -104,15 +106,30 @@ def _cmd_train(args) -> None:
         raise DemixError("--role component needs --dataset NAME")
     if args.role in ("reference", "final") and not args.mixture:
         raise DemixError(f"--role {args.role} needs --mixture")
+    if args.name and args.role != "final":
+        raise DemixError(f"--name names a final model; --role {args.role} names its own")
+    if args.processes < 1:
+        raise DemixError(f"--processes {args.processes}: give 1 or more processes per machine")
+    cluster = cluster_from_env()
+    nodes = cluster.nodes if cluster else 1
+    if not launched() and args.processes * nodes > 1:
+        config.train.accumulation(args.processes * nodes)  # a batch that does not split: now
+        run_launched(args.argv, args.processes, cluster)  # its main process reports
+        return
     mixture = parse_mixture(args.mixture) if args.mixture else None
-    data = _dataset(args.data)
-    if mixture is not None:
-        from demix.search.sampler import validate_mixture
+    main = int(os.environ.get("RANK", "0")) == 0
+    with contextlib.ExitStack() as stack:
+        with node_first(
+            config.train
+        ):  # each machine's first process fetches the inputs into its cache
+            data = _dataset(args.data)
+            if mixture is not None:
+                from demix.search.sampler import validate_mixture
 
-        validate_mixture(mixture, data.names)  # before fetching the base: fail fast
-    init = _model(args.init) if args.init else None
-    with artifact_output(args.out) as out:
-        publish = checkpoint_sync(args.out)
+                validate_mixture(mixture, data.names)  # before fetching the base: fail fast
+            init = _model(args.init) if args.init else None
+            out = stack.enter_context(artifact_output(args.out, publish=main))
+            publish = checkpoint_sync(args.out)
         if args.role == "base":
             base_stage(config, data, out, on_checkpoint=publish)
         elif args.role == "component":
@@ -120,9 +137,12 @@ def _cmd_train(args) -> None:
         elif args.role == "reference":
             reference_stage(config, data, init, mixture, out, on_checkpoint=publish)
         else:
-            final_stage(config, data, init, "final", mixture, out, on_checkpoint=publish)
-    discard_checkpoint(args.out)
-    print(f"model written to {args.out}")
+            final_stage(
+                config, data, init, args.name or "final", mixture, out, on_checkpoint=publish
+            )
+    if main:
+        discard_checkpoint(args.out)
+        print(f"model written to {args.out}")
 
 
 def _cmd_merge(args) -> None:
@@ -310,7 +330,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", help="base model folder (component, reference, final)")
     p.add_argument("--dataset", help="candidate dataset of a component")
     p.add_argument("--mixture", help="data mixture: name=w,... or JSON (reference, final)")
+    p.add_argument("--name", help="final: the model's name in its manifest (default: final)")
     p.add_argument("--out", required=True, help="model folder to write")
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="training processes per machine (GPUs); above 1, runs itself under accelerate launch",
+    )
     p.set_defaults(func=_cmd_train)
 
     p = with_config("merge", "write the merged proxy of a data mixture to disk")
@@ -374,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `demix` console script."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # rerun under accelerate launch
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
@@ -383,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except DemixError as err:
-        print(f"demix: error: {err}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # one line, not one per training process
+            print(f"demix: error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print("demix: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -102,10 +102,19 @@ class StageTraining(Strict):
 
 
 class TrainConfig(Strict):
-    """The one training loop's settings, shared by every role, plus per-role budgets."""
+    """The one training loop's settings, shared by every role, plus per-role budgets.
+
+    `batch_size` rows of `seq_len` tokens is the GLOBAL batch of one optimizer step, whatever the
+    number of processes. Each process runs forward passes of `micro_batch_size` rows (default:
+    its whole share, batch_size / processes) and accumulates batch_size / (processes x
+    micro_batch_size) of them per step. `fsdp` shards parameters, gradients and optimizer state
+    across GPU processes (for models that do not fit one GPU); otherwise processes run DDP.
+    """
 
     seq_len: int = Field(default=128, ge=8)
     batch_size: int = Field(default=16, ge=1)
+    micro_batch_size: int | None = Field(default=None, ge=1)
+    fsdp: bool = False
     weight_decay: float = Field(default=0.1, ge=0)
     beta1: float = Field(default=0.9, ge=0, lt=1)
     beta2: float = Field(default=0.95, ge=0, lt=1)
@@ -119,9 +128,40 @@ class TrainConfig(Strict):
     component: StageTraining
     final: StageTraining
 
+    @model_validator(mode="after")
+    def _micro_batch(self) -> TrainConfig:
+        micro = self.micro_batch_size
+        if micro is not None and (micro > self.batch_size or self.batch_size % micro):
+            raise ValueError(
+                f"micro_batch_size={micro} does not divide batch_size={self.batch_size}; "
+                "choose a divisor (rows per process per forward pass)"
+            )
+        return self
+
     @property
     def tokens_per_step(self) -> int:
+        """Tokens of one optimizer step over all processes (the global batch)."""
         return self.seq_len * self.batch_size
+
+    def accumulation(self, processes: int) -> tuple[int, int]:
+        """(rows per forward pass, forward passes per step) of each of `processes` processes.
+
+        Raises ConfigError when the global batch does not split evenly.
+        """
+        micro = self.micro_batch_size
+        if micro is None:
+            if self.batch_size % processes:
+                raise ConfigError(
+                    f"train.batch_size={self.batch_size} does not split over {processes} "
+                    f"processes; make it a multiple of {processes}"
+                )
+            return self.batch_size // processes, 1
+        if self.batch_size % (processes * micro):
+            raise ConfigError(
+                f"train.batch_size={self.batch_size} is not a multiple of {processes} processes x "
+                f"train.micro_batch_size={micro}; change either, or the number of processes"
+            )
+        return micro, self.batch_size // (processes * micro)
 
 
 # The parameters each merge method takes (demix.merge.methods; a test keeps the two in step).

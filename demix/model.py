@@ -148,13 +148,21 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
 
 
 def save_model(
-    model, tokenizer, out: str | Path, extra_files: dict[str, str] | None = None, **manifest_fields
+    model,
+    tokenizer,
+    out: str | Path,
+    extra_files: dict[str, str] | None = None,
+    state_dict: dict | None = None,
+    **manifest_fields,
 ) -> dict:
-    """Save an HF folder (config, safetensors, tokenizer, extra text files) atomically, manifest last."""
+    """Save an HF folder (config, safetensors, tokenizer, extra text files) atomically, manifest last.
+
+    `state_dict` replaces the model's own tensors (the gathered weights of a sharded model).
+    """
     out = Path(out)
     _quiet_transformers()
     with staged_dir(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)

@@ -670,21 +670,60 @@ def models_by_name(paths: list[str | Path]) -> dict[str, Path]:
     return out
 
 
-def train_step(
-    config: RunConfig, data_dir: Path, role: str, name: str, init: Path | None, out: Path
+def launch_train(
+    config: RunConfig, argv: list[str], out: Path, processes: int, cluster: str = ""
 ) -> dict:
-    """Train the base (role "base") or one component (role "component", name = dataset)."""
-    data = CuratedData(data_dir)
-    if role == "base":
-        base_stage(config, data, out)
-    elif role == "component":
-        if init is None:
-            raise DemixError("role 'component' needs the base model as `init`")
-        component_stage(config, data, init, name, out)
+    """`demix train CONFIG <argv> --out OUT` under `accelerate launch` with `processes` processes
+    (per machine), on this machine or (`cluster`: vertex_worker_pools JSON) on the machines of
+    a Vertex AI custom job; returns the model's manifest. The config travels as `<out>.launch.yaml`.
+    """
+    from demix.config import config_yaml
+    from demix.distributed import run_launched, run_vertex_job
+
+    pools = json.loads(cluster)["worker_pool_specs"] if cluster else [{"replica_count": 1}]
+    nodes = sum(pool["replica_count"] for pool in pools)
+    config.train.accumulation(processes * nodes)  # a global batch that does not split: now
+    path = out.with_name(out.name + ".launch.yaml")
+    atomic_write_text(path, config_yaml(config))
+    command = ["train", str(path), *argv, "--out", str(out)]
+    if cluster:
+        run_vertex_job(cluster, command, processes, out)
     else:
+        run_launched(command, processes)
+    path.unlink()
+    return read_model_manifest(out)
+
+
+def train_step(
+    config: RunConfig,
+    data_dir: Path,
+    role: str,
+    name: str,
+    init: Path | None,
+    out: Path,
+    processes: int = 1,
+    cluster: str = "",
+) -> dict:
+    """Train the base (role "base") or one component (role "component", name = dataset).
+
+    With processes > 1 (GPUs of the machine) or a `cluster` of machines, the training runs in
+    that many processes (see launch_train); otherwise in this one.
+    """
+    if role not in ("base", "component"):
         raise DemixError(
             f"train role {role!r} is not base or component (final models use train_final)"
         )
+    if role == "component" and init is None:
+        raise DemixError("role 'component' needs the base model as `init`")
+    if processes > 1 or cluster:
+        argv = ["--role", role, "--data", str(data_dir)]
+        argv += ["--init", str(init), "--dataset", name] if role == "component" else []
+        return launch_train(config, argv, out, processes, cluster)
+    data = CuratedData(data_dir)
+    if role == "base":
+        base_stage(config, data, out)
+    else:
+        component_stage(config, data, init, name, out)
     return read_model_manifest(out)
 
 
@@ -771,11 +810,24 @@ def predict_step(
 
 
 def final_step(
-    config: RunConfig, data_dir: Path, base: Path, selection: Path, label: str, out: Path
+    config: RunConfig,
+    data_dir: Path,
+    base: Path,
+    selection: Path,
+    label: str,
+    out: Path,
+    processes: int = 1,
+    cluster: str = "",
 ) -> dict:
-    """Train the final model `label` (chosen | uniform | token_prior) from the base."""
+    """Train the final model `label` (chosen | uniform | token_prior) from the base, in
+    `processes` processes (or on a `cluster` of machines) as train_step."""
     data = CuratedData(data_dir)
     mixture = final_mixture(label, json.loads(Path(selection).read_text()), data)
+    if processes > 1 or cluster:
+        argv = ["--role", "final", "--name", label, "--data", str(data_dir), "--init", str(base)]
+        return launch_train(
+            config, [*argv, "--mixture", json.dumps(mixture)], out, processes, cluster
+        )
     final_stage(config, data, base, label, mixture, out)
     return read_model_manifest(out)
 

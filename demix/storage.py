@@ -361,14 +361,14 @@ def upload_artifact(local: str | Path, uri: str) -> int:
 
 
 @contextlib.contextmanager
-def artifact_output(uri: str | Path) -> Iterator[Path]:
+def artifact_output(uri: str | Path, publish: bool = True) -> Iterator[Path]:
     """The local folder a stage writes the artifact `uri` to; published when the stage succeeds.
 
     A local `uri` is yielded as is. For gs://, a finished remote artifact is fetched into the
     local mirror first (so the stage can skip work already done), and the mirror is uploaded
-    with upload_artifact after the block, if it then holds a complete artifact. On error
-    nothing is uploaded. Raises DataError for an unknown scheme or a missing bucket before any
-    work is done.
+    with upload_artifact after the block, if it then holds a complete artifact and `publish`
+    (False in the other processes of a multi-process run). On error nothing is uploaded.
+    Raises DataError for an unknown scheme or a missing bucket before any work is done.
     """
     check_uri(uri)
     if not is_remote(uri):
@@ -383,7 +383,7 @@ def artifact_output(uri: str | Path) -> Iterator[Path]:
         _download_artifact(uri, None)
     local = _mirror(bucket, key)
     yield local
-    if (local / MANIFEST).is_file():
+    if publish and (local / MANIFEST).is_file():
         upload_artifact(local, uri)
 
 

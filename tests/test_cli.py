@@ -102,3 +102,21 @@ def test_merge_with_any_method_through_set(tmp_path, config_path, curated, capsy
     _fails(capsys, [*argv, "--set", "merge.method"], "expected KEY=VALUE")
     _fails(capsys, [*argv, "--set", "merge.method=slerp"], "merge.method")
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--processes", "3"], "train.batch_size=8 does not split over 3 processes"),
+        (["--processes", "2", "--set", "train.micro_batch_size=8"], "not a multiple of 2"),
+        (["--processes", "0"], "--processes 0: give 1 or more"),
+        (["--name", "x"], "--name names a final model"),
+    ],
+)
+def test_train_refuses_processes_that_cannot_split_the_batch(
+    tmp_path, config_path, curated, capsys, extra, expected
+):
+    out = tmp_path / "base"
+    argv = ["train", str(config_path), "--role", "base", "--data", str(curated), "--out", str(out)]
+    _fails(capsys, [*argv, *extra], expected)  # before any process is launched
+    assert not list(tmp_path.glob("base*")) and not list(tmp_path.glob(".base*"))

@@ -120,6 +120,100 @@ def test_vertex_target_is_one_document_with_vertex_accelerators(compiled):
     assert _task_names(spec) >= STAGES
 
 
+def _training_inputs(spec) -> dict[str, tuple[int, str]]:
+    """(processes, cluster) of every training task, by task name, through the loops."""
+    found = {}
+
+    def walk(dag):
+        for name, task in dag.tasks.items():
+            component = spec.components[task.component_ref.name]
+            if component.WhichOneof("implementation") == "dag":
+                walk(component.dag)
+            elif name.startswith(("train-model", "train-final")):
+                params = task.inputs.parameters
+                found[name] = (
+                    int(params["processes"].runtime_value.constant.number_value),
+                    params["cluster"].runtime_value.constant.string_value,
+                )
+
+    walk(spec.root.dag)
+    return found
+
+
+def test_training_tasks_launch_one_process_per_gpu(compiled):
+    spec, _ = _spec(compiled[0])  # accelerator_count=2: accelerate launch of 2 processes
+    found = _training_inputs(spec)
+    assert set(found) == {"train-model", "train-model-2", "train-final"}
+    assert set(found.values()) == {(2, "")}
+    spec, _ = _spec(compiled[1])  # one GPU: one process, as locally
+    assert set(_training_inputs(spec).values()) == {(1, "")}
+
+
+def test_vertex_multi_node_training_is_a_custom_job_with_worker_pools(tmp_path):
+    from google.auth.credentials import AnonymousCredentials
+
+    from demix.distributed import vertex_job
+
+    path = pipeline.compile_pipeline(
+        "vertex",
+        tmp_path / "nodes.yaml",
+        nodes=4,
+        machine_type="a3-highgpu-8g",
+        accelerator_type="NVIDIA_H100_80GB",
+        accelerator_count=8,
+    )
+    spec, docs = _spec(path)
+    assert len(docs) == 1
+    found = _training_inputs(spec)
+    assert set(found) == {"train-model", "train-model-2", "train-final"}
+    (processes, cluster), *others = found.values()
+    assert processes == 8 and all(value == (processes, cluster) for value in others)
+    pools = json.loads(cluster)["worker_pool_specs"]
+    assert [pool["replica_count"] for pool in pools] == [1, 3]  # primary + 3 workers
+    for pool in pools:
+        assert pool["machine_spec"] == {
+            "machine_type": "a3-highgpu-8g",
+            "accelerator_type": "NVIDIA_H100_80GB",
+            "accelerator_count": 8,
+        }
+        assert pool["container_spec"]["image_uri"] == CUDA_IMAGE
+    executors = spec.deployment_spec["executors"]
+    # the training task only starts the job and waits; the job's machines hold the GPUs
+    for name in ("exec-train-model", "exec-train-final"):
+        assert "accelerator" not in executors[name]["container"]["resources"]
+    assert "accelerator" in executors["exec-evaluate-proxies"]["container"]["resources"]
+
+    argv = ["train", "/gcs/b/run/model.launch.yaml", "--role", "base", "--out", "/gcs/b/run/model"]
+    job = vertex_job(
+        cluster,
+        argv,
+        processes,
+        Path("/gcs/b/run/model"),
+        project="p",
+        location="us-central1",
+        credentials=AnonymousCredentials(),
+    )
+    specs = job.job_spec.worker_pool_specs
+    assert [s.replica_count for s in specs] == [1, 3]
+    assert list(specs[1].container_spec.command) == [
+        "python", "-m", "demix.cli", *argv, "--processes", "8",
+    ]  # fmt: skip
+    assert job.job_spec.base_output_directory.output_uri_prefix == "gs://b/run/model.job"
+
+
+@pytest.mark.parametrize(
+    ("target", "settings", "expected"),
+    [
+        ("kubeflow", {"nodes": 2, "machine_type": "a3-highgpu-8g"}, "compile with --target vertex"),
+        ("vertex", {"nodes": 2}, "needs --machine-type"),
+    ],
+)
+def test_multi_node_needs_vertex_and_a_machine_type(tmp_path, target, settings, expected):
+    with pytest.raises(SystemExit, match=expected):
+        pipeline.compile_pipeline(target, tmp_path / "x.yaml", **settings)
+    assert not (tmp_path / "x.yaml").exists()
+
+
 def test_no_credentials_in_compiled_yaml(compiled):
     for path in compiled:
         text = path.read_text()

@@ -70,7 +70,8 @@ class MixtureSampler:
     realised mixture tracks w exactly over time. Each dataset is cut into non-overlapping
     windows of seq_len + 1 tokens; the k-th row drawn from dataset d is window
     perm[k mod n] of epoch k // n, perm seeded by (seed, d, epoch): no window repeats within an
-    epoch. The state (cursor per dataset, credit) is all an exact resume needs.
+    epoch. The state (cursor per dataset, credit) is all an exact resume needs. Under several
+    processes, each plans the same global batch and reads its own rows (`next_batch(part, parts)`).
     Raises MixtureError for weights off the simplex, DataError for a dataset with weight > 0
     and fewer tokens than one window.
     """
@@ -125,19 +126,31 @@ class MixtureSampler:
             cached = self._perms[index] = (epoch, perm)
         return int(cached[1][k % n])
 
-    def next_batch(self) -> np.ndarray:
-        """int64 [batch_size, seq_len + 1]: inputs are [:, :-1], targets [:, 1:]."""
-        batch = np.empty((self.batch_size, self.width), dtype=np.int64)
-        row = 0
+    def plan_batch(self) -> list[tuple[int, int]]:
+        """The next global batch as (dataset index, window index) per row; advances the position."""
+        plan = []
         for index, count in enumerate(self._row_counts()):
             name = self.names[index]
-            stream = self.streams.get(name)
             for _ in range(int(count)):
                 k = self.cursors[name]
-                start = self._window(index, k) * self.width
-                batch[row] = stream[start : start + self.width]
+                plan.append((index, self._window(index, k)))
                 self.cursors[name] = k + 1
-                row += 1
+        return plan
+
+    def next_batch(self, part: int = 0, parts: int = 1) -> np.ndarray:
+        """int64 [batch_size // parts, seq_len + 1]: inputs are [:, :-1], targets [:, 1:].
+
+        The global batch is planned whole on every process, so the position (and the state) is
+        the same everywhere; process `part` of `parts` reads only rows part, part + parts, ...
+        of it. The default is the whole batch.
+        """
+        if not 0 <= part < parts or self.batch_size % parts:
+            raise ValueError(f"part {part} of {parts}: batch_size={self.batch_size} must split")
+        rows = self.plan_batch()[part::parts]
+        batch = np.empty((len(rows), self.width), dtype=np.int64)
+        for row, (index, window) in enumerate(rows):
+            start = window * self.width
+            batch[row] = self.streams[self.names[index]][start : start + self.width]
         return batch
 
     def state_dict(self) -> dict:
