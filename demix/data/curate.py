@@ -352,24 +352,21 @@ def tokenizer_sample(files: list[InputFile], config: DataConfig) -> list[str]:
 
 
 def group_bounds(sizes: list[int], groups: int) -> list[tuple[int, int]]:
-    """Split files (in order) into at most `groups` contiguous runs of about equal bytes.
+    """Split files (in order) into min(groups, files) contiguous runs of about equal bytes.
 
-    File j goes to run floor(groups * bytes before j / total bytes); empty runs are dropped.
-    Returns [start, end) file index ranges covering every file once, in order.
+    Run i starts at the first file that starts at or after i / groups of the bytes, moved
+    just enough that no run is empty. Returns [start, end) file index ranges, in order.
     """
-    total = sum(sizes)
-    slots, before = [], 0
-    for j, size in enumerate(sizes):
-        share = before / total if total else j / len(sizes)
-        slots.append(min(groups - 1, int(groups * share)))
-        before += size
-    bounds = []
-    for j, slot in enumerate(slots):
-        if j == 0 or slot != slots[j - 1]:
-            bounds.append([j, j + 1])
-        else:
-            bounds[-1][1] = j + 1
-    return [(start, end) for start, end in bounds]
+    n = len(sizes)
+    k = min(groups, n)
+    weights = sizes if sum(sizes) else [1] * n
+    starts = np.concatenate([[0], np.cumsum(weights)[:-1]])
+    cuts = [0]
+    for i in range(1, k):
+        first = int(np.searchsorted(starts, sum(weights) * i / k, side="left"))
+        cuts.append(min(max(first, cuts[-1] + 1), n - (k - i)))
+    cuts.append(n)
+    return list(zip(cuts[:-1], cuts[1:], strict=True))
 
 
 def plan_curation(
