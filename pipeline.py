@@ -25,11 +25,13 @@ from kfp import compiler, dsl
 
 from components.collect_models import collect_models
 from components.curate_data import curate_data
+from components.curate_group import curate_group
 from components.dataset_names import dataset_names
 from components.evaluate_final import evaluate_final
 from components.evaluate_proxies import evaluate_proxies
 from components.image import CUDA_IMAGE
 from components.merge import merge
+from components.plan_curation import plan_curation
 from components.predict import predict
 from components.resolve_config import resolve_config
 from components.train_final import train_final
@@ -149,7 +151,18 @@ def build_pipeline(placement: Placement):
             placement,
         ).set_caching_options(True)
         cfg = config.outputs["resolved"]  # an artifact: see components/resolve_config.py
-        data = _on_cpu(curate_data(config=cfg, data_fingerprint=data_fingerprint), placement)
+        # Curation: plan (files, groups, tokenizer) -> one task per group -> merge.
+        plan = _on_cpu(plan_curation(config=cfg, data_fingerprint=data_fingerprint), placement)
+        with dsl.ParallelFor(plan.outputs["Output"], parallelism=placement.parallelism) as group:
+            part = _on_cpu(curate_group(plan=plan.outputs["plan"], group=group), placement)
+        data = _on_cpu(
+            curate_data(
+                plan=plan.outputs["plan"],
+                parts=dsl.Collected(part.outputs["part"]),
+                data_fingerprint=data_fingerprint,
+            ),
+            placement,
+        )
         dataset = data.outputs["dataset"]
         training = _training(placement)
         base = _on_training_gpus(

@@ -29,9 +29,13 @@ class DatasetSpec(Strict):
 
 
 class TokenizerConfig(Strict):
-    """Byte-level BPE trained on the candidate datasets when no base model is given."""
+    """Byte-level BPE trained on a sample of the candidate datasets when no base model is given.
+
+    The sample holds about `sample_chars` characters (see demix.data.curate.tokenizer_sample).
+    """
 
     vocab_size: int = Field(default=4096, ge=256, le=65536)
+    sample_chars: int = Field(default=100_000_000, ge=1)
 
 
 class DataConfig(Strict):
@@ -39,6 +43,8 @@ class DataConfig(Strict):
 
     `general` names the dataset mixed into every component (none: the token-prior mixture of
     all datasets). `fetch_demo` is a folder to fetch the embedded demo corpus into first.
+    `curate_groups` is how many groups of input files curation fans out over (at most one per
+    file); the curated result does not depend on it.
     """
 
     datasets: list[DatasetSpec] = Field(min_length=2)
@@ -47,6 +53,7 @@ class DataConfig(Strict):
     min_chars: int = Field(default=64, ge=1)
     heldout_fraction: float = Field(default=0.02, gt=0, lt=0.5)
     max_heldout_documents: int = Field(default=200, ge=1)
+    curate_groups: int = Field(default=8, ge=1)
     tokenizer: TokenizerConfig = TokenizerConfig()
 
     @model_validator(mode="after")

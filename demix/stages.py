@@ -17,7 +17,13 @@ import numpy as np
 import torch
 
 from demix.config import RunConfig
-from demix.data.curate import curate, dataset_files
+from demix.data.curate import (
+    curate,
+    curate_group,
+    input_files,
+    merge_groups,
+    plan_curation,
+)
 from demix.data.demo import fetch_demo
 from demix.data.shards import CuratedData
 from demix.errors import DemixError
@@ -51,7 +57,6 @@ from demix.storage import (
     atomic_write_text,
     fetch_artifact,
     fetch_files,
-    is_remote,
     read_manifest,
 )
 from demix.train import component_weights, fingerprint, train_model
@@ -104,38 +109,54 @@ def base_model_dir(config: RunConfig) -> Path | None:
     return fetch_artifact(config.model.base, MODEL_KIND, require_manifest=False)
 
 
-def with_local_datasets(config: RunConfig) -> RunConfig:
-    """The config with every gs:// dataset path replaced by its local cached copy."""
-    specs = [
-        spec.model_copy(update={"paths": [str(fetch_files(p)) for p in spec.paths]})
-        if any(is_remote(p) for p in spec.paths)
-        else spec
-        for spec in config.data.datasets
-    ]
-    data = config.data.model_copy(update={"datasets": specs})
-    return config.model_copy(update={"data": data})
+def curation_fingerprint(config: RunConfig, tokenizer_dir: Path | None) -> str:
+    """Hash of what curation reads: the data settings (not the grouping, which does not change
+    the result), the seed, the base tokenizer and each input file's path, size and stamp."""
+    inputs = [(f.uri, f.size, f.stamp) for spec in config.data.datasets for f in input_files(spec)]
+    return fingerprint(
+        data=config.data.model_dump(exclude={"curate_groups"}),
+        seed=config.seed,
+        tokenizer=str(tokenizer_dir),
+        inputs=inputs,
+    )
 
 
 def curate_stage(config: RunConfig, out: Path) -> CuratedData:
     """Fetch the demo corpus when configured, then curate the candidate datasets into `out`.
 
-    Dataset paths and `model.base` may be gs:// URIs (fetched into the local cache first).
+    Plan, data.curate_groups groups and their merge, all in this process (the pipeline runs
+    the same three steps as tasks: curate_plan_step, curate_group_step, curate_merge_step).
+    Dataset paths and `model.base` may be gs:// URIs (each file fetched when it is read).
     """
     if config.data.fetch_demo:
         fetch_demo(Path(config.data.fetch_demo))
-    config = with_local_datasets(config)
     tokenizer_dir = base_model_dir(config)
-    inputs = [
-        (str(p), p.stat().st_size, p.stat().st_mtime_ns)
-        for spec in config.data.datasets
-        for p in dataset_files(spec)
-    ]
-    fp = fingerprint(
-        data=config.data.model_dump(), seed=config.seed, tokenizer=str(tokenizer_dir), inputs=inputs
-    )
+    fp = curation_fingerprint(config, tokenizer_dir)
     if (out / "manifest.json").is_file() and read_manifest(out).get("fingerprint") == fp:
         return CuratedData(out)
     curate(config.data, out, config.seed, tokenizer_dir=tokenizer_dir, fingerprint=fp)
+    return CuratedData(out)
+
+
+def curate_plan_step(config: RunConfig, out: Path) -> list[int]:
+    """The pipeline's plan task: fetch the demo corpus when configured, write the curation
+    plan to `out`; return the group indices to fan out over."""
+    if config.data.fetch_demo:
+        fetch_demo(Path(config.data.fetch_demo))
+    tokenizer_dir = base_model_dir(config)
+    fp = curation_fingerprint(config, tokenizer_dir)
+    plan = plan_curation(config.data, out, config.seed, tokenizer_dir, fingerprint=fp)
+    return list(range(len(plan["groups"])))
+
+
+def curate_group_step(plan: Path, group: int, out: Path) -> dict:
+    """The pipeline's map task: curate one group of the plan into `out`."""
+    return curate_group(plan, group, out)
+
+
+def curate_merge_step(plan: Path, groups: list[Path], out: Path) -> CuratedData:
+    """The pipeline's reduce task: merge the curated groups into the dataset artifact `out`."""
+    merge_groups(plan, groups, out)
     return CuratedData(out)
 
 

@@ -465,6 +465,32 @@ def fetch_files(uri: str | Path) -> Path:
     return local
 
 
+def remote_files(uri: str) -> list[tuple[str, int, str]]:
+    """(gs:// URI, size, crc32c) of the object `uri`, or of every object under the folder `uri`.
+
+    Listed without downloading anything; a folder's objects sorted by their path under it.
+    Raises DataError for an unknown scheme, a missing bucket, or nothing at the URI.
+    """
+    check_uri(uri)
+    from demix import gcs
+
+    bucket, key = split_gs(uri)
+    blobs = gcs.list_blobs(gcs.bucket(bucket), key)
+    if key in blobs:
+        return [(uri, int(blobs[key].size), str(blobs[key].crc32c))]
+    under = {
+        check_manifest_entry(name[len(key) + 1 :], uri): blob
+        for name, blob in blobs.items()
+        if name.startswith(f"{key}/") and not name.endswith("/")
+    }
+    if not under:
+        raise DataError(f"{uri}: no such object or folder in gs://{bucket}")
+    return [
+        (f"gs://{bucket}/{key}/{rel}", int(blob.size), str(blob.crc32c))
+        for rel, blob in sorted(under.items(), key=lambda item: PurePosixPath(item[0]))
+    ]
+
+
 def _fetch_blob(blob, dest: Path) -> None:
     from demix import gcs
 

@@ -27,6 +27,8 @@ from .conftest import smoke_config_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = {
+    "plan-curation",
+    "curate-group",
     "curate-data",
     "train-model",
     "merge",
@@ -81,16 +83,17 @@ def test_kubeflow_target_structure(compiled):
     spec, docs = _spec(compiled[0])
     assert len(docs) == 2
     assert _task_names(spec) >= STAGES
-    # fan-outs: components, 3 search rounds, finals
-    assert len([n for n in spec.root.dag.tasks if n.startswith("for-loop")]) == 1 + 3 + 1
+    # fan-outs: curation groups, components, 3 search rounds, finals
+    assert len([n for n in spec.root.dag.tasks if n.startswith("for-loop")]) == 1 + 1 + 3 + 1
     executors = spec.deployment_spec["executors"]
     for name in GPU_EXECUTORS:
         resources = executors[name]["container"]["resources"]
         assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
         assert resources["accelerator"]["resourceCount"] == "2"
         assert executors[name]["container"]["image"] == CUDA_IMAGE
-    assert executors["exec-curate-data"]["container"]["image"] == CPU_IMAGE
-    assert "accelerator" not in executors["exec-curate-data"]["container"]["resources"]
+    for name in ("exec-plan-curation", "exec-curate-group", "exec-curate-data"):
+        assert executors[name]["container"]["image"] == CPU_IMAGE
+        assert "accelerator" not in executors[name]["container"]["resources"]
     platform = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     for name in GPU_EXECUTORS:
         assert platform[name]["nodeSelector"]["labels"] == {
@@ -109,6 +112,40 @@ def test_validate_branch_is_off_by_default_and_conditional(compiled):
     assert len(branch) == 1
     dag = spec.components[branch[0].component_ref.name].dag
     assert list(dag.tasks) == ["validate-fidelity"]
+
+
+def test_curation_fans_out_over_the_plans_groups_and_merges_them(compiled):
+    spec, _ = _spec(compiled[0])
+    tasks = spec.root.dag.tasks
+    loop = next(
+        task
+        for name, task in tasks.items()
+        if name.startswith("for-loop")
+        and "curate-group" in spec.components[task.component_ref.name].dag.tasks
+    )
+    # one map task per group the plan task returns
+    assert loop.parameter_iterator.items.input_parameter == "pipelinechannel--plan-curation-Output"
+    assert list(loop.dependent_tasks) == ["plan-curation"]
+    body = spec.components[loop.component_ref.name].dag.tasks["curate-group"]
+    assert body.inputs.artifacts["plan"].component_input_artifact.endswith("plan-curation-plan")
+    assert body.inputs.parameters["group"].component_input_parameter.endswith("-loop-item")
+    # the reduce collects every map output and reads the same plan
+    reduce = tasks["curate-data"]
+    parts = reduce.inputs.artifacts["parts"].task_output_artifact
+    assert parts.producer_task == loop.task_info.name
+    assert parts.output_artifact_key == "pipelinechannel--curate-group-part"
+    loop_outputs = spec.components[loop.component_ref.name].output_definitions.artifacts
+    assert loop_outputs["pipelinechannel--curate-group-part"].is_artifact_list
+    assert reduce.inputs.artifacts["plan"].task_output_artifact.producer_task == "plan-curation"
+    plan_inputs = tasks["plan-curation"].inputs.parameters
+    assert plan_inputs["data_fingerprint"].component_input_parameter == "data_fingerprint"
+    # everything downstream reads the reduce's dataset
+    consumers = [
+        task for task in tasks.values()
+        if any(a.task_output_artifact.producer_task == "curate-data"
+               for a in task.inputs.artifacts.values())
+    ]  # fmt: skip
+    assert len(consumers) >= 3 and tasks["train-model"] in consumers
 
 
 def test_vertex_target_is_one_document_with_vertex_accelerators(compiled):
@@ -280,6 +317,24 @@ def _artifact(cls, path: Path):
     return art
 
 
+def _curate(resolved, root: Path, fingerprint: str):
+    """The three curation tasks as the pipeline runs them: plan, one per group, merge."""
+    from components.curate_data import curate_data
+    from components.curate_group import curate_group
+    from components.plan_curation import plan_curation
+
+    plan = _artifact(Artifact, root / "plan")
+    groups = plan_curation.python_func(config=resolved, data_fingerprint=fingerprint, plan=plan)
+    parts = [_artifact(Artifact, root / f"part-{g}") for g in groups]
+    for group, part in zip(groups, parts, strict=True):
+        curate_group.python_func(plan=plan, group=group, part=part)
+    dataset = _artifact(Dataset, root / "dataset")
+    curate_data.python_func(
+        plan=plan, parts=parts[::-1], data_fingerprint=fingerprint, dataset=dataset
+    )  # a collected list in any order
+    return dataset
+
+
 def test_components_python_func_on_tiny_artifacts(tmp_path, corpus_dir):
     raw = smoke_config_dict(corpus_dir)
     resolved = _artifact(Artifact, tmp_path / "config.yaml")
@@ -298,13 +353,11 @@ def test_components_python_func_on_tiny_artifacts(tmp_path, corpus_dir):
     assert config.seed == 5 and config.train.general_ratio == 0.25
     assert dataset_names.python_func(config=resolved) == ["general", "code", "math"]
 
-    from components.curate_data import curate_data
-
-    dataset = _artifact(Dataset, tmp_path / "dataset")
-    curate_data.python_func(config=resolved, data_fingerprint="abc", dataset=dataset)
+    dataset = _curate(resolved, tmp_path, "abc")
     assert (tmp_path / "dataset" / "manifest.json").is_file() and dataset.metadata[
         "data_fingerprint"
     ] == "abc"
+    assert len(list(tmp_path.glob("part-*"))) == 3  # the smoke corpus: one group per file
 
     result = _artifact(Artifact, tmp_path / "proposals.json")
     shards = predict.python_func(
@@ -393,7 +446,6 @@ def _snapshot(root: Path) -> dict[str, bytes]:
 
 def _attempt(root: Path, raw: dict) -> None:
     """One attempt of the first four tasks, writing to fixed output paths under root."""
-    from components.curate_data import curate_data
     from components.train_model import train_model
 
     root.mkdir(exist_ok=True)
@@ -402,8 +454,7 @@ def _attempt(root: Path, raw: dict) -> None:
         config_yaml=yaml.safe_dump(raw), seed=0, general_ratio=-1.0, base_model="",
         datasets_json="", search_n=0, component_tokens=0, final_tokens=0, resolved=resolved,
     )  # fmt: skip
-    dataset = _artifact(Dataset, root / "dataset")
-    curate_data.python_func(config=resolved, data_fingerprint="fp", dataset=dataset)
+    dataset = _curate(resolved, root, "fp")
     model = _artifact(Model, root / "model")
     train_model.python_func(config=resolved, role="base", name="base", data=dataset, model=model)
     predict.python_func(

@@ -318,3 +318,43 @@ def test_training_resumes_from_a_checkpoint_another_machine_published(
         resumed.read_bytes() == (tmp_path / "uninterrupted" / "model.safetensors").read_bytes(),
         "resumed weights differ from an uninterrupted run",
     )
+
+
+def test_curation_groups_of_gs_inputs_fetch_only_their_own_files(
+    gcs, tmp_path, corpus_dir, monkeypatch
+):
+    """The plan lists gs:// inputs by URI; each group task, on a machine with an empty cache,
+    downloads only its own files; the merge equals curating local copies."""
+    from demix.config import DataConfig
+    from demix.data.curate import curate, curate_group, merge_groups, plan_curation
+
+    uris = _upload_corpus(gcs, corpus_dir)
+    names = ["general", "code", "math"]
+
+    def config(paths: dict[str, str]) -> DataConfig:
+        datasets = [{"name": n, "paths": [paths[n]]} for n in names]
+        return DataConfig(datasets=datasets, tokenizer={"vocab_size": 320})
+
+    _new_machine(monkeypatch, tmp_path, "planner")
+    plan = plan_curation(config(uris), tmp_path / "plan", seed=0, groups=3)
+    assert [[f["uri"] for f in files] for files in plan["groups"]] == [
+        [uris["general"]],
+        [f"{uris['code']}/part0.jsonl"],
+        [uris["math"]],
+    ]
+    for index, files in enumerate(plan["groups"]):
+        cache = _new_machine(monkeypatch, tmp_path, f"worker-{index}")
+        curate_group(tmp_path / "plan", index, tmp_path / f"group-{index}")
+        fetched = sorted(p.name for p in cache.rglob("*") if p.is_file())
+        assert fetched == [f["uri"].rsplit("/", 1)[1] for f in files]
+    merge_groups(tmp_path / "plan", [tmp_path / f"group-{i}" for i in range(3)], tmp_path / "gs")
+    local = {n: str(corpus_dir / f"{n}.jsonl") for n in names}
+    curate(config(local), tmp_path / "local", seed=0, groups=1)
+    got, want = _files(tmp_path / "gs"), _files(tmp_path / "local")
+    assert got.keys() == want.keys()
+    assert all(got[rel] == want[rel] for rel in got if rel != MANIFEST)
+    stats = [read_manifest(tmp_path / d)["datasets"] for d in ("gs", "local")]
+    for s in stats:
+        for dataset in s.values():
+            del dataset["sources"]
+    assert stats[0] == stats[1]
