@@ -14,6 +14,7 @@ all of them at once.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -77,6 +78,7 @@ def merge_tensor(
     components: Sequence[torch.Tensor],
     weights: np.ndarray,
     release: Release | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The merge of one tensor, in float32 (inputs are read, never changed).
 
@@ -86,6 +88,8 @@ def merge_tensor(
     (weighted sums) or their row of the K x n stack (the TIES family).
     `release(k, start, stop)` is told when elements [start, stop) of component k (None: the
     base) are no longer needed, so memory-mapped inputs can drop their pages as the merge goes.
+    `out` (fp32, at least base.numel() entries) receives a weighted sum without preparation, so
+    a caller can reuse output buffers instead of faulting in fresh memory per tensor.
     """
     shape = base.shape
     done = release or (lambda k, start, stop: None)
@@ -98,9 +102,12 @@ def merge_tensor(
         if abs(rest) > NEGLIGIBLE or not terms:
             terms.append((base.reshape(-1), rest))
             owners.append(None)
+        target = (
+            torch.empty(base.numel(), dtype=torch.float32) if out is None else out[: base.numel()]
+        )
         merged = _weighted_sum(
             terms,
-            torch.empty(base.numel(), dtype=torch.float32),
+            target,
             lambda i, start, stop: done(owners[i], start, stop),
         )
         done(None, 0, base.numel())
@@ -155,8 +162,11 @@ def merge_to_disk(
     for name in names:
         b = base_index.get(name)
         plan.append((name, tuple(b.shape), dtype or b.dtype))
+    largest = max((math.prod(shape) for _, shape, _ in plan), default=0)
     with staged_dir(out) as tmp:
         writer = SafetensorsStreamWriter(tmp, plan, shard_bytes)
+        # The writer holds up to `depth` queued tensors: depth + 1 buffers cycle safely.
+        buffers = [torch.empty(largest, dtype=torch.float32) for _ in range(writer.depth + 1)]
         try:
             for name, (_, _, out_dtype) in zip(names, plan, strict=True):
                 b = base_index.get(name)
@@ -164,7 +174,9 @@ def merge_to_disk(
                 def release(k: int | None, start: int, stop: int, name: str = name) -> None:
                     (base_index if k is None else indexes[k]).release(name, start, stop)
 
-                merged = merge_tensor(method, name, b, [ix.get(name) for ix in indexes], c, release)
+                buffer = buffers[writer.position % len(buffers)]
+                components_of = [ix.get(name) for ix in indexes]
+                merged = merge_tensor(method, name, b, components_of, c, release, buffer)
                 writer.write(name, merged if merged.dtype == out_dtype else merged.to(out_dtype))
             hashes = writer.finish()
         except BaseException:

@@ -165,36 +165,40 @@ class SafetensorsStreamWriter:
             size += nbytes
         self.order = [(i, e) for i, shard in enumerate(self.shards) for e in shard]
         self.position = 0
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="demix-write")
-        self.pending: list[Future] = []
-        self.files: list[tuple[Path, object, int]] = []  # (temporary path, sha256, bytes)
-        self.total_bytes = 0
+        headers = [_header(shard) for shard in self.shards]
+        self.headers = [header for header, _ in headers]
+        self.sizes = [len(header) + data for header, data in headers]
+        self.total_bytes = sum(data for _, data in headers)
+        self.digests = [hashlib.sha256(header) for header in self.headers]
+        self.handle = None
+        # Writing and hashing each run on their own thread (both release the GIL).
+        self.write_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="demix-write")
+        self.hash_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="demix-hash")
+        self.pending: list[tuple[Future, Future]] = []
 
     def _temporary(self, index: int) -> Path:
         return self.folder / f".shard-{index:05d}.safetensors"
 
-    def _open_shard(self, index: int) -> None:
-        header, data_bytes = _header(self.shards[index])
-        path = self._temporary(index)
-        handle = open(path, "wb")  # noqa: SIM115 (closed by _close_shard on the writer thread)
-        digest = hashlib.sha256(header)
-        handle.write(header)
-        self.files.append((path, digest, len(header) + data_bytes))
-        self._handle, self._digest = handle, digest
-        self.total_bytes += data_bytes
-
-    def _write(self, shard: int, first: bool, last: bool, data: torch.Tensor) -> None:
+    def _write(self, shard: int, first: bool, last: bool, data: memoryview) -> None:
         if first:
-            self._open_shard(shard)
-        if data.numel():
-            view = memoryview(data.reshape(-1).view(torch.uint8).numpy())
-            self._handle.write(view)
-            self._digest.update(view)
+            self.handle = open(self._temporary(shard), "wb")  # noqa: SIM115 (closed below)
+            self.handle.write(self.headers[shard])
+        self.handle.write(data)
         if last:
-            self._handle.close()
+            self.handle.close()
+
+    def _wait(self, keep: int) -> None:
+        """Wait until at most `keep` tensors are in flight; re-raises a failed write or hash."""
+        while len(self.pending) > keep:
+            for future in self.pending.pop(0):
+                future.result()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue `tensor` (contiguous, the planned shape and dtype) for writing."""
+        """Queue `tensor` (contiguous, the planned shape and dtype) for writing.
+
+        The tensor must not change until `depth` more tensors have been queued (or `finish`):
+        a caller may cycle through depth + 1 output buffers.
+        """
         shard, (expected, shape, dtype) = self.order[self.position]
         if name != expected or tuple(tensor.shape) != shape or tensor.dtype != dtype:
             raise ValueError(
@@ -204,29 +208,35 @@ class SafetensorsStreamWriter:
         first = self.position == 0 or self.order[self.position - 1][0] != shard
         self.position += 1
         last = self.position == len(self.order) or self.order[self.position][0] != shard
-        while len(self.pending) >= self.depth:
-            self.pending.pop(0).result()  # re-raises a failed write here
-        self.pending.append(self.pool.submit(self._write, shard, first, last, tensor.contiguous()))
+        self._wait(self.depth - 1)
+        data = tensor.contiguous()
+        view = memoryview(data.reshape(-1).view(torch.uint8).numpy()) if data.numel() else b""
+        self.pending.append(
+            (
+                self.write_pool.submit(self._write, shard, first, last, view),
+                self.hash_pool.submit(self.digests[shard].update, view),
+            )
+        )
 
     def finish(self) -> dict[str, dict]:
         """Wait for the writes; name the shards, write the index last; return file hashes."""
         try:
-            for future in self.pending:
-                future.result()
+            self._wait(0)
         finally:
-            self.pool.shutdown(wait=True)
+            self.write_pool.shutdown(wait=True)
+            self.hash_pool.shutdown(wait=True)
         if self.position != len(self.order):
             raise ValueError(f"{len(self.order) - self.position} planned tensors were not written")
-        total = len(self.files)
+        total = len(self.shards)
         names = (
             ["model.safetensors"]
             if total == 1
             else [f"model-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)]
         )
         hashes = {}
-        for (path, digest, size), name in zip(self.files, names, strict=True):
-            os.replace(path, self.folder / name)
-            hashes[name] = {"size": size, "sha256": digest.hexdigest()}
+        for i, name in enumerate(names):
+            os.replace(self._temporary(i), self.folder / name)
+            hashes[name] = {"size": self.sizes[i], "sha256": self.digests[i].hexdigest()}
         if total > 1:
             index = {
                 "metadata": {"total_size": self.total_bytes},
@@ -240,9 +250,11 @@ class SafetensorsStreamWriter:
         return hashes
 
     def abort(self) -> None:
-        """Stop the writer thread after an error (the caller's staged folder is discarded)."""
-        for future in self.pending:
-            future.cancel()
-        self.pool.shutdown(wait=True)
-        if getattr(self, "_handle", None) is not None and not self._handle.closed:
-            self._handle.close()
+        """Stop the writer threads after an error (the caller's staged folder is discarded)."""
+        for futures in self.pending:
+            for future in futures:
+                future.cancel()
+        self.write_pool.shutdown(wait=True)
+        self.hash_pool.shutdown(wait=True)
+        if self.handle is not None and not self.handle.closed:
+            self.handle.close()
