@@ -165,8 +165,11 @@ def merge_to_disk(
     largest = max((math.prod(shape) for _, shape, _ in plan), default=0)
     with staged_dir(out) as tmp:
         writer = SafetensorsStreamWriter(tmp, plan, shard_bytes)
-        # The writer holds up to `depth` queued tensors: depth + 1 buffers cycle safely.
-        buffers = [torch.empty(largest, dtype=torch.float32) for _ in range(writer.depth + 1)]
+        # The writer holds up to `depth` queued tensors: depth + 1 buffers cycle safely. Only
+        # the plain weighted sum writes into them (the other paths allocate their own).
+        reuse = method.weighted_sum and not method.prepares
+        slots = writer.depth + 1 if reuse else 0
+        buffers = [torch.empty(largest, dtype=torch.float32) for _ in range(slots)]
         try:
             for name, (_, _, out_dtype) in zip(names, plan, strict=True):
                 b = base_index.get(name)
@@ -174,7 +177,7 @@ def merge_to_disk(
                 def release(k: int | None, start: int, stop: int, name: str = name) -> None:
                     (base_index if k is None else indexes[k]).release(name, start, stop)
 
-                buffer = buffers[writer.position % len(buffers)]
+                buffer = buffers[writer.position % slots] if buffers else None
                 components_of = [ix.get(name) for ix in indexes]
                 merged = merge_tensor(method, name, b, components_of, c, release, buffer)
                 writer.write(name, merged if merged.dtype == out_dtype else merged.to(out_dtype))
