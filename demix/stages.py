@@ -339,7 +339,9 @@ class TrainedProxyEvaluator:
             config,
             data,
             base,
-            trained=config.train.model_dump(exclude={"checkpoint_every", "log_every", "device"}),
+            trained=config.train.model_dump(
+                exclude={"checkpoint_every", "log_every", "device", "micro_batch_size", "fsdp"}
+            ),
             seed=config.seed,
             model=config.model.model_dump(),
         )
