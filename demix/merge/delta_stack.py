@@ -115,6 +115,8 @@ class DeltaStack:
             self.base[part].copy_(b.reshape(-1))
             self.flat[part].copy_(param.detach().reshape(-1))
             param.data = self.flat[part].view_as(param)
+            for index in (base_index, *indexes):  # copied: drop the mapped pages again
+                index.release(name)
         self.relative_norms = np.sqrt(delta_sq / base_sq)
 
     @property
@@ -157,4 +159,6 @@ def relative_delta_norms(base: str | Path, components: list[str | Path]) -> list
         base_sq += float(b.pow(2).sum())
         for k, index in enumerate(indexes):
             delta_sq[k] += float((index.get(name).double() - b).pow(2).sum())
+            index.release(name)
+        base_index.release(name)
     return np.sqrt(delta_sq / base_sq).tolist()
