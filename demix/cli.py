@@ -71,7 +71,7 @@ def _dataset(uri: str):
 
 def _model(uri: str) -> Path:
     """A model folder at a local path or gs:// URI; a demix manifest, when present, is verified."""
-    from demix.model import MODEL_KIND
+    from demix.checkpoint import MODEL_KIND
     from demix.storage import fetch_artifact
 
     return fetch_artifact(uri, MODEL_KIND, require_manifest=False)

@@ -14,11 +14,12 @@ from typing import Any
 
 import numpy as np
 
+from demix.checkpoint import read_model_manifest
 from demix.config import RunConfig, StageTraining
 from demix.data.shards import CuratedData
 from demix.evaluate.harness import Evaluator
 from demix.fidelity import AGGREGATE, fidelity
-from demix.model import read_model_manifest, resolve_device
+from demix.model import resolve_device
 from demix.stages import (
     ProxyEvaluator,
     StageClock,

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from demix.checkpoint import check_compatible, read_model_manifest
 from demix.config import RunConfig
 from demix.data.curate import (
     curate,
@@ -37,13 +38,7 @@ from demix.merge import (
     merge_to_disk,
 )
 from demix.merge.delta_stack import relative_delta_norms
-from demix.model import (
-    check_compatible,
-    load_model,
-    read_model_manifest,
-    resolve_device,
-    set_threads,
-)
+from demix.model import load_model, resolve_device, set_threads
 from demix.search import (
     ScoresTable,
     evaluate_proposals,
@@ -104,7 +99,7 @@ def base_model_dir(config: RunConfig) -> Path | None:
     """The local folder of `model.base` (a gs:// URI is fetched and verified), or None."""
     if not config.model.base:
         return None
-    from demix.model import MODEL_KIND
+    from demix.checkpoint import MODEL_KIND
 
     return fetch_artifact(config.model.base, MODEL_KIND, require_manifest=False)
 
@@ -259,6 +254,11 @@ def _model_id(folder: Path) -> str:
     return read_model_manifest(folder).get("fingerprint") or str(folder)
 
 
+def merge_settings(config: RunConfig) -> dict:
+    """The merge settings a merged proxy's scores depend on (not the dtype models are saved in)."""
+    return config.merge.model_dump(exclude={"output_dtype"})
+
+
 def score_key(config: RunConfig, data: CuratedData, base: Path, **what) -> str:
     """Fingerprint of everything a proxy's scores depend on besides its mixture.
 
@@ -309,7 +309,7 @@ class ProxyEvaluator:
             config,
             data,
             base,
-            merge=config.merge.model_dump(),
+            merge=merge_settings(config),
             general_ratio=config.train.general_ratio,
             components=[_model_id(d) for d in comp_dirs],
         )
@@ -672,6 +672,7 @@ def materialize_merge(
         merge_weights(config, data, weights),
         out,
         method=merge_method(config),
+        dtype=None if config.merge.output_dtype == "auto" else config.merge.output_dtype,
         data_mixture=as_dict(data.names, weights),
         relative_delta_norms=relative_delta_norms(base, comp_dirs),
     )

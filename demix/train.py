@@ -26,17 +26,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from demix.checkpoint import read_model_manifest
 from demix.config import ArchitectureConfig, ModelConfig, StageTraining, TrainConfig
 from demix.data.shards import CuratedData, MixtureSampler
 from demix.distributed import make_accelerator
 from demix.errors import DemixError
-from demix.model import (
-    build_tiny_llama,
-    load_model,
-    read_model_manifest,
-    resolve_device,
-    save_model,
-)
+from demix.model import build_tiny_llama, load_model, resolve_device, save_model
 from demix.storage import read_manifest, recover_replaced_dir, staged_dir, write_manifest
 
 CHECKPOINT_KIND = "demix.checkpoint"

@@ -17,11 +17,12 @@ from typing import Any
 
 import numpy as np
 
+from demix.checkpoint import read_model_manifest
 from demix.config import RunConfig
 from demix.data.shards import CuratedData
 from demix.evaluate.harness import Evaluator
 from demix.fidelity import AGGREGATE, fidelity
-from demix.model import read_model_manifest, resolve_device
+from demix.model import resolve_device
 from demix.search.predictor import seed_entropy
 from demix.search.results import mixture_id
 from demix.search.sampler import sample_mixtures, uniform_mixture

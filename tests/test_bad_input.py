@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from demix.checkpoint import MODEL_KIND
 from demix.cli import main
 from demix.config import ArchitectureConfig
-from demix.model import MODEL_KIND, build_tiny_llama
+from demix.model import build_tiny_llama
 from demix.storage import write_manifest
 
 from . import reliability

@@ -85,8 +85,8 @@ def _merge_argv(config_path: Path, curated: Path, base: Path, out: Path) -> list
 
 
 def test_merge_with_any_method_through_set(tmp_path, config_path, curated, capsys):
+    from demix.checkpoint import read_model_manifest, tensor_shapes
     from demix.data.shards import CuratedData
-    from demix.model import read_model_manifest
 
     tok = CuratedData(curated).load_tokenizer()
     base = _save_tiny(tmp_path / "base", tok)
@@ -98,6 +98,11 @@ def test_merge_with_any_method_through_set(tmp_path, config_path, curated, capsy
     capsys.readouterr()
     assert read_model_manifest(out)["method"] == {"name": "ties", "density": 0.3, "scale": 1.0}
     out.rename(tmp_path / "first")
+    assert main([*argv, "--set", "merge.output_dtype=bfloat16"]) == 0
+    capsys.readouterr()
+    assert {dtype for _, dtype in tensor_shapes(out).values()} == {"BF16"}
+    out.rename(tmp_path / "second")
+    _fails(capsys, [*argv, "--set", "merge.output_dtype=int8"], "merge.output_dtype")
     _fails(capsys, [*argv, *settings, "--set", "merge.drop_rate=0.3"], "merge.drop_rate")
     _fails(capsys, [*argv, "--set", "merge.method"], "expected KEY=VALUE")
     _fails(capsys, [*argv, "--set", "merge.method=slerp"], "merge.method")

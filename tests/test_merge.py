@@ -11,11 +11,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from demix.checkpoint import check_compatible
 from demix.config import ArchitectureConfig
 from demix.errors import MixtureError, ModelError
 from demix.merge import DeltaStack, component_mix_matrix, data_to_component, merge_to_disk
 from demix.merge.delta_stack import relative_delta_norms
-from demix.model import build_tiny_llama, check_compatible, load_model
+from demix.model import build_tiny_llama, load_model
 
 ARCH = ArchitectureConfig(
     hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=64

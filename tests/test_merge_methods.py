@@ -13,10 +13,10 @@ import torch
 from scipy import stats
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from demix.checkpoint import TensorIndex
 from demix.config import MERGE_METHOD_PARAMETERS, ArchitectureConfig, parse_config
 from demix.errors import ConfigError, MixtureError, ModelError
 from demix.merge import METHODS, DeltaStack, make_method, merge_to_disk
-from demix.merge.delta_stack import TensorIndex
 from demix.merge.methods import method_parameters
 from demix.merge.methods.base import tensor_generator
 from demix.merge.methods.ties import trim_to_density
@@ -333,6 +333,21 @@ def test_config_knows_the_same_methods_and_parameters(corpus_dir):
 
     config = parse_config({**raw, "merge": {"method": "dare_linear", "drop_rate": 0.2}})
     assert resolve_config(config_yaml(config)).merge == config.merge
+
+
+def test_the_output_dtype_is_not_a_scoring_setting(corpus_dir):
+    """Scores of merged proxies do not depend on the dtype a merged model is saved in, so a
+    search resumed with another merge.output_dtype keeps its scores; other settings do not."""
+    from demix.stages import merge_settings
+
+    raw = smoke_config_dict(corpus_dir)
+
+    def settings(**merge):
+        return merge_settings(parse_config({**raw, "merge": merge}))
+
+    assert settings(output_dtype="bfloat16") == settings() == settings(output_dtype="float16")
+    assert settings(delta_dtype="bfloat16") != settings()
+    assert settings(method="task_arithmetic") != settings()
 
 
 @pytest.mark.gpu

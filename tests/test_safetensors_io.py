@@ -6,13 +6,20 @@ import hashlib
 import json
 import struct
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from demix.errors import ModelError
-from demix.merge.safetensors_io import DTYPES, MappedSafetensors, SafetensorsStreamWriter
+from demix.safetensors_io import (
+    NUMPY_DTYPES,
+    MappedSafetensors,
+    SafetensorsStreamWriter,
+    dtype_name,
+    torch_dtype,
+)
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -41,7 +48,56 @@ def test_reader_matches_the_safetensors_library_for_every_dtype(tmp_path):
         got = mapped.tensor(name)
         assert got.dtype == value.dtype and got.shape == value.shape
         assert torch.equal(got, value), name
-    assert set(DTYPES.values()) >= {t.dtype for t in expected.values()}
+    assert {torch_dtype(n) for n in NUMPY_DTYPES} >= {t.dtype for t in expected.values()}
+
+
+def _as_numpy(t: torch.Tensor) -> np.ndarray:
+    """What the reader's numpy view holds for a tensor: bf16 as its uint16 bit patterns."""
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+def test_numpy_views_hold_the_same_bytes_as_torch_views(tmp_path):
+    path = tmp_path / "m.safetensors"
+    tensors = _tensors()
+    save_file(tensors, path)
+    mapped = MappedSafetensors(path)
+    for name, value in tensors.items():
+        got = mapped.array(name)
+        assert (
+            got.shape == tuple(value.shape) and got.dtype == NUMPY_DTYPES[dtype_name(value.dtype)]
+        )
+        np.testing.assert_array_equal(got, _as_numpy(value))
+
+
+def test_writer_given_numpy_arrays_writes_the_same_file_as_given_torch_tensors(tmp_path):
+    tensors = _tensors()
+    (tmp_path / "torch").mkdir(), (tmp_path / "numpy").mkdir()
+    from_torch = _write(tmp_path / "torch", tensors, shard_bytes=1 << 30)
+    plan = [(n, tuple(t.shape), dtype_name(t.dtype)) for n, t in tensors.items()]
+    writer = SafetensorsStreamWriter(tmp_path / "numpy", plan, 1 << 30)
+    for name, value in tensors.items():
+        writer.write(name, _as_numpy(value))
+    assert writer.finish() == from_torch
+    assert (tmp_path / "numpy" / "model.safetensors").read_bytes() == (
+        tmp_path / "torch" / "model.safetensors"
+    ).read_bytes()
+
+
+def test_dtype_names():
+    assert [dtype_name(d) for d in (torch.bfloat16, "bfloat16", np.uint16, "F16", np.float32)] == [
+        "BF16",
+        "BF16",
+        "BF16",
+        "F16",
+        "F32",
+    ]
+    for name in NUMPY_DTYPES:
+        assert dtype_name(torch_dtype(name)) == name
+    for bad in (torch.uint16, torch.complex64, "fp8", np.complex64):
+        with pytest.raises(ValueError, match="cannot be stored"):
+            dtype_name(bad)
 
 
 def test_released_views_read_the_same_values_again(tmp_path):

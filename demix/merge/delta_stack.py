@@ -7,46 +7,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from demix.checkpoint import TensorIndex
 from demix.errors import ModelError
 from demix.merge.methods import MergeMethod, make_method
 from demix.merge.methods.base import DEFAULT_CHUNK, combine_in_chunks
-from demix.merge.safetensors_io import MappedSafetensors
-from demix.model import safetensors_files
-
-
-class TensorIndex:
-    """Per-tensor access to a (possibly sharded) safetensors model folder, each file mapped once.
-
-    `get` returns a zero-copy view of the page cache; `release` drops its pages from this process.
-    """
-
-    def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
-        self.location: dict[str, MappedSafetensors] = {}
-        for f in safetensors_files(self.folder):
-            mapped = MappedSafetensors(f)
-            for name in mapped.names():
-                self.location[name] = mapped
-
-    def names(self) -> list[str]:
-        return list(self.location)
-
-    def _file(self, name: str) -> MappedSafetensors:
-        if name not in self.location:
-            raise ModelError(f"{self.folder}: no tensor named {name}")
-        return self.location[name]
-
-    def get(self, name: str) -> torch.Tensor:
-        """One tensor (a read-only view: copy before changing it in place).
-
-        Raises ModelError when the model has no tensor of that name.
-        """
-        return self._file(name).tensor(name)
-
-    def release(self, name: str, start: int = 0, stop: int | None = None) -> None:
-        """Drop the pages of elements [start, stop) of tensor `name` from this process (views
-        of it stay valid)."""
-        self._file(name).release(name, start, stop)
 
 
 class DeltaStack:

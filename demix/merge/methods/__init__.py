@@ -9,7 +9,9 @@
 | dare_ties       | lambda disjoint_sum(drop(d_i, p) / (1 - p), w)            | non-negative      |
 
 with d_i = theta_i - base and theta = base + merged delta. `make_method(name, **parameters)`
-builds one; the config's `merge` section names the method and its parameters.
+builds one; the config's `merge` section names the method and its parameters. torch is imported
+inside the functions that compute on tensors: building a method and checking weights do not need
+it, nor does the disk merge's weighted sum (numpy).
 """
 
 from __future__ import annotations

@@ -12,12 +12,14 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
-import torch
 
 from demix.errors import MixtureError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def finite_weights(weights: Sequence[float], method: str) -> np.ndarray:
@@ -33,6 +35,8 @@ def finite_weights(weights: Sequence[float], method: str) -> np.ndarray:
 def tensor_generator(seed: int, component: int, tensor: str) -> torch.Generator:
     """A CPU generator for one (component, tensor) pair, independent of the order tensors are
     visited in, of the device and of the engine (disk merge or in-memory proxies)."""
+    import torch
+
     digest = hashlib.sha256(f"{seed}\0{component}\0{tensor}".encode()).digest()
     return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
@@ -66,6 +70,8 @@ class MergeMethod:
 
         `weights` are already checked. The default is the weighted sum; other methods override.
         """
+        import torch
+
         coefficients = torch.as_tensor(
             self.sum_coefficients(weights.double().cpu().numpy()),
             dtype=deltas.dtype,

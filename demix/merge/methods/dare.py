@@ -18,14 +18,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
-import torch
 
 from demix.errors import MixtureError
 from demix.merge.methods.base import MergeMethod, tensor_generator
 from demix.merge.methods.ties import check_nonnegative, elect_and_merge
+
+if TYPE_CHECKING:
+    import torch
 
 
 def drop_and_rescale(
@@ -35,6 +37,8 @@ def drop_and_rescale(
 
     The mask is drawn on the CPU (reproducible across devices) and moved to the delta's device.
     """
+    import torch
+
     if drop_rate == 0.0:
         return delta
     keep = torch.rand(delta.shape, generator=generator, dtype=torch.float32) >= drop_rate

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
-import torch
 
 from demix.errors import MixtureError
 from demix.merge.methods.base import MergeMethod, finite_weights
+
+if TYPE_CHECKING:
+    import torch
 
 
 def check_nonnegative(weights: Sequence[float], method: str) -> np.ndarray:
@@ -38,6 +40,8 @@ def check_nonnegative(weights: Sequence[float], method: str) -> np.ndarray:
 
 def trim_to_density(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Zero all but the max(1, int(density * n)) largest-magnitude entries of `delta`, in place."""
+    import torch
+
     n = delta.numel()
     if density >= 1.0 or n == 0:
         return delta
@@ -58,6 +62,8 @@ def elect_and_merge(
     The weighted deltas agreeing with the sign of their sum are summed; with `normalize`, divided
     by the sum of their weights (entries where none agree stay 0).
     """
+    import torch
+
     w = weights.to(deltas.dtype).view(-1, 1)
     weighted = deltas * w
     elected = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0).to(deltas.dtype)

@@ -1,18 +1,22 @@
-"""Zero-copy safetensors reading and streaming safetensors writing for the disk merge.
+"""Zero-copy safetensors reading and streaming safetensors writing, without torch.
 
 The format (https://huggingface.co/docs/safetensors): an 8-byte little-endian header length, a
 JSON header {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}
 padded with spaces to a multiple of 8, then the tensors' bytes back to back.
 
-`MappedSafetensors` maps a file once and hands out tensors that are views of the page cache (no
-copy, no per-tensor open); `release` drops a tensor's pages from this process again, so peak
-memory does not grow with the bytes read. Headers are validated before any view is made: a
-file that is not safetensors, or whose offsets point outside it, is a one-line ModelError.
+`MappedSafetensors` maps a file once and hands out numpy arrays (or torch tensors) that are views
+of the page cache (no copy, no per-tensor open); `release` drops a tensor's pages from this
+process again, so peak memory does not grow with the bytes read. Headers are validated before any
+view is made: a file that is not safetensors, or whose offsets point outside it, is a one-line
+ModelError.
 
 `SafetensorsStreamWriter` writes shards whose layout is planned up front from the tensors'
 names, shapes and dtypes, so each merged tensor goes to disk as soon as it is computed: written
 and sha256-hashed on a background thread (file writes and hashing release the GIL) while the
 next tensor is merged, with at most `depth` tensors in flight.
+
+Nothing here imports torch: numpy has no bfloat16, so a BF16 tensor is read (and may be written)
+as a uint16 array of its bit patterns; `tensor()` gives the torch view when torch is wanted.
 """
 
 from __future__ import annotations
@@ -26,28 +30,65 @@ import struct
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from demix.errors import ModelError
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
+# safetensors dtype name -> the numpy dtype its bytes are read as (BF16: its uint16 bit patterns)
+NUMPY_DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(np.uint16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
 }
-DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+# safetensors dtype name -> how torch and numpy spell it
+SPELLED = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
+_NAMES = {spelled: name for name, spelled in SPELLED.items()}
 MAX_HEADER_BYTES = 100 * 1024**2  # the limit safetensors itself applies
 
 
+def dtype_name(dtype) -> str:
+    """The safetensors name ("F32", "BF16", ...) of a dtype given as that name, as a torch or
+    numpy dtype, or spelled ("bfloat16", "torch.float16"); a numpy uint16 is BF16 (bit
+    patterns). ValueError for dtypes safetensors files here cannot hold."""
+    if isinstance(dtype, str) and dtype in NUMPY_DTYPES:
+        return dtype
+    spelled = str(np.dtype(dtype) if isinstance(dtype, type) else dtype)
+    if isinstance(dtype, np.dtype | type) and spelled == "uint16":
+        return "BF16"
+    name = _NAMES.get(spelled.removeprefix("torch."))
+    if name is None:
+        raise ValueError(f"dtype {dtype} cannot be stored in safetensors")
+    return name
+
+
+def torch_dtype(name: str):
+    """The torch dtype of a safetensors dtype name (imports torch)."""
+    import torch
+
+    return getattr(torch, SPELLED[name])
+
+
 class MappedSafetensors:
-    """One safetensors file, memory-mapped once; `tensor(name)` is a zero-copy view."""
+    """One safetensors file, memory-mapped once; `array(name)` is a zero-copy numpy view."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -62,7 +103,8 @@ class MappedSafetensors:
         except (OSError, ValueError, struct.error) as err:
             raise ModelError(f"{self.path}: not a readable safetensors file ({err})") from None
         self.data_start = 8 + length
-        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        # name -> (safetensors dtype name, shape, begin, end), offsets relative to the data
+        self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
         if not isinstance(header, dict):
             raise ModelError(f"{self.path}: safetensors header is not a JSON object")
         for name, info in header.items():
@@ -71,18 +113,18 @@ class MappedSafetensors:
 
     def _check(self, name: str, info, data_bytes: int) -> tuple:
         try:
-            dtype = DTYPES[info["dtype"]]
+            dtype = info["dtype"]
+            itemsize = NUMPY_DTYPES[dtype].itemsize
             shape = tuple(int(s) for s in info["shape"])
             begin, end = (int(x) for x in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise ModelError(
                 f"{self.path}: tensor {name!r} has an unsupported or malformed header entry"
             ) from None
-        nbytes = math.prod(shape) * dtype.itemsize
         if (
             min(shape, default=0) < 0
             or not 0 <= begin <= end <= data_bytes
-            or end - begin != nbytes
+            or end - begin != math.prod(shape) * itemsize
         ):
             raise ModelError(f"{self.path}: tensor {name!r} has offsets outside the file")
         return dtype, shape, begin, end
@@ -90,18 +132,27 @@ class MappedSafetensors:
     def names(self) -> list[str]:
         return list(self.entries)
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """A view of the mapped file (copy-on-write: writing to it never changes the file)."""
+    def array(self, name: str) -> np.ndarray:
+        """A numpy view of the mapped file (BF16 as its uint16 bit patterns; copy-on-write:
+        writing to it never changes the file)."""
         dtype, shape, begin, end = self.entries[name]
+        np_dtype = NUMPY_DTYPES[dtype]
         if end == begin:
-            return torch.empty(shape, dtype=dtype)
-        flat = torch.frombuffer(
+            return np.empty(shape, dtype=np_dtype)
+        flat = np.frombuffer(
             self._map,
-            dtype=dtype,
-            count=(end - begin) // dtype.itemsize,
+            dtype=np_dtype,
+            count=(end - begin) // np_dtype.itemsize,
             offset=self.data_start + begin,
         )
-        return flat.view(shape)
+        return flat.reshape(shape)
+
+    def tensor(self, name: str):
+        """The same view as a torch tensor of the stored dtype (imports torch)."""
+        import torch
+
+        view = torch.from_numpy(self.array(name))
+        return view.view(torch.bfloat16) if self.entries[name][0] == "BF16" else view
 
     def release(self, name: str, start: int = 0, stop: int | None = None) -> None:
         """Drop the pages of elements [start, stop) of tensor `name` from this process.
@@ -110,24 +161,27 @@ class MappedSafetensors:
         only partly covers are dropped too (that costs at most a re-read, never a wrong value).
         """
         dtype, shape, begin, end = self.entries[name]
-        first = self.data_start + begin + start * dtype.itemsize
-        last = self.data_start + (end if stop is None else begin + stop * dtype.itemsize)
+        itemsize = NUMPY_DTYPES[dtype].itemsize
+        first = self.data_start + begin + start * itemsize
+        last = self.data_start + (end if stop is None else begin + stop * itemsize)
         page = mmap.PAGESIZE
         first, last = first // page * page, min(-(-last // page) * page, len(self._map))
         if last > first:
             self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
-def _header(entries: list[tuple[str, tuple[int, ...], torch.dtype]]) -> tuple[bytes, int]:
+def _nbytes(shape: tuple[int, ...], dtype: str) -> int:
+    return math.prod(shape) * NUMPY_DTYPES[dtype].itemsize
+
+
+def _header(entries: list[tuple[str, tuple[int, ...], str]]) -> tuple[bytes, int]:
     """The padded header bytes of a shard holding `entries` in order, and its data size."""
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, shape, dtype in entries:
-        if dtype not in DTYPE_NAMES:
-            raise ModelError(f"tensor {name!r}: dtype {dtype} cannot be written to safetensors")
-        nbytes = math.prod(shape) * dtype.itemsize
+        nbytes = _nbytes(shape, dtype)
         header[name] = {
-            "dtype": DTYPE_NAMES[dtype],
+            "dtype": dtype,
             "shape": list(shape),
             "data_offsets": [offset, offset + nbytes],
         }
@@ -137,31 +191,48 @@ def _header(entries: list[tuple[str, tuple[int, ...], torch.dtype]]) -> tuple[by
     return struct.pack("<Q", len(text)) + text, offset
 
 
+def _as_bytes(data) -> memoryview | bytes:
+    """The bytes of a numpy array or torch tensor in C order (no copy when contiguous)."""
+    if isinstance(data, np.ndarray):
+        flat = np.ascontiguousarray(data).reshape(-1)
+        return memoryview(flat.view(np.uint8)) if flat.size else b""
+    import torch  # a torch tensor was given: torch is imported already
+
+    flat = data.contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else b""
+
+
 class SafetensorsStreamWriter:
     """Writes tensors, in a planned order, into numbered shards as soon as each is given.
 
-    `plan` lists (name, shape, dtype) in write order; shards are cut greedily at `shard_bytes`.
-    `write(name, tensor)` must follow the plan. `finish()` waits for the last write, names the
-    shards as Hugging Face does (a single `model.safetensors`, or `model-0000i-of-0000n` plus
-    `model.safetensors.index.json`, written last) and returns {file: {"size", "sha256"}}.
+    `plan` lists (name, shape, dtype) in write order, dtypes as `dtype_name` accepts them;
+    shards are cut greedily at `shard_bytes`. `write(name, data)` must follow the plan; data is a
+    numpy array (BF16 as uint16 bit patterns) or a torch tensor. `finish()` waits for the last
+    write, names the shards as Hugging Face does (a single `model.safetensors`, or
+    `model-0000i-of-0000n` plus `model.safetensors.index.json`, written last) and returns
+    {file: {"size", "sha256"}}.
     """
 
     def __init__(
         self,
         folder: Path,
-        plan: list[tuple[str, tuple[int, ...], torch.dtype]],
+        plan: list[tuple[str, tuple[int, ...], object]],
         shard_bytes: int,
         depth: int = 2,
     ):
         self.folder, self.depth = folder, depth
-        self.shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
+        self.shards: list[list[tuple[str, tuple[int, ...], str]]] = [[]]
         size = 0
         for name, shape, dtype in plan:
-            nbytes = math.prod(shape) * dtype.itemsize
+            try:
+                entry = (name, tuple(shape), dtype_name(dtype))
+            except ValueError as err:
+                raise ModelError(f"tensor {name!r}: {err}") from None
+            nbytes = _nbytes(entry[1], entry[2])
             if self.shards[-1] and size + nbytes > shard_bytes:
                 self.shards.append([])
                 size = 0
-            self.shards[-1].append((name, tuple(shape), dtype))
+            self.shards[-1].append(entry)
             size += nbytes
         self.order = [(i, e) for i, shard in enumerate(self.shards) for e in shard]
         self.position = 0
@@ -193,24 +264,27 @@ class SafetensorsStreamWriter:
             for future in self.pending.pop(0):
                 future.result()
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue `tensor` (contiguous, the planned shape and dtype) for writing.
+    def write(self, name: str, data) -> None:
+        """Queue `data` (the planned shape and dtype) for writing.
 
-        The tensor must not change until `depth` more tensors have been queued (or `finish`):
-        a caller may cycle through depth + 1 output buffers.
+        It must not change until `depth` more tensors have been queued (or `finish`): a caller
+        may cycle through depth + 1 output buffers.
         """
         shard, (expected, shape, dtype) = self.order[self.position]
-        if name != expected or tuple(tensor.shape) != shape or tensor.dtype != dtype:
+        try:
+            given = dtype_name(data.dtype)
+        except ValueError:
+            given = str(data.dtype)
+        if name != expected or tuple(data.shape) != shape or given != dtype:
             raise ValueError(
-                f"write {name} {tuple(tensor.shape)} {tensor.dtype} does not follow the plan "
+                f"write {name} {tuple(data.shape)} {given} does not follow the plan "
                 f"({expected} {shape} {dtype})"
             )
         first = self.position == 0 or self.order[self.position - 1][0] != shard
         self.position += 1
         last = self.position == len(self.order) or self.order[self.position][0] != shard
         self._wait(self.depth - 1)
-        data = tensor.contiguous()
-        view = memoryview(data.reshape(-1).view(torch.uint8).numpy()) if data.numel() else b""
+        view = _as_bytes(data)
         self.pending.append(
             (
                 self.write_pool.submit(self._write, shard, first, last, view),

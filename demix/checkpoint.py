@@ -1,0 +1,180 @@
+"""Model folders on disk, read without loading them: weight files, tensor headers, per-tensor
+views, compatibility checks, manifests. Nothing here imports torch or transformers, so merging
+and checking checkpoints start in a fraction of a second."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from demix.errors import ModelError
+from demix.safetensors_io import MappedSafetensors
+from demix.storage import read_manifest
+
+MODEL_KIND = "demix.model"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The model's safetensors files; refuse pickle-only checkpoints.
+
+    Raises ModelError when the folder is missing or holds no safetensors weights.
+    """
+    if not folder.is_dir():
+        raise ModelError(f"{folder}: model folder does not exist")
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelError(
+            f"{folder}: only pickle checkpoints ({', '.join(pickles)}); DeMix loads safetensors only "
+            "(convert with `model.save_pretrained(dir, safe_serialization=True)` in a trusted environment)"
+        )
+    raise ModelError(
+        f"{folder}: no *.safetensors weights found; save the model with "
+        "`save_pretrained(dir, safe_serialization=True)`"
+    )
+
+
+def copy_model_files(src: Path, dst: Path) -> None:
+    """Copy config, generation config and tokenizer files (everything but weights) of a model."""
+    for p in src.iterdir():
+        if (
+            p.is_file()
+            and p.suffix != ".safetensors"
+            and p.name != "manifest.json"
+            and not p.name.endswith(".index.json")
+        ):
+            shutil.copy2(p, dst / p.name)
+
+
+def tensor_shapes(folder: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Tensor name -> (shape, dtype) read from safetensors headers, without loading weights."""
+    shapes: dict[str, tuple[tuple[int, ...], str]] = {}
+    for f in safetensors_files(folder):
+        for name, (dtype, shape, _, _) in MappedSafetensors(f).entries.items():
+            shapes[name] = (shape, dtype)
+    return shapes
+
+
+class TensorIndex:
+    """Per-tensor access to a (possibly sharded) safetensors model folder, each file mapped once.
+
+    `array` (numpy) and `get` (torch) return zero-copy views of the page cache; `release` drops
+    their pages from this process.
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.location: dict[str, MappedSafetensors] = {}
+        for f in safetensors_files(self.folder):
+            mapped = MappedSafetensors(f)
+            for name in mapped.names():
+                self.location[name] = mapped
+
+    def names(self) -> list[str]:
+        return list(self.location)
+
+    def _file(self, name: str) -> MappedSafetensors:
+        if name not in self.location:
+            raise ModelError(f"{self.folder}: no tensor named {name}")
+        return self.location[name]
+
+    def dtype(self, name: str) -> str:
+        """The stored dtype's safetensors name ("F32", "BF16", ...)."""
+        return self._file(name).entries[name][0]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._file(name).entries[name][1]
+
+    def array(self, name: str) -> np.ndarray:
+        """One tensor as a read-only numpy view (BF16 as uint16 bit patterns).
+
+        Raises ModelError when the model has no tensor of that name.
+        """
+        return self._file(name).array(name)
+
+    def get(self, name: str):
+        """One tensor as a torch view (imports torch; copy before changing it in place)."""
+        return self._file(name).tensor(name)
+
+    def release(self, name: str, start: int = 0, stop: int | None = None) -> None:
+        """Drop the pages of elements [start, stop) of tensor `name` from this process (views
+        of it stay valid)."""
+        self._file(name).release(name, start, stop)
+
+
+def read_hf_config(folder: Path) -> dict:
+    """A model folder's config.json as a dict; ModelError when missing or not a JSON object."""
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelError(
+            f"{folder}: no config.json; expected a Hugging Face model folder"
+        ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelError(f"{path}: not a readable JSON config ({err})") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{path}: expected a JSON object")
+    return config
+
+
+def _tokenizer_fingerprint(folder: Path) -> str | None:
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return json.dumps(
+        {"model": data.get("model"), "added": data.get("added_tokens")}, sort_keys=True
+    )
+
+
+def check_compatible(base: str | Path, others: list[str | Path]) -> None:
+    """Refuse models whose architecture, tensor names/shapes or tokenizer differ from the base.
+
+    Raises ModelError naming the first differing model and tensors.
+    """
+    base = Path(base)
+    ref_shapes = tensor_shapes(base)
+    ref_cfg = read_hf_config(base)
+    ref_tok = _tokenizer_fingerprint(base)
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "num_attention_heads")
+    for other in map(Path, others):
+        cfg = read_hf_config(other)
+        for k in keys:
+            if cfg.get(k) != ref_cfg.get(k):
+                raise ModelError(
+                    f"{other}: config {k}={cfg.get(k)} differs from base {base} "
+                    f"({ref_cfg.get(k)}); components must be trained from this base"
+                )
+        shapes = tensor_shapes(other)
+        missing = sorted(set(ref_shapes) ^ set(shapes))
+        if missing:
+            raise ModelError(
+                f"{other}: tensor set differs from base {base}: {missing[:3]}; components must "
+                "be trained from this base"
+            )
+        bad = [n for n in ref_shapes if ref_shapes[n][0] != shapes[n][0]]
+        if bad:
+            n = bad[0]
+            raise ModelError(
+                f"{other}: tensor {n} has shape {shapes[n][0]}, base has {ref_shapes[n][0]}; "
+                "components must be trained from this base"
+            )
+        if _tokenizer_fingerprint(other) != ref_tok:
+            raise ModelError(
+                f"{other}: tokenizer differs from base {base}; components must share the base tokenizer"
+            )
+
+
+def read_model_manifest(folder: str | Path) -> dict:
+    """A model artifact's manifest; foreign HF folders (no manifest) get an empty dict."""
+    folder = Path(folder)
+    if (folder / "manifest.json").is_file():
+        return read_manifest(folder, kind=MODEL_KIND)
+    return {}
