@@ -5,7 +5,7 @@
 2. streaming disk merge (demix) vs `mergekit-yaml` (linear, same inputs, same output dtype, its
    --num-threads set to torch's), wall time of the whole command, medians of alternating runs
    with dirty pages flushed before each (skipped when mergekit is not installed: it is in the
-   dev extra);
+   dev extra); fp32 checkpoints, then the same checkpoints in bf16 merged to bf16;
 3. peak RSS of the streaming disk merge for K = 2 and K = 7, each in a fresh process;
 4. the in-place proxy on CUDA when a GPU is present.
 
@@ -98,6 +98,24 @@ def _drop_caches_of_writes() -> None:
     os.sync()
 
 
+def bf16_copies(folders: list[Path], root: Path) -> list[Path]:
+    """The same checkpoints stored in bf16 (how most LLM checkpoints are shared)."""
+    from safetensors.torch import load_file, save_file
+
+    copies = []
+    for folder in folders:
+        copy = root / f"{folder.name}-bf16"
+        shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("*.safetensors"))
+        tensors = load_file(folder / "model.safetensors")
+        save_file(
+            {k: v.to(torch.bfloat16) for k, v in tensors.items()},
+            copy / "model.safetensors",
+            metadata={"format": "pt"},
+        )
+        copies.append(copy)
+    return copies
+
+
 def demix_merge_wall(
     base: Path, comps: list[Path], out: Path, method: str = "linear"
 ) -> tuple[float, float]:
@@ -126,11 +144,13 @@ def mergekit_yaml() -> str | None:
     return exe if Path(exe).exists() else None
 
 
-def mergekit_wall(exe: str, comps: list[Path], out: Path, threads: int) -> float:
-    """Wall time of `mergekit-yaml` (linear, fp32, the same weights), process start included."""
+def mergekit_wall(
+    exe: str, comps: list[Path], out: Path, threads: int, dtype: str = "float32"
+) -> float:
+    """Wall time of `mergekit-yaml` (linear, the same weights), process start included."""
     config = {
         "merge_method": "linear",
-        "dtype": "float32",
+        "dtype": dtype,
         "models": [{"model": str(c), "parameters": {"weight": 1 / len(comps)}} for c in comps],
         "parameters": {"normalize": False},
     }
@@ -191,23 +211,32 @@ def main() -> None:
             )
 
         exe = mergekit_yaml()
-        ours, theirs = [], []
-        for _ in range(args.disk_repeats):  # alternate the two so drift hits both
-            ours.append(demix_merge_wall(base, comps, root / "merged")[0])
-            if exe:
-                theirs.append(mergekit_wall(exe, comps, root / "mergekit", threads))
-        wall = statistics.median(ours)
-        row("2. streaming disk merge, demix (linear, whole process)", f"{wall:.2f} s", "1.00x")
-        if theirs:
-            mk = statistics.median(theirs)
-            row(
-                f"   mergekit-yaml (linear, fp32, -j {threads})",
-                f"{mk:.2f} s",
-                f"{mk / wall:.2f}x",
-                ">= 3x",
-            )
-        else:
-            row("   mergekit-yaml: not installed (pip install mergekit==0.1.5)", "-", "-")
+        bf16 = bf16_copies([base, *comps], root)
+        for label, (b, cs, dtype) in {
+            "2. streaming disk merge, demix (linear, fp32, whole process)": (
+                base,
+                comps,
+                "float32",
+            ),
+            "   the same checkpoints in bf16, merged to bf16": (bf16[0], bf16[1:], "bfloat16"),
+        }.items():
+            ours, theirs = [], []
+            for _ in range(args.disk_repeats):  # alternate the two so drift hits both
+                ours.append(demix_merge_wall(b, cs, root / "merged")[0])
+                if exe:
+                    theirs.append(mergekit_wall(exe, cs, root / "mergekit", threads, dtype))
+            wall = statistics.median(ours)
+            row(label, f"{wall:.2f} s", "1.00x")
+            if theirs:
+                mk = statistics.median(theirs)
+                row(
+                    f"   mergekit-yaml (linear, {dtype}, -j {threads})",
+                    f"{mk:.2f} s",
+                    f"{mk / wall:.2f}x",
+                    ">= 3x",
+                )
+            else:
+                row("   mergekit-yaml: not installed (pip install mergekit==0.1.5)", "-", "-")
 
         _, rss2 = demix_merge_wall(base, comps[:2], root / "merged2")
         _, rss7 = demix_merge_wall(base, comps, root / "merged7")

@@ -63,6 +63,11 @@ SPELLED = {
 }
 _NAMES = {spelled: name for name, spelled in SPELLED.items()}
 MAX_HEADER_BYTES = 100 * 1024**2  # the limit safetensors itself applies
+# Bytes before a released range that are released with it. A read fault maps the pages around it
+# (the fault-around window, 64 KiB by default, or a whole large folio of the page cache, up to
+# 2 MiB): without this, every range's tail is mapped again by the read of the next range and
+# stays mapped (measured: a 134M-parameter merge read in 1 MiB blocks kept 330 MiB mapped).
+RELEASE_BEHIND = 2 * 1024**2
 
 
 def dtype_name(dtype) -> str:
@@ -158,14 +163,17 @@ class MappedSafetensors:
         """Drop the pages of elements [start, stop) of tensor `name` from this process.
 
         Views stay valid: a later read maps the pages from the file again. Pages that the range
-        only partly covers are dropped too (that costs at most a re-read, never a wrong value).
+        only partly covers are dropped too, and so are the RELEASE_BEHIND bytes before it: a read
+        makes the kernel map the pages around it (fault-around), so reading the start of one
+        range maps the end of the range released before it again. Dropping a page costs at most
+        a re-read, never a wrong value.
         """
         dtype, shape, begin, end = self.entries[name]
         itemsize = NUMPY_DTYPES[dtype].itemsize
-        first = self.data_start + begin + start * itemsize
+        first = self.data_start + begin + start * itemsize - RELEASE_BEHIND
         last = self.data_start + (end if stop is None else begin + stop * itemsize)
         page = mmap.PAGESIZE
-        first, last = first // page * page, min(-(-last // page) * page, len(self._map))
+        first, last = max(0, first // page * page), min(-(-last // page) * page, len(self._map))
         if last > first:
             self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
 

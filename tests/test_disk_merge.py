@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from demix.errors import ModelError
 from demix.merge import merge_to_disk
 from demix.merge.disk import WeightedSum, bf16_bits_to_float32, float32_to_bf16_bits
 from demix.model import build_tiny_llama
+from demix.safetensors_io import MappedSafetensors
 
 ARCH = ArchitectureConfig(
     hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=64
@@ -191,3 +193,41 @@ def test_the_weighted_sum_merge_does_not_import_torch(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
     assert (tmp_path / "b" / "manifest.json").is_file()
+
+
+def _resident_kib(path) -> int:
+    """Resident KiB of this process's mappings of `path` (from /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):  # noqa: SIM115 (read to the end at once)
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+            inside = line.rstrip().endswith(str(path))
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs /proc/self/smaps")
+def test_released_input_pages_stay_released_while_the_sum_reads_on(tmp_path):
+    """Memory of a streaming merge does not grow with the bytes read: every block's pages are
+    dropped once summed, including the ones the kernel maps again around the next read."""
+    n, names = 1 << 22, ["a", "b", "c", "d"]  # four 16 MiB tensors per file, back to back
+    files, values = [], []
+    for i in range(2):
+        files.append(tmp_path / f"m{i}.safetensors")
+        gen = torch.Generator().manual_seed(i)
+        values.append({name: torch.randn(n, generator=gen) for name in names})
+        save_file(values[-1], files[-1])
+    mapped = [MappedSafetensors(f) for f in files]
+    weighted_sum = WeightedSum(block=1 << 14)  # 64 KiB blocks: many block boundaries
+    out = np.empty(n, np.float32)
+    for name in names:
+        terms = [(m.array(name).reshape(-1), 0.5, "F32") for m in mapped]
+
+        def release(k: int, start: int, stop: int, name: str = name) -> None:
+            mapped[k].release(name, start, stop)
+
+        weighted_sum(terms, out, "F32", release)
+        np.testing.assert_array_equal(out, (0.5 * values[0][name] + 0.5 * values[1][name]).numpy())
+    # 128 MiB read; what stays mapped is a few pages around the last read of each file
+    assert sum(_resident_kib(f) for f in files) < 4 * 1024

@@ -35,7 +35,7 @@ DEFAULT_SHARD_BYTES = 2 * 1024**3
 # component's chunk is added to it (one pass over memory instead of one per component).
 SUM_CHUNK = 1 << 15
 # Entries per block: after each block, the inputs' pages of it are released.
-SUM_BLOCK = 1 << 20
+SUM_BLOCK = 1 << 19
 # A base coefficient (1 - sum a) below this is float rounding of weights that sum to 1: its term
 # would change no fp32 output value, so it is skipped rather than read.
 NEGLIGIBLE = 1e-9
