@@ -110,7 +110,6 @@ class DeltaStack:
             flat.add_(self.base)
         return self.model
 
-
     def _axpy_in_chunks(self, coefficients: list[float]) -> None:
         """flat = base + sum_k a_k deltas[k], `chunk` entries at a time on the CPU: the output
         chunk stays in cache while every delta's chunk is added (memory traffic of one read of
