@@ -188,8 +188,9 @@ class MergeConfig(Strict):
     was trained on), `component` uses d as c. Method parameters left empty take the method's
     default (scale 1, density 0.2, drop_rate 0.5, seed 0); setting one the method does not take
     is an error. `delta_dtype: bfloat16` halves the memory of the search's in-memory deltas.
-    `output_dtype` is the dtype of a merged model written to disk (`demix merge`, the pipeline's
-    merge step); `auto` keeps each tensor's dtype in the base. It does not change search scores.
+    `output_dtype` and `shard_bytes` are the dtype and the largest safetensors shard of a merged
+    model written to disk (`demix merge`, the pipeline's merge step); `auto` keeps each tensor's
+    dtype in the base. Neither changes search scores.
     """
 
     method: Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"] = "linear"
@@ -200,6 +201,7 @@ class MergeConfig(Strict):
     seed: int | None = None
     delta_dtype: Literal["float32", "bfloat16"] = "float32"
     output_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    shard_bytes: int = Field(default=2 * 1024**3, gt=0)
 
     @model_validator(mode="after")
     def _parameters_of_method(self) -> MergeConfig:

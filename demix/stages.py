@@ -255,8 +255,8 @@ def _model_id(folder: Path) -> str:
 
 
 def merge_settings(config: RunConfig) -> dict:
-    """The merge settings a merged proxy's scores depend on (not the dtype models are saved in)."""
-    return config.merge.model_dump(exclude={"output_dtype"})
+    """The merge settings a merged proxy's scores depend on (not how merged models are saved)."""
+    return config.merge.model_dump(exclude={"output_dtype", "shard_bytes"})
 
 
 def score_key(config: RunConfig, data: CuratedData, base: Path, **what) -> str:
@@ -673,6 +673,7 @@ def materialize_merge(
         out,
         method=merge_method(config),
         dtype=None if config.merge.output_dtype == "auto" else config.merge.output_dtype,
+        shard_bytes=config.merge.shard_bytes,
         data_mixture=as_dict(data.names, weights),
         relative_delta_norms=relative_delta_norms(base, comp_dirs),
     )

@@ -98,9 +98,15 @@ def test_merge_with_any_method_through_set(tmp_path, config_path, curated, capsy
     capsys.readouterr()
     assert read_model_manifest(out)["method"] == {"name": "ties", "density": 0.3, "scale": 1.0}
     out.rename(tmp_path / "first")
-    assert main([*argv, "--set", "merge.output_dtype=bfloat16"]) == 0
+    assert (
+        main([*argv, "--set", "merge.output_dtype=bfloat16", "--set", "merge.shard_bytes=20000"])
+        == 0
+    )
     capsys.readouterr()
     assert {dtype for _, dtype in tensor_shapes(out).values()} == {"BF16"}
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) > 2 and (out / "model.safetensors.index.json").is_file()
+    assert all(p.stat().st_size <= 20000 + 4096 for p in out.glob("*.safetensors"))
     out.rename(tmp_path / "second")
     _fails(capsys, [*argv, "--set", "merge.output_dtype=int8"], "merge.output_dtype")
     _fails(capsys, [*argv, *settings, "--set", "merge.drop_rate=0.3"], "merge.drop_rate")

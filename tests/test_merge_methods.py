@@ -346,6 +346,7 @@ def test_the_output_dtype_is_not_a_scoring_setting(corpus_dir):
         return merge_settings(parse_config({**raw, "merge": merge}))
 
     assert settings(output_dtype="bfloat16") == settings() == settings(output_dtype="float16")
+    assert settings(shard_bytes=1000) == settings()
     assert settings(delta_dtype="bfloat16") != settings()
     assert settings(method="task_arithmetic") != settings()
 
