@@ -463,10 +463,11 @@ def curate(
     """Curate `config.datasets` into the artifact folder `out`; return its manifest.
 
     Plan, every group and the merge in this process, with the plan and groups in a temporary
-    folder beside `out`. Cleaning: NFC, unix newlines, trailing spaces stripped; documents
-    shorter than config.min_chars dropped; exact duplicates (sha256 of the normalized text)
-    removed within and across datasets, the first in config order kept. With `tokenizer_dir`
-    (a base model) its tokenizer is copied, else a byte-level BPE is trained on a sample.
+    folder beside `out`. Cleaning (`normalize`): lone surrogates replaced by U+FFFD, NFC, unix
+    newlines, trailing spaces stripped; documents shorter than config.min_chars dropped; exact
+    duplicates (sha256 of the normalized text) removed within and across datasets, the first in
+    config order kept. With `tokenizer_dir` (a base model) its tokenizer is copied, else a
+    byte-level BPE is trained on a sample.
     `groups` (default data.curate_groups) does not change the result.
     Raises DataError for missing/unreadable/binary/malformed inputs and for a dataset that is
     empty after cleaning, ModelError for an unusable base tokenizer; `out` is untouched on error.

@@ -7,21 +7,32 @@ import dataclasses
 import gzip
 import hashlib
 import json
+import re
 import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from demix.config import DatasetSpec
-from demix.errors import DataError
+from demix.errors import DataError, DemixError
 from demix.storage import check_uri, is_remote, remote_files
 
 TEXT_SUFFIXES = (".jsonl", ".jsonl.gz", ".txt", ".txt.gz")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 HASH_BYTES = 32  # sha256 of a document's normalized text
+# A Python str holds a surrogate code point only when it is unpaired (json.loads joins pairs).
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def normalize(text: str) -> str:
-    """NFC, unix newlines, no trailing spaces on lines, no surrounding whitespace."""
+    """Lone surrogates as U+FFFD, NFC, unix newlines, no trailing spaces, no surrounding whitespace.
+
+    A lone UTF-16 surrogate (a JSON escape such as "\\ud83d" without its pair, common in scraped
+    text) is not a character and cannot be encoded as UTF-8; it becomes U+FFFD, the replacement
+    character, as a UTF-8 decoder replaces an invalid byte. Escaped pairs are joined by the JSON
+    parser before this and are kept.
+    """
+    text = _LONE_SURROGATE.sub("\ufffd", text)
     text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
     return "\n".join(line.rstrip() for line in text.split("\n")).strip()
 
@@ -129,11 +140,42 @@ def input_files(spec: DatasetSpec) -> list[InputFile]:
     return out
 
 
+def read_json_line(line: str, where: str, error: type[DemixError]) -> Any:
+    """The JSON value of one line of a JSONL file, `where` being its "file:line".
+
+    Raises `error` "where: not valid JSON (why)" for anything json cannot read, including
+    values nested too deeply for the parser and integers of more digits than Python converts.
+    """
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        reason = err.msg
+    except RecursionError:
+        reason = "nested too deeply"
+    except ValueError:  # sys.get_int_max_str_digits(): 4300 digits by default
+        reason = "a number with too many digits"
+    raise error(f"{where}: not valid JSON ({reason})")
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type, with an article: "null", "a number", "an array"."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, list):
+        return "an array"
+    return "an object" if isinstance(value, dict) else "a string"
+
+
 def read_file_documents(path: Path, spec: DatasetSpec) -> Iterator[str]:
     """Raw documents of one file of a dataset: one per JSONL line (field spec.text_field), or
     the whole file for text files.
 
-    Raises DataError naming the file (and line) of an unreadable, binary or malformed input.
+    Raises DataError naming the file (and line) of an unreadable, binary or malformed input, or
+    of a line whose text field is missing or not a string.
     """
     text = _read_text(path, spec.name)
     if not path.name.endswith(JSONL_SUFFIXES):
@@ -143,10 +185,7 @@ def read_file_documents(path: Path, spec: DatasetSpec) -> Iterator[str]:
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+        record = read_json_line(line, f"{path}:{number}", DataError)
         if not isinstance(record, dict) or spec.text_field not in record:
             raise DataError(
                 f"{path}:{number}: no field {spec.text_field!r} "
@@ -155,8 +194,9 @@ def read_file_documents(path: Path, spec: DatasetSpec) -> Iterator[str]:
         value = record[spec.text_field]
         if not isinstance(value, str):
             raise DataError(
-                f"{path}:{number}: field {spec.text_field!r} is a {type(value).__name__}, "
-                "not a string"
+                f"{path}:{number}: field {spec.text_field!r} is {json_type(value)}, not a "
+                f"string; give each line's text as a JSON string or set text_field of dataset "
+                f"{spec.name!r}"
             )
         yield value
 
