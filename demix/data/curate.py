@@ -24,8 +24,8 @@ import dataclasses
 import glob
 import hashlib
 import json
+import logging
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -82,6 +82,8 @@ GROUP_KIND = "demix.curation_group"
 PLAN_FILE = "plan.json"
 # Tokens copied per write when the reduce concatenates the groups' token files.
 COPY_CHUNK_TOKENS = 1 << 24
+
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- plan
@@ -164,10 +166,9 @@ def plan_curation(
         if sample_stats
         else f"tokenizer of {tokenizer_dir}"
     )
-    print(
-        f"[demix] curate plan: {len(files)} files in {len(bounds)} groups, {tokens}, "
-        f"{time.perf_counter() - start:.1f} s",
-        file=sys.stderr,
+    log.info(
+        f"curate plan: {len(files)} files in {len(bounds)} groups, {tokens}, "
+        f"{time.perf_counter() - start:.1f} s"
     )
     return plan
 
@@ -257,11 +258,10 @@ def curate_group(plan_dir: str | Path, index: int, out: str | Path) -> dict:
             datasets=stats,
             seconds=round(time.perf_counter() - start, 1),
         )
-    print(
-        f"[demix] curate group {index + 1}/{len(plan['groups'])}: {len(files)} files, "
+    log.info(
+        f"curate group {index + 1}/{len(plan['groups'])}: {len(files)} files, "
         f"{sum(s['documents'] for s in stats.values())} documents, "
-        f"{sum(s['tokens'] for s in stats.values()):,} tokens, {manifest['seconds']:.1f} s",
-        file=sys.stderr,
+        f"{sum(s['tokens'] for s in stats.values()):,} tokens, {manifest['seconds']:.1f} s"
     )
     return manifest
 
@@ -434,17 +434,15 @@ def merge_groups(plan_dir: str | Path, group_dirs: list[str | Path], out: str | 
             **plan["manifest_fields"],
         )
     for name, s in stats.items():
-        print(
-            f"[demix] curate {name}: {s['documents']} train + {s['heldout_documents']} held-out "
+        log.info(
+            f"curate {name}: {s['documents']} train + {s['heldout_documents']} held-out "
             f"docs, {s['train_tokens']:,} train + {s['heldout_tokens']:,} held-out tokens, "
             f"{s['duplicates_removed']} duplicates, {s['dropped_short']} short, "
-            f"prior {prior[name]:.3f}",
-            file=sys.stderr,
+            f"prior {prior[name]:.3f}"
         )
-    print(
-        f"[demix] curate: {len(groups)} groups merged in {time.perf_counter() - start:.1f} s, "
-        f"curation total {manifest['seconds']:.1f} s -> {out}",
-        file=sys.stderr,
+    log.info(
+        f"curate: {len(groups)} groups merged in {time.perf_counter() - start:.1f} s, "
+        f"curation total {manifest['seconds']:.1f} s -> {out}"
     )
     return manifest
 
