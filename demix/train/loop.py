@@ -29,13 +29,11 @@ from demix.config import ArchitectureConfig, ModelConfig, StageTraining, TrainCo
 from demix.data.shards import CuratedData, MixtureSampler
 from demix.distributed import make_accelerator
 from demix.model import build_tiny_llama, load_model, resolve_device, save_model
-from demix.storage import recover_replaced_dir
 from demix.train.job import finished, job_fingerprint
 from demix.train.state import (
     TrainingError,
-    checkpoint_job,
     is_fsdp,
-    load_checkpoint,
+    resume,
     save_checkpoint,
 )
 
@@ -138,15 +136,9 @@ def train_model(
     )
     total_steps = max(1, math.ceil(stage.tokens / train.tokens_per_step))
 
-    step, history = 0, []
-    if main:
-        recover_replaced_dir(ckpt)  # a kill between the two renames of a checkpoint save
-    accelerator.wait_for_everyone()
-    # A checkpoint of a different job (changed config or data) is never resumed.
-    if (ckpt / "manifest.json").is_file() and checkpoint_job(ckpt) == job_id:
-        step, history = load_checkpoint(ckpt, accelerator, model, optimizer, sampler)
-        if not quiet and main:
-            log.info("train %s %s: resumed at step %d from %s", role, name, step, ckpt)
+    step, history = resume(ckpt, job_id, accelerator, model, optimizer, sampler)
+    if step and not quiet and main:
+        log.info("train %s %s: resumed at step %d from %s", role, name, step, ckpt)
 
     bar = tqdm(
         total=total_steps,

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from demix.errors import DemixError
-from demix.storage import read_manifest, staged_dir, write_manifest
+from demix.storage import read_manifest, recover_replaced_dir, staged_dir, write_manifest
 
 CHECKPOINT_KIND = "demix.checkpoint"
 
@@ -148,3 +148,15 @@ def load_checkpoint(ckpt: Path, accelerator, model, optimizer, sampler) -> tuple
         optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
     sampler.load_state_dict(state["sampler"])
     return state["step"], state["history"]
+
+
+def resume(ckpt: Path, job_id: str, accelerator, model, optimizer, sampler) -> tuple[int, list]:
+    """(step, loss history) of job `job_id`'s checkpoint at `ckpt`, restored into the model,
+    optimizer and sampler; (0, []) when there is none. A checkpoint of another job (changed
+    config or data) is never resumed."""
+    if accelerator.is_main_process:
+        recover_replaced_dir(ckpt)  # a kill between the two renames of a checkpoint save
+    accelerator.wait_for_everyone()
+    if (ckpt / "manifest.json").is_file() and checkpoint_job(ckpt) == job_id:
+        return load_checkpoint(ckpt, accelerator, model, optimizer, sampler)
+    return 0, []
