@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -14,6 +15,14 @@ from pathlib import Path
 
 from demix.errors import ConfigError, DemixError, MixtureError
 from demix.logs import configure_logging
+from demix.storage.outputs import (
+    REPRODUCE_KIND,
+    RUN_KIND,
+    SEARCH_KIND,
+    VALIDATE_KIND,
+    Output,
+    guarded_outputs,
+)
 
 
 def parse_mixture(text: str) -> dict[str, float]:
@@ -77,6 +86,96 @@ def _model(uri: str) -> Path:
     return fetch_artifact(uri, MODEL_KIND, require_manifest=False)
 
 
+def _writes(outputs):
+    """Run a command under the output rule of demix.storage.outputs for the paths `outputs(args)`.
+
+    They are checked before any work (a path holding what demix did not write is refused), and
+    what the command created there is removed again when it fails with a DemixError.
+    """
+
+    def wrap(command):
+        @functools.wraps(command)
+        def guarded(args) -> None:
+            with guarded_outputs(*outputs(args)):
+                command(args)
+
+        return guarded
+
+    return wrap
+
+
+def _demo_out(out: str | None) -> list:
+    """The demo data folder `out` (fetch-demo --out, a config's data.fetch_demo) as an output."""
+    from demix.data.demo import DEMO_KIND
+
+    return [Output(out, DEMO_KIND)] if out else []
+
+
+def _curate_out(args) -> list:
+    """curate: the dataset artifact and the demo folder its config fetches into."""
+    from demix.data.shards import DATASET_KIND
+
+    return [Output(args.out, DATASET_KIND), *_demo_out(_config(args).data.fetch_demo)]
+
+
+def _train_out(args) -> list:
+    """train: the model artifact and the checkpoint folder `<out>.ckpt` training keeps beside it."""
+    from demix.checkpoint import MODEL_KIND
+    from demix.train import CHECKPOINT_KIND
+
+    ckpt = f"{str(args.out).rstrip('/')}.ckpt"  # train_model's and checkpoint_sync's name for it
+    return [Output(args.out, MODEL_KIND), Output(ckpt, CHECKPOINT_KIND)]
+
+
+def _merge_out(args) -> list:
+    """merge: the merged model artifact."""
+    from demix.checkpoint import MODEL_KIND
+
+    return [Output(args.out, MODEL_KIND)]
+
+
+def _is_evaluation(data: bytes) -> bool:
+    """Whether a file holds what `demix evaluate --out` writes: {model: {ranking_score, ...}}."""
+    try:
+        found = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return False
+    return (
+        isinstance(found, dict)
+        and bool(found)
+        and all(
+            isinstance(v, dict) and {"ranking_score", "categories"} <= set(v)
+            for v in found.values()
+        )
+    )
+
+
+def _evaluate_out(args) -> list:
+    """evaluate: the optional JSON file --out, replaced only when it holds an earlier result."""
+    return [Output(args.out, "demix.evaluation", "file", _is_evaluation)] if args.out else []
+
+
+def _search_out(args) -> list:
+    """search: the search folder (local or gs://) it writes scores.jsonl and result.json into."""
+    return [Output(args.out, SEARCH_KIND, "folder")]
+
+
+def _validate_out(args) -> list:
+    """validate: the local folder for fidelity.json, fidelity.html and references/."""
+    return [Output(_local_folder(args.out), VALIDATE_KIND, "folder")]
+
+
+def _recipe_out(kind: str):
+    """run / reproduce: the local run folder, and the demo folder the config fetches into."""
+
+    def outputs(args) -> list:
+        folder = Output(_local_folder(args.out), kind, "folder")
+        return [folder, *_demo_out(_config(args).data.fetch_demo)]
+
+    return outputs
+
+
+@_writes(lambda args: _demo_out(args.out))
 def _cmd_fetch_demo(args) -> None:
     from demix.data.demo import fetch_demo
 
@@ -84,6 +183,7 @@ def _cmd_fetch_demo(args) -> None:
     print(f"demo data ready in {args.out}")
 
 
+@_writes(_curate_out)
 def _cmd_curate(args) -> None:
     from demix.stages import curate_stage
     from demix.storage import artifact_output
@@ -94,6 +194,7 @@ def _cmd_curate(args) -> None:
     print(json.dumps({"datasets": data.names, "token_prior": data.token_prior}, indent=2))
 
 
+@_writes(_train_out)
 def _cmd_train(args) -> None:
     from demix.distributed import cluster_from_env, launched, node_first, run_launched
     from demix.stages import train_stage
@@ -138,6 +239,7 @@ def _cmd_train(args) -> None:
         print(f"model written to {args.out}")
 
 
+@_writes(_merge_out)
 def _cmd_merge(args) -> None:
     from demix.stages import merge_stage
     from demix.storage import artifact_output
@@ -154,6 +256,7 @@ def _cmd_merge(args) -> None:
     )
 
 
+@_writes(_evaluate_out)
 def _cmd_evaluate(args) -> None:
     from demix.model import resolve_device
     from demix.proxies import make_evaluator
@@ -181,6 +284,7 @@ def _cmd_evaluate(args) -> None:
     )
 
 
+@_writes(_search_out)
 def _cmd_search(args) -> None:
     from demix.stages import search_stage
     from demix.storage import synced_folder
@@ -194,6 +298,7 @@ def _cmd_search(args) -> None:
     )
 
 
+@_writes(_validate_out)
 def _cmd_validate(args) -> None:
     from demix.data.shards import CuratedData
     from demix.fidelity import AGGREGATE
@@ -218,6 +323,7 @@ def _cmd_validate(args) -> None:
     print(f"wrote {Path(args.out) / 'fidelity.json'} and {Path(args.out) / 'fidelity.html'}")
 
 
+@_writes(_recipe_out(REPRODUCE_KIND))
 def _cmd_reproduce(args) -> None:
     from demix.recipes.reproduce import reproduce
 
@@ -239,6 +345,7 @@ def _local_folder(uri: str) -> Path:
     return Path(uri)
 
 
+@_writes(_recipe_out(RUN_KIND))
 def _cmd_run(args) -> None:
     from demix.recipes.run import run
     from demix.report import print_summary
@@ -254,6 +361,12 @@ def _cmd_report(args) -> None:
     from demix.report import write_report
 
     out = _local_folder(args.run)
+    for name in ("summary.json", "config.json", "search/result.json"):  # what `demix run` wrote
+        if not (out / name).is_file():
+            raise DemixError(
+                f"{out}: not a finished `demix run` folder (no {name}); give the --out folder "
+                "of a finished run"
+            )
     summary = json.loads((out / "summary.json").read_text())
     found = json.loads((out / "search" / "result.json").read_text())
     config = RunConfig.model_validate(json.loads((out / "config.json").read_text()))
@@ -270,7 +383,9 @@ def _cmd_validate_config(args) -> None:
 def _config(args):
     from demix.config import load_config
 
-    return load_config(args.config, parse_overrides(args.set))
+    if getattr(args, "loaded_config", None) is None:  # loaded once: outputs, then the command
+        args.loaded_config = load_config(args.config, parse_overrides(args.set))
+    return args.loaded_config
 
 
 def parse_overrides(items: list[str]) -> dict[str, object]:

@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from demix.errors import DataError
+
 # The file that marks an artifact folder complete; written last (demix.storage.manifest).
 MANIFEST = "manifest.json"
 
@@ -81,14 +83,37 @@ def recover_replaced_dir(final: str | Path) -> None:
         os.replace(old, final)
 
 
+def check_replaceable(final: Path) -> None:
+    """Refuse to replace anything at `final` but an empty folder or an artifact (a manifest).
+
+    Raises DataError naming `final` for the current folder or one above it, a symbolic link, a
+    regular file, or a folder without a manifest that is not empty.
+    """
+    if Path.cwd().resolve().is_relative_to(final.resolve()):
+        raise DataError(f"{final}: is the current folder or one above it; give a new folder name")
+    if not final.exists() and not final.is_symlink():
+        return
+    if final.is_symlink() or not final.is_dir():
+        what = "a symbolic link" if final.is_symlink() else "a file"
+        raise DataError(f"{final}: is {what}, not an artifact folder; give a new folder name")
+    if not (final / MANIFEST).is_file() and any(final.iterdir()):
+        raise DataError(
+            f"{final}: is a folder demix did not write (no {MANIFEST}); demix replaces only its "
+            "own artifacts: give a new or empty folder, or move its files away"
+        )
+
+
 @contextlib.contextmanager
 def staged_dir(final: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary directory beside `final`; on success it replaces `final`.
 
     On error the temporary directory is removed and `final` is left untouched. Temporaries of
-    an earlier writer that was killed are removed first (one writer per artifact path).
+    an earlier writer that was killed are removed first (one writer per artifact path). Only
+    an empty folder or an artifact (a folder with a manifest) is ever replaced.
+    Raises DataError naming `final`, before anything is written, for anything else there.
     """
     final = Path(final)
+    check_replaceable(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     recover_replaced_dir(final)
     _remove_stale_temps(final)

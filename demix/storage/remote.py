@@ -10,6 +10,7 @@ partial artifact for a complete one. A local path is used as it is.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
@@ -23,6 +24,7 @@ from demix.storage.manifest import (
     parse_manifest,
     read_manifest,
 )
+from demix.storage.outputs import OUTPUT_MARKER, Output, check_output, marker_bytes
 from demix.storage.uris import check_uri, is_remote, mirror, split_gs
 
 
@@ -55,7 +57,7 @@ def _download_artifact(uri: str, kind: str | None) -> Path:
             f"{uri}: no {MANIFEST}; the artifact is missing or was not completely written"
         )
     manifest = parse_manifest(text, f"{uri}/{MANIFEST}", kind)
-    local = mirror(bucket, key)
+    local = _artifact_mirror(bucket, key)
     if (local / MANIFEST).is_file() and (local / MANIFEST).read_bytes() == text:
         with contextlib.suppress(DataError):
             read_manifest(local, kind, verify=True)
@@ -71,13 +73,29 @@ def _download_artifact(uri: str, kind: str | None) -> Path:
     return local
 
 
+def _artifact_mirror(bucket: str, key: str) -> Path:
+    """The cache folder an artifact gs://bucket/key is mirrored in, cleared of anything else.
+
+    The cache is demix's own: a folder there that is no artifact (raw files fetched from the
+    same URI, a synced folder) is removed so the artifact can be staged in its place.
+    """
+    local = mirror(bucket, key)
+    if local.is_symlink() or (local.exists() and not (local / MANIFEST).is_file()):
+        if local.is_dir() and not local.is_symlink():
+            shutil.rmtree(local)
+        else:
+            local.unlink()
+    return local
+
+
 def upload_artifact(local: str | Path, uri: str) -> int:
     """Publish the complete local artifact `local` at the gs:// URI; return files uploaded.
 
     The remote manifest is deleted first and uploaded last, so a reader sees either the old
     complete artifact, no artifact, or the new complete one; files already remote with the
     same size and crc32c are not sent again (an interrupted publish resumes), and objects the
-    new manifest does not list are removed.
+    new manifest does not list are removed. An OUTPUT_MARKER of the artifact's kind goes up
+    before anything else, so a publish cut off between manifests is still demix's output.
     Raises DataError when the local artifact is incomplete or corrupt, or the upload fails.
     """
     from demix import gcs
@@ -89,15 +107,20 @@ def upload_artifact(local: str | Path, uri: str) -> int:
     bkt = gcs.bucket(bucket)
     if gcs.read_bytes(bkt, f"{key}/{MANIFEST}") == text:
         return 0
-    gcs.delete(bkt, f"{key}/{MANIFEST}")
     existing = gcs.list_blobs(bkt, f"{key}/")
+    marker = f"{key}/{OUTPUT_MARKER}"
+    if marker not in existing:
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / OUTPUT_MARKER).write_bytes(marker_bytes(manifest["kind"]))
+            gcs.upload_file(bkt, marker, Path(tmp) / OUTPUT_MARKER)
+    gcs.delete(bkt, f"{key}/{MANIFEST}")
     sent = 0
     for rel in manifest["files"]:
         name = f"{key}/{rel}"
         if not gcs.same_object(existing.get(name), local / rel):
             gcs.upload_file(bkt, name, local / rel)
             sent += 1
-    wanted = {f"{key}/{rel}" for rel in manifest["files"]} | {f"{key}/{MANIFEST}"}
+    wanted = {f"{key}/{rel}" for rel in manifest["files"]} | {f"{key}/{MANIFEST}", marker}
     for name in sorted(set(existing) - wanted):
         gcs.delete(bkt, name)
     gcs.upload_file(bkt, f"{key}/{MANIFEST}", local / MANIFEST)
@@ -112,7 +135,8 @@ def artifact_output(uri: str | Path, publish: bool = True) -> Iterator[Path]:
     local mirror first (so the stage can skip work already done), and the mirror is uploaded
     with upload_artifact after the block, if it then holds a complete artifact and `publish`
     (False in the other processes of a multi-process run). On error nothing is uploaded.
-    Raises DataError for an unknown scheme or a missing bucket before any work is done.
+    Raises DataError before any work is done for an unknown scheme, a missing bucket, or a
+    gs:// prefix holding objects that are no demix artifact (check_output).
     """
     check_uri(uri)
     if not is_remote(uri):
@@ -121,11 +145,12 @@ def artifact_output(uri: str | Path, publish: bool = True) -> Iterator[Path]:
     from demix import gcs
 
     uri = str(uri)
+    check_output(Output(uri, kind=None))
     bucket, key = split_gs(uri)
     bkt = gcs.bucket(bucket)
     if gcs.read_bytes(bkt, f"{key}/{MANIFEST}") is not None:
         _download_artifact(uri, None)
-    local = mirror(bucket, key)
+    local = _artifact_mirror(bucket, key)
     yield local
     if publish and (local / MANIFEST).is_file():
         upload_artifact(local, uri)

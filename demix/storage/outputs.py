@@ -1,0 +1,275 @@
+"""The output rule: demix writes only where nothing is, or where it wrote itself.
+
+For every command, local paths and gs:// URIs alike, an output path is written only if
+  - nothing is there,
+  - it is an empty folder, or
+  - it holds what demix wrote there: an artifact whose `manifest.json` has the expected kind,
+    or a folder whose `demix-output.json` (OUTPUT_MARKER) has it;
+in the last case the usual skip / resume / replace rules apply. Anything else (a regular file,
+the current folder or one above it, a folder with other files, an artifact of another kind, a
+gs:// prefix holding objects that are no demix artifact) is refused with one line naming the
+path and why, before any work, and nothing is touched. A single-file output (evaluate --out) is
+written only where nothing is or where a file demix wrote is (the command says how to tell).
+
+OUTPUT_MARKER: artifact folders (dataset, model, checkpoint, demo data) are replaced as a whole
+and need no marker, their manifest says what they are. Folders a command writes INTO (a run,
+search, validate or reproduce folder) get `demix-output.json`, {"kind": "demix.run", ...},
+written when the command creates or first claims the folder, before any other file; a gs://
+artifact gets one too, uploaded before its old manifest is deleted, so a publish that was cut
+off is still recognisably demix's.
+
+What a failed command created is removed again (`guarded_outputs`): when a command fails with a
+DemixError, each output path that did not exist when it started (or the topmost folder above it
+that did not) is removed, and an output folder that was empty is emptied again, unless it now
+holds completed work a rerun resumes from (a manifest.json, or a search's scores.jsonl with
+rows). What was at an output path before the command ran is never removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from demix.errors import DataError, DemixError
+from demix.storage.files import MANIFEST, atomic_write_bytes
+from demix.storage.uris import check_uri, is_remote, mirror, split_gs
+
+OUTPUT_MARKER = "demix-output.json"
+# Kinds of the folders commands write into (artifact kinds are their manifests' kinds).
+RUN_KIND = "demix.run"
+SEARCH_KIND = "demix.search"
+VALIDATE_KIND = "demix.validate"
+REPRODUCE_KIND = "demix.reproduce"
+SCORES = "scores.jsonl"  # the search's append-only table: rows are completed work
+_FIX = "give a new or empty path, or move what is there away"
+
+
+@dataclass(frozen=True)
+class Output:
+    """One path a command writes and what demix writes there.
+
+    mode "artifact": a folder replaced as a whole, demix's when its manifest has `kind`;
+    "folder": a folder written into, demix's when its OUTPUT_MARKER has `kind` (claimed with
+    one before any work); "file": one file, demix's when `ours(bytes)` says so.
+    """
+
+    uri: str | Path
+    kind: str | None  # None: any kind demix writes ("demix.*")
+    mode: str = "artifact"
+    ours: Callable[[bytes], bool] | None = None
+
+
+def marker_bytes(kind: str) -> bytes:
+    """The OUTPUT_MARKER content for a folder of `kind`."""
+    note = "written by demix: demix writes into a non-empty folder only when this file is in it"
+    return (json.dumps({"kind": kind, "note": note}, indent=2) + "\n").encode()
+
+
+def _kind_of(text: bytes | None) -> str | None:
+    """The "kind" of a manifest or marker, or None when it is not readable as one."""
+    if text is None:
+        return None
+    try:
+        found = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    kind = found.get("kind") if isinstance(found, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes() if path.is_file() else None
+    except OSError:
+        return None
+
+
+def _judge(where: str, output: Output, manifest: bytes | None, marker: bytes | None, names):
+    """Refuse a non-empty folder that is not demix's of `output.kind`; DataError naming why."""
+    kinds = {_kind_of(manifest), _kind_of(marker)} - {None}
+    if output.kind in kinds or (output.kind is None and any(k.startswith("demix.") for k in kinds)):
+        return
+    found = _kind_of(manifest) or _kind_of(marker)
+    if found and found.startswith("demix."):
+        raise DataError(
+            f"{where}: holds a demix {found!r} output, not {output.kind!r}; give another path"
+        )
+    entries = f"{len(names)} entr{'y' if len(names) == 1 else 'ies'}"
+    raise DataError(
+        f"{where}: holds {entries} demix did not write (first {names[0]!r}); demix "
+        f"writes only where nothing is or where it wrote before: {_FIX}"
+    )
+
+
+def check_output(output: Output) -> None:
+    """Refuse an output path that holds anything demix did not write there (see the module doc).
+
+    Raises DataError naming the path and why: an unknown scheme or missing bucket, a regular
+    file where a folder goes (or the reverse), the current folder or one above it, a symbolic
+    link where an artifact goes, a folder or gs:// prefix with other files, an artifact of
+    another kind, an unreadable folder.
+    """
+    check_uri(output.uri)
+    if is_remote(output.uri):
+        _check_remote(output)
+        return
+    path = Path(output.uri)
+    if output.mode == "artifact" and Path.cwd().resolve().is_relative_to(path.resolve()):
+        raise DataError(
+            f"{output.uri}: is the current folder or one above it, which an artifact would "
+            "replace; give a new folder name"
+        )
+    if output.mode == "artifact" and path.is_symlink():
+        raise DataError(
+            f"{path}: is a symbolic link; give the folder it points to or a new folder name"
+        )
+    if not path.exists() and not path.is_symlink():
+        return
+    if output.mode == "file":
+        if path.is_dir():
+            raise DataError(f"{path}: is a folder; give the name of the file to write")
+        text = _read(path)
+        if text is None or output.ours is None or not output.ours(text):
+            raise DataError(f"{path}: exists and is not a file demix wrote; {_FIX}")
+        return
+    if not path.is_dir():
+        raise DataError(f"{path}: is a file, not a folder; {_FIX}")
+    try:
+        entries = sorted(p.name for p in path.iterdir())
+    except OSError as err:
+        raise DataError(f"{path}: cannot list the folder ({err.strerror})") from None
+    if entries:
+        _judge(str(path), output, _read(path / MANIFEST), _read(path / OUTPUT_MARKER), entries)
+
+
+def _check_remote(output: Output) -> None:
+    from demix import gcs
+
+    uri = str(output.uri)
+    bucket, key = split_gs(uri)
+    bkt = gcs.bucket(bucket)
+    blobs = gcs.list_blobs(bkt, key)
+    under = sorted(name[len(key) + 1 :] for name in blobs if name.startswith(f"{key}/"))
+    if output.mode == "file":
+        if under:
+            raise DataError(f"{uri}: is a folder; give the name of the object to write")
+        if key in blobs:
+            text = gcs.read_bytes(bkt, key)
+            if text is None or output.ours is None or not output.ours(text):
+                raise DataError(f"{uri}: exists and is not an object demix wrote; {_FIX}")
+        return
+    if key in blobs:
+        raise DataError(f"{uri}: is an object (a file), not a folder; {_FIX}")
+    if under:
+
+        def read(name: str) -> bytes | None:
+            return gcs.read_bytes(bkt, f"{key}/{name}") if name in under else None
+
+        _judge(uri, output, read(MANIFEST), read(OUTPUT_MARKER), under)
+
+
+def claim_folder(uri: str | Path, kind: str) -> None:
+    """Create the folder `uri` (local or gs://) with its OUTPUT_MARKER unless it has one."""
+    if is_remote(uri):
+        from demix import gcs
+
+        bucket, key = split_gs(str(uri))
+        if gcs.read_bytes(gcs.bucket(bucket), f"{key}/{OUTPUT_MARKER}") is None:
+            from demix.storage.remote import write_output_bytes
+
+            write_output_bytes(f"gs://{bucket}/{key}/{OUTPUT_MARKER}", marker_bytes(kind))
+        return
+    path = Path(uri)
+    path.mkdir(parents=True, exist_ok=True)
+    if not (path / OUTPUT_MARKER).is_file():
+        atomic_write_bytes(path / OUTPUT_MARKER, marker_bytes(kind))
+
+
+def holds_completed_work(path: Path) -> bool:
+    """Whether a local folder holds what a rerun resumes from: a manifest, or scores rows."""
+    if not path.is_dir():
+        return False
+    return any(path.rglob(MANIFEST)) or any(p.stat().st_size for p in path.rglob(SCORES))
+
+
+class _Created:
+    """What one output's path was before the command: undo() removes what the command added."""
+
+    def __init__(self, uri: str | Path) -> None:
+        self.uri = uri
+        self.root: Path | None = None  # the topmost local folder that did not exist
+        self.was_empty = False  # the output was an empty local folder (or remote prefix)
+        if is_remote(uri):
+            from demix import gcs
+
+            bucket, key = split_gs(str(uri))
+            self.was_empty = not gcs.list_blobs(gcs.bucket(bucket), f"{key}/")
+            return
+        path = Path(os.path.abspath(uri))
+        if path.is_dir() and not path.is_symlink():
+            self.was_empty = not any(path.iterdir())
+            return
+        while not path.parent.exists() and path.parent != path:
+            path = path.parent
+        self.root = path if not path.exists() and not path.is_symlink() else None
+
+    def undo(self) -> None:
+        """Remove what the failed command created here, unless it holds completed work."""
+        if is_remote(self.uri):
+            self._undo_remote()
+        elif self.root is not None and self.root.is_dir():
+            if not holds_completed_work(self.root):
+                shutil.rmtree(self.root, ignore_errors=True)
+        elif self.root is not None and self.root.is_file():
+            self.root.unlink()
+        elif self.was_empty and not holds_completed_work(Path(self.uri)):
+            for entry in Path(self.uri).iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink()
+
+    def _undo_remote(self) -> None:
+        from demix import gcs
+
+        if not self.was_empty:
+            return
+        bucket, key = split_gs(str(self.uri))
+        bkt = gcs.bucket(bucket)
+        blobs = gcs.list_blobs(bkt, f"{key}/")
+        if any(
+            name.endswith(f"/{MANIFEST}") or (name.endswith(f"/{SCORES}") and blob.size)
+            for name, blob in blobs.items()
+        ):
+            return
+        for name in blobs:
+            gcs.delete(bkt, name)
+        shutil.rmtree(mirror(bucket, key), ignore_errors=True)  # the cache's copy of it
+
+
+@contextlib.contextmanager
+def guarded_outputs(*outputs: Output) -> Iterator[None]:
+    """Check every output before the block, claim folder outputs, undo them if the block fails.
+
+    Raises DataError before the block runs when an output path holds anything demix did not
+    write (check_output). When the block raises a DemixError, what it created at the outputs
+    is removed again unless it holds completed work; the error is raised on unchanged.
+    """
+    for output in outputs:
+        check_output(output)
+    created = [_Created(output.uri) for output in outputs]
+    try:
+        for output in outputs:
+            if output.mode == "folder":
+                claim_folder(output.uri, output.kind)
+        yield
+    except DemixError:
+        for entry in created:
+            with contextlib.suppress(OSError, DemixError):  # the first error is the one to show
+                entry.undo()
+        raise
