@@ -208,3 +208,53 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("reliability: nothing lost")
         for line in lines:
             terminalreporter.write_line(line)
+
+
+# ---------------------------------------------------------------- what the user had is never lost
+
+# Files a test planted where a user's files would be (`user_file`), with their bytes. After every
+# test, and again when the session ends, each one must still be there, byte for byte: the suite
+# itself checks that no command removed or changed what a user had at an output path.
+USER_FILES: dict[Path, bytes] = {}
+# Lost files that already failed a test: each fails the test that lost it, not every test after.
+_REPORTED: set[Path] = set()
+
+
+@pytest.fixture
+def user_file():
+    """plant(path, data=None): write a user's file (unique bytes unless given) the suite guards."""
+
+    def plant(path: Path, data: bytes | None = None) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = f"a user's notes {uuid.uuid4().hex}\n".encode() if data is None else data
+        path.write_bytes(data)
+        USER_FILES[path] = data
+        return path
+
+    return plant
+
+
+def lost_user_files() -> list[Path]:
+    """The planted user files that are gone or changed."""
+    return [p for p, data in USER_FILES.items() if not p.is_file() or p.read_bytes() != data]
+
+
+@pytest.fixture(autouse=True)
+def _user_files_are_kept():
+    """After every test: every user file planted so far is still there, byte for byte."""
+    yield
+    if USER_FILES and (lost := [p for p in lost_user_files() if p not in _REPORTED]):
+        _REPORTED.update(lost)
+        pytest.fail(f"user files planted by the suite were removed or changed: {lost[:5]}")
+
+
+def pytest_sessionfinish(session):
+    """Check the planted user files once more and count them in the reliability table."""
+    from . import reliability
+
+    if USER_FILES:
+        lost = lost_user_files()
+        reliability.count("user_files_kept", len(USER_FILES) - len(lost))
+        reliability.count("artifacts_lost", len(lost))
+        if lost:
+            session.exitstatus = 1

@@ -19,6 +19,9 @@ ROWS = (
     ("corruption_refused", "  flipped bytes that reached the reader: download refused"),
     ("tampered_refused", "published artifacts tampered with afterwards, refused on read"),
     ("bad_inputs", "bad inputs refused with one line, exit 2, nothing written"),
+    ("outputs_refused", "output paths holding what demix did not write: refused, untouched"),
+    ("outputs_removed", "failed commands: the output folders they created removed again"),
+    ("user_files_kept", "user files planted at output paths, kept byte for byte (all tests)"),
     ("integrity_checks", "artifact integrity checks"),
     ("artifacts_lost", "artifacts lost or corrupt artifacts accepted"),
 )
