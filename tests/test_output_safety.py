@@ -73,6 +73,7 @@ def _argv(command: str, inputs: dict, out: str) -> list[str]:
     common = [config, "--data", data, "--base", base, "--components", *_components(inputs)]
     return {
         "fetch-demo": ["data", "fetch-demo", "--out", out],
+        "fetch-demo --force": ["data", "fetch-demo", "--force", "--out", out],
         "curate": ["curate", config, "--out", out],
         "train": ["train", config, "--role", "base", "--data", data, "--out", out],
         "merge": ["merge", *common, "--mixture", MIXTURE, "--out", out],
@@ -86,7 +87,7 @@ def _argv(command: str, inputs: dict, out: str) -> list[str]:
 
 
 WRITERS = ["fetch-demo", "curate", "train", "merge", "evaluate", "search", "validate"]
-WRITERS += ["reproduce", "run", "report"]
+WRITERS += ["reproduce", "run", "report", "fetch-demo --force"]
 
 
 def _tree(root: Path) -> dict[str, bytes | None]:
@@ -350,3 +351,23 @@ def test_upload_artifact_marks_the_prefix_before_deleting_the_manifest(gcs, tmp_
     upload_artifact(folder, f"gs://{gcs.bucket}/a")
     marker = json.loads(_blobs(gcs.bucket, "a")[f"a/{OUTPUT_MARKER}"])
     assert marker["kind"] == "demix.test"
+
+
+def test_a_gs_artifact_whose_publish_failed_is_kept_for_the_rerun(
+    inputs, gcs, tmp_path, capsys, monkeypatch
+):
+    uri = f"gs://{gcs.bucket}/merged"
+    monkeypatch.setenv("DEMIX_GCS_DEADLINE_S", "0.5")
+    decide = gcs.plan.decide
+
+    def uploads_fail(method, path, length):
+        return "status:503" if method in ("POST", "PUT") else decide(method, path, length)
+
+    gcs.plan.decide = uploads_fail
+    _refused(capsys, _argv("merge", inputs, uri), "upload failed after retries")
+    gcs.plan.decide = decide
+    local = tmp_path / "cache" / "gcs" / gcs.bucket / "merged"  # conftest's DEMIX_CACHE
+    reliability.intact((local / "manifest.json").is_file(), "a failed publish lost the artifact")
+    monkeypatch.setenv("DEMIX_GCS_DEADLINE_S", "600")
+    assert main(_argv("merge", inputs, uri)) == 0
+    assert "merged/manifest.json" in _blobs(gcs.bucket, "merged")

@@ -83,13 +83,21 @@ def recover_replaced_dir(final: str | Path) -> None:
         os.replace(old, final)
 
 
+def holds_cwd(path: Path) -> bool:
+    """Whether `path` is the current folder or a folder above it (False when there is none)."""
+    try:
+        return Path.cwd().resolve().is_relative_to(path.resolve())
+    except FileNotFoundError:  # the current folder was removed
+        return False
+
+
 def check_replaceable(final: Path) -> None:
     """Refuse to replace anything at `final` but an empty folder or an artifact (a manifest).
 
     Raises DataError naming `final` for the current folder or one above it, a symbolic link, a
     regular file, or a folder without a manifest that is not empty.
     """
-    if Path.cwd().resolve().is_relative_to(final.resolve()):
+    if holds_cwd(final):
         raise DataError(f"{final}: is the current folder or one above it; give a new folder name")
     if not final.exists() and not final.is_symlink():
         return

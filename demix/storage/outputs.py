@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from demix.errors import DataError, DemixError
-from demix.storage.files import MANIFEST, atomic_write_bytes
+from demix.storage.files import MANIFEST, atomic_write_bytes, holds_cwd
 from demix.storage.uris import check_uri, is_remote, mirror, split_gs
 
 OUTPUT_MARKER = "demix-output.json"
@@ -119,7 +119,7 @@ def check_output(output: Output) -> None:
         _check_remote(output)
         return
     path = Path(output.uri)
-    if output.mode == "artifact" and Path.cwd().resolve().is_relative_to(path.resolve()):
+    if output.mode == "artifact" and holds_cwd(path):
         raise DataError(
             f"{output.uri}: is the current folder or one above it, which an artifact would "
             "replace; give a new folder name"
@@ -237,9 +237,10 @@ class _Created:
     def _undo_remote(self) -> None:
         from demix import gcs
 
-        if not self.was_empty:
-            return
         bucket, key = split_gs(str(self.uri))
+        local = mirror(bucket, key)  # a complete artifact whose publish failed: rerun resumes
+        if not self.was_empty or holds_completed_work(local):
+            return
         bkt = gcs.bucket(bucket)
         blobs = gcs.list_blobs(bkt, f"{key}/")
         if any(
@@ -249,7 +250,7 @@ class _Created:
             return
         for name in blobs:
             gcs.delete(bkt, name)
-        shutil.rmtree(mirror(bucket, key), ignore_errors=True)  # the cache's copy of it
+        shutil.rmtree(local, ignore_errors=True)  # the cache's copy of what was removed
 
 
 @contextlib.contextmanager
