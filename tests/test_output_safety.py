@@ -306,7 +306,7 @@ def test_a_gs_prefix_holding_foreign_objects_is_refused(command, inputs, gcs, tm
     _put(gcs.bucket, "project/notes.txt", b"a user's notes\n", tmp_path)
     before = _blobs(gcs.bucket, "project")
     uri = f"gs://{gcs.bucket}/project"
-    why = "is a folder" if command == "evaluate" else "demix did not write (first 'notes.txt')"
+    why = "is a folder" if command == "evaluate" else "demix did not write (first 'notes.txt';"
     _refused(capsys, _argv(command, inputs, uri), uri, why)
     reliability.intact(_blobs(gcs.bucket, "project") == before, f"{command} changed {uri}")
     reliability.count("outputs_refused")

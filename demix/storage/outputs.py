@@ -100,8 +100,9 @@ def _judge(where: str, output: Output, manifest: bytes | None, marker: bytes | N
             f"{where}: holds a demix {found!r} output, not {output.kind!r}; give another path"
         )
     entries = f"{len(names)} entr{'y' if len(names) == 1 else 'ies'}"
+    own = f"no {MANIFEST}" if output.mode == "artifact" else f"no {OUTPUT_MARKER}"
     raise DataError(
-        f"{where}: holds {entries} demix did not write (first {names[0]!r}); demix "
+        f"{where}: holds {entries} demix did not write (first {names[0]!r}; {own}); demix "
         f"writes only where nothing is or where it wrote before: {_FIX}"
     )
 
