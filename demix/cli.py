@@ -380,18 +380,18 @@ def _config(args):
 
 
 def parse_overrides(items: list[str]) -> dict[str, object]:
-    """`--set key.path=value` items as {key.path: value}, values read as YAML scalars."""
-    import yaml
+    """`--set key.path=value` items as {key.path: value}, values read as YAML.
+
+    Raises ConfigError naming the item without a key or whose value is not valid YAML.
+    """
+    from demix.config import load_yaml
 
     overrides = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. merge.method=ties")
-        try:
-            overrides[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise ConfigError(f"--set {item!r}: value is not a YAML scalar") from None
+        overrides[key.strip()] = load_yaml(value, f"--set {item!r}")
     return overrides
 
 
