@@ -211,6 +211,11 @@ def _cmd_train(args) -> None:
         raise DemixError(f"--name names a final model; --role {args.role} names its own")
     if args.processes < 1:
         raise DemixError(f"--processes {args.processes}: give 1 or more processes per machine")
+    if args.role == "base" and config.model.base:
+        raise ConfigError(
+            f"--role base: the base is model.base ({config.model.base}), there is nothing to "
+            "train; give it as --init to the other roles, or remove model.base to pretrain one"
+        )
     cluster = cluster_from_env()
     nodes = cluster.nodes if cluster else 1
     if not launched() and args.processes * nodes > 1:
