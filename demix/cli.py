@@ -34,12 +34,14 @@ def parse_mixture(text: str) -> dict[str, float]:
     """
     source = f"mixture {text[:80]!r}" + ("..." if len(text) > 80 else "")
     if text.endswith(".json") and not text.lstrip().startswith(("{", "[")):
-        source = f"mixture file {text[:200]!r}"
+        source = f"mixture file {text if text.isprintable() else repr(text)}"
         try:
             text = Path(text).read_bytes().decode("utf-8-sig")
         except UnicodeDecodeError as err:
+            wide = "UTF-16 encoded" if err.object[:2] in (b"\xff\xfe", b"\xfe\xff") else None
             raise MixtureError(
-                f"{source}: not UTF-8 text (bad byte at offset {err.start}); convert it to UTF-8"
+                f"{source}: {wide or f'not UTF-8 text (bad byte at offset {err.start})'}; "
+                "convert it to UTF-8"
             ) from None
         except (OSError, ValueError) as err:  # ValueError: a NUL in the path
             reason = getattr(err, "strerror", None) or one_line(err)

@@ -25,6 +25,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -65,7 +66,9 @@ COPY_CHUNK_TOKENS = 1 << 24
 
 
 def normalize(text: str) -> str:
-    """NFC, unix newlines, no trailing spaces on lines, no surrounding whitespace."""
+    """Lone surrogates (a JSON escape such as "\\ud83d" without its pair) as U+FFFD, NFC, unix
+    newlines, no trailing spaces on lines, no surrounding whitespace."""
+    text = re.sub("[\ud800-\udfff]", "\ufffd", text)
     text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
     return "\n".join(line.rstrip() for line in text.split("\n")).strip()
 
@@ -103,8 +106,8 @@ def _read_text(path: Path, dataset: str) -> str:
 
 
 def _utf16_or_32(raw: bytes) -> str | None:
-    """"UTF-16" or "UTF-32" when the bytes start with that byte order mark, or read as printable
-    UTF-16 text without one (NUL high bytes at every other position); None otherwise."""
+    """The encoding, UTF-16 or UTF-32, when the bytes start with its byte order mark or read as
+    printable UTF-16 text without one (NUL high bytes at every other position); else None."""
     for bom, name in ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32")):
         if raw.startswith(bom):
             return name
@@ -217,8 +220,11 @@ def read_file_documents(path: Path, spec: DatasetSpec) -> Iterator[str]:
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+        except (ValueError, RecursionError) as err:  # also too deep, or too many digits
+            reason = getattr(err, "msg", None) or (
+                "nested too deeply" if isinstance(err, RecursionError) else "a number too long"
+            )
+            raise DataError(f"{path}:{number}: not valid JSON ({reason})") from None
         if not isinstance(record, dict) or spec.text_field not in record:
             raise DataError(
                 f"{path}:{number}: no field {spec.text_field!r} "
