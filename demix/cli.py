@@ -102,6 +102,8 @@ def _mixture_json(text: str, source: str) -> dict[str, float]:
         )
     out = {}
     for name, value in raw.items():
+        if not name.strip():
+            raise MixtureError(f"{source}: a dataset name is empty; name each weight's dataset")
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise MixtureError(
                 f"mixture entry {name!r}: weight is {_json_type(value)} ({value!r:.60}), not a "
@@ -398,6 +400,11 @@ def parse_overrides(items: list[str]) -> dict[str, object]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. merge.method=ties")
+        if not key.strip().isprintable() or len(key.split()) > 1:
+            raise ConfigError(
+                f"--set {item!r}: {key.strip()!r} is not a key path; write KEY=VALUE with a "
+                "dotted key, e.g. merge.method=ties"
+            )
         overrides[key.strip()] = load_yaml(value, f"--set {item!r}")
     return overrides
 

@@ -356,6 +356,8 @@ class RunConfig(Strict):
 def _format_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "<top level>"
+    if not where.isprintable():  # a key with a line break or control character
+        where = repr(where)
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key (check the spelling against the config reference in README.md)"

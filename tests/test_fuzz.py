@@ -36,7 +36,7 @@ from .conftest import smoke_config_dict
 
 pytestmark = pytest.mark.reliability
 
-QUICK, LONG = 60, 1500
+QUICK, LONG = 60, 1000
 PROFILE = os.environ.get("DEMIX_FUZZ", "quick")
 if PROFILE not in ("quick", "long"):
     raise ValueError(
@@ -370,7 +370,9 @@ def test_safetensors_headers_parse_or_refuse(blob):
     for name in mapped.names():
         ours, theirs = mapped.tensor(name), loaded[name]
         assert tuple(ours.shape) == tuple(theirs.shape) and ours.dtype == theirs.dtype
-        assert torch.equal(ours.reshape(-1).view(torch.uint8), theirs.reshape(-1).view(torch.uint8))
+        if ours.numel():
+            as_bytes = [t.reshape(-1).clone().view(torch.uint8) for t in (ours, theirs)]
+            assert torch.equal(*as_bytes)
 
 
 @FUZZ
