@@ -19,6 +19,12 @@ ROWS = (
     ("corruption_refused", "  flipped bytes that reached the reader: download refused"),
     ("tampered_refused", "published artifacts tampered with afterwards, refused on read"),
     ("bad_inputs", "bad inputs refused with one line, exit 2, nothing written"),
+    ("fuzz_jsonl", "fuzzed inputs parsed or refused with one line, none crashed: JSONL files"),
+    ("fuzz_mixtures", "  mixtures (--mixture: name=w lists, JSON, files)"),
+    ("fuzz_configs", "  run configs (YAML text and parsed values)"),
+    ("fuzz_overrides", "  --set overrides"),
+    ("fuzz_safetensors", "  safetensors files (each one accepted also loads in the library)"),
+    ("fuzz_manifests", "  artifact manifests"),
     ("integrity_checks", "artifact integrity checks"),
     ("artifacts_lost", "artifacts lost or corrupt artifacts accepted"),
 )
