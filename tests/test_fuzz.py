@@ -231,36 +231,43 @@ override_items = st.one_of(
 
 @st.composite
 def safetensors_files(draw) -> bytes:
-    """Safetensors files: valid ones, ones with a header or data changed, arbitrary bytes."""
-    if draw(st.integers(0, 4)) == 0:
+    """Safetensors files: valid ones (about a third), ones with one thing changed (the header
+    length, the data size, one field of one entry, the metadata), arbitrary bytes."""
+    change = draw(st.sampled_from(["none", "none", "bytes", "length", "data", "field", "meta"]))
+    if change == "bytes":
         return draw(st.binary(max_size=200))
     header: dict = {}
     offset = 0
     for i in range(draw(st.integers(0, 4))):
-        dtype = draw(st.sampled_from([*NUMPY_DTYPES, "F8_E4M3", "X9"]))
+        dtype = draw(st.sampled_from(list(NUMPY_DTYPES)))
         shape = draw(st.lists(st.integers(0, 4), max_size=3))
-        size = math.prod(shape) * NUMPY_DTYPES.get(dtype, NUMPY_DTYPES["U8"]).itemsize
+        size = math.prod(shape) * NUMPY_DTYPES[dtype].itemsize
         header[f"t{i}"] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
         offset += size
     if draw(st.booleans()):
-        header["__metadata__"] = draw(st.one_of(st.just({"format": "pt"}), json_values))
-    if draw(st.booleans()) and header:  # one field of one entry changed
+        header["__metadata__"] = {"format": "pt"}
+    if change == "meta":
+        header["__metadata__"] = draw(json_values)
+    if change == "field" and header:
         name = draw(st.sampled_from(sorted(header)))
-        if name == "__metadata__" or not isinstance(header[name], dict):
-            header[name] = draw(json_values)
-        else:
-            field = draw(st.sampled_from(["dtype", "shape", "data_offsets"]))
-            header[name][field] = draw(
-                st.one_of(json_values, st.lists(st.integers(-(2**65), 2**65), max_size=3))
+        field = draw(st.sampled_from(["dtype", "shape", "data_offsets", None]))
+        value = draw(
+            st.one_of(
+                json_values,
+                st.lists(st.integers(-(2**65), 2**65), max_size=3),
+                st.sampled_from(["F8_E4M3", "X9", "f32"]),
             )
+        )
+        if field is None or not isinstance(header[name], dict):
+            header[name] = value
+        else:
+            header[name][field] = value
     text = json.dumps(header).encode()
     if draw(st.booleans()):
         text += b" " * (-len(text) % 8)
-    length = len(text)
-    if draw(st.integers(0, 3)) == 0:
-        length = draw(st.integers(0, 2**64 - 1))
-    data = bytes(max(0, offset + draw(st.integers(-3, 3))) if draw(st.booleans()) else offset)
-    return struct.pack("<Q", length) + text + data
+    length = draw(st.integers(0, 2**64 - 1)) if change == "length" else len(text)
+    size = max(0, offset + draw(st.integers(-3, 3))) if change == "data" else offset
+    return struct.pack("<Q", length) + text + bytes(size)
 
 
 file_entries = st.one_of(
