@@ -73,10 +73,12 @@ def parse_mixture(text: str) -> dict[str, float]:
 def _mixture_json(text: str, source: str) -> dict[str, float]:
     """A mixture given as JSON: an object of weights, or {"mixture": {...}}.
 
-    Raises MixtureError naming the entry of a weight that is not a number.
+    Raises MixtureError for text that is not JSON, not an object, or names a dataset twice, and
+    naming the entry of a weight that is not a finite number >= 0.
     """
 
     def unique(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        """A JSON object's pairs as a dict; MixtureError when a key is given twice."""
         seen: dict[str, object] = {}
         for key, value in pairs:
             if key in seen:

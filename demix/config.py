@@ -421,7 +421,7 @@ class UniqueKeyLoader(yaml.SafeLoader):
     source = "<yaml>"
 
     def get_single_data(self):
-        """The document's data, after checking its keys."""
+        """The document's data; ConfigError at a key given twice or a recursive alias."""
         node = self.get_single_node()
         if node is None:
             return None
