@@ -119,8 +119,12 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
         return AutoTokenizer.from_pretrained(
             Path(path), local_files_only=True, trust_remote_code=trust_remote_code
         )
-    except (OSError, ValueError) as err:
-        raise ModelError(f"{path}: cannot load tokenizer ({str(err).splitlines()[0]})") from None
+    except Exception as err:  # noqa: BLE001 (tokenizers raises bare Exception, transformers KeyError)
+        reason = (str(err).strip().splitlines() or [""])[0]
+        raise ModelError(
+            f"{path}: cannot load tokenizer ({type(err).__name__}: {reason}); save it with "
+            "`tokenizer.save_pretrained(dir)`"
+        ) from None
 
 
 def save_model(

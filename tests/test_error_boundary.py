@@ -277,6 +277,17 @@ def test_a_shard_index_naming_a_missing_file_is_refused(inputs, tmp_path):
         load_model(folder)
 
 
+@pytest.mark.parametrize("text", ['{"model": ', '{"model": 1, "version": "1.0"}', "[]"])
+def test_a_malformed_tokenizer_json_is_a_model_error(text, inputs, tmp_path):
+    from demix.model import load_tokenizer
+
+    folder = tmp_path / "tok"
+    shutil.copytree(inputs / "base", folder)
+    (folder / "tokenizer.json").write_text(text)
+    with pytest.raises(ModelError, match="cannot load tokenizer"):
+        load_tokenizer(folder)
+
+
 def test_utf16_without_bom_and_binary_are_told_apart(tmp_path, corpus_dir):
     from demix.config import DatasetSpec
     from demix.data.curate import read_documents
