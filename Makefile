@@ -45,8 +45,8 @@ test: install ## fast test suite (no slow, no gpu)
 test-slow: install ## the slow tail (real data fetch, longer runs)
 	$(BIN)/python -m pytest -m "slow and not gpu" -q
 
-test-reliability: install ## kill -9/resume, GCS emulator with faults, bad input, security; prints the table
-	$(BIN)/python -m pytest -m "reliability and not gpu" -q
+test-reliability: install ## kill -9/resume, GCS emulator with faults, bad input, fuzzing, security; prints the table
+	DEMIX_FUZZ=long $(BIN)/python -m pytest -m "reliability and not gpu" -q
 
 lint: install ## ruff lint and format check
 	$(BIN)/ruff check .

@@ -40,6 +40,51 @@ def safetensors_files(folder: Path) -> list[Path]:
     )
 
 
+def check_weight_files(folder: Path) -> list[Path]:
+    """The model's safetensors files, every header checked by demix's own reader (offsets,
+    sizes, dtypes) and the shard index, when there is one, naming only files that exist: what a
+    library would otherwise fail on with a traceback, found before any library loads them.
+
+    Raises ModelError naming the file and what is wrong.
+    """
+    files = safetensors_files(folder)
+    for path in files:
+        MappedSafetensors(path)  # raises on a header, offset or size that is wrong
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) for v in weight_map.values()
+        ):
+            raise ModelError(f"{index}: expected a 'weight_map' of tensor names to file names")
+        names = {p.name for p in files}
+        missing = sorted(set(weight_map.values()) - names)
+        if missing:
+            raise ModelError(
+                f"{index}: names weight files that are not in {folder}: {missing[:3]}; copy "
+                "the whole model folder"
+            )
+    return files
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from a file of a model folder.
+
+    Raises ModelError naming the file when it is unreadable, not JSON or not an object.
+    """
+    try:
+        data = json.loads(path.read_bytes())
+    except OSError as err:
+        raise ModelError(f"{path}: cannot read it ({err.strerror})") from None
+    except RecursionError:
+        raise ModelError(f"{path}: not valid JSON (nested too deeply)") from None
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, too many digits
+        raise ModelError(f"{path}: not valid JSON ({' '.join(str(err).split())})") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: expected a JSON object")
+    return data
+
+
 def copy_model_files(src: Path, dst: Path) -> None:
     """Copy config, generation config and tokenizer files (everything but weights) of a model."""
     for p in src.iterdir():
@@ -109,26 +154,25 @@ class TensorIndex:
 
 
 def read_hf_config(folder: Path) -> dict:
-    """A model folder's config.json as a dict; ModelError when missing or not a JSON object."""
+    """A model folder's config.json as a dict.
+
+    Raises ModelError when it is missing, unreadable or not a JSON object.
+    """
     path = Path(folder) / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ModelError(
-            f"{folder}: no config.json; expected a Hugging Face model folder"
-        ) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ModelError(f"{path}: not a readable JSON config ({err})") from None
-    if not isinstance(config, dict):
-        raise ModelError(f"{path}: expected a JSON object")
-    return config
+    if not path.exists():
+        raise ModelError(f"{folder}: no config.json; expected a Hugging Face model folder")
+    return _read_json(path)
 
 
 def _tokenizer_fingerprint(folder: Path) -> str | None:
+    """The vocabulary and added tokens of a folder's tokenizer.json (None without one).
+
+    Raises ModelError naming the file when it is not a JSON object.
+    """
     path = folder / "tokenizer.json"
     if not path.is_file():
         return None
-    data = json.loads(path.read_text())
+    data = _read_json(path)
     return json.dumps(
         {"model": data.get("model"), "added": data.get("added_tokens")}, sort_keys=True
     )

@@ -1,6 +1,7 @@
 """`demix` command: one subcommand per stage, and `run` for a local end-to-end run.
 
-Bad input prints one line `demix: error: ...` and exits with code 2.
+Bad input prints one line `demix: error: ...` and exits with code 2; anything else is a bug:
+one line `demix: internal error: ...` and exit code 3, with the traceback under --debug.
 """
 
 from __future__ import annotations
@@ -9,11 +10,20 @@ import argparse
 import contextlib
 import functools
 import json
+import math
 import os
 import sys
+import traceback
 from pathlib import Path
 
-from demix.errors import ConfigError, DemixError, MixtureError
+from demix.errors import (
+    INTERNAL_EXIT_CODE,
+    ConfigError,
+    DemixError,
+    MixtureError,
+    describe_input_error,
+    one_line,
+)
 from demix.logs import configure_logging
 from demix.storage.outputs import (
     REPRODUCE_KIND,
@@ -26,37 +36,134 @@ from demix.storage.outputs import (
 
 
 def parse_mixture(text: str) -> dict[str, float]:
-    """'general=0.5,code=0.3,math=0.2', a JSON object, or a path to a JSON file.
+    """'general=0.5,code=0.3,math=0.2', a JSON object (or {"mixture": {...}}), or a path to a
+    JSON file of either: {dataset: weight}, every weight a finite number >= 0.
 
-    Raises MixtureError for text that is none of these.
+    Raises MixtureError naming the entry (or file) for text that is none of these.
     """
-    path = Path(text)
-    if path.suffix == ".json" and path.is_file():
-        text = path.read_text()
-    text = text.strip()
-    if text.startswith("{"):
+    source = f"mixture {text[:80]!r}" + ("..." if len(text) > 80 else "")
+    if text.endswith(".json") and not text.lstrip().startswith(("{", "[")):
+        source = f"mixture file {text if text.isprintable() else repr(text)}"
         try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise MixtureError(f"mixture {text!r}: not valid JSON ({err.msg})") from None
-        if isinstance(raw, dict) and isinstance(raw.get("mixture"), dict):
-            raw = raw["mixture"]
-        return {str(k): float(v) for k, v in raw.items()}
-    out = {}
+            text = Path(text).read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError as err:
+            wide = "UTF-16 encoded" if err.object[:2] in (b"\xff\xfe", b"\xfe\xff") else None
+            raise MixtureError(
+                f"{source}: {wide or f'not UTF-8 text (bad byte at offset {err.start})'}; "
+                "convert it to UTF-8"
+            ) from None
+        except (OSError, ValueError) as err:  # ValueError: a NUL in the path
+            reason = getattr(err, "strerror", None) or one_line(err)
+            raise MixtureError(f"{source}: cannot read it ({reason})") from None
+        return _mixture_json(text.strip(), source)
+    text = text.strip()
+    if text.startswith(("{", "[")):
+        return _mixture_json(text, source)
+    out: dict[str, float] = {}
     for part in filter(None, text.split(",")):
         name, sep, value = part.partition("=")
-        if not sep:
+        name = name.strip()
+        if not sep or not name:
             raise MixtureError(
                 f"mixture entry {part!r}: expected name=weight (e.g. general=0.5,code=0.5)"
             )
+        if name in out:
+            raise MixtureError(f"mixture entry {part!r}: {name!r} is given twice; give it once")
         try:
-            out[name.strip()] = float(value)
+            out[name] = _weight(name, float(value))
         except ValueError:
             raise MixtureError(
                 f"mixture entry {part!r}: {value!r} is not a number; write name=weight with "
                 "weights summing to 1"
             ) from None
-    return out
+    return _no_negatives(out)
+
+
+def _mixture_json(text: str, source: str) -> dict[str, float]:
+    """A mixture given as JSON: an object of weights, or {"mixture": {...}}.
+
+    Raises MixtureError for text that is not JSON, not an object, or names a dataset twice, and
+    naming the entry of a weight that is not a finite number >= 0.
+    """
+
+    def unique(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        """A JSON object's pairs as a dict; MixtureError when a key is given twice."""
+        seen: dict[str, object] = {}
+        for key, value in pairs:
+            if key in seen:
+                raise MixtureError(f"{source}: {key!r} is given twice; give each dataset once")
+            seen[key] = value
+        return seen
+
+    try:
+        raw = json.loads(text, object_pairs_hook=unique)
+    except json.JSONDecodeError as err:
+        raise MixtureError(
+            f"{source}: not valid JSON ({err.msg} at line {err.lineno} column {err.colno})"
+        ) from None
+    except (ValueError, RecursionError) as err:  # too many digits; nested too deeply
+        reason = "nested too deeply" if isinstance(err, RecursionError) else one_line(err)
+        raise MixtureError(f"{source}: not valid JSON ({reason})") from None
+    if isinstance(raw, dict) and isinstance(raw.get("mixture"), dict):
+        raw = raw["mixture"]
+    if not isinstance(raw, dict):
+        raise MixtureError(
+            f"{source}: expected a JSON object {{dataset: weight}}, got {_json_type(raw)}; "
+            'e.g. {"general": 0.5, "code": 0.5}'
+        )
+    out = {}
+    for name, value in raw.items():
+        if not name.strip():
+            raise MixtureError(f"{source}: a dataset name is empty; name each weight's dataset")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise MixtureError(
+                f"mixture entry {name!r}: weight is {_json_type(value)} ({value!r:.60}), not a "
+                "number; give a float in [0, 1]"
+            )
+        try:
+            out[name] = _weight(name, float(value))
+        except OverflowError:
+            raise MixtureError(
+                f"mixture entry {name!r}: weight is too large for a float; give a float in [0, 1]"
+            ) from None
+    return _no_negatives(out)
+
+
+def _json_type(value: object) -> str:
+    """The JSON name of a parsed value's type, with an article ("null", "a string", ...)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    names = {str: "a string", list: "an array", dict: "an object"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _weight(name: str, value: float) -> float:
+    """`value` when it is finite.
+
+    Raises MixtureError naming the entry of a NaN or infinite weight.
+    """
+    if not math.isfinite(value):
+        raise MixtureError(
+            f"mixture weight of {name!r} is NaN or infinite ({value}); give a float in [0, 1]"
+        )
+    return value
+
+
+def _no_negatives(mixture: dict[str, float]) -> dict[str, float]:
+    """`mixture` when no weight is negative.
+
+    Raises MixtureError naming every negative entry.
+    """
+    bad = {name: w for name, w in mixture.items() if w < 0}
+    if bad:
+        raise MixtureError(
+            f"mixture has negative weights {bad}; a weight is a share of the data, 0 or more"
+        )
+    return mixture
 
 
 def _components(values: list[str]) -> dict[str, Path]:
@@ -211,6 +318,11 @@ def _cmd_train(args) -> None:
         raise DemixError(f"--name names a final model; --role {args.role} names its own")
     if args.processes < 1:
         raise DemixError(f"--processes {args.processes}: give 1 or more processes per machine")
+    if args.role == "base" and config.model.base:
+        raise ConfigError(
+            f"--role base: the base is model.base ({config.model.base}), there is nothing to "
+            "train; give it as --init to the other roles, or remove model.base to pretrain one"
+        )
     cluster = cluster_from_env()
     nodes = cluster.nodes if cluster else 1
     if not launched() and args.processes * nodes > 1:
@@ -389,24 +501,44 @@ def _config(args):
 
 
 def parse_overrides(items: list[str]) -> dict[str, object]:
-    """`--set key.path=value` items as {key.path: value}, values read as YAML scalars."""
-    import yaml
+    """`--set key.path=value` items as {key.path: value}, values read as YAML.
+
+    Raises ConfigError naming the item without a key or whose value is not valid YAML.
+    """
+    from demix.config import load_yaml
 
     overrides = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. merge.method=ties")
-        try:
-            overrides[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise ConfigError(f"--set {item!r}: value is not a YAML scalar") from None
+        if not key.strip().isprintable() or len(key.split()) > 1:
+            raise ConfigError(
+                f"--set {item!r}: {key.strip()!r} is not a key path; write KEY=VALUE with a "
+                "dotted key, e.g. merge.method=ties"
+            )
+        overrides[key.strip()] = load_yaml(value, f"--set {item!r}")
     return overrides
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose command and every subcommand take --debug (before or after)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_argument(
+            "--debug",
+            action="store_true",
+            default=argparse.SUPPRESS,  # a subcommand without it keeps the command's value
+            help="on an error, print the traceback too (for bug reports)",
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="demix", description=__doc__.splitlines()[0])
+    """The `demix` argument parser: a subcommand per stage and recipe."""
+    parser = _Parser(prog="demix", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.set_defaults(debug=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     data = sub.add_parser("data", help="demo data")
@@ -509,7 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `demix` console script."""
+    """Entry point of the `demix` console script; returns the exit code (see demix.errors)."""
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # rerun under accelerate launch
     configure_logging(args.verbose)
@@ -517,14 +649,46 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         args.func(args)
-    except DemixError as err:
-        if int(os.environ.get("RANK", "0")) == 0:  # one line, not one per training process
-            print(f"demix: error: {err}", file=sys.stderr)
-        return err.exit_code
     except KeyboardInterrupt:
         print("demix: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 (the one boundary: every error becomes one line)
+        return report_error(err, debug=args.debug)
     return 0
+
+
+def _rank() -> int:
+    """This process's rank among training processes (0 when not launched)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def report_error(err: Exception, debug: bool = False) -> int:
+    """Print `err` as the error contract says (demix.errors) and return the exit code.
+
+    Bad input (a DemixError, or a library's error about an input) is one line `demix: error:`,
+    printed by rank 0 only: every training process would print the same line. Anything else is
+    a bug: one line `demix: internal error:` from every process that hits it (it may be one
+    rank's alone), with the traceback under --debug.
+    """
+    rank = _rank()
+    if debug and (rank == 0 or not isinstance(err, DemixError)):
+        traceback.print_exception(err, file=sys.stderr)
+    if isinstance(err, DemixError):
+        message, code = str(err), err.exit_code
+    else:
+        message, code = describe_input_error(err), 2
+    if message is not None:
+        if rank == 0:
+            print(f"demix: error: {one_line(message)}", file=sys.stderr)
+        return code
+    who = "" if rank == 0 else f" (rank {rank})"
+    hint = "" if debug else " (rerun with --debug for the traceback)"
+    detail = one_line(err)[:500] or "no message"
+    print(f"demix: internal error{who}: {type(err).__name__}: {detail}{hint}", file=sys.stderr)
+    return INTERNAL_EXIT_CODE
 
 
 if __name__ == "__main__":

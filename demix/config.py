@@ -361,6 +361,8 @@ class RunConfig(Strict):
 def _format_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "<top level>"
+    if not where.isprintable():  # a key with a line break or control character
+        where = repr(where)
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key (check the spelling against the config reference in README.md)"
@@ -392,9 +394,15 @@ def load_config(path: str | Path, overrides: dict[str, object] | None = None) ->
     """
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as err:
         raise ConfigError(f"{path}: cannot read config ({err.strerror})") from None
+    try:  # YAML may be UTF-16 with a byte order mark; anything else is UTF-8
+        text = raw.decode("utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (bad byte at offset {err.start}); save it as UTF-8"
+        ) from None
     return resolve_config(text, overrides, str(path))
 
 
@@ -412,6 +420,82 @@ def set_dotted(raw: dict, key: str, value: object) -> None:
     node[parts[-1]] = value
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader that refuses a key given twice in one mapping (YAML keeps the last)."""
+
+    source = "<yaml>"
+
+    def get_single_data(self):
+        """The document's data; ConfigError at a key given twice or a recursive alias."""
+        node = self.get_single_node()
+        if node is None:
+            return None
+        self._check_keys(node, "", set(), ())
+        return self.construct_document(node)
+
+    def _check_keys(
+        self, node: yaml.Node, path: str, seen: set[int], ancestors: tuple[int, ...]
+    ) -> None:
+        """Raise ConfigError at the first key given twice in a mapping under `node`, or at an
+        alias that contains itself."""
+        if id(node) in ancestors:
+            raise ConfigError(
+                f"{self.source}:{node.start_mark.line + 1}: {path or 'the document'}: an alias "
+                "refers to a value that contains it; write the value out"
+            )
+        if id(node) in seen:  # an alias of a node checked already
+            return
+        seen.add(id(node))
+        inner = (*ancestors, id(node))
+        if isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._check_keys(item, f"{path}.{i}" if path else str(i), seen, inner)
+        elif isinstance(node, yaml.MappingNode):
+            lines: dict[tuple[str, str], int] = {}
+            for key, value in node.value:
+                name = key.value if isinstance(key, yaml.ScalarNode) else None
+                dotted = f"{path}.{name}" if path else str(name)
+                if name is not None and key.tag != "tag:yaml.org,2002:merge":
+                    if (key.tag, name) in lines:
+                        raise ConfigError(
+                            f"{self.source}:{key.start_mark.line + 1}: duplicate key {dotted} "
+                            f"(first given at line {lines[key.tag, name]}); keep one of them"
+                        )
+                    lines[key.tag, name] = key.start_mark.line + 1
+                self._check_keys(value, dotted, seen, inner)
+
+
+def load_yaml(text: str, source: str = "<yaml>") -> object:
+    """Parse YAML text with the safe loader, refusing keys given twice.
+
+    Raises ConfigError naming `source` and the line of invalid YAML or of a duplicate key.
+    """
+    loader = None
+    try:
+        loader = UniqueKeyLoader(text)  # reads the text: refuses unprintable characters
+        loader.source = source
+        return loader.get_single_data()
+    except yaml.reader.ReaderError as err:
+        raise ConfigError(
+            f"{source}: not valid YAML (character #x{err.character:04x} at offset "
+            f"{err.position} is not allowed)"
+        ) from None
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{source}:{mark.line + 1}" if mark and "\n" in text.strip() else source
+        problem = " ".join(str(err.problem or err.context or "").split())
+        raise ConfigError(f"{where}: not valid YAML ({problem})") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML ({' '.join(str(err).split())})") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: not valid YAML (nested too deeply)") from None
+    except (ValueError, OverflowError) as err:  # a timestamp that is no date, e.g. 2024-13-45
+        raise ConfigError(f"{source}: not valid YAML ({' '.join(str(err).split())})") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
 def resolve_config(
     config_yaml: str,
     overrides: dict[str, object] | None = None,
@@ -421,12 +505,9 @@ def resolve_config(
     """Parse config YAML text, apply dotted-key overrides (None values are skipped), validate.
 
     `compiled_rounds`: the search rounds a pipeline was compiled with, which search.rounds must
-    equal. Raises ConfigError naming the key path of the first problem.
+    equal. Raises ConfigError naming the key path (or line) of the first problem.
     """
-    try:
-        raw = yaml.safe_load(config_yaml)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{source}: not valid YAML ({err})") from None
+    raw = load_yaml(config_yaml, source)
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level")
     for key, value in (overrides or {}).items():

@@ -33,3 +33,67 @@ class FetchError(DemixError):
 
 class SearchError(DemixError):
     """A scores table that cannot be read or belongs to another search, or nothing to select."""
+
+
+# The error contract of the `demix` command (demix.cli.main):
+#   0  done;
+#   2  bad input: a DemixError, or an error about an input that no demix code turned into one
+#      (`describe_input_error`), printed as one line `demix: error: ...`;
+#   3  internal error (a bug): one line `demix: internal error: ...` with a hint to rerun with
+#      --debug, which prints the traceback as well;
+#   130 interrupted.
+INTERNAL_EXIT_CODE = 3
+
+# Error types these libraries define are about what they were given to read (a weights file, a
+# tokenizer, YAML, a template, a task or its dataset), not about demix's own state.
+INPUT_LIBRARIES = {
+    "safetensors": "not a readable safetensors file",
+    "tokenizers": "tokenizer",
+    "yaml": "not valid YAML",
+    "jinja2": "template error",
+    "lm_eval": "lm-eval",
+    "datasets": "dataset",
+}
+
+
+def one_line(text: str) -> str:
+    """`text` on one line: its lines joined, runs of whitespace made one space."""
+    return " ".join(str(text).split())
+
+
+def _mark(mark) -> str:
+    """'name:line:column' of a YAML mark (1-based)."""
+    return f"{mark.name}:{mark.line + 1}:{mark.column + 1}"
+
+
+def describe_input_error(err: BaseException) -> str | None:
+    """The one-line message of an error about an input that no demix code turned into a
+    DemixError, naming the file (and line or offset) where the error knows it; None for
+    anything else, which is a bug (an internal error)."""
+    import json
+
+    if isinstance(err, json.JSONDecodeError):
+        return f"not valid JSON at line {err.lineno} column {err.colno} ({err.msg})"
+    if isinstance(err, UnicodeDecodeError):
+        return (
+            f"input is not {err.encoding} text (bad byte at offset {err.start}: {err.reason}); "
+            "convert it to UTF-8"
+        )
+    if isinstance(err, UnicodeError):
+        return f"text cannot be encoded ({one_line(err)}); remove or replace the character"
+    if isinstance(err, OSError):
+        if err.filename is not None:
+            where = str(err.filename) + (f" -> {err.filename2}" if err.filename2 else "")
+            return f"{where}: {err.strerror or one_line(err)}"
+        return f"{type(err).__name__}: {one_line(err) or 'operating system error'}"
+    library = type(err).__module__.split(".")[0]
+    if library not in INPUT_LIBRARIES:
+        return None
+    what = INPUT_LIBRARIES[library]
+    if library == "yaml" and getattr(err, "problem_mark", None) is not None:
+        return f"{_mark(err.problem_mark)}: {what} ({one_line(err.problem)})"
+    lineno = getattr(err, "lineno", None)
+    source = getattr(err, "filename", None) or getattr(err, "name", None)
+    if library == "jinja2" and source and lineno:
+        return f"{source}:{lineno}: {what} ({one_line(getattr(err, 'message', err))})"
+    return f"{what} ({one_line(err) or type(err).__name__})"

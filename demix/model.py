@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from demix.checkpoint import MODEL_KIND, safetensors_files
+from demix.checkpoint import MODEL_KIND, check_weight_files, read_hf_config
 from demix.config import ArchitectureConfig
 from demix.errors import ModelError
 from demix.storage import staged_dir, write_manifest
@@ -79,15 +79,17 @@ def load_model(
 ):
     """Load any AutoModelForCausalLM folder from safetensors, never from pickle.
 
-    Raises ModelError when the folder has no config.json or no safetensors weights.
+    Every weight file's header is checked by demix's own reader first (check_weight_files).
+    Raises ModelError naming the folder or file when config.json or the safetensors weights are
+    missing, unreadable or corrupt.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
     folder = Path(path)
-    safetensors_files(folder)
-    if not (folder / "config.json").is_file():
-        raise ModelError(f"{folder}: no config.json; expected a Hugging Face model folder")
+    check_weight_files(folder)
+    read_hf_config(folder)
     if trust_remote_code:
         log.warning("trust_remote_code=True: code shipped with %s WILL BE EXECUTED", folder)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
@@ -100,8 +102,9 @@ def load_model(
             dtype=dtype,
             **kwargs,
         )
-    except (OSError, ValueError) as err:
-        raise ModelError(f"{folder}: cannot load model ({str(err).splitlines()[0]})") from None
+    except (OSError, ValueError, SafetensorError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ModelError(f"{folder}: cannot load model ({reason})") from None
     return model.to(device)
 
 
@@ -116,8 +119,12 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
         return AutoTokenizer.from_pretrained(
             Path(path), local_files_only=True, trust_remote_code=trust_remote_code
         )
-    except (OSError, ValueError) as err:
-        raise ModelError(f"{path}: cannot load tokenizer ({str(err).splitlines()[0]})") from None
+    except Exception as err:  # noqa: BLE001 (tokenizers raises bare Exception, transformers KeyError)
+        reason = (str(err).strip().splitlines() or [""])[0]
+        raise ModelError(
+            f"{path}: cannot load tokenizer ({type(err).__name__}: {reason}); save it with "
+            "`tokenizer.save_pretrained(dir)`"
+        ) from None
 
 
 def save_model(

@@ -93,46 +93,117 @@ def torch_dtype(name: str):
 
 
 class MappedSafetensors:
-    """One safetensors file, memory-mapped once; `array(name)` is a zero-copy numpy view."""
+    """One safetensors file, memory-mapped once; `array(name)` is a zero-copy numpy view.
+
+    The header is checked as the safetensors library checks it before any view is made: a
+    JSON object, each tensor's dtype, shape and offsets consistent, the tensors' bytes back to
+    back from the end of the header to the end of the file.
+    Raises ModelError naming the file and what is wrong.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         try:
             with open(self.path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
-                length = struct.unpack("<Q", f.read(8))[0] if size >= 8 else None
-                if length is None or not 2 <= length <= min(MAX_HEADER_BYTES, size - 8):
-                    raise ValueError("no safetensors header")
+                length = self._header_length(f.read(8), size)
                 header = json.loads(f.read(length))
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        except ModelError:
+            raise
+        except RecursionError:
+            raise ModelError(
+                f"{self.path}: not a readable safetensors file (header nested too deeply)"
+            ) from None
         except (OSError, ValueError, struct.error) as err:
-            raise ModelError(f"{self.path}: not a readable safetensors file ({err})") from None
+            reason = getattr(err, "strerror", None) or " ".join(str(err).split())
+            raise ModelError(f"{self.path}: not a readable safetensors file ({reason})") from None
         self.data_start = 8 + length
         # name -> (safetensors dtype name, shape, begin, end), offsets relative to the data
         self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
         if not isinstance(header, dict):
             raise ModelError(f"{self.path}: safetensors header is not a JSON object")
+        metadata = header.get("__metadata__", {})
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise ModelError(
+                f"{self.path}: safetensors __metadata__ is not a mapping of strings to strings"
+            )
         for name, info in header.items():
             if name != "__metadata__":
                 self.entries[name] = self._check(name, info, size - self.data_start)
+        self._check_coverage(size - self.data_start)
+
+    def _header_length(self, first: bytes, size: int) -> int:
+        """The header length the file's first 8 bytes give, checked against the file's size.
+
+        Raises ModelError saying why the file cannot be a safetensors file.
+        """
+        hint = ""
+        if first[:1] == b"\x80" or first[:4] == b"PK\x03\x04":
+            hint = "; it looks like a pickle (torch.save) file, and DeMix loads safetensors only"
+        if size < 8:
+            raise ModelError(
+                f"{self.path}: not a readable safetensors file ({size} bytes, shorter than the "
+                f"8-byte header length){hint}"
+            )
+        length = struct.unpack("<Q", first)[0]
+        if not 2 <= length <= min(MAX_HEADER_BYTES, size - 8):
+            raise ModelError(
+                f"{self.path}: not a readable safetensors file (header length {length} does not "
+                f"fit the file of {size} bytes){hint}"
+            )
+        return length
 
     def _check(self, name: str, info, data_bytes: int) -> tuple:
+        """(dtype, shape, begin, end) of one header entry.
+
+        Raises ModelError naming the tensor of a malformed entry or one outside the file.
+        """
         try:
             dtype = info["dtype"]
             itemsize = NUMPY_DTYPES[dtype].itemsize
-            shape = tuple(int(s) for s in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
+            shape = tuple(info["shape"])
+            begin, end = info["data_offsets"]
+            numbers = (*shape, begin, end)
+            if not all(isinstance(x, int) and not isinstance(x, bool) for x in numbers):
+                raise TypeError("shape and offsets must be integers")
         except (KeyError, TypeError, ValueError):
             raise ModelError(
                 f"{self.path}: tensor {name!r} has an unsupported or malformed header entry"
             ) from None
+        if 0 <= begin <= end and end > data_bytes:
+            raise ModelError(
+                f"{self.path}: tensor {name!r} has offsets outside the file (it ends at data byte "
+                f"{end}, the file holds {data_bytes}); the file is truncated or corrupt"
+            )
         if (
             min(shape, default=0) < 0
-            or not 0 <= begin <= end <= data_bytes
+            or not 0 <= begin <= end
             or end - begin != math.prod(shape) * itemsize
         ):
-            raise ModelError(f"{self.path}: tensor {name!r} has offsets outside the file")
+            raise ModelError(
+                f"{self.path}: tensor {name!r} has offsets outside the file (its offsets "
+                f"[{begin}, {end}] do not hold its shape {list(shape)} of {dtype})"
+            )
         return dtype, shape, begin, end
+
+    def _check_coverage(self, data_bytes: int) -> None:
+        """The tensors' bytes lie back to back and end where the file ends.
+
+        Raises ModelError naming the first gap, overlap or trailing bytes.
+        """
+        position, previous = 0, None
+        for name, (_, _, begin, end) in sorted(self.entries.items(), key=lambda e: e[1][2:]):
+            if begin != position:
+                what = "overlap" if begin < position else "leave a gap between them"
+                after = f"{previous!r} and {name!r}" if previous else f"the header and {name!r}"
+                raise ModelError(f"{self.path}: the bytes of {after} {what}; the file is corrupt")
+            position, previous = end, name
+        if position != data_bytes:
+            raise ModelError(
+                f"{self.path}: {data_bytes - position} bytes after the last tensor; the file is "
+                "corrupt or was written incompletely"
+            )
 
     def names(self) -> list[str]:
         return list(self.entries)

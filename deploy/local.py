@@ -69,7 +69,9 @@ def _absolute_paths(text: str) -> str:
     """Local components run in another working directory: make data paths absolute."""
     import yaml
 
-    raw = yaml.safe_load(text)
+    from demix.config import load_yaml
+
+    raw = load_yaml(text, "config")
     for spec in raw["data"]["datasets"]:
         spec["paths"] = [p if "://" in p else str(Path(p).resolve()) for p in spec["paths"]]
     for section, key in (

@@ -22,6 +22,12 @@ ROWS = (
     ("outputs_refused", "output paths holding what demix did not write: refused, untouched"),
     ("outputs_removed", "failed commands: the output folders they created removed again"),
     ("user_files_kept", "user files planted at output paths, kept byte for byte (all tests)"),
+    ("fuzz_jsonl", "fuzzed inputs parsed or refused with one line, none crashed: JSONL files"),
+    ("fuzz_mixtures", "  mixtures (--mixture: name=w lists, JSON, files)"),
+    ("fuzz_configs", "  run configs (YAML text and parsed values)"),
+    ("fuzz_overrides", "  --set overrides"),
+    ("fuzz_safetensors", "  safetensors files (each one accepted also loads in the library)"),
+    ("fuzz_manifests", "  artifact manifests"),
     ("integrity_checks", "artifact integrity checks"),
     ("artifacts_lost", "artifacts lost or corrupt artifacts accepted"),
 )

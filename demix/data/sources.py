@@ -4,9 +4,11 @@ read from .jsonl/.txt (optionally gzipped), and the text normalization every doc
 from __future__ import annotations
 
 import dataclasses
+import errno
 import gzip
 import hashlib
 import json
+import os
 import re
 import unicodedata
 from collections.abc import Iterator
@@ -52,6 +54,11 @@ def _read_text(path: Path, dataset: str) -> str:
             raise DataError(
                 f"dataset {dataset!r}: {path} is not valid gzip; give .jsonl/.txt or gzip of them"
             ) from None
+    if wide := _utf16_or_32(raw):
+        raise DataError(
+            f"dataset {dataset!r}: {path} is {wide} encoded; convert it to UTF-8 "
+            f"(e.g. iconv -f {wide} -t UTF-8)"
+        )
     if b"\x00" in raw:
         raise DataError(
             f"dataset {dataset!r}: {path} is binary (NUL bytes); give UTF-8 .jsonl or .txt files"
@@ -63,6 +70,23 @@ def _read_text(path: Path, dataset: str) -> str:
             f"dataset {dataset!r}: {path} is not UTF-8 text (bad byte at offset {err.start}); "
             "convert it to UTF-8"
         ) from None
+
+
+def _utf16_or_32(raw: bytes) -> str | None:
+    """The encoding, UTF-16 or UTF-32, when the bytes start with its byte order mark or read as
+    printable UTF-16 text without one (NUL high bytes at every other position); else None."""
+    for bom, name in ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32")):
+        if raw.startswith(bom):
+            return name
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "UTF-16"
+    head = raw[: min(len(raw), 4096) // 2 * 2]
+    even, odd = head[0::2].count(0), head[1::2].count(0)
+    if min(even, odd) or max(even, odd) <= len(head) // 4:
+        return None
+    text = head.decode("utf-16-le" if odd else "utf-16-be", errors="replace")
+    printable = sum(c.isprintable() or c.isspace() for c in text)
+    return "UTF-16" if printable >= 0.95 * len(text) else None
 
 
 def _local_files(spec: DatasetSpec, entry: str) -> list[Path]:
@@ -84,6 +108,14 @@ def _local_files(spec: DatasetSpec, entry: str) -> list[Path]:
         return found
     if path.is_file():
         return [path]
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise DataError(
+                f"dataset {spec.name!r}: path {path} is a symlink loop; point the link at a "
+                "real file or folder"
+            ) from None
     raise DataError(f"dataset {spec.name!r}: path {path} does not exist; fix data.datasets paths")
 
 

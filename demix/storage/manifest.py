@@ -89,8 +89,9 @@ def parse_manifest(text: bytes | str, where: str, kind: str | None = None) -> di
     """
     try:
         manifest = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(f"{where}: unreadable manifest ({err})") from None
+    except (ValueError, RecursionError) as err:  # also too deep, or a number too long
+        reason = "nested too deeply" if isinstance(err, RecursionError) else err
+        raise DataError(f"{where}: unreadable manifest ({reason})") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files", {}), dict):
         raise DataError(f"{where}: a manifest is a JSON object with a 'files' mapping")
     if kind is not None and manifest.get("kind") != kind:
