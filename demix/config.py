@@ -260,7 +260,7 @@ class EvaluateConfig(Strict):
 
 
 class SamplerConfig(Strict):
-    """Dirichlet(s * p^power) sampler over the simplex, as in the authors' code."""
+    """Dirichlet(s * q) sampler, q = p^power / sum(p^power), as in the authors' sample.py."""
 
     power: float = Field(default=0.7, gt=0)
     scale_min: float = Field(default=0.5, gt=0)
@@ -283,6 +283,9 @@ class PredictorConfig(Strict):
 class SearchConfig(Strict):
     """Rounds of N, N/2, N/4, ... proxies; final mixture = mean of the top-k predictions.
 
+    Rounds after the first draw their proposals at random (seeded) from the top-k predictions
+    of a fresh pool of `candidates` sampled mixtures.
+
     `method: merge` builds each proxy by merging the components (DeMix); `trained` trains a
     proxy model per mixture from the base with the component budget (the training-based
     baseline, RegMix-style), with the same sampler, predictor, rounds and selection.
@@ -291,8 +294,10 @@ class SearchConfig(Strict):
     method: Literal["merge", "trained"] = "merge"
     n: int = Field(default=8, ge=4)
     rounds: int = Field(default=3, ge=1)
-    candidates: int = Field(default=100_000, ge=100)
-    top_k: int = Field(default=128, ge=1)
+    # the authors' pool and final top (train_predictor.py); top_k is also the predicted top an
+    # intermediate round draws its proposals from
+    candidates: int = Field(default=200_000, ge=100)
+    top_k: int = Field(default=1280, ge=1)
     sampler: SamplerConfig = SamplerConfig()
     predictor: PredictorConfig = PredictorConfig()
 

@@ -190,7 +190,11 @@ def test_round_zero_samples_without_the_predictor():
     np.testing.assert_array_equal(first, propose_round(0, 8, PRIOR, x[:0], y[:0], SEARCH, 0))
 
 
-def test_later_rounds_propose_the_predicted_best_candidates():
+def _units_set(x: np.ndarray) -> set[bytes]:
+    return {r.tobytes() for r in _units(x)}
+
+
+def test_later_rounds_draw_their_proposals_from_the_predicted_top():
     x, y = _scored(24, 3)
     proposals = propose_round(1, 4, PRIOR, x, y, SEARCH, seed=0)
     # same inputs, same output, whatever ran in between
@@ -201,14 +205,31 @@ def test_later_rounds_propose_the_predicted_best_candidates():
     pool = candidate_pool(1, PRIOR, x, SEARCH, seed=0)
     assert len(pool) == SEARCH.candidates
     predicted = Predictor(SEARCH.predictor, 0).fit(x, y).predict(pool)
+    order = np.lexsort((np.arange(len(pool)), -predicted))
+    top = pool[order[: SEARCH.top_k]]
+    assert _units_set(proposals) <= _units_set(top)  # drawn from the predicted top 16 ...
+    assert _units_set(proposals) != _units_set(pool[order[:4]])  # ... not its best 4
     proposed = Predictor(SEARCH.predictor, 0).fit(x, y).predict(proposals)
-    assert proposed.min() >= np.sort(predicted)[-4]  # the 4 best predictions of the pool
-    assert not {r.tobytes() for r in _units(proposals)} & {r.tobytes() for r in _units(x)}
+    assert (np.diff(proposed) <= 0).all()  # in predicted order
+    assert not _units_set(proposals) & _units_set(x)
     assert _target_score(proposals).mean() > _target_score(pool).mean()
+    # other seeds propose other mixtures
+    draws = {_units(propose_round(1, 4, PRIOR, x, y, SEARCH, seed=s)).tobytes() for s in range(4)}
+    assert len(draws) == 4
+
+
+def test_a_top_no_larger_than_the_round_is_the_round():
+    x, y = _scored(24, 3)
+    cfg = SearchConfig(candidates=2000, top_k=2)
+    pool = candidate_pool(1, PRIOR, x, cfg, seed=0)
+    predicted = Predictor(cfg.predictor, 0).fit(x, y).predict(pool)
+    best = pool[np.lexsort((np.arange(len(pool)), -predicted))[:4]]
+    np.testing.assert_array_equal(propose_round(1, 4, PRIOR, x, y, cfg, seed=0), best)
 
 
 def test_a_grid_smaller_than_the_candidate_count_still_proposes():
-    cfg = SearchConfig(candidates=2000, sampler=SamplerConfig(grid=0.01))  # 101 points
+    # 101 points; proposals come from the predicted top 8
+    cfg = SearchConfig(candidates=2000, top_k=8, sampler=SamplerConfig(grid=0.01))
     two = np.array([0.5, 0.5])
     x = propose_round(0, 8, two, np.zeros((0, 2)), np.zeros(0), cfg, 0)
     y = -np.abs(x[:, 0] - 0.7)

@@ -1,7 +1,16 @@
-"""Rounds of the search: sample, then propose the predictor's best; select the final mixture.
+"""Rounds of the search: sample, then propose from the predicted top; select the final mixture.
 
-Each call draws from its own rng, default_rng([seed, round_index, stream]), so its result
-depends only on its arguments, never on what ran before it in the process.
+An intermediate round, as in the authors' code (train_predictor.py, select_best_samples), ranks
+a fresh candidate pool by the predictor and draws its `size` proposals at random, without
+replacement, from the predicted top. Their released code shows only the final call (the mean
+of the top 1,280 of 200,000), not how large their intermediate top is; here it is the same
+search.top_k the final mixture averages over, or the top `size` when top_k is smaller. Drawing
+rather than taking the very best keeps a round from spending every proxy on the one narrow
+region that a predictor fitted on a handful of points happens to favour.
+
+Each call draws from its own rngs, default_rng([seed, round_index, stream]) with one stream for
+the candidates and one for the draw from the top, so its result depends only on its arguments,
+never on what ran before it in the process.
 """
 
 from __future__ import annotations
@@ -14,11 +23,12 @@ from demix.search.predictor import Predictor, cross_val_predictions, seed_entrop
 from demix.search.sampler import sample_mixtures
 
 CANDIDATES_STREAM = 0
+PROPOSALS_STREAM = 1
 FINAL_ROUND = 1_000_000  # the final selection's rng, apart from every round's
 
 
-def _rng(seed: int, round_index: int) -> np.random.Generator:
-    return np.random.default_rng([seed_entropy(seed), round_index, CANDIDATES_STREAM])
+def _rng(seed: int, round_index: int, stream: int = CANDIDATES_STREAM) -> np.random.Generator:
+    return np.random.default_rng([seed_entropy(seed), round_index, stream])
 
 
 def best_indices(predicted: np.ndarray, k: int) -> np.ndarray:
@@ -68,10 +78,12 @@ def propose_round(
     cfg: SearchConfig,
     seed: int,
 ) -> np.ndarray:
-    """Round 0: `size` sampled mixtures. Later: the predicted best of cfg.candidates fresh ones.
+    """Round 0: `size` sampled mixtures. Later: `size` drawn from the predicted top of the pool.
 
-    Fresh candidates exclude the scored rows. A later round with fewer than 2 scored rows has
-    nothing to learn from and samples like round 0.
+    The pool is cfg.candidates fresh mixtures (none scored); the predicted top is its
+    max(cfg.top_k, size) best predictions, and the proposals, in predicted order, are a seeded
+    draw without replacement from it. A later round with fewer than 2 scored rows has nothing
+    to learn from and samples like round 0.
     Raises MixtureError when the space holds fewer than `size` unscored mixtures.
     """
     prior = np.asarray(prior, dtype=np.float64)
@@ -86,7 +98,9 @@ def propose_round(
             f"{size} needed; lower search.n or refine search.sampler.grid"
         )
     predicted = Predictor(cfg.predictor, seed).fit(X, y).predict(candidates)
-    return candidates[best_indices(predicted, size)]
+    top = best_indices(predicted, max(cfg.top_k, size))
+    drawn = _rng(seed, round_index, PROPOSALS_STREAM).choice(len(top), size, replace=False)
+    return candidates[top[np.sort(drawn)]]
 
 
 def select_final(
