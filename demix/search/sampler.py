@@ -7,15 +7,20 @@ to the uncapped datasets in proportion; weights under min_weight zeroed; rounded
 duplicates and excluded rows removed. Defaults are the authors' (0.7; 15 in [0.5, 5]; 4p;
 2e-4; 2e-4).
 
-Where this differs from their code, on purpose and with no measurable effect on the draws:
+Where this differs from their code, on purpose:
 - caps hold exactly: their one pass in dataset order can lift an entry capped earlier back over
   its cap when a later one's excess is spread, and so can renormalising after zeroing; here the
-  excess is spread until no entry is over (and again after zeroing);
+  excess is spread until no entry is over (and again after zeroing). This one matters: with
+  their 7-dataset prior 28% of their rows break a cap and a dataset capped at 0.108 has 2.45x
+  the weight variance it has here (benchmarks/sampler_caps.py);
 - rows lie exactly on the grid: integer grid units summing to 1/grid (largest remainder, never
   above a cap) where theirs are np.round then renormalised, slightly off the grid;
 - a pool is the first n distinct rows in draw order, where they draw 512,000 rows, dedupe and
-  keep 200,000 of the distinct ones at random; rows that repeat (at and near the vertices) are
-  4-9% of the draws, and tests/test_sampler.py bounds the difference in mean and variance.
+  keep n of the distinct ones at random. Rows that repeat (at and near the vertices) are 4-9%
+  of the draws, and deduping more draws removes more of them, so their distribution depends on
+  the draws per row kept (2.56 for their pool of 200,000, 1,000 for a first round of 512).
+  Against their pool, a dataset's weight variance differs by up to 1% with their 7-dataset
+  prior and up to 4% with the 4-dataset prior of tests/test_sampler.py (measured on 3 seeds).
 A rounded row that still breaks a rule (possible only in corner cases) is drawn again rather
 than repaired.
 """
