@@ -27,7 +27,7 @@ all get that same level, so none of them excludes 0. The verdict read off a wide
 therefore Holm's decision at alpha.
 
 Everything is seeded (numpy default_rng(seed)) and deterministic, and vectorised over chunks
-of replicates: 2,000 resamples of 10,000 documents took 0.34 s on a busy 2-core machine
+of replicates: 2,000 resamples of 10,000 documents took 0.16-0.34 s on a busy 2-core machine
 (benchmarks/verdict_bench.py).
 """
 
@@ -41,7 +41,8 @@ import numpy as np
 import numpy.typing as npt
 
 RESAMPLES = 2000
-LEVEL = 0.95
+ALPHA = 0.05
+LEVEL = 1 - ALPHA
 # replicates per vectorised step: a [CHUNK, docs] index array, 20 MB at 10,000 documents
 CHUNK = 256
 
@@ -210,7 +211,7 @@ def category_bootstrap(
     tasks: (a, b) per task, oriented scores of the two models, each [docs_t] or [seeds, docs_t]
     with the same seeds in every task. A task's standardised difference is its mean difference
     over its paired standard error, the standard deviation of its own bootstrap replicates, so
-    tasks of different scales and sizes count on one noise scale (a z-score). Each replicate
+    tasks in different units count on one scale, their noise's (a z-score). Each replicate
     draws the seeds once for all tasks (seed s is the same model on every task) and the
     documents within each task. weights: per task, default equal (a category); the objective
     over categories is the same call with weight category_weight / tasks_in_category per task.
@@ -264,11 +265,12 @@ def category_bootstrap(
     )
 
 
-def holm(comparisons: Mapping[str, Comparison], alpha: float = 1 - LEVEL) -> dict[str, Comparison]:
+def holm(comparisons: Mapping[str, Comparison], alpha: float = ALPHA) -> dict[str, Comparison]:
     """Holm step-down over a family: adjusted p-values and intervals widened to Holm's levels.
 
-    In the input's key order. Ties in p keep the input order. See the module docstring for the
-    levels; a verdict from the returned intervals is Holm's decision at alpha.
+    Returned in the input's key order; ties in p are stepped through in that order. See the
+    module docstring for the levels; a verdict from the returned intervals is Holm's decision
+    at alpha.
     Raises ValueError for alpha outside (0, 1).
     """
     if not 0 < alpha < 1:
