@@ -13,12 +13,7 @@ Targets KFP SDK 2.17.3 (pinned in pyproject.toml) with Kubeflow Pipelines backen
 """
 
 import argparse
-import dataclasses
-import hashlib
-import json
-import shutil
 import sys
-import time
 from pathlib import Path
 
 from kfp import compiler, dsl
@@ -29,7 +24,6 @@ from components.curate_group import curate_group
 from components.dataset_names import dataset_names
 from components.evaluate_final import evaluate_final
 from components.evaluate_proxies import evaluate_proxies
-from components.image import CUDA_IMAGE
 from components.merge import merge
 from components.plan_curation import plan_curation
 from components.predict import predict
@@ -37,87 +31,27 @@ from components.resolve_config import resolve_config
 from components.train_final import train_final
 from components.train_model import train_model
 from components.validate_fidelity import validate_fidelity
+from demix.mixtures import FINAL_LABELS
+from deploy import local
+from deploy.fingerprint import data_fingerprint
+from deploy.placement import (
+    Placement,
+    on_cpu,
+    on_gpu,
+    on_training_gpus,
+    training_inputs,
+)
+from deploy.submit import PIPELINE_NAME, submit
 
-PIPELINE_NAME = "demix"
-FINAL_LABELS = ["chosen", "uniform", "token_prior"]
-
-
-@dataclasses.dataclass(frozen=True)
-class Placement:
-    """Where GPU tasks run; compile-time settings of a target, never constants in the code."""
-
-    target: str = "kubeflow"  # kubeflow | vertex | local
-    accelerator_type: str = "nvidia.com/gpu"
-    accelerator_count: int = 1
-    gpu_node_label: str = "nvidia-h100-80gb"  # value of cloud.google.com/gke-accelerator
-    cpu: str = "8"
-    memory: str = "64G"
-    retries: int = 2
-    rounds: int = 3
-    # Concurrent loop iterations (0: unlimited). Local runs use 1: two torch processes sharing
-    # a few cores run far slower than one after the other.
-    parallelism: int = 0
-    # Training on several machines (vertex only): a Vertex AI custom job of `nodes` machines of
-    # `machine_type`, each with accelerator_count GPUs of accelerator_type.
-    nodes: int = 1
-    machine_type: str = ""
-
-    @classmethod
-    def for_target(cls, target: str, **overrides) -> "Placement":
-        defaults = {
-            "vertex": {"accelerator_type": "NVIDIA_H100_80GB"},
-            "local": {"parallelism": 1},
-        }.get(target, {})
-        return cls(
-            target=target, **{**defaults, **{k: v for k, v in overrides.items() if v is not None}}
-        )
-
-
-def _on_gpu(task: dsl.PipelineTask, placement: Placement) -> dsl.PipelineTask:
-    task.set_cpu_request(placement.cpu).set_memory_request(placement.memory)
-    task.set_accelerator_type(placement.accelerator_type).set_accelerator_limit(
-        placement.accelerator_count
-    )
-    task.set_retry(num_retries=placement.retries, backoff_duration="60s", backoff_factor=2.0)
-    if placement.target == "kubeflow":
-        from kfp import kubernetes
-
-        kubernetes.add_node_selector(
-            task, "cloud.google.com/gke-accelerator", placement.gpu_node_label
-        )
-        kubernetes.add_toleration(
-            task, key="nvidia.com/gpu", operator="Exists", effect="NoSchedule"
-        )
-    return task
-
-
-def _training(placement: Placement) -> dict:
-    """Inputs of the training components: one process per GPU (accelerate launch when there are
-    several), and with nodes > 1 the worker pools of the Vertex AI custom job to run on."""
-    cluster = ""
-    if placement.nodes > 1:
-        from demix.distributed import vertex_worker_pools
-
-        cluster = vertex_worker_pools(
-            placement.nodes,
-            placement.machine_type,
-            placement.accelerator_type,
-            placement.accelerator_count,
-            CUDA_IMAGE,
-        )
-    return {"processes": placement.accelerator_count, "cluster": cluster}
-
-
-def _on_training_gpus(task: dsl.PipelineTask, placement: Placement) -> dsl.PipelineTask:
-    """GPU placement of a training task; with several machines the custom job holds the GPUs
-    and the task only starts it and waits."""
-    return _on_cpu(task, placement) if placement.nodes > 1 else _on_gpu(task, placement)
-
-
-def _on_cpu(task: dsl.PipelineTask, placement: Placement) -> dsl.PipelineTask:
-    task.set_cpu_request("2").set_memory_request("8G")
-    task.set_retry(num_retries=placement.retries, backoff_duration="30s", backoff_factor=2.0)
-    return task
+__all__ = [
+    "Placement",
+    "build_pipeline",
+    "compile_pipeline",
+    "data_fingerprint",
+    "main",
+    "run_local",
+    "submit",
+]
 
 
 def build_pipeline(placement: Placement):
@@ -137,7 +71,7 @@ def build_pipeline(placement: Placement):
         num_eval_workers: int = 2,
         validate: bool = False,
     ):
-        config = _on_cpu(
+        config = on_cpu(
             resolve_config(
                 config_yaml=config_yaml,
                 seed=seed,
@@ -147,15 +81,16 @@ def build_pipeline(placement: Placement):
                 search_n=search_n,
                 component_tokens=component_tokens,
                 final_tokens=final_tokens,
+                compiled_rounds=placement.rounds,
             ),
             placement,
         ).set_caching_options(True)
         cfg = config.outputs["resolved"]  # an artifact: see components/resolve_config.py
         # Curation: plan (files, groups, tokenizer) -> one task per group -> merge.
-        plan = _on_cpu(plan_curation(config=cfg, data_fingerprint=data_fingerprint), placement)
+        plan = on_cpu(plan_curation(config=cfg, data_fingerprint=data_fingerprint), placement)
         with dsl.ParallelFor(plan.outputs["Output"], parallelism=placement.parallelism) as group:
-            part = _on_cpu(curate_group(plan=plan.outputs["plan"], group=group), placement)
-        data = _on_cpu(
+            part = on_cpu(curate_group(plan=plan.outputs["plan"], group=group), placement)
+        data = on_cpu(
             curate_data(
                 plan=plan.outputs["plan"],
                 parts=dsl.Collected(part.outputs["part"]),
@@ -164,15 +99,15 @@ def build_pipeline(placement: Placement):
             placement,
         )
         dataset = data.outputs["dataset"]
-        training = _training(placement)
-        base = _on_training_gpus(
+        training = training_inputs(placement)
+        base = on_training_gpus(
             train_model(config=cfg, role="base", name="base", data=dataset, **training), placement
         )
         base_model_artifact = base.outputs["model"]
 
-        names = _on_cpu(dataset_names(config=cfg), placement)
+        names = on_cpu(dataset_names(config=cfg), placement)
         with dsl.ParallelFor(names.output, parallelism=placement.parallelism) as name:
-            component = _on_training_gpus(
+            component = on_training_gpus(
                 train_model(
                     config=cfg,
                     role="component",
@@ -188,9 +123,9 @@ def build_pipeline(placement: Placement):
         def components():
             return dsl.Collected(component.outputs["model"])
 
-        index = _on_cpu(collect_models(models=components()), placement).outputs["index"]
+        index = on_cpu(collect_models(models=components()), placement).outputs["index"]
 
-        step = _on_cpu(
+        step = on_cpu(
             predict(config=cfg, data=dataset, round_index=0, num_shards=num_eval_workers),
             placement,
         )
@@ -198,7 +133,7 @@ def build_pipeline(placement: Placement):
             with dsl.ParallelFor(
                 step.outputs["Output"], parallelism=placement.parallelism
             ) as shard:
-                scored = _on_gpu(
+                scored = on_gpu(
                     evaluate_proxies(
                         config=cfg,
                         data=dataset,
@@ -210,7 +145,7 @@ def build_pipeline(placement: Placement):
                     ),
                     placement,
                 )
-            step = _on_cpu(
+            step = on_cpu(
                 predict(
                     config=cfg,
                     data=dataset,
@@ -225,14 +160,14 @@ def build_pipeline(placement: Placement):
 
         # Optional fidelity check (off by default): trained references vs merged proxies.
         with dsl.If(validate == True, name="validate"):  # noqa: E712 (a KFP condition)
-            _on_gpu(
+            on_gpu(
                 validate_fidelity(
                     config=cfg, data=dataset, base=base_model_artifact, component_index=index
                 ),
                 placement,
             )
 
-        _on_cpu(
+        on_cpu(
             merge(
                 config=cfg,
                 data=dataset,
@@ -242,8 +177,8 @@ def build_pipeline(placement: Placement):
             ),
             placement,
         )
-        with dsl.ParallelFor(FINAL_LABELS, parallelism=placement.parallelism) as label:
-            final = _on_training_gpus(
+        with dsl.ParallelFor(list(FINAL_LABELS), parallelism=placement.parallelism) as label:
+            final = on_training_gpus(
                 train_final(
                     config=cfg,
                     label=label,
@@ -254,7 +189,7 @@ def build_pipeline(placement: Placement):
                 ),
                 placement,
             )
-        _on_gpu(
+        on_gpu(
             evaluate_final(
                 config=cfg,
                 data=dataset,
@@ -267,6 +202,23 @@ def build_pipeline(placement: Placement):
         )
 
     return demix_pipeline
+
+
+def run_local(
+    config_path: Path, out: Path, pipeline_root: Path | None = None, num_eval_workers: int = 2
+) -> dict:
+    """Run this pipeline with kfp.local; summary.json and report.html copied into `out`."""
+    return local.run_local(build_pipeline, config_path, out, pipeline_root, num_eval_workers)
+
+
+def rounds_from_config(config_path: Path, rounds: int | None) -> int:
+    """The config's search.rounds; ConfigError when --rounds says otherwise."""
+    from demix.config import check_rounds, load_config
+
+    config = load_config(config_path)
+    if rounds is not None:
+        check_rounds(config, rounds, str(config_path))
+    return config.search.rounds
 
 
 def compile_pipeline(target: str, out: str | Path, **placement) -> Path:
@@ -288,131 +240,6 @@ def compile_pipeline(target: str, out: str | Path, **placement) -> Path:
     return out
 
 
-def data_fingerprint(config_path: Path) -> str:
-    """sha256 over the candidate datasets' local files, so changed data is never a cache hit."""
-    from demix.config import load_config
-    from demix.data.curate import dataset_files
-    from demix.storage import sha256_file
-
-    config = load_config(config_path)
-    h = hashlib.sha256()
-    for spec in config.data.datasets:
-        try:
-            files = dataset_files(spec)
-        except Exception:  # noqa: BLE001 (remote or not yet fetched: hashed by name only)
-            files = []
-        for path in files:
-            h.update(f"{spec.name}:{path.name}:{sha256_file(path)}".encode())
-    return h.hexdigest()[:16]
-
-
-def run_local(
-    config_path: Path, out: Path, pipeline_root: Path | None = None, num_eval_workers: int = 2
-) -> dict:
-    """Run the same pipeline with kfp.local (SubprocessRunner, current interpreter).
-
-    Copies summary.json and report.html of the run into `out`; returns the summary.
-    """
-    import warnings
-
-    from kfp import local
-
-    from demix.config import config_yaml, load_config
-
-    # Resource, accelerator and image settings are meaningless to the local runner.
-    warnings.filterwarnings(
-        "ignore", message=".*(no effect in the current local runner|non-Python base image).*"
-    )
-    from demix.data.demo import fetch_demo
-    from demix.storage import atomic_write_json
-
-    started = time.perf_counter()
-    config = load_config(config_path)
-    if config.data.fetch_demo:
-        fetch_demo(Path(config.data.fetch_demo))
-    fetch_seconds = round(time.perf_counter() - started, 1)
-    root = Path(pipeline_root or out / "pipeline-root").resolve()
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
-    pipeline = build_pipeline(Placement.for_target("local", rounds=config.search.rounds))
-    pipeline(
-        config_yaml=_absolute_paths(config_yaml(config)),
-        data_fingerprint=data_fingerprint(config_path),
-        seed=config.seed,
-        num_eval_workers=num_eval_workers,
-    )
-    runs = sorted(
-        root.glob(f"{PIPELINE_NAME}-*/evaluate-final/summary"), key=lambda p: p.stat().st_mtime
-    )
-    if not runs:
-        raise SystemExit(
-            f"pipeline.py: error: no evaluate-final output under {root}; see the log above"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(runs[-1] / "report.html", out / "report.html")
-    summary = json.loads((runs[-1] / "summary.json").read_text())
-    # Stage timings come from the artifacts; the wall time adds the local runner's own overhead.
-    summary["timings_s"] = {
-        "fetch": fetch_seconds,
-        **summary["timings_s"],
-        "pipeline_wall": round(time.perf_counter() - started, 1),
-    }
-    atomic_write_json(out / "summary.json", summary)
-    return summary
-
-
-def _absolute_paths(text: str) -> str:
-    """Local components run in another working directory: make data paths absolute."""
-    import yaml
-
-    raw = yaml.safe_load(text)
-    for spec in raw["data"]["datasets"]:
-        spec["paths"] = [p if "://" in p else str(Path(p).resolve()) for p in spec["paths"]]
-    for section, key in (
-        ("data", "fetch_demo"),
-        ("evaluate", "data_dir"),
-        ("evaluate", "include_path"),
-        ("model", "base"),
-    ):
-        value = raw[section].get(key)
-        if value and "://" not in value:
-            raw[section][key] = str(Path(value).resolve())
-    return yaml.safe_dump(raw, sort_keys=False)
-
-
-def submit(args) -> str:
-    """Submit a compiled package to a KFP host or to Vertex AI; credentials come from the environment."""
-    params = {
-        "config_yaml": Path(args.config).read_text(),
-        "data_fingerprint": data_fingerprint(Path(args.config)),
-        "num_eval_workers": args.eval_workers,
-    }
-    if args.vertex:
-        from google.cloud import aiplatform
-
-        job = aiplatform.PipelineJob(
-            display_name=PIPELINE_NAME,
-            template_path=args.package,
-            pipeline_root=args.pipeline_root,
-            parameter_values=params,
-            project=args.project,
-            location=args.region,
-            enable_caching=True,
-        )
-        job.submit()
-        return job.resource_name
-    import kfp
-
-    client = kfp.Client(host=args.host)
-    run = client.create_run_from_pipeline_package(
-        args.package,
-        arguments=params,
-        run_name=args.run_name,
-        experiment_name=args.experiment,
-        enable_caching=True,
-    )
-    return run.run_id
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -428,7 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu")
     p.add_argument("--memory")
     p.add_argument("--retries", type=int)
-    p.add_argument("--rounds", type=int, help="search rounds, unrolled at compile time (default 3)")
+    p.add_argument(
+        "--rounds", type=int, help="search rounds, unrolled at compile time (default: --config's)"
+    )
+    p.add_argument("--config", help="take the search rounds from this run config")
     p.add_argument(
         "--nodes",
         type=int,
@@ -462,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "compile":
+            if args.config:
+                args.rounds = rounds_from_config(Path(args.config), args.rounds)
             placement = {
                 k: getattr(args, k)
                 for k in (

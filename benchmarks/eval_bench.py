@@ -33,8 +33,8 @@ from typing import Any
 import torch
 
 from demix.config import ArchitectureConfig
-from demix.data.curate import train_tokenizer
 from demix.data.demo import fetch_demo
+from demix.data.tokenizer import train_tokenizer
 from demix.evaluate.fast import FastScorer
 from demix.evaluate.packing import packing_attention
 from demix.evaluate.suite import BUNDLED_TASKS, load_task_suite

@@ -10,6 +10,9 @@ def collect_models(models: Input[list[Model]], index: Output[Artifact]):
     (KFP cannot pass a collected list into another loop)."""
     from pathlib import Path
 
+    from demix.logs import configure_logging
     from demix.stages import write_model_index
+
+    configure_logging()
 
     write_model_index([Path(m.path) for m in models], Path(index.path))

@@ -14,8 +14,10 @@ def curate_data(
     """Merge the curated groups: cross-group dedupe, held-out split, packed token streams."""
     from pathlib import Path
 
-    from demix.stages import curate_merge_step
+    from demix.logs import configure_logging
+    from demix.stages import merge_curation_stage
 
-    data = curate_merge_step(Path(plan.path), [Path(p.path) for p in parts], Path(dataset.path))
+    configure_logging()
+    data = merge_curation_stage(Path(plan.path), [Path(p.path) for p in parts], Path(dataset.path))
     dataset.metadata["token_prior"] = data.token_prior
     dataset.metadata["data_fingerprint"] = data_fingerprint

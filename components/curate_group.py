@@ -9,7 +9,9 @@ def curate_group(plan: Input[Artifact], group: int, part: Output[Artifact]):
     """Clean, dedupe within the group and tokenize one group of the plan's input files."""
     from pathlib import Path
 
-    from demix.stages import curate_group_step
+    from demix.logs import configure_logging
+    from demix.stages import curate_group_stage
 
-    manifest = curate_group_step(Path(plan.path), int(group), Path(part.path))
+    configure_logging()
+    manifest = curate_group_stage(Path(plan.path), int(group), Path(part.path))
     part.metadata["documents"] = sum(d["documents"] for d in manifest["datasets"].values())

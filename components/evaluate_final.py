@@ -17,20 +17,24 @@ def evaluate_final(
     report: Output[HTML],
 ):
     """Evaluate the chosen and baseline final models; summary.json, report.html, final Metrics."""
+    import json
     import shutil
     from pathlib import Path
 
     from demix.config import resolve_config
-    from demix.stages import evaluate_final_step
+    from demix.data.shards import CuratedData
+    from demix.logs import configure_logging
+    from demix.stages import evaluate_finals_stage, models_by_name
 
+    configure_logging()
     out = Path(summary.path)
-    result = evaluate_final_step(
+    result = evaluate_finals_stage(
         resolve_config(Path(config.path).read_text()),
-        Path(data.path),
+        CuratedData(Path(data.path)),
         Path(base.path),
-        [Path(c.path) for c in components],
-        [Path(f.path) for f in finals],
-        Path(selection.path),
+        models_by_name([Path(c.path) for c in components]),
+        models_by_name([Path(f.path) for f in finals]),
+        json.loads(Path(selection.path).read_text()),
         out,
     )
     shutil.copy(out / "report.html", report.path)

@@ -16,19 +16,21 @@ def evaluate_proxies(
     scores: Output[Artifact],
 ):
     """Build each proposed proxy in memory (one shard of the round) and score it; JSONL rows out."""
+    import json
     from pathlib import Path
 
     from demix.config import resolve_config
-    from demix.stages import evaluate_proxies_step
+    from demix.data.shards import CuratedData
+    from demix.logs import configure_logging
+    from demix.stages import evaluate_proxies_stage, read_model_index
 
-    rows = evaluate_proxies_step(
+    configure_logging()
+    rows = evaluate_proxies_stage(
         resolve_config(Path(config.path).read_text()),
-        Path(data.path),
+        CuratedData(Path(data.path)),
         Path(base.path),
-        Path(component_index.path),
-        Path(proposals.path),
-        shard,
-        num_shards,
+        read_model_index(Path(component_index.path)),
+        json.loads(Path(proposals.path).read_text())[shard::num_shards],
         Path(scores.path),
     )
     scores.metadata["proxies"] = len(rows)

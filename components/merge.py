@@ -15,17 +15,21 @@ def merge(
     merged: Output[Model],
 ):
     """Check the components, log ||theta_i - base|| / ||base||, and write the chosen mixture's merge."""
+    import json
     from pathlib import Path
 
     from demix.config import resolve_config
-    from demix.stages import merge_step
+    from demix.data.shards import CuratedData
+    from demix.logs import configure_logging
+    from demix.stages import merge_stage, models_by_name
 
-    report = merge_step(
+    configure_logging()
+    report = merge_stage(
         resolve_config(Path(config.path).read_text()),
-        Path(data.path),
+        CuratedData(Path(data.path)),
         Path(base.path),
-        [Path(c.path) for c in components],
-        Path(selection.path),
+        models_by_name([Path(c.path) for c in components]),
+        json.loads(Path(selection.path).read_text())["mixture"],
         Path(merged.path),
     )
     for name, value in report["relative_delta_norms"].items():

@@ -15,8 +15,10 @@ def plan_curation(
     from pathlib import Path
 
     from demix.config import resolve_config
-    from demix.stages import curate_plan_step
+    from demix.logs import configure_logging
+    from demix.stages import plan_curation_stage
 
-    groups = curate_plan_step(resolve_config(Path(config.path).read_text()), Path(plan.path))
+    configure_logging()
+    groups = plan_curation_stage(resolve_config(Path(config.path).read_text()), Path(plan.path))
     plan.metadata["groups"] = len(groups)
     return groups

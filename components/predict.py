@@ -25,13 +25,16 @@ def predict(
     from pathlib import Path
 
     from demix.config import resolve_config
+    from demix.data.shards import CuratedData
+    from demix.logs import configure_logging
     from demix.report import write_search_report
-    from demix.stages import predict_step
+    from demix.stages import predict_stage
 
+    configure_logging()
     config = resolve_config(Path(config.path).read_text())
-    found = predict_step(
+    found = predict_stage(
         config,
-        Path(data.path),
+        CuratedData(Path(data.path)),
         Path(history.path) if history else None,
         [Path(s.path) for s in scores or []],
         None if round_index < 0 else round_index,

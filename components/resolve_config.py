@@ -15,8 +15,11 @@ def resolve_config(
     component_tokens: int,
     final_tokens: int,
     resolved: Output[Artifact],
+    compiled_rounds: int = 0,
 ):
-    """Apply the pipeline parameters to the run config and validate it once, up front.
+    """Apply the pipeline parameters to the run config and validate it once, up front; its
+    search.rounds must be the `compiled_rounds` unrolled into this pipeline (0: not checked,
+    for calls outside a compiled pipeline).
 
     The result is an artifact, not a string output: kfp.local 2.17 hands a loop's item to
     string task outputs consumed inside a ParallelFor.
@@ -37,4 +40,5 @@ def resolve_config(
         "train.component.tokens": component_tokens or None,
         "train.final.tokens": final_tokens or None,
     }
-    Path(resolved.path).write_text(to_yaml(resolve(config_yaml, overrides)))
+    config = resolve(config_yaml, overrides, compiled_rounds=compiled_rounds or None)
+    Path(resolved.path).write_text(to_yaml(config))

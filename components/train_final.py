@@ -19,19 +19,29 @@ def train_final(
 
     `processes` and `cluster` as in train_model.
     """
+    import json
     from pathlib import Path
 
+    from demix.checkpoint import read_model_manifest
     from demix.config import resolve_config
-    from demix.stages import final_step
+    from demix.data.shards import CuratedData
+    from demix.logs import configure_logging
+    from demix.mixtures import final_mixture
+    from demix.stages import train_stage
 
-    manifest = final_step(
+    configure_logging()
+    dataset = CuratedData(Path(data.path))
+    mixture = final_mixture(label, json.loads(Path(selection.path).read_text()), dataset)
+    folder = train_stage(
         resolve_config(Path(config.path).read_text()),
-        Path(data.path),
-        Path(base.path),
-        Path(selection.path),
-        label,
+        dataset,
+        "final",
         Path(model.path),
+        label,
+        Path(base.path),
+        mixture,
         processes=processes,
         cluster=cluster,
     )
+    manifest = read_model_manifest(folder)
     model.metadata.update({k: manifest.get(k) for k in ("name", "weights", "tokens", "final_loss")})

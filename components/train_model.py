@@ -22,19 +22,24 @@ def train_model(
     """
     from pathlib import Path
 
+    from demix.checkpoint import read_model_manifest
     from demix.config import resolve_config
-    from demix.stages import train_step
+    from demix.data.shards import CuratedData
+    from demix.logs import configure_logging
+    from demix.stages import train_stage
 
-    manifest = train_step(
+    configure_logging()
+    folder = train_stage(
         resolve_config(Path(config.path).read_text()),
-        Path(data.path),
+        CuratedData(Path(data.path)),
         role,
+        Path(model.path),
         name,
         Path(init.path) if init else None,
-        Path(model.path),
         processes=processes,
         cluster=cluster,
     )
+    manifest = read_model_manifest(folder)
     model.metadata.update(
         {k: manifest.get(k) for k in ("role", "name", "tokens", "final_loss", "seconds")}
     )

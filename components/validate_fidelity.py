@@ -18,8 +18,10 @@ def validate_fidelity(
     from pathlib import Path
 
     from demix.config import resolve_config
-    from demix.validate import validate_step
+    from demix.logs import configure_logging
+    from demix.recipes.validate import validate_step
 
+    configure_logging()
     result = validate_step(
         resolve_config(Path(config.path).read_text()),
         Path(data.path),

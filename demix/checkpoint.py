@@ -178,3 +178,8 @@ def read_model_manifest(folder: str | Path) -> dict:
     if (folder / "manifest.json").is_file():
         return read_manifest(folder, kind=MODEL_KIND)
     return {}
+
+
+def manifest_total(folders, field: str) -> float:
+    """The sum of a numeric manifest field over model folders (0 where it is missing)."""
+    return sum(read_model_manifest(folder).get(field) or 0 for folder in folders)

@@ -8,12 +8,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import os
 import sys
 from pathlib import Path
 
 from demix.errors import ConfigError, DemixError, MixtureError
+from demix.logs import configure_logging
 
 
 def parse_mixture(text: str) -> dict[str, float]:
@@ -96,7 +96,7 @@ def _cmd_curate(args) -> None:
 
 def _cmd_train(args) -> None:
     from demix.distributed import cluster_from_env, launched, node_first, run_launched
-    from demix.stages import base_stage, component_stage, final_stage, reference_stage
+    from demix.stages import train_stage
     from demix.storage import artifact_output, checkpoint_sync, discard_checkpoint
 
     config = _config(args)
@@ -130,30 +130,23 @@ def _cmd_train(args) -> None:
             init = _model(args.init) if args.init else None
             out = stack.enter_context(artifact_output(args.out, publish=main))
             publish = checkpoint_sync(args.out)
-        if args.role == "base":
-            base_stage(config, data, out, on_checkpoint=publish)
-        elif args.role == "component":
-            component_stage(config, data, init, args.dataset, out, on_checkpoint=publish)
-        elif args.role == "reference":
-            reference_stage(config, data, init, mixture, out, on_checkpoint=publish)
-        else:
-            final_stage(
-                config, data, init, args.name or "final", mixture, out, on_checkpoint=publish
-            )
+        names = {"base": "base", "component": args.dataset, "final": args.name or "final"}
+        name = names.get(args.role, out.name)  # a reference is named by its folder
+        train_stage(config, data, args.role, out, name, init, mixture, on_checkpoint=publish)
     if main:
         discard_checkpoint(args.out)
         print(f"model written to {args.out}")
 
 
 def _cmd_merge(args) -> None:
-    from demix.stages import materialize_merge
+    from demix.stages import merge_stage
     from demix.storage import artifact_output
 
     config = _config(args)
     mixture = parse_mixture(args.mixture)
     data, base, components = _dataset(args.data), _model(args.base), _components(args.components)
     with artifact_output(args.out) as out:
-        manifest = materialize_merge(config, data, base, components, mixture, out)
+        manifest = merge_stage(config, data, base, components, mixture, out)
     print(
         json.dumps(
             {k: manifest[k] for k in ("data_mixture", "component_weights", "relative_delta_norms")}
@@ -163,7 +156,8 @@ def _cmd_merge(args) -> None:
 
 def _cmd_evaluate(args) -> None:
     from demix.model import resolve_device
-    from demix.stages import evaluate_models, make_evaluator
+    from demix.proxies import make_evaluator
+    from demix.stages import evaluate_models_stage
     from demix.storage import check_uri, write_output_bytes
 
     config = _config(args)
@@ -173,7 +167,7 @@ def _cmd_evaluate(args) -> None:
     # The tasks first: an unknown task or an empty eval set fails before any model is fetched.
     evaluator = make_evaluator(config, data, resolve_device(config.train.device))
     models = {Path(m).name: _model(m) for m in args.models}
-    result = evaluate_models(config, data, models, evaluator)
+    result = evaluate_models_stage(config, data, models, evaluator)
     if args.out:
         write_output_bytes(args.out, (json.dumps(result, indent=2) + "\n").encode())
     print(
@@ -203,7 +197,7 @@ def _cmd_search(args) -> None:
 def _cmd_validate(args) -> None:
     from demix.data.shards import CuratedData
     from demix.fidelity import AGGREGATE
-    from demix.validate import validate_stage
+    from demix.recipes.validate import validate_stage
 
     result = validate_stage(
         _config(args),
@@ -225,9 +219,10 @@ def _cmd_validate(args) -> None:
 
 
 def _cmd_reproduce(args) -> None:
-    from demix.reproduce import reproduce
+    from demix.recipes.reproduce import reproduce
 
     reproduce(_config(args), Path(args.out))
+    print((Path(args.out) / "reproduce.md").read_text())
     print(f"wrote {Path(args.out) / 'reproduce.json'} and {Path(args.out) / 'reproduce.md'}")
 
 
@@ -245,8 +240,8 @@ def _local_folder(uri: str) -> Path:
 
 
 def _cmd_run(args) -> None:
+    from demix.recipes.run import run
     from demix.report import print_summary
-    from demix.stages import run
 
     config = _config(args)
     out = _local_folder(args.out)
@@ -402,10 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `demix` console script."""
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # rerun under accelerate launch
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.verbose)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:

@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from demix.errors import ConfigError
+from demix.merge.methods import METHODS, method_parameters
 
 
 class Strict(BaseModel):
@@ -172,12 +173,9 @@ class TrainConfig(Strict):
 
 
 # The parameters each merge method takes (demix.merge.methods; a test keeps the two in step).
+# The parameters each merge method takes, from the method registry (the one source).
 MERGE_METHOD_PARAMETERS: dict[str, tuple[str, ...]] = {
-    "linear": (),
-    "task_arithmetic": ("scale",),
-    "ties": ("scale", "density"),
-    "dare_linear": ("scale", "drop_rate", "seed"),
-    "dare_ties": ("scale", "drop_rate", "seed"),
+    name: method_parameters(name) for name in METHODS
 }
 
 
@@ -193,7 +191,7 @@ class MergeConfig(Strict):
     dtype in the base. Neither changes search scores.
     """
 
-    method: Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"] = "linear"
+    method: str = "linear"  # a name of demix.merge.methods.METHODS
     weights: Literal["data", "component"] = "data"
     scale: float | None = Field(default=None, allow_inf_nan=False)
     density: float | None = Field(default=None, gt=0, le=1)
@@ -203,10 +201,17 @@ class MergeConfig(Strict):
     output_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     shard_bytes: int = Field(default=2 * 1024**3, gt=0)
 
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if value not in METHODS:
+            raise ValueError(f"unknown merge method {value!r}; known: {sorted(METHODS)}")
+        return value
+
     @model_validator(mode="after")
     def _parameters_of_method(self) -> MergeConfig:
         takes = MERGE_METHOD_PARAMETERS[self.method]
-        for key in ("scale", "density", "drop_rate", "seed"):
+        for key in sorted(set().union(*MERGE_METHOD_PARAMETERS.values())):
             if getattr(self, key) is not None and key not in takes:
                 raise ValueError(
                     f"merge.{key} does not apply to method {self.method!r} "
@@ -413,11 +418,15 @@ def set_dotted(raw: dict, key: str, value: object) -> None:
 
 
 def resolve_config(
-    config_yaml: str, overrides: dict[str, object] | None = None, source: str = "config_yaml"
+    config_yaml: str,
+    overrides: dict[str, object] | None = None,
+    source: str = "config_yaml",
+    compiled_rounds: int | None = None,
 ) -> RunConfig:
     """Parse config YAML text, apply dotted-key overrides (None values are skipped), validate.
 
-    Raises ConfigError naming the key path of the first problem.
+    `compiled_rounds`: the search rounds a pipeline was compiled with, which search.rounds must
+    equal. Raises ConfigError naming the key path of the first problem.
     """
     try:
         raw = yaml.safe_load(config_yaml)
@@ -428,7 +437,23 @@ def resolve_config(
     for key, value in (overrides or {}).items():
         if value is not None:
             set_dotted(raw, key, value)
-    return parse_config(raw, source)
+    config = parse_config(raw, source)
+    if compiled_rounds is not None:
+        check_rounds(config, compiled_rounds, source)
+    return config
+
+
+def check_rounds(config: RunConfig, compiled_rounds: int, source: str) -> None:
+    """Refuse a config whose search.rounds differs from a compiled pipeline's unrolled rounds.
+
+    Raises ConfigError naming both numbers.
+    """
+    if config.search.rounds != compiled_rounds:
+        raise ConfigError(
+            f"{source}: search.rounds is {config.search.rounds} but the pipeline was compiled "
+            f"with {compiled_rounds} search rounds; recompile with `pipeline.py compile --config "
+            f"CONFIG` (rounds from the config) or set search.rounds: {compiled_rounds}"
+        )
 
 
 def config_yaml(config: RunConfig) -> str:

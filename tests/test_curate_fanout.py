@@ -29,7 +29,7 @@ from demix.data.shards import CuratedData
 from demix.errors import DataError
 
 TIMING_KEYS = {"seconds"}
-curation = importlib.import_module("demix.data.curate")  # the module, not demix.data.curate()
+curation = importlib.import_module("demix.data.sources")  # where documents are read
 
 
 def _docs(prefix: str, n: int) -> list[str]:

@@ -189,7 +189,23 @@ def _write(path, data):
         ),
         (
             lambda p: _write(p / "num.jsonl", '{"text": 3}\n'),
-            "{p}/num.jsonl:1: field 'text' is a int",
+            "{p}/num.jsonl:1: field 'text' is a number, not a string; give each line's text",
+        ),
+        (
+            lambda p: _write(p / "null.jsonl", '{"text": "fine document here"}\n{"text": null}\n'),
+            "{p}/null.jsonl:2: field 'text' is null, not a string",
+        ),
+        (
+            lambda p: _write(p / "list.jsonl", '{"text": ["a", "b"]}\n'),
+            "{p}/list.jsonl:1: field 'text' is an array, not a string",
+        ),
+        (
+            lambda p: _write(p / "deep.jsonl", '{"text": "fine document here"}\n' + "[" * 100_000),
+            "{p}/deep.jsonl:2: not valid JSON (nested too deeply)",
+        ),
+        (
+            lambda p: _write(p / "digits.jsonl", '{"text": "fine", "n": ' + "7" * 5000 + "}\n"),
+            "{p}/digits.jsonl:1: not valid JSON (a number with too many digits)",
         ),
         (lambda p: _write(p / "bin.txt", b"ab\x00cd" * 50), "{p}/bin.txt is binary"),
         (
@@ -241,6 +257,41 @@ def test_failed_curate_keeps_the_previous_artifact(corpora, tmp_path):
 def test_normalize():
     assert normalize("  a \r\nb\t \r\n\n") == "a\nb"
     assert normalize("e\u0301\rx") == "\u00e9\nx"
+
+
+def test_lone_surrogates_become_replacement_characters():
+    assert (
+        normalize(json.loads('"a \\ud83d b \\ude00 c \\ude00\\ud83d"'))
+        == "a \ufffd b \ufffd c \ufffd\ufffd"
+    )
+    assert normalize(json.loads('"pair \\ud83d\\ude00"')) == "pair \U0001f600"  # a pair is kept
+
+
+def test_scraped_text_with_lone_surrogates_is_curated_deterministically(corpora, tmp_path):
+    # JSON-escaped lone surrogates, as scrapers write half an emoji; the second document is the
+    # first with U+FFFD written out, so after normalization it is a duplicate.
+    lines = [
+        '{"text": "broken emoji \\ud83d in a scraped page, long enough to keep"}',
+        '{"text": "broken emoji \\ufffd in a scraped page, long enough to keep"}',
+        '{"text": "reversed pair \\ude00\\ud83d and a good pair \\ud83d\\ude00 stay apart"}',
+    ]
+    (tmp_path / "scraped.jsonl").write_text("\n".join(lines) + "\n")
+    config = DataConfig(
+        datasets=[
+            DatasetSpec(name="a", paths=[str(corpora / "a.jsonl")]),
+            DatasetSpec(name="web", paths=[str(tmp_path / "scraped.jsonl")]),
+        ],
+        tokenizer={"vocab_size": 300},
+        min_chars=20,
+    )
+    first = curate(config, tmp_path / "one", seed=0)
+    assert first["datasets"]["web"]["duplicates_removed"] == 1
+    data = CuratedData(tmp_path / "one")
+    assert sorted(_decode_docs(data, "web", "train") + _decode_docs(data, "web", "heldout")) == [
+        "broken emoji \ufffd in a scraped page, long enough to keep",
+        "reversed pair \ufffd\ufffd and a good pair \U0001f600 stay apart",
+    ]
+    assert curate(config, tmp_path / "two", seed=0)["files"] == first["files"]
 
 
 def test_curated_data_refuses_bad_reads(curated, tmp_path):

@@ -216,7 +216,9 @@ def test_final_training_component_launches_one_process_per_gpu(
     from kfp.dsl import Artifact, Dataset, Model
 
     from components.train_final import train_final
-    from demix.stages import final_step
+    from demix.checkpoint import read_model_manifest
+    from demix.data.shards import CuratedData
+    from demix.stages import train_stage
 
     root, config, _ = setup
     tmp = runs[0]
@@ -243,7 +245,11 @@ def test_final_training_component_launches_one_process_per_gpu(
     manifest = json.loads((tmp_path / "final" / "manifest.json").read_text())
     assert manifest["processes"] == 2 and manifest["name"] == model.metadata["name"] == "chosen"
     assert not (tmp_path / "final.launch.yaml").exists()
-    one = final_step(config, root / "data", tmp / "two", selection, "chosen", tmp_path / "one")
+    mixture = json.loads(selection.read_text())["mixture"]
+    data = CuratedData(root / "data")
+    one = read_model_manifest(
+        train_stage(config, data, "final", tmp_path / "one", "chosen", tmp / "two", mixture)
+    )
     assert one["fingerprint"] == manifest["fingerprint"] and one["processes"] == 1
     _same_curves(tmp_path / "final", tmp_path / "one")
 

@@ -276,6 +276,11 @@ def test_empty_or_malformed_eval_file_is_a_task_error(tokenizer, tmp_path):
     write_jsonl(tmp_path / "gsm8k_bpb.jsonl", [BITS[0], {"context": "x"}])
     with pytest.raises(TaskError, match=r"gsm8k_bpb\.jsonl:2: 'continuation'"):
         Evaluator(config, tokenizer, "cpu", eval_data_dir=tmp_path)
+    (tmp_path / "gsm8k_bpb.jsonl").write_text(json.dumps(BITS[0]) + "\n" + "[" * 100_000 + "\n")
+    with pytest.raises(
+        TaskError, match=r"gsm8k_bpb\.jsonl:2: not valid JSON \(nested too deeply\)"
+    ):
+        Evaluator(config, tokenizer, "cpu", eval_data_dir=tmp_path)
 
 
 def test_heldout_task_needs_a_known_dataset(tokenizer, heldout_data):
@@ -419,3 +424,91 @@ def test_summarise_picks_a_preferred_metric_of_any_lm_eval_task():
         7,
         True,
     )
+
+
+def user_task(folder: Path, name: str, data: Path, doc_to_text: str = "{{question}}") -> str:
+    """Write a one-file lm-eval task YAML (loglikelihood of " {{answer}}") into folder."""
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.yaml").write_text(
+        f"task: {name}\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs: {{data_files: {{test: {json.dumps(str(data))}}}}}\n"
+        "test_split: test\n"
+        "output_type: loglikelihood\n"
+        f"doc_to_text: {json.dumps(doc_to_text)}\n"
+        "doc_to_target: ' {{answer}}'\n"
+        "metric_list: [{metric: acc, aggregation: mean, higher_is_better: true}]\n"
+    )
+    return str(folder)
+
+
+QUESTIONS = [
+    {"question": f"Is {i} even?", "answer": "yes" if i % 2 == 0 else "no"} for i in range(4)
+]
+
+
+@pytest.mark.parametrize("engine", ["fast", "lm-eval"])
+def test_user_task_with_a_missing_data_file_names_task_and_file(tokenizer, tmp_path, engine):
+    missing = tmp_path / "nowhere" / "qa.jsonl"
+    config = EvaluateConfig(
+        categories={"general": ["qa"]},
+        include_path=user_task(tmp_path / "tasks", "qa", missing),
+        engine=engine,
+    )
+    with pytest.raises(TaskError) as err:
+        Evaluator(config, tokenizer, "cpu")
+    message = str(err.value)
+    assert f"evaluation task 'qa': its data file {missing} does not exist" in message
+    assert "data_files" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("engine", ["fast", "lm-eval"])
+def test_template_errors_name_task_field_and_undefined_name(tokenizer, model, tmp_path, engine):
+    data = tmp_path / "qa.jsonl"
+    write_jsonl(data, QUESTIONS)
+    typo = EvaluateConfig(
+        categories={"general": ["qa"]},
+        include_path=user_task(tmp_path / "typo", "qa", data, "Q: {{questoin}}"),
+        engine=engine,
+    )
+    with pytest.raises(TaskError) as err:
+        Evaluator(typo, tokenizer, "cpu")  # the first document is rendered when the task loads
+    assert str(err.value) == (
+        "evaluation task 'qa': doc_to_text fails on document 1: 'questoin' is undefined "
+        "(its fields: question, answer); fix doc_to_text in its task YAML"
+    )
+    # A null in one document only: the fast engine renders every document when the Evaluator
+    # is built, lm-eval when it scores; the error is the same.
+    ragged = tmp_path / "ragged.jsonl"
+    write_jsonl(ragged, [*QUESTIONS[:2], {"question": None, "answer": "no"}, QUESTIONS[3]])
+    config = EvaluateConfig(
+        categories={"general": ["qa"]},
+        include_path=user_task(tmp_path / "ragged", "qa", ragged, "Q: {{question.strip()}}"),
+        engine=engine,
+    )
+    with pytest.raises(TaskError) as err:
+        Evaluator(config, tokenizer, "cpu").evaluate(model)
+    assert str(err.value) == (
+        "evaluation task 'qa': doc_to_text fails on document 3: 'None' has no attribute "
+        "'strip' (its fields: question, answer); fix doc_to_text in its task YAML"
+    )
+
+
+def test_builtin_task_without_local_data_is_refused_offline(tokenizer, tmp_path, monkeypatch):
+    import socket
+
+    import datasets
+
+    assert datasets.config.HF_HUB_OFFLINE  # as under the demix CLI (conftest sets HF_HUB_OFFLINE)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    connections: list = []
+    monkeypatch.setattr(socket.socket, "connect", lambda s, a: connections.append(a))
+    # piqa is one of lm-eval's own tasks (not a bundled demo task) with its data on the hub.
+    config = EvaluateConfig(categories={"general": ["piqa"]})
+    with pytest.raises(TaskError) as err:
+        Evaluator(config, tokenizer, "cpu")
+    message = str(err.value)
+    assert message.startswith("evaluation task 'piqa': its dataset baber/piqa is not available")
+    assert str(tmp_path / "cache") in message
+    assert "evaluate.include_path" in message and "HF_HOME" in message and "\n" not in message
+    assert connections == []

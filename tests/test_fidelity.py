@@ -125,7 +125,7 @@ def test_task_signal_hand_computed():
 
 
 def test_a_task_without_signal_is_warned_about():
-    from demix.validate import fidelity_warnings
+    from demix.recipes.validate import fidelity_warnings
 
     rng = np.random.default_rng(0)
     w = rng.dirichlet(np.ones(2), size=6)

@@ -338,7 +338,7 @@ def test_config_knows_the_same_methods_and_parameters(corpus_dir):
 def test_the_output_dtype_is_not_a_scoring_setting(corpus_dir):
     """Scores of merged proxies do not depend on the dtype a merged model is saved in, so a
     search resumed with another merge.output_dtype keeps its scores; other settings do not."""
-    from demix.stages import merge_settings
+    from demix.proxies import merge_settings
 
     raw = smoke_config_dict(corpus_dir)
 

@@ -393,18 +393,110 @@ def test_resolve_config_refuses_bad_overrides(tmp_path, corpus_dir):
     assert not (tmp_path / "c.yaml").exists()
 
 
-def test_local_pipeline_run_matches_demix_run(tmp_path, corpus_dir, eval_dir):
+@pytest.fixture(scope="module")
+def local_and_library_runs(tmp_path_factory, corpus_dir, eval_dir):
+    """The smoke config run once as the local pipeline and once as `demix run`."""
+    tmp_path = tmp_path_factory.mktemp("both")
     config = tmp_path / "smoke.yaml"
     config.write_text(yaml.safe_dump(smoke_config_dict(corpus_dir, eval_dir)))
     summary = pipeline.run_local(config, tmp_path / "kfp", num_eval_workers=2)
+    assert demix_main(["run", str(config), "--out", str(tmp_path / "lib")]) == 0
+    library = json.loads((tmp_path / "lib" / "summary.json").read_text())
+    return tmp_path, summary, library
+
+
+def test_local_pipeline_run_matches_demix_run(local_and_library_runs):
+    tmp_path, summary, library = local_and_library_runs
     assert (tmp_path / "kfp" / "report.html").is_file()
     assert summary["proxies_evaluated"] == 6 and summary["search_rounds"] == 2
     assert set(summary["final"]) == {"chosen", "uniform", "token_prior"}
-    assert demix_main(["run", str(config), "--out", str(tmp_path / "lib")]) == 0
-    library = json.loads((tmp_path / "lib" / "summary.json").read_text())
     assert summary["mixture"] == pytest.approx(library["mixture"], abs=1e-9)
     for label in ("chosen", "uniform", "token_prior"):
         assert summary["final"][label]["ranking_score"] == library["final"][label]["ranking_score"]
+
+
+def test_both_paths_write_the_same_summary_field_by_field(local_and_library_runs):
+    """One set of stage functions behind `demix run` and the pipeline: the summaries agree on
+    every field that does not measure time, and their timings have the same keys and meaning."""
+    _, pipeline_summary, library = local_and_library_runs
+    assert set(pipeline_summary) == set(library)
+    timed = {"timings_s", "wall_s"}
+    for key in set(library) - timed:
+        _assert_close(pipeline_summary[key], library[key], key)
+    assert pipeline_summary["training_tokens"] == library["training_tokens"]
+    assert set(pipeline_summary["timings_s"]) == set(library["timings_s"])
+    assert set(pipeline_summary["wall_s"]) == set(library["wall_s"]) == {"fetch", "total"}
+    # work recorded by the artifacts, not wall clock: positive for every trained stage
+    for summary in (pipeline_summary, library):
+        assert all(summary["timings_s"][k] > 0 for k in ("base", "components", "final"))
+        assert summary["wall_s"]["total"] >= summary["timings_s"]["final"]
+
+
+def _assert_close(a, b, where: str) -> None:
+    """Equal structures; floats within 1e-9."""
+    if isinstance(b, dict):
+        assert isinstance(a, dict) and set(a) == set(b), where
+        for key in b:
+            _assert_close(a[key], b[key], f"{where}.{key}")
+    elif isinstance(b, list):
+        assert isinstance(a, list) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_close(x, y, f"{where}[{i}]")
+    elif isinstance(b, float):
+        assert a == pytest.approx(b, abs=1e-9), where
+    else:
+        assert a == b, where
+
+
+def test_config_rounds_and_compiled_rounds_cannot_disagree(tmp_path, corpus_dir):
+    """search.rounds has one source: compile takes it from the config, and a package compiled
+    with other rounds is refused at submit (before the client is contacted) and by the first
+    task, naming both numbers."""
+    from demix.errors import ConfigError
+
+    raw = smoke_config_dict(corpus_dir)  # search.rounds: 2
+    config = tmp_path / "smoke.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "from-config.yaml"
+    assert pipeline.main(["compile", "--out", str(out), "--config", str(config)]) == 0
+    predicts = [
+        t for t in yaml.safe_load(out.read_text())["root"]["dag"]["tasks"] if "predict" in t
+    ]
+    assert len(predicts) == 2 + 1  # one per round, then the final selection
+    assert (
+        pipeline.main(["compile", "--out", str(out), "--config", str(config), "--rounds", "3"]) == 2
+    )
+
+    package = pipeline.compile_pipeline("kubeflow", tmp_path / "three.yaml", rounds=3)
+    args = pipeline.argparse.Namespace(
+        vertex=False,
+        host="http://kfp.example",
+        package=str(package),
+        config=str(config),
+        eval_workers=1,
+        run_name="r",
+        experiment="e",
+    )
+    with mock.patch("kfp.Client") as client, pytest.raises(ConfigError, match="2 but .* 3"):
+        pipeline.submit(args)
+    client.assert_not_called()
+
+    with pytest.raises(
+        ConfigError, match="search.rounds is 2 but the pipeline was compiled with 3"
+    ):
+        resolve_config.python_func(
+            config_yaml=yaml.safe_dump(raw),
+            seed=0,
+            general_ratio=-1.0,
+            base_model="",
+            datasets_json="",
+            search_n=0,
+            component_tokens=0,
+            final_tokens=0,
+            resolved=_artifact(Artifact, tmp_path / "c.yaml"),
+            compiled_rounds=3,
+        )
+    assert not (tmp_path / "c.yaml").exists()
 
 
 def test_submit_to_vertex_builds_and_submits_a_pipeline_job(compiled):

@@ -329,7 +329,6 @@ def _search(path, calls: list, fail_after: int | None = None, seed: int = 0) -> 
         _evaluate(calls, fail_after),
         _percentile_scores,
         ScoresTable(path / "scores.jsonl"),
-        log=lambda _: None,
     )
 
 

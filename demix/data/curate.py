@@ -13,342 +13,80 @@ Three steps, the same in one process (`curate`) and fanned out over KFP tasks:
   manifest.json last, with token counts per dataset (the prior).
 
 Groups are contiguous runs of the files in config order, so the result does not depend on how
-many there are.
+many there are. Reading and normalizing documents live in `demix.data.sources`, the tokenizer
+in `demix.data.tokenizer`. One coherent thing over ~400 lines: the three steps share the plan
+and group formats defined here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import glob
-import gzip
 import hashlib
 import json
+import logging
 import shutil
-import sys
 import tempfile
 import time
-import unicodedata
-from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 
-from demix.config import DataConfig, DatasetSpec
+from demix.config import DataConfig
 from demix.data.shards import DATASET_KIND
-from demix.errors import DataError, ModelError
+from demix.data.sources import (
+    HASH_BYTES,
+    clean_document,
+    dataset_files,
+    input_files,
+    normalize,
+    read_documents,
+    read_file_documents,
+)
+from demix.data.tokenizer import (
+    encode_documents,
+    load_base_tokenizer,
+    tokenizer_sample,
+    train_tokenizer,
+)
+from demix.errors import DataError
 from demix.storage import (
     atomic_write_json,
-    check_uri,
     fetch_files,
-    is_remote,
     read_manifest,
-    remote_files,
     staged_dir,
     write_manifest,
 )
 
-EOS = "<|endoftext|>"
-TEXT_SUFFIXES = (".jsonl", ".jsonl.gz", ".txt", ".txt.gz")
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
-# Documents are tokenized in groups of about this many characters: large enough for the
-# tokenizer's threads, small enough that the Encoding objects of a group stay small.
-ENCODE_GROUP_CHARS = 4_000_000
+# dataset_files, input_files, normalize, read_documents (sources) and tokenizer_sample,
+# train_tokenizer (tokenizer) are re-exported: callers import them from here too.
+__all__ = [
+    "curate",
+    "curate_group",
+    "dataset_files",
+    "group_bounds",
+    "heldout_indices",
+    "input_files",
+    "merge_groups",
+    "normalize",
+    "plan_curation",
+    "read_documents",
+    "read_plan",
+    "tokenizer_sample",
+    "train_tokenizer",
+]
+
 PLAN_KIND = "demix.curation_plan"
 GROUP_KIND = "demix.curation_group"
 PLAN_FILE = "plan.json"
-HASH_BYTES = 32  # sha256 of a document's normalized text
 # Tokens copied per write when the reduce concatenates the groups' token files.
 COPY_CHUNK_TOKENS = 1 << 24
 
-
-def normalize(text: str) -> str:
-    """NFC, unix newlines, no trailing spaces on lines, no surrounding whitespace."""
-    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
-    return "\n".join(line.rstrip() for line in text.split("\n")).strip()
-
-
-def _read_text(path: Path, dataset: str) -> str:
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise DataError(
-            f"dataset {dataset!r}: cannot read {path} ({err.strerror}); check its permissions"
-        ) from None
-    if path.suffix == ".gz":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError):
-            raise DataError(
-                f"dataset {dataset!r}: {path} is not valid gzip; give .jsonl/.txt or gzip of them"
-            ) from None
-    if b"\x00" in raw:
-        raise DataError(
-            f"dataset {dataset!r}: {path} is binary (NUL bytes); give UTF-8 .jsonl or .txt files"
-        )
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise DataError(
-            f"dataset {dataset!r}: {path} is not UTF-8 text (bad byte at offset {err.start}); "
-            "convert it to UTF-8"
-        ) from None
-
-
-def _local_files(spec: DatasetSpec, entry: str) -> list[Path]:
-    path = Path(entry)
-    if path.is_dir():
-        try:
-            found = sorted(
-                p for p in path.rglob("*") if p.is_file() and p.name.endswith(TEXT_SUFFIXES)
-            )
-        except OSError as err:
-            raise DataError(
-                f"dataset {spec.name!r}: cannot list folder {path} ({err.strerror})"
-            ) from None
-        if not found:
-            raise DataError(
-                f"dataset {spec.name!r}: folder {path} holds no {'/'.join(TEXT_SUFFIXES)} files"
-            )
-        return found
-    if path.is_file():
-        return [path]
-    raise DataError(f"dataset {spec.name!r}: path {path} does not exist; fix data.datasets paths")
-
-
-def dataset_files(spec: DatasetSpec) -> list[Path]:
-    """The files of a dataset: its paths in order, folders expanded to their text files, sorted.
-
-    Raises DataError naming the dataset and path when a path is missing, remote or an empty folder.
-    """
-    files: list[Path] = []
-    for entry in spec.paths:
-        if "://" in entry:
-            check_uri(entry)
-            raise DataError(
-                f"dataset {spec.name!r}: {entry}: gs:// paths are listed by input_files and "
-                "fetched by the curation steps; call those, or copy the files to a local path"
-            )
-        files.extend(_local_files(spec, entry))
-    return files
-
-
-@dataclasses.dataclass(frozen=True)
-class InputFile:
-    """One input file of a dataset: a local path or gs:// URI, its size, and a stamp that
-    changes with its content (local: mtime in ns; gs://: crc32c)."""
-
-    dataset: str
-    uri: str
-    size: int
-    stamp: str
-
-
-def input_files(spec: DatasetSpec) -> list[InputFile]:
-    """The files of a dataset in order (as dataset_files), local or gs://, listed without reading.
-
-    Raises DataError naming the dataset and path when a path is missing or an empty folder.
-    """
-    out: list[InputFile] = []
-    for entry in spec.paths:
-        check_uri(entry)
-        if not is_remote(entry):
-            for path in _local_files(spec, entry):
-                stat = path.stat()
-                out.append(InputFile(spec.name, str(path), stat.st_size, str(stat.st_mtime_ns)))
-            continue
-        listed = remote_files(entry)
-        if len(listed) > 1 or listed[0][0] != entry:  # a folder: its text files only
-            listed = [f for f in listed if f[0].endswith(TEXT_SUFFIXES)]
-            if not listed:
-                raise DataError(
-                    f"dataset {spec.name!r}: folder {entry} holds no "
-                    f"{'/'.join(TEXT_SUFFIXES)} files"
-                )
-        out.extend(InputFile(spec.name, uri, size, crc) for uri, size, crc in listed)
-    return out
-
-
-def read_file_documents(path: Path, spec: DatasetSpec) -> Iterator[str]:
-    """Raw documents of one file of a dataset: one per JSONL line (field spec.text_field), or
-    the whole file for text files.
-
-    Raises DataError naming the file (and line) of an unreadable, binary or malformed input.
-    """
-    text = _read_text(path, spec.name)
-    if not path.name.endswith(JSONL_SUFFIXES):
-        yield text
-        return
-    # Not splitlines(): JSON strings may hold raw U+2028 and other Unicode line breaks.
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-        if not isinstance(record, dict) or spec.text_field not in record:
-            raise DataError(
-                f"{path}:{number}: no field {spec.text_field!r} "
-                f"(set text_field of dataset {spec.name!r})"
-            )
-        value = record[spec.text_field]
-        if not isinstance(value, str):
-            raise DataError(
-                f"{path}:{number}: field {spec.text_field!r} is a {type(value).__name__}, "
-                "not a string"
-            )
-        yield value
-
-
-def read_documents(spec: DatasetSpec) -> Iterator[str]:
-    """Raw documents of a dataset (local paths), file by file in order.
-
-    Raises DataError naming the file (and line) of a missing, binary or malformed input.
-    """
-    for path in dataset_files(spec):
-        yield from read_file_documents(path, spec)
-
-
-def _clean(raw: str, min_chars: int) -> tuple[str, bytes] | None:
-    """(normalized text, its sha256) of a raw document, or None when it is too short."""
-    text = normalize(raw)
-    if len(text) < min_chars:
-        return None
-    return text, hashlib.sha256(text.encode("utf-8")).digest()
-
-
-def heldout_indices(hashes: list[str], config: DataConfig, seed: int) -> set[int]:
-    """Indices of held-out documents: the first k in a seeded order of document hashes.
-
-    k = heldout_fraction of the documents (at least 1 when there are 2 or more, never all),
-    capped at max_heldout_documents.
-    """
-    n = len(hashes)
-    if n < 2:
-        return set()
-    k = min(max(1, round(config.heldout_fraction * n)), config.max_heldout_documents, n - 1)
-    order = sorted(range(n), key=lambda i: hashlib.sha256(f"{seed}:{hashes[i]}".encode()).digest())
-    return set(order[:k])
-
-
-def train_tokenizer(texts: list[str], vocab_size: int):
-    """A byte-level BPE tokenizer with eos "<|endoftext|>" (also the pad token)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOS],
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(texts, trainer, length=len(texts))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS)
-
-
-def _load_base_tokenizer(tokenizer_dir: Path):
-    from demix.model import load_tokenizer
-
-    tokenizer = load_tokenizer(tokenizer_dir)
-    if tokenizer.eos_token_id is None:
-        raise ModelError(
-            f"{tokenizer_dir}: the base model's tokenizer has no eos token; "
-            "set eos_token in its tokenizer_config.json"
-        )
-    return tokenizer
-
-
-def _encode_groups(docs: list[str]) -> Iterator[list[str]]:
-    group: list[str] = []
-    size = 0
-    for doc in docs:
-        group.append(doc)
-        size += len(doc)
-        if size >= ENCODE_GROUP_CHARS:
-            yield group
-            group, size = [], 0
-    if group:
-        yield group
-
-
-def encode_documents(
-    tokenizer, docs: list[str], eos: int, dtype: np.dtype, f: BinaryIO
-) -> list[int]:
-    """Tokenize `docs` (no special tokens), each followed by eos, appending to the open file `f`.
-
-    Returns the number of tokens of each document, its eos included.
-    """
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    lengths: list[int] = []
-    for group in _encode_groups(docs):
-        if backend is not None:
-            # The Rust batch encoder (threads, no offsets): several times faster than __call__.
-            encodings = backend.encode_batch_fast(group, add_special_tokens=False)
-            rows = [e.ids for e in encodings]
-        else:
-            rows = tokenizer(group, add_special_tokens=False)["input_ids"]
-        flat: list[int] = []
-        for ids in rows:
-            flat.extend(ids)
-            flat.append(eos)
-            lengths.append(len(ids) + 1)
-        np.asarray(flat, dtype=dtype).tofile(f)
-    return lengths
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- plan
-
-
-def tokenizer_sample(files: list[InputFile], config: DataConfig) -> list[str]:
-    """The documents a BPE tokenizer is trained on: about data.tokenizer.sample_chars characters.
-
-    Each dataset gets a share of the budget in proportion to the bytes of its files. Its files
-    are read in a fixed pseudo-random order (sha256 of dataset name and file position, so the
-    sample spreads over the dataset) until their bytes reach the share; of the cleaned
-    documents read, not already in the sample, those with the smallest content hashes are kept
-    until their characters reach the share. The sample, in file order, depends only on the
-    files and the config, never on how curation is grouped, and reads about the budget, not
-    the whole corpus.
-    Raises DataError for an unreadable or malformed file read.
-    """
-    budget = config.tokenizer.sample_chars
-    total = sum(f.size for f in files)
-    specs = {spec.name: spec for spec in config.datasets}
-    seen: set[bytes] = set()
-    sample: list[str] = []
-    for name, spec in specs.items():
-        mine = [f for f in files if f.dataset == name]
-        share = budget * (sum(f.size for f in mine) / total if total else 1 / len(specs))
-        order = sorted(
-            range(len(mine)), key=lambda i: hashlib.sha256(f"{name}:{i}".encode()).digest()
-        )
-        chosen, read = [], 0
-        for i in order:
-            if read >= share:
-                break
-            chosen.append(i)
-            read += mine[i].size
-        found: dict[bytes, str] = {}  # content hash -> text, in file order
-        for i in sorted(chosen):
-            for raw in read_file_documents(fetch_files(mine[i].uri), spec):
-                cleaned = _clean(raw, config.min_chars)
-                if cleaned and cleaned[1] not in seen and cleaned[1] not in found:
-                    found[cleaned[1]] = cleaned[0]
-        if sum(len(text) for text in found.values()) > share:
-            kept, chars = set(), 0
-            for digest in sorted(found):
-                if chars >= share:
-                    break
-                kept.add(digest)
-                chars += len(found[digest])
-            found = {d: text for d, text in found.items() if d in kept}
-        seen.update(found)
-        sample.extend(found.values())
-    return sample
 
 
 def group_bounds(sizes: list[int], groups: int) -> list[tuple[int, int]]:
@@ -391,7 +129,7 @@ def plan_curation(
     bounds = group_bounds([f.size for f in files], groups or config.curate_groups)
     sample_stats = None
     if tokenizer_dir is not None:
-        tokenizer = _load_base_tokenizer(Path(tokenizer_dir))
+        tokenizer = load_base_tokenizer(Path(tokenizer_dir))
     else:
         texts = tokenizer_sample(files, config)
         if not texts:
@@ -428,10 +166,9 @@ def plan_curation(
         if sample_stats
         else f"tokenizer of {tokenizer_dir}"
     )
-    print(
-        f"[demix] curate plan: {len(files)} files in {len(bounds)} groups, {tokens}, "
-        f"{time.perf_counter() - start:.1f} s",
-        file=sys.stderr,
+    log.info(
+        f"curate plan: {len(files)} files in {len(bounds)} groups, {tokens}, "
+        f"{time.perf_counter() - start:.1f} s"
     )
     return plan
 
@@ -495,7 +232,7 @@ def curate_group(plan_dir: str | Path, index: int, out: str | Path) -> dict:
                         )
                     kept: list[str] = []
                     for raw in read_file_documents(path, specs[name]):
-                        cleaned = _clean(raw, config.min_chars)
+                        cleaned = clean_document(raw, config.min_chars)
                         if cleaned is None:
                             short += 1
                         elif cleaned[1] in seen:
@@ -521,16 +258,29 @@ def curate_group(plan_dir: str | Path, index: int, out: str | Path) -> dict:
             datasets=stats,
             seconds=round(time.perf_counter() - start, 1),
         )
-    print(
-        f"[demix] curate group {index + 1}/{len(plan['groups'])}: {len(files)} files, "
+    log.info(
+        f"curate group {index + 1}/{len(plan['groups'])}: {len(files)} files, "
         f"{sum(s['documents'] for s in stats.values())} documents, "
-        f"{sum(s['tokens'] for s in stats.values()):,} tokens, {manifest['seconds']:.1f} s",
-        file=sys.stderr,
+        f"{sum(s['tokens'] for s in stats.values()):,} tokens, {manifest['seconds']:.1f} s"
     )
     return manifest
 
 
 # ---------------------------------------------------------------- reduce
+
+
+def heldout_indices(hashes: list[str], config: DataConfig, seed: int) -> set[int]:
+    """Indices of held-out documents: the first k in a seeded order of document hashes.
+
+    k = heldout_fraction of the documents (at least 1 when there are 2 or more, never all),
+    capped at max_heldout_documents.
+    """
+    n = len(hashes)
+    if n < 2:
+        return set()
+    k = min(max(1, round(config.heldout_fraction * n)), config.max_heldout_documents, n - 1)
+    order = sorted(range(n), key=lambda i: hashlib.sha256(f"{seed}:{hashes[i]}".encode()).digest())
+    return set(order[:k])
 
 
 @dataclasses.dataclass
@@ -684,17 +434,15 @@ def merge_groups(plan_dir: str | Path, group_dirs: list[str | Path], out: str | 
             **plan["manifest_fields"],
         )
     for name, s in stats.items():
-        print(
-            f"[demix] curate {name}: {s['documents']} train + {s['heldout_documents']} held-out "
+        log.info(
+            f"curate {name}: {s['documents']} train + {s['heldout_documents']} held-out "
             f"docs, {s['train_tokens']:,} train + {s['heldout_tokens']:,} held-out tokens, "
             f"{s['duplicates_removed']} duplicates, {s['dropped_short']} short, "
-            f"prior {prior[name]:.3f}",
-            file=sys.stderr,
+            f"prior {prior[name]:.3f}"
         )
-    print(
-        f"[demix] curate: {len(groups)} groups merged in {time.perf_counter() - start:.1f} s, "
-        f"curation total {manifest['seconds']:.1f} s -> {out}",
-        file=sys.stderr,
+    log.info(
+        f"curate: {len(groups)} groups merged in {time.perf_counter() - start:.1f} s, "
+        f"curation total {manifest['seconds']:.1f} s -> {out}"
     )
     return manifest
 
@@ -713,10 +461,11 @@ def curate(
     """Curate `config.datasets` into the artifact folder `out`; return its manifest.
 
     Plan, every group and the merge in this process, with the plan and groups in a temporary
-    folder beside `out`. Cleaning: NFC, unix newlines, trailing spaces stripped; documents
-    shorter than config.min_chars dropped; exact duplicates (sha256 of the normalized text)
-    removed within and across datasets, the first in config order kept. With `tokenizer_dir`
-    (a base model) its tokenizer is copied, else a byte-level BPE is trained on a sample.
+    folder beside `out`. Cleaning (`normalize`): lone surrogates replaced by U+FFFD, NFC, unix
+    newlines, trailing spaces stripped; documents shorter than config.min_chars dropped; exact
+    duplicates (sha256 of the normalized text) removed within and across datasets, the first in
+    config order kept. With `tokenizer_dir` (a base model) its tokenizer is copied, else a
+    byte-level BPE is trained on a sample.
     `groups` (default data.curate_groups) does not change the result.
     Raises DataError for missing/unreadable/binary/malformed inputs and for a dataset that is
     empty after cleaning, ModelError for an unusable base tokenizer; `out` is untouched on error.

@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import io
 import json
+import logging
 import random
 import re
 import subprocess
@@ -95,10 +96,11 @@ CODE_SKIP_PARTS = frozenset(
     {"test", "tests", "idle_test", "site-packages", "dist-packages", "lib2to3", "__pycache__"}
 )
 EVAL_SEED = 20260
+log = logging.getLogger(__name__)
 
 
 def _say(message: str) -> None:
-    print(f"[demix] fetch-demo: {message}", file=sys.stderr, flush=True)
+    log.info("fetch-demo: %s", message)
 
 
 # ---------------------------------------------------------------- downloads

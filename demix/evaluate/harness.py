@@ -33,7 +33,13 @@ from demix.config import EvaluateConfig
 from demix.errors import ModelError, TaskError
 from demix.evaluate.heldout import HELDOUT_PREFIX, heldout_loss, heldout_window
 from demix.evaluate.packing import supports_packing
-from demix.evaluate.suite import BITS_PER_BYTE, BUNDLED_TASKS, TaskSuite, load_task_suite
+from demix.evaluate.suite import (
+    BITS_PER_BYTE,
+    BUNDLED_TASKS,
+    TaskSuite,
+    explained_task_errors,
+    load_task_suite,
+)
 from demix.evaluate.tasks.demix_metrics import scored_text
 
 if TYPE_CHECKING:
@@ -131,7 +137,9 @@ class Evaluator:
     ) -> None:
         """Load every task of config.categories.
 
-        Raises TaskError for unknown tasks, missing eval files or held-out data, empty tasks.
+        Raises TaskError for unknown tasks, missing eval files or held-out data, empty tasks, a
+        task whose dataset is not available offline or whose data file is missing, and a template
+        error (on any document the fast engine scores; on the first for the lm-eval engine).
         """
         self.config = config
         self.tokenizer = tokenizer
@@ -160,7 +168,8 @@ class Evaluator:
                     include_path=config.include_path,
                 )
                 self.engines.update(choose_engines(self._suite, config.engine))
-                self._fast = self._build_fast_scorer()
+                with explained_task_errors():  # the fast engine renders every document now
+                    self._fast = self._build_fast_scorer()
             self._longest_targets = self._measure_bits_per_byte_targets()
 
     def _names(self, engine: str) -> list[str]:
@@ -235,7 +244,8 @@ class Evaluator:
         """Score `model` on every task: {task: {metric, value, stderr, higher_is_better, n, metrics}}.
 
         Runs in eval mode without gradients and restores the model's training mode.
-        Raises ModelError when held-out token ids do not fit the model's vocabulary.
+        Raises ModelError when held-out token ids do not fit the model's vocabulary, TaskError
+        when an lm-eval-engine task's template fails on a later document.
         """
         model.to(self.device)
         was_training = model.training
@@ -314,13 +324,14 @@ class Evaluator:
             )
             # `limit` keeps the first N documents of each task (lm-eval slices its doc iterator),
             # so a fixed-order eval file gives the same subsample for every proxy.
-            raw = evaluate(
-                lm=lm,
-                task_dict=self._suite.task_dict_for(names),
-                limit=self.config.limit,
-                bootstrap_iters=_BOOTSTRAP_ITERS,
-                log_samples=True,
-            )
+            with explained_task_errors():  # as the fast engine says it, at its build
+                raw = evaluate(
+                    lm=lm,
+                    task_dict=self._suite.task_dict_for(names),
+                    limit=self.config.limit,
+                    bootstrap_iters=_BOOTSTRAP_ITERS,
+                    log_samples=True,
+                )
         return {name: _summarise(name, raw, self._suite.leaves[name]) for name in names}
 
 

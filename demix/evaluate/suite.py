@@ -4,17 +4,28 @@ The bundled task YAMLs in `tasks/` are templates (their data files are only know
 they are rendered for one eval data folder into a private include folder and loaded from there
 with `TaskManager(include_defaults=False)`, which indexes in milliseconds instead of the ~11 s
 lm-eval spends indexing its built-in tasks. Built-in tasks are indexed only when the config names
-one. Precedence for a name: the config's include_path, then the bundled tasks, then lm-eval's.
+one, once per process. Precedence for a name: the config's include_path, then the bundled tasks,
+then lm-eval's.
+
+demix runs with the Hugging Face hub offline: a task's dataset must be a local file or already in
+the datasets cache. What lm-eval raises while building a task (a dataset not cached, a data file
+missing, a template naming a field the documents lack) becomes one TaskError line naming the task
+(`explain_task_error`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from demix.data.sources import read_json_line
 from demix.errors import TaskError
 
 TEMPLATE_DIR = Path(__file__).parent / "tasks"
@@ -37,6 +48,13 @@ _FETCH_HINT = (
     "run `demix data fetch-demo --out data/` or point evaluate.data_dir at the eval folder"
 )
 _LIST_HINT = "see the bundled tasks {bundled} and lm-eval's with `lm-eval ls tasks`"
+_OFFLINE_HINT = (
+    "give the task as a local YAML with its data files (dataset_path: json) under "
+    "evaluate.include_path, or fill a Hugging Face datasets cache where the hub is reachable and "
+    "point HF_HOME (or HF_DATASETS_CACHE) at it"
+)
+# lm-eval's Task methods that render a document with the task's templates (YAML keys alike).
+_TEMPLATE_FIELDS = ("doc_to_text", "doc_to_target", "doc_to_choice", "doc_to_prefix")
 
 
 @dataclass
@@ -80,9 +98,9 @@ def check_eval_file(path: Path, kind: str) -> int:
             continue
         where = f"{path}:{number}"
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise TaskError(f"{where}: not valid JSON ({err.msg}); {_FETCH_HINT}") from None
+            record = read_json_line(line, where, TaskError)
+        except TaskError as err:
+            raise TaskError(f"{err}; {_FETCH_HINT}") from None
         if kind == RANKED_CHOICE:
             _check_ranked_choice(record, where)
         else:
@@ -130,6 +148,14 @@ def _yaml_quoted(path: Path) -> str:
     return json.dumps(str(path))[1:-1]
 
 
+@functools.cache
+def _builtin_task_manager() -> Any:
+    """lm-eval's TaskManager over its built-in tasks, indexed once per process (~11 s)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_defaults=True)
+
+
 def load_task_suite(
     names: list[str],
     workdir: Path,
@@ -138,8 +164,9 @@ def load_task_suite(
 ) -> TaskSuite:
     """Build the lm-eval tasks for `names` once (bundled ones read from eval_data_dir).
 
-    Raises TaskError for unknown names, tags, a missing eval_data_dir or eval file, and tasks
-    without documents.
+    Raises TaskError for unknown names, tags, a missing eval_data_dir or eval file, tasks
+    without documents, and the task-building failures `explain_task_error` explains (a dataset
+    not available offline, a missing data file, a template error on the first document).
     """
     from lm_eval.tasks import TaskManager
 
@@ -173,7 +200,7 @@ def load_task_suite(
         remaining = [n for n in remaining if n not in BUNDLED_TASKS]
 
     if remaining:
-        builtin = TaskManager(include_defaults=True)
+        builtin = _builtin_task_manager()
         unknown = [n for n in remaining if n not in builtin.task_index]
         if unknown:
             raise TaskError(
@@ -194,7 +221,8 @@ def load_task_suite(
                     f"evaluation task {name!r} is an lm-eval tag (a list of tasks without an "
                     f"aggregate score); name its tasks or a group in evaluate.categories"
                 )
-            loaded = manager.load([name])
+            with explained_task_errors(name):
+                loaded = manager.load([name])
             for task_name, task in loaded["tasks"].items():
                 if len(task.eval_docs) == 0:
                     raise TaskError(f"evaluation task {task_name!r} has no documents")
@@ -206,3 +234,92 @@ def load_task_suite(
     return TaskSuite(
         {"tasks": tasks, "groups": groups, "group_map": group_map}, leaves, files, groups_of
     )
+
+
+@contextlib.contextmanager
+def explained_task_errors(name: str | None = None) -> Iterator[None]:
+    """Re-raise what `explain_task_error` explains (raised while lm-eval builds or renders a task
+    of `name`) as that TaskError; anything else passes through."""
+    try:
+        yield
+    except Exception as err:
+        explained = explain_task_error(err, name)
+        if explained is None:
+            raise
+        raise explained from None
+
+
+def explain_task_error(err: Exception, name: str | None = None) -> TaskError | None:
+    """The one-line TaskError for an exception lm-eval raised while building or rendering a task
+    (`name` is the configured name it came from), or None when it is not one of these:
+
+    - the task's dataset is neither local nor in the datasets cache (ConnectionError offline);
+    - a data file of the task is missing (FileNotFoundError while loading its dataset);
+    - a template (doc_to_text, doc_to_target, doc_to_choice...) fails on a document (jinja2).
+    """
+    from jinja2 import TemplateError, TemplateSyntaxError
+
+    frames = _lm_eval_frames(err)
+    task = next((f["self"] for f in frames if _is_task(f.get("self"))), None)
+    label = repr(task.config.task) if task is not None else repr(name)
+    loading = any(f["__name__"] == "download" for f in frames)
+    if isinstance(err, ConnectionError) and loading:
+        dataset = task.config.dataset_path if task is not None else "its dataset"
+        if task is not None and task.config.dataset_name:
+            dataset = f"{dataset} ({task.config.dataset_name})"
+        return TaskError(
+            f"evaluation task {label}: its dataset {dataset} is not available offline (not a local "
+            f"file, not in the Hugging Face datasets cache {_datasets_cache()}); {_OFFLINE_HINT}"
+        )
+    if isinstance(err, FileNotFoundError) and loading:
+        found = re.search(r"'([^']+)'", str(err))
+        missing = found.group(1) if found else str(err)
+        return TaskError(
+            f"evaluation task {label}: its data file {missing} does not exist; fix "
+            f"dataset_kwargs.data_files in its task YAML (evaluate.include_path)"
+        )
+    if isinstance(err, TemplateError):
+        field_frame = next((f for f in frames if f["__name__"] in _TEMPLATE_FIELDS), None)
+        template = field_frame["__name__"] if field_frame is not None else "a template"
+        # build_all_requests renders document doc_id; a task's __init__ renders its first one.
+        doc_id = next(
+            (f.get("doc_id") for f in frames if f["__name__"] == "build_all_requests"), None
+        )
+        if doc_id is None and any(
+            f["__name__"] == "__init__" and _is_task(f.get("self")) for f in frames
+        ):
+            doc_id = 0
+        doc = field_frame.get("doc") if field_frame is not None else None
+        where = f"document {doc_id + 1}" if isinstance(doc_id, int) else "a document"
+        if isinstance(err, TemplateSyntaxError):
+            problem = f"is not a valid template ({err.message}, line {err.lineno})"
+        else:
+            problem = f"fails on {where}: {err.message}"
+        fields = f" (its fields: {', '.join(map(str, doc))})" if isinstance(doc, dict) else ""
+        return TaskError(
+            f"evaluation task {label}: {template} {problem}{fields}; fix {template} in its task "
+            f"YAML"
+        )
+    return None
+
+
+def _lm_eval_frames(err: BaseException) -> list[dict[str, Any]]:
+    """Each traceback frame's locals plus "__name__" (its function), innermost first."""
+    frames = []
+    tb = err.__traceback__
+    while tb is not None:
+        frames.append({**tb.tb_frame.f_locals, "__name__": tb.tb_frame.f_code.co_name})
+        tb = tb.tb_next
+    return frames[::-1]
+
+
+def _is_task(value: Any) -> bool:
+    from lm_eval.api.task import Task
+
+    return isinstance(value, Task)
+
+
+def _datasets_cache() -> str:
+    import datasets
+
+    return str(datasets.config.HF_DATASETS_CACHE)

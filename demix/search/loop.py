@@ -1,5 +1,7 @@
-"""The search over rounds, as two pure steps (propose a round, select the final mixture) and a
-resumable loop over them. The local run uses the loop; the KFP pipeline calls the steps.
+"""The search over rounds, as two pure steps (propose a round, select the final mixture) and the
+one resumable loop over them, `run_search`. `demix run`, `demix search`, validate and reproduce
+run the loop; the KFP pipeline unrolls it into tasks that call the same two steps (a `predict`
+task per round) with the evaluation in between.
 
 Both steps see the scored rows as a set: duplicates (same id) are dropped and the rest sorted
 by (round, id) before fitting, so rows merged from parallel evaluation shards in any order give
@@ -8,6 +10,7 @@ the same proposals and the same final mixture as a sequential run.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
@@ -19,6 +22,7 @@ from demix.search.results import ScoresTable, mixture_id
 from demix.search.rounds import propose_round, select_final
 
 Score = Callable[[list[dict]], list[float]]
+log = logging.getLogger(__name__)
 
 
 def weights_matrix(rows: list[dict], names: list[str]) -> np.ndarray:
@@ -167,12 +171,11 @@ def evaluate_proposals(
     names: list[str],
     evaluate: Callable[[np.ndarray], dict],
     table: ScoresTable,
-    log: Callable[[str], None] = print,
     key: str | None = None,
 ) -> int:
     """Evaluate proposals not yet in `table`, appending one row each; return how many ran.
 
-    With `key` (what the scores depend on, see demix.stages.score_key) rows are stamped with it
+    With `key` (what the scores depend on, see demix.proxies.score_key) rows are stamped with it
     and a table holding rows stamped differently is refused.
     Raises SearchError when the table holds rows of this round that were not proposed, or rows
     scored with another key.
@@ -190,9 +193,13 @@ def evaluate_proposals(
         elapsed = time.perf_counter() - start
         row = {**proposal, "tasks": tasks, "time_s": round(elapsed, 3)}
         table.append(row if key is None else {**row, "scored_with": key})
-        log(
-            f"[demix] round {proposal['round']} proxy {k + 1}/{len(proposals)} "
-            f"{proposal['id']}: {elapsed:.1f} s"
+        log.info(
+            "round %s proxy %d/%d %s: %.1f s",
+            proposal["round"],
+            k + 1,
+            len(proposals),
+            proposal["id"],
+            elapsed,
         )
         ran += 1
     return ran
@@ -206,11 +213,12 @@ def run_search(
     evaluate: Callable[[np.ndarray], dict],
     score: Score,
     table: ScoresTable,
-    log: Callable[[str], None] = print,
+    key: str | None = None,
 ) -> dict:
     """Rounds of cfg.round_sizes proxies, then the final selection; resumes from `table`.
 
     `evaluate(mixture)` returns a proxy's task results; proxies already in `table` are skipped.
+    `key` stamps the rows (see evaluate_proposals).
     Returns final_selection's dict (mixture, rounds, proxies_evaluated, predictor_spearman,
     predicted_score, top_prediction, best_observed, history).
     Raises SearchError for a table of another search, MixtureError when the grid runs out.
@@ -219,7 +227,7 @@ def run_search(
         raise ValueError(f"{len(names)} dataset names but a prior of {len(prior)} weights")
     for r in range(len(cfg.round_sizes)):
         proposals = round_proposals(r, table.rows(), names, prior, cfg, seed, score)
-        ran = evaluate_proposals(proposals, names, evaluate, table, log)
+        ran = evaluate_proposals(proposals, names, evaluate, table, key=key)
         if ran < len(proposals):
-            log(f"[demix] round {r}: {len(proposals) - ran} proxies already scored (resumed)")
+            log.info("round %d: %d proxies already scored (resumed)", r, len(proposals) - ran)
     return final_selection(table.rows(), names, prior, cfg, seed, score)

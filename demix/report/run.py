@@ -1,29 +1,18 @@
-"""Plots and the HTML report of a run, and the short table `demix run` prints."""
+"""The HTML report of a run (report.html) and of a search in progress (the KFP UI's)."""
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from demix.config import RunConfig  # noqa: E402
-from demix.search.predictor import cross_val_predictions  # noqa: E402
-from demix.stages import FINAL_LABELS as LABELS  # noqa: E402
-from demix.storage import atomic_write_text  # noqa: E402
-
-
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
+from demix.config import RunConfig
+from demix.mixtures import FINAL_LABELS as LABELS
+from demix.proxies import scorer
+from demix.report.html import grouped_bars, page, plt, png, table
+from demix.search.predictor import cross_val_predictions
+from demix.search.results import ScoresTable
+from demix.storage import atomic_write_text
 
 
 def plot_search_progress(history: list[dict]) -> str:
@@ -39,7 +28,7 @@ def plot_search_progress(history: list[dict]) -> str:
     ax.set_ylabel("ranking score")
     ax.set_title("Search progress")
     ax.legend(fontsize=8)
-    return _png(fig)
+    return png(fig)
 
 
 def plot_predicted_vs_observed(observed: np.ndarray, predicted: np.ndarray, rho: float) -> str:
@@ -54,31 +43,7 @@ def plot_predicted_vs_observed(observed: np.ndarray, predicted: np.ndarray, rho:
     ax.set_xlabel("observed ranking score")
     ax.set_ylabel("predicted (held-out fold)")
     ax.set_title(f"Predictor, cross-validated (Spearman {rho:.2f})")
-    return _png(fig)
-
-
-def _grouped_bars(
-    groups: list[str], series: dict[str, list[float]], ylabel: str, title: str
-) -> str:
-    fig, ax = plt.subplots(figsize=(6, 3.4))
-    width = 0.8 / max(1, len(series))
-    x = np.arange(len(groups))
-    for i, (label, values) in enumerate(series.items()):
-        ax.bar(x + i * width - 0.4 + width / 2, values, width, label=label)
-    ax.set_xticks(x, groups)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    return _png(fig)
-
-
-def _table(header: list[str], rows: list[list]) -> str:
-    def cell(v):
-        return f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
-
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return png(fig)
 
 
 def write_report(out: Path, summary: dict, found: dict, config: RunConfig) -> Path:
@@ -99,7 +64,7 @@ def write_report(out: Path, summary: dict, found: dict, config: RunConfig) -> Pa
     else:
         cv_note = "<p>Too few proxies for a cross-validated predictor plot.</p>"
     images.append(
-        _grouped_bars(
+        grouped_bars(
             names,
             {k: [m[n] for n in names] for k, m in mixtures.items()},
             "weight",
@@ -107,7 +72,7 @@ def write_report(out: Path, summary: dict, found: dict, config: RunConfig) -> Pa
         )
     )
     images.append(
-        _grouped_bars(
+        grouped_bars(
             categories,
             {k: [final[k]["categories"][c] for c in categories] for k in LABELS},
             "score (percentile among the 3)",
@@ -142,7 +107,7 @@ def write_report(out: Path, summary: dict, found: dict, config: RunConfig) -> Pa
         f"<p>{summary['proxies_evaluated']} {proxies} proxies evaluated in {summary['search_rounds']} rounds; "
         f"predictor cross-validated Spearman {summary['predictor_spearman']}.</p>",
         "<h2>Chosen mixture</h2>",
-        _table(
+        table(
             [
                 "dataset",
                 "data weight",
@@ -154,64 +119,34 @@ def write_report(out: Path, summary: dict, found: dict, config: RunConfig) -> Pa
         ),
         "<p>Component i was trained on a mix of general data and dataset i; a proxy for data mixture d "
         "merges with component weights c = M⁻¹d (columns of M: each component's training mix).</p>",
-        _table(
+        table(
             ["M", *names], [[n, *row] for n, row in zip(names, found["mix_matrix"], strict=True)]
         ),
         "<h2>Final models</h2>",
-        _table(
+        table(
             ["model", "ranking score", *categories],
             [
                 [k, final[k]["ranking_score"], *[final[k]["categories"][c] for c in categories]]
                 for k in LABELS
             ],
         ),
-        _table(["task", "metric", *LABELS], task_rows),
+        table(["task", "metric", *LABELS], task_rows),
         "<h2>Plots</h2>",
         cv_note,
         *[f'<img src="data:image/png;base64,{img}">' for img in images],
         "<h2>Cost</h2>",
-        _table(["stage", "seconds"], [[k, v] for k, v in summary["timings_s"].items()]),
-        _table(
+        table(["stage", "seconds"], [[k, v] for k, v in summary["timings_s"].items()]),
+        table(
             ["training tokens", "count"], [[k, v] for k, v in summary["training_tokens"].items()]
         ),
     ]
     path = out / "report.html"
-    atomic_write_text(path, _page("DeMix report", body))
+    atomic_write_text(path, page("DeMix report", body))
     return path
-
-
-def _page(title: str, body: list[str]) -> str:
-    style = (
-        "body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse;"
-        "margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{margin:.5em}"
-    )
-    return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{style}</style>"
-        f"</head><body>{''.join(body)}</body></html>"
-    )
-
-
-def print_summary(summary: dict, out: Path) -> None:
-    """The short table `demix run` prints at the end."""
-    names = summary["datasets"]
-    mixtures = {"chosen": summary["mixture"], **summary["baselines"]}
-    width = max(12, *(len(n) for n in names))
-    print(f"\n{'mixture':<12}" + "".join(f"{n:>{width}}" for n in names) + f"{'ranking score':>16}")
-    for label in LABELS:
-        weights = "".join(f"{mixtures[label][n]:>{width}.3f}" for n in names)
-        print(f"{label:<12}{weights}{summary['final'][label]['ranking_score']:>16.3f}")
-    print(
-        f"\n{summary['proxies_evaluated']} proxies in {summary['search_rounds']} rounds; "
-        f"timings (s): {summary['timings_s']}"
-    )
-    print(f"wrote {out / 'summary.json'} and {out / 'report.html'}")
 
 
 def write_search_report(history: Path, config: RunConfig, out: Path) -> Path:
     """A report of the search so far (for the KFP UI): progress plot and the scored proxies."""
-    from demix.search.results import ScoresTable
-    from demix.stages import scorer
-
     rows = ScoresTable(history).rows()
     body = ["<h1>DeMix search so far</h1>", f"<p>{len(rows)} proxies scored.</p>"]
     if rows:
@@ -221,7 +156,7 @@ def write_search_report(history: Path, config: RunConfig, out: Path) -> Path:
         body.append(f'<img src="data:image/png;base64,{plot_search_progress(history_rows)}">')
         ranked = sorted(history_rows, key=lambda row: -row["ranking_score"])
         body.append(
-            _table(
+            table(
                 ["proxy", "round", *names, "ranking score"],
                 [
                     [
@@ -234,5 +169,5 @@ def write_search_report(history: Path, config: RunConfig, out: Path) -> Path:
                 ],
             )
         )
-    atomic_write_text(out, _page("DeMix search", body))
+    atomic_write_text(out, page("DeMix search", body))
     return out

@@ -14,30 +14,22 @@ from typing import Any
 
 import numpy as np
 
-from demix.checkpoint import read_model_manifest
+from demix.checkpoint import manifest_total
 from demix.config import RunConfig, StageTraining
 from demix.data.shards import CuratedData
 from demix.evaluate.harness import Evaluator
 from demix.fidelity import AGGREGATE, fidelity
+from demix.mixtures import baseline_mixtures
 from demix.model import resolve_device
-from demix.stages import (
-    ProxyEvaluator,
-    StageClock,
-    baseline_mixtures,
-    component_stage,
-    evaluate_models,
-    final_stage,
-    make_evaluator,
-    prepare_models,
-    search_stage,
-    start_run_folder,
-)
+from demix.proxies import ProxyEvaluator, make_evaluator
+from demix.recipes.run import StageClock, prepare_models, start_run_folder, train_finals
+from demix.recipes.validate import validate_stage
+from demix.stages import evaluate_models_stage, search_stage, train_components
 from demix.storage import atomic_write_json, atomic_write_text
-from demix.validate import validate_stage
 
 
 def _tokens(paths) -> int:
-    return sum(int(read_model_manifest(p).get("tokens", 0)) for p in paths)
+    return int(manifest_total(paths, "tokens"))
 
 
 def _with(config: RunConfig, section: str, **update) -> RunConfig:
@@ -55,10 +47,7 @@ def sweep_point(
 ) -> dict[str, Any]:
     """Components retrained with one budget / lr; their proxies scored against the references."""
     swept = _with(config, "train", component=point)
-    components = {
-        name: component_stage(swept, data, base, name, out / f"component-{name}")
-        for name in data.names
-    }
+    components = train_components(swept, data, base, out)
     proxies = ProxyEvaluator(swept, data, base, components, evaluator)
     weights = np.array([[m[n] for n in data.names] for m in validation["mixtures"]])
     results = [proxies(w) for w in weights]
@@ -79,10 +68,10 @@ def sweep_point(
     }
 
 
-def reproduce(config: RunConfig, out: str | Path, log=print) -> dict[str, Any]:
+def reproduce(config: RunConfig, out: str | Path) -> dict[str, Any]:
     """Every step of the protocol into `out`; returns (and writes) the result table's data."""
     out = start_run_folder(config, out)
-    timed = StageClock(log)
+    timed = StageClock()
     merge_config = _with(config, "search", method="merge")
     trained_config = _with(config, "search", method="trained")
     data, base, components = prepare_models(config, out, timed)
@@ -104,13 +93,8 @@ def reproduce(config: RunConfig, out: str | Path, log=print) -> dict[str, Any]:
         **baseline_mixtures(data),
     }
     with timed("final"):
-        finals = {
-            label: final_stage(
-                config, data, base, label, mixture, out / "models" / f"final-{label}"
-            )
-            for label, mixture in mixtures.items()
-        }
-        final_scores = evaluate_models(config, data, finals, evaluator)
+        finals = train_finals(config, data, base, mixtures, out / "models")
+        final_scores = evaluate_models_stage(config, data, finals, evaluator)
 
     merge_tokens = _tokens(components.values())
     result = {
@@ -147,7 +131,6 @@ def reproduce(config: RunConfig, out: str | Path, log=print) -> dict[str, Any]:
     atomic_write_json(out / "reproduce.json", result)
     table = format_table(result)
     atomic_write_text(out / "reproduce.md", table)
-    log(table)
     return result
 
 

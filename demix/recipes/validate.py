@@ -22,18 +22,20 @@ from demix.config import RunConfig
 from demix.data.shards import CuratedData
 from demix.evaluate.harness import Evaluator
 from demix.fidelity import AGGREGATE, fidelity
+from demix.mixtures import as_dict, prior_vector
 from demix.model import resolve_device
+from demix.proxies import (
+    SMALL_UPDATE,
+    ProxyEvaluator,
+    large_updates,
+    load_for_eval,
+    make_evaluator,
+)
+from demix.report.fidelity import write_fidelity_report
 from demix.search.predictor import seed_entropy
 from demix.search.results import mixture_id
 from demix.search.sampler import sample_mixtures, uniform_mixture
-from demix.stages import (
-    SMALL_UPDATE,
-    ProxyEvaluator,
-    as_dict,
-    load_for_eval,
-    make_evaluator,
-    reference_stage,
-)
+from demix.stages import read_model_index, train_stage
 from demix.storage import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -43,7 +45,7 @@ VALIDATE_STREAM = 0x7A11D
 
 def reference_mixtures(config: RunConfig, data: CuratedData) -> np.ndarray:
     """Sampled mixtures, then the vertices and the uniform mixture, without duplicates."""
-    prior = np.array([data.token_prior[n] for n in data.names])
+    prior = prior_vector(data)
     rng = np.random.default_rng([seed_entropy(config.seed), VALIDATE_STREAM])
     sampled = sample_mixtures(prior, config.fidelity.references, rng, config.search.sampler)
     d = len(data.names)
@@ -64,7 +66,6 @@ def validate_stage(
     components: dict[str, Path],
     out: Path,
     evaluator: Evaluator | None = None,
-    log_line=print,
 ) -> dict[str, Any]:
     """Train references, build proxies, evaluate both, write fidelity.json/.html into `out`."""
     out.mkdir(parents=True, exist_ok=True)
@@ -78,15 +79,15 @@ def validate_stage(
     proxies = ProxyEvaluator(config, data, base, components, evaluator)
     proxy_results = [proxies(w) for w in mixtures]
     proxy_seconds = time.perf_counter() - start
-    norms = as_dict(data.names, proxies.stack.relative_norms)
+    norms = proxies.relative_norms
     del proxies
 
     start = time.perf_counter()
     reference_results, reference_tokens = [], 0
     for k, (w, key) in enumerate(zip(mixtures, ids, strict=True)):
         folder = out / "references" / f"reference-{key}"
-        log_line(f"[demix] validate: reference {k + 1}/{len(mixtures)} {key}")
-        reference_stage(config, data, base, as_dict(data.names, w), folder)
+        log.info("validate: reference %d/%d %s", k + 1, len(mixtures), key)
+        train_stage(config, data, "reference", folder, folder.name, base, as_dict(data.names, w))
         reference_tokens += int(read_model_manifest(folder).get("tokens", 0))
         model = load_for_eval(config, folder, device)
         reference_results.append(evaluator.evaluate(model))
@@ -135,71 +136,13 @@ def fidelity_warnings(result: dict[str, Any]) -> list[str]:
             f"(signal/noise {quiet}): they add noise to every ranking; drop them or raise "
             f"evaluate.limit"
         )
-    large = {n: round(v, 3) for n, v in result["relative_delta_norms"].items() if v > SMALL_UPDATE}
+    large = large_updates(result["relative_delta_norms"])
     if large:
         warnings.append(
             f"components moved far from the base (||delta||/||base|| > {SMALL_UPDATE}): {large}; "
             f"merged proxies assume small updates (lower the component lr or budget)"
         )
     return warnings
-
-
-def write_fidelity_report(path: Path, result: dict[str, Any]) -> Path:
-    """fidelity.html: a proxy-vs-reference scatter per category and the aggregate, and the table."""
-    from demix.report import _page, _png, _table, plt
-
-    body = ["<h1>DeMix proxy fidelity</h1>"]
-    body += [f"<p><b>warning:</b> {w}</p>" for w in result["warnings"]]
-    rows = []
-    for category, entry in result["categories"].items():
-        weight = entry["trivial_weight"]
-        rows.append(
-            [
-                category,
-                entry["proxy"]["rho"],
-                entry["trivial_linear"]["rho"],
-                weight["rho"] if weight else "-",
-                entry["proxy"]["rho_top_quarter"],
-                entry["proxy"]["regret"],
-                entry["trivial_linear"]["regret"],
-                result["crr"].get(category, result["crr"]["mean"]),
-            ]
-        )
-    body.append(
-        _table(
-            [
-                "category",
-                "rho proxy",
-                "rho weights fit",
-                "rho own weight",
-                "rho top quarter",
-                "regret proxy",
-                "regret weights fit",
-                "CRR",
-            ],
-            rows,
-        )
-    )
-    if result.get("tasks"):
-        body.append(
-            _table(
-                ["task", "rho proxy", "reference spread", "reference stderr", "signal/noise"],
-                [
-                    [t, e["rho"], e["spread"], e["stderr"], e["snr"]]
-                    for t, e in result["tasks"].items()
-                ],
-            )
-        )
-    for category in result["categories"]:
-        fig, ax = plt.subplots(figsize=(4, 4))
-        ax.scatter(result["reference_scores"][category], result["proxy_scores"][category], s=28)
-        rho = result["categories"][category]["proxy"]["rho"]
-        ax.set_xlabel("trained reference score")
-        ax.set_ylabel("merged proxy score")
-        ax.set_title(f"{category} (Spearman {rho:.2f})")
-        body.append(f'<img src="data:image/png;base64,{_png(fig)}">')
-    atomic_write_text(path, _page("DeMix fidelity", body))
-    return path
 
 
 def validate_step(
@@ -214,8 +157,6 @@ def validate_step(
 
     Works under `fidelity_out`.work (references are kept there for a retried task).
     """
-    from demix.stages import read_model_index
-
     work = fidelity_out.with_name(fidelity_out.name + ".work")
     result = validate_stage(
         config, CuratedData(data_dir), base, read_model_index(component_index), work

@@ -10,8 +10,8 @@ batch; the main process alone writes checkpoints and the model.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
+import logging
 import math
 import shutil
 import sys
@@ -20,25 +20,27 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from demix.checkpoint import read_model_manifest
 from demix.config import ArchitectureConfig, ModelConfig, StageTraining, TrainConfig
 from demix.data.shards import CuratedData, MixtureSampler
 from demix.distributed import make_accelerator
-from demix.errors import DemixError
 from demix.model import build_tiny_llama, load_model, resolve_device, save_model
-from demix.storage import read_manifest, recover_replaced_dir, staged_dir, write_manifest
+from demix.train.job import finished, job_fingerprint
+from demix.train.state import (
+    TrainingError,
+    is_fsdp,
+    resume,
+    save_checkpoint,
+)
 
-CHECKPOINT_KIND = "demix.checkpoint"
+log = logging.getLogger(__name__)
 
-
-class TrainingError(DemixError):
-    """Training diverged (non-finite loss)."""
+# Runs after each checkpoint is saved (publishes the checkpoints of a gs:// output).
+CheckpointHook = Callable[[Path], None] | None
 
 
 def lr_at(step: int, total_steps: int, stage: StageTraining) -> float:
@@ -69,137 +71,6 @@ def _sampler_seed(seed: int, role: str, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(f"{role}:{name}".encode())) % (2**32)
 
 
-def _full_state(accelerator, model, optimizer) -> tuple[dict, dict]:
-    """(parameters by name, optimizer state_dict with integer parameter ids) of the whole model.
-
-    Under FSDP both are gathered (every process must call this) and complete on the main
-    process only; otherwise every process holds them already (DDP keeps replicas identical).
-    """
-    if not _is_fsdp(accelerator):
-        # named_parameters lists tied weights once (safetensors refuses shared storage)
-        params = {k: p.detach() for k, p in accelerator.unwrap_model(model).named_parameters()}
-        return params, optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    names = _param_names(optimizer)
-    state = accelerator.get_state_dict(model)
-    params = {k: v for k, v in state.items() if k in set(names)}
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    opt = get_optimizer_state_dict(model, optimizer.optimizer, options=options)
-    index = {name: i for i, name in enumerate(names)}
-    return params, {
-        "state": {index[k]: v for k, v in opt.get("state", {}).items()},
-        "param_groups": [
-            {**g, "params": [index[n] for n in g["params"]]} for g in opt.get("param_groups", [])
-        ],
-    }
-
-
-def _is_fsdp(accelerator) -> bool:
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type == DistributedType.FSDP
-
-
-def _param_names(optimizer) -> list[str]:
-    """Parameter names in optimizer order (the integer ids of a saved optimizer state)."""
-    return [name for group in optimizer.param_groups for name in group["names"]]
-
-
-def _save_checkpoint(
-    accelerator, ckpt: Path, job_id: str, model, optimizer, sampler, step: int, history: list
-) -> None:
-    params, opt = _full_state(accelerator, model, optimizer)
-    if not accelerator.is_main_process:
-        return
-    with staged_dir(ckpt) as tmp:
-        save_file({k: p.contiguous() for k, p in params.items()}, tmp / "model.safetensors")
-        tensors = {
-            f"{idx}.{key}": value.contiguous()
-            for idx, state in opt["state"].items()
-            for key, value in state.items()
-        }
-        # Every process seeds alike and draws alike, so the main process's RNG is everyone's.
-        tensors["rng.torch_cpu"] = torch.get_rng_state()
-        save_file(tensors, tmp / "optimizer.safetensors")
-        state = {
-            "job": job_id,
-            "step": step,
-            "sampler": sampler.state_dict(),
-            "param_groups": [
-                {k: v for k, v in g.items() if k != "names"} for g in opt["param_groups"]
-            ],
-            "history": history,
-        }
-        (tmp / "state.json").write_text(json.dumps(state))
-        write_manifest(tmp, CHECKPOINT_KIND, step=step)
-
-
-def _checkpoint_job(ckpt: Path) -> str | None:
-    """The job id a checkpoint was saved for (None when its state is unreadable)."""
-    try:
-        return json.loads((ckpt / "state.json").read_text()).get("job")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a checkpoint file, parsed as safetensors only (never unpickled).
-
-    Raises TrainingError naming the file when it is not a safetensors file.
-    """
-    try:
-        return load_file(path)
-    except Exception as err:  # noqa: BLE001 (SafetensorError, OSError: one line, not a traceback)
-        raise TrainingError(
-            f"{path}: not a readable safetensors checkpoint ({type(err).__name__}); delete "
-            f"{path.parent} to train from the start"
-        ) from None
-
-
-def _load_checkpoint(ckpt: Path, accelerator, model, optimizer, sampler) -> tuple[int, list]:
-    """Restore a checkpoint on every process (each reads the folder; FSDP scatters its shards)."""
-    read_manifest(ckpt, kind=CHECKPOINT_KIND, verify=True)
-    params = _load_tensors(ckpt / "model.safetensors")
-    tensors = _load_tensors(ckpt / "optimizer.safetensors")
-    torch.set_rng_state(tensors.pop("rng.torch_cpu"))
-    state = json.loads((ckpt / "state.json").read_text())
-    opt_state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        idx, name = key.split(".", 1)
-        opt_state.setdefault(int(idx), {})[name] = value
-    names = [group["names"] for group in optimizer.param_groups]
-    groups = [{**g, "names": n} for g, n in zip(state["param_groups"], names, strict=True)]
-    if _is_fsdp(accelerator):
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
-
-        options = StateDictOptions(full_state_dict=True, strict=False)
-        set_model_state_dict(model, params, options=options)
-        order = _param_names(optimizer)
-        by_name = {
-            "state": {order[i]: v for i, v in opt_state.items()},
-            "param_groups": [{**g, "params": g["names"]} for g in groups],
-        }
-        set_optimizer_state_dict(model, optimizer.optimizer, by_name, options=options)
-    else:
-        live = dict(accelerator.unwrap_model(model).named_parameters())
-        with torch.no_grad():
-            for name, value in params.items():
-                live[name].copy_(value)
-        optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
-    sampler.load_state_dict(state["sampler"])
-    return state["step"], state["history"]
-
-
-def fingerprint(**parts) -> str:
-    """Stable hash of a job's inputs: same inputs -> same outputs (resume and cache key)."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def train_model(
     out: str | Path,
     data: CuratedData,
@@ -214,7 +85,7 @@ def train_model(
     arch: ArchitectureConfig | None = None,
     stop_at_step: int | None = None,
     quiet: bool = False,
-    on_checkpoint: Callable[[Path], None] | None = None,
+    on_checkpoint: CheckpointHook = None,
 ) -> dict | None:
     """Train from `init` (or a fresh tiny Llama) on the data mixture `weights`; save an HF folder.
 
@@ -230,31 +101,10 @@ def train_model(
     """
     out = Path(out)
     ckpt = out.with_name(out.name + ".ckpt")
-    init_id = read_model_manifest(init).get("fingerprint", str(init)) if init else None
-    job_id = fingerprint(
-        role=role,
-        name=name,
-        weights=weights,
-        stage=stage.model_dump(),
-        seed=seed,
-        init=init_id,
-        # how the global batch is computed (processes, micro-batches, sharding) is not the job
-        train=train.model_dump(
-            exclude={
-                "base",
-                "component",
-                "final",
-                "checkpoint_every",
-                "log_every",
-                "micro_batch_size",
-                "fsdp",
-            }
-        ),
-        data=read_manifest(data.root).get("files"),
-        arch=arch.model_dump() if arch else None,
-    )
-    if (out / "manifest.json").is_file() and read_model_manifest(out).get("fingerprint") == job_id:
-        return read_model_manifest(out)
+    job_id = job_fingerprint(data, weights, stage, train, seed, role, name, init, arch)
+    done = finished(out, job_id)
+    if done is not None:
+        return done
 
     accelerator = make_accelerator(train)
     rank, processes = accelerator.process_index, accelerator.num_processes
@@ -286,17 +136,9 @@ def train_model(
     )
     total_steps = max(1, math.ceil(stage.tokens / train.tokens_per_step))
 
-    step, history = 0, []
-    if main:
-        recover_replaced_dir(ckpt)  # a kill between the two renames of a checkpoint save
-    accelerator.wait_for_everyone()
-    # A checkpoint of a different job (changed config or data) is never resumed.
-    if (ckpt / "manifest.json").is_file() and _checkpoint_job(ckpt) == job_id:
-        step, history = _load_checkpoint(ckpt, accelerator, model, optimizer, sampler)
-        if not quiet and main:
-            print(
-                f"[demix] train {role} {name}: resumed at step {step} from {ckpt}", file=sys.stderr
-            )
+    step, history = resume(ckpt, job_id, accelerator, model, optimizer, sampler)
+    if step and not quiet and main:
+        log.info("train %s %s: resumed at step %d from %s", role, name, step, ckpt)
 
     bar = tqdm(
         total=total_steps,
@@ -356,9 +198,7 @@ def train_model(
                 bar.set_postfix(loss=f"{running:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
             bar.update(1)
             if step == stop_at_step or (step % train.checkpoint_every == 0 and step < total_steps):
-                _save_checkpoint(
-                    accelerator, ckpt, job_id, model, optimizer, sampler, step, history
-                )
+                save_checkpoint(accelerator, ckpt, job_id, model, optimizer, sampler, step, history)
                 if on_checkpoint is not None and main:
                     on_checkpoint(ckpt)
                 accelerator.wait_for_everyone()
@@ -369,7 +209,7 @@ def train_model(
 
     elapsed = time.perf_counter() - t0
     # FSDP: the full weights, gathered by every process (None: the model's own tensors)
-    full = accelerator.get_state_dict(model) if _is_fsdp(accelerator) else None
+    full = accelerator.get_state_dict(model) if is_fsdp(accelerator) else None
     if main:
         save_model(
             accelerator.unwrap_model(model),
@@ -392,12 +232,3 @@ def train_model(
         shutil.rmtree(ckpt, ignore_errors=True)
     accelerator.wait_for_everyone()
     return read_model_manifest(out)
-
-
-def component_weights(
-    names: list[str], target: str, general: np.ndarray, general_ratio: float
-) -> dict[str, float]:
-    """Training mix of the component for `target`: general_ratio general data + the rest target."""
-    mix = general_ratio * general
-    mix[names.index(target)] += 1 - general_ratio
-    return {n: float(w) for n, w in zip(names, mix, strict=True)}

@@ -1,0 +1,93 @@
+"""Mixture arithmetic: the token prior, the mixing matrix M, data -> component weights, baselines.
+
+A data mixture d says what a model trains on. Component i was trained on `general_ratio` general
+data plus the rest dataset i (column i of M), so the merged proxy of d uses component weights
+c = M^-1 d (`merge.weights: data`) or c = d (`merge.weights: component`). Everything here is
+numpy on the curated dataset's names and token counts; no model is read.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from demix.config import RunConfig
+from demix.data.shards import CuratedData
+from demix.errors import DemixError
+from demix.merge.weights import component_mix_matrix, data_to_component
+
+# The final models a run trains: the chosen mixture and the two baselines, in report order.
+FINAL_LABELS = ("chosen", "uniform", "token_prior")
+
+
+def as_dict(names: list[str], weights) -> dict[str, float]:
+    """Weights in `names` order as {name: float}."""
+    return {n: float(w) for n, w in zip(names, weights, strict=True)}
+
+
+def prior_vector(data: CuratedData) -> np.ndarray:
+    """The token prior (each dataset's share of the training tokens) in `data.names` order."""
+    return np.array([data.token_prior[n] for n in data.names])
+
+
+def general_mix(config: RunConfig, data: CuratedData) -> np.ndarray:
+    """The general data every component sees: the named general dataset, else the token prior."""
+    if config.data.general is not None:
+        g = np.zeros(len(data.names))
+        g[data.names.index(config.data.general)] = 1.0
+        return g
+    return prior_vector(data)
+
+
+def mix_matrix(config: RunConfig, data: CuratedData) -> np.ndarray:
+    """M: column i is component i's training data mix."""
+    return component_mix_matrix(data.names, general_mix(config, data), config.train.general_ratio)
+
+
+def component_training_mix(config: RunConfig, data: CuratedData, dataset: str) -> dict[str, float]:
+    """The data mix component `dataset` trains on (its column of M).
+
+    Raises DemixError when `dataset` is not one of the curated datasets.
+    """
+    if dataset not in data.names:
+        raise DemixError(f"--dataset {dataset!r} is not one of {data.names}")
+    return as_dict(data.names, mix_matrix(config, data)[:, data.names.index(dataset)])
+
+
+def merge_weights(config: RunConfig, data: CuratedData, mixture: np.ndarray) -> np.ndarray:
+    """Component weights of the proxy for a data mixture (`merge.weights: data | component`)."""
+    if config.merge.weights == "component":
+        return np.asarray(mixture, dtype=np.float64)
+    return data_to_component(mix_matrix(config, data), mixture)
+
+
+def baseline_mixtures(data: CuratedData) -> dict[str, dict[str, float]]:
+    """Uniform over datasets and the token-proportional prior."""
+    n = len(data.names)
+    return {
+        "uniform": {name: 1.0 / n for name in data.names},
+        "token_prior": dict(data.token_prior),
+    }
+
+
+def final_mixture(label: str, selection: dict, data: CuratedData) -> dict[str, float]:
+    """The data mixture of a final model: the chosen one or a baseline.
+
+    Raises DemixError for a label that is none of FINAL_LABELS.
+    """
+    if label == "chosen":
+        return selection["mixture"]
+    baselines = baseline_mixtures(data)
+    if label not in baselines:
+        raise DemixError(f"final model label {label!r} is not one of {list(FINAL_LABELS)}")
+    return baselines[label]
+
+
+def components_in_order(data: CuratedData, components: dict) -> list:
+    """The component of each dataset, in `data.names` order.
+
+    Raises DemixError naming the datasets that have no component.
+    """
+    missing = sorted(set(data.names) - set(components))
+    if missing:
+        raise DemixError(f"no component model given for dataset(s) {missing}")
+    return [components[n] for n in data.names]

@@ -1,0 +1,101 @@
+"""summary.json of a run: one function builds it for `demix run` and the pipeline alike.
+
+`timings_s` are the seconds of work each stage's artifacts record (curation, training of the
+base, the components and the final models, proxy evaluations, and the evaluation of the final
+models), so they mean the same on every path and survive a resume; the end-to-end wall time of
+a run, which includes what was skipped or cached, is `wall_s`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from demix.checkpoint import manifest_total
+from demix.config import RunConfig
+from demix.data.shards import CuratedData
+from demix.mixtures import FINAL_LABELS, baseline_mixtures
+from demix.storage import atomic_write_json
+
+
+def stage_timings(
+    config: RunConfig,
+    data: CuratedData,
+    selection: dict,
+    base: Path,
+    components: dict[str, Path],
+    finals: dict[str, Path],
+    final_eval_seconds: float,
+) -> dict[str, float]:
+    """Seconds of work per stage, read from the artifacts."""
+    return {
+        "curate": round(float(data.manifest.get("seconds", 0.0)), 1),
+        "base": 0.0 if config.model.base else round(manifest_total([base], "seconds"), 1),
+        "components": round(manifest_total(components.values(), "seconds"), 1),
+        "search": round(sum(row.get("time_s", 0.0) for row in selection["history"]), 1),
+        "final": round(manifest_total(finals.values(), "seconds") + final_eval_seconds, 1),
+    }
+
+
+def summarize(
+    config: RunConfig,
+    data: CuratedData,
+    selection: dict,
+    final_scores: dict,
+    base: Path,
+    components: dict[str, Path],
+    finals: dict[str, Path],
+    timings: dict[str, float],
+) -> dict:
+    """The run's summary.json contract."""
+    return {
+        "datasets": data.names,
+        "token_prior": dict(data.token_prior),
+        "mixture": selection["mixture"],
+        "component_weights": selection["component_weights"],
+        "proxies_evaluated": selection["proxies_evaluated"],
+        "search_rounds": selection["rounds"],
+        "predictor_spearman": selection["predictor_spearman"],
+        "relative_delta_norms": selection["relative_delta_norms"],
+        "baselines": baseline_mixtures(data),
+        "final": final_scores,
+        "search_method": config.search.method,
+        "training_tokens": {
+            "base": 0 if config.model.base else int(manifest_total([base], "tokens")),
+            "components": int(manifest_total(components.values(), "tokens")),
+            "search_proxies": int(selection.get("proxy_training_tokens", 0)),
+            "final": int(manifest_total(finals.values(), "tokens")),
+        },
+        "timings_s": timings,
+    }
+
+
+def write_summary(out: Path, summary: dict, selection: dict, config: RunConfig) -> None:
+    """summary.json and report.html into `out`."""
+    from demix.report.run import write_report
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "summary.json", summary)
+    write_report(out, summary, selection, config)
+
+
+def add_wall_times(out: Path, summary: dict, wall: dict[str, float]) -> dict:
+    """Record end-to-end wall times (`wall_s`) in the summary and rewrite summary.json."""
+    summary["wall_s"] = {k: round(v, 1) for k, v in wall.items()}
+    atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def print_summary(summary: dict, out: Path) -> None:
+    """The short table `demix run` and `make demo` print at the end."""
+    names = summary["datasets"]
+    mixtures = {"chosen": summary["mixture"], **summary["baselines"]}
+    width = max(12, *(len(n) for n in names))
+    print(f"\n{'mixture':<12}" + "".join(f"{n:>{width}}" for n in names) + f"{'ranking score':>16}")
+    for label in FINAL_LABELS:
+        weights = "".join(f"{mixtures[label][n]:>{width}.3f}" for n in names)
+        print(f"{label:<12}{weights}{summary['final'][label]['ranking_score']:>16.3f}")
+    print(
+        f"\n{summary['proxies_evaluated']} proxies in {summary['search_rounds']} rounds; "
+        f"work per stage (s): {summary['timings_s']}; wall (s): {summary.get('wall_s', {})}"
+    )
+    print(f"wrote {out / 'summary.json'} and {out / 'report.html'}")
