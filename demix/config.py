@@ -246,6 +246,8 @@ class EvaluateConfig(Strict):
     include_path: str | None = None
     data_dir: str | None = None
     engine: Literal["lm-eval", "fast"] = "fast"
+    # weight of each category in the search objective and the final verdict (default: equal)
+    category_weights: dict[str, float] | None = None
 
     @field_validator("categories")
     @classmethod
@@ -277,7 +279,12 @@ class SamplerConfig(Strict):
 
 
 class PredictorConfig(Strict):
-    """LightGBM regressor mixture -> ranking score."""
+    """The regressor mixture -> search target: `kind` lightgbm (the paper's), ridge (the authors'
+    fallback for few points) or auto (per fit, the one with the higher cross-validated
+    Spearman; the report says which and why)."""
+
+    kind: Literal["lightgbm", "ridge", "auto"] = "lightgbm"
+    ridge_alpha: float = Field(default=1.0, gt=0)
 
     num_iterations: int = Field(default=300, ge=1)
     learning_rate: float = Field(default=0.01, gt=0)
@@ -297,6 +304,8 @@ class SearchConfig(Strict):
     """
 
     method: Literal["merge", "trained"] = "merge"
+    # what the predictor learns and the search maximises (demix.search.objective)
+    objective: Literal["ranking", "normalized"] = "ranking"
     n: int = Field(default=8, ge=4)
     rounds: int = Field(default=3, ge=1)
     # the authors' pool and final top (train_predictor.py); top_k is also the predicted top an
@@ -352,6 +361,14 @@ class RunConfig(Strict):
                 f"when train.general_ratio > 0; set merge.weights: component, or use linear, "
                 f"task_arithmetic or dare_linear"
             )
+        unknown = sorted(set(self.evaluate.category_weights or {}) - set(self.evaluate.categories))
+        if unknown:
+            raise ValueError(f"evaluate.category_weights names no category: {unknown}")
+        if self.evaluate.category_weights is not None and (
+            any(w < 0 for w in self.evaluate.category_weights.values())
+            or sum(self.evaluate.category_weights.values()) <= 0
+        ):
+            raise ValueError("evaluate.category_weights must be >= 0 with a positive sum")
         names = set(self.data.names)
         for category, tasks in self.evaluate.categories.items():
             for task in tasks:

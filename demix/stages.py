@@ -42,7 +42,7 @@ from demix.proxies import (
     load_for_eval,
     make_evaluator,
     merge_method,
-    scorer,
+    search_objective,
     warn_large_updates,
 )
 from demix.report.summary import stage_timings, summarize, write_summary
@@ -232,7 +232,7 @@ def search_stage(
         config.search,
         config.seed,
         proxy,
-        scorer(config),
+        search_objective(config),
         table,
         key=proxy.key,
     )
@@ -261,14 +261,14 @@ def propose_stage(
         prior_vector(data),
         config.search,
         config.seed,
-        scorer(config),
+        search_objective(config),
     )
 
 
 def select_stage(config: RunConfig, data: CuratedData, rows: list[dict]) -> dict:
     """The final mixture from every scored proxy (run_search's last step), as result.json."""
     found = final_selection(
-        rows, data.names, prior_vector(data), config.search, config.seed, scorer(config)
+        rows, data.names, prior_vector(data), config.search, config.seed, search_objective(config)
     )
     return describe_selection(config, data, found, None)
 
@@ -302,7 +302,9 @@ def predict_stage(
         result = propose_stage(config, data, rows, round_index)
         metrics["proposals"] = len(result)
     if rows:
-        metrics["best_ranking_score"] = max(scorer(config)([row["tasks"] for row in rows]))
+        metrics["best_observed"] = float(
+            max(search_objective(config).observed([row["tasks"] for row in rows]))
+        )
     atomic_write_json(result_out, result)
     return metrics
 

@@ -25,6 +25,7 @@ from demix.search import (
     uniform_mixture,
     validate_mixture,
 )
+from demix.search.objective import Objective
 from demix.search.rounds import candidate_pool
 from demix.search.sampler import to_grid
 
@@ -312,9 +313,8 @@ def _evaluate(calls: list, fail_after: int | None = None):
     return evaluate
 
 
-def _percentile_scores(results: list[dict]) -> list[float]:
-    values = np.array([r["t"]["value"] for r in results])
-    return list(np.argsort(np.argsort(values)) / max(1, len(values) - 1))
+# the paper's objective over one category of one task
+OBJECTIVE = Objective.from_config("ranking", {"all": ["t"]}, None)
 
 
 CONFIG = SearchConfig(n=8, rounds=3, candidates=2000, top_k=16)
@@ -327,7 +327,7 @@ def _search(path, calls: list, fail_after: int | None = None, seed: int = 0) -> 
         CONFIG,
         seed,
         _evaluate(calls, fail_after),
-        _percentile_scores,
+        OBJECTIVE,
         ScoresTable(path / "scores.jsonl"),
     )
 
@@ -392,11 +392,11 @@ def test_rows_in_any_order_give_the_same_proposals_and_mixture(full_search):
     random.Random(0).shuffle(shuffled)
     shuffled.append(json.loads(json.dumps(shuffled[0])))  # a duplicate, as a re-merged shard
     for r in (1, 2):
-        a = round_proposals(r, rows, NAMES, PRIOR, CONFIG, 0, _percentile_scores)
-        b = round_proposals(r, shuffled, NAMES, PRIOR, CONFIG, 0, _percentile_scores)
+        a = round_proposals(r, rows, NAMES, PRIOR, CONFIG, 0, OBJECTIVE)
+        b = round_proposals(r, shuffled, NAMES, PRIOR, CONFIG, 0, OBJECTIVE)
         assert a == b
         assert [p["id"] for p in a] == [row["id"] for row in rows if row["round"] == r]
-    selected = final_selection(shuffled, NAMES, PRIOR, CONFIG, 0, _percentile_scores)
+    selected = final_selection(shuffled, NAMES, PRIOR, CONFIG, 0, OBJECTIVE)
     np.testing.assert_array_equal(selected["mixture"], found["mixture"])
     assert selected["proxies_evaluated"] == 14
 

@@ -8,7 +8,7 @@ import numpy as np
 
 from demix.config import RunConfig
 from demix.mixtures import FINAL_LABELS as LABELS
-from demix.proxies import scorer
+from demix.proxies import search_objective
 from demix.report.html import grouped_bars, page, plt, png, table
 from demix.search.predictor import cross_val_predictions
 from demix.search.results import ScoresTable
@@ -150,7 +150,7 @@ def write_search_report(history: Path, config: RunConfig, out: Path) -> Path:
     rows = ScoresTable(history).rows()
     body = ["<h1>DeMix search so far</h1>", f"<p>{len(rows)} proxies scored.</p>"]
     if rows:
-        scores = scorer(config)([row["tasks"] for row in rows])
+        scores = search_objective(config).observed([row["tasks"] for row in rows])
         history_rows = [{**row, "ranking_score": s} for row, s in zip(rows, scores, strict=True)]
         names = list(rows[0]["weights"])
         body.append(f'<img src="data:image/png;base64,{plot_search_progress(history_rows)}">')
