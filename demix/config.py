@@ -320,6 +320,13 @@ class SearchConfig(Strict):
         return [max(1, self.n >> r) for r in range(self.rounds)]
 
 
+class FinalConfig(Strict):
+    """The final models: each mixture (chosen, uniform, token prior) is trained with `seeds`
+    training seeds (run seed, run seed + 1, ...), and the verdict pairs them seed by seed."""
+
+    seeds: int = Field(default=1, ge=1)
+
+
 class FidelityConfig(Strict):
     """`demix validate`: R sampled reference mixtures plus the vertices and the uniform mixture,
     each trained from the base with the component budget and compared with its merged proxy.
@@ -342,6 +349,7 @@ class RunConfig(Strict):
     merge: MergeConfig = MergeConfig()
     evaluate: EvaluateConfig
     search: SearchConfig = SearchConfig()
+    final: FinalConfig = FinalConfig()
     fidelity: FidelityConfig = FidelityConfig()
 
     @model_validator(mode="after")

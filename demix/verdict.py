@@ -289,3 +289,85 @@ def holm(comparisons: Mapping[str, Comparison], alpha: float = ALPHA) -> dict[st
         adjusted = max(adjusted, min(1.0, (m - k) * c.p_value))
         out[name] = replace(widened, p_value=adjusted)
     return {name: out[name] for name in comparisons}
+
+
+def oriented_documents(result: Mapping[str, dict], task: str, where: str) -> np.ndarray:
+    """A task's per-document scores (`per_doc`) oriented so that higher is better.
+
+    Raises ValueError naming `where` and the task when the result has no per-document scores.
+    """
+    entry = result.get(task)
+    if entry is None or entry.get("per_doc") is None:
+        raise ValueError(
+            f"{where}: task {task!r} has no per-document scores (per_doc); evaluate the final "
+            "models again with this version"
+        )
+    sign = 1.0 if entry["higher_is_better"] else -1.0
+    return sign * np.asarray(entry["per_doc"], dtype=np.float64)
+
+
+def final_verdict(
+    results: Mapping[str, Sequence[Mapping[str, dict]]],
+    categories: Mapping[str, Sequence[str]],
+    category_weights: Mapping[str, float] | None = None,
+    chosen: str = "chosen",
+    *,
+    resamples: int = RESAMPLES,
+    alpha: float = ALPHA,
+    seed: int = 0,
+) -> dict[str, dict]:
+    """The chosen final model against each baseline, paired over documents (and seeds).
+
+    results: {label: [one evaluation result per seed]} with per-document scores, the same seeds
+    for every label. For every baseline, per task (its oriented mean difference), per category
+    (the mean of its tasks' standardised differences) and on the objective (categories weighted
+    by category_weights, default equal): the difference, its 95% bootstrap interval widened by
+    Holm over the baselines, the Holm-adjusted p-value and the verdict (better | worse |
+    inconclusive). Returns {baseline: {"objective": ..., category: ..., "tasks": {task: ...}}}.
+    Raises ValueError when a label lacks per-document scores or the seeds differ.
+    """
+    if chosen not in results:
+        raise ValueError(f"no {chosen!r} model among {sorted(results)}")
+    seeds = {label: len(runs) for label, runs in results.items()}
+    if len(set(seeds.values())) != 1:
+        raise ValueError(f"final models have different numbers of seeds: {seeds}")
+    weights = {c: float((category_weights or {}).get(c, 1.0)) for c in categories}
+    total = sum(weights.values())
+
+    def docs(label: str, task: str) -> np.ndarray:
+        rows = [
+            oriented_documents(r, task, f"final {label} seed {s}")
+            for s, r in enumerate(results[label])
+        ]
+        return np.vstack(rows)
+
+    raw: dict[str, dict[str, Comparison]] = {}
+    for baseline in (label for label in results if label != chosen):
+        comparisons: dict[str, Comparison] = {}
+        pairs, pair_weights = [], []
+        for category, tasks in categories.items():
+            category_pairs = [(docs(chosen, t), docs(baseline, t)) for t in tasks]
+            comparisons[category] = category_bootstrap(
+                category_pairs, resamples=resamples, seed=seed
+            )
+            if weights[category] > 0:
+                pairs += category_pairs
+                pair_weights += [weights[category] / total / len(tasks)] * len(tasks)
+        comparisons["objective"] = category_bootstrap(
+            pairs, pair_weights, resamples=resamples, seed=seed
+        )
+        for task in dict.fromkeys(t for tasks in categories.values() for t in tasks):
+            comparisons[f"task:{task}"] = paired_bootstrap(
+                docs(chosen, task), docs(baseline, task), resamples=resamples, seed=seed
+            )
+        raw[baseline] = comparisons
+    out: dict[str, dict] = {baseline: {"tasks": {}} for baseline in raw}
+    for key in next(iter(raw.values()), {}):
+        family = holm({baseline: raw[baseline][key] for baseline in raw}, alpha)
+        for baseline, comparison in family.items():
+            entry = comparison.to_dict()
+            if key.startswith("task:"):
+                out[baseline]["tasks"][key[5:]] = entry
+            else:
+                out[baseline][key] = entry
+    return out
