@@ -21,8 +21,9 @@ element. What an element is, by the aggregation of the task's reported metric:
   weighted mean is lm-eval's group aggregate (weighted by task size or not).
 
 `doc_weight` is present only where documents weigh differently (absent: all weigh the same).
-Corpus-level metrics (f1, bleu, matthews_corrcoef, ...) and groups of perplexities have no
-per-document score: their `per_doc` is None. `per_doc_value` recomputes a task's value from these
+Any other aggregation (corpus-level metrics such as f1, bleu, matthews_corrcoef; median; a
+task's own function) and groups of perplexities have no per-document score that gives back the
+value: their `per_doc` is None. `per_doc_value` recomputes a task's value from these
 fields, over all documents or over any resample of them (a bootstrap).
 """
 
