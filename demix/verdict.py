@@ -292,7 +292,8 @@ def holm(comparisons: Mapping[str, Comparison], alpha: float = ALPHA) -> dict[st
 
 
 def oriented_documents(result: Mapping[str, dict], task: str, where: str) -> np.ndarray:
-    """A task's per-document scores (`per_doc`) oriented so that higher is better.
+    """A task's per-document scores (`per_doc`) oriented so that higher is better, scaled by
+    their `doc_weight` (bytes, tokens) where documents weigh differently.
 
     Raises ValueError naming `where` and the task when the result has no per-document scores.
     """
@@ -303,7 +304,17 @@ def oriented_documents(result: Mapping[str, dict], task: str, where: str) -> np.
             "models again with this version"
         )
     sign = 1.0 if entry["higher_is_better"] else -1.0
-    return sign * np.asarray(entry["per_doc"], dtype=np.float64)
+    values = np.asarray(entry["per_doc"], dtype=np.float64)
+    if entry.get("per_doc_mean") == "geometric":  # perplexities: compare their logs
+        values = np.log(values)
+    weights = entry.get("doc_weight")
+    if weights is not None:
+        # documents of different sizes (bytes, tokens): scaled so that the plain mean over
+        # documents is the task's weighted mean; the same weights for every model scored on
+        # these documents, so differences stay paired
+        w = np.asarray(weights, dtype=np.float64)
+        values = values * w * (len(w) / w.sum())
+    return sign * values
 
 
 def final_verdict(

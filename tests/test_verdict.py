@@ -273,3 +273,17 @@ def test_bad_input_is_one_clear_line(call, expected):
     with pytest.raises(ValueError, match=expected) as err:
         call()
     assert "\n" not in str(err.value)
+
+
+def test_documents_of_different_sizes_count_by_their_weight():
+    """bits per byte and held-out loss weigh documents by bytes / tokens: the oriented scores'
+    plain mean is the task's weighted mean (what its value reports), negated for a loss."""
+    from demix.verdict import oriented_documents
+
+    entry = {"higher_is_better": False, "per_doc": [1.0, 2.0, 4.0], "doc_weight": [10, 30, 60]}
+    scores = oriented_documents({"t": entry}, "t", "here")
+    assert scores.mean() == pytest.approx(-(10 * 1 + 30 * 2 + 60 * 4) / 100)
+    plain = oriented_documents({"t": {"higher_is_better": True, "per_doc": [0, 1, 1]}}, "t", "x")
+    np.testing.assert_array_equal(plain, [0, 1, 1])
+    with pytest.raises(ValueError, match="no per-document scores"):
+        oriented_documents({"t": {"higher_is_better": True, "per_doc": None}}, "t", "final x")
