@@ -3,7 +3,8 @@
 Each stage reads its inputs (curated dataset, model folders, JSON tables), writes one artifact
 folder or file (manifest last) and returns what it made. The recipes (`demix run`, validate,
 reproduce) and the KFP components call these same functions, so a stage behaves the same in a
-local run and in a pipeline task; neither adds logic of its own.
+local run and in a pipeline task; neither adds logic of its own. (Over 400 lines as one
+coherent thing: the list of stages a reader looks up in one place.)
 
     curation     curate | plan_curation_stage -> curate_group_stage -> merge_curation_stage
     training     train_stage (base, component, reference, final; 1 or N processes)

@@ -5,7 +5,8 @@ whatever the task's source, so the scoring code never needs to know where a numb
 `per_doc` holds the score of each document (each window of a held-out task) in an order that is
 the same for every model and both engines, with `doc_weight` where documents weigh differently;
 `per_doc.py` says what an element is for each kind of metric. They come from the per-document
-results both engines produce anyway (no extra forward pass).
+results both engines produce anyway (no extra forward pass). (Over 400 lines as one coherent
+thing: the Evaluator and its two engines' common result format.)
 
 Primary metric per task: `acc_norm` for ranked-choice tasks, because unnormalised `acc` sums the
 log-likelihood of each choice and so favours short choices; dividing by the choice's length in
