@@ -24,6 +24,7 @@ from components.curate_group import curate_group
 from components.dataset_names import dataset_names
 from components.evaluate_final import evaluate_final
 from components.evaluate_proxies import evaluate_proxies
+from components.final_runs import final_runs
 from components.merge import merge
 from components.plan_curation import plan_curation
 from components.predict import predict
@@ -31,7 +32,6 @@ from components.resolve_config import resolve_config
 from components.train_final import train_final
 from components.train_model import train_model
 from components.validate_fidelity import validate_fidelity
-from demix.mixtures import FINAL_LABELS
 from deploy import local
 from deploy.fingerprint import data_fingerprint
 from deploy.placement import (
@@ -177,7 +177,8 @@ def build_pipeline(placement: Placement):
             ),
             placement,
         )
-        with dsl.ParallelFor(list(FINAL_LABELS), parallelism=placement.parallelism) as label:
+        runs = on_cpu(final_runs(config=cfg), placement)  # each label for each final seed
+        with dsl.ParallelFor(runs.output, parallelism=placement.parallelism) as label:
             final = on_training_gpus(
                 train_final(
                     config=cfg,

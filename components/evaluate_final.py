@@ -16,7 +16,8 @@ def evaluate_final(
     metrics: Output[Metrics],
     report: Output[HTML],
 ):
-    """Evaluate the chosen and baseline final models; summary.json, report.html, final Metrics."""
+    """Evaluate the chosen and baseline final models and judge the chosen mixture against the
+    baselines; summary.json, report.html, the verdict's differences and intervals as Metrics."""
     import json
     import shutil
     from pathlib import Path
@@ -38,9 +39,10 @@ def evaluate_final(
         out,
     )
     shutil.copy(out / "report.html", report.path)
-    for label, scores in result["final"].items():
-        metrics.log_metric(f"{label}/ranking_score", scores["ranking_score"])
-        for category, value in scores["categories"].items():
-            metrics.log_metric(f"{label}/{category}", value)
+    for baseline, entries in result["verdict"].items():
+        for key, entry in entries.items():
+            if key != "tasks":
+                for field in ("diff", "ci_low", "ci_high"):
+                    metrics.log_metric(f"vs_{baseline}/{key}/{field}", entry[field])
     for name, weight in result["mixture"].items():
         metrics.log_metric(f"mixture/{name}", weight)

@@ -15,7 +15,8 @@ def train_final(
     processes: int = 1,
     cluster: str = "",
 ):
-    """Train a final model from the base: the chosen mixture or a baseline (uniform, token_prior).
+    """Train a final model from the base: the chosen mixture or a baseline (uniform, token_prior);
+    a label `LABEL-seed<s>` trains the same mixture with the run seed + s.
 
     `processes` and `cluster` as in train_model.
     """

@@ -1,6 +1,7 @@
 """Run configuration: pydantic models loaded from one YAML file per run.
 
-Unknown keys and bad values are rejected with the dotted key path in the message.
+Unknown keys and bad values are rejected with the dotted key path in the message. (Over 400
+lines as one coherent thing: the whole schema of a run, one model per config section.)
 """
 
 from __future__ import annotations
@@ -246,6 +247,8 @@ class EvaluateConfig(Strict):
     include_path: str | None = None
     data_dir: str | None = None
     engine: Literal["lm-eval", "fast"] = "fast"
+    # weight of each category in the search objective and the final verdict (default: equal)
+    category_weights: dict[str, float] | None = None
 
     @field_validator("categories")
     @classmethod
@@ -265,7 +268,7 @@ class EvaluateConfig(Strict):
 
 
 class SamplerConfig(Strict):
-    """Dirichlet(s * p^power) sampler over the simplex, as in the authors' code."""
+    """Dirichlet(s * q) sampler, q = p^power / sum(p^power), as in the authors' sample.py."""
 
     power: float = Field(default=0.7, gt=0)
     scale_min: float = Field(default=0.5, gt=0)
@@ -277,7 +280,12 @@ class SamplerConfig(Strict):
 
 
 class PredictorConfig(Strict):
-    """LightGBM regressor mixture -> ranking score."""
+    """The regressor mixture -> search target: `kind` lightgbm (the paper's), ridge (the authors'
+    fallback for few points) or auto (per fit, the one with the higher cross-validated
+    Spearman; the report says which and why)."""
+
+    kind: Literal["lightgbm", "ridge", "auto"] = "lightgbm"
+    ridge_alpha: float = Field(default=1.0, gt=0)
 
     num_iterations: int = Field(default=300, ge=1)
     learning_rate: float = Field(default=0.01, gt=0)
@@ -288,22 +296,36 @@ class PredictorConfig(Strict):
 class SearchConfig(Strict):
     """Rounds of N, N/2, N/4, ... proxies; final mixture = mean of the top-k predictions.
 
+    Rounds after the first draw their proposals at random (seeded) from the top-k predictions
+    of a fresh pool of `candidates` sampled mixtures.
+
     `method: merge` builds each proxy by merging the components (DeMix); `trained` trains a
     proxy model per mixture from the base with the component budget (the training-based
     baseline, RegMix-style), with the same sampler, predictor, rounds and selection.
     """
 
     method: Literal["merge", "trained"] = "merge"
+    # what the predictor learns and the search maximises (demix.search.objective)
+    objective: Literal["ranking", "normalized"] = "ranking"
     n: int = Field(default=8, ge=4)
     rounds: int = Field(default=3, ge=1)
-    candidates: int = Field(default=100_000, ge=100)
-    top_k: int = Field(default=128, ge=1)
+    # the authors' pool and final top (train_predictor.py); top_k is also the predicted top an
+    # intermediate round draws its proposals from
+    candidates: int = Field(default=200_000, ge=100)
+    top_k: int = Field(default=1280, ge=1)
     sampler: SamplerConfig = SamplerConfig()
     predictor: PredictorConfig = PredictorConfig()
 
     @property
     def round_sizes(self) -> list[int]:
         return [max(1, self.n >> r) for r in range(self.rounds)]
+
+
+class FinalConfig(Strict):
+    """The final models: each mixture (chosen, uniform, token prior) is trained with `seeds`
+    training seeds (run seed, run seed + 1, ...), and the verdict pairs them seed by seed."""
+
+    seeds: int = Field(default=1, ge=1)
 
 
 class FidelityConfig(Strict):
@@ -328,6 +350,7 @@ class RunConfig(Strict):
     merge: MergeConfig = MergeConfig()
     evaluate: EvaluateConfig
     search: SearchConfig = SearchConfig()
+    final: FinalConfig = FinalConfig()
     fidelity: FidelityConfig = FidelityConfig()
 
     @model_validator(mode="after")
@@ -347,6 +370,14 @@ class RunConfig(Strict):
                 f"when train.general_ratio > 0; set merge.weights: component, or use linear, "
                 f"task_arithmetic or dare_linear"
             )
+        unknown = sorted(set(self.evaluate.category_weights or {}) - set(self.evaluate.categories))
+        if unknown:
+            raise ValueError(f"evaluate.category_weights names no category: {unknown}")
+        if self.evaluate.category_weights is not None and (
+            any(w < 0 for w in self.evaluate.category_weights.values())
+            or sum(self.evaluate.category_weights.values()) <= 0
+        ):
+            raise ValueError("evaluate.category_weights must be >= 0 with a positive sum")
         names = set(self.data.names)
         for category, tasks in self.evaluate.categories.items():
             for task in tasks:

@@ -69,11 +69,47 @@ def baseline_mixtures(data: CuratedData) -> dict[str, dict[str, float]]:
     }
 
 
+def seeded_names(labels, seeds: int) -> list[str]:
+    """Each label for each training seed: `label` for the first, `label-seed<s>` for s > 0."""
+    return [label if s == 0 else f"{label}-seed{s}" for label in labels for s in range(seeds)]
+
+
+def split_seed(name: str) -> tuple[str, int]:
+    """(label, seed offset) of a name made by seeded_names.
+
+    Raises DemixError for a malformed seed suffix.
+    """
+    label, sep, seed = name.rpartition("-seed")
+    if not sep:
+        return name, 0
+    if not seed.isdigit() or int(seed) == 0:
+        raise DemixError(f"model name {name!r}: expected LABEL or LABEL-seed<N> with N >= 1")
+    return label, int(seed)
+
+
+def final_run_names(seeds: int) -> list[str]:
+    """The final models of a run: each of FINAL_LABELS for each seed (see seeded_names)."""
+    return seeded_names(FINAL_LABELS, seeds)
+
+
+def final_run(name: str) -> tuple[str, int]:
+    """(label, seed offset) of a final model's name.
+
+    Raises DemixError for a name that is not a final label with an optional seed suffix.
+    """
+    label, seed = split_seed(name)
+    if label not in FINAL_LABELS:
+        raise DemixError(f"final model {name!r}: the label is not one of {list(FINAL_LABELS)}")
+    return label, seed
+
+
 def final_mixture(label: str, selection: dict, data: CuratedData) -> dict[str, float]:
-    """The data mixture of a final model: the chosen one or a baseline.
+    """The data mixture of a final model: the chosen one or a baseline (a name with a seed,
+    `label-seed<s>`, trains the same mixture).
 
     Raises DemixError for a label that is none of FINAL_LABELS.
     """
+    label = split_seed(label)[0]
     if label == "chosen":
         return selection["mixture"]
     baselines = baseline_mixtures(data)

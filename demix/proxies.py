@@ -18,10 +18,11 @@ import torch
 from demix.checkpoint import check_compatible, manifest_total, read_model_manifest
 from demix.config import RunConfig
 from demix.data.shards import CuratedData
-from demix.evaluate import Evaluator, score_models
+from demix.evaluate import Evaluator
 from demix.merge import DeltaStack, MergeMethod, make_method
 from demix.mixtures import as_dict, components_in_order, merge_weights
 from demix.model import load_model, resolve_device
+from demix.search.objective import Objective
 from demix.search.results import mixture_id
 from demix.storage import fetch_files, read_manifest
 from demix.train import fingerprint, train_on_mixture
@@ -75,13 +76,11 @@ def make_evaluator(config: RunConfig, data: CuratedData, device: torch.device) -
     )
 
 
-def scorer(config: RunConfig):
-    """Task results of proxies -> their ranking scores (relative to each other)."""
-
-    def score(results: list[dict]) -> list[float]:
-        return [s["ranking_score"] for s in score_models(results, config.evaluate.categories)]
-
-    return score
+def search_objective(config: RunConfig) -> Objective:
+    """The search's objective (`search.objective` over the categories and their weights)."""
+    return Objective.from_config(
+        config.search.objective, config.evaluate.categories, config.evaluate.category_weights
+    )
 
 
 def model_id(folder: Path) -> str:

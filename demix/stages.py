@@ -3,7 +3,8 @@
 Each stage reads its inputs (curated dataset, model folders, JSON tables), writes one artifact
 folder or file (manifest last) and returns what it made. The recipes (`demix run`, validate,
 reproduce) and the KFP components call these same functions, so a stage behaves the same in a
-local run and in a pipeline task; neither adds logic of its own.
+local run and in a pipeline task; neither adds logic of its own. (Over 400 lines as one
+coherent thing: the list of stages a reader looks up in one place.)
 
     curation     curate | plan_curation_stage -> curate_group_stage -> merge_curation_stage
     training     train_stage (base, component, reference, final; 1 or N processes)
@@ -27,13 +28,14 @@ from demix.errors import DemixError
 from demix.evaluate import Evaluator, score_models
 from demix.merge import merge_to_disk, relative_delta_norms
 from demix.mixtures import (
-    FINAL_LABELS,
     as_dict,
     component_training_mix,
     components_in_order,
+    final_run_names,
     merge_weights,
     mix_matrix,
     prior_vector,
+    split_seed,
 )
 from demix.model import resolve_device
 from demix.proxies import (
@@ -42,16 +44,17 @@ from demix.proxies import (
     load_for_eval,
     make_evaluator,
     merge_method,
-    scorer,
+    search_objective,
     warn_large_updates,
 )
-from demix.report.summary import stage_timings, summarize, write_summary
+from demix.report.summary import stage_timings, summarize, write_document_scores, write_summary
 from demix.search import ScoresTable, evaluate_proposals, final_selection, round_proposals
 from demix.search.loop import canonical_rows, run_search
 from demix.search.sampler import validate_mixture
 from demix.storage import atomic_write_json, atomic_write_text, fetch_artifact
 from demix.train import ROLES, CheckpointHook, fingerprint, train_on_mixture, train_role
 from demix.train.launch import launch_argv, launch_train
+from demix.verdict import final_verdict
 
 # ----------------------------------------------------------------------------------- curation
 
@@ -157,6 +160,8 @@ def train_stage(
         )
         launch_train(config, argv, out, processes, cluster)
         return out
+    if role == "final" and split_seed(name)[1]:  # a further training seed of a final mixture
+        config = config.model_copy(update={"seed": config.seed + split_seed(name)[1]})
     if role in ("reference", "final"):
         return train_on_mixture(config, data, init, role, name, mixture, out, on_checkpoint)
     train_role(
@@ -232,7 +237,7 @@ def search_stage(
         config.search,
         config.seed,
         proxy,
-        scorer(config),
+        search_objective(config),
         table,
         key=proxy.key,
     )
@@ -261,14 +266,14 @@ def propose_stage(
         prior_vector(data),
         config.search,
         config.seed,
-        scorer(config),
+        search_objective(config),
     )
 
 
 def select_stage(config: RunConfig, data: CuratedData, rows: list[dict]) -> dict:
     """The final mixture from every scored proxy (run_search's last step), as result.json."""
     found = final_selection(
-        rows, data.names, prior_vector(data), config.search, config.seed, scorer(config)
+        rows, data.names, prior_vector(data), config.search, config.seed, search_objective(config)
     )
     return describe_selection(config, data, found, None)
 
@@ -302,7 +307,9 @@ def predict_stage(
         result = propose_stage(config, data, rows, round_index)
         metrics["proposals"] = len(result)
     if rows:
-        metrics["best_ranking_score"] = max(scorer(config)([row["tasks"] for row in rows]))
+        metrics["best_observed"] = float(
+            max(search_objective(config).observed([row["tasks"] for row in rows]))
+        )
     atomic_write_json(result_out, result)
     return metrics
 
@@ -363,20 +370,32 @@ def merge_stage(
 # ------------------------------------------------------------------------------------- finals
 
 
+def evaluate_each(
+    config: RunConfig,
+    data: CuratedData,
+    models: dict[str, Path],
+    evaluator: Evaluator | None = None,
+) -> dict[str, dict]:
+    """Each model's task results (with per-document scores), by name."""
+    device = resolve_device(config.train.device)
+    evaluator = evaluator or make_evaluator(config, data, device)
+    results = {}
+    for name, path in models.items():
+        model = load_for_eval(config, path, device)
+        results[name] = evaluator.evaluate(model)
+        del model
+    return results
+
+
 def evaluate_models_stage(
     config: RunConfig,
     data: CuratedData,
     models: dict[str, Path],
     evaluator: Evaluator | None = None,
 ) -> dict[str, dict]:
-    """Evaluate finished models and rank them against each other."""
-    device = resolve_device(config.train.device)
-    evaluator = evaluator or make_evaluator(config, data, device)
-    results = {}
-    for label, path in models.items():
-        model = load_for_eval(config, path, device)
-        results[label] = evaluator.evaluate(model)
-        del model
+    """Evaluate models and rank them against each other (`demix evaluate`: a quick look, not a
+    verdict; final models get one from evaluate_finals_stage)."""
+    results = evaluate_each(config, data, models, evaluator)
     scores = score_models(list(results.values()), config.evaluate.categories)
     return {
         label: {
@@ -386,6 +405,28 @@ def evaluate_models_stage(
         }
         for label, s in zip(results, scores, strict=True)
     }
+
+
+def finals_by_label(names: list[str], results: dict[str, dict]) -> dict[str, list[dict]]:
+    """Final models' results grouped by label, one per seed in seed order."""
+    grouped: dict[str, dict[int, dict]] = {}
+    for name in names:
+        label, seed = split_seed(name)
+        grouped.setdefault(label, {})[seed] = results[name]
+    return {label: [runs[s] for s in sorted(runs)] for label, runs in grouped.items()}
+
+
+def judge_finals(
+    config: RunConfig, results: dict[str, list[dict]], chosen: str = "chosen"
+) -> dict[str, dict]:
+    """The verdict of `chosen` against every other label (demix.verdict.final_verdict)."""
+    return final_verdict(
+        results,
+        config.evaluate.categories,
+        config.evaluate.category_weights,
+        chosen=chosen,
+        seed=config.seed,
+    )
 
 
 def evaluate_finals_stage(
@@ -398,18 +439,29 @@ def evaluate_finals_stage(
     out: Path,
     evaluator: Evaluator | None = None,
 ) -> dict:
-    """Evaluate the final models; write summary.json and report.html into `out`; return the
-    summary (the same for `demix run` and the pipeline)."""
+    """Evaluate the final models (every label and seed), judge the chosen mixture against the
+    baselines, write final_scores.json (per-document scores), summary.json and report.html
+    into `out`; return the summary (the same for `demix run` and the pipeline).
+
+    Raises DemixError when a final model of the configured labels and seeds is missing.
+    """
+    names = final_run_names(config.final.seeds)
+    missing = sorted(set(names) - set(finals))
+    if missing:
+        raise DemixError(f"final models {missing} are missing (final.seeds={config.final.seeds})")
+    finals = {name: finals[name] for name in names}
     if selection.get("relative_delta_norms") is None and components:
         norms = relative_delta_norms(base, components_in_order(data, components))
         selection = {**selection, "relative_delta_norms": as_dict(data.names, norms)}
-    order = {label: i for i, label in enumerate(FINAL_LABELS)}
-    finals = dict(sorted(finals.items(), key=lambda item: order.get(item[0], len(order))))
     start = time.perf_counter()
-    scores = evaluate_models_stage(config, data, finals, evaluator)
+    results = finals_by_label(names, evaluate_each(config, data, finals, evaluator))
+    verdict = judge_finals(config, results)
     seconds = time.perf_counter() - start
+    write_document_scores(out / "final_scores.json", results)
     timings = stage_timings(config, data, selection, base, components, finals, seconds)
-    summary = summarize(config, data, selection, scores, base, components, finals, timings)
+    summary = summarize(
+        config, data, selection, results, verdict, base, components, finals, timings
+    )
     write_summary(out, summary, selection, config)
     return summary
 

@@ -19,6 +19,7 @@ from demix.evaluate import (
     Evaluator,
     oriented,
     oriented_values,
+    per_doc_value,
     percentile_ranks,
     score_models,
 )
@@ -172,7 +173,15 @@ def test_result_has_every_task_with_its_primary_metric(result):
     expected = [task for tasks in CATEGORIES.values() for task in tasks]
     assert list(result) == expected
     for task, task_result in result.items():
-        assert set(task_result) == {"metric", "value", "stderr", "higher_is_better", "n", "metrics"}
+        assert set(task_result) - {"doc_weight"} == {
+            "metric",
+            "value",
+            "stderr",
+            "higher_is_better",
+            "n",
+            "metrics",
+            "per_doc",
+        }
         assert math.isfinite(task_result["value"])
         assert task_result["metrics"][task_result["metric"]] == task_result["value"]
         if task.startswith("heldout:"):
@@ -254,6 +263,71 @@ def test_different_models_get_different_numbers(evaluator, other_model, result):
     other = evaluator.evaluate(other_model)
     assert other["gsm8k_bpb"]["value"] != result["gsm8k_bpb"]["value"]
     assert other["heldout:code"]["value"] != result["heldout:code"]["value"]
+
+
+def test_per_doc_has_a_score_per_document_whose_weighted_mean_is_the_value(result):
+    for task, task_result in result.items():
+        per_doc = task_result["per_doc"]
+        assert len(per_doc) == task_result["n"], task
+        assert all(isinstance(score, float) for score in per_doc), task
+        # Weighted by bytes (bits per byte) and tokens (held-out windows); a plain mean is
+        # 0.01 or more off for these documents, so a missing or misaligned weight fails here.
+        assert per_doc_value(task_result) == pytest.approx(task_result["value"], abs=1e-6), task
+        if task.startswith("heldout:") or BUNDLED_TASKS[task] == "bits_per_byte":
+            assert len(task_result["doc_weight"]) == len(per_doc), task
+        else:
+            assert set(per_doc) <= {0.0, 1.0} and "doc_weight" not in task_result, task
+
+
+def test_per_doc_matches_each_document_by_hand(result, model, tokenizer, heldout_data):
+    docs = BITS[:LIMIT]
+    lls = [continuation_logprob(model, tokenizer, d["context"], d["continuation"]) for d in docs]
+    scored_bytes = [
+        len((d["context"][len(d["context"].rstrip()) :] + d["continuation"]).encode()) for d in docs
+    ]
+    bits = [-ll / n / math.log(2) for ll, n in zip(lls, scored_bytes, strict=True)]
+    assert len(set(np.round(bits, 3))) == LIMIT  # distinct, so any reordering fails below
+    assert result["gsm8k_bpb"]["per_doc"] == pytest.approx(bits, rel=1e-5)
+    assert result["gsm8k_bpb"]["doc_weight"] == scored_bytes
+
+    correct_norm = []
+    for doc in RANKED[:LIMIT]:
+        lls = [
+            continuation_logprob(model, tokenizer, doc["query"], " " + choice)
+            for choice in doc["choices"]
+        ]
+        lengths = [len(choice) for choice in doc["choices"]]
+        correct_norm.append(float(int(np.argmax(np.array(lls) / lengths)) == doc["gold"]))
+    assert result["arc_easy"]["per_doc"] == correct_norm
+
+    tokens = torch.tensor(heldout_data.streams["web"][:HELDOUT_TOKENS].astype(np.int64))
+    window_losses = []
+    with torch.no_grad():
+        for start in range(0, len(tokens) - 1, 128):
+            chunk = tokens[start : start + 129]
+            logits = model(input_ids=chunk[None, :-1]).logits[0]
+            window_losses.append(torch.nn.functional.cross_entropy(logits, chunk[1:]).item())
+    assert result["heldout:web"]["per_doc"] == pytest.approx(window_losses, rel=1e-5)
+    assert result["heldout:web"]["doc_weight"] == [128, 128, 43]
+
+
+def test_per_doc_is_identical_on_a_second_call(evaluator, model, result):
+    again = evaluator.evaluate(model)
+    for task, task_result in result.items():
+        assert again[task]["per_doc"] == task_result["per_doc"], task
+        assert again[task].get("doc_weight") == task_result.get("doc_weight"), task
+
+
+def test_per_doc_value_resamples_documents():
+    weighted = {"metric": "bits_per_byte", "per_doc": [1.0, 2.0, 4.0], "doc_weight": [1, 1, 2]}
+    assert per_doc_value(weighted) == pytest.approx(11 / 4)
+    # A bootstrap draw: document 2 twice, document 0 once.
+    assert per_doc_value(weighted, [2, 2, 0]) == pytest.approx((4 * 2 * 2 + 1) / 5)
+    assert per_doc_value({"per_doc": [0.0, 1.0, 1.0]}, np.array([True, False, True])) == 0.5
+    geometric = {"per_doc": [2.0, 8.0], "doc_weight": [1, 1], "per_doc_mean": "geometric"}
+    assert per_doc_value(geometric) == pytest.approx(4.0)
+    with pytest.raises(TaskError, match="'f1' result has no per-document scores"):
+        per_doc_value({"metric": "f1", "per_doc": None})
 
 
 def test_unknown_task_is_a_task_error(tokenizer, eval_dir):

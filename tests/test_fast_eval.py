@@ -14,7 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from demix.config import EvaluateConfig
 from demix.errors import TaskError
-from demix.evaluate import BUNDLED_TASKS, Evaluator
+from demix.evaluate import BUNDLED_TASKS, Evaluator, per_doc_value
 from demix.evaluate.packing import (
     TokenRequest,
     _split_tree,
@@ -59,6 +59,37 @@ ROLLING_TASK = {
             ("byte_perplexity", "weighted_perplexity"),
             ("bits_per_byte", "bits_per_byte"),
         )
+    ],
+}
+
+# Word perplexity alone: its per-document scores average geometrically.
+WORD_PERPLEXITY_TASK = {
+    **ROLLING_TASK,
+    "task": "story_wppl",
+    "metric_list": [
+        {
+            "metric": "word_perplexity",
+            "aggregation": "weighted_perplexity",
+            "higher_is_better": False,
+        }
+    ],
+}
+
+# A second rolling task of a different size, and a group averaging the two tasks' bits per byte
+# unweighted (so its per-document weights must rescale each task's documents).
+CODE_TASK = {
+    **ROLLING_TASK,
+    "task": "code_bpb",
+    "metric_list": [
+        {"metric": "bits_per_byte", "aggregation": "bits_per_byte", "higher_is_better": False}
+    ],
+}
+CODE = [{"text": t} for t in (TEXT[1], TEXT[4] + TEXT[1], BITS_MORE[2]["continuation"])]
+GROUP = {
+    "group": "ppl_group",
+    "task": ["story_ppl", "code_bpb"],
+    "aggregate_metric_list": [
+        {"metric": "bits_per_byte", "aggregation": "mean", "weight_by_size": False}
     ],
 }
 
@@ -126,9 +157,16 @@ def suite_dirs(tmp_path_factory) -> tuple[Path, Path]:
     tasks.mkdir()
     write_jsonl(root / "stories.jsonl", STORIES)
     write_jsonl(root / "echo.jsonl", [{"query": "12 + 7 =", "answer": " 19"}] * 2)
-    for spec, data in ((ROLLING_TASK, "stories.jsonl"), (GENERATION_TASK, "echo.jsonl")):
+    write_jsonl(root / "code.jsonl", CODE)
+    for spec, data in (
+        (ROLLING_TASK, "stories.jsonl"),
+        (WORD_PERPLEXITY_TASK, "stories.jsonl"),
+        (CODE_TASK, "code.jsonl"),
+        (GENERATION_TASK, "echo.jsonl"),
+    ):
         spec = {**spec, "dataset_kwargs": {"data_files": {"test": str(root / data)}}}
         (tasks / f"{spec['task']}.yaml").write_text(json.dumps(spec))
+    (tasks / "ppl_group.yaml").write_text(json.dumps(GROUP))
     return eval_dir, tasks
 
 
@@ -252,6 +290,51 @@ def test_fast_engine_equals_lm_eval_on_every_bundled_task(
     }
     assert fast["gsm8k_bpb"]["n"] == len(BITS + BITS_MORE)
     assert fast["arc_easy"]["stderr"] > 0
+
+
+def test_both_engines_give_the_same_per_document_scores(models, tokenizer, suite_dirs):
+    eval_dir, include = suite_dirs
+    names = [*BUNDLED_TASKS, "story_ppl", "story_wppl", "ppl_group"]
+    model = models["sdpa-gqa"]
+    evaluators = {
+        engine: Evaluator(
+            EvaluateConfig(
+                categories={"all": names}, engine=engine, batch_size=3, include_path=str(include)
+            ),
+            tokenizer,
+            "cpu",
+            eval_data_dir=eval_dir,
+        )
+        for engine in ("fast", "lm-eval")
+    }
+    fast, reference = (evaluators[e].evaluate(model) for e in ("fast", "lm-eval"))
+    for task in names:
+        got, expected = fast[task], reference[task]
+        assert len(got["per_doc"]) == got["n"] == len(expected["per_doc"]), task
+        if got["metric"].startswith("acc"):
+            assert got["per_doc"] == expected["per_doc"], task
+        else:
+            assert got["per_doc"] == pytest.approx(expected["per_doc"], rel=1e-4), task
+            assert len(set(got["per_doc"])) == len(got["per_doc"]), task  # order matters
+        for key in ("doc_weight", "per_doc_mean"):
+            assert got.get(key) == expected.get(key), (task, key)
+        for result in (got, expected):
+            assert per_doc_value(result) == pytest.approx(result["value"], abs=1e-6), task
+    # What each kind of task's elements are: its metric per document, and the weights that
+    # give back the value.
+    assert (fast["story_wppl"]["metric"], fast["story_wppl"]["per_doc_mean"]) == (
+        "word_perplexity",
+        "geometric",
+    )
+    group = fast["ppl_group"]
+    assert group["metric"] == "bits_per_byte" and group["n"] == len(STORIES) + len(CODE)
+    assert group["per_doc"][: len(STORIES)] == fast["story_ppl"]["per_doc"]
+    # Unweighted over the two tasks: each task's documents weigh 1 in all.
+    weights = np.array(group["doc_weight"])
+    assert [weights[: len(STORIES)].sum(), weights[len(STORIES) :].sum()] == pytest.approx([1, 1])
+    # A second call of the (plan-caching) fast engine gives the same arrays.
+    again = evaluators["fast"].evaluate(model)
+    assert [again[t]["per_doc"] for t in names] == [fast[t]["per_doc"] for t in names]
 
 
 def test_two_models_get_different_numbers(models, tokenizer, suite_dirs):

@@ -412,7 +412,8 @@ def test_local_pipeline_run_matches_demix_run(local_and_library_runs):
     assert set(summary["final"]) == {"chosen", "uniform", "token_prior"}
     assert summary["mixture"] == pytest.approx(library["mixture"], abs=1e-9)
     for label in ("chosen", "uniform", "token_prior"):
-        assert summary["final"][label]["ranking_score"] == library["final"][label]["ranking_score"]
+        assert summary["final"][label]["tasks"] == library["final"][label]["tasks"]
+    assert summary["verdict"] == library["verdict"]
 
 
 def test_both_paths_write_the_same_summary_field_by_field(local_and_library_runs):

@@ -39,9 +39,19 @@ def test_summary_contract(smoke_run):
     assert summary["search_rounds"] == 2
     assert set(summary["final"]) == {"chosen", "uniform", "token_prior"}
     for result in summary["final"].values():
-        assert 0.0 <= result["ranking_score"] <= 1.0
-        assert set(result["categories"]) == CATEGORIES
+        assert "ranking_score" not in result and result["seeds"] == 1
         assert {"heldout:general", "basic_skills_arithmetic", "math500_bpb"} <= set(result["tasks"])
+        for task in result["tasks"].values():
+            assert task["stderr"] >= 0 and task["per_seed"] == [task["value"]]
+    assert set(summary["verdict"]) == {"uniform", "token_prior"}
+    for entries in summary["verdict"].values():
+        assert set(entries) == CATEGORIES | {"objective", "tasks"}
+        for entry in [entries["objective"], *entries["tasks"].values()]:
+            assert entry["ci_low"] <= entry["diff"] <= entry["ci_high"]
+            assert entry["verdict"] in ("better", "worse", "inconclusive")
+    per_doc = json.loads((out / "final_scores.json").read_text())
+    assert set(per_doc) == {"chosen", "uniform", "token_prior"} and len(per_doc["chosen"]) == 1
+    assert all(len(v) > 1 for v in per_doc["chosen"][0].values())
     tokens = summary["training_tokens"]
     assert tokens["base"] > 0 and tokens["components"] == 3 * 4096 and tokens["final"] == 3 * 4096
     assert set(summary["timings_s"]) == {"curate", "base", "components", "search", "final"}
@@ -314,3 +324,36 @@ def test_run_outputs_hold_no_credentials(smoke_run):
     for name in ("report.html", "summary.json", "config.json", "search/result.json"):
         found = key_like((out / name).read_text())
         assert not found, f"{name}: key-like string {found!r}"
+
+
+def test_the_verdict_on_final_models(smoke_run, tmp_path):
+    """Two finals trained alike (same mixture, same seed) are the same model: inconclusive on
+    every score. A final trained four times as long is better on the objective, with an
+    interval that excludes 0."""
+    from demix.stages import evaluate_each, judge_finals, train_stage
+
+    _, config, data, base, _ = _run_parts(smoke_run)
+    mixture = dict(data.token_prior)
+    longer = config.model_copy(deep=True)
+    longer.train.final.tokens = 4 * config.train.final.tokens
+    models = {
+        "chosen": train_stage(config, data, "final", tmp_path / "a", "chosen", base, mixture),
+        "uniform": train_stage(config, data, "final", tmp_path / "b", "chosen", base, mixture),
+        "longer": train_stage(longer, data, "final", tmp_path / "c", "chosen", base, mixture),
+    }
+    results = {name: [r] for name, r in evaluate_each(config, data, models).items()}
+    same = judge_finals(config, {"chosen": results["chosen"], "uniform": results["uniform"]})
+    entries = same["uniform"]
+    for entry in [
+        entries["objective"],
+        *[entries[c] for c in CATEGORIES],
+        *entries["tasks"].values(),
+    ]:
+        assert entry["verdict"] == "inconclusive" and entry["diff"] == 0.0
+    longer_vs = judge_finals(
+        config, {"longer": results["longer"], "chosen": results["chosen"]}, chosen="longer"
+    )["chosen"]
+    assert longer_vs["objective"]["verdict"] == "better"
+    assert longer_vs["objective"]["ci_low"] > 0
+    # held-out loss is what more training moves most surely
+    assert longer_vs["tasks"]["heldout:general"]["verdict"] == "better"

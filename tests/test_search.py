@@ -25,6 +25,7 @@ from demix.search import (
     uniform_mixture,
     validate_mixture,
 )
+from demix.search.objective import Objective
 from demix.search.rounds import candidate_pool
 from demix.search.sampler import to_grid
 
@@ -190,7 +191,11 @@ def test_round_zero_samples_without_the_predictor():
     np.testing.assert_array_equal(first, propose_round(0, 8, PRIOR, x[:0], y[:0], SEARCH, 0))
 
 
-def test_later_rounds_propose_the_predicted_best_candidates():
+def _units_set(x: np.ndarray) -> set[bytes]:
+    return {r.tobytes() for r in _units(x)}
+
+
+def test_later_rounds_draw_their_proposals_from_the_predicted_top():
     x, y = _scored(24, 3)
     proposals = propose_round(1, 4, PRIOR, x, y, SEARCH, seed=0)
     # same inputs, same output, whatever ran in between
@@ -201,14 +206,31 @@ def test_later_rounds_propose_the_predicted_best_candidates():
     pool = candidate_pool(1, PRIOR, x, SEARCH, seed=0)
     assert len(pool) == SEARCH.candidates
     predicted = Predictor(SEARCH.predictor, 0).fit(x, y).predict(pool)
+    order = np.lexsort((np.arange(len(pool)), -predicted))
+    top = pool[order[: SEARCH.top_k]]
+    assert _units_set(proposals) <= _units_set(top)  # drawn from the predicted top 16 ...
+    assert _units_set(proposals) != _units_set(pool[order[:4]])  # ... not its best 4
     proposed = Predictor(SEARCH.predictor, 0).fit(x, y).predict(proposals)
-    assert proposed.min() >= np.sort(predicted)[-4]  # the 4 best predictions of the pool
-    assert not {r.tobytes() for r in _units(proposals)} & {r.tobytes() for r in _units(x)}
+    assert (np.diff(proposed) <= 0).all()  # in predicted order
+    assert not _units_set(proposals) & _units_set(x)
     assert _target_score(proposals).mean() > _target_score(pool).mean()
+    # other seeds propose other mixtures
+    draws = {_units(propose_round(1, 4, PRIOR, x, y, SEARCH, seed=s)).tobytes() for s in range(4)}
+    assert len(draws) == 4
+
+
+def test_a_top_no_larger_than_the_round_is_the_round():
+    x, y = _scored(24, 3)
+    cfg = SearchConfig(candidates=2000, top_k=2)
+    pool = candidate_pool(1, PRIOR, x, cfg, seed=0)
+    predicted = Predictor(cfg.predictor, 0).fit(x, y).predict(pool)
+    best = pool[np.lexsort((np.arange(len(pool)), -predicted))[:4]]
+    np.testing.assert_array_equal(propose_round(1, 4, PRIOR, x, y, cfg, seed=0), best)
 
 
 def test_a_grid_smaller_than_the_candidate_count_still_proposes():
-    cfg = SearchConfig(candidates=2000, sampler=SamplerConfig(grid=0.01))  # 101 points
+    # 101 points; proposals come from the predicted top 8
+    cfg = SearchConfig(candidates=2000, top_k=8, sampler=SamplerConfig(grid=0.01))
     two = np.array([0.5, 0.5])
     x = propose_round(0, 8, two, np.zeros((0, 2)), np.zeros(0), cfg, 0)
     y = -np.abs(x[:, 0] - 0.7)
@@ -291,9 +313,8 @@ def _evaluate(calls: list, fail_after: int | None = None):
     return evaluate
 
 
-def _percentile_scores(results: list[dict]) -> list[float]:
-    values = np.array([r["t"]["value"] for r in results])
-    return list(np.argsort(np.argsort(values)) / max(1, len(values) - 1))
+# the paper's objective over one category of one task
+OBJECTIVE = Objective.from_config("ranking", {"all": ["t"]}, None)
 
 
 CONFIG = SearchConfig(n=8, rounds=3, candidates=2000, top_k=16)
@@ -306,7 +327,7 @@ def _search(path, calls: list, fail_after: int | None = None, seed: int = 0) -> 
         CONFIG,
         seed,
         _evaluate(calls, fail_after),
-        _percentile_scores,
+        OBJECTIVE,
         ScoresTable(path / "scores.jsonl"),
     )
 
@@ -371,11 +392,11 @@ def test_rows_in_any_order_give_the_same_proposals_and_mixture(full_search):
     random.Random(0).shuffle(shuffled)
     shuffled.append(json.loads(json.dumps(shuffled[0])))  # a duplicate, as a re-merged shard
     for r in (1, 2):
-        a = round_proposals(r, rows, NAMES, PRIOR, CONFIG, 0, _percentile_scores)
-        b = round_proposals(r, shuffled, NAMES, PRIOR, CONFIG, 0, _percentile_scores)
+        a = round_proposals(r, rows, NAMES, PRIOR, CONFIG, 0, OBJECTIVE)
+        b = round_proposals(r, shuffled, NAMES, PRIOR, CONFIG, 0, OBJECTIVE)
         assert a == b
         assert [p["id"] for p in a] == [row["id"] for row in rows if row["round"] == r]
-    selected = final_selection(shuffled, NAMES, PRIOR, CONFIG, 0, _percentile_scores)
+    selected = final_selection(shuffled, NAMES, PRIOR, CONFIG, 0, OBJECTIVE)
     np.testing.assert_array_equal(selected["mixture"], found["mixture"])
     assert selected["proxies_evaluated"] == 14
 

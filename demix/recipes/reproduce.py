@@ -19,12 +19,19 @@ from demix.config import RunConfig, StageTraining
 from demix.data.shards import CuratedData
 from demix.evaluate.harness import Evaluator
 from demix.fidelity import AGGREGATE, fidelity
-from demix.mixtures import baseline_mixtures
+from demix.mixtures import baseline_mixtures, seeded_names, split_seed
 from demix.model import resolve_device
 from demix.proxies import ProxyEvaluator, make_evaluator
 from demix.recipes.run import StageClock, prepare_models, start_run_folder, train_finals
 from demix.recipes.validate import validate_stage
-from demix.stages import evaluate_models_stage, search_stage, train_components
+from demix.report.summary import final_entry, format_comparison
+from demix.stages import (
+    evaluate_each,
+    finals_by_label,
+    judge_finals,
+    search_stage,
+    train_components,
+)
 from demix.storage import atomic_write_json, atomic_write_text
 
 
@@ -93,8 +100,15 @@ def reproduce(config: RunConfig, out: str | Path) -> dict[str, Any]:
         **baseline_mixtures(data),
     }
     with timed("final"):
-        finals = train_finals(config, data, base, mixtures, out / "models")
-        final_scores = evaluate_models_stage(config, data, finals, evaluator)
+        names = seeded_names(mixtures, config.final.seeds)
+        runs = {name: mixtures[split_seed(name)[0]] for name in names}
+        finals = train_finals(config, data, base, runs, out / "models")
+        results = finals_by_label(names, evaluate_each(config, data, finals, evaluator))
+        baselines = {label: results[label] for label in baseline_mixtures(data)}
+        verdicts = {
+            chosen: judge_finals(config, {chosen: results[chosen], **baselines}, chosen)
+            for chosen in ("chosen_merge", "chosen_trained")
+        }
 
     merge_tokens = _tokens(components.values())
     result = {
@@ -115,10 +129,8 @@ def reproduce(config: RunConfig, out: str | Path) -> dict[str, Any]:
             "token_ratio": trained["proxy_training_tokens"] / max(1, merge_tokens),
         },
         "mixtures": mixtures,
-        "final": {
-            label: {"ranking_score": s["ranking_score"], "categories": s["categories"]}
-            for label, s in final_scores.items()
-        },
+        "final": {label: final_entry(label_runs) for label, label_runs in results.items()},
+        "verdicts": verdicts,
         "training_tokens": {
             "base": 0 if config.model.base else _tokens([base]),
             "components": merge_tokens,
@@ -162,11 +174,6 @@ def format_table(result: dict[str, Any]) -> str:
             f"{entry['snr']:.2f} |"
         )
     norms = ", ".join(f"{n} {v:.3f}" for n, v in fid["relative_delta_norms"].items())
-    categories = list(next(iter(result["final"].values()))["categories"])
-    final_header = (
-        f"| final model | {' | '.join('w ' + n for n in result['datasets'])} | ranking score | "
-        f"{' | '.join('score ' + c for c in categories)} |"
-    )
     searches = result["searches"]
     lines += [
         "",
@@ -180,13 +187,26 @@ def format_table(result: dict[str, Any]) -> str:
         f"{searches['trained']['training_tokens']:,} |",
         f"| ratio | | {searches['token_ratio']:.2f}x fewer with merging |",
         "",
-        final_header,
-        "|---" * (len(result["datasets"]) + 2 + len(categories)) + "|",
+        f"| final model | {' | '.join('w ' + n for n in result['datasets'])} |",
+        "|---" * (len(result["datasets"]) + 1) + "|",
     ]
-    for label, scores in result["final"].items():
-        weights = " | ".join(f"{result['mixtures'][label][n]:.3f}" for n in result["datasets"])
-        per_category = " | ".join(f"{scores['categories'][c]:.3f}" for c in categories)
-        lines.append(f"| {label} | {weights} | {scores['ranking_score']:.3f} | {per_category} |")
+    for label, weights in result["mixtures"].items():
+        row = " | ".join(f"{weights[n]:.3f}" for n in result["datasets"])
+        lines.append(f"| {label} | {row} |")
+    seeds = next(iter(result["final"].values()))["seeds"]
+    lines += [
+        "",
+        f"Verdict ({seeds} seed(s); chosen − baseline, standardised, 95% bootstrap interval "
+        "with Holm over the baselines):",
+        "",
+        "| chosen | baseline | score | difference [95% interval] verdict |",
+        "|---|---|---|---|",
+    ]
+    for chosen, verdict in result["verdicts"].items():
+        for baseline, entries in verdict.items():
+            for key, entry in entries.items():
+                if key != "tasks":
+                    lines.append(f"| {chosen} | {baseline} | {key} | {format_comparison(entry)} |")
     if result["sweep"]:
         lines += [
             "",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from demix.config import RunConfig
 from demix.data.shards import CuratedData
-from demix.mixtures import FINAL_LABELS, final_mixture
+from demix.mixtures import final_mixture, final_run_names
 from demix.model import resolve_device, set_threads
 from demix.proxies import make_evaluator
 from demix.report.summary import add_wall_times
@@ -68,7 +68,8 @@ def prepare_models(
 def train_finals(
     config: RunConfig, data: CuratedData, base: Path, mixtures: dict[str, dict], folder: Path
 ) -> dict[str, Path]:
-    """A final model per labelled mixture, from the base, into `folder`/final-<label>."""
+    """A final model per named mixture, from the base, into `folder`/final-<name> (a name
+    `label-seed<s>` trains with the run seed + s)."""
     return {
         label: train_stage(config, data, "final", folder / f"final-{label}", label, base, mixture)
         for label, mixture in mixtures.items()
@@ -88,7 +89,8 @@ def run(config: RunConfig, out: str | Path) -> dict:
     with timed("search"):
         selection = search_stage(config, data, base, components, out / "search", evaluator)
     with timed("final"):
-        mixtures = {label: final_mixture(label, selection, data) for label in FINAL_LABELS}
+        names = final_run_names(config.final.seeds)
+        mixtures = {name: final_mixture(name, selection, data) for name in names}
         finals = train_finals(config, data, base, mixtures, out / "models")
         summary = evaluate_finals_stage(
             config, data, base, components, finals, selection, out, evaluator

@@ -8,7 +8,7 @@ import numpy as np
 
 from demix.config import RunConfig
 from demix.mixtures import FINAL_LABELS as LABELS
-from demix.proxies import scorer
+from demix.proxies import search_objective
 from demix.report.html import grouped_bars, page, plt, png, table
 from demix.search.predictor import cross_val_predictions
 from demix.search.results import ScoresTable
@@ -46,6 +46,31 @@ def plot_predicted_vs_observed(observed: np.ndarray, predicted: np.ndarray, rho:
     return png(fig)
 
 
+def plot_verdict(verdict: dict, keys: list[str]) -> str:
+    """Chosen − baseline on the objective and each category, with the 95% (Holm) intervals."""
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    width = 0.8 / max(1, len(verdict))
+    x = np.arange(len(keys))
+    for i, (baseline, entries) in enumerate(verdict.items()):
+        diffs = np.array([entries[k]["diff"] for k in keys])
+        low = diffs - np.array([entries[k]["ci_low"] for k in keys])
+        high = np.array([entries[k]["ci_high"] for k in keys]) - diffs
+        ax.errorbar(
+            x + i * width - 0.4 + width / 2,
+            diffs,
+            yerr=[low, high],
+            fmt="o",
+            capsize=3,
+            label=f"vs {baseline}",
+        )
+    ax.axhline(0, color="grey", lw=1)
+    ax.set_xticks(x, keys)
+    ax.set_ylabel("chosen − baseline (standardised)")
+    ax.set_title("Verdict: paired differences, 95% intervals")
+    ax.legend(fontsize=8)
+    return png(fig)
+
+
 def write_report(out: Path, summary: dict, found: dict, config: RunConfig) -> Path:
     """Write report.html (plots embedded) into the run folder; return its path."""
     names = summary["datasets"]
@@ -71,14 +96,7 @@ def write_report(out: Path, summary: dict, found: dict, config: RunConfig) -> Pa
             "Chosen mixture vs baselines",
         )
     )
-    images.append(
-        grouped_bars(
-            categories,
-            {k: [final[k]["categories"][c] for c in categories] for k in LABELS},
-            "score (percentile among the 3)",
-            "Final models per category",
-        )
-    )
+    images.append(plot_verdict(summary["verdict"], ["objective", *categories]))
 
     tasks = config.evaluate.tasks
     task_rows = []
@@ -91,6 +109,22 @@ def write_report(out: Path, summary: dict, found: dict, config: RunConfig) -> Pa
                 for k in LABELS
             ]
         )
+    verdict_rows = [
+        [
+            baseline,
+            key,
+            entry["diff"],
+            f"[{entry['ci_low']:+.4f}, {entry['ci_high']:+.4f}]",
+            entry["verdict"],
+        ]
+        for baseline, entries in summary["verdict"].items()
+        for key, entry in [
+            ("objective", entries["objective"]),
+            *[(c, entries[c]) for c in categories],
+        ]
+    ]
+    seeds = final[LABELS[0]]["seeds"]
+    seeds_note = f" and {seeds} training seeds" if seeds > 1 else ""
     mix_rows = [
         [
             n,
@@ -122,14 +156,17 @@ def write_report(out: Path, summary: dict, found: dict, config: RunConfig) -> Pa
         table(
             ["M", *names], [[n, *row] for n, row in zip(names, found["mix_matrix"], strict=True)]
         ),
-        "<h2>Final models</h2>",
+        "<h2>Verdict: the chosen mixture against each baseline</h2>",
+        f"<p>Paired over the same documents{seeds_note}: the difference chosen − baseline "
+        "(oriented: positive means the chosen mixture is better; categories and the objective "
+        "in units of each task's paired standard error), its 95% bootstrap interval widened by "
+        "Holm over the baselines, and the verdict: <b>better</b> or <b>worse</b> when the "
+        "interval excludes 0, <b>inconclusive</b> when it covers 0.</p>",
         table(
-            ["model", "ranking score", *categories],
-            [
-                [k, final[k]["ranking_score"], *[final[k]["categories"][c] for c in categories]]
-                for k in LABELS
-            ],
+            ["baseline", "score", "difference", "95% interval", "verdict"],
+            verdict_rows,
         ),
+        "<h2>Final models</h2>",
         table(["task", "metric", *LABELS], task_rows),
         "<h2>Plots</h2>",
         cv_note,
@@ -150,7 +187,7 @@ def write_search_report(history: Path, config: RunConfig, out: Path) -> Path:
     rows = ScoresTable(history).rows()
     body = ["<h1>DeMix search so far</h1>", f"<p>{len(rows)} proxies scored.</p>"]
     if rows:
-        scores = scorer(config)([row["tasks"] for row in rows])
+        scores = search_objective(config).observed([row["tasks"] for row in rows])
         history_rows = [{**row, "ranking_score": s} for row, s in zip(rows, scores, strict=True)]
         names = list(rows[0]["weights"])
         body.append(f'<img src="data:image/png;base64,{plot_search_progress(history_rows)}">')

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from demix.checkpoint import manifest_total
 from demix.config import RunConfig
 from demix.data.shards import CuratedData
@@ -36,11 +38,32 @@ def stage_timings(
     }
 
 
+def final_entry(runs: list[dict]) -> dict:
+    """A final mixture's raw scores: per task the mean over seeds with its standard error (the
+    evaluation's own with one seed; with several, sqrt(between-seed variance / S + mean squared
+    evaluation stderr / S)) and the per-seed values. No rank among the finals."""
+    tasks = {}
+    for task, first in runs[0].items():
+        values = np.array([float(run[task]["value"]) for run in runs])
+        stderrs = np.array([float(run[task].get("stderr") or 0.0) for run in runs])
+        seeds = len(runs)
+        between = float(np.var(values, ddof=1)) if seeds > 1 else 0.0
+        tasks[task] = {
+            "metric": first["metric"],
+            "higher_is_better": first["higher_is_better"],
+            "value": float(values.mean()),
+            "stderr": float(np.sqrt(between / seeds + np.mean(stderrs**2) / seeds)),
+            "per_seed": values.tolist(),
+        }
+    return {"seeds": len(runs), "tasks": tasks}
+
+
 def summarize(
     config: RunConfig,
     data: CuratedData,
     selection: dict,
-    final_scores: dict,
+    results: dict[str, list[dict]],
+    verdict: dict[str, dict],
     base: Path,
     components: dict[str, Path],
     finals: dict[str, Path],
@@ -54,10 +77,13 @@ def summarize(
         "component_weights": selection["component_weights"],
         "proxies_evaluated": selection["proxies_evaluated"],
         "search_rounds": selection["rounds"],
+        "search_objective": config.search.objective,
         "predictor_spearman": selection["predictor_spearman"],
+        "predictor": selection.get("predictor"),
         "relative_delta_norms": selection["relative_delta_norms"],
         "baselines": baseline_mixtures(data),
-        "final": final_scores,
+        "final": {label: final_entry(runs) for label, runs in results.items()},
+        "verdict": verdict,
         "search_method": config.search.method,
         "training_tokens": {
             "base": 0 if config.model.base else int(manifest_total([base], "tokens")),
@@ -67,6 +93,22 @@ def summarize(
         },
         "timings_s": timings,
     }
+
+
+def write_document_scores(path: Path, results: dict[str, list[dict]]) -> None:
+    """final_scores.json: every final model's per-document scores, {label: [{task: [..]} per
+    seed]}, floats to 7 significant digits (what the verdict resamples)."""
+    compact = {
+        label: [
+            {
+                task: [float(f"{v:.7g}") for v in entry.get("per_doc") or []]
+                for task, entry in run.items()
+            }
+            for run in runs
+        ]
+        for label, runs in results.items()
+    }
+    atomic_write_json(path, compact)
 
 
 def write_summary(out: Path, summary: dict, selection: dict, config: RunConfig) -> None:
@@ -85,15 +127,32 @@ def add_wall_times(out: Path, summary: dict, wall: dict[str, float]) -> dict:
     return summary
 
 
+def format_comparison(entry: dict) -> str:
+    """`+0.123 [+0.010, +0.240] better` for one verdict entry."""
+    return (
+        f"{entry['diff']:+.3f} [{entry['ci_low']:+.3f}, {entry['ci_high']:+.3f}] {entry['verdict']}"
+    )
+
+
 def print_summary(summary: dict, out: Path) -> None:
-    """The short table `demix run` and `make demo` print at the end."""
+    """The short table `demix run` and `make demo` print at the end: the mixtures, then the
+    chosen mixture against each baseline with 95% intervals (Holm over the baselines)."""
     names = summary["datasets"]
     mixtures = {"chosen": summary["mixture"], **summary["baselines"]}
     width = max(12, *(len(n) for n in names))
-    print(f"\n{'mixture':<12}" + "".join(f"{n:>{width}}" for n in names) + f"{'ranking score':>16}")
+    print(f"\n{'mixture':<12}" + "".join(f"{n:>{width}}" for n in names))
     for label in FINAL_LABELS:
-        weights = "".join(f"{mixtures[label][n]:>{width}.3f}" for n in names)
-        print(f"{label:<12}{weights}{summary['final'][label]['ranking_score']:>16.3f}")
+        print(f"{label:<12}" + "".join(f"{mixtures[label][n]:>{width}.3f}" for n in names))
+    verdict = summary["verdict"]
+    keys = [k for k in next(iter(verdict.values())) if k != "tasks"]
+    print(
+        f"\nchosen vs baseline: paired difference (standardised; > 0: chosen better), "
+        f"95% bootstrap interval, Holm over {len(verdict)} baselines, "
+        f"{summary['final']['chosen']['seeds']} seed(s)"
+    )
+    for baseline, entries in verdict.items():
+        for key in ["objective", *[k for k in keys if k != "objective"]]:
+            print(f"  vs {baseline:<12} {key:<10} {format_comparison(entries[key])}")
     print(
         f"\n{summary['proxies_evaluated']} proxies in {summary['search_rounds']} rounds; "
         f"work per stage (s): {summary['timings_s']}; wall (s): {summary.get('wall_s', {})}"

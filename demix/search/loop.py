@@ -18,10 +18,10 @@ import numpy as np
 
 from demix.config import SearchConfig
 from demix.errors import SearchError
+from demix.search.objective import Objective
 from demix.search.results import ScoresTable, mixture_id
 from demix.search.rounds import propose_round, select_final
 
-Score = Callable[[list[dict]], list[float]]
 log = logging.getLogger(__name__)
 
 
@@ -55,13 +55,9 @@ def canonical_rows(rows: list[dict]) -> list[dict]:
     return sorted(unique_rows(rows), key=lambda row: (row["round"], row["id"]))
 
 
-def _scores(rows: list[dict], score: Score) -> np.ndarray:
-    if not rows:
-        return np.zeros(0)
-    scores = np.asarray(score([row["tasks"] for row in rows]), dtype=np.float64)
-    if scores.shape != (len(rows),):
-        raise ValueError(f"score returned {scores.shape[0]} scores for {len(rows)} rows")
-    return scores
+def _targets(rows: list[dict], objective: Objective) -> np.ndarray:
+    """The rows' regression targets [n, k] under the objective."""
+    return objective.targets([row["tasks"] for row in rows])
 
 
 def round_proposals(
@@ -71,11 +67,11 @@ def round_proposals(
     prior: np.ndarray,
     cfg: SearchConfig,
     seed: int,
-    score: Score,
+    objective: Objective,
 ) -> list[dict]:
     """Proposals {"id", "round", "weights"} of a round, from the rows scored in earlier rounds.
 
-    Ranking scores are relative to all proxies so far, so `score` recomputes them from the rows'
+    Targets are relative to all proxies so far, so `objective` recomputes them from the rows'
     task results. Depends only on (seed, round, the set of earlier rows): a rerun proposes the
     same. Raises MixtureError when the grid runs out of unscored mixtures.
     """
@@ -86,9 +82,10 @@ def round_proposals(
         size,
         prior,
         weights_matrix(earlier, names),
-        _scores(earlier, score),
+        _targets(earlier, objective),
         cfg,
         seed,
+        objective.combine,
     )
     return [
         {
@@ -106,17 +103,21 @@ def final_selection(
     prior: np.ndarray,
     cfg: SearchConfig,
     seed: int,
-    score: Score,
+    objective: Objective,
 ) -> dict:
     """The final mixture (mean of the top-k predictions), its info and the scored history.
 
-    history: the rows in the given order (duplicates dropped), each with its "ranking_score".
+    history: the rows in the given order (duplicates dropped), each with its objective value
+    among the evaluated proxies ("ranking_score").
     Raises SearchError when there are no scored rows.
     """
     rows = unique_rows(rows)
     fitted = canonical_rows(rows)
-    scores = _scores(fitted, score)
-    mixture, info = select_final(prior, weights_matrix(fitted, names), scores, cfg, seed)
+    targets = _targets(fitted, objective)
+    mixture, info = select_final(
+        prior, weights_matrix(fitted, names), targets, cfg, seed, objective.combine
+    )
+    scores = objective.combine(targets) if len(fitted) else np.zeros(0)
     by_id = {row["id"]: float(s) for row, s in zip(fitted, scores, strict=True)}
     history = [{**row, "ranking_score": by_id[row["id"]]} for row in rows]
     rounds = max((row["round"] for row in rows), default=-1) + 1
@@ -211,7 +212,7 @@ def run_search(
     cfg: SearchConfig,
     seed: int,
     evaluate: Callable[[np.ndarray], dict],
-    score: Score,
+    objective: Objective,
     table: ScoresTable,
     key: str | None = None,
 ) -> dict:
@@ -226,8 +227,8 @@ def run_search(
     if len(prior) != len(names):
         raise ValueError(f"{len(names)} dataset names but a prior of {len(prior)} weights")
     for r in range(len(cfg.round_sizes)):
-        proposals = round_proposals(r, table.rows(), names, prior, cfg, seed, score)
+        proposals = round_proposals(r, table.rows(), names, prior, cfg, seed, objective)
         ran = evaluate_proposals(proposals, names, evaluate, table, key=key)
         if ran < len(proposals):
             log.info("round %d: %d proxies already scored (resumed)", r, len(proposals) - ran)
-    return final_selection(table.rows(), names, prior, cfg, seed, score)
+    return final_selection(table.rows(), names, prior, cfg, seed, objective)

@@ -1,4 +1,5 @@
-"""LightGBM regressor from a mixture to its ranking score, seeded and deterministic.
+"""The regressor from a mixture to a search target: LightGBM (the paper's) or Ridge, seeded and
+deterministic. `search.predictor.kind: auto` picks per fit by cross-validated Spearman.
 
 Small data: the search fits on as few as `search.n` rows (8 by default), and the cross-validation
 on fewer. LightGBM grows a split only when both children hold min_child_samples rows, so with
@@ -52,6 +53,11 @@ class Predictor:
             raise ValueError(f"fit needs X [n, D] and y [n] with n >= 1, got {X.shape}, {y.shape}")
         if not np.all(np.isfinite(y)):
             raise ValueError("fit needs finite scores; drop the rows whose score is NaN or inf")
+        if self.cfg.kind == "ridge":
+            from sklearn.linear_model import Ridge
+
+            self.model = Ridge(alpha=self.cfg.ridge_alpha).fit(X, y)
+            return self
         self.model = lgb.LGBMRegressor(
             boosting_type="gbdt",
             n_estimators=self.cfg.num_iterations,
@@ -80,12 +86,15 @@ class Predictor:
         X = np.asarray(X, dtype=np.float64)
         if len(X) == 0:
             return np.zeros(0)
+        if self.cfg.kind == "ridge":
+            return self.model.predict(X)
         # One large parallel step halves predicting 100k candidates; rows are independent, so the
         # result is bit-identical to one thread.
         return self.model.predict(X, num_threads=PREDICT_THREADS)
 
 
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rho of two samples; nan when either side is constant."""
     if np.ptp(a) == 0 or np.ptp(b) == 0:
         return float("nan")  # a constant side has no ranking to compare
     rho = spearmanr(a, b).statistic
@@ -109,7 +118,7 @@ def cross_val_predictions(
     for k in range(min(folds, n)):
         held = fold == k
         predicted[held] = Predictor(cfg, seed).fit(X[~held], y[~held]).predict(X[held])
-    return predicted, _spearman(predicted, y)
+    return predicted, spearman(predicted, y)
 
 
 def heldout_spearman(
@@ -117,3 +126,38 @@ def heldout_spearman(
 ) -> float:
     """k-fold cross-validated Spearman between predictions and observed scores (nan if n < 4)."""
     return cross_val_predictions(X, y, cfg, seed, folds)[1]
+
+
+def cross_validated(
+    X: np.ndarray, Y: np.ndarray, cfg: PredictorConfig, seed: int, combine
+) -> float:
+    """Spearman between the combined out-of-fold predictions of each target column of Y [n, k]
+    and the combined observed targets (nan below 4 rows)."""
+    if Y.shape[1] == 1:
+        return cross_val_predictions(X, Y[:, 0], cfg, seed)[1]
+    folds = np.column_stack(
+        [cross_val_predictions(X, Y[:, j], cfg, seed)[0] for j in range(Y.shape[1])]
+    )
+    if np.isnan(folds).any():
+        return float("nan")
+    return spearman(combine(folds), combine(Y))
+
+
+def choose_predictor(
+    X: np.ndarray, Y: np.ndarray, cfg: PredictorConfig, seed: int, combine
+) -> tuple[PredictorConfig, dict]:
+    """The regressor to fit: cfg's kind, or with `auto` the one (lightgbm or ridge) whose
+    cross-validated Spearman on these rows is higher (lightgbm on ties and below 4 rows).
+    Returns its config and {"kind", "why"} for the report."""
+    if cfg.kind != "auto":
+        return cfg, {"kind": cfg.kind, "why": "search.predictor.kind"}
+    rhos = {
+        kind: cross_validated(X, Y, cfg.model_copy(update={"kind": kind}), seed, combine)
+        for kind in ("lightgbm", "ridge")
+    }
+    finite = {k: v for k, v in rhos.items() if np.isfinite(v)}
+    kind = "ridge" if finite.get("ridge", -np.inf) > finite.get("lightgbm", -np.inf) else "lightgbm"
+    why = "cross-validated Spearman " + ", ".join(
+        f"{k} {v:.3f}" if np.isfinite(v) else f"{k} n/a" for k, v in rhos.items()
+    )
+    return cfg.model_copy(update={"kind": kind}), {"kind": kind, "why": why}

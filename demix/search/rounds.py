@@ -1,24 +1,39 @@
-"""Rounds of the search: sample, then propose the predictor's best; select the final mixture.
+"""Rounds of the search: sample, then propose from the predicted top; select the final mixture.
 
-Each call draws from its own rng, default_rng([seed, round_index, stream]), so its result
-depends only on its arguments, never on what ran before it in the process.
+An intermediate round, as in the authors' code (train_predictor.py, select_best_samples), ranks
+a fresh candidate pool by the predictor and draws its `size` proposals at random, without
+replacement, from the predicted top. Their released code shows only the final call (the mean
+of the top 1,280 of 200,000), not how large their intermediate top is; here it is the same
+search.top_k the final mixture averages over, or the top `size` when top_k is smaller. Drawing
+rather than taking the very best keeps a round from spending every proxy on the one narrow
+region that a predictor fitted on a handful of points happens to favour.
+
+Each call draws from its own rngs, default_rng([seed, round_index, stream]) with one stream for
+the candidates and one for the draw from the top, so its result depends only on its arguments,
+never on what ran before it in the process.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
-from demix.config import SearchConfig
+from demix.config import PredictorConfig, SearchConfig
 from demix.errors import MixtureError, SearchError
-from demix.search.predictor import Predictor, cross_val_predictions, seed_entropy
+from demix.search.predictor import Predictor, choose_predictor, cross_validated, seed_entropy
 from demix.search.sampler import sample_mixtures
 
+# Predictions [m, k] of the k regression targets -> one objective value per candidate [m].
+Combine = Callable[[np.ndarray], np.ndarray]
+
 CANDIDATES_STREAM = 0
+PROPOSALS_STREAM = 1
 FINAL_ROUND = 1_000_000  # the final selection's rng, apart from every round's
 
 
-def _rng(seed: int, round_index: int) -> np.random.Generator:
-    return np.random.default_rng([seed_entropy(seed), round_index, CANDIDATES_STREAM])
+def _rng(seed: int, round_index: int, stream: int = CANDIDATES_STREAM) -> np.random.Generator:
+    return np.random.default_rng([seed_entropy(seed), round_index, stream])
 
 
 def best_indices(predicted: np.ndarray, k: int) -> np.ndarray:
@@ -26,14 +41,32 @@ def best_indices(predicted: np.ndarray, k: int) -> np.ndarray:
     return np.lexsort((np.arange(len(predicted)), -predicted))[:k]
 
 
+def first_column(predicted: np.ndarray) -> np.ndarray:
+    """The combination of a single regression target: the target itself."""
+    return np.asarray(predicted)[:, 0]
+
+
 def _scored(prior: np.ndarray, X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Scored rows as arrays, those without a finite score dropped (they cannot be fitted)."""
+    """Scored rows as arrays [n, D] and targets [n, k]; rows without finite targets dropped."""
     X = np.asarray(X, dtype=np.float64).reshape(-1, len(prior))
-    y = np.asarray(y, dtype=np.float64).reshape(-1)
+    y = np.asarray(y, dtype=np.float64)
+    y = y.reshape(len(y), 1) if y.ndim == 1 else y.reshape(len(y), y.shape[-1])
     if len(X) != len(y):
         raise ValueError(f"{len(X)} scored mixtures but {len(y)} scores")
-    keep = np.isfinite(y)
+    keep = np.isfinite(y).all(axis=1) if y.shape[1] else np.ones(len(y), dtype=bool)
     return X[keep], y[keep]
+
+
+def fit_predictors(
+    X: np.ndarray, Y: np.ndarray, cfg: PredictorConfig, seed: int
+) -> list[Predictor]:
+    """One regressor per target column of Y [n, k]."""
+    return [Predictor(cfg, seed).fit(X, Y[:, j]) for j in range(Y.shape[1])]
+
+
+def predict_all(predictors: list[Predictor], pool: np.ndarray) -> np.ndarray:
+    """Predictions [m, k] of each regressor over the pool."""
+    return np.column_stack([p.predict(pool) for p in predictors])
 
 
 def candidate_pool(
@@ -67,11 +100,16 @@ def propose_round(
     scored_y: np.ndarray,
     cfg: SearchConfig,
     seed: int,
+    combine: Combine = first_column,
 ) -> np.ndarray:
-    """Round 0: `size` sampled mixtures. Later: the predicted best of cfg.candidates fresh ones.
+    """Round 0: `size` sampled mixtures. Later: `size` drawn from the predicted top of the pool.
 
-    Fresh candidates exclude the scored rows. A later round with fewer than 2 scored rows has
-    nothing to learn from and samples like round 0.
+    `scored_y`: the scored rows' regression targets, [n] or [n, k] (one regressor each);
+    `combine` turns the k predictions of a candidate into the objective it is ranked by.
+    The pool is cfg.candidates fresh mixtures (none scored); the predicted top is its
+    max(cfg.top_k, size) best predictions, and the proposals, in predicted order, are a seeded
+    draw without replacement from it. A later round with fewer than 2 scored rows has nothing
+    to learn from and samples like round 0.
     Raises MixtureError when the space holds fewer than `size` unscored mixtures.
     """
     prior = np.asarray(prior, dtype=np.float64)
@@ -85,17 +123,26 @@ def propose_round(
             f"round {round_index}: only {len(candidates)} unscored mixtures left on the grid, "
             f"{size} needed; lower search.n or refine search.sampler.grid"
         )
-    predicted = Predictor(cfg.predictor, seed).fit(X, y).predict(candidates)
-    return candidates[best_indices(predicted, size)]
+    predictor = choose_predictor(X, y, cfg.predictor, seed, combine)[0]
+    predicted = combine(predict_all(fit_predictors(X, y, predictor, seed), candidates))
+    top = best_indices(predicted, max(cfg.top_k, size))
+    drawn = _rng(seed, round_index, PROPOSALS_STREAM).choice(len(top), size, replace=False)
+    return candidates[top[np.sort(drawn)]]
 
 
 def select_final(
-    prior: np.ndarray, scored_X: np.ndarray, scored_y: np.ndarray, cfg: SearchConfig, seed: int
+    prior: np.ndarray,
+    scored_X: np.ndarray,
+    scored_y: np.ndarray,
+    cfg: SearchConfig,
+    seed: int,
+    combine: Combine = first_column,
 ) -> tuple[np.ndarray, dict]:
     """Mean of the top_k predicted mixtures among cfg.candidates fresh ones and the scored ones.
 
-    info: predicted_score (of the returned mixture), top_prediction, predictor_spearman
-    (cross-validated; None below 4 rows), best_observed.
+    `scored_y` and `combine` as in propose_round. info: predicted_score (of the returned
+    mixture, combined with the pool's predictions), top_prediction, predictor_spearman
+    (cross-validated; None below 4 rows), best_observed, predictor (the regressor used and why).
     Raises SearchError when no row has a finite score.
     """
     prior = np.asarray(prior, dtype=np.float64)
@@ -108,16 +155,20 @@ def select_final(
     rng = _rng(seed, FINAL_ROUND)
     fresh = sample_mixtures(prior, cfg.candidates, rng, cfg.sampler, exclude=X, allow_fewer=True)
     pool = np.vstack([fresh, X])
-    predictor = Predictor(cfg.predictor, seed).fit(X, y)
-    predicted = predictor.predict(pool)
+    predictor, choice = choose_predictor(X, y, cfg.predictor, seed, combine)
+    predictors = fit_predictors(X, y, predictor, seed)
+    pool_predictions = predict_all(predictors, pool)
+    predicted = combine(pool_predictions)
     top = best_indices(predicted, cfg.top_k)
     mixture = pool[top].mean(axis=0)
     mixture /= mixture.sum()
-    _, rho = cross_val_predictions(X, y, cfg.predictor, seed)
+    rho = cross_validated(X, y, predictor, seed, combine)
+    with_mixture = np.vstack([pool_predictions, predict_all(predictors, mixture[None])])
     info = {
-        "predicted_score": float(predictor.predict(mixture[None])[0]),
+        "predicted_score": float(combine(with_mixture)[-1]),
         "top_prediction": float(predicted[top[0]]),
         "predictor_spearman": None if np.isnan(rho) else round(rho, 4),
-        "best_observed": float(np.max(y)),
+        "best_observed": float(np.max(combine(y))),
+        "predictor": choice,
     }
     return mixture, info

@@ -1,0 +1,16 @@
+from kfp import dsl
+from kfp.dsl import Artifact, Input
+
+from components.image import CPU_IMAGE
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def final_runs(config: Input[Artifact]) -> list[str]:
+    """The final models to train: each of chosen, uniform and token_prior for each of the
+    config's final.seeds training seeds, to fan final training out over."""
+    from pathlib import Path
+
+    from demix.config import resolve_config
+    from demix.mixtures import final_run_names
+
+    return final_run_names(resolve_config(Path(config.path).read_text()).final.seeds)
