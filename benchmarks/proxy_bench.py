@@ -10,27 +10,16 @@ Usage: python benchmarks/proxy_bench.py [--hidden 512] [--layers 8] [--component
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from timing import median_time
 
 from demix.config import ArchitectureConfig
 from demix.merge import DeltaStack, merge_to_disk
 from demix.model import build_tiny_llama, load_model
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -9,10 +9,9 @@ Usage: python benchmarks/search_bench.py [--prior 1278,284,69,100,51,141,633] [-
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import numpy as np
+from timing import median_time
 
 from demix.config import SearchConfig
 from demix.search.predictor import Predictor
@@ -21,17 +20,6 @@ from demix.search.sampler import sample_mixtures
 
 # the authors' 7-dataset token prior (iterative_sample/sample.py)
 AUTHORS_PRIOR = "1278,284,69,100,51,141,633"
-
-
-def median_time(fn, repeats: int) -> float:
-    """Median wall time of fn() over `repeats` calls, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:

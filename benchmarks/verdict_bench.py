@@ -8,23 +8,11 @@ Usage: python benchmarks/verdict_bench.py [--docs 10000] [--resamples 2000] [--r
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import numpy as np
+from timing import median_time
 
 from demix.verdict import category_bootstrap, paired_bootstrap
-
-
-def median_time(fn, repeats: int) -> float:
-    """Median wall time of fn() over `repeats` calls, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from demix.data.sources import json_type
 from demix.errors import (
     INTERNAL_EXIT_CODE,
     ConfigError,
@@ -41,6 +42,7 @@ def parse_mixture(text: str) -> dict[str, float]:
 
     Raises MixtureError naming the entry (or file) for text that is none of these.
     """
+
     source = f"mixture {text[:80]!r}" + ("..." if len(text) > 80 else "")
     if text.endswith(".json") and not text.lstrip().startswith(("{", "[")):
         source = f"mixture file {text if text.isprintable() else repr(text)}"
@@ -108,7 +110,7 @@ def _mixture_json(text: str, source: str) -> dict[str, float]:
         raw = raw["mixture"]
     if not isinstance(raw, dict):
         raise MixtureError(
-            f"{source}: expected a JSON object {{dataset: weight}}, got {_json_type(raw)}; "
+            f"{source}: expected a JSON object {{dataset: weight}}, got {json_type(raw)}; "
             'e.g. {"general": 0.5, "code": 0.5}'
         )
     out = {}
@@ -117,7 +119,7 @@ def _mixture_json(text: str, source: str) -> dict[str, float]:
             raise MixtureError(f"{source}: a dataset name is empty; name each weight's dataset")
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise MixtureError(
-                f"mixture entry {name!r}: weight is {_json_type(value)} ({value!r:.60}), not a "
+                f"mixture entry {name!r}: weight is {json_type(value)} ({value!r:.60}), not a "
                 "number; give a float in [0, 1]"
             )
         try:
@@ -127,18 +129,6 @@ def _mixture_json(text: str, source: str) -> dict[str, float]:
                 f"mixture entry {name!r}: weight is too large for a float; give a float in [0, 1]"
             ) from None
     return _no_negatives(out)
-
-
-def _json_type(value: object) -> str:
-    """The JSON name of a parsed value's type, with an article ("null", "a string", ...)."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    names = {str: "a string", list: "an array", dict: "an object"}
-    return names.get(type(value), type(value).__name__)
 
 
 def _weight(name: str, value: float) -> float:
