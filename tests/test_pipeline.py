@@ -284,6 +284,7 @@ def test_submit_to_kfp_host_uses_the_client(compiled):
         eval_workers=3,
         run_name="r",
         experiment="e",
+        pipeline_root="gs://bucket/root",
     )
     with mock.patch("kfp.Client") as client:
         client.return_value.create_run_from_pipeline_package.return_value.run_id = "run-1"
@@ -292,6 +293,7 @@ def test_submit_to_kfp_host_uses_the_client(compiled):
     call = client.return_value.create_run_from_pipeline_package.call_args
     assert call.args[0] == str(compiled[0]) and call.kwargs["arguments"]["num_eval_workers"] == 3
     assert call.kwargs["arguments"]["config_yaml"].startswith("# Run with:")
+    assert call.kwargs["pipeline_root"] == "gs://bucket/root" and call.kwargs["enable_caching"]
 
 
 def test_images_named_by_components_are_built_by_make_images():
@@ -476,6 +478,7 @@ def test_config_rounds_and_compiled_rounds_cannot_disagree(tmp_path, corpus_dir)
         eval_workers=1,
         run_name="r",
         experiment="e",
+        pipeline_root="gs://bucket/root",
     )
     with mock.patch("kfp.Client") as client, pytest.raises(ConfigError, match="2 but .* 3"):
         pipeline.submit(args)
