@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -167,3 +168,33 @@ def test_training_task_killed_mid_run_resumes_from_the_bucket_in_an_empty_folder
     assert (resumed / "model.safetensors").read_bytes() == (
         uninterrupted / "model.safetensors"
     ).read_bytes(), "resumed weights differ from an uninterrupted run"
+
+
+def test_model_index_holds_uris_and_each_model_is_fetched_and_verified(gcs, tmp_path):
+    """collect_models' index names artifact URIs, not the pod's local paths; a reader fetches
+    each through demix.storage into its own cache and refuses one that does not verify."""
+    from demix.errors import DemixError
+    from demix.stages import read_model_index, write_model_index
+    from demix.storage import write_manifest
+
+    store, models = Store(gcs.bucket), []
+    for name in ("general", "code"):
+        local = tmp_path / "pod" / name
+        local.mkdir(parents=True)
+        (local / "model.safetensors").write_bytes(name.encode() * 100)
+        write_manifest(local, "demix.model", name=name)
+        uri = f"{store.root}/run/train-model-{name}/model"
+        store.upload(local, uri)
+        models.append((local, uri))
+    index = write_model_index(models, tmp_path / "index.json")
+    assert index == {"general": models[0][1], "code": models[1][1]}
+    shutil.rmtree(tmp_path / "pod")  # the collecting pod is gone
+
+    folders = read_model_index(tmp_path / "index.json")
+    assert (folders["code"] / "model.safetensors").read_bytes() == b"code" * 100
+    assert str(folders["code"]).startswith(str(tmp_path / "cache"))
+
+    shutil.rmtree(tmp_path / "cache")
+    store.bucket.blob(store.key(f"{models[1][1]}/model.safetensors")).upload_from_string(b"x")
+    with pytest.raises(DemixError, match=r"index.json: model 'code': .*model.safetensors"):
+        read_model_index(tmp_path / "index.json")
