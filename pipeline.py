@@ -5,7 +5,8 @@
     python pipeline.py compile --target vertex --out demix-vertex.yaml --nodes 4 \
         --machine-type a3-highgpu-8g --accelerator-type NVIDIA_H100_80GB --accelerator-count 8
     python pipeline.py run-local --config configs/demo.yaml --out runs/demo
-    python pipeline.py submit --host URL --package demix-kubeflow.yaml --config configs/demo.yaml
+    python pipeline.py submit --host URL --package demix-kubeflow.yaml --config configs/demo.yaml \
+        --pipeline-root gs://B/root [--no-cache]
     python pipeline.py submit --vertex --project P --region R --pipeline-root gs://B/root ...
 
 Targets KFP SDK 2.17.3 (pinned in pyproject.toml) with Kubeflow Pipelines backend 2.5 or newer
@@ -286,7 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vertex", action="store_true")
     p.add_argument("--project")
     p.add_argument("--region")
-    p.add_argument("--pipeline-root")
+    p.add_argument("--pipeline-root", help="gs://BUCKET/PATH where the tasks' artifacts go")
+    p.add_argument(
+        "--no-cache", action="store_true", help="run every task again (caching off for the run)"
+    )
     args = parser.parse_args(argv)
 
     from demix.errors import DemixError

@@ -18,7 +18,7 @@ def train_final(
     """Train a final model from the base: the chosen mixture or a baseline (uniform, token_prior);
     a label `LABEL-seed<s>` trains the same mixture with the run seed + s.
 
-    `processes` and `cluster` as in train_model.
+    `processes` and `cluster` as in train_model; checkpoints in the bucket as in train_model.
     """
     import json
     from pathlib import Path
@@ -43,6 +43,7 @@ def train_final(
         mixture,
         processes=processes,
         cluster=cluster,
+        uri=model.uri,
     )
     manifest = read_model_manifest(folder)
     model.metadata.update({k: manifest.get(k) for k in ("name", "weights", "tokens", "final_loss")})

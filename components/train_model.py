@@ -18,7 +18,8 @@ def train_model(
     """Train the base (role "base") or the component of dataset `name` (role "component").
 
     `processes` > 1: under accelerate launch, one process per GPU; `cluster`: on the machines
-    of a Vertex AI custom job (see demix.stages.launch_train).
+    of a Vertex AI custom job (see demix.stages.launch_train). Checkpoints go to
+    `<model.uri>.ckpt` in the bucket as they are written; a rerun resumes from there.
     """
     from pathlib import Path
 
@@ -38,6 +39,7 @@ def train_model(
         Path(init.path) if init else None,
         processes=processes,
         cluster=cluster,
+        uri=model.uri,
     )
     manifest = read_model_manifest(folder)
     model.metadata.update(

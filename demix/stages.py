@@ -51,7 +51,13 @@ from demix.report.summary import stage_timings, summarize, write_document_scores
 from demix.search import ScoresTable, evaluate_proposals, final_selection, round_proposals
 from demix.search.loop import canonical_rows, run_search
 from demix.search.sampler import validate_mixture
-from demix.storage import atomic_write_json, atomic_write_text, fetch_artifact
+from demix.storage import (
+    atomic_write_json,
+    atomic_write_text,
+    checkpoint_sync_into,
+    discard_checkpoint,
+    fetch_artifact,
+)
 from demix.train import ROLES, CheckpointHook, fingerprint, train_on_mixture, train_role
 from demix.train.launch import launch_argv, launch_train
 from demix.verdict import final_verdict
@@ -133,6 +139,7 @@ def train_stage(
     processes: int = 1,
     cluster: str = "",
     on_checkpoint: CheckpointHook = None,
+    uri: str = "",
 ) -> Path:
     """Train one model into `out` and return its folder (the base: `model.base` when set).
 
@@ -140,7 +147,11 @@ def train_stage(
     `name`'s training mix; reference / final: from `init` on `mixture`. With processes > 1 (GPUs
     of the machine) or a `cluster` (Vertex AI worker pools JSON) the loop runs under
     `accelerate launch` in that many processes (demix.train.launch).
-    Raises DemixError for a role without what it needs, MixtureError for a bad mixture.
+    `uri`: where `out` is published (a pipeline task's `model.uri`). When it is gs://, each
+    checkpoint is published to `<uri>.ckpt` as it is written, training resumes from the newest
+    one there (a task rerun in an empty pod continues), and it is deleted once the model is done.
+    Raises DemixError for a role without what it needs, MixtureError for a bad mixture,
+    DataError when the bucket cannot be read or written.
     """
     if role not in ROLES:
         raise DemixError(f"training role {role!r} is not one of {list(ROLES)}")
@@ -162,12 +173,27 @@ def train_stage(
         return out
     if role == "final" and split_seed(name)[1]:  # a further training seed of a final mixture
         config = config.model_copy(update={"seed": config.seed + split_seed(name)[1]})
+    publish = checkpoint_sync_into(uri, out.with_name(out.name + ".ckpt")) if uri else None
+    hook = _both(on_checkpoint, publish)
     if role in ("reference", "final"):
-        return train_on_mixture(config, data, init, role, name, mixture, out, on_checkpoint)
-    train_role(
-        config, data, mixture, role, name or role, out, init=init, on_checkpoint=on_checkpoint
-    )
+        train_on_mixture(config, data, init, role, name, mixture, out, hook)
+    else:
+        train_role(config, data, mixture, role, name or role, out, init=init, on_checkpoint=hook)
+    if publish is not None:
+        discard_checkpoint(uri)
     return out
+
+
+def _both(first: CheckpointHook, second: CheckpointHook) -> CheckpointHook:
+    """A checkpoint hook calling `first` then `second` (either may be None)."""
+    if first is None or second is None:
+        return first or second
+
+    def hook(folder: Path) -> None:
+        first(folder)
+        second(folder)
+
+    return hook
 
 
 def train_components(
@@ -485,20 +511,31 @@ def models_by_name(paths: list[str | Path]) -> dict[str, Path]:
     return out
 
 
-def write_model_index(models: list[Path], out: Path) -> dict[str, str]:
-    """{name: absolute path} of model artifacts, as JSON (read back by `read_model_index`)."""
-    index = {name: str(Path(path).resolve()) for name, path in models_by_name(models).items()}
+def write_model_index(models: list[tuple[str | Path, str]], out: Path) -> dict[str, str]:
+    """{name: artifact URI} of model artifacts as JSON, from (local folder, URI) pairs.
+
+    The URI (a pipeline artifact's `.uri`: gs:// on Kubeflow and Vertex, a local path under
+    kfp.local), never the local folder, is what another task can open: on Kubeflow a task's
+    local paths do not exist in any other pod. Read back with `read_model_index`.
+    Raises DemixError for a folder whose manifest names no model.
+    """
+    uris = {str(Path(folder)): uri for folder, uri in models}
+    index = {name: uris[str(path)] for name, path in models_by_name(list(uris)).items()}
     atomic_write_json(out, index)
     return index
 
 
 def read_model_index(path: Path) -> dict[str, Path]:
-    """The {name: path} written by `write_model_index`, each a complete model artifact.
+    """The models of a `write_model_index` file as local folders, each fetched by its URI
+    through demix.storage (gs:// downloaded into the cache) and verified against its manifest.
 
-    Raises DemixError when an indexed model is missing or incomplete.
+    Raises DemixError naming the index and the model when one is missing, incomplete or corrupt.
     """
-    index = {name: Path(p) for name, p in json.loads(Path(path).read_text()).items()}
-    for name, folder in index.items():
-        if not (folder / "manifest.json").is_file():
-            raise DemixError(f"{path}: model {name!r} at {folder} is missing or incomplete")
-    return index
+    index = json.loads(Path(path).read_text())
+    folders = {}
+    for name, uri in index.items():
+        try:
+            folders[name] = fetch_artifact(uri, MODEL_KIND)
+        except DemixError as err:
+            raise DemixError(f"{path}: model {name!r}: {err}") from None
+    return folders

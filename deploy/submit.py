@@ -28,14 +28,39 @@ def compiled_rounds(package: str | Path) -> int | None:
     return None
 
 
+def check_pipeline_root(root: str | None) -> str:
+    """The pipeline root, which must be gs://: tasks fetch artifacts by URI through demix.storage
+    and publish checkpoints there, and demix.storage reads gs:// only.
+
+    Raises ConfigError naming the root and what to use instead (Kubeflow's default is minio://).
+    """
+    from demix.errors import ConfigError
+
+    if not root:
+        raise ConfigError(
+            "submit needs --pipeline-root gs://BUCKET/PATH: tasks read each other's artifacts "
+            "by URI through demix.storage, which reads gs:// only (Kubeflow's default root is "
+            "minio://)"
+        )
+    if not root.startswith("gs://") or not root[len("gs://") :].strip("/"):
+        raise ConfigError(
+            f"--pipeline-root {root}: demix.storage cannot read it; use a gs://BUCKET/PATH root "
+            "(and give the cluster GCS credentials)"
+        )
+    return root
+
+
 def submit(args) -> str:
     """Submit a compiled package to a KFP host or to Vertex AI; credentials come from the environment.
 
-    Raises ConfigError, before anything is submitted, when the config's search.rounds differs
-    from the rounds compiled into the package.
+    `args.no_cache` turns caching off for every task (enable_caching=False on both backends).
+    Raises ConfigError, before anything is submitted, when the pipeline root is not gs://, or
+    the config's search.rounds differs from the rounds compiled into the package.
     """
     from demix.config import check_rounds, load_config
 
+    root = check_pipeline_root(getattr(args, "pipeline_root", None))
+    caching = not getattr(args, "no_cache", False)
     rounds = compiled_rounds(args.package)
     if rounds is not None:
         check_rounds(load_config(args.config), rounds, str(args.config))
@@ -50,11 +75,11 @@ def submit(args) -> str:
         job = aiplatform.PipelineJob(
             display_name=PIPELINE_NAME,
             template_path=args.package,
-            pipeline_root=args.pipeline_root,
+            pipeline_root=root,
             parameter_values=params,
             project=args.project,
             location=args.region,
-            enable_caching=True,
+            enable_caching=caching,
         )
         job.submit()
         return job.resource_name
@@ -66,6 +91,7 @@ def submit(args) -> str:
         arguments=params,
         run_name=args.run_name,
         experiment_name=args.experiment,
-        enable_caching=True,
+        pipeline_root=root,
+        enable_caching=caching,
     )
     return run.run_id

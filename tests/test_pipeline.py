@@ -284,6 +284,7 @@ def test_submit_to_kfp_host_uses_the_client(compiled):
         eval_workers=3,
         run_name="r",
         experiment="e",
+        pipeline_root="gs://bucket/root",
     )
     with mock.patch("kfp.Client") as client:
         client.return_value.create_run_from_pipeline_package.return_value.run_id = "run-1"
@@ -292,6 +293,7 @@ def test_submit_to_kfp_host_uses_the_client(compiled):
     call = client.return_value.create_run_from_pipeline_package.call_args
     assert call.args[0] == str(compiled[0]) and call.kwargs["arguments"]["num_eval_workers"] == 3
     assert call.kwargs["arguments"]["config_yaml"].startswith("# Run with:")
+    assert call.kwargs["pipeline_root"] == "gs://bucket/root" and call.kwargs["enable_caching"]
 
 
 def test_images_named_by_components_are_built_by_make_images():
@@ -461,7 +463,9 @@ def test_config_rounds_and_compiled_rounds_cannot_disagree(tmp_path, corpus_dir)
     out = tmp_path / "from-config.yaml"
     assert pipeline.main(["compile", "--out", str(out), "--config", str(config)]) == 0
     predicts = [
-        t for t in yaml.safe_load(out.read_text())["root"]["dag"]["tasks"] if "predict" in t
+        t
+        for t in next(yaml.safe_load_all(out.read_text()))["root"]["dag"]["tasks"]
+        if "predict" in t
     ]
     assert len(predicts) == 2 + 1  # one per round, then the final selection
     assert (
@@ -477,6 +481,7 @@ def test_config_rounds_and_compiled_rounds_cannot_disagree(tmp_path, corpus_dir)
         eval_workers=1,
         run_name="r",
         experiment="e",
+        pipeline_root="gs://bucket/root",
     )
     with mock.patch("kfp.Client") as client, pytest.raises(ConfigError, match="2 but .* 3"):
         pipeline.submit(args)
@@ -586,3 +591,78 @@ def test_a_retried_task_writes_the_same_outputs(tmp_path, corpus_dir, one_thread
     (tmp_path / "b" / ".model.x1y2.tmp" / "model.safetensors").write_bytes(b"half written")
     _attempt(tmp_path / "b", raw)
     assert _snapshot(tmp_path / "b") == first
+
+
+@pytest.mark.parametrize(
+    "root, expected",
+    [
+        (None, r"submit needs --pipeline-root gs://BUCKET/PATH"),
+        ("minio://mlpipeline/v2/artifacts", r"minio://mlpipeline/v2/artifacts: .*use a gs://"),
+        ("s3://bucket/root", r"s3://bucket/root: demix.storage cannot read it"),
+    ],
+)
+def test_submit_refuses_a_pipeline_root_the_storage_layer_cannot_read(
+    compiled, capsys, root, expected
+):
+    argv = ["submit", "--host", "http://kfp.example", "--package", str(compiled[0])]
+    argv += ["--config", str(ROOT / "configs" / "demo.yaml")]
+    argv += ["--pipeline-root", root] if root else []
+    with mock.patch("kfp.Client") as client:
+        assert pipeline.main(argv) == 2
+    client.assert_not_called()
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(expected, err), err
+
+
+def test_submit_no_cache_turns_caching_off_on_both_backends(compiled):
+    common = ["--config", str(ROOT / "configs" / "demo.yaml"), "--no-cache"]
+    common += ["--pipeline-root", "gs://bucket/root"]
+    with mock.patch("kfp.Client") as client:
+        client.return_value.create_run_from_pipeline_package.return_value.run_id = "run-1"
+        argv = ["submit", "--host", "http://kfp.example", "--package", str(compiled[0])]
+        assert pipeline.main(argv + common) == 0
+    kwargs = client.return_value.create_run_from_pipeline_package.call_args.kwargs
+    assert kwargs["enable_caching"] is False and kwargs["pipeline_root"] == "gs://bucket/root"
+    with mock.patch("google.cloud.aiplatform.PipelineJob") as job:
+        job.return_value.resource_name = "projects/p/locations/r/pipelineJobs/demix-1"
+        argv = ["submit", "--vertex", "--project", "p", "--region", "r"]
+        assert pipeline.main(argv + ["--package", str(compiled[1])] + common) == 0
+    assert job.call_args.kwargs["enable_caching"] is False
+    job.return_value.submit.assert_called_once()
+
+
+def test_data_fingerprint_sees_a_changed_object_in_the_bucket_without_downloading(
+    gcs, tmp_path, corpus_dir
+):
+    """gs:// datasets count by their listing's generation, crc32c and size (nothing is read):
+    changing one object, or writing it again, gives another fingerprint."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    bucket = storage.Client(project="t", credentials=AnonymousCredentials()).bucket(gcs.bucket)
+    raw = smoke_config_dict(corpus_dir)
+    for spec in raw["data"]["datasets"]:
+        name = Path(spec["paths"][0]).name
+        bucket.blob(f"corpus/{spec['name']}/{name}").upload_from_filename(str(corpus_dir / name))
+        spec["paths"] = [f"gs://{gcs.bucket}/corpus/{spec['name']}"]  # a folder
+    raw["data"]["datasets"][0]["paths"].append(str(corpus_dir / "general.jsonl"))  # and a file
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(raw))
+
+    gcs.plan.corrupt, gcs.plan.corrupt_times = "corpus", None  # counts every object download
+    first = pipeline.data_fingerprint(config)
+    assert first != "e3b0c44298fc1c14"  # the hash of nothing
+    assert pipeline.data_fingerprint(config) == first
+    bucket.blob("corpus/math/math.jsonl").upload_from_string(b'{"text": "1 + 1 = 2"}\n')
+    changed = pipeline.data_fingerprint(config)
+    assert changed != first
+    bucket.blob("corpus/math/math.jsonl").upload_from_string(b'{"text": "1 + 1 = 2"}\n')
+    assert pipeline.data_fingerprint(config) != changed  # same bytes, a new generation
+    assert gcs.plan.counts["corrupted_download"] == 0, "the fingerprint downloaded an object"
+
+    raw["data"]["datasets"][1]["paths"] = [f"gs://{gcs.bucket}/corpus/nothing-here"]
+    config.write_text(yaml.safe_dump(raw))
+    from demix.errors import DataError
+
+    with pytest.raises(DataError, match=r"corpus/nothing-here: no such object or folder"):
+        pipeline.data_fingerprint(config)

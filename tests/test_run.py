@@ -294,7 +294,7 @@ def test_validate_component_writes_fidelity_artifacts(smoke_run, tmp_path):
     raw = yaml.safe_load(config_path.read_text())
     raw["fidelity"] = {"references": 2}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw))
-    write_model_index(list(components.values()), tmp_path / "index.json")
+    write_model_index([(p, str(p)) for p in components.values()], tmp_path / "index.json")
 
     def artifact(cls, path):
         art = cls(uri=str(path))

@@ -26,6 +26,7 @@ from demix.storage.manifest import (
 from demix.storage.remote import (
     artifact_output,
     checkpoint_sync,
+    checkpoint_sync_into,
     discard_checkpoint,
     fetch_artifact,
     fetch_files,
@@ -46,6 +47,7 @@ __all__ = [
     "check_manifest_entry",
     "check_uri",
     "checkpoint_sync",
+    "checkpoint_sync_into",
     "discard_checkpoint",
     "fetch_artifact",
     "fetch_files",

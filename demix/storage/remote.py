@@ -325,3 +325,41 @@ def write_output_bytes(uri: str | Path, data: bytes) -> None:
         path = Path(tmp) / "upload"
         path.write_bytes(data)
         gcs.upload_file(bkt, key, path)
+
+
+def checkpoint_sync_into(uri: str | Path, local: str | Path) -> Callable[[Path], None] | None:
+    """checkpoint_sync for a training output written at a local path that is not the cache's
+    mirror of `uri` (a pipeline task's `model.path`): the newest checkpoint at `<uri>.ckpt` is
+    fetched into `local` (the loop's `<out>.ckpt`) when it is at a later step than `local`'s,
+    and the returned function publishes each new checkpoint there. None for a local `uri`.
+
+    Raises DataError for a missing bucket, or a published checkpoint that never arrives intact.
+    """
+    if not is_remote(uri):
+        return None
+    from demix import gcs
+
+    ckpt_uri = f"{str(uri).rstrip('/')}.ckpt"
+    bucket, key = split_gs(ckpt_uri)
+    bkt = gcs.bucket(bucket)
+    text = gcs.read_bytes(bkt, f"{key}/{MANIFEST}")
+    if text is not None:
+        remote = parse_manifest(text, f"{ckpt_uri}/{MANIFEST}")
+        try:
+            local_step = read_manifest(local, verify=True).get("step", -1)
+        except DataError:
+            local_step = -1
+        if remote.get("step", -1) > local_step:
+            with staged_dir(local) as tmp:
+                for rel, info in remote["files"].items():
+                    gcs.download_file(
+                        bkt.blob(f"{key}/{rel}"),
+                        tmp / rel,
+                        check=lambda path, info=info: file_mismatch(path, info),
+                    )
+                atomic_write_bytes(tmp / MANIFEST, text)
+
+    def publish(folder: Path) -> None:
+        upload_artifact(folder, ckpt_uri)
+
+    return publish
