@@ -334,8 +334,8 @@ def test_the_verdict_on_final_models(smoke_run, tmp_path):
 
     _, config, data, base, _ = _run_parts(smoke_run)
     mixture = dict(data.token_prior)
-    longer = config.model_copy(deep=True)
-    longer.train.final.tokens = 4 * config.train.final.tokens
+    final = config.train.final.model_copy(update={"tokens": 4 * config.train.final.tokens})
+    longer = config.model_copy(update={"train": config.train.model_copy(update={"final": final})})
     models = {
         "chosen": train_stage(config, data, "final", tmp_path / "a", "chosen", base, mixture),
         "uniform": train_stage(config, data, "final", tmp_path / "b", "chosen", base, mixture),
