@@ -223,6 +223,7 @@ def describe_selection(
         "rounds": found["rounds"],
         "proxies_evaluated": found["proxies_evaluated"],
         "predictor_spearman": found["predictor_spearman"],
+        "predictor": found.get("predictor"),
         "predicted_score": found["predicted_score"],
         "history": found["history"],
     }

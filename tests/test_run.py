@@ -43,6 +43,7 @@ def test_summary_contract(smoke_run):
         assert {"heldout:general", "basic_skills_arithmetic", "math500_bpb"} <= set(result["tasks"])
         for task in result["tasks"].values():
             assert task["stderr"] >= 0 and task["per_seed"] == [task["value"]]
+    assert summary["predictor"] == {"kind": "lightgbm", "why": "search.predictor.kind"}
     assert set(summary["verdict"]) == {"uniform", "token_prior"}
     for entries in summary["verdict"].values():
         assert set(entries) == CATEGORIES | {"objective", "tasks"}
