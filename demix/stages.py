@@ -54,7 +54,7 @@ from demix.search.sampler import validate_mixture
 from demix.storage import (
     atomic_write_json,
     atomic_write_text,
-    checkpoint_sync_into,
+    checkpoint_sync,
     discard_checkpoint,
     fetch_artifact,
 )
@@ -173,7 +173,7 @@ def train_stage(
         return out
     if role == "final" and split_seed(name)[1]:  # a further training seed of a final mixture
         config = config.model_copy(update={"seed": config.seed + split_seed(name)[1]})
-    publish = checkpoint_sync_into(uri, out.with_name(out.name + ".ckpt")) if uri else None
+    publish = checkpoint_sync(uri, out.with_name(out.name + ".ckpt")) if uri else None
     hook = _both(on_checkpoint, publish)
     if role in ("reference", "final"):
         train_on_mixture(config, data, init, role, name, mixture, out, hook)

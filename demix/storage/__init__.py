@@ -26,7 +26,6 @@ from demix.storage.manifest import (
 from demix.storage.remote import (
     artifact_output,
     checkpoint_sync,
-    checkpoint_sync_into,
     discard_checkpoint,
     fetch_artifact,
     fetch_files,
@@ -47,7 +46,6 @@ __all__ = [
     "check_manifest_entry",
     "check_uri",
     "checkpoint_sync",
-    "checkpoint_sync_into",
     "discard_checkpoint",
     "fetch_artifact",
     "fetch_files",

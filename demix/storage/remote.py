@@ -62,6 +62,15 @@ def _download_artifact(uri: str, kind: str | None) -> Path:
         with contextlib.suppress(DataError):
             read_manifest(local, kind, verify=True)
             return local  # the cached copy is this very artifact, intact
+    _download_files(bkt, key, manifest, text, local)
+    return local
+
+
+def _download_files(bkt, key: str, manifest: dict, text: bytes, local: Path) -> None:
+    """Every file of a published artifact into `local` (staged, each checked against the
+    manifest, the manifest last)."""
+    from demix import gcs
+
     with staged_dir(local) as tmp:
         for rel, info in manifest["files"].items():
             gcs.download_file(
@@ -70,7 +79,6 @@ def _download_artifact(uri: str, kind: str | None) -> Path:
                 check=lambda path, info=info: file_mismatch(path, info),
             )
         atomic_write_bytes(tmp / MANIFEST, text)
-    return local
 
 
 def _artifact_mirror(bucket: str, key: str) -> Path:
@@ -156,13 +164,18 @@ def artifact_output(uri: str | Path, publish: bool = True) -> Iterator[Path]:
         upload_artifact(local, uri)
 
 
-def checkpoint_sync(uri: str | Path) -> Callable[[Path], None] | None:
+def checkpoint_sync(
+    uri: str | Path, local: str | Path | None = None
+) -> Callable[[Path], None] | None:
     """For a gs:// training output: fetch its newest checkpoint here, return its publisher.
 
     Training checkpoints beside a gs:// output live at `<uri>.ckpt`. When the remote one is
-    at a later step than the local mirror's (another machine ran last), it is downloaded and
-    verified first; the returned function uploads each new checkpoint (manifest last), so a
-    preempted machine's successor resumes where it stopped. None for a local `uri`.
+    at a later step than the local one (another machine or pod ran last), it is downloaded and
+    verified first into `local`: the loop's `<out>.ckpt` (default: the cache's mirror of the
+    checkpoint, where `demix train --out gs://...` trains; a pipeline task passes the folder
+    beside its `model.path`). The returned function uploads each new checkpoint (manifest
+    last), so a preempted machine's successor resumes where it stopped. None for a local `uri`.
+    Raises DataError for a missing bucket or a published checkpoint that never arrives intact.
     """
     if not is_remote(uri):
         return None
@@ -170,16 +183,17 @@ def checkpoint_sync(uri: str | Path) -> Callable[[Path], None] | None:
 
     ckpt_uri = f"{str(uri).rstrip('/')}.ckpt"
     bucket, key = split_gs(ckpt_uri)
-    text = gcs.read_bytes(gcs.bucket(bucket), f"{key}/{MANIFEST}")
+    bkt = gcs.bucket(bucket)
+    text = gcs.read_bytes(bkt, f"{key}/{MANIFEST}")
     if text is not None:
-        remote_step = parse_manifest(text, f"{ckpt_uri}/{MANIFEST}").get("step", -1)
-        local = mirror(bucket, key)
+        remote = parse_manifest(text, f"{ckpt_uri}/{MANIFEST}")
+        local = Path(local) if local is not None else _artifact_mirror(bucket, key)
         try:
             local_step = read_manifest(local, verify=True).get("step", -1)
         except DataError:
             local_step = -1
-        if remote_step > local_step:
-            _download_artifact(ckpt_uri, None)
+        if remote.get("step", -1) > local_step:
+            _download_files(bkt, key, remote, text, local)
 
     def publish(folder: Path) -> None:
         upload_artifact(folder, ckpt_uri)
@@ -325,41 +339,3 @@ def write_output_bytes(uri: str | Path, data: bytes) -> None:
         path = Path(tmp) / "upload"
         path.write_bytes(data)
         gcs.upload_file(bkt, key, path)
-
-
-def checkpoint_sync_into(uri: str | Path, local: str | Path) -> Callable[[Path], None] | None:
-    """checkpoint_sync for a training output written at a local path that is not the cache's
-    mirror of `uri` (a pipeline task's `model.path`): the newest checkpoint at `<uri>.ckpt` is
-    fetched into `local` (the loop's `<out>.ckpt`) when it is at a later step than `local`'s,
-    and the returned function publishes each new checkpoint there. None for a local `uri`.
-
-    Raises DataError for a missing bucket, or a published checkpoint that never arrives intact.
-    """
-    if not is_remote(uri):
-        return None
-    from demix import gcs
-
-    ckpt_uri = f"{str(uri).rstrip('/')}.ckpt"
-    bucket, key = split_gs(ckpt_uri)
-    bkt = gcs.bucket(bucket)
-    text = gcs.read_bytes(bkt, f"{key}/{MANIFEST}")
-    if text is not None:
-        remote = parse_manifest(text, f"{ckpt_uri}/{MANIFEST}")
-        try:
-            local_step = read_manifest(local, verify=True).get("step", -1)
-        except DataError:
-            local_step = -1
-        if remote.get("step", -1) > local_step:
-            with staged_dir(local) as tmp:
-                for rel, info in remote["files"].items():
-                    gcs.download_file(
-                        bkt.blob(f"{key}/{rel}"),
-                        tmp / rel,
-                        check=lambda path, info=info: file_mismatch(path, info),
-                    )
-                atomic_write_bytes(tmp / MANIFEST, text)
-
-    def publish(folder: Path) -> None:
-        upload_artifact(folder, ckpt_uri)
-
-    return publish
