@@ -288,7 +288,8 @@ def _cmd_curate(args) -> None:
     config = _config(args)
     with artifact_output(args.out) as out:
         data = curate_stage(config, out)
-    print(json.dumps({"datasets": data.names, "token_prior": data.token_prior}, indent=2))
+    shown = {"datasets": data.names, "token_prior": data.token_prior}
+    print(json.dumps({**shown, "targets": data.targets} if data.targets else shown, indent=2))
 
 
 @_writes(_train_out)

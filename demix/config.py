@@ -44,12 +44,17 @@ class DataConfig(Strict):
     """Candidate datasets and curation settings.
 
     `general` names the dataset mixed into every component (none: the token-prior mixture of
-    all datasets). `fetch_demo` is a folder to fetch the embedded demo corpus into first.
+    all datasets). `targets` are datasets the trained models should be good at but are never
+    trained on: curated like the candidates (same cleaning and tokenizer, and deduplicated
+    against them, so no target document is also a training document), every document held out,
+    so `heldout:<target>` can be an evaluation task (say, "which sources make my model good at
+    our support tickets"). `fetch_demo` is a folder to fetch the embedded demo corpus into first.
     `curate_groups` is how many groups of input files curation fans out over (at most one per
     file); the curated result does not depend on it.
     """
 
     datasets: list[DatasetSpec] = Field(min_length=2)
+    targets: list[DatasetSpec] = Field(default_factory=list)
     general: str | None = None
     fetch_demo: str | None = None
     min_chars: int = Field(default=64, ge=1)
@@ -61,16 +66,31 @@ class DataConfig(Strict):
     @model_validator(mode="after")
     def _names(self) -> DataConfig:
         names = [d.name for d in self.datasets]
-        dup = sorted({n for n in names if names.count(n) > 1})
+        every = names + [t.name for t in self.targets]
+        dup = sorted({n for n in every if every.count(n) > 1})
         if dup:
-            raise ValueError(f"duplicate dataset names {dup}; give each dataset a unique name")
+            raise ValueError(
+                f"duplicate dataset names {dup} (data.datasets and data.targets share one "
+                "namespace); give each dataset a unique name"
+            )
         if self.general is not None and self.general not in names:
             raise ValueError(f"general={self.general!r} is not one of the datasets {names}")
         return self
 
     @property
     def names(self) -> list[str]:
+        """The candidate datasets (the mixture's coordinates), in config order."""
         return [d.name for d in self.datasets]
+
+    @property
+    def target_names(self) -> list[str]:
+        return [t.name for t in self.targets]
+
+    @property
+    def all_specs(self) -> list[DatasetSpec]:
+        """Candidates then targets: the order curation reads them in (a target document that
+        repeats a candidate's is dropped from the target)."""
+        return [*self.datasets, *self.targets]
 
 
 class ArchitectureConfig(Strict):
@@ -378,12 +398,12 @@ class RunConfig(Strict):
             or sum(self.evaluate.category_weights.values()) <= 0
         ):
             raise ValueError("evaluate.category_weights must be >= 0 with a positive sum")
-        names = set(self.data.names)
+        names = {*self.data.names, *self.data.target_names}
         for category, tasks in self.evaluate.categories.items():
             for task in tasks:
                 if task.startswith("heldout:") and task.split(":", 1)[1] not in names:
                     raise ValueError(
-                        f"evaluate.categories.{category}: {task!r} names no dataset; "
+                        f"evaluate.categories.{category}: {task!r} names no dataset or target; "
                         f"known: {sorted(names)}"
                     )
         return self

@@ -81,7 +81,7 @@ def base_model_dir(config: RunConfig) -> Path | None:
 def curation_fingerprint(config: RunConfig, tokenizer_dir: Path | None) -> str:
     """Hash of what curation reads: the data settings (not the grouping, which does not change
     the result), the seed, the base tokenizer and each input file's path, size and stamp."""
-    inputs = [(f.uri, f.size, f.stamp) for spec in config.data.datasets for f in input_files(spec)]
+    inputs = [(f.uri, f.size, f.stamp) for spec in config.data.all_specs for f in input_files(spec)]
     return fingerprint(
         data=config.data.model_dump(exclude={"curate_groups"}),
         seed=config.seed,

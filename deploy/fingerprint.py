@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def data_fingerprint(config_path: Path) -> str:
-    """A hash of the candidate datasets' inputs, so changed data is never a cache hit.
+    """A hash of the candidate and target datasets' inputs, so changed data is never a cache hit.
 
     Local files are hashed by content (sha256); gs:// objects by the metadata of a listing
     (generation, crc32c, size: nothing is downloaded). A local path that does not exist here
@@ -22,7 +22,7 @@ def data_fingerprint(config_path: Path) -> str:
 
     config = load_config(config_path)
     h = hashlib.sha256()
-    for spec in config.data.datasets:
+    for spec in config.data.all_specs:
         for entry in spec.paths:
             check_uri(entry)
             if is_remote(entry):
@@ -57,5 +57,5 @@ def remote_listing(uri: str) -> list[tuple[str, int, str, int]]:
         if (name == key or name.startswith(f"{key}/")) and not name.endswith("/")
     )
     if not found:
-        raise DataError(f"{uri}: no such object or folder in gs://{bucket}; fix data.datasets")
+        raise DataError(f"{uri}: no such object or folder in gs://{bucket}; fix data.datasets or data.targets")
     return found

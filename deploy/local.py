@@ -72,7 +72,7 @@ def _absolute_paths(text: str) -> str:
     from demix.config import load_yaml
 
     raw = load_yaml(text, "config")
-    for spec in raw["data"]["datasets"]:
+    for spec in [*raw["data"]["datasets"], *(raw["data"].get("targets") or [])]:
         spec["paths"] = [p if "://" in p else str(Path(p).resolve()) for p in spec["paths"]]
     for section, key in (
         ("data", "fetch_demo"),

@@ -52,7 +52,11 @@ def _mutate(raw: dict, path: str, value) -> dict:
         ("train.general_ratio", 1.5, "train.general_ratio"),
         ("search.n", 2, "search.n"),
         ("data.general", "nope", "general='nope' is not one of the datasets"),
-        ("evaluate.categories", {"x": ["heldout:missing"]}, "'heldout:missing' names no dataset"),
+        (
+            "evaluate.categories",
+            {"x": ["heldout:missing"]},
+            "'heldout:missing' names no dataset or target",
+        ),
         ("model.architecture.num_heads", 3, "not divisible by num_heads=3"),
     ],
 )
@@ -62,6 +66,20 @@ def test_bad_values_name_the_key(tmp_path, path, value, expected):
         parse_config(raw, "cfg.yaml")
     assert expected in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_targets_share_the_dataset_namespace_and_can_be_heldout_tasks(tmp_path):
+    raw = smoke_config_dict(tmp_path)
+    raw["data"]["targets"] = [{"name": "general", "paths": [str(tmp_path / "t.jsonl")]}]
+    with pytest.raises(ConfigError, match="duplicate dataset names .'general'. .data.datasets and"):
+        parse_config(raw, "cfg.yaml")
+    raw["data"]["targets"][0]["name"] = "tickets"
+    raw["evaluate"]["categories"]["support"] = ["heldout:tickets"]
+    config = parse_config(raw, "cfg.yaml")
+    assert config.data.target_names == ["tickets"] and "tickets" not in config.data.names
+    raw["evaluate"]["categories"]["support"] = ["heldout:ticket"]
+    with pytest.raises(ConfigError, match="names no dataset or target"):
+        parse_config(raw, "cfg.yaml")
 
 
 def test_duplicate_dataset_names(tmp_path):

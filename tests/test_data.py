@@ -167,6 +167,66 @@ def test_heldout_split_sizes(tmp_path):
     assert len(data.tokens("one", "heldout")) == 0 and len(data.tokens("one")) > 0
 
 
+@pytest.fixture(scope="module")
+def targeted(corpora, tmp_path_factory):
+    """The curated corpora plus a target: 12 own documents (one repeated), 3 copies of candidate
+    documents; split over 4 groups to show grouping changes nothing."""
+    root = tmp_path_factory.mktemp("target")
+    own = _docs("gamma", 12)
+    lines = [*own[:6], _docs("alpha", 40)[7], own[2], *own[6:], *_docs("beta", 40)[:2], "tiny"]
+    (root / "t.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+    config = _config(
+        corpora,
+        heldout_fraction=0.1,
+        targets=[DatasetSpec(name="t", paths=[str(root / "t.jsonl")])],
+    )
+    out = tmp_path_factory.mktemp("out") / "data"
+    manifest = curate(config, out, seed=0, groups=4)
+    return CuratedData(out), manifest, own
+
+
+def test_target_is_held_out_whole_deduped_against_candidates_and_outside_the_prior(
+    targeted, curated
+):
+    data, manifest, own = targeted
+    stats = manifest["targets"]["t"]
+    assert (stats["duplicates_removed"], stats["dropped_short"]) == (4, 1)
+    assert (stats["documents"], stats["heldout_documents"], stats["train_tokens"]) == (0, 12, 0)
+    assert _decode_docs(data, "t", "heldout") == [normalize(t) for t in own]  # file order
+    assert data.names == ["a", "b"] and data.targets == ["t"]
+    assert set(data.token_prior) == {"a", "b"} and "t" not in manifest["datasets"]
+    with pytest.raises(DataError, match="target, held out only"):
+        data.tokens("t", "train")
+    # The candidates, their tokenizer and the prior are exactly as curated without the target.
+    plain_data, plain = curated
+    assert data.token_prior == plain_data.token_prior
+    for path, entry in plain["files"].items():
+        assert manifest["files"][path] == entry, path
+
+
+def test_heldout_target_is_an_evaluation_task(targeted):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from demix.config import EvaluateConfig
+    from demix.evaluate.harness import Evaluator
+
+    data, manifest, _ = targeted
+    config = EvaluateConfig(categories={"target": ["heldout:t"], "a": ["heldout:a"]})
+    evaluator = Evaluator(config, data.load_tokenizer(), "cpu", data=data)
+    tiny = LlamaConfig(
+        vocab_size=data.vocab_size,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+    )
+    result = evaluator.evaluate(LlamaForCausalLM(tiny))
+    tokens = manifest["targets"]["t"]["heldout_tokens"]
+    assert sum(result["heldout:t"]["doc_weight"]) == tokens - 1  # every target token but the first
+    assert math.isfinite(result["heldout:t"]["value"]) and result["heldout:t"]["n"] > 1
+
+
 def _write(path, data):
     if isinstance(data, bytes):
         path.write_bytes(data)

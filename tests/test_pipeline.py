@@ -339,6 +339,17 @@ def _curate(resolved, root: Path, fingerprint: str):
 
 def test_components_python_func_on_tiny_artifacts(tmp_path, corpus_dir):
     raw = smoke_config_dict(corpus_dir)
+    target = tmp_path / "tickets.jsonl"  # curated by the same tasks, never trained on
+    target.write_text(
+        "".join(
+            json.dumps(
+                {"text": f"Ticket {i}: the export to parquet fails with error {i * 7}. " * 3}
+            )
+            + "\n"
+            for i in range(12)
+        )
+    )
+    raw["data"]["targets"] = [{"name": "tickets", "paths": [str(target)]}]
     resolved = _artifact(Artifact, tmp_path / "config.yaml")
     resolve_config.python_func(
         config_yaml=yaml.safe_dump(raw),
@@ -359,7 +370,12 @@ def test_components_python_func_on_tiny_artifacts(tmp_path, corpus_dir):
     assert (tmp_path / "dataset" / "manifest.json").is_file() and dataset.metadata[
         "data_fingerprint"
     ] == "abc"
-    assert len(list(tmp_path.glob("part-*"))) == 3  # the smoke corpus: one group per file
+    assert len(list(tmp_path.glob("part-*"))) == 4  # the smoke corpus and target: one per file
+    from demix.data.shards import CuratedData
+
+    curated = CuratedData(tmp_path / "dataset")
+    assert curated.targets == ["tickets"] and "tickets" not in curated.token_prior
+    assert curated.manifest["targets"]["tickets"]["heldout_documents"] == 12
 
     result = _artifact(Artifact, tmp_path / "proposals.json")
     shards = predict.python_func(
@@ -659,6 +675,14 @@ def test_data_fingerprint_sees_a_changed_object_in_the_bucket_without_downloadin
     bucket.blob("corpus/math/math.jsonl").upload_from_string(b'{"text": "1 + 1 = 2"}\n')
     assert pipeline.data_fingerprint(config) != changed  # same bytes, a new generation
     assert gcs.plan.counts["corrupted_download"] == 0, "the fingerprint downloaded an object"
+
+    raw["data"]["targets"] = [{"name": "tickets", "paths": [f"gs://{gcs.bucket}/target"]}]
+    bucket.blob("target/t.jsonl").upload_from_string(b'{"text": "Ticket 1: export fails"}\n')
+    config.write_text(yaml.safe_dump(raw))
+    with_target = pipeline.data_fingerprint(config)
+    assert with_target != changed
+    bucket.blob("target/t.jsonl").upload_from_string(b'{"text": "Ticket 2: import fails"}\n')
+    assert pipeline.data_fingerprint(config) != with_target  # targets are curation inputs too
 
     raw["data"]["datasets"][1]["paths"] = [f"gs://{gcs.bucket}/corpus/nothing-here"]
     config.write_text(yaml.safe_dump(raw))

@@ -12,6 +12,11 @@ Three steps, the same in one process (`curate`) and fanned out over KFP tasks:
   tokenizer/, <name>/train.bin, <name>/heldout.bin (every document followed by eos) and
   manifest.json last, with token counts per dataset (the prior).
 
+Targets (`data.targets`) go through the same steps after the candidates, so a target document
+that repeats a candidate's is dropped from the target; every kept target document is held out
+(<target>/heldout.bin, an empty train.bin) and the manifest lists targets apart from the
+candidate datasets, outside the prior. The tokenizer sample is drawn from the candidates only.
+
 Groups are contiguous runs of the files in config order, so the result does not depend on how
 many there are. Reading and normalizing documents live in `demix.data.sources`, the tokenizer
 in `demix.data.tokenizer`. One coherent thing over ~400 lines: the three steps share the plan
@@ -125,13 +130,14 @@ def plan_curation(
     sample, ModelError for an unusable base tokenizer; `out` is untouched on error.
     """
     start = time.perf_counter()
-    files = [f for spec in config.datasets for f in input_files(spec)]
+    files = [f for spec in config.all_specs for f in input_files(spec)]
     bounds = group_bounds([f.size for f in files], groups or config.curate_groups)
     sample_stats = None
     if tokenizer_dir is not None:
         tokenizer = load_base_tokenizer(Path(tokenizer_dir))
     else:
-        texts = tokenizer_sample(files, config)
+        candidates = set(config.names)
+        texts = tokenizer_sample([f for f in files if f.dataset in candidates], config)
         if not texts:
             raise DataError(
                 f"no document of at least data.min_chars={config.min_chars} characters in the "
@@ -205,7 +211,7 @@ def curate_group(plan_dir: str | Path, index: int, out: str | Path) -> dict:
             f"{plan_dir}: no group {index}; the curation plan has groups 0-{len(plan['groups']) - 1}"
         )
     config = DataConfig.model_validate(plan["data"])
-    specs = {spec.name: spec for spec in config.datasets}
+    specs = {spec.name: spec for spec in config.all_specs}
     from demix.model import load_tokenizer
 
     tokenizer = load_tokenizer(Path(plan_dir) / "tokenizer")
@@ -366,7 +372,8 @@ def merge_groups(plan_dir: str | Path, group_dirs: list[str | Path], out: str | 
     seen: set[bytes] = set()
     parts: dict[str, list[_Part]] = {}
     stats: dict[str, dict] = {}
-    for spec in config.datasets:
+    targets = set(config.target_names)
+    for spec in config.all_specs:
         short, dups, hashes, parts[spec.name] = 0, 0, [], []
         for folder, manifest in groups:
             counts = manifest["datasets"].get(spec.name)
@@ -385,12 +392,17 @@ def merge_groups(plan_dir: str | Path, group_dirs: list[str | Path], out: str | 
                 hashes.append(digest.hex())
             parts[spec.name].append(_Part(folder / spec.name, lengths, dest))
         if not hashes:
+            kind = "target" if spec.name in targets else "dataset"
             raise DataError(
-                f"dataset {spec.name!r} is empty after cleaning ({short} documents shorter than "
-                f"data.min_chars={config.min_chars}, {dups} duplicates); check its paths and "
-                "text_field"
+                f"{kind} {spec.name!r} is empty after cleaning ({short} documents shorter than "
+                f"data.min_chars={config.min_chars}, {dups} duplicates"
+                f"{' of candidate or earlier documents' if spec.name in targets else ''}); "
+                "check its paths and text_field"
             )
-        held = heldout_indices(hashes, config, plan["seed"])
+        if spec.name in targets:
+            held = set(range(len(hashes)))  # a target is never trained on
+        else:
+            held = heldout_indices(hashes, config, plan["seed"])
         position = 0  # of the dataset's first kept document in this group among all kept
         for part in parts[spec.name]:
             kept = np.flatnonzero(part.dest)
@@ -406,6 +418,7 @@ def merge_groups(plan_dir: str | Path, group_dirs: list[str | Path], out: str | 
             "train_tokens": sum(int(p.lengths[p.dest == 1].sum()) for p in parts[spec.name]),
             "heldout_tokens": sum(int(p.lengths[p.dest == 2].sum()) for p in parts[spec.name]),
         }
+    target_stats = {name: stats.pop(name) for name in config.target_names}
     total = sum(s["train_tokens"] for s in stats.values())
     prior = {name: s["train_tokens"] / total for name, s in stats.items()}
     seconds = read_manifest(plan_dir)["seconds"] + sum(m["seconds"] for _, m in groups)
@@ -424,6 +437,7 @@ def merge_groups(plan_dir: str | Path, group_dirs: list[str | Path], out: str | 
             tmp,
             DATASET_KIND,
             datasets=stats,
+            targets=target_stats,
             token_prior=prior,
             dtype=dtype.name,
             vocab_size=plan["vocab_size"],
@@ -439,6 +453,12 @@ def merge_groups(plan_dir: str | Path, group_dirs: list[str | Path], out: str | 
             f"docs, {s['train_tokens']:,} train + {s['heldout_tokens']:,} held-out tokens, "
             f"{s['duplicates_removed']} duplicates, {s['dropped_short']} short, "
             f"prior {prior[name]:.3f}"
+        )
+    for name, s in target_stats.items():
+        log.info(
+            f"curate target {name}: {s['heldout_documents']} held-out docs, "
+            f"{s['heldout_tokens']:,} tokens, {s['duplicates_removed']} duplicates (of candidate "
+            f"documents or its own), {s['dropped_short']} short; never trained on"
         )
     log.info(
         f"curate: {len(groups)} groups merged in {time.perf_counter() - start:.1f} s, "
@@ -458,7 +478,8 @@ def curate(
     groups: int | None = None,
     **manifest_fields,
 ) -> dict:
-    """Curate `config.datasets` into the artifact folder `out`; return its manifest.
+    """Curate `config.datasets` (and `config.targets`) into the artifact folder `out`; return its
+    manifest.
 
     Plan, every group and the merge in this process, with the plan and groups in a temporary
     folder beside `out`. Cleaning (`normalize`): lone surrogates replaced by U+FFFD, NFC, unix

@@ -24,6 +24,8 @@ class CuratedData:
         self.root = Path(root)
         self.manifest = read_manifest(self.root, kind=DATASET_KIND)
         self.names: list[str] = list(self.manifest["datasets"])
+        # Datasets curated for evaluation only (data.targets): a held-out split, never trained on.
+        self.targets: list[str] = list(self.manifest.get("targets", {}))
         self.vocab_size: int = int(self.manifest["vocab_size"])
         self.eos_token_id: int = int(self.manifest["eos_token_id"])
         self.dtype = np.dtype(self.manifest["dtype"])
@@ -34,16 +36,22 @@ class CuratedData:
         self.tokenizer_dir = self.root / self.manifest["tokenizer"]
 
     def tokens(self, name: str, split: str = "train") -> np.ndarray:
-        """Memory-mapped token stream of one dataset split ("train" or "heldout").
+        """Memory-mapped token stream of one dataset split ("train" or "heldout"; a target has
+        only "heldout").
 
         Raises DataError for an unknown dataset or split, or a missing or truncated file.
         """
-        if name not in self.manifest["datasets"]:
-            raise DataError(f"{self.root}: no dataset named {name!r}; known: {self.names}")
+        stats = self.manifest["datasets"].get(name) or self.manifest.get("targets", {}).get(name)
+        if stats is None:
+            raise DataError(
+                f"{self.root}: no dataset named {name!r}; known: {self.names + self.targets}"
+            )
         if split not in SPLITS:
             raise DataError(f"{self.root}: no split {split!r}; use one of {list(SPLITS)}")
+        if name in self.targets and split != "heldout":
+            raise DataError(f"{self.root}: {name!r} is a target, held out only; never trained on")
         path = self.root / name / f"{split}.bin"
-        expected = int(self.manifest["datasets"][name][f"{split}_tokens"])
+        expected = int(stats[f"{split}_tokens"])
         size = path.stat().st_size if path.is_file() else None
         if size != expected * self.dtype.itemsize:
             raise DataError(

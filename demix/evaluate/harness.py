@@ -241,8 +241,11 @@ class Evaluator:
             raise TaskError(
                 f"task {task!r} needs the curated dataset; pass data=CuratedData(...) to Evaluator"
             )
-        if dataset not in data.names:
-            raise TaskError(f"task {task!r}: no dataset {dataset!r}; known: {sorted(data.names)}")
+        known = [*data.names, *getattr(data, "targets", [])]
+        if dataset not in known:
+            raise TaskError(
+                f"task {task!r}: no dataset or target {dataset!r}; known: {sorted(known)}"
+            )
         tokens = np.asarray(data.tokens(dataset, "heldout")[: self.config.heldout_tokens])
         if len(tokens) < 2:
             raise TaskError(
