@@ -57,5 +57,7 @@ def remote_listing(uri: str) -> list[tuple[str, int, str, int]]:
         if (name == key or name.startswith(f"{key}/")) and not name.endswith("/")
     )
     if not found:
-        raise DataError(f"{uri}: no such object or folder in gs://{bucket}; fix data.datasets or data.targets")
+        raise DataError(
+            f"{uri}: no such object or folder in gs://{bucket}; fix data.datasets or data.targets"
+        )
     return found
