@@ -204,16 +204,23 @@ class MergeConfig(Strict):
     """How a mixture becomes a proxy model.
 
     `weights: data` maps a data mixture d to component weights c = M^-1 d (what each component
-    was trained on), `component` uses d as c. Method parameters left empty take the method's
-    default (scale 1, density 0.2, drop_rate 0.5, seed 0); setting one the method does not take
-    is an error. `delta_dtype: bfloat16` halves the memory of the search's in-memory deltas.
-    `output_dtype` and `shard_bytes` are the dtype and the largest safetensors shard of a merged
-    model written to disk (`demix merge`, the pipeline's merge step); `auto` keeps each tensor's
-    dtype in the base. Neither changes search scores.
+    was trained on), `component` uses d as c (as the method's original code does). Under `data`
+    a mixture with less general data than train.general_ratio gets some c < 0: its proxy
+    extrapolates beyond the trained components. `hull` merges with c = M^-1 d too, but searches
+    (for either search.method) only mixtures with every c >= 0, sampled as d = M c with c drawn
+    by the search sampler, so each proxy is a convex combination of trained models; the final
+    baselines are trained and judged wherever they lie. Projecting outside mixtures onto the
+    hull (non-negative least squares) instead would score the proxy of one mixture under the
+    label of another, and the predictor would learn from mislabelled points. Method parameters
+    left empty take the method's default (scale 1, density 0.2, drop_rate 0.5, seed 0); setting
+    one the method does not take is an error. `delta_dtype: bfloat16` halves the memory of the
+    search's in-memory deltas. `output_dtype` and `shard_bytes` are the dtype and the largest
+    safetensors shard of a merged model written to disk (`demix merge`, the pipeline's merge
+    step); `auto` keeps each tensor's dtype in the base. Neither changes search scores.
     """
 
     method: str = "linear"  # a name of demix.merge.methods.METHODS
-    weights: Literal["data", "component"] = "data"
+    weights: Literal["data", "component", "hull"] = "data"
     scale: float | None = Field(default=None, allow_inf_nan=False)
     density: float | None = Field(default=None, gt=0, le=1)
     drop_rate: float | None = Field(default=None, ge=0, lt=1)
@@ -387,8 +394,8 @@ class RunConfig(Strict):
             raise ValueError(
                 f"merge.method {self.merge.method!r} averages with non-negative component weights, "
                 f"but merge.weights: data maps mixtures to component weights that can be negative "
-                f"when train.general_ratio > 0; set merge.weights: component, or use linear, "
-                f"task_arithmetic or dare_linear"
+                f"when train.general_ratio > 0; set merge.weights: hull or component, or use "
+                f"linear, task_arithmetic or dare_linear"
             )
         unknown = sorted(set(self.evaluate.category_weights or {}) - set(self.evaluate.categories))
         if unknown:

@@ -2,8 +2,11 @@
 
 A data mixture d says what a model trains on. Component i was trained on `general_ratio` general
 data plus the rest dataset i (column i of M), so the merged proxy of d uses component weights
-c = M^-1 d (`merge.weights: data`) or c = d (`merge.weights: component`). Everything here is
-numpy on the curated dataset's names and token counts; no model is read.
+c = M^-1 d (`merge.weights: data` and `hull`) or c = d (`merge.weights: component`). A mixture
+with some c < 0 lies outside the hull of the components' training mixes: its proxy
+extrapolates. `hull` searches only the mixtures inside, d = g x general + (1 - g) c with c on
+the simplex (g = general_ratio). Everything here is numpy on the curated dataset's names and
+token counts; no model is read.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from demix.merge.weights import component_mix_matrix, data_to_component
 
 # The final models a run trains: the chosen mixture and the two baselines, in report order.
 FINAL_LABELS = ("chosen", "uniform", "token_prior")
+
+# A component weight above -HULL_TOLERANCE counts as >= 0 (rounding in c = M^-1 d).
+HULL_TOLERANCE = 1e-9
 
 
 def as_dict(names: list[str], weights) -> dict[str, float]:
@@ -54,10 +60,32 @@ def component_training_mix(config: RunConfig, data: CuratedData, dataset: str) -
 
 
 def merge_weights(config: RunConfig, data: CuratedData, mixture: np.ndarray) -> np.ndarray:
-    """Component weights of the proxy for a data mixture (`merge.weights: data | component`)."""
+    """Component weights of the proxy for a data mixture [D], or for each row of [n, D]
+    (`merge.weights`: c = d for `component`, c = M^-1 d for `data` and `hull`)."""
+    mixture = np.asarray(mixture, dtype=np.float64)
     if config.merge.weights == "component":
-        return np.asarray(mixture, dtype=np.float64)
-    return data_to_component(mix_matrix(config, data), mixture)
+        return mixture
+    return data_to_component(mix_matrix(config, data), mixture.T).T  # one column per mixture
+
+
+def search_floor(config: RunConfig, data: CuratedData) -> np.ndarray | None:
+    """The part of every searched mixture held fixed: with `merge.weights: hull`, g x the general
+    mix, so every candidate is d = M c with c >= 0 (demix.search.sampler); else None (the
+    whole simplex)."""
+    if config.merge.weights != "hull":
+        return None
+    return config.train.general_ratio * general_mix(config, data)
+
+
+def in_hull(components: np.ndarray) -> np.ndarray:
+    """Whether each row of component weights [n, D] (or one [D]) has every c >= 0."""
+    return (np.asarray(components) >= -HULL_TOLERANCE).all(axis=-1)
+
+
+def negative_share(components: np.ndarray) -> float:
+    """The share of the rows of component weights [n, D] with some c < 0 (0 with no rows)."""
+    components = np.asarray(components).reshape(-1, np.shape(components)[-1])
+    return float((~in_hull(components)).mean()) if len(components) else 0.0
 
 
 def baseline_mixtures(data: CuratedData) -> dict[str, dict[str, float]]:

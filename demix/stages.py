@@ -16,6 +16,7 @@ coherent thing: the list of stages a reader looks up in one place.)
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -28,13 +29,16 @@ from demix.errors import DemixError
 from demix.evaluate import Evaluator, score_models
 from demix.merge import merge_to_disk, relative_delta_norms
 from demix.mixtures import (
+    HULL_TOLERANCE,
     as_dict,
     component_training_mix,
     components_in_order,
     final_run_names,
     merge_weights,
     mix_matrix,
+    negative_share,
     prior_vector,
+    search_floor,
     split_seed,
 )
 from demix.model import resolve_device
@@ -61,6 +65,8 @@ from demix.storage import (
 from demix.train import ROLES, CheckpointHook, fingerprint, train_on_mixture, train_role
 from demix.train.launch import launch_argv, launch_train
 from demix.verdict import final_verdict
+
+log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------- curation
 
@@ -212,11 +218,26 @@ def train_components(
 def describe_selection(
     config: RunConfig, data: CuratedData, found: dict, norms: dict[str, float] | None
 ) -> dict:
-    """The search's result.json: the chosen mixture with what the report shows about it."""
+    """The search's result.json: the chosen mixture with what the report shows about it.
+
+    min_component_weight: the chosen mixture's smallest component weight (< 0: its proxy
+    extrapolates, logged as a warning for merged proxies); pool_negative_share: the share of
+    the final candidate pool with some component weight < 0, under merge.weights.
+    """
     mixture = found["mixture"]
+    components = merge_weights(config, data, mixture)
+    lowest = float(components.min())
+    if lowest < -HULL_TOLERANCE and config.search.method == "merge":
+        log.warning(
+            "the chosen mixture's proxy extrapolates beyond the trained components (min "
+            "component weight %.4f); consider merge.weights: hull",
+            lowest,
+        )
     return {
         "mixture": as_dict(data.names, mixture),
-        "component_weights": as_dict(data.names, merge_weights(config, data, mixture)),
+        "component_weights": as_dict(data.names, components),
+        "min_component_weight": lowest,
+        "pool_negative_share": negative_share(merge_weights(config, data, found["pool"])),
         "merge_weights": config.merge.weights,
         "mix_matrix": mix_matrix(config, data).round(6).tolist(),
         "relative_delta_norms": norms,
@@ -267,6 +288,7 @@ def search_stage(
         search_objective(config),
         table,
         key=proxy.key,
+        floor=search_floor(config, data),
     )
     trained = isinstance(proxy, TrainedProxyEvaluator)
     result = describe_selection(config, data, found, None if trained else proxy.relative_norms)
@@ -294,13 +316,20 @@ def propose_stage(
         config.search,
         config.seed,
         search_objective(config),
+        search_floor(config, data),
     )
 
 
 def select_stage(config: RunConfig, data: CuratedData, rows: list[dict]) -> dict:
     """The final mixture from every scored proxy (run_search's last step), as result.json."""
     found = final_selection(
-        rows, data.names, prior_vector(data), config.search, config.seed, search_objective(config)
+        rows,
+        data.names,
+        prior_vector(data),
+        config.search,
+        config.seed,
+        search_objective(config),
+        search_floor(config, data),
     )
     return describe_selection(config, data, found, None)
 

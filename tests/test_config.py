@@ -100,3 +100,17 @@ def test_missing_and_invalid_files(tmp_path):
     listy.write_text(yaml.safe_dump([1, 2]))
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config(listy)
+
+
+def test_the_ties_family_needs_component_weights_that_cannot_be_negative(tmp_path):
+    raw = smoke_config_dict(tmp_path)  # train.general_ratio 0.5
+    for method in ("ties", "dare_ties"):
+        raw["merge"] = {"method": method, "weights": "data"}
+        with pytest.raises(ConfigError, match="can be negative.*merge.weights: hull or component"):
+            parse_config(raw)
+        for weights in ("hull", "component"):  # c >= 0 by construction
+            raw["merge"]["weights"] = weights
+            assert parse_config(raw).merge.weights == weights
+    raw["train"]["general_ratio"] = 0.0  # M = I: c = d under `data` too
+    raw["merge"]["weights"] = "data"
+    assert parse_config(raw).merge.method == "dare_ties"

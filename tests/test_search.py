@@ -245,6 +245,7 @@ def test_select_final_is_a_deterministic_simplex_point_near_the_best():
     m1, info = select_final(PRIOR, x, y, SEARCH, 0)
     m2, info2 = select_final(PRIOR, x, y, SEARCH, 0)
     np.testing.assert_array_equal(m1, m2)
+    np.testing.assert_array_equal(info.pop("pool"), info2.pop("pool"))
     assert info == info2
     assert m1.sum() == pytest.approx(1.0, abs=1e-12) and (m1 >= 0).all()
     assert set(info) >= {"predicted_score", "top_prediction", "predictor_spearman"}

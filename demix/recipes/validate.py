@@ -22,7 +22,8 @@ from demix.config import RunConfig
 from demix.data.shards import CuratedData
 from demix.evaluate.harness import Evaluator
 from demix.fidelity import AGGREGATE, fidelity
-from demix.mixtures import as_dict, prior_vector
+from demix.merge.weights import data_to_component
+from demix.mixtures import as_dict, in_hull, mix_matrix, prior_vector
 from demix.model import resolve_device
 from demix.proxies import (
     SMALL_UPDATE,
@@ -41,6 +42,7 @@ from demix.storage import atomic_write_json, atomic_write_text
 log = logging.getLogger(__name__)
 
 VALIDATE_STREAM = 0x7A11D
+MIN_HULL_SPLIT = 4  # fewest references a side of fidelity_by_hull is measured on
 
 
 def reference_mixtures(config: RunConfig, data: CuratedData) -> np.ndarray:
@@ -111,12 +113,63 @@ def validate_stage(
         "proxy_results": proxy_results,
         "reference_results": reference_results,
     }
+    tags, result["fidelity_by_hull"] = fidelity_by_hull(
+        data.names,
+        mixtures,
+        mix_matrix(config, data),
+        proxy_results,
+        reference_results,
+        config.evaluate.categories,
+    )
+    for entry, tag in zip(result["mixtures"], tags, strict=True):
+        entry.update(tag)
     result["warnings"] = fidelity_warnings(result)
     for warning in result["warnings"]:
         log.warning(warning)
     atomic_write_json(out / "fidelity.json", result)
     write_fidelity_report(out / "fidelity.html", result)
     return result
+
+
+def fidelity_by_hull(
+    names: list[str],
+    mixtures: np.ndarray,
+    mix: np.ndarray,
+    proxy_results: list[dict],
+    reference_results: list[dict],
+    categories: dict[str, list[str]],
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Fidelity inside and outside the components' hull (every c = M^-1 d >= 0, M = `mix`).
+
+    Returns each mixture's {"min_component_weight", "in_hull"} and {"in_hull": fidelity over
+    those mixtures, "out_of_hull": the same over the rest, "counts": {side: mixtures}}; a side
+    with fewer than MIN_HULL_SPLIT mixtures gets None.
+    """
+    mixtures = np.asarray(mixtures, dtype=np.float64)
+    components = data_to_component(mix, mixtures.T).T
+    inside = in_hull(components)
+    tags = [
+        {"min_component_weight": float(c.min()), "in_hull": bool(i)}
+        for c, i in zip(components, inside, strict=True)
+    ]
+    split: dict[str, Any] = {"counts": {}}
+    for side, rows in (
+        ("in_hull", np.flatnonzero(inside)),
+        ("out_of_hull", np.flatnonzero(~inside)),
+    ):
+        split["counts"][side] = len(rows)
+        split[side] = (
+            fidelity(
+                names,
+                mixtures[rows],
+                [proxy_results[i] for i in rows],
+                [reference_results[i] for i in rows],
+                categories,
+            )
+            if len(rows) >= MIN_HULL_SPLIT
+            else None
+        )
+    return tags, split
 
 
 def fidelity_warnings(result: dict[str, Any]) -> list[str]:

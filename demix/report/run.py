@@ -71,6 +71,11 @@ def plot_verdict(verdict: dict, keys: list[str]) -> str:
     return png(fig)
 
 
+def _or_dash(value: float | None) -> float | str:
+    """A number for a table cell; "-" when it was not recorded."""
+    return "-" if value is None else value
+
+
 def write_report(out: Path, summary: dict, found: dict, config: RunConfig) -> Path:
     """Write report.html (plots embedded) into the run folder; return its path."""
     names = summary["datasets"]
@@ -151,8 +156,23 @@ def write_report(out: Path, summary: dict, found: dict, config: RunConfig) -> Pa
             ],
             mix_rows,
         ),
-        "<p>Component i was trained on a mix of general data and dataset i; a proxy for data mixture d "
-        "merges with component weights c = M⁻¹d (columns of M: each component's training mix).</p>",
+        "<p>Component i was trained on a mix of general data and dataset i (columns of M: each "
+        "component's training mix); a proxy for data mixture d merges with component weights "
+        f"{'c = d' if config.merge.weights == 'component' else 'c = M⁻¹d'} "
+        f"(merge.weights: {config.merge.weights}). A component weight below 0 means the proxy "
+        "extrapolates beyond the trained components.</p>",
+        table(
+            [
+                "smallest component weight of the chosen mixture",
+                "share of the final pool with one < 0",
+            ],
+            [
+                [
+                    _or_dash(summary.get("min_component_weight")),
+                    _or_dash(summary.get("pool_negative_share")),
+                ]
+            ],
+        ),
         table(
             ["M", *names], [[n, *row] for n, row in zip(names, found["mix_matrix"], strict=True)]
         ),

@@ -76,8 +76,10 @@ def candidate_pool(
     cfg: SearchConfig,
     seed: int,
     size: int = 0,
+    floor: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The fresh candidates a round ranks: max(cfg.candidates, size) of them, none scored.
+    """The fresh candidates a round ranks: max(cfg.candidates, size) of them, none scored, each
+    above `floor` (see sample_mixtures; None: the whole simplex).
 
     Fewer only when the grid holds fewer unscored mixtures.
     """
@@ -89,6 +91,7 @@ def candidate_pool(
         cfg.sampler,
         exclude=exclude,
         allow_fewer=True,
+        floor=floor,
     )
 
 
@@ -101,6 +104,7 @@ def propose_round(
     cfg: SearchConfig,
     seed: int,
     combine: Combine = first_column,
+    floor: np.ndarray | None = None,
 ) -> np.ndarray:
     """Round 0: `size` sampled mixtures. Later: `size` drawn from the predicted top of the pool.
 
@@ -109,15 +113,17 @@ def propose_round(
     The pool is cfg.candidates fresh mixtures (none scored); the predicted top is its
     max(cfg.top_k, size) best predictions, and the proposals, in predicted order, are a seeded
     draw without replacement from it. A later round with fewer than 2 scored rows has nothing
-    to learn from and samples like round 0.
+    to learn from and samples like round 0. Every mixture sampled lies above `floor` (see
+    sample_mixtures; None: the whole simplex).
     Raises MixtureError when the space holds fewer than `size` unscored mixtures.
     """
     prior = np.asarray(prior, dtype=np.float64)
     X, y = _scored(prior, scored_X, scored_y)
     if round_index == 0 or len(X) < 2:
         exclude = np.asarray(scored_X, dtype=np.float64).reshape(-1, len(prior))
-        return sample_mixtures(prior, size, _rng(seed, round_index), cfg.sampler, exclude=exclude)
-    candidates = candidate_pool(round_index, prior, scored_X, cfg, seed, size)
+        rng = _rng(seed, round_index)
+        return sample_mixtures(prior, size, rng, cfg.sampler, exclude=exclude, floor=floor)
+    candidates = candidate_pool(round_index, prior, scored_X, cfg, seed, size, floor)
     if len(candidates) < size:
         raise MixtureError(
             f"round {round_index}: only {len(candidates)} unscored mixtures left on the grid, "
@@ -137,12 +143,14 @@ def select_final(
     cfg: SearchConfig,
     seed: int,
     combine: Combine = first_column,
+    floor: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Mean of the top_k predicted mixtures among cfg.candidates fresh ones and the scored ones.
 
-    `scored_y` and `combine` as in propose_round. info: predicted_score (of the returned
-    mixture, combined with the pool's predictions), top_prediction, predictor_spearman
-    (cross-validated; None below 4 rows), best_observed, predictor (the regressor used and why).
+    `scored_y`, `combine` and `floor` as in propose_round. info: predicted_score (of the
+    returned mixture, combined with the pool's predictions), top_prediction, predictor_spearman
+    (cross-validated; None below 4 rows), best_observed, predictor (the regressor used and why),
+    pool (the candidates ranked, [m, D]: an array, for the caller to summarise).
     Raises SearchError when no row has a finite score.
     """
     prior = np.asarray(prior, dtype=np.float64)
@@ -153,7 +161,9 @@ def select_final(
             "(search.rounds >= 1) and check the scores table is not empty"
         )
     rng = _rng(seed, FINAL_ROUND)
-    fresh = sample_mixtures(prior, cfg.candidates, rng, cfg.sampler, exclude=X, allow_fewer=True)
+    fresh = sample_mixtures(
+        prior, cfg.candidates, rng, cfg.sampler, exclude=X, allow_fewer=True, floor=floor
+    )
     pool = np.vstack([fresh, X])
     predictor, choice = choose_predictor(X, y, cfg.predictor, seed, combine)
     predictors = fit_predictors(X, y, predictor, seed)
@@ -170,5 +180,6 @@ def select_final(
         "predictor_spearman": None if np.isnan(rho) else round(rho, 4),
         "best_observed": float(np.max(combine(y))),
         "predictor": choice,
+        "pool": pool,
     }
     return mixture, info

@@ -22,7 +22,8 @@ Where this differs from their code, on purpose:
   Against their pool, a dataset's weight variance differs by up to 1% with their 7-dataset
   prior and up to 4% with the 4-dataset prior of tests/test_sampler.py (measured on 3 seeds).
 A rounded row that still breaks a rule (possible only in corner cases) is drawn again rather
-than repaired.
+than repaired. With a `floor` (merge.weights: hull) the same draws are carried into the part of
+the simplex above it (see sample_mixtures).
 """
 
 from __future__ import annotations
@@ -83,7 +84,11 @@ def to_grid(w: np.ndarray, grid: float, cap_units: np.ndarray | None = None) -> 
 
     With `cap_units`, no entry is rounded up past its cap. Raises MixtureError for a bad grid.
     """
-    units = grid_units(grid)
+    return to_units(w, grid_units(grid), cap_units)
+
+
+def to_units(w: np.ndarray, units: int, cap_units: np.ndarray | None = None) -> np.ndarray:
+    """Round rows to integers summing exactly to `units` (largest remainder), as to_grid."""
     w = np.atleast_2d(np.asarray(w, dtype=np.float64))
     scaled = w * units
     base = np.floor(scaled).astype(np.int64)
@@ -120,6 +125,25 @@ def _check_prior(prior: np.ndarray) -> np.ndarray:
     return prior
 
 
+def floor_units(floor: np.ndarray | None, d: int, units: int) -> np.ndarray:
+    """A floor in grid units, each entry rounded up (none: zeros).
+
+    Raises MixtureError for a floor that is negative or leaves no grid unit free.
+    """
+    if floor is None:
+        return np.zeros(d, dtype=np.int64)
+    floor = np.asarray(floor, dtype=np.float64)
+    if floor.shape != (d,) or not np.all(np.isfinite(floor)) or (floor < 0).any():
+        raise MixtureError(f"mixture floor {floor.tolist()} is not {d} weights >= 0")
+    low = np.ceil(floor * units - 1e-9).astype(np.int64)
+    if low.sum() >= units:
+        raise MixtureError(
+            f"a mixture floor of {floor.sum():.6g} leaves no grid unit free on a grid of "
+            f"{1 / units:g}; refine search.sampler.grid or lower train.general_ratio"
+        )
+    return low
+
+
 def sample_mixtures(
     prior: np.ndarray,
     n: int,
@@ -128,27 +152,34 @@ def sample_mixtures(
     exclude: np.ndarray | None = None,
     *,
     allow_fewer: bool = False,
+    floor: np.ndarray | None = None,
 ) -> np.ndarray:
     """n distinct mixtures [n, D] on the grid, none of them in `exclude`, in the order drawn.
 
     With allow_fewer, a space that runs out returns the rows found (a candidate pool).
-    Raises MixtureError for a prior off the simplex, a bad grid, or a space with fewer than n
-    distinct mixtures (unless allow_fewer).
+    With `floor` (weights summing under 1), every row is floor + (1 - sum(floor)) w with w
+    drawn by the rules above (caps and minimum weight apply to w), rounded so that no entry
+    falls under its floor: the sampler's own draws, carried into the part of the simplex above
+    the floor (merge.weights: hull, where w are the component weights).
+    Raises MixtureError for a prior off the simplex, a bad grid or floor, or a space with fewer
+    than n distinct mixtures (unless allow_fewer).
     """
     prior = _check_prior(prior)
     d = prior.size
     units = grid_units(cfg.grid)
     if n < 0:
         raise ValueError(f"n={n} must be >= 0")
+    low = floor_units(floor, d, units)
+    free = units - int(low.sum())  # the grid units w is drawn in (all of them without a floor)
     # a dataset with no tokens gets a vanishing Dirichlet parameter and a zero cap: never drawn
     alpha = tempered_prior(prior, cfg.power)
     scales = np.logspace(math.log10(cfg.scale_min), math.log10(cfg.scale_max), cfg.num_scales)
     cap = np.minimum(cfg.cap_factor * prior, 1.0)
-    cap_units = np.floor(cap * units + 1e-9).astype(np.int64)
-    if cap_units.sum() < units:
+    cap_units = np.floor(cap * free + 1e-9).astype(np.int64)
+    if cap_units.sum() < free:
         # caps that cannot hold a whole mixture (cap_factor * p summing under 1) are dropped
-        cap, cap_units = np.ones(d), np.full(d, units, dtype=np.int64)
-    min_units = math.ceil(cfg.min_weight * units - 1e-9)
+        cap, cap_units = np.ones(d), np.full(d, free, dtype=np.int64)
+    min_units = math.ceil(cfg.min_weight * free - 1e-9)
     seen: set[bytes] = set()
     if exclude is not None and len(exclude):
         exclude = np.asarray(exclude, dtype=np.float64).reshape(-1, d)
@@ -166,11 +197,11 @@ def sample_mixtures(
         w = np.where(w < cfg.min_weight, 0.0, w)
         w /= np.maximum(w.sum(axis=1, keepdims=True), 1e-300)
         # renormalising after zeroing can lift a capped entry a little over its cap
-        grid_rows = to_grid(_cap(w, cap), cfg.grid, cap_units)
-        valid = (grid_rows.sum(axis=1) == units) & (grid_rows <= cap_units).all(axis=1)
+        grid_rows = to_units(_cap(w, cap), free, cap_units)
+        valid = (grid_rows.sum(axis=1) == free) & (grid_rows <= cap_units).all(axis=1)
         valid &= ((grid_rows == 0) | (grid_rows >= min_units)).all(axis=1)
         found = len(out)
-        for row in grid_rows[valid]:
+        for row in grid_rows[valid] + low:
             key = row.tobytes()
             if key in seen:
                 continue

@@ -32,8 +32,9 @@ def check_nonnegative(weights: Sequence[float], method: str) -> np.ndarray:
     if (c < 0).any() or not (c > 0).any():
         raise MixtureError(
             f"{method} merge needs non-negative component weights, not all zero, got {c.tolist()}; "
-            f"with merge.weights: data, negative weights come from the data-to-component mapping "
-            f"(use merge.weights: component, or the linear or task_arithmetic method)"
+            f"negative weights come from the data-to-component mapping for a mixture outside the "
+            f"components' hull (use merge.weights: hull or component, or the linear or "
+            f"task_arithmetic method)"
         )
     return c
 
