@@ -33,5 +33,7 @@ def validate_fidelity(
     for category, entry in result["categories"].items():
         metrics.log_metric(f"rho_proxy/{category}", entry["proxy"]["rho"])
         metrics.log_metric(f"rho_weights_fit/{category}", entry["trivial_linear"]["rho"])
+        metrics.log_metric(f"rho_quadratic_fit/{category}", entry["trivial_quadratic"]["rho"])
         metrics.log_metric(f"regret_proxy/{category}", entry["proxy"]["regret"])
+    metrics.log_metric("macro_rho_proxy", result["macro"]["proxy"]["rho"])
     metrics.log_metric("crr/mean", result["crr"]["mean"])

@@ -414,15 +414,29 @@ def _cmd_validate(args) -> None:
         _components(args.components),
         Path(args.out),
     )
-    print(f"{'category':<14}{'rho proxy':>11}{'rho weights':>13}{'regret':>9}{'CRR':>7}")
-    for category, entry in result["categories"].items():
-        crr = result["crr"].get(category, result["crr"]["mean"])
+    print(
+        f"{'score':<14}{'rho proxy':>11}{'95% interval':>18}{'rho linear':>12}"
+        f"{'rho quadratic':>15}{'regret':>9}{'CRR':>7}  vs weights only"
+    )
+    for score, entry in {**result["categories"], "macro": result["macro"]}.items():
+        proxy = entry["proxy"]
+        crr = result["crr"].get("mean" if score == "macro" else score, float("nan"))
+        interval = f"[{proxy['rho_ci'][0]:.3f}, {proxy['rho_ci'][1]:.3f}]"
         print(
-            f"{category:<14}{entry['proxy']['rho']:>11.3f}{entry['trivial_linear']['rho']:>13.3f}"
-            f"{entry['proxy']['regret']:>9.3f}{crr:>7.3f}"
+            f"{score:<14}{proxy['rho']:>11.3f}{interval:>18}"
+            f"{entry['trivial_linear']['rho']:>12.3f}{entry['trivial_quadratic']['rho']:>15.3f}"
+            f"{proxy.get('regret', float('nan')):>9.3f}{crr:>7.3f}  {entry['verdict']}"
         )
-    verdict = "beat" if result["categories"][AGGREGATE]["proxy_beats_trivial"] else "do NOT beat"
-    print(f"merged proxies {verdict} the weights-only predictor on the aggregate score")
+    aggregate = result["categories"][AGGREGATE]
+    verdict = {
+        "better": "beat",
+        "worse": "do worse than",
+        "inconclusive": "are not shown to beat",
+    }[aggregate["verdict"]]
+    print(
+        f"merged proxies {verdict} the weights-only predictors on the aggregate score "
+        f"(paired 95% bootstrap intervals over mixtures)"
+    )
     print(f"wrote {Path(args.out) / 'fidelity.json'} and {Path(args.out) / 'fidelity.html'}")
 
 

@@ -1,53 +1,116 @@
-"""How well merged proxies stand in for models trained on a mixture, against a trivial predictor.
+"""How well merged proxies stand in for models trained on a mixture, against weights-only ones.
 
-Scores are oriented so that higher is better (demix.evaluate.scoring). For a set of mixtures with
-a merged proxy and a trained reference each:
-- Spearman rho between proxy and reference scores, per category and for the aggregate ranking
-  score the search selects with; rho on the best quarter of mixtures by reference (at least 3);
-- regret: the best reference score minus the reference score of the mixture the proxies rank
-  first (0 = the proxies pick the truly best mixture);
-- capability recovery (CRR): per task, sum of proxy values / sum of reference values for metrics
-  where higher is better and sum of reference / sum of proxy for loss-like ones, so that 1 means
-  the proxies perform like the trained models and < 1 that they fall short, whichever the
-  direction; averaged over the tasks of a category, then over categories.
-The same rho, top-quarter rho and regret are always reported for two trivial predictors that see
-only the mixture weights: a leave-one-out least-squares fit of the reference score on the
-weights, and, for a category named like a dataset, that dataset's weight. Per-domain rho is
-easy to get from weights alone; a proxy is only informative where it beats these.
+Scores are oriented so that higher is better (demix.evaluate.scoring): a category's score is the
+mean of its tasks' percentile ranks among the R compared models, the aggregate (the ranking score
+the search selects with) the mean of the category scores. Proxies and references are each scored
+among themselves, once, on all R mixtures. Then:
 
-Per task, the signal-to-noise ratio of the references (standard deviation of a task's reference
-values across mixtures / their mean standard error) tells whether the task separates the
-mixtures at all: a task below 1 (e.g. multiple choice at chance for a small model) only adds
-noise to every rank-based score, for proxies and references alike.
+- rho: Spearman rho between a predictor's scores and the references' scores, per category and
+  for the aggregate; rho_top_quarter: the same on the best quarter of mixtures by reference (at
+  least 3); regret: the best reference score minus the reference score of the mixture the
+  predictor ranks first (0 = it picks the truly best mixture).
+- macro rho (the paper's headline): the mean over categories of the per-category rho (NaN when
+  one of them is), given beside the aggregate rho, which ranks by the one combined score.
+- predictors: the merged proxies, and three that see only the weights: `trivial_linear`, a
+  leave-one-out least-squares fit of the reference score on the weights w_i; `trivial_quadratic`,
+  a leave-one-out Scheffe quadratic fit (terms w_i and w_i w_j for i < j, no intercept since the
+  weights sum to 1); `trivial_weight`, for a category named like a dataset, that dataset's
+  weight. The fits are trained on the references: their `training_tokens` is the references'
+  training tokens (None when not given); the weight needs none (0). Per-domain rho is easy to
+  get from weights alone; a proxy is only informative where it beats these.
+- intervals (`*_ci` = [low, high]): a percentile bootstrap over mixtures. Each of B resamples
+  (default 2000, from numpy default_rng(seed)) draws R mixtures with replacement; the same draws
+  serve every predictor, category and statistic. Scores and the fits' leave-one-out predictions
+  are computed once on all mixtures and resampled as they are: the interval reflects which
+  mixtures were drawn, not a refit. Resamples where a statistic is undefined (NaN, e.g. rho with
+  a constant side) are dropped before the 95% interval is read off (order statistics as in
+  demix.verdict.percentile_interval); [NaN, NaN] when none is defined.
+- proxy vs a weights-only predictor (`proxy_minus`): the PAIRED difference rho(proxy) -
+  rho(predictor) against the same references, its interval from the differences on the same
+  resamples, and a verdict: better (interval above 0), worse (below 0), else inconclusive. A
+  category's `verdict`: better when the proxy is better than every weights-only predictor there,
+  worse when it is worse than any, else inconclusive (each comparison at 95%: "better" needs
+  every interval to exclude 0, so testing several does not inflate it; "worse" is not corrected
+  for the 2-3 comparisons). `proxy_beats_trivial` is verdict == "better". The macro rho gets the
+  same paired differences against the two fits.
+- capability recovery (CRR), per task over the R mixtures: for metrics where higher is better
+  (accuracies), sum of proxy values / sum of reference values (the paper's); for loss-type
+  metrics, the share of the base model's improvement that the proxies recover,
+  (L_base - mean L_proxy) / (L_base - mean L_reference): 1 = the proxies improve on the base as
+  much as the trained references, 0 = not at all, < 0 = worse than the base (a ratio of two
+  losses stays near 1 whatever the models do). Without the base's result the loss tasks' CRR is
+  NaN (`crr_note` says so). A category's CRR is the mean of its tasks' (NaN when one is), `mean`
+  the mean over categories; intervals from the same resamples of mixtures, the base fixed.
+- signal/noise per task, over the references: spread = sample standard deviation of the task's
+  reference values across mixtures (of their logs for perplexities, whose documents are compared
+  in logs); paired_stderr = the standard error of the difference between two references' means
+  on the same documents, pooled over all pairs of references (the root mean square of the pairs'
+  standard errors: demix.search.objective.pooled_paired_stderr), from the per-document scores
+  weighted by `doc_weight` as in demix.verdict.oriented_documents; NaN without per-document
+  scores. snr = spread / paired_stderr: a task below 1 (e.g. multiple choice at chance for a
+  small model) does not separate the mixtures and only adds noise to every rank-based score.
+  stderr_unpaired (the mean reported standard error) and snr_unpaired = spread /
+  stderr_unpaired are kept for comparison: documents shared by every model make the unpaired
+  error larger than the error of a difference.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from itertools import combinations
 from typing import Any
 
 import numpy as np
-from scipy.stats import spearmanr
+from scipy.stats import rankdata
 
 from demix.evaluate.scoring import score_models
+from demix.search.objective import pooled_paired_stderr
+from demix.verdict import LEVEL, RESAMPLES, oriented_documents, percentile_interval, verdict
 
 AGGREGATE = "aggregate"
+FITS = ("trivial_linear", "trivial_quadratic")
+WEIGHTS_ONLY = (*FITS, "trivial_weight")
+
+
+# --- rank statistics, along the last axis (one value per leading index) ---
+
+
+def spearman_rows(a, b) -> np.ndarray:
+    """Spearman rho along the last axis (average ranks for ties); NaN where there are fewer than
+    3 points or a side is constant."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape[-1] < 3:
+        return np.full(a.shape[:-1], np.nan)
+    ra, rb = rankdata(a, axis=-1), rankdata(b, axis=-1)
+    ra -= ra.mean(axis=-1, keepdims=True)
+    rb -= rb.mean(axis=-1, keepdims=True)
+    denominator = np.sqrt((ra * ra).sum(axis=-1) * (rb * rb).sum(axis=-1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho = np.clip((ra * rb).sum(axis=-1) / denominator, -1.0, 1.0)
+    constant = (np.ptp(a, axis=-1) == 0) | (np.ptp(b, axis=-1) == 0)
+    return np.where(constant, np.nan, rho)
 
 
 def spearman(a, b) -> float:
     """Spearman rho; NaN with fewer than 3 points or a constant side."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.size < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
-        return float("nan")
-    return float(spearmanr(a, b).statistic)
+    return float(spearman_rows(a, b))
+
+
+def top_quarter_rows(predicted, reference) -> np.ndarray:
+    """spearman_rows on the best quarter by reference (at least 3) of each row."""
+    predicted = np.asarray(predicted, dtype=np.float64)
+    reference = np.asarray(reference, dtype=np.float64)
+    k = max(3, math.ceil(reference.shape[-1] / 4))
+    top = np.argsort(-reference, axis=-1, kind="stable")[..., :k]
+    return spearman_rows(
+        np.take_along_axis(predicted, top, axis=-1), np.take_along_axis(reference, top, axis=-1)
+    )
 
 
 def top_quarter_spearman(predicted, reference) -> float:
     """rho on the best quarter of mixtures by reference score (at least 3 of them)."""
-    reference = np.asarray(reference, dtype=np.float64)
-    k = max(3, math.ceil(reference.size / 4))
-    top = np.argsort(-reference, kind="stable")[:k]
-    return spearman(np.asarray(predicted)[top], reference[top])
+    return float(top_quarter_rows(predicted, reference))
 
 
 def regret(predicted, reference) -> float:
@@ -56,70 +119,343 @@ def regret(predicted, reference) -> float:
     return float(reference.max() - reference[int(np.argmax(predicted))])
 
 
-def loo_linear_predictions(weights: np.ndarray, target) -> np.ndarray:
-    """Leave-one-out predictions of a least-squares fit of `target` on the mixture weights.
+# --- bootstrap over mixtures ---
 
-    Mixture weights sum to 1, so the fit has an implicit intercept.
+
+def resample_rows(n: int, resamples: int = RESAMPLES, seed: int = 0) -> np.ndarray:
+    """[resamples, n] mixture indices drawn with replacement from default_rng(seed)."""
+    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+
+
+def percentile_ci(replicates, level: float = LEVEL) -> list[float]:
+    """[low, high] percentile interval of the defined (finite) replicates; NaN ones are dropped,
+    [NaN, NaN] when none is left."""
+    replicates = np.asarray(replicates, dtype=np.float64)
+    finite = replicates[np.isfinite(replicates)]
+    if finite.size == 0:
+        return [float("nan"), float("nan")]
+    return list(percentile_interval(finite, level))
+
+
+def bootstrap_ci(
+    statistic: Callable[..., np.ndarray],
+    *arrays,
+    resamples: int = RESAMPLES,
+    level: float = LEVEL,
+    seed: int = 0,
+) -> list[float]:
+    """Percentile interval of `statistic(*arrays)` over the mixtures resampled with replacement.
+
+    arrays: one row per mixture on their first axis, e.g. (predicted, reference), all resampled
+    with the same indices (resample_rows(R, resamples, seed)). statistic gets them with a leading
+    resample axis, [B, R, ...], and returns B values (the mixture axis counts from the end, as
+    in spearman_rows). Resamples where the statistic is NaN (undefined, e.g. rho with a constant
+    side) are dropped before the interval is read off.
     """
+    arrays = [np.asarray(a, dtype=np.float64) for a in arrays]
+    index = resample_rows(len(arrays[0]), resamples, seed)
+    return percentile_ci(statistic(*(a[index] for a in arrays)), level)
+
+
+def difference(value: float, replicates, level: float = LEVEL) -> dict[str, Any]:
+    """{"diff", "ci_low", "ci_high", "verdict"} of a difference and its bootstrap replicates;
+    verdict better | worse | inconclusive (also when the interval is undefined)."""
+    low, high = percentile_ci(replicates, level)
+    undefined = math.isnan(low) or math.isnan(high)
+    return {
+        "diff": float(value),
+        "ci_low": low,
+        "ci_high": high,
+        "verdict": "inconclusive" if undefined else verdict(low, high),
+    }
+
+
+def paired_difference(
+    statistic: Callable[..., np.ndarray],
+    first,
+    second,
+    reference,
+    *,
+    resamples: int = RESAMPLES,
+    level: float = LEVEL,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """statistic(first, reference) - statistic(second, reference), e.g. rho(proxy) - rho(fit),
+    with an interval from the same resampled mixtures for both terms (see bootstrap_ci)."""
+
+    def diff(a, b, r):
+        return statistic(a, r) - statistic(b, r)
+
+    arrays = [np.asarray(x, dtype=np.float64) for x in (first, second, reference)]
+    index = resample_rows(len(arrays[0]), resamples, seed)
+    return difference(float(diff(*arrays)), diff(*(a[index] for a in arrays)), level)
+
+
+# --- weights-only predictors ---
+
+
+def scheffe_quadratic(weights: np.ndarray) -> np.ndarray:
+    """Scheffe quadratic terms [R, D + D (D - 1) / 2]: w_i, then w_i w_j for i < j."""
     weights = np.asarray(weights, dtype=np.float64)
+    pairs = [weights[:, i] * weights[:, j] for i, j in combinations(range(weights.shape[1]), 2)]
+    return np.column_stack([weights, *pairs]) if pairs else weights
+
+
+def loo_predictions(features: np.ndarray, target) -> np.ndarray:
+    """Leave-one-out predictions of a least-squares fit of `target` on `features` (no intercept).
+
+    Where the terms outnumber the other mixtures or are collinear (at a vertex every w_i w_j is
+    0), lstsq returns the minimum-norm solution, so no ridge is needed.
+    """
+    features = np.asarray(features, dtype=np.float64)
     target = np.asarray(target, dtype=np.float64)
     out = np.empty_like(target)
     for i in range(target.size):
         keep = np.arange(target.size) != i
-        coef, *_ = np.linalg.lstsq(weights[keep], target[keep], rcond=None)
-        out[i] = weights[i] @ coef
+        coef, *_ = np.linalg.lstsq(features[keep], target[keep], rcond=None)
+        out[i] = features[i] @ coef
     return out
+
+
+def loo_linear_predictions(weights: np.ndarray, target) -> np.ndarray:
+    """Leave-one-out linear fit on the weights (they sum to 1: an implicit intercept)."""
+    return loo_predictions(weights, target)
+
+
+def loo_quadratic_predictions(weights: np.ndarray, target) -> np.ndarray:
+    """Leave-one-out Scheffe quadratic fit on the weights (exact for any quadratic target)."""
+    return loo_predictions(scheffe_quadratic(weights), target)
+
+
+# --- ranking metrics with intervals ---
+
+
+def ranking_metrics(
+    predicted, reference, index: np.ndarray | None = None, level: float = LEVEL
+) -> dict[str, Any]:
+    """rho, rho_top_quarter, regret; with `index` (resample_rows) also rho_ci and
+    rho_top_quarter_ci."""
+    predicted = np.asarray(predicted, dtype=np.float64)
+    reference = np.asarray(reference, dtype=np.float64)
+    out: dict[str, Any] = {
+        "rho": spearman(predicted, reference),
+        "rho_top_quarter": top_quarter_spearman(predicted, reference),
+        "regret": regret(predicted, reference),
+    }
+    if index is not None:
+        out["rho_ci"] = percentile_ci(spearman_rows(predicted[index], reference[index]), level)
+        out["rho_top_quarter_ci"] = percentile_ci(
+            top_quarter_rows(predicted[index], reference[index]), level
+        )
+    return out
+
+
+def _combined_verdict(comparisons: dict[str, dict]) -> str:
+    verdicts = [c["verdict"] for c in comparisons.values()]
+    if verdicts and all(v == "better" for v in verdicts):
+        return "better"
+    return "worse" if "worse" in verdicts else "inconclusive"
+
+
+def _category_entry(
+    predictors: dict[str, np.ndarray | None],
+    reference: np.ndarray,
+    index: np.ndarray,
+    level: float,
+    tokens: dict[str, int | None],
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """One category's entry, and each predictor's rho replicates (for the macro rho)."""
+    entry: dict[str, Any] = {}
+    replicates: dict[str, np.ndarray] = {}
+    for name, predicted in predictors.items():
+        if predicted is None:
+            entry[name] = None
+            continue
+        entry[name] = ranking_metrics(predicted, reference, index, level)
+        if name in tokens:
+            entry[name]["training_tokens"] = tokens[name]
+        replicates[name] = spearman_rows(predicted[index], reference[index])
+    entry["proxy_minus"] = {
+        name: difference(
+            entry["proxy"]["rho"] - entry[name]["rho"],
+            replicates["proxy"] - replicates[name],
+            level,
+        )
+        for name in WEIGHTS_ONLY
+        if entry.get(name) is not None
+    }
+    entry["verdict"] = _combined_verdict(entry["proxy_minus"])
+    entry["proxy_beats_trivial"] = entry["verdict"] == "better"
+    return entry, replicates
+
+
+def _macro(
+    entries: dict[str, dict],
+    replicates: dict[str, dict[str, np.ndarray]],
+    level: float,
+    tokens: dict[str, int | None],
+) -> dict[str, Any]:
+    """The mean over categories of per-category rho, for the proxy and the two fits."""
+    out: dict[str, Any] = {}
+    macro_replicates = {}
+    for name in ("proxy", *FITS):
+        rho = float(np.mean([entries[c][name]["rho"] for c in entries]))
+        macro_replicates[name] = np.mean([replicates[c][name] for c in entries], axis=0)
+        out[name] = {"rho": rho, "rho_ci": percentile_ci(macro_replicates[name], level)}
+        if name in tokens:
+            out[name]["training_tokens"] = tokens[name]
+    out["proxy_minus"] = {
+        name: difference(
+            out["proxy"]["rho"] - out[name]["rho"],
+            macro_replicates["proxy"] - macro_replicates[name],
+            level,
+        )
+        for name in FITS
+    }
+    out["verdict"] = _combined_verdict(out["proxy_minus"])
+    return out
+
+
+# --- capability recovery ---
+
+
+def _values(results: list[dict], tasks: list[str]) -> np.ndarray:
+    """Task values [R, T]."""
+    return np.array([[float(r[t]["value"]) for t in tasks] for r in results], dtype=np.float64)
+
+
+def crr_per_task(proxy, reference, base, higher_is_better) -> np.ndarray:
+    """CRR per task from values [..., R, T] (mixtures on axis -2): sum proxy / sum reference
+    where higher is better, (base - mean proxy) / (base - mean reference) for losses; NaN where
+    the denominator is 0 or the base is NaN."""
+    proxy, reference = np.asarray(proxy), np.asarray(reference)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = proxy.sum(axis=-2) / reference.sum(axis=-2)
+        improvement = (base - proxy.mean(axis=-2)) / (base - reference.mean(axis=-2))
+    out = np.where(np.asarray(higher_is_better), ratio, improvement)
+    return np.where(np.isfinite(out), out, np.nan)
+
+
+def _crr_categories(per_task: np.ndarray, columns: dict[str, list[int]]) -> dict[str, np.ndarray]:
+    """Per category the mean of its tasks' CRR, and "mean" over categories ([...] arrays)."""
+    out = {c: per_task[..., cols].mean(axis=-1) for c, cols in columns.items()}
+    out["mean"] = np.mean(list(out.values()), axis=0)
+    return out
+
+
+def _crr_inputs(proxy_results, reference_results, categories, base_result):
+    """Tasks, proxy and reference values [R, T], base values [T] (NaN without a base result),
+    higher_is_better [T] and each category's task columns."""
+    tasks = list(dict.fromkeys(t for names in categories.values() for t in names))
+    higher = np.array([bool(reference_results[0][t]["higher_is_better"]) for t in tasks])
+    base = np.array([float(base_result[t]["value"]) if base_result else np.nan for t in tasks])
+    columns = {c: [tasks.index(t) for t in names] for c, names in categories.items()}
+    return (
+        tasks,
+        _values(proxy_results, tasks),
+        _values(reference_results, tasks),
+        base,
+        higher,
+        columns,
+    )
+
+
+def capability_recovery(
+    proxy_results: list[dict],
+    reference_results: list[dict],
+    categories: dict[str, list[str]],
+    base_result: dict | None = None,
+) -> dict[str, float]:
+    """CRR per category and their mean (key "mean"); see the module docstring for the definition."""
+    _, proxy, reference, base, higher, columns = _crr_inputs(
+        proxy_results, reference_results, categories, base_result
+    )
+    per_task = crr_per_task(proxy, reference, base, higher)
+    return {c: float(v) for c, v in _crr_categories(per_task, columns).items()}
+
+
+def capability_recovery_detail(
+    proxy_results: list[dict],
+    reference_results: list[dict],
+    categories: dict[str, list[str]],
+    base_result: dict | None,
+    index: np.ndarray,
+    level: float = LEVEL,
+) -> dict[str, Any]:
+    """{"crr": per category and "mean", "crr_ci": their intervals over the resampled mixtures
+    `index`, "crr_tasks": {task: {"crr", "kind": "ratio" | "improvement"}}}, and "crr_note"
+    when loss tasks have no base result."""
+    tasks, proxy, reference, base, higher, columns = _crr_inputs(
+        proxy_results, reference_results, categories, base_result
+    )
+    per_task = crr_per_task(proxy, reference, base, higher)
+    resampled = crr_per_task(proxy[index], reference[index], base, higher)
+    out: dict[str, Any] = {
+        "crr": {c: float(v) for c, v in _crr_categories(per_task, columns).items()},
+        "crr_ci": {
+            c: percentile_ci(v, level) for c, v in _crr_categories(resampled, columns).items()
+        },
+        "crr_tasks": {
+            t: {"crr": float(per_task[k]), "kind": "ratio" if higher[k] else "improvement"}
+            for k, t in enumerate(tasks)
+        },
+    }
+    if base_result is None and not higher.all():
+        out["crr_note"] = (
+            "No base model result: the CRR of loss-type tasks (the share of the base's "
+            "improvement recovered) is NaN, and so is that of their categories"
+        )
+    return out
+
+
+# --- signal / noise ---
+
+
+def paired_stderr(results: list[dict], task: str) -> float:
+    """The standard error of a difference between two of these models' scores on `task`, pooled
+    over every pair (pooled_paired_stderr of their oriented, doc_weight-scaled per-document
+    scores); NaN with fewer than 2 models, without per-document scores or with document counts
+    that differ."""
+    if len(results) < 2 or any(r[task].get("per_doc") is None for r in results):
+        return float("nan")
+    docs = [oriented_documents(r, task, "fidelity") for r in results]
+    if len({d.size for d in docs}) != 1 or docs[0].size < 2:
+        return float("nan")
+    return pooled_paired_stderr(np.vstack(docs))
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else float("nan")
 
 
 def task_signal(
     proxy_results: list[dict], reference_results: list[dict], tasks: list[str]
 ) -> dict[str, dict[str, float]]:
-    """Per task: rho proxy vs reference values, and the references' spread, stderr and SNR.
-
-    spread = sample standard deviation of the reference values across mixtures; stderr = mean of
-    the references' finite standard errors (NaN when none); snr = spread / stderr.
-    """
+    """Per task: rho proxy vs reference values, and the references' spread, paired_stderr, snr,
+    stderr_unpaired and snr_unpaired (see the module docstring)."""
     out = {}
     for task in tasks:
         proxy = np.array([float(r[task]["value"]) for r in proxy_results])
         reference = np.array([float(r[task]["value"]) for r in reference_results])
         errors = [r[task].get("stderr") for r in reference_results]
         errors = [float(e) for e in errors if e is not None and math.isfinite(float(e))]
-        spread = float(np.std(reference, ddof=1)) if reference.size > 1 else float("nan")
-        stderr = float(np.mean(errors)) if errors else float("nan")
+        geometric = reference_results[0][task].get("per_doc_mean") == "geometric"
+        spread_of = np.log(reference) if geometric else reference
+        spread = float(np.std(spread_of, ddof=1)) if reference.size > 1 else float("nan")
+        unpaired = float(np.mean(errors)) if errors else float("nan")
+        paired = paired_stderr(reference_results, task)
         out[task] = {
             "rho": spearman(proxy, reference),
             "spread": spread,
-            "stderr": stderr,
-            "snr": spread / stderr if stderr > 0 else float("nan"),
+            "paired_stderr": paired,
+            "snr": _ratio(spread, paired),
+            "stderr_unpaired": unpaired,
+            "snr_unpaired": _ratio(spread, unpaired),
         }
     return out
 
 
-def ranking_metrics(predicted, reference) -> dict[str, float]:
-    return {
-        "rho": spearman(predicted, reference),
-        "rho_top_quarter": top_quarter_spearman(predicted, reference),
-        "regret": regret(predicted, reference),
-    }
-
-
-def capability_recovery(
-    proxy_results: list[dict], reference_results: list[dict], categories: dict[str, list[str]]
-) -> dict[str, float]:
-    """CRR per category and their mean (key "mean"); see the module docstring for the convention."""
-    per_category = {}
-    for category, tasks in categories.items():
-        ratios = []
-        for task in tasks:
-            proxy = sum(float(r[task]["value"]) for r in proxy_results)
-            reference = sum(float(r[task]["value"]) for r in reference_results)
-            higher_is_better = reference_results[0][task]["higher_is_better"]
-            numerator, denominator = (proxy, reference) if higher_is_better else (reference, proxy)
-            ratios.append(numerator / denominator if denominator else float("nan"))
-        per_category[category] = float(np.mean(ratios))
-    per_category["mean"] = float(np.mean(list(per_category.values())))
-    return per_category
+# --- everything ---
 
 
 def fidelity(
@@ -128,43 +464,64 @@ def fidelity(
     proxy_results: list[dict[str, Any]],
     reference_results: list[dict[str, Any]],
     categories: dict[str, list[str]],
+    base_result: dict[str, Any] | None = None,
+    *,
+    reference_training_tokens: int | None = None,
+    resamples: int = RESAMPLES,
+    level: float = LEVEL,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Every fidelity number for mixtures `weights` [R, D] (see the module docstring).
 
-    Returns {"categories": {category | "aggregate": {"proxy": {...}, "trivial_linear": {...},
-    "trivial_weight": {...} | None, "proxy_beats_trivial": bool}}, "crr": {...}, "n": R,
-    "tasks": {task: task_signal entry}, "proxy_scores": {...}, "reference_scores": {...}}.
+    base_result: the base model's evaluation on the same tasks (for the loss tasks' CRR).
+    reference_training_tokens: what the references cost, the label of the weights-only fits.
+    Returns {"n": R, "bootstrap": {"resamples", "level", "seed"},
+    "weights_only_training_tokens", "categories": {category | "aggregate": {"proxy",
+    "trivial_linear", "trivial_quadratic", "trivial_weight" (None unless the category is named
+    like a dataset): {"rho", "rho_ci", "rho_top_quarter", "rho_top_quarter_ci", "regret"
+    [, "training_tokens"]}, "proxy_minus": {predictor: {"diff", "ci_low", "ci_high", "verdict"}},
+    "verdict", "proxy_beats_trivial"}}, "macro": {"proxy", "trivial_linear",
+    "trivial_quadratic": {"rho", "rho_ci"}, "proxy_minus", "verdict"}, "crr", "crr_ci",
+    "crr_tasks" [, "crr_note"], "tasks": {task: task_signal entry}, "proxy_scores",
+    "reference_scores"}.
     """
     weights = np.asarray(weights, dtype=np.float64)
     proxy = score_models(proxy_results, categories)
     reference = score_models(reference_results, categories)
+    index = resample_rows(len(weights), resamples, seed)
+    tokens = {
+        "trivial_linear": reference_training_tokens,
+        "trivial_quadratic": reference_training_tokens,
+        "trivial_weight": 0,
+    }
 
     def column(scored: list[dict], category: str) -> np.ndarray:
         if category == AGGREGATE:
             return np.array([s["ranking_score"] for s in scored])
         return np.array([s["categories"][category] for s in scored])
 
-    out: dict[str, Any] = {}
+    entries, replicates = {}, {}
     for category in [*categories, AGGREGATE]:
-        p, r = column(proxy, category), column(reference, category)
-        entry = {
-            "proxy": ranking_metrics(p, r),
-            "trivial_linear": ranking_metrics(loo_linear_predictions(weights, r), r),
-            "trivial_weight": (
-                ranking_metrics(weights[:, names.index(category)], r) if category in names else None
-            ),
+        r = column(reference, category)
+        predictors = {
+            "proxy": column(proxy, category),
+            "trivial_linear": loo_linear_predictions(weights, r),
+            "trivial_quadratic": loo_quadratic_predictions(weights, r),
+            "trivial_weight": weights[:, names.index(category)] if category in names else None,
         }
-        trivial_rhos = [
-            entry[k]["rho"] for k in ("trivial_linear", "trivial_weight") if entry[k] is not None
-        ]
-        entry["proxy_beats_trivial"] = bool(
-            entry["proxy"]["rho"] > max(trivial_rhos)
-        )  # NaN compares False: an undefined rho never counts as beating anything
-        out[category] = entry
+        entries[category], replicates[category] = _category_entry(
+            predictors, r, index, level, tokens
+        )
+    per_category = {c: entries[c] for c in categories}
     return {
         "n": int(len(weights)),
-        "categories": out,
-        "crr": capability_recovery(proxy_results, reference_results, categories),
+        "bootstrap": {"resamples": resamples, "level": level, "seed": seed},
+        "weights_only_training_tokens": reference_training_tokens,
+        "categories": entries,
+        "macro": _macro(per_category, {c: replicates[c] for c in categories}, level, tokens),
+        **capability_recovery_detail(
+            proxy_results, reference_results, categories, base_result, index, level
+        ),
         "tasks": task_signal(
             proxy_results, reference_results, list(dict.fromkeys(sum(categories.values(), [])))
         ),

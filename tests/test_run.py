@@ -315,7 +315,15 @@ def test_validate_component_writes_fidelity_artifacts(smoke_run, tmp_path):
     result = json.loads((tmp_path / "fidelity").read_text())
     assert result["n"] >= 5 and "aggregate" in result["categories"]
     assert "<h1>DeMix proxy fidelity</h1>" in (tmp_path / "report.html").read_text()
-    assert metrics.metadata["crr/mean"] == pytest.approx(result["crr"]["mean"])
+    assert metrics.metadata["crr/mean"] == pytest.approx(result["crr"]["mean"], nan_ok=True)
+    assert metrics.metadata["macro_rho_proxy"] == pytest.approx(
+        result["macro"]["proxy"]["rho"], nan_ok=True
+    )
+    # the base is evaluated on the same tasks: loss tasks get the improvement CRR
+    assert set(result["base_result"]) == set(result["reference_results"][0])
+    assert "crr_note" not in result and set(result["crr_ci"]) == set(result["crr"])
+    assert {e["kind"] for e in result["crr_tasks"].values()} >= {"improvement"}
+    assert result["weights_only_training_tokens"] == result["cost"]["reference_training_tokens"]
 
 
 def test_run_outputs_hold_no_credentials(smoke_run):

@@ -24,7 +24,7 @@ from demix.model import resolve_device
 from demix.proxies import ProxyEvaluator, make_evaluator
 from demix.recipes.run import StageClock, prepare_models, start_run_folder, train_finals
 from demix.recipes.validate import validate_stage
-from demix.report.summary import final_entry, format_comparison
+from demix.report.summary import final_entry, format_comparison, format_interval
 from demix.stages import (
     evaluate_each,
     finals_by_label,
@@ -59,19 +59,31 @@ def sweep_point(
     weights = np.array([[m[n] for n in data.names] for m in validation["mixtures"]])
     results = [proxies(w) for w in weights]
     measured = fidelity(
-        data.names, weights, results, validation["reference_results"], config.evaluate.categories
+        data.names,
+        weights,
+        results,
+        validation["reference_results"],
+        config.evaluate.categories,
+        validation.get("base_result"),
+        reference_training_tokens=validation["cost"]["reference_training_tokens"],
     )
-    aggregate = measured["categories"][AGGREGATE]
+    aggregate, macro = measured["categories"][AGGREGATE], measured["macro"]
     norms = proxies.stack.relative_norms
     return {
         "tokens": point.tokens,
         "lr": point.lr,
         "mean_delta_norm": float(np.mean(norms)),
         "max_delta_norm": float(np.max(norms)),
+        "macro_rho_proxy": macro["proxy"]["rho"],
+        "macro_rho_proxy_ci": macro["proxy"]["rho_ci"],
         "rho_proxy": aggregate["proxy"]["rho"],
+        "rho_proxy_ci": aggregate["proxy"]["rho_ci"],
         "rho_weights_fit": aggregate["trivial_linear"]["rho"],
+        "rho_quadratic_fit": aggregate["trivial_quadratic"]["rho"],
+        "proxy_minus_quadratic_fit": aggregate["proxy_minus"]["trivial_quadratic"],
         "regret_proxy": aggregate["proxy"]["regret"],
         "crr": measured["crr"]["mean"],
+        "crr_ci": measured["crr_ci"]["mean"],
     }
 
 
@@ -114,7 +126,21 @@ def reproduce(config: RunConfig, out: str | Path) -> dict[str, Any]:
     result = {
         "datasets": data.names,
         "fidelity": {
-            k: validation[k] for k in ("n", "categories", "crr", "tasks", "relative_delta_norms")
+            k: validation[k]
+            for k in (
+                "n",
+                "bootstrap",
+                "weights_only_training_tokens",
+                "categories",
+                "macro",
+                "crr",
+                "crr_ci",
+                "crr_tasks",
+                "crr_note",
+                "tasks",
+                "relative_delta_norms",
+            )
+            if k in validation
         },
         "sweep": sweep,
         "searches": {
@@ -146,33 +172,97 @@ def reproduce(config: RunConfig, out: str | Path) -> dict[str, Any]:
     return result
 
 
-def format_table(result: dict[str, Any]) -> str:
-    """The one table of `demix reproduce`, as Markdown."""
-    fid = result["fidelity"]
+def _tokens_label(tokens: int | None) -> str:
+    return "tokens unknown" if tokens is None else f"{tokens:,} tokens"
+
+
+def _fidelity_lines(fid: dict[str, Any]) -> list[str]:
+    """The rank table (rho with intervals, regret, CRR), the paired proxy-minus-predictor table
+    and the per-task signal/noise table."""
+    label = _tokens_label(fid.get("weights_only_training_tokens"))
+    resamples = fid.get("bootstrap", {}).get("resamples", "?")
     lines = [
-        f"Fidelity over {fid['n']} mixtures (merged proxy vs trained reference):",
+        f"Fidelity over {fid['n']} mixtures (merged proxy vs trained reference; [95% bootstrap "
+        f"interval over mixtures, {resamples} resamples]). Weights-only fits are trained on the "
+        f"references ({label}); macro = mean of the per-category rhos (CRR: mean over "
+        f"categories).",
         "",
-        "| score | rho proxy | rho weights fit | rho own weight | regret proxy | regret weights fit | CRR |",
-        "|---|---|---|---|---|---|---|",
+        f"| score | rho proxy | rho linear fit ({label}) | rho quadratic fit ({label}) | "
+        f"rho own weight | regret proxy | regret linear fit | CRR |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for category, entry in fid["categories"].items():
-        proxy, fit, own = entry["proxy"], entry["trivial_linear"], entry["trivial_weight"]
-        own_rho = f"{own['rho']:.3f}" if own else "-"
-        crr = fid["crr"].get(category, fid["crr"]["mean"])
-        lines.append(
-            f"| {category} | {proxy['rho']:.3f} | {fit['rho']:.3f} | {own_rho} | "
-            f"{proxy['regret']:.3f} | {fit['regret']:.3f} | {crr:.3f} |"
+    rows = {**fid["categories"], "macro": fid["macro"]}
+    for score, entry in rows.items():
+        proxy, fit, quad = entry["proxy"], entry["trivial_linear"], entry["trivial_quadratic"]
+        own = entry.get("trivial_weight")
+        crr_key = "mean" if score == "macro" else score
+        crr = (
+            format_interval(fid["crr"][crr_key], fid["crr_ci"][crr_key])
+            if crr_key in fid["crr"]
+            else "-"
         )
+        regrets = f"{proxy['regret']:.3f} | {fit['regret']:.3f}" if "regret" in proxy else "- | -"
+        rhos = [
+            format_interval(e["rho"], e["rho_ci"]) if e else "-" for e in (proxy, fit, quad, own)
+        ]
+        lines.append(f"| {score} | {' | '.join(rhos)} | {regrets} | {crr} |")
     lines += [
         "",
-        "| task | rho proxy | reference spread | reference stderr | signal/noise |",
+        "CRR per task: sum of proxy / sum of reference values where higher is better; "
+        "(L_base - L_proxy) / (L_base - L_reference) for losses (1 = the references' "
+        "improvement over the base, 0 = none)."
+        + (f" {fid['crr_note']}." if "crr_note" in fid else ""),
+        "",
+        "Paired rho(proxy) - rho(predictor) on the same resamples [95% interval] and verdict:",
+        "",
+        "| score | proxy − linear fit | proxy − quadratic fit | proxy − own weight | overall |",
         "|---|---|---|---|---|",
+    ]
+    for score, entry in rows.items():
+        minus = entry["proxy_minus"]
+        cells = [
+            format_comparison(minus[k]) if k in minus else "-"
+            for k in ("trivial_linear", "trivial_quadratic", "trivial_weight")
+        ]
+        lines.append(f"| {score} | {' | '.join(cells)} | {entry['verdict']} |")
+    lines += [
+        "",
+        "| task | rho proxy | reference spread | paired stderr | signal/noise | "
+        "unpaired stderr | signal/noise (unpaired) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for task, entry in fid["tasks"].items():
         lines.append(
-            f"| {task} | {entry['rho']:.3f} | {entry['spread']:.4f} | {entry['stderr']:.4f} | "
-            f"{entry['snr']:.2f} |"
+            f"| {task} | {entry['rho']:.3f} | {entry['spread']:.4f} | "
+            f"{entry['paired_stderr']:.4f} | {entry['snr']:.2f} | "
+            f"{entry['stderr_unpaired']:.4f} | {entry['snr_unpaired']:.2f} |"
         )
+    return lines
+
+
+def _sweep_lines(sweep: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "",
+        "| component tokens | lr | mean ‖Δ‖/‖base‖ | macro rho proxy | rho proxy | "
+        "rho linear fit | rho quadratic fit | proxy − quadratic fit | regret | CRR |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for point in sweep:
+        lines.append(
+            f"| {point['tokens']:,} | {point['lr']:g} | {point['mean_delta_norm']:.3f} | "
+            f"{format_interval(point['macro_rho_proxy'], point['macro_rho_proxy_ci'])} | "
+            f"{format_interval(point['rho_proxy'], point['rho_proxy_ci'])} | "
+            f"{point['rho_weights_fit']:.3f} | {point['rho_quadratic_fit']:.3f} | "
+            f"{format_comparison(point['proxy_minus_quadratic_fit'])} | "
+            f"{point['regret_proxy']:.3f} | {format_interval(point['crr'], point['crr_ci'])} |"
+        )
+    return lines
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The one table of `demix reproduce`, as Markdown."""
+    fid = result["fidelity"]
+    lines = _fidelity_lines(fid)
     norms = ", ".join(f"{n} {v:.3f}" for n, v in fid["relative_delta_norms"].items())
     searches = result["searches"]
     lines += [
@@ -208,15 +298,5 @@ def format_table(result: dict[str, Any]) -> str:
                 if key != "tasks":
                     lines.append(f"| {chosen} | {baseline} | {key} | {format_comparison(entry)} |")
     if result["sweep"]:
-        lines += [
-            "",
-            "| component tokens | lr | mean ‖Δ‖/‖base‖ | rho proxy | rho weights fit | regret | CRR |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for point in result["sweep"]:
-            lines.append(
-                f"| {point['tokens']:,} | {point['lr']:g} | {point['mean_delta_norm']:.3f} | "
-                f"{point['rho_proxy']:.3f} | {point['rho_weights_fit']:.3f} | "
-                f"{point['regret_proxy']:.3f} | {point['crr']:.3f} |"
-            )
+        lines += _sweep_lines(result["sweep"])
     return "\n".join(lines) + "\n"

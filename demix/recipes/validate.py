@@ -4,13 +4,16 @@ Reference mixtures are R draws of the search sampler plus every vertex and the u
 For each, a reference model is trained from the base with the component budget (the
 training-based proxy) and the merged proxy of the same mixture is built; both are evaluated on
 the run's tasks and compared (demix.fidelity), always next to predictors that see only the
-weights. Writes fidelity.json and fidelity.html; reference models are kept under `references/`
-so a rerun trains nothing again.
+weights. The base model is evaluated once too: capability recovery of a loss-type task is the
+share of the base's improvement the proxies recover. Writes fidelity.json (with `base_result`)
+and fidelity.html; reference models are kept under `references/` so a rerun trains nothing
+again.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -96,13 +99,23 @@ def validate_stage(
         del model
     reference_seconds = time.perf_counter() - start
 
+    model = load_for_eval(config, base, device)
+    base_result = evaluator.evaluate(model)
+    del model
+
     result = {
         "datasets": data.names,
         "mixtures": [
             {"id": key, **as_dict(data.names, w)} for key, w in zip(ids, mixtures, strict=True)
         ],
         **fidelity(
-            data.names, mixtures, proxy_results, reference_results, config.evaluate.categories
+            data.names,
+            mixtures,
+            proxy_results,
+            reference_results,
+            config.evaluate.categories,
+            base_result,
+            reference_training_tokens=reference_tokens,
         ),
         "relative_delta_norms": norms,
         "cost": {
@@ -112,6 +125,7 @@ def validate_stage(
         },
         "proxy_results": proxy_results,
         "reference_results": reference_results,
+        "base_result": base_result,
     }
     tags, result["fidelity_by_hull"] = fidelity_by_hull(
         data.names,
@@ -173,21 +187,27 @@ def fidelity_by_hull(
 
 
 def fidelity_warnings(result: dict[str, Any]) -> list[str]:
-    """Plain-language warnings: proxies no better than weights alone, large component updates."""
+    """Plain-language warnings: proxies not shown to beat weights alone, tasks without signal,
+    large component updates."""
     warnings = []
     aggregate = result["categories"][AGGREGATE]
     if not aggregate["proxy_beats_trivial"]:
+        versus = aggregate["proxy_minus"]["trivial_linear"]
         warnings.append(
-            f"merged proxies do not rank mixtures better than a fit on the weights alone "
+            f"merged proxies are not shown to rank mixtures better than predictors that see "
+            f"only the weights "
             f"(aggregate rho {aggregate['proxy']['rho']:.3f} vs "
-            f"{aggregate['trivial_linear']['rho']:.3f}); do not trust a search on this data"
+            f"{aggregate['trivial_linear']['rho']:.3f} for the linear fit, paired difference "
+            f"{versus['diff']:+.3f} [{versus['ci_low']:+.3f}, {versus['ci_high']:+.3f}]; "
+            f"against every weights-only predictor: {aggregate['verdict']}); do not trust a "
+            f"search on this data"
         )
-    quiet = {t: round(e["snr"], 2) for t, e in result.get("tasks", {}).items() if e["snr"] < 1}
+    quiet = {t: round(snr, 2) for t, snr in _signal_to_noise(result).items() if snr < 1}
     if quiet:
         warnings.append(
-            f"tasks whose scores differ between references by less than their standard error "
-            f"(signal/noise {quiet}): they add noise to every ranking; drop them or raise "
-            f"evaluate.limit"
+            f"tasks whose scores differ between references by less than the standard error of "
+            f"a difference (signal/noise {quiet}): they add noise to every ranking; drop them "
+            f"or raise evaluate.limit"
         )
     large = large_updates(result["relative_delta_norms"])
     if large:
@@ -196,6 +216,15 @@ def fidelity_warnings(result: dict[str, Any]) -> list[str]:
             f"merged proxies assume small updates (lower the component lr or budget)"
         )
     return warnings
+
+
+def _signal_to_noise(result: dict[str, Any]) -> dict[str, float]:
+    """Each task's paired signal/noise; the unpaired one where it has no per-document scores."""
+    out = {}
+    for task, entry in result.get("tasks", {}).items():
+        snr = entry["snr"]
+        out[task] = snr if math.isfinite(snr) else entry.get("snr_unpaired", float("nan"))
+    return out
 
 
 def validate_step(

@@ -6,49 +6,101 @@ from pathlib import Path
 from typing import Any
 
 from demix.report.html import image, page, plt, table
+from demix.report.summary import format_comparison, format_interval
 from demix.storage import atomic_write_text
 
 
-def write_fidelity_report(path: Path, result: dict[str, Any]) -> Path:
-    """fidelity.html: a proxy-vs-reference scatter per category and the aggregate, and the table."""
-    body = ["<h1>DeMix proxy fidelity</h1>"]
-    body += [f"<p><b>warning:</b> {w}</p>" for w in result["warnings"]]
+def _difference(entry: dict | None) -> str:
+    """`+0.123 [+0.010, +0.240] better`, or - when there is no such predictor."""
+    return "-" if entry is None else format_comparison(entry)
+
+
+def _rank_table(result: dict[str, Any]) -> str:
+    """Per category, the aggregate and the macro rho: rho with intervals, the paired differences
+    proxy − weights-only predictor, regret and CRR."""
+    tokens = result.get("weights_only_training_tokens")
+    label = "tokens unknown" if tokens is None else f"{tokens:,} tokens"
     rows = []
-    for category, entry in result["categories"].items():
-        weight = entry["trivial_weight"]
+    for score, entry in {**result["categories"], "macro": result["macro"]}.items():
+        proxy, fit, quad = entry["proxy"], entry["trivial_linear"], entry["trivial_quadratic"]
+        own = entry.get("trivial_weight")
+        minus = entry["proxy_minus"]
+        crr_key = "mean" if score == "macro" else score
         rows.append(
             [
-                category,
-                entry["proxy"]["rho"],
-                entry["trivial_linear"]["rho"],
-                weight["rho"] if weight else "-",
-                entry["proxy"]["rho_top_quarter"],
-                entry["proxy"]["regret"],
-                entry["trivial_linear"]["regret"],
-                result["crr"].get(category, result["crr"]["mean"]),
+                score,
+                format_interval(proxy["rho"], proxy["rho_ci"]),
+                format_interval(fit["rho"], fit["rho_ci"]),
+                format_interval(quad["rho"], quad["rho_ci"]),
+                format_interval(own["rho"], own["rho_ci"]) if own else "-",
+                format_interval(proxy["rho_top_quarter"], proxy["rho_top_quarter_ci"])
+                if "rho_top_quarter" in proxy
+                else "-",
+                proxy.get("regret", "-"),
+                fit.get("regret", "-"),
+                _difference(minus.get("trivial_linear")),
+                _difference(minus.get("trivial_quadratic")),
+                _difference(minus.get("trivial_weight")),
+                entry["verdict"],
+                format_interval(result["crr"][crr_key], result["crr_ci"][crr_key])
+                if crr_key in result["crr"]
+                else "-",
             ]
         )
+    header = [
+        "score",
+        "rho proxy [95%]",
+        f"rho linear fit ({label})",
+        f"rho quadratic fit ({label})",
+        "rho own weight",
+        "rho top quarter proxy",
+        "regret proxy",
+        "regret linear fit",
+        "proxy − linear fit",
+        "proxy − quadratic fit",
+        "proxy − own weight",
+        "vs weights only",
+        "CRR [95%]",
+    ]
+    return table(header, rows)
+
+
+def write_fidelity_report(path: Path, result: dict[str, Any]) -> Path:
+    """fidelity.html: the tables and a proxy-vs-reference scatter per category and the aggregate."""
+    body = ["<h1>DeMix proxy fidelity</h1>"]
+    body += [f"<p><b>warning:</b> {w}</p>" for w in result["warnings"]]
+    resamples = result.get("bootstrap", {}).get("resamples", "?")
     body.append(
-        table(
-            [
-                "category",
-                "rho proxy",
-                "rho weights fit",
-                "rho own weight",
-                "rho top quarter",
-                "regret proxy",
-                "regret weights fit",
-                "CRR",
-            ],
-            rows,
-        )
+        f"<p>{result['n']} mixtures; [95% bootstrap intervals over mixtures, {resamples} "
+        "resamples]; differences are paired (the same resamples for both rhos); macro = mean of "
+        "the per-category rhos. CRR per task: sum of proxy / sum of reference values where "
+        "higher is better, (L_base − L_proxy) / (L_base − L_reference) for losses.</p>"
     )
+    if result.get("crr_note"):
+        body.append(f"<p>{result['crr_note']}</p>")
+    body.append(_rank_table(result))
     if result.get("tasks"):
         body.append(
             table(
-                ["task", "rho proxy", "reference spread", "reference stderr", "signal/noise"],
                 [
-                    [t, e["rho"], e["spread"], e["stderr"], e["snr"]]
+                    "task",
+                    "rho proxy",
+                    "reference spread",
+                    "paired stderr",
+                    "signal/noise",
+                    "unpaired stderr",
+                    "signal/noise (unpaired)",
+                ],
+                [
+                    [
+                        t,
+                        e["rho"],
+                        e["spread"],
+                        e["paired_stderr"],
+                        e["snr"],
+                        e["stderr_unpaired"],
+                        e["snr_unpaired"],
+                    ]
                     for t, e in result["tasks"].items()
                 ],
             )

@@ -137,6 +137,11 @@ def format_comparison(entry: dict) -> str:
     )
 
 
+def format_interval(value: float, interval: list[float]) -> str:
+    """`0.812 [0.640, 0.905]`: a value and its [low, high] interval."""
+    return f"{value:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
+
+
 def print_summary(summary: dict, out: Path) -> None:
     """The short table `demix run` and `make demo` print at the end: the mixtures, then the
     chosen mixture against each baseline with 95% intervals (Holm over the baselines)."""

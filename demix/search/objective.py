@@ -61,13 +61,29 @@ def _standardised(column: np.ndarray) -> np.ndarray:
     return (column - np.mean(column)) / spread
 
 
+def pooled_paired_stderr(docs: np.ndarray) -> float:
+    """The standard error of a difference between two models' mean scores on the same documents,
+    pooled over every pair of the P models: docs [P >= 2 models, N >= 2 documents].
+
+    Each document's mean over the P models is removed, the residuals' variance scaled by
+    P / (P - 1) estimates one model's own per-document variance s^2, and sqrt(2 s^2 / N) is the
+    standard error of a difference of two models' means. 2 s^2 is exactly the mean over the
+    P (P - 1) / 2 pairs of the variance of their per-document differences, so the result is the
+    root mean square of the pairs' paired standard errors.
+    """
+    docs = np.asarray(docs, dtype=np.float64)
+    residual = docs - docs.mean(axis=0, keepdims=True)
+    # removing the mean of P models leaves (P - 1) / P of each model's own variance
+    models = docs.shape[0]
+    variance = float(np.mean(np.var(residual, axis=1, ddof=1))) * models / (models - 1)
+    return math.sqrt(2.0 * variance / docs.shape[1])
+
+
 def paired_noise(results: list[dict[str, dict[str, Any]]], task: str) -> float:
     """The typical standard error of a paired difference between two of these proxies on `task`.
 
     From per-document scores (`per_doc`, the same documents in the same order for every proxy):
-    each document's mean over the P proxies is removed, the residuals' variance scaled by
-    P / (P - 1) estimates one proxy's own per-document variance s^2, and sqrt(2 s^2 / documents)
-    is the standard error of a difference of two proxies' means. Without per-document scores (or with
+    pooled_paired_stderr over the P proxies. Without per-document scores (or with
     fewer than 2 proxies): sqrt(2) times the root mean square of the reported standard errors
     (unpaired, larger). Never below 1e-12.
     """
@@ -77,11 +93,7 @@ def paired_noise(results: list[dict[str, dict[str, Any]]], task: str) -> float:
         if len(lengths) == 1:
             sign = 1.0 if results[0][task]["higher_is_better"] else -1.0
             docs = sign * np.asarray(per_doc, dtype=np.float64)
-            residual = docs - docs.mean(axis=0, keepdims=True)
-            # removing the mean of P proxies leaves (P - 1) / P of each proxy's own variance
-            proxies = docs.shape[0]
-            variance = float(np.mean(np.var(residual, axis=1, ddof=1))) * proxies / (proxies - 1)
-            return max(math.sqrt(2.0 * variance / docs.shape[1]), 1e-12)
+            return max(pooled_paired_stderr(docs), 1e-12)
     stderrs = np.array([float(r[task].get("stderr") or 0.0) for r in results])
     stderrs = stderrs[np.isfinite(stderrs)]
     rms = float(np.sqrt(np.mean(stderrs**2))) if stderrs.size else 0.0
