@@ -189,3 +189,22 @@ def test_validate_splits_fidelity_at_the_hull(tmp_path):
     assert split["counts"]["out_of_hull"] == 4
     assert split["out_of_hull"]["n"] == 4
     assert split["out_of_hull"]["categories"]["aggregate"]["proxy"]["rho"] == pytest.approx(-1.0)
+
+
+@pytest.mark.parametrize("weights", ["data", "hull"])
+def test_validate_references_lie_where_the_search_looks(tmp_path, weights):
+    """Under hull the references are drawn inside it, with the components' training mixes as
+    corners (a TIES merge, which refuses c < 0, can build every one of their proxies); under
+    data they include the simplex's vertices, outside it."""
+    from demix.recipes.validate import reference_mixtures
+
+    config = _config(tmp_path, weights, method="ties" if weights == "hull" else "linear")
+    refs = reference_mixtures(config, DATA)
+    components = merge_weights(config, DATA, refs)
+    corners = np.eye(3) if weights == "data" else mix_matrix(config, DATA).T
+    for corner in corners:
+        assert np.abs(refs - corner).sum(axis=1).min() < 1e-9
+    if weights == "hull":
+        assert in_hull(components).all()
+    else:
+        assert not in_hull(components).all()

@@ -26,7 +26,7 @@ from demix.data.shards import CuratedData
 from demix.evaluate.harness import Evaluator
 from demix.fidelity import AGGREGATE, fidelity
 from demix.merge.weights import data_to_component
-from demix.mixtures import as_dict, in_hull, mix_matrix, prior_vector
+from demix.mixtures import as_dict, in_hull, mix_matrix, prior_vector, search_floor
 from demix.model import resolve_device
 from demix.proxies import (
     SMALL_UPDATE,
@@ -38,7 +38,7 @@ from demix.proxies import (
 from demix.report.fidelity import write_fidelity_report
 from demix.search.predictor import seed_entropy
 from demix.search.results import mixture_id
-from demix.search.sampler import sample_mixtures, uniform_mixture
+from demix.search.sampler import sample_mixtures
 from demix.stages import read_model_index, train_stage
 from demix.storage import atomic_write_json, atomic_write_text
 
@@ -49,12 +49,19 @@ MIN_HULL_SPLIT = 4  # fewest references a side of fidelity_by_hull is measured o
 
 
 def reference_mixtures(config: RunConfig, data: CuratedData) -> np.ndarray:
-    """Sampled mixtures, then the vertices and the uniform mixture, without duplicates."""
+    """Sampled mixtures, then the vertices and the centre of the searched space, without
+    duplicates: the simplex's vertices and the uniform mixture, or under `merge.weights: hull`
+    the components' training mixes (the hull's vertices) and their mean, with the sample drawn
+    inside the hull as the search draws it. References lie where the search looks."""
     prior = prior_vector(data)
     rng = np.random.default_rng([seed_entropy(config.seed), VALIDATE_STREAM])
-    sampled = sample_mixtures(prior, config.fidelity.references, rng, config.search.sampler)
+    floor = search_floor(config, data)
+    sampled = sample_mixtures(
+        prior, config.fidelity.references, rng, config.search.sampler, floor=floor
+    )
     d = len(data.names)
-    fixed = np.vstack([np.eye(d), uniform_mixture(d)[None]])
+    corners = np.eye(d) if floor is None else mix_matrix(config, data).T
+    fixed = np.vstack([corners, corners.mean(axis=0)[None]])
     out, seen = [], set()
     for w in np.vstack([sampled, fixed]):
         key = mixture_id(w, config.search.sampler.grid)
@@ -134,6 +141,8 @@ def validate_stage(
         proxy_results,
         reference_results,
         config.evaluate.categories,
+        base_result=base_result,
+        reference_training_tokens=reference_tokens,
     )
     for entry, tag in zip(result["mixtures"], tags, strict=True):
         entry.update(tag)
@@ -152,8 +161,10 @@ def fidelity_by_hull(
     proxy_results: list[dict],
     reference_results: list[dict],
     categories: dict[str, list[str]],
+    **fidelity_kwargs: Any,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Fidelity inside and outside the components' hull (every c = M^-1 d >= 0, M = `mix`).
+    """Fidelity inside and outside the components' hull (every c = M^-1 d >= 0, M = `mix`);
+    `fidelity_kwargs` (the base's result, the references' tokens) go to demix.fidelity.fidelity.
 
     Returns each mixture's {"min_component_weight", "in_hull"} and {"in_hull": fidelity over
     those mixtures, "out_of_hull": the same over the rest, "counts": {side: mixtures}}; a side
@@ -179,6 +190,7 @@ def fidelity_by_hull(
                 [proxy_results[i] for i in rows],
                 [reference_results[i] for i in rows],
                 categories,
+                **fidelity_kwargs,
             )
             if len(rows) >= MIN_HULL_SPLIT
             else None
