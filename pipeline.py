@@ -25,6 +25,7 @@ from components.curate_group import curate_group
 from components.dataset_names import dataset_names
 from components.evaluate_final import evaluate_final
 from components.evaluate_proxies import evaluate_proxies
+from components.export_mixture import export_mixture
 from components.final_runs import final_runs
 from components.merge import merge
 from components.plan_curation import plan_curation
@@ -158,6 +159,8 @@ def build_pipeline(placement: Placement):
                 placement,
             )
         selection = step.outputs["result"]
+        # The chosen mixture for training frameworks (`demix export --format json`).
+        on_cpu(export_mixture(config=cfg, data=dataset, selection=selection), placement)
 
         # Optional fidelity check (off by default): trained references vs merged proxies.
         with dsl.If(validate == True, name="validate"):  # noqa: E712 (a KFP condition)

@@ -490,6 +490,27 @@ def _cmd_report(args) -> None:
     print(write_report(out, summary, found, config))
 
 
+def _export_out(args) -> list:
+    """export: the optional file --out, replaced only when it holds an earlier export."""
+    from demix.export import EXPORT_KIND, is_export
+
+    return [Output(args.out, EXPORT_KIND, "file", is_export)] if args.out else []
+
+
+@_writes(_export_out)
+def _cmd_export(args) -> None:
+    from demix.export import parse_prefixes, read_run, render
+    from demix.storage import write_output_bytes
+
+    export = read_run(_local_folder(args.run))
+    text = render(export, args.format, parse_prefixes(args.prefix, export["datasets"]))
+    if args.out:
+        write_output_bytes(args.out, text.encode())
+        print(f"wrote {args.out}")
+    else:
+        sys.stdout.write(text)
+
+
 def _cmd_validate_config(args) -> None:
     config = _config(args)
     print(
@@ -639,6 +660,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="rebuild report.html of a finished run")
     p.add_argument("run", help="run folder")
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser(
+        "export", help="the chosen mixture of a finished run for Megatron-LM, OLMo-core, datasets"
+    )
+    p.add_argument("run", help="run folder (demix run --out, or pipeline.py run-local --out)")
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=["json", "megatron", "olmo", "hf"],
+        help="json: mixture, component weights, prior, tokens and epochs; megatron: --data-path; "
+        "olmo: an OLMo-core SourceMixtureList (YAML); hf: interleave_datasets arguments",
+    )
+    p.add_argument(
+        "--prefix",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="megatron, olmo: the data path of a dataset (default: its name; repeatable)",
+    )
+    p.add_argument("--out", help="file to write (default: standard output)")
+    p.set_defaults(func=_cmd_export)
 
     p = with_config("check-config", "validate a run config and exit")
     p.set_defaults(func=_cmd_validate_config)

@@ -23,7 +23,9 @@ class Strict(BaseModel):
 
 
 class DatasetSpec(Strict):
-    """One named candidate dataset: jsonl files (a text field), .txt files, or folders of them."""
+    """One named candidate dataset: files or folders of .jsonl (optionally .gz or .zst),
+    .txt(.gz) or Parquet, or a folder saved by `datasets` (save_to_disk). `text_field` names the
+    JSON field or the Parquet/Arrow column holding each document's text."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     paths: list[str] = Field(min_length=1)

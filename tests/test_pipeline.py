@@ -148,6 +148,19 @@ def test_curation_fans_out_over_the_plans_groups_and_merges_them(compiled):
     assert len(consumers) >= 3 and tasks["train-model"] in consumers
 
 
+def test_the_export_artifact_is_written_from_the_final_selection(compiled):
+    spec, _ = _spec(compiled[0])
+    task = spec.root.dag.tasks["export-mixture"]
+    selection = task.inputs.artifacts["selection"].task_output_artifact
+    merged = spec.root.dag.tasks["merge"].inputs.artifacts["selection"].task_output_artifact
+    assert selection == merged and selection.producer_task.startswith("predict-")
+    assert task.inputs.artifacts["data"].task_output_artifact.producer_task == "curate-data"
+    outputs = spec.components[task.component_ref.name].output_definitions.artifacts
+    assert list(outputs) == ["export"]
+    executor = spec.deployment_spec["executors"]["exec-export-mixture"]["container"]
+    assert executor["image"] == CPU_IMAGE and "accelerator" not in executor["resources"]
+
+
 def test_vertex_target_is_one_document_with_vertex_accelerators(compiled):
     text = compiled[1].read_text()
     spec, docs = _spec(compiled[1])

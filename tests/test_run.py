@@ -62,6 +62,24 @@ def test_summary_contract(smoke_run):
     assert report.count("<img") == 4 and "Chosen mixture" in report
 
 
+def test_export_of_the_finished_run(smoke_run, capsys):
+    """`demix export` of the run: the summary's mixture, the curated train tokens and the final
+    budget of the run's config (see tests/test_export.py for each format parsed back)."""
+    _, out = smoke_run
+    summary = json.loads((out / "summary.json").read_text())
+    manifest = json.loads((out / "dataset" / "manifest.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    assert main(["export", str(out), "--format", "json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert found["mixture"] == summary["mixture"] and found["datasets"] == summary["datasets"]
+    train = {n: d["train_tokens"] for n, d in manifest["datasets"].items()}
+    assert found["train_tokens"] == summary["dataset_train_tokens"] == train
+    assert found["final_tokens"] == summary["final_tokens"] == config["train"]["final"]["tokens"]
+    assert main(["export", str(out), "--format", "megatron"]) == 0
+    pairs = capsys.readouterr().out.split()
+    assert pairs[1::2] == [n for n in summary["datasets"] if summary["mixture"][n] > 0]
+
+
 def test_rerun_skips_finished_work_and_gives_the_same_mixture(smoke_run, capsys):
     config, out = smoke_run
     before = json.loads((out / "summary.json").read_text())

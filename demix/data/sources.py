@@ -1,8 +1,10 @@
 """Input side of curation: dataset specs to input files (local paths and gs:// URIs), documents
-read from .jsonl/.txt (optionally gzipped), and the text normalization every document gets."""
+read from .jsonl/.txt (optionally gzipped), zstd-compressed .jsonl, Parquet files and folders
+saved by `datasets` (Arrow shards), and the text normalization every document gets."""
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import errno
 import gzip
@@ -11,16 +13,23 @@ import json
 import os
 import re
 import unicodedata
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Iterable, Iterator
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from demix.config import DatasetSpec
-from demix.errors import DataError, DemixError
-from demix.storage import check_uri, is_remote, remote_files
+from demix.errors import DataError, DemixError, one_line
+from demix.storage import check_uri, fetch_files, is_remote, remote_files, split_gs
 
-TEXT_SUFFIXES = (".jsonl", ".jsonl.gz", ".txt", ".txt.gz")
+# What a folder is expanded to (a saved `datasets` folder: its .arrow shards instead).
+INPUT_SUFFIXES = (
+    ".jsonl", ".jsonl.gz", ".jsonl.zst", ".jsonl.zstd", ".txt", ".txt.gz", ".parquet",
+)  # fmt: skip
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+ZSTD_SUFFIXES = (".jsonl.zst", ".jsonl.zstd")
+ARROW_SUFFIXES = (".parquet", ".arrow")
+ZSTD_READ_BYTES = 1 << 16  # compressed bytes decompressed at a time
+ARROW_BATCH_ROWS = 1024  # rows of the text column read at a time
 HASH_BYTES = 32  # sha256 of a document's normalized text
 # A Python str holds a surrogate code point only when it is unpaired (json.loads joins pairs).
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
@@ -89,13 +98,54 @@ def _utf16_or_32(raw: bytes) -> str | None:
     return "UTF-16" if printable >= 0.95 * len(text) else None
 
 
+def _saved_shards(spec: DatasetSpec, folder: str, state: bytes) -> list[str]:
+    """The .arrow shard names, in order, of a folder saved by `datasets` (save_to_disk), from
+    its state.json. Raises DataError naming the folder when it lists none."""
+    try:
+        names = [entry["filename"] for entry in json.loads(state)["_data_files"]]
+    except (ValueError, KeyError, TypeError):
+        names = []
+    if not names or not all(
+        isinstance(n, str) and n.endswith(".arrow") and PurePosixPath(n).name == n for n in names
+    ):
+        raise DataError(
+            f"dataset {spec.name!r}: {folder}/state.json lists no .arrow shards (_data_files); "
+            "save the dataset again with save_to_disk"
+        )
+    return names
+
+
+def _dataset_dict_error(spec: DatasetSpec, folder: str, text: bytes) -> DataError:
+    """The error for a DatasetDict folder (one subfolder per split) given as a dataset path."""
+    try:
+        splits = [str(s) for s in json.loads(text)["splits"]]
+    except (ValueError, KeyError, TypeError):
+        splits = []
+    return DataError(
+        f"dataset {spec.name!r}: {folder} is a saved DatasetDict of splits {splits}; give one "
+        f"split's folder, e.g. {folder}/{splits[0] if splits else 'train'}"
+    )
+
+
 def _local_files(spec: DatasetSpec, entry: str) -> list[Path]:
-    """The text files of one local path of a dataset. Raises DataError naming the path."""
+    """The input files of one local path of a dataset. Raises DataError naming the path."""
     path = Path(entry)
     if path.is_dir():
+        if (path / "dataset_dict.json").is_file():
+            raise _dataset_dict_error(spec, str(path), (path / "dataset_dict.json").read_bytes())
+        if (path / "state.json").is_file():
+            shards = [
+                path / n for n in _saved_shards(spec, str(path), (path / "state.json").read_bytes())
+            ]
+            if missing := [p.name for p in shards if not p.is_file()]:
+                raise DataError(
+                    f"dataset {spec.name!r}: {path} lacks the shards {missing} its state.json "
+                    "lists; save the dataset again"
+                )
+            return shards
         try:
             found = sorted(
-                p for p in path.rglob("*") if p.is_file() and p.name.endswith(TEXT_SUFFIXES)
+                p for p in path.rglob("*") if p.is_file() and p.name.endswith(INPUT_SUFFIXES)
             )
         except OSError as err:
             raise DataError(
@@ -103,7 +153,7 @@ def _local_files(spec: DatasetSpec, entry: str) -> list[Path]:
             ) from None
         if not found:
             raise DataError(
-                f"dataset {spec.name!r}: folder {path} holds no {'/'.join(TEXT_SUFFIXES)} files"
+                f"dataset {spec.name!r}: folder {path} holds no {'/'.join(INPUT_SUFFIXES)} files"
             )
         return found
     if path.is_file():
@@ -161,15 +211,36 @@ def input_files(spec: DatasetSpec) -> list[InputFile]:
                 out.append(InputFile(spec.name, str(path), stat.st_size, str(stat.st_mtime_ns)))
             continue
         listed = remote_files(entry)
-        if len(listed) > 1 or listed[0][0] != entry:  # a folder: its text files only
-            listed = [f for f in listed if f[0].endswith(TEXT_SUFFIXES)]
-            if not listed:
-                raise DataError(
-                    f"dataset {spec.name!r}: folder {entry} holds no "
-                    f"{'/'.join(TEXT_SUFFIXES)} files"
-                )
+        if len(listed) > 1 or listed[0][0] != entry:  # a folder
+            listed = _remote_folder_files(spec, entry, listed)
         out.extend(InputFile(spec.name, uri, size, crc) for uri, size, crc in listed)
     return out
+
+
+def _remote_folder_files(
+    spec: DatasetSpec, entry: str, listed: list[tuple[str, int, str]]
+) -> list[tuple[str, int, str]]:
+    """The input files of a gs:// folder, as `_local_files` picks them from a local one."""
+    bucket, key = split_gs(entry)
+    folder = f"gs://{bucket}/{key}"
+    by_uri = {f[0]: f for f in listed}
+    if f"{folder}/dataset_dict.json" in by_uri:
+        text = fetch_files(f"{folder}/dataset_dict.json").read_bytes()
+        raise _dataset_dict_error(spec, folder, text)
+    if f"{folder}/state.json" in by_uri:
+        names = _saved_shards(spec, folder, fetch_files(f"{folder}/state.json").read_bytes())
+        if missing := [n for n in names if f"{folder}/{n}" not in by_uri]:
+            raise DataError(
+                f"dataset {spec.name!r}: {folder} lacks the shards {missing} its state.json "
+                "lists; save the dataset again"
+            )
+        return [by_uri[f"{folder}/{n}"] for n in names]
+    found = [f for f in listed if f[0].endswith(INPUT_SUFFIXES)]
+    if not found:
+        raise DataError(
+            f"dataset {spec.name!r}: folder {entry} holds no {'/'.join(INPUT_SUFFIXES)} files"
+        )
+    return found
 
 
 def read_json_line(line: str, where: str, error: type[DemixError]) -> Any:
@@ -203,18 +274,27 @@ def json_type(value: Any) -> str:
 
 
 def read_file_documents(path: Path, spec: DatasetSpec) -> Iterator[str]:
-    """Raw documents of one file of a dataset: one per JSONL line (field spec.text_field), or
-    the whole file for text files.
+    """Raw documents of one file of a dataset: one per JSONL line (field spec.text_field), one
+    per row of a Parquet or Arrow file (column spec.text_field), or the whole file for text
+    files. Compressed JSONL (zstd) and Parquet/Arrow files are read piece by piece.
 
-    Raises DataError naming the file (and line) of an unreadable, binary or malformed input, or
-    of a line whose text field is missing or not a string.
+    Raises DataError naming the file (and line or row) of an unreadable, binary or malformed
+    input, or of a record whose text is missing or not a string.
     """
-    text = _read_text(path, spec.name)
-    if not path.name.endswith(JSONL_SUFFIXES):
-        yield text
-        return
-    # Not splitlines(): JSON strings may hold raw U+2028 and other Unicode line breaks.
-    for number, line in enumerate(text.split("\n"), start=1):
+    if path.name.endswith(ARROW_SUFFIXES):
+        yield from _table_documents(path, spec)
+    elif path.name.endswith(ZSTD_SUFFIXES):
+        yield from _jsonl_documents(_zstd_lines(path), path, spec)
+    elif path.name.endswith(JSONL_SUFFIXES):
+        # Not splitlines(): JSON strings may hold raw U+2028 and other Unicode line breaks.
+        yield from _jsonl_documents(_read_text(path, spec.name).split("\n"), path, spec)
+    else:
+        yield _read_text(path, spec.name)
+
+
+def _jsonl_documents(lines: Iterable[str], path: Path, spec: DatasetSpec) -> Iterator[str]:
+    """The text field of each non-blank JSONL line. Raises DataError naming file and line."""
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         record = read_json_line(line, f"{path}:{number}", DataError)
@@ -231,6 +311,108 @@ def read_file_documents(path: Path, spec: DatasetSpec) -> Iterator[str]:
                 f"{spec.name!r}"
             )
         yield value
+
+
+def _zstd_chunks(path: Path) -> Iterator[bytes]:
+    """The decompressed bytes of a zstd file (one or more frames), ZSTD_READ_BYTES of compressed
+    input at a time. Raises DataError naming the file and about where a frame is corrupt or
+    cut off."""
+    import zstandard
+
+    at = 0  # compressed bytes consumed before `chunk`
+    frame = None  # the decompressor of the frame being read
+    with open(path, "rb") as raw:
+        while chunk := raw.read(ZSTD_READ_BYTES):
+            while chunk:
+                if frame is None:
+                    frame = zstandard.ZstdDecompressor().decompressobj()
+                try:
+                    yield frame.decompress(chunk)
+                except zstandard.ZstdError as err:
+                    raise DataError(
+                        f"{path}: corrupt zstd data near byte {at} ({one_line(err)}); "
+                        "compress the file again"
+                    ) from None
+                rest = b""
+                if frame.eof:  # what follows the frame starts the next one
+                    rest, frame = frame.unused_data, None
+                at += len(chunk) - len(rest)
+                chunk = rest
+    if frame is not None:
+        raise DataError(
+            f"{path}: zstd data ends inside a frame near byte {at} (a truncated file?); "
+            "compress or copy it again"
+        )
+
+
+def _zstd_lines(path: Path) -> Iterator[str]:
+    """The lines ("\n"-separated) of a zstd-compressed UTF-8 file, decompressed as read."""
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()
+    done, pending = 0, ""  # decompressed bytes decoded; text after the last newline
+    for data in _zstd_chunks(path):
+        try:
+            pending += decoder.decode(data)
+        except UnicodeDecodeError as err:
+            raise DataError(
+                f"{path}: not UTF-8 text (bad byte near decompressed offset {done + err.start}); "
+                "convert it to UTF-8"
+            ) from None
+        done += len(data)
+        *lines, pending = pending.split("\n")
+        yield from lines
+    try:
+        pending += decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text (it ends inside a character)") from None
+    yield pending
+
+
+def _table_documents(path: Path, spec: DatasetSpec) -> Iterator[str]:
+    """The text column of a Parquet file (row group by row group) or an Arrow IPC file or stream
+    (record batch by batch), as saved by `datasets`. Raises DataError naming the file, and the
+    row (counted from 0) of a value that is not a string."""
+    import pyarrow as pa
+    import pyarrow.ipc
+    import pyarrow.parquet as pq
+
+    field, parquet = spec.text_field, path.name.endswith(".parquet")
+    row = 0
+    try:
+        if parquet:
+            reader = pq.ParquetFile(path)
+            names = reader.schema_arrow.names
+            batches = reader.iter_batches(batch_size=ARROW_BATCH_ROWS, columns=[field])
+        else:
+            source = pa.memory_map(str(path))
+            is_file = source.read(6) == b"ARROW1"  # the IPC file format, else a stream
+            source.seek(0)
+            reader = pa.ipc.open_file(source) if is_file else pa.ipc.open_stream(source)
+            names = reader.schema.names
+            batches = (
+                (reader.get_batch(i) for i in range(reader.num_record_batches))
+                if is_file
+                else reader
+            )
+        if field not in names:
+            raise DataError(
+                f"{path}: no column {field!r} (its columns: {names}); set text_field of "
+                f"dataset {spec.name!r}"
+            )
+        for batch in batches:
+            column = batch.column(field)
+            for value in column.to_pylist():
+                if not isinstance(value, str):
+                    kind = "null" if value is None else f"of type {column.type}"
+                    raise DataError(
+                        f"{path}:row {row}: column {field!r} is {kind}, not a string; set "
+                        f"text_field of dataset {spec.name!r} to a text column"
+                    )
+                yield value
+                row += 1
+    except (pa.ArrowException, OSError) as err:
+        kind = "Parquet" if parquet else "Arrow (IPC)"
+        after = f" after row {row - 1}" if row else ""
+        raise DataError(f"{path}: not a readable {kind} file{after} ({one_line(err)})") from None
 
 
 def read_documents(spec: DatasetSpec) -> Iterator[str]:

@@ -73,6 +73,8 @@ def summarize(
     return {
         "datasets": data.names,
         "token_prior": dict(data.token_prior),
+        "dataset_train_tokens": dict(data.train_tokens),
+        "final_tokens": config.train.final.tokens,
         "mixture": selection["mixture"],
         "component_weights": selection["component_weights"],
         "merge_weights": config.merge.weights,

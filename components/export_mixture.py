@@ -1,0 +1,29 @@
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Output
+
+from components.image import CPU_IMAGE
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def export_mixture(
+    config: Input[Artifact],
+    data: Input[Dataset],
+    selection: Input[Artifact],
+    export: Output[Artifact],
+):
+    """The chosen mixture as `demix export --format json` writes it: mixture, component weights,
+    token prior, train tokens per dataset and the epochs each would see in the final budget."""
+    import json
+    from pathlib import Path
+
+    from demix.config import resolve_config
+    from demix.data.shards import CuratedData
+    from demix.export import render, selection_export
+    from demix.storage import atomic_write_text
+
+    result = selection_export(
+        resolve_config(Path(config.path).read_text()),
+        CuratedData(Path(data.path)),
+        json.loads(Path(selection.path).read_text()),
+    )
+    atomic_write_text(export.path, render(result, "json"))
