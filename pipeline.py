@@ -1,4 +1,5 @@
-"""The DeMix KFP v2 pipeline: compile it for Kubeflow or Vertex AI, run it locally, submit it.
+"""The DeMix KFP v2 pipeline: compile it for Kubeflow or Vertex AI, run it locally, submit,
+upload or schedule it.
 
     python pipeline.py compile --target kubeflow --out demix-kubeflow.yaml
     python pipeline.py compile --target vertex --out demix-vertex.yaml
@@ -6,8 +7,11 @@
         --machine-type a3-highgpu-8g --accelerator-type NVIDIA_H100_80GB --accelerator-count 8
     python pipeline.py run-local --config configs/demo.yaml --out runs/demo
     python pipeline.py submit --host URL --package demix-kubeflow.yaml --config configs/demo.yaml \
-        --pipeline-root gs://B/root [--no-cache]
+        --pipeline-root gs://B/root [--param seed=3] [--run-name R] [--experiment E] [--no-cache]
     python pipeline.py submit --vertex --project P --region R --pipeline-root gs://B/root ...
+    python pipeline.py upload --host URL --package demix-kubeflow.yaml [--version V]
+    python pipeline.py upload --vertex --registry URL --package demix-vertex.yaml [--tag T]
+    python pipeline.py schedule --cron '0 3 * * 1' [--max-concurrency 1] [--start-time T] ...
 
 Targets KFP SDK 2.17.3 (pinned in pyproject.toml) with Kubeflow Pipelines backend 2.5 or newer
 (IR schema 2.1.0), and Vertex AI Pipelines.
@@ -43,7 +47,7 @@ from deploy.placement import (
     on_training_gpus,
     training_inputs,
 )
-from deploy.submit import PIPELINE_NAME, submit
+from deploy.submit import COMMANDS, PIPELINE_NAME, add_commands, submit
 
 __all__ = [
     "Placement",
@@ -63,7 +67,7 @@ def build_pipeline(placement: Placement):
     def demix_pipeline(
         config_yaml: str,
         data_fingerprint: str = "",
-        seed: int = 0,
+        seed: int = -1,
         general_ratio: float = -1.0,
         base_model: str = "",
         datasets_json: str = "",
@@ -73,6 +77,33 @@ def build_pipeline(placement: Placement):
         num_eval_workers: int = 2,
         validate: bool = False,
     ):
+        """DeMix: data-mixture search by model merging.
+
+        A negative seed or general_ratio, a zero count and an empty string keep the config's
+        value: sentinels, as kfp.local 2.17 cannot run a pipeline with a parameter left at None.
+
+        Args:
+            config_yaml: The run config, as YAML text (pipeline.py submit sends --config's).
+            data_fingerprint: A hash of the input data, part of the curation tasks' cache key
+                so that changed data is never a cache hit; submit computes it from the config.
+                Empty: no fingerprint, so run with caching off when the data may have changed.
+            seed: The run seed; -1 keeps the config's seed.
+            general_ratio: train.general_ratio, the share of general data in each component's
+                training mixture, in [0, 1); below 0 keeps the config's.
+            base_model: model.base, a Hugging Face model folder (gs:// URI) to start from
+                instead of training a base; empty keeps the config's.
+            datasets_json: data.datasets as a JSON list of {"name", "paths"} objects; empty
+                keeps the config's candidates.
+            search_n: search.n, proxies in the first search round (N, then N/2, N/4, ...);
+                0 keeps the config's.
+            component_tokens: train.component.tokens, training tokens of each component; 0
+                keeps the config's.
+            final_tokens: train.final.tokens, training tokens of each final model; 0 keeps the
+                config's.
+            num_eval_workers: Evaluation tasks (shards) per search round.
+            validate: Also check proxy fidelity: train reference models on sampled mixtures
+                and compare them with their merged proxies (demix validate); costs GPU hours.
+        """
         config = on_cpu(
             resolve_config(
                 config_yaml=config_yaml,
@@ -87,11 +118,16 @@ def build_pipeline(placement: Placement):
             ),
             placement,
         ).set_caching_options(True)
+        config.set_display_name("resolve config")
         cfg = config.outputs["resolved"]  # an artifact: see components/resolve_config.py
         # Curation: plan (files, groups, tokenizer) -> one task per group -> merge.
         plan = on_cpu(plan_curation(config=cfg, data_fingerprint=data_fingerprint), placement)
-        with dsl.ParallelFor(plan.outputs["Output"], parallelism=placement.parallelism) as group:
+        plan.set_display_name("curate / plan")
+        with dsl.ParallelFor(
+            plan.outputs["Output"], name="curate / groups", parallelism=placement.parallelism
+        ) as group:
             part = on_cpu(curate_group(plan=plan.outputs["plan"], group=group), placement)
+            part.set_display_name("curate group")
         data = on_cpu(
             curate_data(
                 plan=plan.outputs["plan"],
@@ -99,16 +135,18 @@ def build_pipeline(placement: Placement):
                 data_fingerprint=data_fingerprint,
             ),
             placement,
-        )
+        ).set_display_name("curate / merge groups")
         dataset = data.outputs["dataset"]
         training = training_inputs(placement)
         base = on_training_gpus(
             train_model(config=cfg, role="base", name="base", data=dataset, **training), placement
-        )
+        ).set_display_name("train base")
         base_model_artifact = base.outputs["model"]
 
-        names = on_cpu(dataset_names(config=cfg), placement)
-        with dsl.ParallelFor(names.output, parallelism=placement.parallelism) as name:
+        names = on_cpu(dataset_names(config=cfg), placement).set_display_name("list components")
+        with dsl.ParallelFor(
+            names.output, name="train components", parallelism=placement.parallelism
+        ) as name:
             component = on_training_gpus(
                 train_model(
                     config=cfg,
@@ -119,21 +157,25 @@ def build_pipeline(placement: Placement):
                     **training,
                 ),
                 placement,
-            )
+            ).set_display_name("train component")
 
         # A Collected object must not be shared between consumers (the compiler loses track of it).
         def components():
             return dsl.Collected(component.outputs["model"])
 
-        index = on_cpu(collect_models(models=components()), placement).outputs["index"]
+        collected = on_cpu(collect_models(models=components()), placement)
+        index = collected.set_display_name("index components").outputs["index"]
 
         step = on_cpu(
             predict(config=cfg, data=dataset, round_index=0, num_shards=num_eval_workers),
             placement,
-        )
+        ).set_display_name("round 0 / propose")
+        # Rounds are numbered from 0, as in the search history and report.
         for r in range(1, placement.rounds + 1):
             with dsl.ParallelFor(
-                step.outputs["Output"], parallelism=placement.parallelism
+                step.outputs["Output"],
+                name=f"round {r - 1} / proxies",
+                parallelism=placement.parallelism,
             ) as shard:
                 scored = on_gpu(
                     evaluate_proxies(
@@ -146,7 +188,7 @@ def build_pipeline(placement: Placement):
                         num_shards=num_eval_workers,
                     ),
                     placement,
-                )
+                ).set_display_name(f"round {r - 1} / evaluate proxies")
             step = on_cpu(
                 predict(
                     config=cfg,
@@ -157,19 +199,19 @@ def build_pipeline(placement: Placement):
                     scores=dsl.Collected(scored.outputs["scores"]),
                 ),
                 placement,
-            )
+            ).set_display_name(f"round {r} / propose" if r < placement.rounds else "select mixture")
         selection = step.outputs["result"]
         # The chosen mixture for training frameworks (`demix export --format json`).
         on_cpu(export_mixture(config=cfg, data=dataset, selection=selection), placement)
 
         # Optional fidelity check (off by default): trained references vs merged proxies.
-        with dsl.If(validate == True, name="validate"):  # noqa: E712 (a KFP condition)
+        with dsl.If(validate == True, name="if validate"):  # noqa: E712 (a KFP condition)
             on_gpu(
                 validate_fidelity(
                     config=cfg, data=dataset, base=base_model_artifact, component_index=index
                 ),
                 placement,
-            )
+            ).set_display_name("validate proxy fidelity")
 
         on_cpu(
             merge(
@@ -180,9 +222,12 @@ def build_pipeline(placement: Placement):
                 selection=selection,
             ),
             placement,
-        )
+        ).set_display_name("merge chosen mixture")
         runs = on_cpu(final_runs(config=cfg), placement)  # each label for each final seed
-        with dsl.ParallelFor(runs.output, parallelism=placement.parallelism) as label:
+        runs.set_display_name("list final runs")
+        with dsl.ParallelFor(
+            runs.output, name="train finals", parallelism=placement.parallelism
+        ) as label:
             final = on_training_gpus(
                 train_final(
                     config=cfg,
@@ -193,7 +238,7 @@ def build_pipeline(placement: Placement):
                     **training,
                 ),
                 placement,
-            )
+            ).set_display_name("train final")
         on_gpu(
             evaluate_final(
                 config=cfg,
@@ -204,7 +249,7 @@ def build_pipeline(placement: Placement):
                 selection=selection,
             ),
             placement,
-        )
+        ).set_display_name("evaluate finals")
 
     return demix_pipeline
 
@@ -280,20 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="evaluation shards per round (default 1 locally)",
     )
-    p = sub.add_parser("submit", help="submit a compiled pipeline")
-    p.add_argument("--package", required=True)
-    p.add_argument("--config", required=True)
-    p.add_argument("--eval-workers", type=int, default=2)
-    p.add_argument("--host", help="KFP API endpoint")
-    p.add_argument("--experiment", default="demix")
-    p.add_argument("--run-name", default="demix")
-    p.add_argument("--vertex", action="store_true")
-    p.add_argument("--project")
-    p.add_argument("--region")
-    p.add_argument("--pipeline-root", help="gs://BUCKET/PATH where the tasks' artifacts go")
-    p.add_argument(
-        "--no-cache", action="store_true", help="run every task again (caching off for the run)"
-    )
+    add_commands(sub)
     args = parser.parse_args(argv)
 
     from demix.errors import DemixError
@@ -329,11 +361,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             print_summary(summary, out)
         else:
-            if not args.vertex and not args.host:
-                parser.error("submit needs --host URL or --vertex")
-            if args.vertex and not (args.project and args.region and args.pipeline_root):
-                parser.error("submit --vertex needs --project, --region and --pipeline-root")
-            print(submit(args))
+            print(COMMANDS[args.command](args))
     except DemixError as err:
         print(f"pipeline.py: error: {err}", file=sys.stderr)
         return err.exit_code

@@ -17,9 +17,10 @@ def resolve_config(
     resolved: Output[Artifact],
     compiled_rounds: int = 0,
 ):
-    """Apply the pipeline parameters to the run config and validate it once, up front; its
-    search.rounds must be the `compiled_rounds` unrolled into this pipeline (0: not checked,
-    for calls outside a compiled pipeline).
+    """Apply the pipeline parameters to the run config (a negative seed or general_ratio, a
+    zero count and an empty string keep the config's value) and validate it once, up front;
+    its search.rounds must be the `compiled_rounds` unrolled into this pipeline (0: not
+    checked, for calls outside a compiled pipeline).
 
     The result is an artifact, not a string output: kfp.local 2.17 hands a loop's item to
     string task outputs consumed inside a ParallelFor.
@@ -32,7 +33,7 @@ def resolve_config(
 
     datasets = json.loads(datasets_json) if datasets_json else None
     overrides = {
-        "seed": seed,
+        "seed": seed if seed >= 0 else None,
         "train.general_ratio": general_ratio if general_ratio >= 0 else None,
         "model.base": base_model or None,
         "data.datasets": datasets,

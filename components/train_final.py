@@ -1,5 +1,5 @@
 from kfp import dsl
-from kfp.dsl import Artifact, Dataset, Input, Model, Output
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 
 from components.image import CUDA_IMAGE
 
@@ -12,13 +12,15 @@ def train_final(
     base: Input[Model],
     selection: Input[Artifact],
     model: Output[Model],
+    metrics: Output[Metrics],
     processes: int = 1,
     cluster: str = "",
 ):
     """Train a final model from the base: the chosen mixture or a baseline (uniform, token_prior);
     a label `LABEL-seed<s>` trains the same mixture with the run seed + s.
 
-    `processes` and `cluster` as in train_model; checkpoints in the bucket as in train_model.
+    `processes` and `cluster` as in train_model; checkpoints in the bucket as in train_model;
+    the manifest's final_loss, tokens and tokens_per_s as Metrics.
     """
     import json
     from pathlib import Path
@@ -47,3 +49,6 @@ def train_final(
     )
     manifest = read_model_manifest(folder)
     model.metadata.update({k: manifest.get(k) for k in ("name", "weights", "tokens", "final_loss")})
+    for key in ("final_loss", "tokens", "tokens_per_s"):
+        if manifest.get(key) is not None:
+            metrics.log_metric(key, manifest[key])

@@ -1,5 +1,5 @@
 from kfp import dsl
-from kfp.dsl import Artifact, Dataset, Input, Model, Output
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 
 from components.image import CUDA_IMAGE
 
@@ -11,6 +11,7 @@ def train_model(
     name: str,
     data: Input[Dataset],
     model: Output[Model],
+    metrics: Output[Metrics],
     init: Input[Model] = None,
     processes: int = 1,
     cluster: str = "",
@@ -20,6 +21,7 @@ def train_model(
     `processes` > 1: under accelerate launch, one process per GPU; `cluster`: on the machines
     of a Vertex AI custom job (see demix.stages.launch_train). Checkpoints go to
     `<model.uri>.ckpt` in the bucket as they are written; a rerun resumes from there.
+    The model manifest's final_loss, tokens and tokens_per_s are logged as Metrics.
     """
     from pathlib import Path
 
@@ -45,3 +47,6 @@ def train_model(
     model.metadata.update(
         {k: manifest.get(k) for k in ("role", "name", "tokens", "final_loss", "seconds")}
     )
+    for key in ("final_loss", "tokens", "tokens_per_s"):  # none for a foreign base model
+        if manifest.get(key) is not None:
+            metrics.log_metric(key, manifest[key])

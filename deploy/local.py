@@ -47,7 +47,6 @@ def run_local(
     pipeline(
         config_yaml=_absolute_paths(config_yaml(config)),
         data_fingerprint=data_fingerprint(config_path),
-        seed=config.seed,
         num_eval_workers=num_eval_workers,
     )
     runs = sorted(

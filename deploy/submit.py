@@ -1,44 +1,152 @@
-"""Submitting a compiled pipeline to a Kubeflow Pipelines host or to Vertex AI Pipelines."""
+"""Submitting, uploading and scheduling a compiled pipeline: on a Kubeflow Pipelines host
+(kfp.Client) or on Vertex AI Pipelines (aiplatform.PipelineJob, kfp.registry.RegistryClient).
+
+Credentials come from the environment. Everything the CLI can check (flags of the other backend,
+parameter names and types, the pipeline root, the search rounds, cron and start time) is checked
+before a client is created, and refused with one line.
+"""
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+import re
 from pathlib import Path
 
+from demix.errors import ConfigError
 from deploy.fingerprint import data_fingerprint
+from deploy.parameters import (
+    package_documents,
+    package_parameters,
+    package_spec,
+    parse_cron,
+    parse_labels,
+    parse_params,
+    parse_start_time,
+)
 
 PIPELINE_NAME = "demix"
+
+# Settings of one backend: given for the other, they are refused, never dropped.
+KUBEFLOW_ONLY = {
+    "host": "--host",
+    "namespace": "--namespace",
+    "name": "--name",
+    "version": "--version",
+    "pipeline_id": "--pipeline-id",
+    "version_id": "--version-id",
+}
+VERTEX_ONLY = {
+    "project": "--project",
+    "region": "--region",
+    "network": "--network",
+    "encryption_key": "--encryption-key",
+    "labels": "--labels",
+    "registry": "--registry",
+    "tag": "--tag",
+}
+
+
+def add_commands(sub) -> None:
+    """The submit, upload and schedule subcommands of pipeline.py."""
+    backend = argparse.ArgumentParser(add_help=False)
+    backend.add_argument("--package", required=True, help="the compiled pipeline YAML")
+    backend.add_argument(
+        "--vertex", action="store_true", help="Vertex AI Pipelines (default: Kubeflow, --host)"
+    )
+    backend.add_argument("--host", help="kubeflow: the KFP API endpoint")
+    backend.add_argument("--namespace", help="kubeflow: the namespace (multi-user deployments)")
+
+    run = argparse.ArgumentParser(add_help=False)
+    run.add_argument("--config", required=True, help="the run config (the config_yaml parameter)")
+    run.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set a pipeline parameter (repeatable); checked against the package's parameters",
+    )
+    run.add_argument("--eval-workers", type=int, help="the num_eval_workers parameter")
+    run.add_argument(
+        "--run-name", default=PIPELINE_NAME, help="the run's (or schedule's) display name"
+    )
+    run.add_argument("--experiment", help="the experiment to file runs under (kubeflow: demix)")
+    run.add_argument("--pipeline-root", help="gs://BUCKET/PATH where the tasks' artifacts go")
+    run.add_argument("--service-account", help="the service account the tasks run as")
+    run.add_argument("--project", help="vertex: the Google Cloud project")
+    run.add_argument("--region", help="vertex: the region, e.g. us-central1")
+    run.add_argument(
+        "--network", help="vertex: peered VPC network, projects/NUMBER/global/networks/NAME"
+    )
+    run.add_argument(
+        "--encryption-key",
+        help="vertex: Cloud KMS key for the run's resources, projects/P/locations/R/keyRings/"
+        "K/cryptoKeys/NAME",
+    )
+    run.add_argument("--labels", help="vertex: labels of the run, KEY=VALUE,KEY=VALUE")
+
+    p = sub.add_parser("submit", parents=[backend, run], help="start a run of a compiled pipeline")
+    p.add_argument(
+        "--no-cache", action="store_true", help="run every task again (caching off for the run)"
+    )
+
+    p = sub.add_parser("upload", parents=[backend], help="upload a compiled pipeline")
+    p.add_argument("--name", help=f"kubeflow: the pipeline's name (default {PIPELINE_NAME})")
+    p.add_argument(
+        "--version",
+        help="kubeflow: the name of a new version of an existing pipeline "
+        "(default NAME-<first 12 hex digits of the package's sha256>)",
+    )
+    p.add_argument(
+        "--registry", help="vertex: the Artifact Registry repository's URL, https://HOST/P/REPO"
+    )
+    p.add_argument(
+        "--tag", action="append", default=[], help="vertex: a tag of the template (repeatable)"
+    )
+
+    p = sub.add_parser(
+        "schedule", parents=[backend, run], help="start runs of a compiled pipeline on a schedule"
+    )
+    p.add_argument(
+        "--cron", required=True, help="five fields: minute hour day month weekday ('0 3 * * 1')"
+    )
+    p.add_argument(
+        "--max-concurrency", type=int, default=1, help="runs of the schedule at once (default 1)"
+    )
+    p.add_argument("--start-time", help="ISO 8601 with a UTC offset (default: now)")
+    p.add_argument(
+        "--cache",
+        action="store_true",
+        help="keep caching on; off by default, as the data fingerprint is fixed when the "
+        "schedule is made and new data under the same paths would be a cache hit",
+    )
+    p.add_argument("--pipeline-id", help="kubeflow, with --version-id: run an uploaded version")
+    p.add_argument("--version-id", help="kubeflow: the uploaded version (of the same --package)")
 
 
 def compiled_rounds(package: str | Path) -> int | None:
     """The search rounds unrolled into a compiled pipeline package (None when it records none)."""
-    import yaml
-
-    for document in yaml.safe_load_all(Path(package).read_text()):
-        tasks = (document or {}).get("root", {}).get("dag", {}).get("tasks", {})
-        value = (
-            tasks.get("resolve-config", {})
-            .get("inputs", {})
-            .get("parameters", {})
-            .get("compiled_rounds", {})
-            .get("runtimeValue", {})
-            .get("constant")
-        )
-        if value is not None:
-            return int(value)
-    return None
+    tasks = package_spec(package).get("root", {}).get("dag", {}).get("tasks", {})
+    value = (
+        tasks.get("resolve-config", {})
+        .get("inputs", {})
+        .get("parameters", {})
+        .get("compiled_rounds", {})
+        .get("runtimeValue", {})
+        .get("constant")
+    )
+    return None if value is None else int(value)
 
 
-def check_pipeline_root(root: str | None) -> str:
+def check_pipeline_root(root: str | None, command: str = "submit") -> str:
     """The pipeline root, which must be gs://: tasks fetch artifacts by URI through demix.storage
     and publish checkpoints there, and demix.storage reads gs:// only.
 
     Raises ConfigError naming the root and what to use instead (Kubeflow's default is minio://).
     """
-    from demix.errors import ConfigError
-
     if not root:
         raise ConfigError(
-            "submit needs --pipeline-root gs://BUCKET/PATH: tasks read each other's artifacts "
+            f"{command} needs --pipeline-root gs://BUCKET/PATH: tasks read each other's artifacts "
             "by URI through demix.storage, which reads gs:// only (Kubeflow's default root is "
             "minio://)"
         )
@@ -50,48 +158,198 @@ def check_pipeline_root(root: str | None) -> str:
     return root
 
 
-def submit(args) -> str:
-    """Submit a compiled package to a KFP host or to Vertex AI; credentials come from the environment.
+def check_backend(args, vertex_needs: tuple[str, ...]) -> None:
+    """Refuse a setting of the other backend, and a missing --host or Vertex setting."""
+    other = KUBEFLOW_ONLY if args.vertex else VERTEX_ONLY
+    for attr, flag in other.items():
+        if getattr(args, attr, None):
+            where = "Kubeflow (drop --vertex)" if args.vertex else "Vertex AI (with --vertex)"
+            raise ConfigError(f"{flag} is a setting for {where}")
+    if not args.vertex:
+        if not args.host:
+            raise ConfigError(f"{args.command} needs --host URL (a KFP endpoint) or --vertex")
+        return
+    missing = [f"--{name.replace('_', '-')}" for name in vertex_needs if not getattr(args, name)]
+    if missing:
+        raise ConfigError(f"--vertex needs {', '.join(missing)}")
+    if len(package_documents(args.package)) > 1:
+        raise ConfigError(
+            f"{args.package} has Kubeflow platform settings Vertex AI cannot load; "
+            "compile with --target vertex"
+        )
 
-    `args.no_cache` turns caching off for every task (enable_caching=False on both backends).
-    Raises ConfigError, before anything is submitted, when the pipeline root is not gs://, or
-    the config's search.rounds differs from the rounds compiled into the package.
+
+def run_parameters(args) -> dict:
+    """The run's parameter values: the config's text and data fingerprint, --eval-workers and
+    each --param, converted to the package's declared types.
+
+    Raises ConfigError for a bad --param, or when the config's search.rounds differs from the
+    rounds compiled into the package.
     """
     from demix.config import check_rounds, load_config
 
-    root = check_pipeline_root(getattr(args, "pipeline_root", None))
-    caching = not getattr(args, "no_cache", False)
+    values = parse_params(args.param, package_parameters(args.package))
+    if args.eval_workers is not None:
+        if "num_eval_workers" in values:
+            raise ConfigError("--eval-workers and --param num_eval_workers: give one of them")
+        values["num_eval_workers"] = args.eval_workers
     rounds = compiled_rounds(args.package)
     if rounds is not None:
         check_rounds(load_config(args.config), rounds, str(args.config))
-    params = {
-        "config_yaml": Path(args.config).read_text(),
-        "data_fingerprint": data_fingerprint(Path(args.config)),
-        "num_eval_workers": args.eval_workers,
+    config = Path(args.config)
+    return {
+        "config_yaml": config.read_text(),
+        "data_fingerprint": data_fingerprint(config),
+        **values,
     }
-    if args.vertex:
-        from google.cloud import aiplatform
 
-        job = aiplatform.PipelineJob(
-            display_name=PIPELINE_NAME,
-            template_path=args.package,
-            pipeline_root=root,
-            parameter_values=params,
-            project=args.project,
-            location=args.region,
-            enable_caching=caching,
-        )
-        job.submit()
-        return job.resource_name
+
+def _prepare_run(args) -> tuple[str, dict]:
+    """Checks shared by submit and schedule; the pipeline root and the parameter values."""
+    check_backend(args, ("project", "region"))
+    root = check_pipeline_root(args.pipeline_root, args.command)
+    parse_labels(args.labels)
+    return root, run_parameters(args)
+
+
+def _vertex_job(args, root: str, params: dict, caching: bool):
+    """The Vertex AI pipeline job of a run (checked by _prepare_run first)."""
+    from google.cloud import aiplatform
+
+    return aiplatform.PipelineJob(
+        display_name=args.run_name,
+        template_path=args.package,
+        pipeline_root=root,
+        parameter_values=params,
+        enable_caching=caching,
+        encryption_spec_key_name=args.encryption_key,
+        labels=parse_labels(args.labels) or None,
+        project=args.project,
+        location=args.region,
+    )
+
+
+def _kfp_client(args):
     import kfp
 
-    client = kfp.Client(host=args.host)
-    run = client.create_run_from_pipeline_package(
+    return kfp.Client(host=args.host)
+
+
+def submit(args) -> str:
+    """Start one run; returns the run's id (Kubeflow) or resource name (Vertex AI).
+
+    `--no-cache` turns caching off for every task (enable_caching=False on both backends).
+    """
+    root, params = _prepare_run(args)
+    caching = not args.no_cache
+    if args.vertex:
+        job = _vertex_job(args, root, params, caching)
+        job.submit(
+            service_account=args.service_account,
+            network=args.network,
+            experiment=args.experiment,
+        )
+        return job.resource_name
+    run = _kfp_client(args).create_run_from_pipeline_package(
         args.package,
         arguments=params,
         run_name=args.run_name,
-        experiment_name=args.experiment,
+        experiment_name=args.experiment or PIPELINE_NAME,
+        namespace=args.namespace,
         pipeline_root=root,
         enable_caching=caching,
+        service_account=args.service_account,
     )
     return run.run_id
+
+
+def schedule(args) -> str:
+    """Start runs on a cron schedule; returns the recurring run's id (Kubeflow) or the
+    schedule's resource name (Vertex AI). Caching is off unless `--cache`."""
+    check_backend(args, ("project", "region"))
+    cron = parse_cron(args.cron, args.vertex)
+    start = parse_start_time(args.start_time)
+    if args.max_concurrency < 1:
+        raise ConfigError(f"--max-concurrency {args.max_concurrency}: at least 1")
+    if args.vertex and args.experiment:
+        raise ConfigError("--experiment: a Vertex AI schedule (create_schedule) takes none")
+    if bool(args.pipeline_id) != bool(args.version_id):
+        raise ConfigError("--pipeline-id and --version-id go together")
+    root, params = _prepare_run(args)
+    if args.vertex:
+        made = _vertex_job(args, root, params, args.cache).create_schedule(
+            cron=cron,
+            display_name=args.run_name,
+            start_time=start,
+            max_concurrent_run_count=args.max_concurrency,
+            service_account=args.service_account,
+            network=args.network,
+        )
+        return made.resource_name
+    client = _kfp_client(args)
+    experiment = client.create_experiment(
+        args.experiment or PIPELINE_NAME, namespace=args.namespace
+    )
+    if args.pipeline_id:
+        source = {"pipeline_id": args.pipeline_id, "version_id": args.version_id}
+    else:
+        source = {"pipeline_package_path": args.package}
+    made = client.create_recurring_run(
+        experiment_id=experiment.experiment_id,
+        job_name=args.run_name,
+        cron_expression=cron,
+        max_concurrency=args.max_concurrency,
+        start_time=start,
+        params=params,
+        pipeline_root=root,
+        enable_caching=args.cache,
+        service_account=args.service_account,
+        **source,
+    )
+    return made.recurring_run_id
+
+
+def upload(args) -> str:
+    """Upload the package: to a Kubeflow host as a pipeline, or a new version of the pipeline
+    of that name; or to an Artifact Registry repository as a template (Vertex AI).
+
+    Returns the pipeline id (and the version's id), or the template's name and version.
+    """
+    check_backend(args, ("registry",))
+    if args.vertex:
+        if not re.fullmatch(r"https://[^/\s]+/[^/\s]+/[^/\s]+/?", args.registry):
+            raise ConfigError(
+                f"--registry {args.registry}: expected the repository's URL, https://HOST/"
+                "PROJECT/REPOSITORY"
+            )
+        from kfp.registry import RegistryClient
+
+        template, version = RegistryClient(host=args.registry).upload_pipeline(
+            file_name=args.package, tags=args.tag or None
+        )
+        return f"{template} {version}"
+    name = args.name or PIPELINE_NAME
+    description = package_spec(args.package).get("pipelineInfo", {}).get("description")
+    client = _kfp_client(args)
+    pipeline_id = client.get_pipeline_id(name)
+    if pipeline_id is None:
+        if args.version:
+            raise ConfigError(
+                f"--version {args.version}: there is no pipeline {name!r} yet; upload it once "
+                "without --version (its first version takes the pipeline's name)"
+            )
+        made = client.upload_pipeline(
+            args.package, pipeline_name=name, description=description, namespace=args.namespace
+        )
+        return made.pipeline_id
+    digest = hashlib.sha256(Path(args.package).read_bytes()).hexdigest()
+    made = client.upload_pipeline_version(
+        args.package,
+        pipeline_version_name=args.version or f"{name}-{digest[:12]}",
+        pipeline_id=pipeline_id,
+        description=description,
+    )
+    return f"{pipeline_id} {made.pipeline_version_id}"
+
+
+COMMANDS = {"submit": submit, "upload": upload, "schedule": schedule}

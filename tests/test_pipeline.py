@@ -117,8 +117,8 @@ def test_validate_branch_is_off_by_default_and_conditional(compiled):
 def test_curation_fans_out_over_the_plans_groups_and_merges_them(compiled):
     spec, _ = _spec(compiled[0])
     tasks = spec.root.dag.tasks
-    loop = next(
-        task
+    loop_key, loop = next(
+        (name, task)
         for name, task in tasks.items()
         if name.startswith("for-loop")
         and "curate-group" in spec.components[task.component_ref.name].dag.tasks
@@ -132,7 +132,7 @@ def test_curation_fans_out_over_the_plans_groups_and_merges_them(compiled):
     # the reduce collects every map output and reads the same plan
     reduce = tasks["curate-data"]
     parts = reduce.inputs.artifacts["parts"].task_output_artifact
-    assert parts.producer_task == loop.task_info.name
+    assert parts.producer_task == loop_key
     assert parts.output_artifact_key == "pipelinechannel--curate-group-part"
     loop_outputs = spec.components[loop.component_ref.name].output_definitions.artifacts
     assert loop_outputs["pipelinechannel--curate-group-part"].is_artifact_list
@@ -168,6 +168,58 @@ def test_vertex_target_is_one_document_with_vertex_accelerators(compiled):
     resources = spec.deployment_spec["executors"]["exec-train-model"]["container"]["resources"]
     assert resources["accelerator"]["resourceType"] == "NVIDIA_H100_80GB"
     assert _task_names(spec) >= STAGES
+
+
+def _all_tasks(spec) -> dict:
+    """Every task of the compiled DAG by its key, through loops and conditions."""
+    found = {}
+
+    def walk(dag):
+        for name, task in dag.tasks.items():
+            found[name] = task
+            component = spec.components[task.component_ref.name]
+            if component.WhichOneof("implementation") == "dag":
+                walk(component.dag)
+
+    walk(spec.root.dag)
+    return found
+
+
+def test_every_task_has_a_display_name_and_every_parameter_a_description(compiled):
+    for path in compiled:
+        spec, _ = _spec(path)
+        shown = {key: task.task_info.name for key, task in _all_tasks(spec).items()}
+        for key, name in shown.items():  # never the key, nor another kebab-case auto name
+            assert name != key and not re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", name), key
+        assert set(shown.values()) >= {
+            "resolve config",
+            "curate / plan",
+            "curate / groups",
+            "curate group",
+            "curate / merge groups",
+            "train base",
+            "train components",
+            "train component",
+            "round 0 / propose",
+            "round 0 / evaluate proxies",
+            "round 1 / propose",
+            "round 2 / evaluate proxies",
+            "select mixture",
+            "if validate",
+            "validate proxy fidelity",
+            "merge chosen mixture",
+            "train final",
+            "evaluate finals",
+        }
+        parameters = spec.root.input_definitions.parameters
+        assert len(parameters) == 11
+        for name, parameter in parameters.items():
+            assert parameter.description.strip(), name
+        assert "-1 keeps the config's seed" in parameters["seed"].description
+        assert parameters["seed"].default_value.number_value == -1
+        for component in ("comp-train-model", "comp-train-final"):  # loss, tokens, tokens/s
+            outputs = spec.components[component].output_definitions.artifacts
+            assert outputs["metrics"].artifact_type.schema_title == "system.Metrics"
 
 
 def _training_inputs(spec) -> dict[str, tuple[int, str]]:
@@ -288,25 +340,58 @@ def test_vertex_pipeline_job_builds_offline(compiled):
     assert job.pipeline_spec["pipelineInfo"]["name"] == "demix"
 
 
-def test_submit_to_kfp_host_uses_the_client(compiled):
-    args = pipeline.argparse.Namespace(
-        vertex=False,
-        host="http://kfp.example",
-        package=str(compiled[0]),
-        config=str(ROOT / "configs" / "demo.yaml"),
-        eval_workers=3,
-        run_name="r",
-        experiment="e",
-        pipeline_root="gs://bucket/root",
-    )
+DEMO = ROOT / "configs" / "demo.yaml"
+HOST = "http://kfp.example"
+KUBEFLOW = ["--host", HOST, "--config", str(DEMO), "--pipeline-root", "gs://bucket/root"]
+VERTEX = ["--vertex", "--project", "p", "--region", "us-central1", "--config", str(DEMO)]
+VERTEX += ["--pipeline-root", "gs://bucket/root"]
+
+
+def _run_params(**values) -> dict:
+    """What submit and schedule send for configs/demo.yaml, with `values` on top."""
+    return {
+        "config_yaml": DEMO.read_text(),
+        "data_fingerprint": pipeline.data_fingerprint(DEMO),
+        **values,
+    }
+
+
+def test_submit_to_kfp_host_sends_every_setting(compiled, capsys):
+    argv = ["submit", "--package", str(compiled[0]), *KUBEFLOW, "--eval-workers", "3"]
+    argv += ["--param", "seed=7", "--param", "general_ratio=0.25", "--param", "validate=true"]
+    argv += ["--param", "base_model=gs://b/m", "--run-name", "r", "--experiment", "e"]
+    argv += ["--namespace", "team", "--service-account", "runner"]
     with mock.patch("kfp.Client") as client:
         client.return_value.create_run_from_pipeline_package.return_value.run_id = "run-1"
-        assert pipeline.submit(args) == "run-1"
-    client.assert_called_once_with(host="http://kfp.example")
-    call = client.return_value.create_run_from_pipeline_package.call_args
-    assert call.args[0] == str(compiled[0]) and call.kwargs["arguments"]["num_eval_workers"] == 3
-    assert call.kwargs["arguments"]["config_yaml"].startswith("# Run with:")
-    assert call.kwargs["pipeline_root"] == "gs://bucket/root" and call.kwargs["enable_caching"]
+        assert pipeline.main(argv) == 0
+    assert capsys.readouterr().out.strip() == "run-1"
+    client.assert_called_once_with(host=HOST)
+    create = client.return_value.create_run_from_pipeline_package
+    create.assert_called_once_with(
+        str(compiled[0]),
+        arguments=_run_params(
+            num_eval_workers=3, seed=7, general_ratio=0.25, validate=True, base_model="gs://b/m"
+        ),
+        run_name="r",
+        experiment_name="e",
+        namespace="team",
+        pipeline_root="gs://bucket/root",
+        enable_caching=True,
+        service_account="runner",
+    )
+    arguments = create.call_args.kwargs["arguments"]
+    assert arguments["config_yaml"].startswith("# Run with:")
+    assert type(arguments["seed"]) is int and type(arguments["general_ratio"]) is float
+    assert arguments["validate"] is True
+
+
+def test_submit_defaults_name_the_run_and_experiment_demix(compiled):
+    with mock.patch("kfp.Client") as client:
+        assert pipeline.main(["submit", "--package", str(compiled[0]), *KUBEFLOW]) == 0
+    kwargs = client.return_value.create_run_from_pipeline_package.call_args.kwargs
+    assert kwargs["arguments"] == _run_params()  # num_eval_workers: the pipeline's default
+    assert kwargs["run_name"] == kwargs["experiment_name"] == "demix"
+    assert kwargs["namespace"] is None and kwargs["service_account"] is None
 
 
 def test_images_named_by_components_are_built_by_make_images():
@@ -406,6 +491,53 @@ def test_components_python_func_on_tiny_artifacts(tmp_path, corpus_dir):
     assert "<h1>DeMix search so far</h1>" in (tmp_path / "report.html").read_text()
 
 
+def test_resolve_config_keeps_the_configs_seed_below_zero(tmp_path, corpus_dir):
+    raw = smoke_config_dict(corpus_dir)
+    raw["seed"] = 9
+    resolved = _artifact(Artifact, tmp_path / "c.yaml")
+    for seed, expected in ((-1, 9), (0, 0), (4, 4)):
+        resolve_config.python_func(
+            config_yaml=yaml.safe_dump(raw), seed=seed, general_ratio=-1.0, base_model="",
+            datasets_json="", search_n=0, component_tokens=0, final_tokens=0, resolved=resolved,
+        )  # fmt: skip
+        assert yaml.safe_load((tmp_path / "c.yaml").read_text())["seed"] == expected
+
+
+@pytest.mark.parametrize("component", ["train_model", "train_final"])
+def test_training_components_log_loss_tokens_and_throughput(tmp_path, monkeypatch, component):
+    """The manifest's numbers as KFP Metrics; the training itself is the library's."""
+    import importlib
+
+    import demix.checkpoint
+    import demix.config
+    import demix.data.shards
+    import demix.mixtures
+    import demix.stages
+
+    manifest = {"role": "x", "name": "chosen", "tokens": 4096, "final_loss": 2.5}
+    manifest |= {"tokens_per_s": 812.5, "seconds": 5.0, "weights": {"a": 1.0}}
+    monkeypatch.setattr(demix.stages, "train_stage", lambda *a, **k: tmp_path / "model")
+    monkeypatch.setattr(demix.checkpoint, "read_model_manifest", lambda folder: manifest)
+    monkeypatch.setattr(demix.config, "resolve_config", lambda text: None)
+    monkeypatch.setattr(demix.data.shards, "CuratedData", lambda path: None)
+    monkeypatch.setattr(demix.mixtures, "final_mixture", lambda *a: {"a": 1.0})
+    (tmp_path / "config.yaml").write_text("seed: 0")
+    (tmp_path / "selection.json").write_text("{}")
+    func = getattr(importlib.import_module(f"components.{component}"), component).python_func
+    inputs = {
+        "config": _artifact(Artifact, tmp_path / "config.yaml"),
+        "data": _artifact(Dataset, tmp_path / "data"),
+        "model": _artifact(Model, tmp_path / "model"),
+        "metrics": _artifact(Metrics, tmp_path / "metrics"),
+    }
+    if component == "train_model":
+        func(**inputs, role="base", name="base")
+    else:
+        selection = _artifact(Artifact, tmp_path / "selection.json")
+        func(**inputs, label="chosen", base=inputs["model"], selection=selection)
+    assert inputs["metrics"].metadata == {"final_loss": 2.5, "tokens": 4096, "tokens_per_s": 812.5}
+
+
 def test_resolve_config_refuses_bad_overrides(tmp_path, corpus_dir):
     from demix.errors import ConfigError
 
@@ -480,7 +612,7 @@ def _assert_close(a, b, where: str) -> None:
         assert a == b, where
 
 
-def test_config_rounds_and_compiled_rounds_cannot_disagree(tmp_path, corpus_dir):
+def test_config_rounds_and_compiled_rounds_cannot_disagree(tmp_path, corpus_dir, capsys):
     """search.rounds has one source: compile takes it from the config, and a package compiled
     with other rounds is refused at submit (before the client is contacted) and by the first
     task, naming both numbers."""
@@ -502,19 +634,16 @@ def test_config_rounds_and_compiled_rounds_cannot_disagree(tmp_path, corpus_dir)
     )
 
     package = pipeline.compile_pipeline("kubeflow", tmp_path / "three.yaml", rounds=3)
-    args = pipeline.argparse.Namespace(
-        vertex=False,
-        host="http://kfp.example",
-        package=str(package),
-        config=str(config),
-        eval_workers=1,
-        run_name="r",
-        experiment="e",
-        pipeline_root="gs://bucket/root",
-    )
-    with mock.patch("kfp.Client") as client, pytest.raises(ConfigError, match="2 but .* 3"):
-        pipeline.submit(args)
+    argv = ["--host", HOST, "--package", str(package), "--config", str(config)]
+    argv += ["--pipeline-root", "gs://bucket/root"]
+    capsys.readouterr()
+    with mock.patch("kfp.Client") as client:
+        for command in (["submit"], ["schedule", "--cron", "0 3 * * 1"]):
+            assert pipeline.main(command + argv) == 2
     client.assert_not_called()
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2
+    assert all("search.rounds is 2 but the pipeline was compiled with 3" in line for line in err)
 
     with pytest.raises(
         ConfigError, match="search.rounds is 2 but the pipeline was compiled with 3"
@@ -534,26 +663,229 @@ def test_config_rounds_and_compiled_rounds_cannot_disagree(tmp_path, corpus_dir)
     assert not (tmp_path / "c.yaml").exists()
 
 
-def test_submit_to_vertex_builds_and_submits_a_pipeline_job(compiled):
-    args = pipeline.argparse.Namespace(
-        vertex=True,
-        package=str(compiled[1]),
-        config=str(ROOT / "configs" / "demo.yaml"),
-        eval_workers=4,
-        pipeline_root="gs://bucket/root",
-        project="p",
-        region="us-central1",
-    )
+def test_submit_to_vertex_sends_every_setting(compiled, capsys):
+    key = "projects/p/locations/us-central1/keyRings/k/cryptoKeys/c"
+    argv = ["submit", "--package", str(compiled[1]), *VERTEX, "--eval-workers", "4"]
+    argv += ["--param", "search_n=16", "--run-name", "nightly", "--experiment", "mixtures"]
+    argv += ["--service-account", "runner@p.iam.gserviceaccount.com"]
+    argv += ["--network", "projects/1/global/networks/vpc", "--encryption-key", key]
+    argv += ["--labels", "team=data,cost-center=ml"]
     with mock.patch("google.cloud.aiplatform.PipelineJob") as job:
         job.return_value.resource_name = "projects/p/locations/us-central1/pipelineJobs/demix-1"
-        assert pipeline.submit(args).endswith("demix-1")
-    kwargs = job.call_args.kwargs
-    assert (
-        kwargs["template_path"] == str(compiled[1])
-        and kwargs["pipeline_root"] == "gs://bucket/root"
+        assert pipeline.main(argv) == 0
+    assert capsys.readouterr().out.strip().endswith("demix-1")
+    job.assert_called_once_with(
+        display_name="nightly",
+        template_path=str(compiled[1]),
+        pipeline_root="gs://bucket/root",
+        parameter_values=_run_params(num_eval_workers=4, search_n=16),
+        enable_caching=True,
+        encryption_spec_key_name=key,
+        labels={"team": "data", "cost-center": "ml"},
+        project="p",
+        location="us-central1",
     )
-    assert kwargs["parameter_values"]["num_eval_workers"] == 4
-    job.return_value.submit.assert_called_once()
+    job.return_value.submit.assert_called_once_with(
+        service_account="runner@p.iam.gserviceaccount.com",
+        network="projects/1/global/networks/vpc",
+        experiment="mixtures",
+    )
+
+
+@pytest.mark.parametrize(
+    ("backend", "extra", "expected"),
+    [
+        ("kubeflow", ["--param", "sead=1"], r"has no parameter 'sead'; its parameters: .*seed"),
+        ("kubeflow", ["--param", "seed=1.5"], r"--param seed=1.5: seed takes an integer"),
+        ("kubeflow", ["--param", "general_ratio=half"], r"general_ratio takes a number"),
+        ("kubeflow", ["--param", "general_ratio=nan"], r"general_ratio takes a number"),
+        ("vertex", ["--param", "validate=yes"], r"validate takes true or false"),
+        ("kubeflow", ["--param", "seed"], r"--param seed: expected NAME=VALUE"),
+        ("kubeflow", ["--param", "config_yaml=x: 1"], r"config_yaml is the text of --config"),
+        ("vertex", ["--param", "data_fingerprint=x"], r"data_fingerprint is from --config"),
+        ("kubeflow", ["--param", "seed=1", "--param", "seed=2"], r"seed is given twice"),
+        ("kubeflow", ["--eval-workers", "2", "--param", "num_eval_workers=3"], r"give one"),
+        ("kubeflow", ["--network", "vpc"], r"--network is a setting for Vertex AI"),
+        ("kubeflow", ["--labels", "a=b"], r"--labels is a setting for Vertex AI"),
+        ("vertex", ["--namespace", "team"], r"--namespace is a setting for Kubeflow"),
+        ("vertex", ["--host", HOST], r"--host is a setting for Kubeflow"),
+        ("vertex", ["--labels", "Team=data"], r"--labels Team=data: 'Team=data' is not KEY="),
+        ("vertex", ["--labels", "a=1,a=2"], r"--labels a=1,a=2: a is given twice"),
+    ],
+)
+def test_submit_refuses_bad_flags_before_any_client(compiled, capsys, backend, extra, expected):
+    vertex = backend == "vertex"
+    argv = ["submit", "--package", str(compiled[int(vertex)]), *(VERTEX if vertex else KUBEFLOW)]
+    with (
+        mock.patch("kfp.Client") as client,
+        mock.patch("google.cloud.aiplatform.PipelineJob") as job,
+    ):
+        assert pipeline.main(argv + extra) == 2
+    client.assert_not_called()
+    job.assert_not_called()
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(expected, err), err
+
+
+def test_submit_vertex_refuses_a_kubeflow_package(compiled, capsys):
+    with mock.patch("google.cloud.aiplatform.PipelineJob") as job:
+        assert pipeline.main(["submit", "--package", str(compiled[0]), *VERTEX]) == 2
+    job.assert_not_called()
+    assert "compile with --target vertex" in capsys.readouterr().err
+
+
+def test_schedule_on_kubeflow_is_a_recurring_run(compiled, capsys):
+    argv = ["schedule", "--package", str(compiled[0]), *KUBEFLOW, "--cron", "0 3 * * 1"]
+    argv += ["--max-concurrency", "2", "--start-time", "2030-01-31T03:00:00+01:00"]
+    argv += ["--run-name", "weekly", "--experiment", "e", "--namespace", "team"]
+    argv += ["--param", "seed=3", "--service-account", "runner"]
+    with mock.patch("kfp.Client") as client:
+        client.return_value.create_experiment.return_value.experiment_id = "exp-1"
+        client.return_value.create_recurring_run.return_value.recurring_run_id = "rr-1"
+        assert pipeline.main(argv) == 0
+        assert (
+            pipeline.main([*argv, "--pipeline-id", "pl-1", "--version-id", "v-1", "--cache"]) == 0
+        )
+    assert capsys.readouterr().out.split() == ["rr-1", "rr-1"]
+    client.return_value.create_experiment.assert_called_with("e", namespace="team")
+    common = {
+        "experiment_id": "exp-1",
+        "job_name": "weekly",
+        "cron_expression": "0 0 3 * * 1",  # Kubeflow's six fields, seconds first
+        "max_concurrency": 2,
+        "start_time": "2030-01-31T02:00:00Z",
+        "params": _run_params(seed=3),
+        "pipeline_root": "gs://bucket/root",
+        "service_account": "runner",
+    }
+    assert client.return_value.create_recurring_run.call_args_list == [
+        mock.call(**common, enable_caching=False, pipeline_package_path=str(compiled[0])),
+        mock.call(**common, enable_caching=True, pipeline_id="pl-1", version_id="v-1"),
+    ]
+
+
+def test_schedule_on_vertex_is_a_pipeline_job_schedule(compiled, capsys):
+    argv = ["schedule", "--package", str(compiled[1]), *VERTEX]
+    argv += ["--cron", "TZ=Europe/Paris 0 3 * * 1", "--start-time", "2030-01-31T02:00:00Z"]
+    argv += ["--run-name", "weekly", "--labels", "team=data", "--service-account", "runner"]
+    argv += ["--network", "projects/1/global/networks/vpc"]
+    with mock.patch("google.cloud.aiplatform.PipelineJob") as job:
+        job.return_value.create_schedule.return_value.resource_name = "schedules/s-1"
+        assert pipeline.main(argv) == 0
+    assert capsys.readouterr().out.strip() == "schedules/s-1"
+    job.assert_called_once_with(
+        display_name="weekly",
+        template_path=str(compiled[1]),
+        pipeline_root="gs://bucket/root",
+        parameter_values=_run_params(),
+        enable_caching=False,
+        encryption_spec_key_name=None,
+        labels={"team": "data"},
+        project="p",
+        location="us-central1",
+    )
+    job.return_value.create_schedule.assert_called_once_with(
+        cron="TZ=Europe/Paris 0 3 * * 1",
+        display_name="weekly",
+        start_time="2030-01-31T02:00:00Z",
+        max_concurrent_run_count=1,
+        service_account="runner",
+        network="projects/1/global/networks/vpc",
+    )
+    job.return_value.submit.assert_not_called()
+
+
+@pytest.mark.parametrize(
+    ("backend", "extra", "expected"),
+    [
+        ("kubeflow", ["--cron", "0 3 * *"], r"--cron '0 3 \* \*': expected five fields"),
+        ("vertex", ["--cron", "0 0 3 * * 1"], r"expected five fields, optionally after TZ="),
+        ("kubeflow", ["--cron", "TZ=UTC 0 3 * * 1"], r"expected five fields \(or six"),
+        ("kubeflow", ["--cron", "0 3 * * 1", "--start-time", "x"], r"--start-time x: expected"),
+        ("vertex", ["--cron", "0 3 * * 1", "--start-time", "2030-01-31T03:00"], r"UTC offset"),
+        ("kubeflow", ["--cron", "0 3 * * 1", "--max-concurrency", "0"], r"at least 1"),
+        (
+            "vertex",
+            ["--cron", "0 3 * * 1", "--experiment", "e"],
+            r"--experiment: a Vertex AI schedule",
+        ),
+        ("kubeflow", ["--cron", "0 3 * * 1", "--version-id", "v"], r"go together"),
+        ("vertex", ["--cron", "0 3 * * 1", "--pipeline-id", "p"], r"--pipeline-id is a setting"),
+        ("kubeflow", ["--cron", "0 3 * * 1", "--param", "seed=x"], r"seed takes an integer"),
+    ],
+)
+def test_schedule_refuses_bad_flags_before_any_client(compiled, capsys, backend, extra, expected):
+    vertex = backend == "vertex"
+    argv = ["schedule", "--package", str(compiled[int(vertex)])]
+    argv += VERTEX if vertex else KUBEFLOW
+    with (
+        mock.patch("kfp.Client") as client,
+        mock.patch("google.cloud.aiplatform.PipelineJob") as job,
+    ):
+        assert pipeline.main(argv + extra) == 2
+    client.assert_not_called()
+    job.assert_not_called()
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(expected, err), err
+
+
+def test_upload_to_kubeflow_creates_the_pipeline_then_versions(compiled, capsys):
+    import hashlib
+
+    package = str(compiled[0])
+    description = "DeMix: data-mixture search by model merging"
+    with mock.patch("kfp.Client") as client:
+        api = client.return_value
+        api.get_pipeline_id.return_value = None
+        api.upload_pipeline.return_value.pipeline_id = "pl-1"
+        argv = ["upload", "--host", HOST, "--package", package, "--namespace", "team"]
+        assert pipeline.main(argv) == 0
+        api.upload_pipeline.assert_called_once_with(
+            package, pipeline_name="demix", description=description, namespace="team"
+        )
+        assert pipeline.main([*argv, "--version", "v2"]) == 2  # no pipeline to version yet
+        api.get_pipeline_id.return_value = "pl-1"
+        api.upload_pipeline_version.return_value.pipeline_version_id = "v-1"
+        assert pipeline.main([*argv, "--name", "demix-prod", "--version", "v2"]) == 0
+        assert pipeline.main(argv) == 0
+    client.assert_called_with(host=HOST)
+    api.get_pipeline_id.assert_called_with("demix")
+    assert api.get_pipeline_id.call_args_list[2] == mock.call("demix-prod")
+    digest = hashlib.sha256(compiled[0].read_bytes()).hexdigest()[:12]
+    assert api.upload_pipeline_version.call_args_list == [
+        mock.call(package, pipeline_version_name=name, pipeline_id="pl-1", description=description)
+        for name in ("v2", f"demix-{digest}")
+    ]
+    api.upload_pipeline.assert_called_once()
+    out, err = capsys.readouterr()
+    assert out.split("\n")[:3] == ["pl-1", "pl-1 v-1", "pl-1 v-1"]
+    assert "there is no pipeline 'demix' yet" in err
+
+
+def test_upload_to_an_artifact_registry_repository(compiled, capsys):
+    url = "https://registry.example/p/repo"
+    argv = ["upload", "--vertex", "--registry", url, "--package", str(compiled[1])]
+    with mock.patch("kfp.registry.RegistryClient") as registry:
+        registry.return_value.upload_pipeline.return_value = ("demix", "sha256:abc")
+        assert pipeline.main([*argv, "--tag", "v1", "--tag", "latest"]) == 0
+        assert pipeline.main([*argv, "--version", "v1"]) == 2
+        assert pipeline.main(["upload", "--vertex", "--package", str(compiled[1])]) == 2
+        assert pipeline.main([*argv[:3], "registry.example/p", *argv[4:]]) == 2
+        assert pipeline.main([*argv[:5], str(compiled[0])]) == 2
+    registry.assert_called_once_with(host=url)
+    registry.return_value.upload_pipeline.assert_called_once_with(
+        file_name=str(compiled[1]), tags=["v1", "latest"]
+    )
+    out, err = capsys.readouterr()
+    assert out.strip() == "demix sha256:abc"
+    assert err.splitlines() == [
+        "pipeline.py: error: --version is a setting for Kubeflow (drop --vertex)",
+        "pipeline.py: error: --vertex needs --registry",
+        "pipeline.py: error: --registry registry.example/p: expected the repository's URL, "
+        "https://HOST/PROJECT/REPOSITORY",
+        f"pipeline.py: error: {compiled[0]} has Kubeflow platform settings Vertex AI cannot "
+        "load; compile with --target vertex",
+    ]
 
 
 TIMING_KEYS = {"seconds", "tokens_per_s"}
@@ -583,7 +915,10 @@ def _attempt(root: Path, raw: dict) -> None:
     )  # fmt: skip
     dataset = _curate(resolved, root, "fp")
     model = _artifact(Model, root / "model")
-    train_model.python_func(config=resolved, role="base", name="base", data=dataset, model=model)
+    train_model.python_func(
+        config=resolved, role="base", name="base", data=dataset, model=model,
+        metrics=_artifact(Metrics, root / "train-metrics"),
+    )  # fmt: skip
     predict.python_func(
         config=resolved, data=dataset, round_index=0, num_shards=2,
         history_out=_artifact(Artifact, root / "history.jsonl"),
