@@ -202,7 +202,9 @@ def build_pipeline(placement: Placement):
             ).set_display_name(f"round {r} / propose" if r < placement.rounds else "select mixture")
         selection = step.outputs["result"]
         # The chosen mixture for training frameworks (`demix export --format json`).
-        on_cpu(export_mixture(config=cfg, data=dataset, selection=selection), placement)
+        on_cpu(
+            export_mixture(config=cfg, data=dataset, selection=selection), placement
+        ).set_display_name("export mixture")
 
         # Optional fidelity check (off by default): trained references vs merged proxies.
         with dsl.If(validate == True, name="if validate"):  # noqa: E712 (a KFP condition)
