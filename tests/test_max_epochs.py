@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from demix.config import SearchConfig, parse_config
+from demix.config import SamplerConfig, SearchConfig, parse_config
 from demix.errors import ConfigError, MixtureError
 from demix.export import mixture_export
 from demix.mixtures import epoch_caps, epochs, max_epochs, prior_vector, search_cap, search_floor
@@ -59,6 +59,16 @@ def test_one_epoch_of_a_small_dataset_caps_its_weight_in_every_sampled_row(tmp_p
     # without it the sampler gives math up to 4 x its prior: 1.7 epochs
     free = sample_mixtures(prior, 2000, np.random.default_rng(0), SEARCH.sampler)
     assert _epochs_of(free)[:, MATH].max() > 1.5
+
+
+def test_rounding_to_the_grid_never_lifts_a_weight_over_its_cap():
+    coarse = SamplerConfig(grid=0.1, cap_factor=10)
+    cap = np.array([1.0, 1.0, 0.25])  # between grid points: 0.2 is the most on the grid
+    rows = sample_mixtures(
+        np.array([0.4, 0.4, 0.2]), 30, np.random.default_rng(0), coarse, cap=cap, allow_fewer=True
+    )
+    assert len(rows) > 10 and rows[:, 2].max() == pytest.approx(0.2)
+    assert (rows <= cap).all()
 
 
 def test_a_per_dataset_mapping_caps_only_the_datasets_it_names(tmp_path):
@@ -138,7 +148,17 @@ def test_caps_that_cannot_hold_a_mixture_are_a_one_line_error(tmp_path):
     message = str(err.value)
     assert "\n" not in message and all(n in message for n in NAMES)
     assert "takes 0.4348 epochs" in message  # 40,000 / 92,000
-    # the sampler refuses such caps too, rather than dropping them as it does cap_factor's
+    # the sampler drops cap_factor caps that cannot hold a mixture (0.5 x prior), never `cap`
+    rows = sample_mixtures(
+        prior_vector(DATA),
+        2000,
+        np.random.default_rng(0),
+        SamplerConfig(cap_factor=0.5),
+        cap=np.array([1.0, 1.0, 0.05]),
+    )
+    assert rows[:, 0].max() > 0.5 * DATA.token_prior["general"]
+    assert rows[:, MATH].max() == pytest.approx(0.05)
+    # and refuses such caps, rather than dropping them
     with pytest.raises(MixtureError, match="sum to 0.69"):
         sample_mixtures(
             prior_vector(DATA),

@@ -76,6 +76,14 @@ def _or_dash(value: float | None) -> float | str:
     return "-" if value is None else value
 
 
+def _epoch_cap(summary: dict, name: str) -> str:
+    """`4 (0.1250)`: a dataset's search.max_epochs and the weight it allows; "-" where unset."""
+    epochs = summary.get("max_epochs", {}).get(name)
+    if epochs is None:
+        return "-"
+    return f"{epochs:g} ({summary['epoch_weight_caps'][name]:.4f})"
+
+
 def write_report(out: Path, summary: dict, found: dict, config: RunConfig) -> Path:
     """Write report.html (plots embedded) into the run folder; return its path."""
     names = summary["datasets"]
@@ -137,7 +145,7 @@ def write_report(out: Path, summary: dict, found: dict, config: RunConfig) -> Pa
             summary["component_weights"][n],
             summary["token_prior"][n],
             _or_dash(summary.get("epochs", {}).get(n)),  # a summary written before: "-"
-            _or_dash(summary.get("max_epochs", {}).get(n)),
+            _epoch_cap(summary, n),
             (summary["relative_delta_norms"] or {}).get(n, "-"),
         ]
         for n in names
@@ -155,7 +163,7 @@ def write_report(out: Path, summary: dict, found: dict, config: RunConfig) -> Pa
                 f"component weight ({config.merge.weights} mapping)",
                 "token prior",
                 "epochs at train.final.tokens",
-                "search.max_epochs",
+                "search.max_epochs (weight cap)",
                 "||θᵢ − base|| / ||base||",
             ],
             mix_rows,

@@ -151,12 +151,12 @@ def select_final(
 ) -> tuple[np.ndarray, dict]:
     """Mean of the top_k predicted mixtures among cfg.candidates fresh ones and the scored ones.
 
-    `scored_y`, `combine`, `floor` and `cap` as in propose_round. The mixture respects `cap`:
-    every row of the pool does (fresh ones are sampled under it, and scored ones over it, from a
-    search under other caps, are left out), a cap bounds each weight on its own, so the mean of
-    rows does too, and renormalising that mean (of rows summing to 1 on the grid) moves it by
-    float rounding only. info: predicted_score (of the
-    returned mixture, combined with the pool's predictions), top_prediction, predictor_spearman
+    `scored_y`, `combine`, `floor` and `cap` as in propose_round. The mixture is under `cap`:
+    every row of the pool is (fresh ones are sampled under it; scored ones over it, from a
+    search under other caps, are left out of the pool), a cap bounds each weight on its own so
+    a mean of rows under it is under it too, and renormalising that mean (of rows summing to 1
+    on the grid) moves it by float rounding only. info: predicted_score (of the returned
+    mixture, combined with the pool's predictions), top_prediction, predictor_spearman
     (cross-validated; None below 4 rows), best_observed, predictor (the regressor used and why),
     pool (the candidates ranked, [m, D]: an array, for the caller to summarise).
     Raises SearchError when no row has a finite score.
