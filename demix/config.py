@@ -16,6 +16,33 @@ from demix.errors import ConfigError
 from demix.merge.methods import METHODS, method_parameters
 
 
+def per_dataset(setting, name: str):
+    """A setting given as one value for every dataset or as {dataset: value}: `name`'s value
+    (None: unset for it)."""
+    return setting.get(name) if isinstance(setting, dict) else setting
+
+
+def positive(setting):
+    """A per-dataset setting (one number or {dataset: number}, or None), checked to be > 0.
+
+    Raises ValueError for a number that is not (NaN included).
+    """
+    values = setting.values() if isinstance(setting, dict) else [setting]
+    if setting is not None and not all(v > 0 for v in values):
+        raise ValueError("must be > 0 (one number, or {dataset: number})")
+    return setting
+
+
+def unknown_datasets(setting, key: str, names: list[str]) -> None:
+    """Refuse a per-dataset mapping that names no candidate dataset.
+
+    Raises ValueError naming the dotted key and the known datasets.
+    """
+    unknown = sorted(set(setting) - set(names)) if isinstance(setting, dict) else []
+    if unknown:
+        raise ValueError(f"{key}.{unknown[0]}: not one of the datasets {names}")
+
+
 class Strict(BaseModel):
     """Base for every config section: unknown keys are errors."""
 
@@ -52,7 +79,9 @@ class DataConfig(Strict):
     so `heldout:<target>` can be an evaluation task (say, "which sources make my model good at
     our support tickets"). `fetch_demo` is a folder to fetch the embedded demo corpus into first.
     `curate_groups` is how many groups of input files curation fans out over (at most one per
-    file); the curated result does not depend on it.
+    file); the curated result does not depend on it. `max_tokens` (one number, or per dataset)
+    curates about that many tokens of a larger dataset, a sample of its documents chosen by
+    content hash, and estimates its token prior from the sample (demix.data.curate).
     """
 
     datasets: list[DatasetSpec] = Field(min_length=2)
@@ -63,7 +92,13 @@ class DataConfig(Strict):
     heldout_fraction: float = Field(default=0.02, gt=0, lt=0.5)
     max_heldout_documents: int = Field(default=200, ge=1)
     curate_groups: int = Field(default=8, ge=1)
+    max_tokens: int | dict[str, int] | None = None
     tokenizer: TokenizerConfig = TokenizerConfig()
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _positive(cls, value):
+        return positive(value)
 
     @model_validator(mode="after")
     def _names(self) -> DataConfig:
@@ -77,6 +112,7 @@ class DataConfig(Strict):
             )
         if self.general is not None and self.general not in names:
             raise ValueError(f"general={self.general!r} is not one of the datasets {names}")
+        unknown_datasets(self.max_tokens, "max_tokens", names)
         return self
 
     @property
@@ -331,6 +367,9 @@ class SearchConfig(Strict):
     `method: merge` builds each proxy by merging the components (DeMix); `trained` trains a
     proxy model per mixture from the base with the component budget (the training-based
     baseline, RegMix-style), with the same sampler, predictor, rounds and selection.
+
+    `max_epochs` (one number, or per dataset) caps each dataset's weight in every searched
+    mixture at max_epochs x its train tokens / train.final.tokens, under the sampler's own cap.
     """
 
     method: Literal["merge", "trained"] = "merge"
@@ -342,8 +381,14 @@ class SearchConfig(Strict):
     # intermediate round draws its proposals from
     candidates: int = Field(default=200_000, ge=100)
     top_k: int = Field(default=1280, ge=1)
+    max_epochs: float | dict[str, float] | None = None
     sampler: SamplerConfig = SamplerConfig()
     predictor: PredictorConfig = PredictorConfig()
+
+    @field_validator("max_epochs")
+    @classmethod
+    def _positive(cls, value):
+        return positive(value)
 
     @property
     def round_sizes(self) -> list[int]:
@@ -407,6 +452,7 @@ class RunConfig(Strict):
             or sum(self.evaluate.category_weights.values()) <= 0
         ):
             raise ValueError("evaluate.category_weights must be >= 0 with a positive sum")
+        unknown_datasets(self.search.max_epochs, "search.max_epochs", self.data.names)
         names = {*self.data.names, *self.data.target_names}
         for category, tasks in self.evaluate.categories.items():
             for task in tasks:

@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from demix.errors import DataError, DemixError
+from demix.mixtures import epochs
 
 EXPORT_KIND = "demix.export"
 FORMATS = ("json", "megatron", "olmo", "hf")
@@ -47,10 +48,7 @@ def mixture_export(
         "token_prior": {n: float(token_prior[n]) for n in names},
         "train_tokens": {n: int(train_tokens[n]) for n in names},
         "final_tokens": int(final_tokens),
-        "epochs": {
-            n: mixture[n] * final_tokens / train_tokens[n] if train_tokens[n] else None
-            for n in names
-        },
+        "epochs": epochs({n: mixture[n] for n in names}, train_tokens, final_tokens),
     }
 
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from demix.config import RunConfig
+from demix.config import RunConfig, per_dataset
 from demix.data.shards import CuratedData
-from demix.errors import DemixError
+from demix.errors import DemixError, MixtureError
 from demix.merge.weights import component_mix_matrix, data_to_component
 
 # The final models a run trains: the chosen mixture and the two baselines, in report order.
@@ -75,6 +75,65 @@ def search_floor(config: RunConfig, data: CuratedData) -> np.ndarray | None:
     if config.merge.weights != "hull":
         return None
     return config.train.general_ratio * general_mix(config, data)
+
+
+def epochs(
+    mixture: dict[str, float], train_tokens: dict[str, int], final_tokens: int
+) -> dict[str, float | None]:
+    """The epochs of each dataset's train tokens that `final_tokens` of training on `mixture`
+    takes: weight x final_tokens / train_tokens (None for a dataset without train tokens)."""
+    return {
+        n: w * final_tokens / train_tokens[n] if train_tokens[n] else None
+        for n, w in mixture.items()
+    }
+
+
+def max_epochs(config: RunConfig, data: CuratedData) -> dict[str, float | None]:
+    """search.max_epochs of each dataset (None: not capped)."""
+    return {n: per_dataset(config.search.max_epochs, n) for n in data.names}
+
+
+def epoch_caps(config: RunConfig, data: CuratedData) -> dict[str, float | None]:
+    """The weight search.max_epochs allows each dataset: max_epochs x train_tokens /
+    train.final.tokens, at most 1 (None: not capped)."""
+    final = config.train.final.tokens
+    return {
+        n: None if e is None else min(1.0, e * data.train_tokens[n] / final)
+        for n, e in max_epochs(config, data).items()
+    }
+
+
+def search_cap(config: RunConfig, data: CuratedData) -> np.ndarray | None:
+    """The most weight each dataset may take in a searched mixture (epoch_caps; 1 where not
+    capped), for demix.search.sample_mixtures; None without search.max_epochs.
+
+    Raises MixtureError (one line, naming the datasets and the epochs needed) when the caps
+    cannot hold a whole mixture, or, under merge.weights: hull, lie under the search floor.
+    """
+    if config.search.max_epochs is None:
+        return None
+    caps = epoch_caps(config, data)
+    cap = np.array([1.0 if c is None else c for c in caps.values()])
+    final = config.train.final.tokens
+    if cap.sum() < 1 - 1e-9:  # every dataset is capped
+        tokens = sum(data.train_tokens.values())
+        raise MixtureError(
+            f"search.max_epochs caps the weights of {data.names} at {cap.sum():.4g} in all, "
+            f"under 1: train.final.tokens={final} takes {final / tokens:.4g} epochs of their "
+            f"{tokens} train tokens; raise search.max_epochs to at least that or lower "
+            "train.final.tokens"
+        )
+    floor = search_floor(config, data)
+    over = [] if floor is None else np.flatnonzero(floor > cap + 1e-12)
+    if len(over):
+        held = {data.names[i]: round(float(floor[i]), 6) for i in over}
+        needed = {n: round(f * final / data.train_tokens[n], 4) for n, f in held.items()}
+        raise MixtureError(
+            f"under merge.weights: hull every searched mixture holds train.general_ratio x the "
+            f"general mix, {held}, more weight than search.max_epochs allows; those datasets "
+            f"need max_epochs of at least {needed}, or lower train.general_ratio"
+        )
+    return cap
 
 
 def in_hull(components: np.ndarray) -> np.ndarray:

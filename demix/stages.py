@@ -38,6 +38,7 @@ from demix.mixtures import (
     mix_matrix,
     negative_share,
     prior_vector,
+    search_cap,
     search_floor,
     split_seed,
 )
@@ -88,8 +89,9 @@ def curation_fingerprint(config: RunConfig, tokenizer_dir: Path | None) -> str:
     """Hash of what curation reads: the data settings (not the grouping, which does not change
     the result), the seed, the base tokenizer and each input file's path, size and stamp."""
     inputs = [(f.uri, f.size, f.stamp) for spec in config.data.all_specs for f in input_files(spec)]
+    unset = {"max_tokens"} if config.data.max_tokens is None else set()  # as before it existed
     return fingerprint(
-        data=config.data.model_dump(exclude={"curate_groups"}),
+        data=config.data.model_dump(exclude={"curate_groups", *unset}),
         seed=config.seed,
         tokenizer=str(tokenizer_dir),
         inputs=inputs,
@@ -289,6 +291,7 @@ def search_stage(
         table,
         key=proxy.key,
         floor=search_floor(config, data),
+        cap=search_cap(config, data),
     )
     trained = isinstance(proxy, TrainedProxyEvaluator)
     result = describe_selection(config, data, found, None if trained else proxy.relative_norms)
@@ -317,6 +320,7 @@ def propose_stage(
         config.seed,
         search_objective(config),
         search_floor(config, data),
+        search_cap(config, data),
     )
 
 
@@ -330,6 +334,7 @@ def select_stage(config: RunConfig, data: CuratedData, rows: list[dict]) -> dict
         config.seed,
         search_objective(config),
         search_floor(config, data),
+        search_cap(config, data),
     )
     return describe_selection(config, data, found, None)
 

@@ -17,6 +17,20 @@ that repeats a candidate's is dropped from the target; every kept target documen
 (<target>/heldout.bin, an empty train.bin) and the manifest lists targets apart from the
 candidate datasets, outside the prior. The tokenizer sample is drawn from the candidates only.
 
+With `data.max_tokens`, a dataset larger than that is curated from a sample of its documents:
+the plan fixes a keep fraction f per dataset (`keep_fraction`, from the bytes per token of a
+few of its files), each group keeps a document when the first 8 bytes of its content hash, as
+an integer, are under f x 2^64, and every other document is read, cleaned and hashed but not
+tokenized or stored. The choice depends on the document alone, never on grouping or file
+order, so repeats share it and deduplication is as without the sample: a document left out
+still removes its later repeats, in its own dataset and in the datasets after it, whose
+documents are then exactly what they are without max_tokens. Held-out documents are chosen
+among the kept ones. The token prior counts the whole dataset, estimated as its kept tokens /
+f (each document is kept with probability f whatever its length, so the estimate is unbiased;
+its relative error is about sqrt((1 - f) / kept documents) for documents of similar length),
+held-out tokens subtracted as they are from a counted dataset; the manifest records both
+counts (see merge_groups).
+
 Groups are contiguous runs of the files in config order, so the result does not depend on how
 many there are. Reading and normalizing documents live in `demix.data.sources`, the tokenizer
 in `demix.data.tokenizer`. One coherent thing over ~400 lines: the three steps share the plan
@@ -30,6 +44,7 @@ import glob
 import hashlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -38,10 +53,11 @@ from typing import BinaryIO
 
 import numpy as np
 
-from demix.config import DataConfig
+from demix.config import DataConfig, DatasetSpec, per_dataset
 from demix.data.shards import DATASET_KIND
 from demix.data.sources import (
     HASH_BYTES,
+    InputFile,
     clean_document,
     dataset_files,
     input_files,
@@ -51,6 +67,7 @@ from demix.data.sources import (
 )
 from demix.data.tokenizer import (
     encode_documents,
+    file_order,
     load_base_tokenizer,
     tokenizer_sample,
     train_tokenizer,
@@ -87,6 +104,8 @@ GROUP_KIND = "demix.curation_group"
 PLAN_FILE = "plan.json"
 # Tokens copied per write when the reduce concatenates the groups' token files.
 COPY_CHUNK_TOKENS = 1 << 24
+# The most tokens the plan reads of a dataset to measure its bytes per token (data.max_tokens).
+PROBE_TOKENS = 1 << 24
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +131,31 @@ def group_bounds(sizes: list[int], groups: int) -> list[tuple[int, int]]:
     return list(zip(cuts[:-1], cuts[1:], strict=True))
 
 
+def keep_fraction(
+    spec: DatasetSpec, files: list[InputFile], config: DataConfig, tokenizer, dtype: np.dtype
+) -> float:
+    """The share f of a dataset's documents to keep for about its data.max_tokens tokens.
+
+    f = max_tokens x bytes per token / the bytes of all its `files` (at most 1), bytes per
+    token measured on whole files read in `file_order` until their cleaned documents hold
+    min(max_tokens, PROBE_TOKENS) tokens. Bytes are the listed file sizes, compressed ones for
+    .zst and Parquet, in the same units as the total. A dataset under max_tokens is read whole
+    and gets f = 1. Raises DataError for an unreadable or malformed file read.
+    """
+    max_tokens = per_dataset(config.max_tokens, spec.name)
+    read = tokens = 0
+    with open(os.devnull, "wb") as sink:
+        for i in file_order(spec.name, files):
+            if tokens >= min(max_tokens, PROBE_TOKENS):
+                break
+            raw = read_file_documents(fetch_files(files[i].uri), spec)
+            docs = [c[0] for c in (clean_document(r, config.min_chars) for r in raw) if c]
+            tokens += sum(encode_documents(tokenizer, docs, 0, dtype, sink))
+            read += files[i].size
+    total = sum(f.size for f in files)
+    return min(1.0, max_tokens * read / (tokens * total)) if tokens and total else 1.0
+
+
 def plan_curation(
     config: DataConfig,
     out: str | Path,
@@ -124,8 +168,9 @@ def plan_curation(
 
     The plan lists every input file in config order, split into at most `groups` (default
     data.curate_groups) contiguous groups, and fixes the tokenizer: a copy of the base model's
-    (`tokenizer_dir`) or a byte-level BPE trained on `tokenizer_sample`. `manifest_fields`
-    pass through to the curated dataset's manifest.
+    (`tokenizer_dir`) or a byte-level BPE trained on `tokenizer_sample`, and the keep fraction
+    of each dataset with data.max_tokens (`keep_fraction`). `manifest_fields` pass through to
+    the curated dataset's manifest.
     Raises DataError for missing/unreadable/binary/malformed inputs or an empty tokenizer
     sample, ModelError for an unusable base tokenizer; `out` is untouched on error.
     """
@@ -149,6 +194,13 @@ def plan_curation(
     vocab = len(tokenizer)
     # Token ids run from 0 to vocab - 1.
     dtype = np.dtype(np.uint16 if vocab <= 1 << 16 else np.uint32)
+    keep = {
+        spec.name: keep_fraction(
+            spec, [f for f in files if f.dataset == spec.name], config, tokenizer, dtype
+        )
+        for spec in config.datasets
+        if per_dataset(config.max_tokens, spec.name) is not None
+    }
     plan = {
         "seed": seed,
         "data": config.model_dump(mode="json"),
@@ -156,6 +208,7 @@ def plan_curation(
         "eos_token_id": int(tokenizer.eos_token_id),
         "dtype": dtype.name,
         "tokenizer_sample": sample_stats,
+        "keep_fractions": keep,
         "manifest_fields": manifest_fields,
         "groups": [
             [{"dataset": f.dataset, "uri": f.uri, "size": f.size} for f in files[a:b]]
@@ -172,8 +225,9 @@ def plan_curation(
         if sample_stats
         else f"tokenizer of {tokenizer_dir}"
     )
+    kept = "".join(f", keeps {f:.2%} of {n}'s documents" for n, f in keep.items() if f < 1)
     log.info(
-        f"curate plan: {len(files)} files in {len(bounds)} groups, {tokens}, "
+        f"curate plan: {len(files)} files in {len(bounds)} groups, {tokens}{kept}, "
         f"{time.perf_counter() - start:.1f} s"
     )
     return plan
@@ -198,9 +252,11 @@ def curate_group(plan_dir: str | Path, index: int, out: str | Path) -> dict:
     """Curate group `index` of a plan into the artifact `out`; return its manifest.
 
     Per dataset of the group: <name>/tokens.bin (each kept document's tokens and eos, in file
-    order), <name>/lengths.bin (int64 tokens per document) and <name>/hashes.bin (the 32-byte
-    sha256 of each document's normalized text). Documents shorter than data.min_chars and
-    repeats within the group (of any dataset) are dropped and counted.
+    order), <name>/lengths.bin (int64 tokens per document), <name>/hashes.bin (the 32-byte
+    sha256 of each document's normalized text) and <name>/left_out.bin (the hashes of the
+    documents the plan's keep fraction leaves out, never tokenized). Documents shorter than
+    data.min_chars and repeats within the group (of any dataset, left out or not) are dropped
+    and counted.
     Raises DataError for an unknown group, an input that changed since the plan was made, or
     an unreadable/binary/malformed file; `out` is untouched on error.
     """
@@ -217,15 +273,18 @@ def curate_group(plan_dir: str | Path, index: int, out: str | Path) -> dict:
     tokenizer = load_tokenizer(Path(plan_dir) / "tokenizer")
     eos, dtype = int(plan["eos_token_id"]), np.dtype(plan["dtype"])
     files = plan["groups"][index]
+    keep = plan.get("keep_fractions", {})
     seen: set[bytes] = set()
     stats: dict[str, dict] = {}
     with staged_dir(out) as tmp:
         for name in dict.fromkeys(f["dataset"] for f in files):
             (tmp / name).mkdir()
-            docs, short, dups, lengths = 0, 0, 0, []
+            docs, short, dups, left, lengths = 0, 0, 0, 0, []
+            threshold = int(keep.get(name, 1.0) * 2**64)  # kept: hash[:8] under it
             with (
                 open(tmp / name / "tokens.bin", "wb") as tokens,
                 open(tmp / name / "hashes.bin", "wb") as hashes,
+                open(tmp / name / "left_out.bin", "wb") as left_out,
             ):
                 for entry in (f for f in files if f["dataset"] == name):
                     path = fetch_files(entry["uri"])
@@ -243,6 +302,10 @@ def curate_group(plan_dir: str | Path, index: int, out: str | Path) -> dict:
                             short += 1
                         elif cleaned[1] in seen:
                             dups += 1
+                        elif int.from_bytes(cleaned[1][:8], "big") >= threshold:
+                            seen.add(cleaned[1])
+                            left_out.write(cleaned[1])
+                            left += 1
                         else:
                             seen.add(cleaned[1])
                             kept.append(cleaned[0])
@@ -254,6 +317,7 @@ def curate_group(plan_dir: str | Path, index: int, out: str | Path) -> dict:
                 "documents": docs,
                 "dropped_short": short,
                 "duplicates_removed": dups,
+                "left_out": left,
                 "tokens": int(sum(lengths)),
             }
         manifest = write_manifest(
@@ -298,13 +362,19 @@ class _Part:
     dest: np.ndarray
 
 
-def _read_part(folder: Path, documents: int, dtype: np.dtype) -> tuple[list[bytes], np.ndarray]:
-    """(content hashes, token lengths) of one dataset's documents in a curated group."""
+def _read_part(
+    folder: Path, counts: dict, dtype: np.dtype
+) -> tuple[list[bytes], np.ndarray, list[bytes]]:
+    """(content hashes, token lengths, hashes of the documents left out) of one dataset's
+    documents in a curated group, `counts` its entry in the group's manifest."""
     raw = (folder / "hashes.bin").read_bytes()
+    left = (folder / "left_out.bin").read_bytes()
     lengths = np.fromfile(folder / "lengths.bin", dtype="<i8")
     tokens = (folder / "tokens.bin").stat().st_size
+    documents = counts["documents"]
     if (
         len(raw) != documents * HASH_BYTES
+        or len(left) != counts["left_out"] * HASH_BYTES
         or len(lengths) != documents
         or (tokens != int(lengths.sum()) * dtype.itemsize)
     ):
@@ -312,7 +382,12 @@ def _read_part(folder: Path, documents: int, dtype: np.dtype) -> tuple[list[byte
             f"{folder}: its files do not hold the {documents} documents its manifest lists; "
             "curate the group again"
         )
-    return [raw[i : i + HASH_BYTES] for i in range(0, len(raw), HASH_BYTES)], lengths
+    return _split(raw), lengths, _split(left)
+
+
+def _split(raw: bytes) -> list[bytes]:
+    """Concatenated content hashes, one by one."""
+    return [raw[i : i + HASH_BYTES] for i in range(0, len(raw), HASH_BYTES)]
 
 
 def _group_manifests(plan: dict, plan_id: str, group_dirs: list[Path]) -> list[tuple[Path, dict]]:
@@ -354,13 +429,29 @@ def _copy_runs(part: _Part, dtype: np.dtype, outputs: dict[int, BinaryIO]) -> No
             np.asarray(tokens[at : min(at + COPY_CHUNK_TOKENS, int(offsets[last]))]).tofile(target)
 
 
+def _full_counts(counts: dict, keep: float, left: int) -> dict:
+    """What a candidate dataset's manifest entry records about its sample (see merge_groups)."""
+    train, heldout = counts["train_tokens"], counts["heldout_tokens"]
+    return {
+        "keep_fraction": keep,
+        "left_out_documents": left,
+        "full_train_tokens": round((train + heldout) / keep) - heldout if left else train,
+        "prior_source": "estimated" if left else "counted",
+    }
+
+
 def merge_groups(plan_dir: str | Path, group_dirs: list[str | Path], out: str | Path) -> dict:
     """Merge the curated groups of a plan into the dataset artifact `out`; return its manifest.
 
     Groups are taken in plan order whatever the order of `group_dirs`. A document whose hash
-    an earlier group (or dataset) already kept is dropped and counted as a duplicate; per
-    dataset, held-out documents are chosen by `heldout_indices` over the remaining hashes;
-    train.bin and heldout.bin concatenate their documents in file order.
+    an earlier group (or dataset) already read, kept or left out, is dropped and counted as a
+    duplicate; per dataset, held-out documents are chosen by `heldout_indices` over the
+    remaining hashes; train.bin and heldout.bin concatenate their documents in file order.
+    Per candidate dataset the manifest records keep_fraction (the plan's; 1 without
+    data.max_tokens), left_out_documents, full_train_tokens (the train tokens of all of it:
+    (train + held-out tokens) / keep_fraction - held-out tokens, train_tokens when nothing was
+    left out) and prior_source (`counted`, or `estimated` when documents were left out); the
+    token prior is each dataset's share of the full_train_tokens.
     Raises DataError for a missing, repeated or foreign group and for a dataset that is empty
     after cleaning; `out` is untouched on error.
     """
@@ -369,19 +460,20 @@ def merge_groups(plan_dir: str | Path, group_dirs: list[str | Path], out: str | 
     config = DataConfig.model_validate(plan["data"])
     groups = _group_manifests(plan, plan_id, [Path(d) for d in group_dirs])
     dtype = np.dtype(plan["dtype"])
+    keep = plan.get("keep_fractions", {})
     seen: set[bytes] = set()
     parts: dict[str, list[_Part]] = {}
     stats: dict[str, dict] = {}
     targets = set(config.target_names)
     for spec in config.all_specs:
-        short, dups, hashes, parts[spec.name] = 0, 0, [], []
+        short, dups, left, hashes, parts[spec.name] = 0, 0, 0, [], []
         for folder, manifest in groups:
             counts = manifest["datasets"].get(spec.name)
             if counts is None:
                 continue
             short += counts["dropped_short"]
             dups += counts["duplicates_removed"]
-            digests, lengths = _read_part(folder / spec.name, counts["documents"], dtype)
+            digests, lengths, left_out = _read_part(folder / spec.name, counts, dtype)
             dest = np.zeros(len(digests), dtype=np.int8)
             for i, digest in enumerate(digests):
                 if digest in seen:
@@ -391,12 +483,17 @@ def merge_groups(plan_dir: str | Path, group_dirs: list[str | Path], out: str | 
                 dest[i] = 1
                 hashes.append(digest.hex())
             parts[spec.name].append(_Part(folder / spec.name, lengths, dest))
+            for digest in left_out:
+                dups += digest in seen
+                left += digest not in seen
+                seen.add(digest)
         if not hashes:
             kind = "target" if spec.name in targets else "dataset"
             raise DataError(
                 f"{kind} {spec.name!r} is empty after cleaning ({short} documents shorter than "
                 f"data.min_chars={config.min_chars}, {dups} duplicates"
-                f"{' of candidate or earlier documents' if spec.name in targets else ''}); "
+                f"{' of candidate or earlier documents' if spec.name in targets else ''}"
+                f"{f', {left} left out by data.max_tokens' if left else ''}); "
                 "check its paths and text_field"
             )
         if spec.name in targets:
@@ -418,9 +515,11 @@ def merge_groups(plan_dir: str | Path, group_dirs: list[str | Path], out: str | 
             "train_tokens": sum(int(p.lengths[p.dest == 1].sum()) for p in parts[spec.name]),
             "heldout_tokens": sum(int(p.lengths[p.dest == 2].sum()) for p in parts[spec.name]),
         }
+        if spec.name not in targets:
+            stats[spec.name].update(_full_counts(stats[spec.name], keep.get(spec.name, 1.0), left))
     target_stats = {name: stats.pop(name) for name in config.target_names}
-    total = sum(s["train_tokens"] for s in stats.values())
-    prior = {name: s["train_tokens"] / total for name, s in stats.items()}
+    total = sum(s["full_train_tokens"] for s in stats.values())
+    prior = {name: s["full_train_tokens"] / total for name, s in stats.items()}
     seconds = read_manifest(plan_dir)["seconds"] + sum(m["seconds"] for _, m in groups)
     with staged_dir(out) as tmp:
         shutil.copytree(Path(plan_dir) / "tokenizer", tmp / "tokenizer")
@@ -452,7 +551,13 @@ def merge_groups(plan_dir: str | Path, group_dirs: list[str | Path], out: str | 
             f"curate {name}: {s['documents']} train + {s['heldout_documents']} held-out "
             f"docs, {s['train_tokens']:,} train + {s['heldout_tokens']:,} held-out tokens, "
             f"{s['duplicates_removed']} duplicates, {s['dropped_short']} short, "
-            f"prior {prior[name]:.3f}"
+            f"prior {prior[name]:.3f} ({s['prior_source']}"
+            + (
+                f": {s['left_out_documents']} docs left out by data.max_tokens, "
+                f"~{s['full_train_tokens']:,} train tokens in all)"
+                if s["left_out_documents"]
+                else ")"
+            )
         )
     for name, s in target_stats.items():
         log.info(

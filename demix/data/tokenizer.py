@@ -21,12 +21,19 @@ EOS = "<|endoftext|>"
 ENCODE_GROUP_CHARS = 4_000_000
 
 
+def file_order(dataset: str, files: list) -> list[int]:
+    """A fixed pseudo-random order of a dataset's files (sha256 of its name and each file's
+    position), so that reading files in it until a budget spreads over the dataset."""
+    return sorted(
+        range(len(files)), key=lambda i: hashlib.sha256(f"{dataset}:{i}".encode()).digest()
+    )
+
+
 def tokenizer_sample(files: list[InputFile], config: DataConfig) -> list[str]:
     """The documents a BPE tokenizer is trained on: about data.tokenizer.sample_chars characters.
 
     Each dataset gets a share of the budget in proportion to the bytes of its files. Its files
-    are read in a fixed pseudo-random order (sha256 of dataset name and file position, so the
-    sample spreads over the dataset) until their bytes reach the share; of the cleaned
+    are read in `file_order` until their bytes reach the share; of the cleaned
     documents read, not already in the sample, those with the smallest content hashes are kept
     until their characters reach the share. The sample, in file order, depends only on the
     files and the config, never on how curation is grouped, and reads about the budget, not
@@ -41,11 +48,8 @@ def tokenizer_sample(files: list[InputFile], config: DataConfig) -> list[str]:
     for name, spec in specs.items():
         mine = [f for f in files if f.dataset == name]
         share = budget * (sum(f.size for f in mine) / total if total else 1 / len(specs))
-        order = sorted(
-            range(len(mine)), key=lambda i: hashlib.sha256(f"{name}:{i}".encode()).digest()
-        )
         chosen, read = [], 0
-        for i in order:
+        for i in file_order(name, mine):
             if read >= share:
                 break
             chosen.append(i)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from demix.config import RunConfig
 from demix.data.shards import CuratedData
-from demix.mixtures import final_mixture, final_run_names
+from demix.mixtures import final_mixture, final_run_names, search_cap
 from demix.model import resolve_device, set_threads
 from demix.proxies import make_evaluator
 from demix.report.summary import add_wall_times
@@ -58,6 +58,7 @@ def prepare_models(
         fetch_configured_demo(config)
     with timed("curate"):
         data = curate_stage(config, out / "dataset")
+    search_cap(config, data)  # search.max_epochs that no mixture can meet fail before training
     with timed("base"):
         base = train_stage(config, data, "base", out / "models" / "base")
     with timed("components"):

@@ -76,6 +76,14 @@ def _or_dash(value: float | None) -> float | str:
     return "-" if value is None else value
 
 
+def _epoch_cap(summary: dict, name: str) -> str:
+    """`4 (0.1250)`: a dataset's search.max_epochs and the weight it allows; "-" where unset."""
+    epochs = summary.get("max_epochs", {}).get(name)
+    if epochs is None:
+        return "-"
+    return f"{epochs:g} ({summary['epoch_weight_caps'][name]:.4f})"
+
+
 def write_report(out: Path, summary: dict, found: dict, config: RunConfig) -> Path:
     """Write report.html (plots embedded) into the run folder; return its path."""
     names = summary["datasets"]
@@ -136,6 +144,8 @@ def write_report(out: Path, summary: dict, found: dict, config: RunConfig) -> Pa
             summary["mixture"][n],
             summary["component_weights"][n],
             summary["token_prior"][n],
+            _or_dash(summary.get("epochs", {}).get(n)),  # a summary written before: "-"
+            _epoch_cap(summary, n),
             (summary["relative_delta_norms"] or {}).get(n, "-"),
         ]
         for n in names
@@ -152,10 +162,16 @@ def write_report(out: Path, summary: dict, found: dict, config: RunConfig) -> Pa
                 "data weight",
                 f"component weight ({config.merge.weights} mapping)",
                 "token prior",
+                "epochs at train.final.tokens",
+                "search.max_epochs (weight cap)",
                 "||θᵢ − base|| / ||base||",
             ],
             mix_rows,
         ),
+        "<p>Epochs: how many times the final training on the chosen mixture "
+        f"({summary['final_tokens']:,} tokens) goes through each dataset's curated train tokens "
+        "(weight x final tokens / train tokens). search.max_epochs, where set, capped every "
+        "searched mixture's weight at max_epochs x train tokens / final tokens.</p>",
         "<p>Component i was trained on a mix of general data and dataset i (columns of M: each "
         "component's training mix); a proxy for data mixture d merges with component weights "
         f"{'c = d' if config.merge.weights == 'component' else 'c = M⁻¹d'} "

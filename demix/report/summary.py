@@ -15,7 +15,7 @@ import numpy as np
 from demix.checkpoint import manifest_total
 from demix.config import RunConfig
 from demix.data.shards import CuratedData
-from demix.mixtures import FINAL_LABELS, baseline_mixtures
+from demix.mixtures import FINAL_LABELS, baseline_mixtures, epoch_caps, epochs, max_epochs
 from demix.storage import atomic_write_json
 
 
@@ -69,13 +69,21 @@ def summarize(
     finals: dict[str, Path],
     timings: dict[str, float],
 ) -> dict:
-    """The run's summary.json contract."""
+    """The run's summary.json contract.
+
+    epochs: of each dataset's train tokens under the chosen mixture at train.final.tokens;
+    max_epochs and epoch_weight_caps: search.max_epochs of each dataset and the weight it
+    allows (None where not capped).
+    """
     return {
         "datasets": data.names,
         "token_prior": dict(data.token_prior),
         "dataset_train_tokens": dict(data.train_tokens),
         "final_tokens": config.train.final.tokens,
         "mixture": selection["mixture"],
+        "epochs": epochs(selection["mixture"], data.train_tokens, config.train.final.tokens),
+        "max_epochs": max_epochs(config, data),
+        "epoch_weight_caps": epoch_caps(config, data),
         "component_weights": selection["component_weights"],
         "merge_weights": config.merge.weights,
         "min_component_weight": selection.get("min_component_weight"),

@@ -69,13 +69,14 @@ def round_proposals(
     seed: int,
     objective: Objective,
     floor: np.ndarray | None = None,
+    cap: np.ndarray | None = None,
 ) -> list[dict]:
     """Proposals {"id", "round", "weights"} of a round, from the rows scored in earlier rounds.
 
     Targets are relative to all proxies so far, so `objective` recomputes them from the rows'
-    task results. Every mixture lies above `floor` (see sample_mixtures; None: the whole
-    simplex). Depends only on (seed, round, floor, the set of earlier rows): a rerun proposes
-    the same. Raises MixtureError when the grid runs out of unscored mixtures.
+    task results. Every mixture lies above `floor` and under `cap` (see sample_mixtures; None:
+    the whole simplex). Depends only on (seed, round, floor, cap, the set of earlier rows): a
+    rerun proposes the same. Raises MixtureError when the grid runs out of unscored mixtures.
     """
     earlier = canonical_rows([row for row in rows if row["round"] < round_index])
     size = cfg.round_sizes[round_index]
@@ -89,6 +90,7 @@ def round_proposals(
         seed,
         objective.combine,
         floor,
+        cap,
     )
     return [
         {
@@ -108,19 +110,21 @@ def final_selection(
     seed: int,
     objective: Objective,
     floor: np.ndarray | None = None,
+    cap: np.ndarray | None = None,
 ) -> dict:
     """The final mixture (mean of the top-k predictions), its info and the scored history.
 
     history: the rows in the given order (duplicates dropped), each with its objective value
     among the evaluated proxies ("ranking_score"); pool: the candidates ranked (fresh ones above
-    `floor`, as in round_proposals, and the scored ones), an array.
+    `floor` and under `cap`, as in round_proposals, and the scored ones), an array. The mixture
+    lies under `cap` too (see select_final).
     Raises SearchError when there are no scored rows.
     """
     rows = unique_rows(rows)
     fitted = canonical_rows(rows)
     targets = _targets(fitted, objective)
     mixture, info = select_final(
-        prior, weights_matrix(fitted, names), targets, cfg, seed, objective.combine, floor
+        prior, weights_matrix(fitted, names), targets, cfg, seed, objective.combine, floor, cap
     )
     scores = objective.combine(targets) if len(fitted) else np.zeros(0)
     by_id = {row["id"]: float(s) for row, s in zip(fitted, scores, strict=True)}
@@ -221,12 +225,13 @@ def run_search(
     table: ScoresTable,
     key: str | None = None,
     floor: np.ndarray | None = None,
+    cap: np.ndarray | None = None,
 ) -> dict:
     """Rounds of cfg.round_sizes proxies, then the final selection; resumes from `table`.
 
     `evaluate(mixture)` returns a proxy's task results; proxies already in `table` are skipped.
-    `key` stamps the rows (see evaluate_proposals); every mixture searched lies above `floor`
-    (see sample_mixtures; None: the whole simplex).
+    `key` stamps the rows (see evaluate_proposals); every mixture searched, and the one chosen,
+    lies above `floor` and under `cap` (see sample_mixtures; None: the whole simplex).
     Returns final_selection's dict (mixture, rounds, proxies_evaluated, predictor_spearman,
     predicted_score, top_prediction, best_observed, history, pool).
     Raises SearchError for a table of another search, MixtureError when the grid runs out.
@@ -234,8 +239,9 @@ def run_search(
     if len(prior) != len(names):
         raise ValueError(f"{len(names)} dataset names but a prior of {len(prior)} weights")
     for r in range(len(cfg.round_sizes)):
-        proposals = round_proposals(r, table.rows(), names, prior, cfg, seed, objective, floor)
+        rows = table.rows()
+        proposals = round_proposals(r, rows, names, prior, cfg, seed, objective, floor, cap)
         ran = evaluate_proposals(proposals, names, evaluate, table, key=key)
         if ran < len(proposals):
             log.info("round %d: %d proxies already scored (resumed)", r, len(proposals) - ran)
-    return final_selection(table.rows(), names, prior, cfg, seed, objective, floor)
+    return final_selection(table.rows(), names, prior, cfg, seed, objective, floor, cap)

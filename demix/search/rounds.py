@@ -77,9 +77,10 @@ def candidate_pool(
     seed: int,
     size: int = 0,
     floor: np.ndarray | None = None,
+    cap: np.ndarray | None = None,
 ) -> np.ndarray:
     """The fresh candidates a round ranks: max(cfg.candidates, size) of them, none scored, each
-    above `floor` (see sample_mixtures; None: the whole simplex).
+    above `floor` and under `cap` (see sample_mixtures; None: the whole simplex).
 
     Fewer only when the grid holds fewer unscored mixtures.
     """
@@ -92,6 +93,7 @@ def candidate_pool(
         exclude=exclude,
         allow_fewer=True,
         floor=floor,
+        cap=cap,
     )
 
 
@@ -105,6 +107,7 @@ def propose_round(
     seed: int,
     combine: Combine = first_column,
     floor: np.ndarray | None = None,
+    cap: np.ndarray | None = None,
 ) -> np.ndarray:
     """Round 0: `size` sampled mixtures. Later: `size` drawn from the predicted top of the pool.
 
@@ -113,8 +116,8 @@ def propose_round(
     The pool is cfg.candidates fresh mixtures (none scored); the predicted top is its
     max(cfg.top_k, size) best predictions, and the proposals, in predicted order, are a seeded
     draw without replacement from it. A later round with fewer than 2 scored rows has nothing
-    to learn from and samples like round 0. Every mixture sampled lies above `floor` (see
-    sample_mixtures; None: the whole simplex).
+    to learn from and samples like round 0. Every mixture sampled lies above `floor` and under
+    `cap` (see sample_mixtures; None: the whole simplex), so every proposal does.
     Raises MixtureError when the space holds fewer than `size` unscored mixtures.
     """
     prior = np.asarray(prior, dtype=np.float64)
@@ -122,8 +125,8 @@ def propose_round(
     if round_index == 0 or len(X) < 2:
         exclude = np.asarray(scored_X, dtype=np.float64).reshape(-1, len(prior))
         rng = _rng(seed, round_index)
-        return sample_mixtures(prior, size, rng, cfg.sampler, exclude=exclude, floor=floor)
-    candidates = candidate_pool(round_index, prior, scored_X, cfg, seed, size, floor)
+        return sample_mixtures(prior, size, rng, cfg.sampler, exclude=exclude, floor=floor, cap=cap)
+    candidates = candidate_pool(round_index, prior, scored_X, cfg, seed, size, floor, cap)
     if len(candidates) < size:
         raise MixtureError(
             f"round {round_index}: only {len(candidates)} unscored mixtures left on the grid, "
@@ -144,11 +147,16 @@ def select_final(
     seed: int,
     combine: Combine = first_column,
     floor: np.ndarray | None = None,
+    cap: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Mean of the top_k predicted mixtures among cfg.candidates fresh ones and the scored ones.
 
-    `scored_y`, `combine` and `floor` as in propose_round. info: predicted_score (of the
-    returned mixture, combined with the pool's predictions), top_prediction, predictor_spearman
+    `scored_y`, `combine`, `floor` and `cap` as in propose_round. The mixture is under `cap`:
+    every row of the pool is (fresh ones are sampled under it; scored ones over it, from a
+    search under other caps, are left out of the pool), a cap bounds each weight on its own so
+    a mean of rows under it is under it too, and renormalising that mean (of rows summing to 1
+    on the grid) moves it by float rounding only. info: predicted_score (of the returned
+    mixture, combined with the pool's predictions), top_prediction, predictor_spearman
     (cross-validated; None below 4 rows), best_observed, predictor (the regressor used and why),
     pool (the candidates ranked, [m, D]: an array, for the caller to summarise).
     Raises SearchError when no row has a finite score.
@@ -162,9 +170,9 @@ def select_final(
         )
     rng = _rng(seed, FINAL_ROUND)
     fresh = sample_mixtures(
-        prior, cfg.candidates, rng, cfg.sampler, exclude=X, allow_fewer=True, floor=floor
+        prior, cfg.candidates, rng, cfg.sampler, exclude=X, allow_fewer=True, floor=floor, cap=cap
     )
-    pool = np.vstack([fresh, X])
+    pool = np.vstack([fresh, X if cap is None else X[(X - cap <= 1e-9).all(axis=1)]])
     predictor, choice = choose_predictor(X, y, cfg.predictor, seed, combine)
     predictors = fit_predictors(X, y, predictor, seed)
     pool_predictions = predict_all(predictors, pool)

@@ -23,7 +23,8 @@ Where this differs from their code, on purpose:
   prior and up to 4% with the 4-dataset prior of tests/test_sampler.py (measured on 3 seeds).
 A rounded row that still breaks a rule (possible only in corner cases) is drawn again rather
 than repaired. With a `floor` (merge.weights: hull) the same draws are carried into the part of
-the simplex above it (see sample_mixtures).
+the simplex above it, and a `cap` (search.max_epochs) bounds each weight of every row from
+above, under the cap_factor caps (see sample_mixtures).
 """
 
 from __future__ import annotations
@@ -144,6 +145,32 @@ def floor_units(floor: np.ndarray | None, d: int, units: int) -> np.ndarray:
     return low
 
 
+def cap_headroom(cap: np.ndarray | None, low: np.ndarray, units: int) -> np.ndarray:
+    """The most grid units of w (a row less its floor `low`) each entry may take so that the row
+    stays at or under `cap` (None: every free unit).
+
+    Raises MixtureError for a cap under the floor or caps that cannot hold a whole mixture.
+    """
+    free = units - int(low.sum())
+    if cap is None:
+        return np.full(len(low), free, dtype=np.int64)
+    top = np.floor(np.clip(np.asarray(cap, dtype=np.float64), 0, 1) * units + 1e-9)
+    top = top.astype(np.int64)
+    if top.shape != low.shape:
+        raise MixtureError(f"mixture cap {np.asarray(cap).tolist()} is not {len(low)} weights")
+    if (top < low).any():
+        raise MixtureError(
+            f"mixture caps {(top / units).tolist()} lie under the floor {(low / units).tolist()} "
+            f"on the grid of {1 / units:g}; raise search.max_epochs"
+        )
+    if top.sum() < units:
+        raise MixtureError(
+            f"mixture caps {(top / units).tolist()} sum to {top.sum() / units:g} on the grid of "
+            f"{1 / units:g}, under 1; raise search.max_epochs"
+        )
+    return np.minimum(top - low, free)
+
+
 def sample_mixtures(
     prior: np.ndarray,
     n: int,
@@ -153,6 +180,7 @@ def sample_mixtures(
     *,
     allow_fewer: bool = False,
     floor: np.ndarray | None = None,
+    cap: np.ndarray | None = None,
 ) -> np.ndarray:
     """n distinct mixtures [n, D] on the grid, none of them in `exclude`, in the order drawn.
 
@@ -161,8 +189,11 @@ def sample_mixtures(
     drawn by the rules above (caps and minimum weight apply to w), rounded so that no entry
     falls under its floor: the sampler's own draws, carried into the part of the simplex above
     the floor (merge.weights: hull, where w are the component weights).
-    Raises MixtureError for a prior off the simplex, a bad grid or floor, or a space with fewer
-    than n distinct mixtures (unless allow_fewer).
+    With `cap` [D], no entry of a row exceeds its cap (rounded down to the grid): w is capped
+    at the smaller of its cap_factor cap and what `cap` leaves above the floor. cap_factor caps
+    that cannot hold a whole mixture are dropped; `cap`s are never dropped.
+    Raises MixtureError for a prior off the simplex, a bad grid, floor or cap (under the floor,
+    or summing under 1), or a space with fewer than n distinct mixtures (unless allow_fewer).
     """
     prior = _check_prior(prior)
     d = prior.size
@@ -174,11 +205,13 @@ def sample_mixtures(
     # a dataset with no tokens gets a vanishing Dirichlet parameter and a zero cap: never drawn
     alpha = tempered_prior(prior, cfg.power)
     scales = np.logspace(math.log10(cfg.scale_min), math.log10(cfg.scale_max), cfg.num_scales)
-    cap = np.minimum(cfg.cap_factor * prior, 1.0)
-    cap_units = np.floor(cap * free + 1e-9).astype(np.int64)
-    if cap_units.sum() < free:
-        # caps that cannot hold a whole mixture (cap_factor * p summing under 1) are dropped
-        cap, cap_units = np.ones(d), np.full(d, free, dtype=np.int64)
+    hard = cap_headroom(cap, low, units)  # what `cap` leaves each entry of w
+    soft = np.minimum(cfg.cap_factor * prior, 1.0)
+    cap = np.minimum(soft, hard / free)
+    caps = np.minimum(np.floor(soft * free + 1e-9).astype(np.int64), hard)
+    if caps.sum() < free:
+        # cap_factor caps that cannot hold a whole mixture (with `cap`'s) are dropped
+        cap, caps = hard / free, hard
     min_units = math.ceil(cfg.min_weight * free - 1e-9)
     seen: set[bytes] = set()
     if exclude is not None and len(exclude):
@@ -197,8 +230,8 @@ def sample_mixtures(
         w = np.where(w < cfg.min_weight, 0.0, w)
         w /= np.maximum(w.sum(axis=1, keepdims=True), 1e-300)
         # renormalising after zeroing can lift a capped entry a little over its cap
-        grid_rows = to_units(_cap(w, cap), free, cap_units)
-        valid = (grid_rows.sum(axis=1) == free) & (grid_rows <= cap_units).all(axis=1)
+        grid_rows = to_units(_cap(w, cap), free, caps)
+        valid = (grid_rows.sum(axis=1) == free) & (grid_rows <= caps).all(axis=1)
         valid &= ((grid_rows == 0) | (grid_rows >= min_units)).all(axis=1)
         found = len(out)
         for row in grid_rows[valid] + low:
