@@ -89,7 +89,12 @@ def curation_fingerprint(config: RunConfig, tokenizer_dir: Path | None) -> str:
     """Hash of what curation reads: the data settings (not the grouping, which does not change
     the result), the seed, the base tokenizer and each input file's path, size and stamp."""
     inputs = [(f.uri, f.size, f.stamp) for spec in config.data.all_specs for f in input_files(spec)]
-    unset = {"max_tokens"} if config.data.max_tokens is None else set()  # as before it existed
+    # Keys added later count only when set, so curations made before they existed stay valid.
+    unset = {
+        key
+        for key, empty in (("max_tokens", None), ("targets", []))
+        if getattr(config.data, key) == empty
+    }
     return fingerprint(
         data=config.data.model_dump(exclude={"curate_groups", *unset}),
         seed=config.seed,
