@@ -10,7 +10,8 @@
 
 megatron, olmo and hf leave out datasets of weight 0 (interleave_datasets would never exhaust
 a source it never draws) and renormalize the others. Paths (megatron, olmo) are the dataset
-names unless given; epochs count demix's tokens, so another tokenizer shifts them.
+names unless given; epochs count demix's tokens of the whole dataset (estimated from the sample
+under data.max_tokens), so another tokenizer shifts them.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def selection_export(config, data, selection: dict) -> dict:
         selection["mixture"],
         selection["component_weights"],
         data.token_prior,
-        data.train_tokens,
+        data.full_train_tokens,
         config.train.final.tokens,
     )
 
@@ -96,7 +97,11 @@ def read_run(run: str | Path) -> dict:
     train = summary.get("dataset_train_tokens")
     if train is None:
         manifest = _read_json(run / "dataset" / "manifest.json", run)
-        train = {n: _get(manifest, "datasets", n, "train_tokens") for n in names}
+        train = {  # the whole dataset's tokens; runs before data.max_tokens counted them all
+            n: _get(manifest, "datasets", n, "full_train_tokens")
+            or _get(manifest, "datasets", n, "train_tokens")
+            for n in names
+        }
     final = summary.get("final_tokens")
     if final is None:
         final = _get(_read_json(run / "config.json", run), "train", "final", "tokens")

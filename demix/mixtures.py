@@ -94,11 +94,11 @@ def max_epochs(config: RunConfig, data: CuratedData) -> dict[str, float | None]:
 
 
 def epoch_caps(config: RunConfig, data: CuratedData) -> dict[str, float | None]:
-    """The weight search.max_epochs allows each dataset: max_epochs x train_tokens /
-    train.final.tokens, at most 1 (None: not capped)."""
+    """The weight search.max_epochs allows each dataset: max_epochs x its whole train tokens
+    (estimated under data.max_tokens) / train.final.tokens, at most 1 (None: not capped)."""
     final = config.train.final.tokens
     return {
-        n: None if e is None else min(1.0, e * data.train_tokens[n] / final)
+        n: None if e is None else min(1.0, e * data.full_train_tokens[n] / final)
         for n, e in max_epochs(config, data).items()
     }
 
@@ -116,7 +116,7 @@ def search_cap(config: RunConfig, data: CuratedData) -> np.ndarray | None:
     cap = np.array([1.0 if c is None else c for c in caps.values()])
     final = config.train.final.tokens
     if cap.sum() < 1 - 1e-9:  # every dataset is capped
-        tokens = sum(data.train_tokens.values())
+        tokens = sum(data.full_train_tokens.values())
         raise MixtureError(
             f"search.max_epochs caps the weights of {data.names} at {cap.sum():.4g} in all, "
             f"under 1: train.final.tokens={final} takes {final / tokens:.4g} epochs of their "
@@ -127,7 +127,7 @@ def search_cap(config: RunConfig, data: CuratedData) -> np.ndarray | None:
     over = [] if floor is None else np.flatnonzero(floor > cap + 1e-12)
     if len(over):
         held = {data.names[i]: round(float(floor[i]), 6) for i in over}
-        needed = {n: round(f * final / data.train_tokens[n], 4) for n, f in held.items()}
+        needed = {n: round(f * final / data.full_train_tokens[n], 4) for n, f in held.items()}
         raise MixtureError(
             f"under merge.weights: hull every searched mixture holds train.general_ratio x the "
             f"general mix, {held}, more weight than search.max_epochs allows; those datasets "

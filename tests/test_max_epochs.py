@@ -23,6 +23,7 @@ TRAIN = {"general": 60_000, "code": 30_000, "math": 2_000}
 DATA = SimpleNamespace(
     names=NAMES,
     train_tokens=TRAIN,
+    full_train_tokens=TRAIN,
     token_prior={n: t / sum(TRAIN.values()) for n, t in TRAIN.items()},
 )
 FINAL = 40_000  # 20 epochs of math at its token prior (2.2%)
@@ -207,3 +208,12 @@ def test_export_and_summary_share_the_epochs():
     export = mixture_export(NAMES, mixture, mixture, DATA.token_prior, TRAIN, FINAL)
     assert export["epochs"] == epochs(mixture, TRAIN, FINAL)
     assert epochs({"a": 0.5}, {"a": 0}, FINAL) == {"a": None}
+
+
+def test_caps_count_the_whole_dataset_when_curation_kept_a_sample(tmp_path):
+    """Under data.max_tokens the curated tokens are a sample; a real run repeats the whole
+    dataset, so the cap follows its estimated size, not the sample's."""
+    config = _config(tmp_path, {"math": 1})
+    sampled = SimpleNamespace(**{**vars(DATA), "full_train_tokens": {**TRAIN, "math": 8_000}})
+    assert epoch_caps(config, DATA)["math"] == pytest.approx(2_000 / FINAL)
+    assert epoch_caps(config, sampled)["math"] == pytest.approx(8_000 / FINAL)

@@ -33,6 +33,12 @@ class CuratedData:
         self.train_tokens = {
             n: int(d["train_tokens"]) for n, d in self.manifest["datasets"].items()
         }
+        # The whole dataset's train tokens: counted, or estimated from a sample (data.max_tokens).
+        # What a training run on the full corpus repeats: epochs and search.max_epochs use it.
+        self.full_train_tokens = {
+            n: int(d.get("full_train_tokens", d["train_tokens"]))
+            for n, d in self.manifest["datasets"].items()
+        }
         self.tokenizer_dir = self.root / self.manifest["tokenizer"]
 
     def tokens(self, name: str, split: str = "train") -> np.ndarray:

@@ -78,10 +78,10 @@ def summarize(
     return {
         "datasets": data.names,
         "token_prior": dict(data.token_prior),
-        "dataset_train_tokens": dict(data.train_tokens),
+        "dataset_train_tokens": dict(data.full_train_tokens),
         "final_tokens": config.train.final.tokens,
         "mixture": selection["mixture"],
-        "epochs": epochs(selection["mixture"], data.train_tokens, config.train.final.tokens),
+        "epochs": epochs(selection["mixture"], data.full_train_tokens, config.train.final.tokens),
         "max_epochs": max_epochs(config, data),
         "epoch_weight_caps": epoch_caps(config, data),
         "component_weights": selection["component_weights"],
