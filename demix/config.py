@@ -252,7 +252,11 @@ class MergeConfig(Strict):
     label of another, and the predictor would learn from mislabelled points. Method parameters
     left empty take the method's default (scale 1, density 0.2, drop_rate 0.5, seed 0); setting
     one the method does not take is an error. `delta_dtype: bfloat16` halves the memory of the
-    search's in-memory deltas. `output_dtype` and `shard_bytes` are the dtype and the largest
+    search's in-memory deltas. `delta_device` says where the search keeps the base and the
+    deltas: `device` beside the proxy (each proxy built at device memory bandwidth), `host` in
+    (pinned) host memory, streamed to the device for each proxy, `auto` the device when the
+    memory plan fits there, else the host (demix.merge.plan; it does not change scores).
+    `output_dtype` and `shard_bytes` are the dtype and the largest
     safetensors shard of a merged model written to disk (`demix merge`, the pipeline's merge
     step); `auto` keeps each tensor's dtype in the base. Neither changes search scores.
     """
@@ -264,6 +268,7 @@ class MergeConfig(Strict):
     drop_rate: float | None = Field(default=None, ge=0, lt=1)
     seed: int | None = None
     delta_dtype: Literal["float32", "bfloat16"] = "float32"
+    delta_device: Literal["auto", "device", "host"] = "auto"
     output_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     shard_bytes: int = Field(default=2 * 1024**3, gt=0)
 

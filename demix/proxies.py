@@ -20,6 +20,7 @@ from demix.config import RunConfig
 from demix.data.shards import CuratedData
 from demix.evaluate import Evaluator
 from demix.merge import DeltaStack, MergeMethod, make_method
+from demix.merge.plan import MemoryPlan, plan_for
 from demix.mixtures import as_dict, components_in_order, merge_weights
 from demix.model import load_model, resolve_device
 from demix.search.objective import Objective
@@ -57,12 +58,15 @@ def merge_method(config: RunConfig) -> MergeMethod:
     return make_method(config.merge.method, **config.merge.parameters)
 
 
+EVAL_DTYPE = torch.float32  # what models are evaluated in, and so the proxy's dtype
+
+
 def load_for_eval(config: RunConfig, path: Path, device: torch.device | str):
     """A model folder loaded in fp32 for evaluation, with the config's loading options."""
     return load_model(
         path,
         device,
-        torch.float32,
+        EVAL_DTYPE,
         config.model.trust_remote_code,
         config.model.attn_implementation,
     )
@@ -89,8 +93,28 @@ def model_id(folder: Path) -> str:
 
 
 def merge_settings(config: RunConfig) -> dict:
-    """The merge settings a merged proxy's scores depend on (not how merged models are saved)."""
-    return config.merge.model_dump(exclude={"output_dtype", "shard_bytes"})
+    """The merge settings a merged proxy's scores depend on (not how merged models are saved,
+    nor where the deltas live: host and device builds give the same proxies up to rounding)."""
+    return config.merge.model_dump(exclude={"output_dtype", "shard_bytes", "delta_device"})
+
+
+def merge_memory_plan(config: RunConfig, base: Path, k: int, device: torch.device) -> MemoryPlan:
+    """Where the search's base and deltas will live (merge.delta_device), logged in one line.
+
+    Reads only the base's safetensors headers; raises ModelError, naming what would fit, when
+    nothing does.
+    """
+    plan = plan_for(
+        base,
+        k,
+        merge_method(config),
+        EVAL_DTYPE,
+        config.merge.delta_dtype,
+        device,
+        config.merge.delta_device,
+    )
+    log.info("%s", plan.line)
+    return plan
 
 
 def score_key(config: RunConfig, data: CuratedData, base: Path, **what) -> str:
@@ -111,8 +135,9 @@ def score_key(config: RunConfig, data: CuratedData, base: Path, **what) -> str:
 class ProxyEvaluator:
     """Base + components loaded once; each call writes a proxy in place and evaluates it.
 
-    `key` identifies what the scores depend on (see score_key). Raises DemixError for missing
-    components, ModelError for models that do not match the base.
+    `key` identifies what the scores depend on (see score_key). The memory plan (where the base
+    and the deltas live) is decided and logged before any weight is loaded. Raises DemixError
+    for missing components, ModelError for models that do not match the base or do not fit.
     """
 
     def __init__(
@@ -127,6 +152,7 @@ class ProxyEvaluator:
         check_compatible(base, comp_dirs)
         device = resolve_device(config.train.device)
         self.config, self.data = config, data
+        self.plan = merge_memory_plan(config, base, len(comp_dirs), device)
         self.model = load_for_eval(config, base, device)
         self.model.eval()
         self.stack = DeltaStack(
@@ -135,6 +161,7 @@ class ProxyEvaluator:
             comp_dirs,
             merge_method(config),
             delta_dtype=getattr(torch, config.merge.delta_dtype),
+            delta_device=self.plan.delta_device,
         )
         self.evaluator = evaluator or make_evaluator(config, data, device)
         self.key = score_key(
