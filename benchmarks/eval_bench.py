@@ -14,7 +14,11 @@ The model is the demo's shape (configs/demo.yaml: hidden 128, 2 layers, 4 heads,
 with random weights, configured with eager attention (the demo's setting) and, as a second row,
 with SDPA: lm-eval runs the attention the model is configured with, the fast engine always runs
 SDPA when the model supports it. The tokenizer is a 4096-token BPE trained on the demo corpus.
+--device cpu or cuda runs one device only (default: the CPU, and CUDA when present); --synthetic
+scores a small generated corpus and task set instead of the demo's (no download; what the CPU
+dry run of benchmarks/gpu_check.sh uses); --no-fetch takes --data as it is; --json writes the rows.
 Usage: python benchmarks/eval_bench.py [--data data/demo] [--limit 60] [--repeats 5]
+                                       [--device auto|cpu|cuda --synthetic --no-fetch --json FILE]
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import argparse
 import json
 import logging
 import math
+import random
 import statistics
 import tempfile
 import time
@@ -37,7 +42,7 @@ from demix.data.demo import fetch_demo
 from demix.data.tokenizer import train_tokenizer
 from demix.evaluate.fast import FastScorer
 from demix.evaluate.packing import packing_attention
-from demix.evaluate.suite import BUNDLED_TASKS, load_task_suite
+from demix.evaluate.suite import BUNDLED_TASKS, RANKED_CHOICE, load_task_suite
 from demix.model import build_tiny_llama
 
 DEMO_ARCH = ArchitectureConfig(
@@ -54,6 +59,45 @@ def demo_tokenizer(data: Path, documents: int):
             for _, line in zip(range(documents), f, strict=False):
                 texts.append(json.loads(line)["text"])
     return train_tokenizer(texts, 4096)
+
+
+def synthetic_data(folder: Path, documents: int = 40, seed: int = 0) -> Path:
+    """A small corpus (general, code, math) and every bundled task's file, generated: the
+    engines' timings and agreement need no real data."""
+    rng = random.Random(seed)
+    words = "the a river city council report people year market school north long small".split()
+    eval_dir = folder / "eval"
+    eval_dir.mkdir(parents=True)
+
+    def sentence() -> str:
+        return " ".join(rng.choices(words, k=rng.randint(6, 14))).capitalize() + "."
+
+    def sums() -> tuple[int, int]:
+        return rng.randint(2, 99), rng.randint(2, 99)
+
+    texts = {
+        "general": [" ".join(sentence() for _ in range(6)) for _ in range(documents)],
+        "code": [f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(documents)],
+        "math": [
+            f"{a} + {b} = {a + b}. The answer is {a + b}."
+            for a, b in (sums() for _ in range(documents))
+        ],
+    }
+    for name, docs in texts.items():
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    for task, kind in BUNDLED_TASKS.items():
+        records = []
+        for _ in range(documents):
+            a, b = sums()
+            if kind == RANKED_CHOICE:
+                choices = [str(a + b), str(a * b), str(abs(a - b))]
+                records.append(
+                    {"query": f"Question: {a} plus {b}?\nAnswer:", "choices": choices, "gold": 0}
+                )
+            else:
+                records.append({"context": sentence(), "continuation": " " + sentence()})
+        (eval_dir / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return folder
 
 
 def synchronize(device: str) -> None:
@@ -181,22 +225,35 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--attention", nargs="+", default=["eager", "sdpa"])
     parser.add_argument("--tokenizer-documents", type=int, default=2000)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--synthetic", action="store_true", help="generated data, no download")
+    parser.add_argument("--no-fetch", action="store_true", help="use --data as it is")
+    parser.add_argument("--json", type=Path, help="write the rows to this file")
     args = parser.parse_args()
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    fetch_demo(args.data)
-    tokenizer = demo_tokenizer(args.data, args.tokenizer_documents)
-
-    devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
-    rows = {
-        (device, attention): bench(device, attention, tokenizer, args.data, args)
-        for device in devices
-        for attention in args.attention
-    }
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.synthetic:
+            args.data = synthetic_data(Path(tmp) / "data")
+        elif not args.no_fetch:
+            fetch_demo(args.data)
+        tokenizer = demo_tokenizer(args.data, args.tokenizer_documents)
+        if args.device == "auto":
+            devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+        else:
+            devices = [args.device]
+        rows = {
+            (device, attention): bench(device, attention, tokenizer, args.data, args)
+            for device in devices
+            for attention in args.attention
+        }
+    if args.json:
+        named = [{"device": d, "attention": a, **row} for (d, a), row in rows.items()]
+        args.json.write_text(json.dumps(named, indent=1))
 
     first = next(iter(rows.values()))
     print(
         "model: demo shape (hidden 128, 2 layers, context 256, random weights), fp32; "
-        f"{len(BUNDLED_TASKS)} bundled tasks, {first['documents']} documents (limit {args.limit}); "
+        f"{len(BUNDLED_TASKS)} bundled tasks{' (synthetic data)' if args.synthetic else ''}, {first['documents']} documents (limit {args.limit}); "
         f"batch size {args.batch_size}; {torch.get_num_threads()} CPU threads; "
         f"median of {args.repeats}"
     )
@@ -216,7 +273,7 @@ def main() -> None:
             f"{row['fast'] / row['floor']:>12.2f}{row['accuracy_mismatches']:>11d}"
             f"{row['largest_relative']:>14.1e}"
         )
-    if "cuda" not in devices:
+    if args.device == "auto" and "cuda" not in devices:
         print(f"{'cuda':<8}skipped (no CUDA device)")
     print("goals: lm-eval/fast >= 3, fast/floor <= 1.3, acc diffs 0, max rel diff <= 1e-5")
 

@@ -8,9 +8,14 @@
    dev extra); fp32 checkpoints, then the same checkpoints in bf16 merged to bf16;
 3. peak RSS of the streaming disk merge for K = 2 and K = 7, each in a fresh process;
 4. the in-place proxy on CUDA when a GPU is present.
+With --host-deltas, also proxies built from host-resident deltas (merge.delta_device: host)
+against their floor: the base and K deltas copied from page-locked host memory to the device, at
+the bandwidth of one such copy measured in the same run. With --device cpu or cuda only the
+in-place rows run, on that device (what benchmarks/gpu_check.sh uses); --json writes them.
 
 Components are the base plus small noise (the regime DeMix assumes).
 Usage: python benchmarks/merge_bench.py [--hidden 768 --layers 12 --vocab 32000 --components 7]
+                                        [--device auto|cpu|cuda --host-deltas --json FILE]
 """
 
 from __future__ import annotations
@@ -56,18 +61,36 @@ def make_checkpoints(
 
 
 def in_place_vs_floor(
-    base: Path, comps: list[Path], device: str, repeats: int, methods: tuple[str, ...]
+    base: Path,
+    comps: list[Path],
+    device: str,
+    repeats: int,
+    methods: tuple[str, ...],
+    delta_device: str = "device",
+    delta_dtype: torch.dtype = torch.float32,
 ) -> dict:
     """In-place proxy time per merge method against the copy floor of the same bytes.
 
+    With the deltas on the device the floor is a copy on the device of the bytes a proxy build
+    reads and writes (the base and K deltas read, the proxy written); with host deltas, a copy
+    from page-locked host memory to the device of the base and the K deltas.
     Memory bandwidth on a shared machine drifts by 2x within seconds, so each repeat times the
     copy and the proxy back to back; the ratio reported is the median of the per-repeat ratios.
     """
     model = load_model(base, device)
     weights = np.full(len(comps), 1.0 / len(comps))
     flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    proxy_bytes = flat.numel() * flat.element_size()
+    delta_bytes = len(comps) * flat.numel() * delta_dtype.itemsize
+    if delta_device == "host":
+        src = torch.empty_like(flat, device="cpu", pin_memory=device == "cuda")
+        scale = (proxy_bytes + delta_bytes) / proxy_bytes  # base + K deltas, one copy moves 1
+        bandwidth = proxy_bytes  # bytes per copy: a transfer's bytes
+    else:
+        src = flat
+        scale = (2 * proxy_bytes + delta_bytes) / (2 * proxy_bytes)  # a copy moves 2
+        bandwidth = 2 * proxy_bytes  # a copy's memory traffic
     dst = torch.empty_like(flat)
-    scale = (len(comps) + 2) / 2  # K deltas + base read, one model written; a copy moves 2
 
     def timed(fn) -> float:
         start = time.perf_counter()
@@ -78,19 +101,65 @@ def in_place_vs_floor(
 
     out = {"floor_s": [], "times": {}, "ratios": {}}
     for method in methods:
-        stack = DeltaStack(model, base, comps, method)
+        stack = DeltaStack(
+            model, base, comps, method, delta_dtype=delta_dtype, delta_device=delta_device
+        )
         stack.write(weights)
-        dst.copy_(flat)
+        dst.copy_(src, non_blocking=True)
         floors, times = [], []
         for _ in range(repeats):
-            floors.append(timed(lambda: dst.copy_(flat)) * scale)
+            floors.append(timed(lambda: dst.copy_(src, non_blocking=True)) * scale)
             times.append(timed(lambda stack=stack: stack.write(weights)))
         out["floor_s"] += floors
         out["times"][method] = statistics.median(times)
         out["ratios"][method] = statistics.median(t / f for t, f in zip(times, floors, strict=True))
         del stack
     out["floor_s"] = statistics.median(out["floor_s"])
+    out["bandwidth"] = bandwidth * scale / out["floor_s"]  # bytes (or traffic) per s of one copy
     return out
+
+
+def in_place_rows(row, base, comps, device: str, args) -> dict:
+    """The in-place proxy rows on one device (device and, with --host-deltas, host deltas)."""
+    dtype = getattr(torch, args.delta_dtype)
+    label = f"{device} ({torch.cuda.get_device_name()})" if device == "cuda" else device
+    timings = {
+        "device": in_place_vs_floor(
+            base, comps, device, args.repeats, METHODS_TIMED, "device", dtype
+        )
+    }
+    row(
+        f"floor on {label}: device copy of the bytes read and written",
+        f"{timings['device']['floor_s'] * 1e3:.3f} ms",
+        "1.00x",
+        f"{timings['device']['bandwidth'] / 1e9:.1f} GB/s",
+    )
+    for method, seconds in timings["device"]["times"].items():
+        goal = "<= 1.3x" if method == "linear" else ""
+        row(
+            f"   in-place proxy, {method}",
+            f"{seconds * 1e3:.3f} ms",
+            f"{timings['device']['ratios'][method]:.2f}x",
+            goal,
+        )
+    if args.host_deltas:
+        host = in_place_vs_floor(base, comps, device, args.repeats, METHODS_TIMED, "host", dtype)
+        timings["host"] = host
+        row(
+            "floor: host-to-device copy of the base and K deltas",
+            f"{host['floor_s'] * 1e3:.3f} ms",
+            "1.00x",
+            f"{host['bandwidth'] / 1e9:.1f} GB/s",
+        )
+        for method, seconds in host["times"].items():
+            goal = "<= 1.3x" if method == "linear" else ""
+            row(
+                f"   host-streamed proxy, {method}",
+                f"{seconds * 1e3:.3f} ms",
+                f"{host['ratios'][method]:.2f}x",
+                goal,
+            )
+    return timings
 
 
 def _drop_caches_of_writes() -> None:
@@ -178,6 +247,18 @@ def main() -> None:
     parser.add_argument("--components", type=int, default=7)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--disk-repeats", type=int, default=3)
+    parser.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="auto: every row on the CPU, the in-place rows on CUDA too when a GPU is present; "
+        "cpu or cuda: only the in-place rows, on that device",
+    )
+    parser.add_argument(
+        "--host-deltas", action="store_true", help="also time proxies from host-resident deltas"
+    )
+    parser.add_argument("--delta-dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--json", type=Path, help="write the in-place timings to this file")
     args = parser.parse_args()
     arch = ArchitectureConfig(
         hidden_size=args.hidden,
@@ -199,7 +280,16 @@ def main() -> None:
         def row(label: str, seconds: str, ratio: str, goal: str = "") -> None:
             print(f"{label:58s} {seconds:>10s} {ratio:>8s}  {goal}")
 
-        cpu = in_place_vs_floor(base, comps, "cpu", args.repeats, METHODS_TIMED)
+        if args.device != "auto":
+            timings = in_place_rows(row, base, comps, args.device, args)
+            if args.json:
+                name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+                record = {"device": args.device, "name": name, "params": n_params, "k": k}
+                args.json.write_text(json.dumps({**record, **timings}, indent=1))
+            return
+
+        dtype = getattr(torch, args.delta_dtype)
+        cpu = in_place_vs_floor(base, comps, "cpu", args.repeats, METHODS_TIMED, "device", dtype)
         row("1. floor: copy of (K+2)/2 models' bytes", f"{cpu['floor_s']:.4f} s", "1.00x")
         for method, seconds in cpu["times"].items():
             goal = "<= 1.5x" if method == "linear" else ""
@@ -209,6 +299,15 @@ def main() -> None:
                 f"{cpu['ratios'][method]:.2f}x",
                 goal,
             )
+        if args.host_deltas:
+            host = in_place_vs_floor(base, comps, "cpu", args.repeats, METHODS_TIMED, "host", dtype)
+            row("   floor: copy of the base and K deltas", f"{host['floor_s']:.4f} s", "1.00x")
+            for method, seconds in host["times"].items():
+                row(
+                    f"   host-streamed proxy, {method}",
+                    f"{seconds:.4f} s",
+                    f"{host['ratios'][method]:.2f}x",
+                )
 
         exe = mergekit_yaml()
         bf16 = bf16_copies([base, *comps], root)
@@ -262,15 +361,8 @@ def main() -> None:
         )
 
         if torch.cuda.is_available():
-            gpu = in_place_vs_floor(base, comps, "cuda", args.repeats, METHODS_TIMED)
-            name = torch.cuda.get_device_name()
-            row(f"4. CUDA floor ({name})", f"{gpu['floor_s'] * 1e3:.3f} ms", "1.00x")
-            for method, seconds in gpu["times"].items():
-                row(
-                    f"   in-place proxy on CUDA, {method}",
-                    f"{seconds * 1e3:.3f} ms",
-                    f"{gpu['ratios'][method]:.2f}x",
-                )
+            print("4. CUDA")
+            in_place_rows(row, base, comps, "cuda", args)
         else:
             row("4. CUDA: no GPU here, skipped", "-", "-")
 

@@ -12,8 +12,11 @@ over gloo on CPU, each process one thread of the cores), same global batch, agai
 process above (all cores); tokens/s is global tokens over the loop's own clock, so process
 start and the final save are not counted.
 
+--device and --dtype set train.device and train.dtype (default auto: CUDA with bf16 autocast
+when present, else the CPU in fp32); the bare loop autocasts alike. --json writes the medians.
+
 Usage: python benchmarks/train_bench.py [--hidden 128 --layers 2 --steps 120 --repeats 3
-                                         --processes 2]
+                                         --processes 2 --device auto --dtype auto --json FILE]
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import yaml
 
 from demix.config import ArchitectureConfig, config_yaml, parse_config
 from demix.data.shards import CuratedData
-from demix.model import build_tiny_llama, resolve_device, set_threads
+from demix.model import build_tiny_llama, resolve_device, resolve_dtype, set_threads
 from demix.stages import curate_stage
 from demix.train import train_model
 
@@ -55,9 +58,18 @@ def synthetic_corpus(folder: Path, names: list[str], docs: int, seed: int = 0) -
                 f.write(json.dumps({"text": text}) + "\n")
 
 
-def bench_config(folder: Path, arch: ArchitectureConfig, seq_len: int, batch: int, steps: int):
+def bench_config(
+    folder: Path,
+    arch: ArchitectureConfig,
+    seq_len: int,
+    batch: int,
+    steps: int,
+    device: str = "auto",
+    dtype: str = "auto",
+    docs: int = 3000,
+):
     names = ["general", "code", "math"]
-    synthetic_corpus(folder, names, docs=3000)
+    synthetic_corpus(folder, names, docs=docs)
     tokens = steps * seq_len * batch
     return parse_config(
         {
@@ -70,6 +82,8 @@ def bench_config(folder: Path, arch: ArchitectureConfig, seq_len: int, batch: in
             "train": {
                 "seq_len": seq_len,
                 "batch_size": batch,
+                "device": device,
+                "dtype": dtype,
                 "base": {"tokens": tokens, "lr": 3e-3},
                 "component": {"tokens": tokens},
                 "final": {"tokens": tokens},
@@ -115,8 +129,10 @@ def launched_loop(config, data: CuratedData, out: Path, run: int, processes: int
 
 
 def bare_loop(config, data: CuratedData, run: int) -> float:
-    """tokens/s of forward + backward + AdamW on random batches of the same shape."""
+    """tokens/s of forward + backward + AdamW on random batches of the same shape (under bf16
+    autocast when train.dtype resolves to bfloat16, as the demix loop)."""
     device = resolve_device(config.train.device)
+    autocast = resolve_dtype(config.train.dtype, device) == torch.bfloat16
     model = build_tiny_llama(config.model.architecture, data.vocab_size, data.eos_token_id, run)
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, foreach=True)
@@ -130,7 +146,8 @@ def bare_loop(config, data: CuratedData, run: int) -> float:
     start = time.perf_counter()
     for batch in batches:
         batch = batch.to(device)
-        logits = model(input_ids=batch[:, :-1]).logits
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = model(input_ids=batch[:, :-1]).logits
         loss = F.cross_entropy(
             logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1)
         )
@@ -153,6 +170,10 @@ def main() -> None:
     parser.add_argument(
         "--processes", type=int, default=2, help="processes of the launched runs (0: skip them)"
     )
+    parser.add_argument("--device", default="auto", help="train.device: auto, cpu, cuda")
+    parser.add_argument("--dtype", default="auto", help="train.dtype: auto, float32, bfloat16")
+    parser.add_argument("--docs", type=int, default=3000, help="documents per synthetic dataset")
+    parser.add_argument("--json", type=Path, help="write the medians to this file")
     args = parser.parse_args()
     set_threads()
     arch = ArchitectureConfig(
@@ -164,7 +185,9 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory(dir=".") as tmp:
         root = Path(tmp).resolve()
-        config = bench_config(root, arch, args.seq_len, args.batch, args.steps)
+        config = bench_config(
+            root, arch, args.seq_len, args.batch, args.steps, args.device, args.dtype, args.docs
+        )
         data = curate_stage(config, root / "dataset")
         device = resolve_device(config.train.device)
         bare_loop(config, data, 99)  # warm-up: allocator, kernels
@@ -178,9 +201,14 @@ def main() -> None:
             p.numel() for p in build_tiny_llama(arch, data.vocab_size, 0, 0).parameters()
         )
         ours_s, bare_s = statistics.median(ours), statistics.median(bare)
+        dtype = resolve_dtype(config.train.dtype, device)
+        if args.json:
+            record = {"device": device.type, "dtype": str(dtype), "bare": bare_s, "demix": ours_s}
+            args.json.write_text(json.dumps(record))
         print(
             f"model: {n_params / 1e6:.2f}M params, batch {args.batch} x seq {args.seq_len}, "
-            f"{args.steps} steps, {device.type}, {torch.get_num_threads()} threads, "
+            f"{args.steps} steps, {device.type} {str(dtype).removeprefix('torch.')}, "
+            f"{torch.get_num_threads()} threads, "
             f"median of {args.repeats}"
         )
         print(f"{'loop':44s} {'tokens/s':>10s} {'ratio':>7s}  goal")

@@ -258,3 +258,20 @@ def test_the_proxy_evaluator_refuses_before_loading_weights(
     monkeypatch.setattr(proxies, "load_for_eval", lambda *a: pytest.fail("weights loaded"))
     with pytest.raises(ModelError, match="would fit: .*a device with"):
         proxies.ProxyEvaluator(*_evaluator_inputs(family, corpus_dir, tmp_path))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_cuda_host_mode_equals_the_cpu(family, method):
+    """On CUDA the chunks are copied from page-locked memory on a side stream while the previous
+    chunk is merged: the proxy equals the CPU's (rounding apart), again after a second write."""
+    base, comps = family
+    merge = make_method(method, **METHODS[method])
+    cpu = _stack(family, method, "device")
+    gpu = DeltaStack(load_model(base, "cuda"), base, comps, merge, chunk=CHUNK, delta_device="host")
+    assert gpu.deltas.is_pinned() and gpu.flat.is_cuda
+    for weights in WEIGHTS:
+        cpu.write(weights)
+        gpu.write(weights)
+        torch.testing.assert_close(gpu.flat.cpu(), cpu.flat, rtol=0, atol=1e-5)
