@@ -131,7 +131,6 @@ def main() -> None:
             verdict = "no result"
         lines.append(f"{label:50s} {text:>34s}  {target:>9s}  {verdict}")
     report = "\n".join(lines) + "\n"
-    (args.out / "gpu_check.txt").write_text(report)
     numbers = {
         "device": merge.get("name", args.device),
         "device_copy_bytes_per_s": (merge.get("device") or {}).get("bandwidth"),
@@ -139,6 +138,12 @@ def main() -> None:
         "rows": {label: value for label, (_, value) in rows.items()},
     }
     (args.out / "gpu_check.json").write_text(json.dumps(numbers, indent=1))
+    copy, h2d = numbers["device_copy_bytes_per_s"], numbers["host_to_device_bytes_per_s"]
+    if not dry and copy and h2d and merge.get("free_bytes"):
+        name = str(numbers["device"]).replace(":", " ")
+        spec = f"{name}:{merge['free_bytes'] / 2**30:.0f}:{copy / 1e12:.2f}:{h2d / 1e9:.1f}"
+        report += f"measured inputs of benchmarks/scale_table.py: --gpu '{spec}'\n"
+    (args.out / "gpu_check.txt").write_text(report)
     print(report, end="")
     raise SystemExit(0 if complete else 1)
 

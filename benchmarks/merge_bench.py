@@ -36,6 +36,7 @@ import torch
 
 from demix.config import ArchitectureConfig
 from demix.merge import DeltaStack
+from demix.merge.plan import free_memory
 from demix.model import build_tiny_llama, load_model
 
 # in-place proxy timings per method (linear has the goal; the others are for reference)
@@ -281,10 +282,12 @@ def main() -> None:
             print(f"{label:58s} {seconds:>10s} {ratio:>8s}  {goal}")
 
         if args.device != "auto":
+            free = free_memory(args.device)[0]  # before this bench holds any of it
             timings = in_place_rows(row, base, comps, args.device, args)
             if args.json:
                 name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
                 record = {"device": args.device, "name": name, "params": n_params, "k": k}
+                record["free_bytes"] = free
                 args.json.write_text(json.dumps({**record, **timings}, indent=1))
             return
 

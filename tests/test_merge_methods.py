@@ -347,6 +347,7 @@ def test_the_output_dtype_is_not_a_scoring_setting(corpus_dir):
 
     assert settings(output_dtype="bfloat16") == settings() == settings(output_dtype="float16")
     assert settings(shard_bytes=1000) == settings()
+    assert settings(delta_device="host") == settings() == settings(delta_device="device")
     assert settings(delta_dtype="bfloat16") != settings()
     assert settings(method="task_arithmetic") != settings()
 
