@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import weakref
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,8 +13,6 @@ from demix.checkpoint import TensorIndex
 from demix.errors import ModelError
 from demix.merge.methods import MergeMethod, make_method
 from demix.merge.methods.base import DEFAULT_CHUNK
-
-log = logging.getLogger(__name__)
 
 
 def chunk_slices(total: int, chunk: int) -> list[slice]:
@@ -145,27 +142,26 @@ class Lanes:
 
 def page_lock(owner, *tensors: torch.Tensor) -> None:
     """Page-lock CPU tensors in place for asynchronous copies to CUDA, for as long as `owner`
-    lives (cudaHostRegister: torch's pinned allocator rounds an allocation up to a power of two,
-    up to twice the bytes). Where that fails, the copies still work, synchronously."""
+    lives (cudaHostRegister: torch's pinned allocator would round each allocation up to a power
+    of two, up to twice the bytes). Raises ModelError when the memory cannot be locked."""
     cudart = torch.cuda.cudart()
-    locked = []
-    for t in tensors:
-        error = int(cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0))
-        if error:
-            log.warning(
-                "could not page-lock %.1f GB of host memory (cudaError %d); "
-                "host-to-device copies will be slower",
-                t.nbytes / 1e9,
-                error,
-            )
-            continue
-        locked.append(t)
+    locked: list[torch.Tensor] = []
 
     def unlock(tensors: list[torch.Tensor]) -> None:
+        torch.cuda.synchronize()  # no copy from them may still be in flight
         for t in tensors:
             cudart.cudaHostUnregister(t.data_ptr())
 
     weakref.finalize(owner, unlock, locked)
+    for t in tensors:
+        error = int(cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0))
+        if error:
+            raise ModelError(
+                f"could not page-lock {t.nbytes / 1e9:.1f} GB of host memory for the deltas "
+                f"(cudaError {error}); free host memory, "
+                "or set merge.delta_dtype: bfloat16 or fewer components"
+            )
+        locked.append(t)
 
 
 STORAGES = {"device": DeviceDeltas, "host": HostDeltas}
