@@ -359,7 +359,7 @@ def test_empty_or_malformed_eval_file_is_a_task_error(tokenizer, tmp_path):
 
 def test_heldout_task_needs_a_known_dataset(tokenizer, heldout_data):
     config = EvaluateConfig(categories={"general": ["heldout:nope"]})
-    with pytest.raises(TaskError, match="no dataset 'nope'"):
+    with pytest.raises(TaskError, match="no dataset or target 'nope'"):
         Evaluator(config, tokenizer, "cpu", data=heldout_data)
     with pytest.raises(TaskError, match="pass data="):
         Evaluator(config, tokenizer, "cpu")
