@@ -17,11 +17,40 @@ from .conftest import smoke_config_dict
 CATEGORIES = {"general", "math", "code"}
 
 
+def _as_other_formats(corpus_dir, root) -> dict[str, str]:
+    """The smoke corpus as a team's shards would come: general as a Parquet folder, code as a
+    .jsonl.zst file, math as a folder saved by `datasets` (each written by its own library)."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    texts = {
+        name: [json.loads(line)["text"] for line in (corpus_dir / f"{name}.jsonl").open()]
+        for name in ("general", "code", "math")
+    }
+    (root / "general").mkdir()
+    for part, start in enumerate(range(0, len(texts["general"]), 100)):
+        chunk = pa.table({"text": texts["general"][start : start + 100]})
+        pq.write_table(chunk, root / "general" / f"part-{part}.parquet", row_group_size=32)
+    jsonl = "".join(json.dumps({"text": t}) + "\n" for t in texts["code"]).encode()
+    (root / "code.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(jsonl))
+    datasets.Dataset.from_dict({"text": texts["math"]}).save_to_disk(
+        str(root / "math"), num_shards=2
+    )
+    return {"general": "general", "code": "code.jsonl.zst", "math": "math"}
+
+
 @pytest.fixture(scope="module")
 def smoke_run(corpus_dir, eval_dir, tmp_path_factory):
+    """`demix run` of the smoke config, its candidates in Parquet, zstd JSONL and `datasets`."""
     root = tmp_path_factory.mktemp("run")
+    raw = smoke_config_dict(corpus_dir, eval_dir)
+    formats = _as_other_formats(corpus_dir, root)
+    for spec in raw["data"]["datasets"]:
+        spec["paths"] = [str(root / formats[spec["name"]])]
     config = root / "smoke.yaml"
-    config.write_text(yaml.safe_dump(smoke_config_dict(corpus_dir, eval_dir)))
+    config.write_text(yaml.safe_dump(raw))
     assert main(["run", str(config), "--out", str(root / "out")]) == 0
     return config, root / "out"
 
@@ -78,6 +107,12 @@ def test_export_of_the_finished_run(smoke_run, capsys):
     assert main(["export", str(out), "--format", "megatron"]) == 0
     pairs = capsys.readouterr().out.split()
     assert pairs[1::2] == [n for n in summary["datasets"] if summary["mixture"][n] > 0]
+    assert main(["export", str(out), "--format", "olmo"]) == 0
+    sources = yaml.safe_load(capsys.readouterr().out)["sources"]
+    assert [s["source_name"] for s in sources] == pairs[1::2]
+    assert main(["export", str(out), "--format", "hf"]) == 0
+    hf = json.loads(capsys.readouterr().out)
+    assert hf["probabilities"] == pytest.approx([float(w) for w in pairs[0::2]])
 
 
 def test_rerun_skips_finished_work_and_gives_the_same_mixture(smoke_run, capsys):
