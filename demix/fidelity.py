@@ -327,11 +327,13 @@ def _values(results: list[dict], tasks: list[str]) -> np.ndarray:
 def crr_per_task(proxy, reference, base, higher_is_better) -> np.ndarray:
     """CRR per task from values [..., R, T] (mixtures on axis -2): sum proxy / sum reference
     where higher is better, (base - mean proxy) / (base - mean reference) for losses; NaN where
-    the denominator is 0 or the base is NaN."""
+    the base is NaN or the references do not improve on it (base - mean reference <= 0: there
+    is no improvement to recover, and a ratio of two losses of ground would read as one)."""
     proxy, reference = np.asarray(proxy), np.asarray(reference)
+    gained = base - reference.mean(axis=-2)
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = proxy.sum(axis=-2) / reference.sum(axis=-2)
-        improvement = (base - proxy.mean(axis=-2)) / (base - reference.mean(axis=-2))
+        improvement = np.where(gained > 0, (base - proxy.mean(axis=-2)) / gained, np.nan)
     out = np.where(np.asarray(higher_is_better), ratio, improvement)
     return np.where(np.isfinite(out), out, np.nan)
 
@@ -396,7 +398,14 @@ def capability_recovery_detail(
             c: percentile_ci(v, level) for c, v in _crr_categories(resampled, columns).items()
         },
         "crr_tasks": {
-            t: {"crr": float(per_task[k]), "kind": "ratio" if higher[k] else "improvement"}
+            t: {
+                "crr": float(per_task[k]),
+                "kind": "ratio" if higher[k] else "improvement",
+                # mean over mixtures, raw units: base - reference (the improvement to recover)
+                # and base - proxy (what the proxies recovered); < 0: worse than the base
+                "base_minus_reference": float(base[k] - reference[:, k].mean()),
+                "base_minus_proxy": float(base[k] - proxy[:, k].mean()),
+            }
             for k, t in enumerate(tasks)
         },
     }
@@ -404,6 +413,15 @@ def capability_recovery_detail(
         out["crr_note"] = (
             "No base model result: the CRR of loss-type tasks (the share of the base's "
             "improvement recovered) is NaN, and so is that of their categories"
+        )
+    lost = [
+        t for k, t in enumerate(tasks) if not higher[k] and base[k] - reference[:, k].mean() <= 0
+    ]
+    if lost:
+        out["crr_note"] = (
+            f"the trained references do not improve on the base on {lost} (mean loss at or "
+            "above the base's): there is no improvement to recover, so their CRR is NaN; see "
+            "crr_tasks for the raw gaps"
         )
     return out
 

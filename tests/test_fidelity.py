@@ -88,13 +88,32 @@ def test_improvement_crr_is_0_at_the_base_and_1_at_the_reference():
     w = np.eye(3)
     out = fidelity(["a", "b", "c"], w, as_base, refs, categories, base, resamples=200)
     assert out["crr"]["loss"] == pytest.approx(0.0) and out["crr"]["mean"] == pytest.approx(0.0)
-    assert out["crr_tasks"]["l"] == {"crr": pytest.approx(0.0), "kind": "improvement"}
+    assert out["crr_tasks"]["l"] == {
+        "crr": pytest.approx(0.0),
+        "kind": "improvement",
+        "base_minus_reference": pytest.approx(2.0),  # refs 2, 3, 4 against the base's 5
+        "base_minus_proxy": pytest.approx(0.0),
+    }
     assert out["crr_ci"]["loss"] == pytest.approx([0.0, 0.0])
     assert "crr_note" not in out
     same = fidelity(["a", "b", "c"], w, refs, refs, categories, base, resamples=200)
     assert same["crr"]["mean"] == pytest.approx(1.0)
     assert same["crr_ci"]["mean"] == pytest.approx([1.0, 1.0])
     assert "base" in fidelity(["a", "b", "c"], w, refs, refs, categories)["crr_note"]
+
+
+def test_improvement_crr_is_undefined_when_the_references_lose_ground():
+    """References worse than the base leave no improvement to recover: a ratio of two losses of
+    ground (proxies 3x worse than references read as CRR 3) must not pass for recovery."""
+    categories = {"loss": ["l"]}
+    base = {"l": _result(2.0, False)}
+    refs = [{"l": _result(2.1 + 0.1 * k, False)} for k in range(3)]  # mean 2.2: worse
+    proxies = [{"l": _result(2.4 + 0.3 * k, False)} for k in range(3)]  # mean 2.7
+    out = fidelity(["a", "b", "c"], np.eye(3), proxies, refs, categories, base, resamples=200)
+    assert math.isnan(out["crr"]["loss"]) and math.isnan(out["crr"]["mean"])
+    assert out["crr_tasks"]["l"]["base_minus_reference"] == pytest.approx(-0.2)
+    assert out["crr_tasks"]["l"]["base_minus_proxy"] == pytest.approx(-0.7)
+    assert "do not improve on the base on ['l']" in out["crr_note"]
 
 
 def test_crr_interval_resamples_mixtures():
