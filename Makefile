@@ -36,7 +36,7 @@ demo: install ## the embedded demo as the KFP pipeline, run locally (writes runs
 demo-library: install ## the same demo through the library directly (demix run), no KFP
 	$(BIN)/demix run configs/demo.yaml --out runs/demo-library
 
-reproduce: install ## the paper's protocol on CPU, about 80 minutes (writes runs/reproduce/)
+reproduce: install ## the paper's protocol on CPU, about 2 hours (writes runs/reproduce/)
 	$(BIN)/demix reproduce configs/reproduce.yaml --out runs/reproduce
 
 test: install ## fast test suite (no slow, no gpu)
