@@ -5,7 +5,6 @@ grouping, local or gs://), and bad files refused in one line naming the file."""
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from pathlib import Path
 
@@ -21,17 +20,9 @@ from demix.data.sources import input_files, read_file_documents
 from demix.errors import DataError
 from demix.storage import read_manifest
 
+from .test_curate_fanout import _docs  # the same seeded documents
+
 datasets.disable_progress_bars()
-
-
-def _docs(prefix: str, n: int) -> list[str]:
-    rng = random.Random(prefix)
-    syllables = ["ka", "lo", "mi", "ne", "su", "ta", "ri", "po", "ve", "du", "xo", "ge"]
-    return [
-        f"{prefix} document {i}:\n"
-        + " ".join("".join(rng.choices(syllables, k=rng.randint(1, 3))) for _ in range(30))
-        for i in range(n)
-    ]
 
 
 # Each dataset has a short document and a repeat of its own, and one repeats another's.
