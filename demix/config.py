@@ -411,12 +411,41 @@ class FidelityConfig(Strict):
     """`demix validate`: R sampled reference mixtures plus the vertices and the uniform mixture,
     each trained from the base with the component budget and compared with its merged proxy.
 
-    `sweep` (used by `demix reproduce`) lists component budgets and learning rates to retrain the
-    components with, measuring fidelity against the same references as the updates grow.
+    `replicates`: the first k references are trained again with the next training seed (run
+    seed + 1) on the same mixture: their test-retest rank agreement is the reliability ceiling
+    of every predictor of these references (demix.fidelity.reliability). Used by `demix
+    reproduce` only: `sweep` lists component budgets and learning rates to retrain the components
+    with, measuring fidelity against the same references as the updates grow; `budgets` are
+    fractions of the component budget at which the references' mixtures are trained again with
+    the next seed (trained proxies at a smaller budget: the cost of a training-based search at
+    matched fidelity); `ablations` are merge methods and mappings whose proxies are scored
+    against the same references (each a `merge` section; where it names no delta_dtype or
+    delta_device, the run's apply); `seeds` repeats the protocol with run seed, run seed + 1, ...
+    (see demix.recipes.reproduce for what the seeds share).
     """
 
     references: int = Field(default=12, ge=2)
+    replicates: int = Field(default=0, ge=0)
     sweep: list[StageTraining] = Field(default_factory=list)
+    budgets: list[float] = Field(default_factory=list)
+    ablations: list[MergeConfig] = Field(default_factory=list)
+    seeds: int = Field(default=1, ge=1)
+
+    @field_validator("budgets")
+    @classmethod
+    def _fractions(cls, value: list[float]) -> list[float]:
+        bad = [f for f in value if not 0 < f < 1]
+        if bad:
+            raise ValueError(f"budgets are fractions of the component budget in (0, 1), got {bad}")
+        return sorted(set(value), reverse=True)
+
+    @model_validator(mode="after")
+    def _replicates_fit(self) -> FidelityConfig:
+        if self.replicates > self.references:
+            raise ValueError(
+                f"replicates ({self.replicates}) cannot exceed references ({self.references})"
+            )
+        return self
 
 
 class RunConfig(Strict):
@@ -438,17 +467,11 @@ class RunConfig(Strict):
             raise ValueError(
                 "train.base is required when model.base is empty (the demo pretrains a base)"
             )
-        if (
-            self.merge.method in ("ties", "dare_ties")
-            and self.merge.weights == "data"
-            and self.train.general_ratio > 0
+        for where, merge in (
+            ("merge", self.merge),
+            *((f"fidelity.ablations.{i}", m) for i, m in enumerate(self.fidelity.ablations)),
         ):
-            raise ValueError(
-                f"merge.method {self.merge.method!r} averages with non-negative component weights, "
-                f"but merge.weights: data maps mixtures to component weights that can be negative "
-                f"when train.general_ratio > 0; set merge.weights: hull or component, or use "
-                f"linear, task_arithmetic or dare_linear"
-            )
+            _check_mapping(where, merge, self.train.general_ratio)
         unknown = sorted(set(self.evaluate.category_weights or {}) - set(self.evaluate.categories))
         if unknown:
             raise ValueError(f"evaluate.category_weights names no category: {unknown}")
@@ -467,6 +490,16 @@ class RunConfig(Strict):
                         f"known: {sorted(names)}"
                     )
         return self
+
+
+def _check_mapping(where: str, merge: MergeConfig, general_ratio: float) -> None:
+    if merge.method in ("ties", "dare_ties") and merge.weights == "data" and general_ratio > 0:
+        raise ValueError(
+            f"{where}.method {merge.method!r} averages with non-negative component weights, "
+            f"but weights: data maps mixtures to component weights that can be negative "
+            f"when train.general_ratio > 0; set {where}.weights: hull or component, or use "
+            f"linear, task_arithmetic or dare_linear"
+        )
 
 
 def _format_error(err: ValidationError, source: str) -> str:

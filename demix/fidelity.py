@@ -52,6 +52,10 @@ among themselves, once, on all R mixtures. Then:
   stderr_unpaired (the mean reported standard error) and snr_unpaired = spread /
   stderr_unpaired are kept for comparison: documents shared by every model make the unpaired
   error larger than the error of a difference.
+- reliability (`fidelity.replicates`): k references trained again with another seed; their
+  test-retest rho is the most any predictor of these references can be expected to reach
+  (`reliability`), and the replicate-minus-reference differences add the training seed's
+  variance to each task's signal/noise (`seed_noise`).
 """
 
 from __future__ import annotations
@@ -473,6 +477,155 @@ def task_signal(
     return out
 
 
+# --- two predictors against the same references ---
+
+
+def _score_columns(results: list[dict], categories: dict[str, list[str]]) -> dict[str, np.ndarray]:
+    """Each category's score and the aggregate of models scored among themselves."""
+    scored = score_models(results, categories)
+    columns = {c: np.array([s["categories"][c] for s in scored]) for c in categories}
+    columns[AGGREGATE] = np.array([s["ranking_score"] for s in scored])
+    return columns
+
+
+def compare_predictors(
+    first_results: list[dict],
+    second_results: list[dict],
+    reference_results: list[dict],
+    categories: dict[str, list[str]],
+    *,
+    resamples: int = RESAMPLES,
+    level: float = LEVEL,
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """rho(first) - rho(second) against the same references, PAIRED: both rhos from the same
+    resampled mixtures, per category, for the aggregate and for the macro rho (mean over
+    categories). {score: {"diff", "ci_low", "ci_high", "verdict"}} (see `difference`); e.g.
+    merged proxies against trained proxies of a smaller budget, or one merge method against
+    another."""
+    index = resample_rows(len(reference_results), resamples, seed)
+    first, second, reference = (
+        _score_columns(r, categories) for r in (first_results, second_results, reference_results)
+    )
+    out, rows = {}, {}
+    for score in [*categories, AGGREGATE]:
+        a, b, r = first[score], second[score], reference[score]
+        rows[score] = spearman_rows(a[index], r[index]) - spearman_rows(b[index], r[index])
+        out[score] = difference(spearman(a, r) - spearman(b, r), rows[score], level)
+    macro = float(np.mean([out[c]["diff"] for c in categories]))
+    out["macro"] = difference(macro, np.mean([rows[c] for c in categories], axis=0), level)
+    return out
+
+
+# --- reliability: references trained twice ---
+
+
+def _retest_entry(
+    proxy: np.ndarray, first: np.ndarray, second: np.ndarray, index: np.ndarray, level: float
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """rho(second, first) (test-retest) and rho(proxy, first) on the same resamples."""
+    retest_rows = spearman_rows(second[index], first[index])
+    proxy_rows = spearman_rows(proxy[index], first[index])
+    return _retest_summary(
+        spearman(second, first), spearman(proxy, first), retest_rows, proxy_rows, level
+    )
+
+
+def _retest_summary(
+    retest: float, rho: float, retest_rows: np.ndarray, proxy_rows: np.ndarray, level: float
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        fraction_rows = proxy_rows / retest_rows
+    entry = {
+        "retest": {"rho": retest, "rho_ci": percentile_ci(retest_rows, level)},
+        "proxy": {"rho": rho, "rho_ci": percentile_ci(proxy_rows, level)},
+        "ceiling": math.sqrt(retest) if retest > 0 else float("nan"),
+        "proxy_over_retest": {
+            "value": rho / retest if retest > 0 else float("nan"),
+            "ci": percentile_ci(fraction_rows, level),
+        },
+    }
+    return entry, retest_rows, proxy_rows
+
+
+def reliability(
+    proxy_results: list[dict],
+    reference_results: list[dict],
+    replicate_results: list[dict],
+    categories: dict[str, list[str]],
+    *,
+    resamples: int = RESAMPLES,
+    level: float = LEVEL,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """How far the references agree with themselves: k mixtures whose reference was trained a
+    second time with another seed (`replicate_results`, in the order of `reference_results`).
+
+    Each of the three sets (proxies, references, replicates) is scored among its own k models
+    (as fidelity does), then per category and for the aggregate score: `retest`, rho between
+    the replicates and the references (the test-retest reliability: what a second training run
+    of the reference recipe would agree with the first); `proxy`, rho between the proxies and
+    the references on the same k mixtures; `proxy_over_retest`, their ratio (>= 1: the proxies
+    agree with the references as well as the references agree with themselves); `ceiling`,
+    sqrt(retest): the rho that a predictor free of noise of its own can expect against one
+    noisy set of references (the attenuation bound). Intervals from the same bootstrap over the
+    k mixtures for all of them; `macro` is the mean over categories, as in fidelity.
+    Returns {"k", "categories": {category | "aggregate": entry}, "macro": entry}.
+    """
+    k = len(replicate_results)
+    if k != len(reference_results) or k != len(proxy_results):
+        raise ValueError("reliability needs one proxy and one reference per replicate")
+    index = resample_rows(k, resamples, seed)
+    proxy, first, second = (
+        _score_columns(r, categories) for r in (proxy_results, reference_results, replicate_results)
+    )
+    entries, rows = {}, {}
+    for category in [*categories, AGGREGATE]:
+        entries[category], *rows[category] = _retest_entry(
+            proxy[category], first[category], second[category], index, level
+        )
+    names = list(categories)
+    macro, _, _ = _retest_summary(
+        float(np.mean([entries[c]["retest"]["rho"] for c in names])),
+        float(np.mean([entries[c]["proxy"]["rho"] for c in names])),
+        np.mean([rows[c][0] for c in names], axis=0),
+        np.mean([rows[c][1] for c in names], axis=0),
+        level,
+    )
+    return {"k": k, "categories": entries, "macro": macro}
+
+
+def seed_noise(
+    reference_results: list[dict],
+    replicate_results: list[dict],
+    signal: dict[str, dict[str, float]],
+) -> dict[str, dict[str, float]]:
+    """Per task, the noise of comparing two references, from the mixtures trained twice.
+
+    retest_noise: the root mean square of (replicate - reference) values over the k mixtures (of
+    their logs for perplexities, as `spread`): it holds the documents' noise of a paired
+    difference and the variance of two training seeds. seed_sd: the training seed's own standard
+    deviation, sqrt(max(0, (retest_noise^2 - paired_stderr^2) / 2)) (NaN without a paired
+    stderr). snr_seeds = spread / retest_noise: signal/noise with the seed variance counted.
+    `signal`: task_signal over all references (its spread and paired_stderr).
+    """
+    out = {}
+    for task, entry in signal.items():
+        first = np.array([float(r[task]["value"]) for r in reference_results])
+        second = np.array([float(r[task]["value"]) for r in replicate_results])
+        if reference_results[0][task].get("per_doc_mean") == "geometric":
+            first, second = np.log(first), np.log(second)
+        noise = float(np.sqrt(np.mean((second - first) ** 2)))
+        paired = entry["paired_stderr"]
+        seed_var = (noise**2 - paired**2) / 2 if math.isfinite(paired) else float("nan")
+        out[task] = {
+            "retest_noise": noise,
+            "seed_sd": math.sqrt(max(0.0, seed_var)) if math.isfinite(seed_var) else float("nan"),
+            "snr_seeds": _ratio(entry["spread"], noise),
+        }
+    return out
+
+
 # --- everything ---
 
 
@@ -504,8 +657,8 @@ def fidelity(
     "reference_scores"}.
     """
     weights = np.asarray(weights, dtype=np.float64)
-    proxy = score_models(proxy_results, categories)
-    reference = score_models(reference_results, categories)
+    proxy = _score_columns(proxy_results, categories)
+    reference = _score_columns(reference_results, categories)
     index = resample_rows(len(weights), resamples, seed)
     tokens = {
         "trivial_linear": reference_training_tokens,
@@ -513,16 +666,11 @@ def fidelity(
         "trivial_weight": 0,
     }
 
-    def column(scored: list[dict], category: str) -> np.ndarray:
-        if category == AGGREGATE:
-            return np.array([s["ranking_score"] for s in scored])
-        return np.array([s["categories"][category] for s in scored])
-
     entries, replicates = {}, {}
     for category in [*categories, AGGREGATE]:
-        r = column(reference, category)
+        r = reference[category]
         predictors = {
-            "proxy": column(proxy, category),
+            "proxy": proxy[category],
             "trivial_linear": loo_linear_predictions(weights, r),
             "trivial_quadratic": loo_quadratic_predictions(weights, r),
             "trivial_weight": weights[:, names.index(category)] if category in names else None,
@@ -543,6 +691,6 @@ def fidelity(
         "tasks": task_signal(
             proxy_results, reference_results, list(dict.fromkeys(sum(categories.values(), [])))
         ),
-        "proxy_scores": {c: column(proxy, c).tolist() for c in [*categories, AGGREGATE]},
-        "reference_scores": {c: column(reference, c).tolist() for c in [*categories, AGGREGATE]},
+        "proxy_scores": {c: v.tolist() for c, v in proxy.items()},
+        "reference_scores": {c: v.tolist() for c, v in reference.items()},
     }

@@ -157,7 +157,8 @@ def train_stage(
     """Train one model into `out` and return its folder (the base: `model.base` when set).
 
     role base: from a fresh model on the token prior; component: from `init` on its dataset
-    `name`'s training mix; reference / final: from `init` on `mixture`. With processes > 1 (GPUs
+    `name`'s training mix; reference / final: from `init` on `mixture` (a name ending in
+    `-seed<s>` trains with the run seed + s: demix.mixtures.seeded_names). With processes > 1 (GPUs
     of the machine) or a `cluster` (Vertex AI worker pools JSON) the loop runs under
     `accelerate launch` in that many processes (demix.train.launch).
     `uri`: where `out` is published (a pipeline task's `model.uri`). When it is gs://, each
@@ -184,7 +185,7 @@ def train_stage(
         )
         launch_train(config, argv, out, processes, cluster)
         return out
-    if role == "final" and split_seed(name)[1]:  # a further training seed of a final mixture
+    if role in ("reference", "final") and split_seed(name)[1]:  # a further training seed
         config = config.model_copy(update={"seed": config.seed + split_seed(name)[1]})
     publish = checkpoint_sync(uri, out.with_name(out.name + ".ckpt")) if uri else None
     hook = _both(on_checkpoint, publish)

@@ -111,6 +111,16 @@ def test_the_ties_family_needs_component_weights_that_cannot_be_negative(tmp_pat
         for weights in ("hull", "component"):  # c >= 0 by construction
             raw["merge"]["weights"] = weights
             assert parse_config(raw).merge.weights == weights
+    raw["merge"] = {"method": "linear"}
+    raw["fidelity"] = {"ablations": [{"method": "linear"}, {"method": "ties", "weights": "data"}]}
+    with pytest.raises(ConfigError, match=r"fidelity\.ablations\.1\.weights: hull or component"):
+        parse_config(raw)
+    raw["fidelity"]["ablations"][1]["weights"] = "component"
+    assert [a.method for a in parse_config(raw).fidelity.ablations] == ["linear", "ties"]
+    raw["fidelity"]["ablations"][1]["drop_rate"] = 0.5  # a parameter ties does not take
+    with pytest.raises(ConfigError, match="drop_rate does not apply to method 'ties'"):
+        parse_config(raw)
+    del raw["fidelity"]
+    raw["merge"] = {"method": "dare_ties", "weights": "data"}
     raw["train"]["general_ratio"] = 0.0  # M = I: c = d under `data` too
-    raw["merge"]["weights"] = "data"
     assert parse_config(raw).merge.method == "dare_ties"

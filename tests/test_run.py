@@ -309,14 +309,15 @@ def test_reproduce_writes_one_table_of_every_step(tmp_path, corpus_dir, eval_dir
     config.write_text(yaml.safe_dump(smoke_config_dict(corpus_dir, eval_dir)))
     argv = ["reproduce", str(config), "--out", str(tmp_path / "out")]
     argv += [
-        "--set",
-        "fidelity.references=2",
-        "--set",
-        "fidelity.sweep=[{tokens: 2048, lr: 0.005}]",
+        *("--set", "fidelity.references=3", "--set", "fidelity.replicates=3"),
+        *("--set", "fidelity.sweep=[{tokens: 2048, lr: 0.005}]"),
+        *("--set", "fidelity.budgets=[0.5]", "--set", "fidelity.seeds=2"),
+        *("--set", "fidelity.ablations=[{method: dare_linear, weights: component}]"),
     ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    result = json.loads((tmp_path / "out" / "reproduce.json").read_text())
+    out = tmp_path / "out"
+    result = json.loads((out / "reproduce.json").read_text())
     searches = result["searches"]
     assert searches["merge"]["proxies_evaluated"] == searches["trained"]["proxies_evaluated"] == 6
     # 6 trained proxies against 3 components of the same budget
@@ -325,16 +326,49 @@ def test_reproduce_writes_one_table_of_every_step(tmp_path, corpus_dir, eval_dir
     assert [p["tokens"] for p in result["sweep"]] == [2048]
     assert set(result["timings_s"]) >= {
         "base",
-        "search_merge",
-        "search_trained",
-        "validate",
+        "search_merge/0",
+        "search_trained/0",
+        "validate/0",
+        "validate/1",
         "sweep",
+        "budgets",
+        "ablations",
     }
-    table = (tmp_path / "out" / "reproduce.md").read_text()
+    # references and replicates: the 3 sampled mixtures once more with the next seed, counted
+    # apart (the weights-only fits are labelled with the references' tokens alone)
+    fid = result["fidelity"]
+    assert fid["weights_only_training_tokens"] == fid["n"] * 4096
+    assert result["training_tokens"]["replicates"] == 2 * 3 * 4096  # two seeds
+    assert fid["reliability"]["k"] == 3 and fid["n"] == 7
+    assert len(list((out / "validate" / "references").glob("reference-*-seed1"))) == 3
+    # the budget ladder: half the component budget, the merged proxies' tokens against it
+    (rung,) = result["budgets"]
+    assert rung["fraction"] == 0.5 and rung["tokens_per_proxy"] == pytest.approx(2048)
+    matched = result["matched_fidelity"]
+    assert matched["ratio"] == pytest.approx(6 * 2048 / (3 * 4096))
+    assert [a["label"] for a in result["ablations"]] == ["dare_linear (component)"]
+    # the second seed: its own components, search and references; the base is shared
+    (second,) = [s for s in result["per_seed"] if s["seed"] != result["seed"]]
+    assert second["seed"] == result["seed"] + 1
+    assert (out / "seed-1" / "models" / "component-code").is_dir()
+    assert not (out / "seed-1" / "models" / "base").exists()
+    assert "chosen_trained" not in second["mixtures"] and not second["budgets"]
+    head = result["headline"]
+    assert head["seeds"] == 2 and len(head["verdicts"]["uniform"]) == 2
+    assert set(head["verdicts"]["uniform"]) <= {"better", "worse", "inconclusive"}
+    assert head["search_l1_between_seeds"] == pytest.approx(
+        sum(
+            abs(result["mixtures"]["chosen_merge"][k] - v)
+            for k, v in second["mixtures"]["chosen_merge"].items()
+        )
+    )
+    table = (out / "reproduce.md").read_text()
     assert table in printed
     assert (
         "| aggregate |" in table and "| chosen_trained |" in table and "| 2,048 | 0.005 |" in table
     )
+    assert "test-retest" in table and "Matched fidelity" in table and "dare_linear" in table
+    assert "| mean [95%] |" in table
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ again.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -24,7 +25,7 @@ from demix.checkpoint import read_model_manifest
 from demix.config import RunConfig
 from demix.data.shards import CuratedData
 from demix.evaluate.harness import Evaluator
-from demix.fidelity import AGGREGATE, fidelity
+from demix.fidelity import AGGREGATE, fidelity, reliability, seed_noise
 from demix.merge.weights import data_to_component
 from demix.mixtures import as_dict, in_hull, mix_matrix, prior_vector, search_floor
 from demix.model import resolve_device
@@ -34,6 +35,8 @@ from demix.proxies import (
     large_updates,
     load_for_eval,
     make_evaluator,
+    model_id,
+    score_key,
 )
 from demix.report.fidelity import write_fidelity_report
 from demix.search.predictor import seed_entropy
@@ -95,16 +98,14 @@ def validate_stage(
     del proxies
 
     start = time.perf_counter()
-    reference_results, reference_tokens = [], 0
-    for k, (w, key) in enumerate(zip(mixtures, ids, strict=True)):
-        folder = out / "references" / f"reference-{key}"
-        log.info("validate: reference %d/%d %s", k + 1, len(mixtures), key)
-        train_stage(config, data, "reference", folder, folder.name, base, as_dict(data.names, w))
-        reference_tokens += int(read_model_manifest(folder).get("tokens", 0))
-        model = load_for_eval(config, folder, device)
-        reference_results.append(evaluator.evaluate(model))
-        del model
+    reference_results, reference_tokens = train_references(
+        config, data, base, mixtures, out / "references", evaluator
+    )
     reference_seconds = time.perf_counter() - start
+    k = config.fidelity.replicates
+    replicate_results, replicate_tokens = train_references(
+        config, data, base, mixtures[:k], out / "references", evaluator, seed_offset=1
+    )
 
     model = load_for_eval(config, base, device)
     base_result = evaluator.evaluate(model)
@@ -127,6 +128,7 @@ def validate_stage(
         "relative_delta_norms": norms,
         "cost": {
             "reference_training_tokens": reference_tokens,
+            "replicate_training_tokens": replicate_tokens,
             "reference_seconds": round(reference_seconds, 1),
             "proxy_seconds": round(proxy_seconds, 1),
         },
@@ -134,6 +136,14 @@ def validate_stage(
         "reference_results": reference_results,
         "base_result": base_result,
     }
+    if k:
+        result["reliability"] = reliability(
+            proxy_results[:k], reference_results[:k], replicate_results, config.evaluate.categories
+        )
+        noise = seed_noise(reference_results[:k], replicate_results, result["tasks"])
+        for task, entry in noise.items():
+            result["tasks"][task].update(entry)
+        result["replicate_results"] = replicate_results
     tags, result["fidelity_by_hull"] = fidelity_by_hull(
         data.names,
         mixtures,
@@ -151,6 +161,57 @@ def validate_stage(
         log.warning(warning)
     atomic_write_json(out / "fidelity.json", result)
     write_fidelity_report(out / "fidelity.html", result)
+    return result
+
+
+def train_references(
+    config: RunConfig,
+    data: CuratedData,
+    base: Path,
+    mixtures: np.ndarray,
+    folder: Path,
+    evaluator: Evaluator,
+    seed_offset: int = 0,
+    role_label: str = "reference",
+) -> tuple[list[dict], int]:
+    """A model per mixture trained from the base with the reference recipe (the component
+    budget of `config`) into `folder`/reference-<mixture id>[-seed<s>] and evaluated; returns the
+    results and the training tokens. seed_offset s > 0 trains with the run seed + s (another
+    data order and initialisation of the same recipe). A model already there is not trained
+    again (resume)."""
+    device = resolve_device(config.train.device)
+    results, tokens = [], 0
+    for k, w in enumerate(mixtures):
+        key = mixture_id(w, config.search.sampler.grid)
+        name = f"reference-{key}" + (f"-seed{seed_offset}" if seed_offset else "")
+        log.info("%s %d/%d %s", role_label, k + 1, len(mixtures), name)
+        path = folder / name
+        train_stage(config, data, "reference", path, name, base, as_dict(data.names, w))
+        tokens += int(read_model_manifest(path).get("tokens", 0))
+        results.append(evaluate_once(config, data, base, path, evaluator, device))
+    return results, tokens
+
+
+def evaluate_once(
+    config: RunConfig,
+    data: CuratedData,
+    base: Path,
+    model_dir: Path,
+    evaluator: Evaluator,
+    device,
+) -> dict:
+    """The evaluation of a trained model, kept beside it (<folder>.eval.json, stamped with the
+    model's fingerprint and score_key): a resumed protocol evaluates no model twice."""
+    key = score_key(config, data, base, model=model_id(model_dir))
+    cache = model_dir.with_name(model_dir.name + ".eval.json")
+    if cache.exists():
+        kept = json.loads(cache.read_text())
+        if kept.get("key") == key:
+            return kept["result"]
+    model = load_for_eval(config, model_dir, device)
+    result = evaluator.evaluate(model)
+    del model
+    atomic_write_json(cache, {"key": key, "result": result})
     return result
 
 

@@ -65,6 +65,53 @@ def _rank_table(result: dict[str, Any]) -> str:
     return table(header, rows)
 
 
+RELIABILITY_HEADER = [
+    "score",
+    "test-retest rho (references) [95%]",
+    "ceiling sqrt(retest)",
+    "rho proxy, same mixtures [95%]",
+    "proxy / retest [95%]",
+]
+
+
+def reliability_rows(reliability: dict[str, Any]) -> list[list[str]]:
+    """One row per category, the aggregate and macro of demix.fidelity.reliability."""
+    rows = []
+    for score, entry in {**reliability["categories"], "macro": reliability["macro"]}.items():
+        ratio = entry["proxy_over_retest"]
+        rows.append(
+            [
+                score,
+                format_interval(entry["retest"]["rho"], entry["retest"]["rho_ci"]),
+                f"{entry['ceiling']:.3f}",
+                format_interval(entry["proxy"]["rho"], entry["proxy"]["rho_ci"]),
+                format_interval(ratio["value"], ratio["ci"]),
+            ]
+        )
+    return rows
+
+
+TASK_HEADER = [
+    "task",
+    "rho proxy",
+    "reference spread",
+    "paired stderr",
+    "signal/noise",
+    "unpaired stderr",
+    "signal/noise (unpaired)",
+]
+SEED_HEADER = ["retest noise", "seed sd", "signal/noise with seeds"]
+
+
+def task_rows(tasks: dict[str, dict[str, float]]) -> tuple[list[str], list[list]]:
+    """The per-task signal/noise table; with replicates also the seed's noise columns."""
+    seeds = all("retest_noise" in e for e in tasks.values())
+    keys = ["rho", "spread", "paired_stderr", "snr", "stderr_unpaired", "snr_unpaired"]
+    keys += ["retest_noise", "seed_sd", "snr_seeds"] if seeds else []
+    rows = [[t, *(e[k] for k in keys)] for t, e in tasks.items()]
+    return TASK_HEADER + (SEED_HEADER if seeds else []), rows
+
+
 def write_fidelity_report(path: Path, result: dict[str, Any]) -> Path:
     """fidelity.html: the tables and a proxy-vs-reference scatter per category and the aggregate."""
     body = ["<h1>DeMix proxy fidelity</h1>"]
@@ -79,32 +126,15 @@ def write_fidelity_report(path: Path, result: dict[str, Any]) -> Path:
     if result.get("crr_note"):
         body.append(f"<p>{result['crr_note']}</p>")
     body.append(_rank_table(result))
-    if result.get("tasks"):
+    if result.get("reliability"):
+        k = result["reliability"]["k"]
         body.append(
-            table(
-                [
-                    "task",
-                    "rho proxy",
-                    "reference spread",
-                    "paired stderr",
-                    "signal/noise",
-                    "unpaired stderr",
-                    "signal/noise (unpaired)",
-                ],
-                [
-                    [
-                        t,
-                        e["rho"],
-                        e["spread"],
-                        e["paired_stderr"],
-                        e["snr"],
-                        e["stderr_unpaired"],
-                        e["snr_unpaired"],
-                    ]
-                    for t, e in result["tasks"].items()
-                ],
-            )
+            f"<p>Reliability: {k} references trained again with the next seed; the proxies' "
+            "rho on the same mixtures against what a second training run reaches.</p>"
         )
+        body.append(table(RELIABILITY_HEADER, reliability_rows(result["reliability"])))
+    if result.get("tasks"):
+        body.append(table(*task_rows(result["tasks"])))
     for category in result["categories"]:
         fig, ax = plt.subplots(figsize=(4, 4))
         ax.scatter(result["reference_scores"][category], result["proxy_scores"][category], s=28)

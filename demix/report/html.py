@@ -28,11 +28,21 @@ def image(fig) -> str:
     return f'<img src="data:image/png;base64,{png(fig)}">'
 
 
+def _cell(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def markdown_table(header: list[str], rows: list[list]) -> list[str]:
+    """The lines of a Markdown table; floats with 4 decimals."""
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    return lines + ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+
+
 def table(header: list[str], rows: list[list]) -> str:
     """An HTML table; floats with 4 decimals, everything else escaped text."""
 
     def cell(v):
-        return f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
+        return html.escape(_cell(v))
 
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
