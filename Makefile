@@ -16,7 +16,7 @@ IMAGE_CUDA := $(IMAGE_REPO)/demix:$(VERSION)-cuda
 export DEMIX_IMAGE_REPO := $(IMAGE_REPO)
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo demo-library reproduce test test-slow test-reliability lint format bench compile images clean
+.PHONY: help install demo demo-library reproduce reproduce-scaling test test-slow test-reliability lint format bench compile images clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -38,6 +38,12 @@ demo-library: install ## the same demo through the library directly (demix run),
 
 reproduce: install ## the paper's protocol on CPU, about 2 hours (writes runs/reproduce/)
 	$(BIN)/demix reproduce configs/reproduce.yaml --out runs/reproduce
+
+reproduce-scaling: install ## after reproduce: the protocol on 6 and 9 candidates split by source, one table
+	$(BIN)/demix reproduce configs/reproduce-n6.yaml --out runs/reproduce-n6
+	$(BIN)/demix reproduce configs/reproduce-n9.yaml --out runs/reproduce-n9
+	$(BIN)/python -m demix.recipes.scaling runs/reproduce runs/reproduce-n6 runs/reproduce-n9 \
+		--out runs/scaling.md
 
 test: install ## fast test suite (no slow, no gpu)
 	$(BIN)/python -m pytest -m "not slow and not gpu" -q

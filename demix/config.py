@@ -52,11 +52,32 @@ class Strict(BaseModel):
 class DatasetSpec(Strict):
     """One named candidate dataset: files or folders of .jsonl (optionally .gz or .zst),
     .txt(.gz) or Parquet, or a folder saved by `datasets` (save_to_disk). `text_field` names the
-    JSON field or the Parquet/Arrow column holding each document's text."""
+    JSON field or the Parquet/Arrow column holding each document's text.
+
+    `where` keeps only the records whose fields match: {field: [glob, ...]} (fnmatch patterns,
+    case-sensitive; a record is kept when, for every field, its string value matches one of the
+    field's patterns; a record without the field, or with a value that is not a string, is
+    left out). One corpus can so be split into several candidates by its metadata, e.g.
+    `{source: ["math/geometry/*"]}`. Records only (JSONL, Parquet, Arrow), not text files.
+    """
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     paths: list[str] = Field(min_length=1)
     text_field: str = "text"
+    where: dict[str, list[str]] = Field(default_factory=dict)
+
+    @field_validator("where", mode="before")
+    @classmethod
+    def _patterns(cls, value):
+        if not isinstance(value, dict):
+            return value
+        out = {}
+        for field, patterns in value.items():
+            patterns = [patterns] if isinstance(patterns, str) else patterns
+            if not field or not patterns:
+                raise ValueError(f"where: field {field!r} needs at least one pattern")
+            out[field] = patterns
+        return out
 
 
 class TokenizerConfig(Strict):
@@ -421,7 +442,8 @@ class FidelityConfig(Strict):
     matched fidelity); `ablations` are merge methods and mappings whose proxies are scored
     against the same references (each a `merge` section; where it names no delta_dtype or
     delta_device, the run's apply); `seeds` repeats the protocol with run seed, run seed + 1, ...
-    (see demix.recipes.reproduce for what the seeds share).
+    (see demix.recipes.reproduce for what the seeds share); `trained_search: false` leaves out
+    the training-based search of the first seed (its cost is that of as many references).
     """
 
     references: int = Field(default=12, ge=2)
@@ -430,6 +452,7 @@ class FidelityConfig(Strict):
     budgets: list[float] = Field(default_factory=list)
     ablations: list[MergeConfig] = Field(default_factory=list)
     seeds: int = Field(default=1, ge=1)
+    trained_search: bool = True
 
     @field_validator("budgets")
     @classmethod

@@ -95,8 +95,12 @@ def curation_fingerprint(config: RunConfig, tokenizer_dir: Path | None) -> str:
         for key, empty in (("max_tokens", None), ("targets", []))
         if getattr(config.data, key) == empty
     }
+    data = config.data.model_dump(exclude={"curate_groups", *unset})
+    for spec in (*data["datasets"], *data.get("targets", [])):
+        if not spec["where"]:
+            del spec["where"]
     return fingerprint(
-        data=config.data.model_dump(exclude={"curate_groups", *unset}),
+        data=data,
         seed=config.seed,
         tokenizer=str(tokenizer_dir),
         inputs=inputs,

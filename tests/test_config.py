@@ -15,7 +15,10 @@ from .conftest import smoke_config_dict
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "example-gpu.yaml"])
+@pytest.mark.parametrize(
+    "name",
+    ["demo.yaml", "example-gpu.yaml", "reproduce.yaml", "reproduce-n6.yaml", "reproduce-n9.yaml"],
+)
 def test_shipped_configs_validate_and_open_with_the_command(name):
     path = ROOT / "configs" / name
     config = load_config(path)
@@ -27,6 +30,39 @@ def test_example_gpu_has_seven_datasets_and_a_real_base():
     config = load_config(ROOT / "configs" / "example-gpu.yaml")
     assert len(config.data.datasets) == 7
     assert config.model.base and config.train.base is None
+
+
+def test_scaling_configs_split_the_reproduce_corpus_by_source():
+    """N = 6 and 9 candidates: the same three files, every document in exactly one candidate
+    (the MATH subjects, stdlib names and the two general sources as the fetch writes them)."""
+    from fnmatch import fnmatchcase
+
+    three = load_config(ROOT / "configs" / "reproduce.yaml")
+    sources = {
+        "general.jsonl": ["brown/ca01", "sotu/1790-George_Washington"],
+        "code.jsonl": [f"stdlib/{c}mod.py" for c in "_abcdefghijklmnopqrstuvwxyz"],
+        "math.jsonl": [
+            f"math/{s}/1"
+            for s in (
+                "algebra", "counting_and_probability", "geometry", "intermediate_algebra",
+                "number_theory", "prealgebra", "precalculus",
+            )
+        ],
+    }  # fmt: skip
+    for n in (6, 9):
+        config = load_config(ROOT / "configs" / f"reproduce-n{n}.yaml")
+        assert len(config.data.datasets) == n and config.model.base == "runs/reproduce/models/base"
+        assert config.train.component == three.train.component
+        assert config.evaluate.limit == three.evaluate.limit
+        for file, examples in sources.items():
+            for source in examples:
+                owners = [
+                    d.name
+                    for d in config.data.datasets
+                    if d.paths[0].endswith(file)
+                    and any(fnmatchcase(source, p) for p in d.where["source"])
+                ]
+                assert len(owners) == 1, (n, source, owners)
 
 
 def test_search_round_sizes_halve():

@@ -110,6 +110,59 @@ def test_text_field_names_the_column_in_every_format(tmp_path):
         assert _documents(spec) == texts
 
 
+def test_where_selects_records_by_metadata_in_every_format(tmp_path):
+    """One corpus split into candidates by a metadata field: glob patterns, every field must
+    match, records without the field or with a non-string value are left out."""
+    texts = _docs("meta", 8)
+    source = ["math/geometry/1", "math/algebra/2", "code/x", "math/geometry/3",
+              "math/number_theory/4", None, "math/geometry/5", "math/algebra/6"]  # fmt: skip
+    lang = ["en", "en", "en", "de", "en", "en", "en", "en"]
+    records = [
+        {"text": t, "lang": g, **({"source": s} if s is not None else {})}
+        for t, s, g in zip(texts, source, lang, strict=True)
+    ]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "m.jsonl.zst").write_bytes(_zstd((tmp_path / "m.jsonl").read_bytes()))
+    _parquet(tmp_path / "m.parquet", texts, source=source, lang=lang)
+    _saved(tmp_path / "saved", {"text": texts, "source": source, "lang": lang}, shards=2)
+    geometry_en = [texts[0], texts[6]]  # texts[3] is German
+    for path in ("m.jsonl", "m.jsonl.zst", "m.parquet", "saved"):
+        spec = DatasetSpec(
+            name="g",
+            paths=[str(tmp_path / path)],
+            where={"source": ["math/geometry/*", "math/topology/*"], "lang": "en"},
+        )
+        assert _documents(spec) == geometry_en, path
+        algebra = DatasetSpec(
+            name="a", paths=[str(tmp_path / path)], where={"source": "*/algebra/*"}
+        )
+        assert _documents(algebra) == [texts[1], texts[7]], path
+        nothing = DatasetSpec(name="n", paths=[str(tmp_path / path)], where={"missing": "*"})
+        assert _documents(nothing) == [], path
+    (tmp_path / "plain.txt").write_text(texts[0])
+    spec = DatasetSpec(name="t", paths=[str(tmp_path / "plain.txt")], where={"source": "*"})
+    with pytest.raises(DataError, match=r"plain\.txt: dataset 't' selects records by \['source'\]"):
+        _documents(spec)
+    with pytest.raises(ValueError, match="needs at least one pattern"):
+        DatasetSpec(name="e", paths=["x.jsonl"], where={"source": []})
+
+
+def test_where_counts_in_the_curation_fingerprint(tmp_path):
+    from demix.config import parse_config
+    from demix.stages import curation_fingerprint
+
+    from .conftest import smoke_config_dict
+
+    for name in ("general", "code", "math"):
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps({"text": name * 40}) + "\n")
+    raw = smoke_config_dict(tmp_path)
+    plain = curation_fingerprint(parse_config(raw), None)
+    raw["data"]["datasets"][0]["where"] = {}
+    assert curation_fingerprint(parse_config(raw), None) == plain  # the default: no selection
+    raw["data"]["datasets"][0]["where"] = {"source": ["brown/*"]}
+    assert curation_fingerprint(parse_config(raw), None) != plain
+
+
 def _manifest_files(root: Path) -> dict:
     return read_manifest(root)["files"]
 

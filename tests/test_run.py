@@ -369,6 +369,14 @@ def test_reproduce_writes_one_table_of_every_step(tmp_path, corpus_dir, eval_dir
     )
     assert "test-retest" in table and "Matched fidelity" in table and "dare_linear" in table
     assert "| mean [95%] |" in table
+    from demix.recipes.scaling import main as scaling
+
+    assert scaling([str(out), "--out", str(tmp_path / "scaling.md")]) == 0
+    (row,) = [
+        r for r in (tmp_path / "scaling.md").read_text().splitlines() if r.startswith("| 3 |")
+    ]
+    assert "| out | 7 |" in row
+    assert scaling([str(tmp_path / "missing")]) == 2  # DemixError
 
 
 @pytest.mark.slow

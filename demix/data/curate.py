@@ -494,7 +494,7 @@ def merge_groups(plan_dir: str | Path, group_dirs: list[str | Path], out: str | 
                 f"data.min_chars={config.min_chars}, {dups} duplicates"
                 f"{' of candidate or earlier documents' if spec.name in targets else ''}"
                 f"{f', {left} left out by data.max_tokens' if left else ''}); "
-                "check its paths and text_field"
+                f"check its paths{', where' if spec.where else ''} and text_field"
             )
         if spec.name in targets:
             held = set(range(len(hashes)))  # a target is never trained on

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import unicodedata
+from fnmatch import fnmatchcase
 from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -288,8 +289,22 @@ def read_file_documents(path: Path, spec: DatasetSpec) -> Iterator[str]:
     elif path.name.endswith(JSONL_SUFFIXES):
         # Not splitlines(): JSON strings may hold raw U+2028 and other Unicode line breaks.
         yield from _jsonl_documents(_read_text(path, spec.name).split("\n"), path, spec)
+    elif spec.where:
+        raise DataError(
+            f"{path}: dataset {spec.name!r} selects records by {sorted(spec.where)} (where), "
+            "but a text file has no fields; give JSONL or Parquet records or remove where"
+        )
     else:
         yield _read_text(path, spec.name)
+
+
+def selected(spec: DatasetSpec, value_of) -> bool:
+    """Whether a record passes spec.where; value_of(field) gives the record's value or None."""
+    for field, patterns in spec.where.items():
+        value = value_of(field)
+        if not isinstance(value, str) or not any(fnmatchcase(value, p) for p in patterns):
+            return False
+    return True
 
 
 def _jsonl_documents(lines: Iterable[str], path: Path, spec: DatasetSpec) -> Iterator[str]:
@@ -303,6 +318,8 @@ def _jsonl_documents(lines: Iterable[str], path: Path, spec: DatasetSpec) -> Ite
                 f"{path}:{number}: no field {spec.text_field!r} "
                 f"(set text_field of dataset {spec.name!r})"
             )
+        if spec.where and not selected(spec, record.get):
+            continue
         value = record[spec.text_field]
         if not isinstance(value, str):
             raise DataError(
@@ -381,7 +398,8 @@ def _table_documents(path: Path, spec: DatasetSpec) -> Iterator[str]:
         if parquet:
             reader = pq.ParquetFile(path)
             names = reader.schema_arrow.names
-            batches = reader.iter_batches(batch_size=ARROW_BATCH_ROWS, columns=[field])
+            wanted = [field, *(c for c in spec.where if c in names and c != field)]
+            batches = reader.iter_batches(batch_size=ARROW_BATCH_ROWS, columns=wanted)
         else:
             source = pa.memory_map(str(path))
             is_file = source.read(6) == b"ARROW1"  # the IPC file format, else a stream
@@ -400,7 +418,11 @@ def _table_documents(path: Path, spec: DatasetSpec) -> Iterator[str]:
             )
         for batch in batches:
             column = batch.column(field)
-            for value in column.to_pylist():
+            keep = _batch_selection(spec, batch)
+            for i, value in enumerate(column.to_pylist()):
+                if keep is not None and not keep[i]:
+                    row += 1
+                    continue
                 if not isinstance(value, str):
                     kind = "null" if value is None else f"of type {column.type}"
                     raise DataError(
@@ -413,6 +435,18 @@ def _table_documents(path: Path, spec: DatasetSpec) -> Iterator[str]:
         kind = "Parquet" if parquet else "Arrow (IPC)"
         after = f" after row {row - 1}" if row else ""
         raise DataError(f"{path}: not a readable {kind} file{after} ({one_line(err)})") from None
+
+
+def _batch_selection(spec: DatasetSpec, batch) -> list[bool] | None:
+    """Which rows of a record batch pass spec.where (None: every row, no `where`)."""
+    if not spec.where:
+        return None
+    names = batch.schema.names
+    columns = {c: batch.column(c).to_pylist() if c in names else None for c in spec.where}
+    return [
+        selected(spec, lambda c, i=i: None if columns[c] is None else columns[c][i])
+        for i in range(batch.num_rows)
+    ]
 
 
 def read_documents(spec: DatasetSpec) -> Iterator[str]:

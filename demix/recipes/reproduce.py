@@ -265,7 +265,7 @@ def seed_protocol(
     with timed(f"search_merge/{seed}"):
         merged = search_stage(merge_config, data, base, components, out / "search-merge", evaluator)
     trained = None
-    if first:
+    if first and config.fidelity.trained_search:
         trained_config = _with(config, "search", method="trained")
         with timed(f"search_trained/{seed}"):
             trained = search_stage(
@@ -622,9 +622,14 @@ def format_table(result: dict[str, Any]) -> str:
         "|---|---|---|",
         f"| merged proxies | {searches['merge']['proxies_evaluated']} | "
         f"{searches['merge']['training_tokens']:,} (components) |",
-        f"| trained proxies | {searches['trained']['proxies_evaluated']} | "
-        f"{searches['trained']['training_tokens']:,} |",
-        f"| ratio | | {searches['token_ratio']:.2f}x fewer with merging |",
+    ]
+    if "trained" in searches:
+        lines += [
+            f"| trained proxies | {searches['trained']['proxies_evaluated']} | "
+            f"{searches['trained']['training_tokens']:,} |",
+            f"| ratio | | {searches['token_ratio']:.2f}x fewer with merging |",
+        ]
+    lines += [
         "",
         f"| final model | {' | '.join('w ' + n for n in result['datasets'])} |",
         "|---" * (len(result["datasets"]) + 1) + "|",
