@@ -97,6 +97,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _STARTED = re.compile(r"Executing task '([^']+)'")
 _FINISHED = re.compile(r"Task '([^']+)' finished with status (\w+)")
 _CACHED = re.compile(r"Task (\S+) cache hit")
+_RETRY = re.compile(r"Task (\S+) failed \(attempt (\d+)/(\d+)\)\. Retrying in (\S+)s")
 
 
 def display_names(spec) -> dict[str, str]:
@@ -131,6 +132,10 @@ class TaskLines(io.TextIOBase):
     def writable(self) -> bool:
         return True
 
+    @property
+    def encoding(self) -> str:  # what code that inspects sys.stdout expects to find
+        return "utf-8"
+
     def write(self, text: str) -> int:
         with self._lock:
             self.log.write(text)
@@ -152,8 +157,15 @@ class TaskLines(io.TextIOBase):
             self._show(found.group(1), found.group(2), time.perf_counter() - self._started)
         elif found := _CACHED.search(line):
             self._show(found.group(1), "CACHED", 0.0)
+        elif found := _RETRY.search(line):  # the failure shown is not the task's last word
+            key, attempt, attempts, delay = found.groups()
+            name = self.names.get(key, key)
+            if name in self.failed:
+                self.failed.remove(name)
+            self.progress.write(f"  {name:<34} retry {attempt}/{int(attempts) - 1} in {delay}s\n")
+            self.progress.flush()
         elif line.strip() and not set(line.strip()) <= {"-"}:  # kfp.local's rulers
-            self._tail.append(line)
+            self._tail.append(line.rsplit("\r", 1)[-1])  # a progress bar's last state
 
     def _show(self, key: str, status: str, seconds: float) -> None:
         name = self.names.get(key, key)

@@ -102,7 +102,7 @@ def check_settings(target: str, settings: dict) -> None:
     multi-node training job (`--nodes`), and the Kubernetes settings are refused.
     Raises ConfigError.
     """
-    given = {k: v for k, v in settings.items() if v not in (None, "", False)}
+    given = {k: v for k, v in settings.items() if v is not None and v is not False and v != ""}
     nodes = given.get("nodes") or 1
     if target == "vertex":
         for key, flag in KUBEFLOW_ONLY.items():
@@ -111,11 +111,14 @@ def check_settings(target: str, settings: dict) -> None:
                     f"{flag} is a Kubeflow setting: Vertex AI Pipelines has no such setting per "
                     "task in the compiled spec; compile with --target kubeflow"
                 )
-        for key, flag in (("train_timeout", "--train-timeout/--timeout"), ("spot", "--spot")):
+        for key, flag, what in (
+            ("train_timeout", "--timeout/--train-timeout", "timeout"),
+            ("spot", "--spot", "spot scheduling"),
+        ):
             if key in given and nodes < 2:
                 raise ConfigError(
-                    f"{flag}: Vertex AI Pipelines sets no per-task {flag.split('/')[0][2:]} in "
-                    "the compiled spec; on Vertex it applies to multi-node training (--nodes N)"
+                    f"{flag}: Vertex AI Pipelines sets no per-task {what} in the compiled "
+                    "spec; on Vertex it applies to multi-node training (--nodes N)"
                 )
     if nodes > 1 and target != "vertex":
         raise ConfigError(

@@ -87,3 +87,23 @@ def test_quiet_tasks_restores_standard_output(tmp_path, capfd):
     print("to the screen")
     assert capfd.readouterr().out == "to the screen\n"
     assert (tmp_path / "x.log").read_text() == "to the log\nbelow python\n"
+
+
+def test_a_task_that_succeeds_on_a_retry_has_not_failed():
+    screen = io.StringIO()
+    lines = local.TaskLines(io.StringIO(), screen, {"train-model": "train base"})
+    lines.write(
+        "Executing task 'train-model'\n"
+        "step 1/9\rstep 5/9\rstep 7/9\n"
+        "RuntimeError: CUDA out of memory\n"
+        "Task 'train-model' finished with status FAILURE\n"
+    )
+    assert lines.failed == ["train base"]
+    assert "  | step 7/9\n  | RuntimeError: CUDA out of memory\n" in screen.getvalue()
+    lines.write("Task train-model failed (attempt 1/3). Retrying in 60.0s...\n")
+    assert lines.failed == []
+    lines.write("Executing task 'train-model'\nTask 'train-model' finished with status SUCCESS\n")
+    shown = [m.groups() for m in map(TASK_LINE.fullmatch, screen.getvalue().splitlines()) if m]
+    assert shown == [("train base", "FAILURE"), ("train base", "SUCCESS")]
+    assert "train base                         retry 1/2 in 60.0s" in screen.getvalue()
+    assert lines.failed == []

@@ -245,10 +245,11 @@ ARGV = ["train", "/gcs/b/run/model.launch.yaml", "--out", "/gcs/b/run/model"]
 
 
 def test_the_training_job_runs_with_the_runs_identity_key_labels_and_timeout(
-    specs, custom_job, caplog
+    specs, custom_job, caplog, monkeypatch
 ):
     from google.cloud.aiplatform.compat.types import custom_job as types
 
+    monkeypatch.setattr(logging.getLogger("demix"), "propagate", True)  # to caplog
     cluster = json.dumps(_cluster(specs["vertex"]))
     with caplog.at_level(logging.INFO, logger="demix"):
         run_vertex_job(cluster, ARGV, 8, Path("/gcs/b/run/model"))
