@@ -1,8 +1,7 @@
 """A quiet local run: kfp.local's log goes to a file, the screen gets one line per task; a task
 that fails is shown on screen with its last lines and the log's path."""
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: KFP reads the components' annotations as types.
 import io
 import os
 import re
@@ -11,6 +10,7 @@ import pytest
 import yaml
 from kfp import dsl
 
+from components.image import CPU_IMAGE
 from deploy import local
 
 from .conftest import smoke_config_dict
@@ -18,7 +18,7 @@ from .conftest import smoke_config_dict
 TASK_LINE = re.compile(r"  (\S.*?)\s+(SUCCESS|FAILURE|CACHED)\s+\d+\.\ds")
 
 
-@dsl.component(install_kfp_package=False)
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def noisy_step(n: int) -> int:
     """Print a lot, as a task's streamed log does."""
     for i in range(300):
@@ -26,7 +26,7 @@ def noisy_step(n: int) -> int:
     return n
 
 
-@dsl.component(install_kfp_package=False)
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def broken_step(n: int):
     """Fail after a few lines."""
     print("loading the inputs")
