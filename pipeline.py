@@ -3,8 +3,11 @@ upload or schedule it.
 
     python pipeline.py compile --target kubeflow --out demix-kubeflow.yaml
     python pipeline.py compile --target vertex --out demix-vertex.yaml
+    python pipeline.py compile --target kubeflow --out demix-kubeflow.yaml --accelerator-count 8 \
+        --train-timeout 3d --eval-timeout 6h --parallelism 4 --spot --ephemeral-volume 500Gi
     python pipeline.py compile --target vertex --out demix-vertex.yaml --nodes 4 \
-        --machine-type a3-highgpu-8g --accelerator-type NVIDIA_H100_80GB --accelerator-count 8
+        --machine-type a3-highgpu-8g --accelerator-type NVIDIA_H100_80GB --accelerator-count 8 \
+        [--timeout 3d] [--spot] [--service-account SA] [--encryption-key KEY] [--labels k=v]
     python pipeline.py run-local --config configs/demo.yaml --out runs/demo
     python pipeline.py submit --host URL --package demix-kubeflow.yaml --config configs/demo.yaml \
         --pipeline-root gs://B/root [--param seed=3] [--run-name R] [--experiment E] [--no-cache]
