@@ -3,8 +3,11 @@ upload or schedule it.
 
     python pipeline.py compile --target kubeflow --out demix-kubeflow.yaml
     python pipeline.py compile --target vertex --out demix-vertex.yaml
+    python pipeline.py compile --target kubeflow --out demix-kubeflow.yaml --accelerator-count 8 \
+        --train-timeout 3d --eval-timeout 6h --parallelism 4 --spot --ephemeral-volume 500Gi
     python pipeline.py compile --target vertex --out demix-vertex.yaml --nodes 4 \
-        --machine-type a3-highgpu-8g --accelerator-type NVIDIA_H100_80GB --accelerator-count 8
+        --machine-type a3-highgpu-8g --accelerator-type NVIDIA_H100_80GB --accelerator-count 8 \
+        [--timeout 3d] [--spot] [--service-account SA] [--encryption-key KEY] [--labels k=v]
     python pipeline.py run-local --config configs/demo.yaml --out runs/demo
     python pipeline.py submit --host URL --package demix-kubeflow.yaml --config configs/demo.yaml \
         --pipeline-root gs://B/root [--param seed=3] [--run-name R] [--experiment E] [--no-cache]
@@ -20,6 +23,7 @@ Targets KFP SDK 2.17.3 (pinned in pyproject.toml) with Kubeflow Pipelines backen
 import argparse
 import sys
 from pathlib import Path
+from typing import TextIO
 
 from kfp import compiler, dsl
 
@@ -42,9 +46,13 @@ from deploy import local
 from deploy.fingerprint import data_fingerprint
 from deploy.placement import (
     Placement,
+    check_settings,
     on_cpu,
+    on_eval_gpu,
     on_gpu,
     on_training_gpus,
+    parse_duration,
+    parse_job_labels,
     training_inputs,
 )
 from deploy.submit import COMMANDS, PIPELINE_NAME, add_commands, submit
@@ -124,7 +132,7 @@ def build_pipeline(placement: Placement):
         plan = on_cpu(plan_curation(config=cfg, data_fingerprint=data_fingerprint), placement)
         plan.set_display_name("curate / plan")
         with dsl.ParallelFor(
-            plan.outputs["Output"], name="curate / groups", parallelism=placement.parallelism
+            plan.outputs["Output"], name="curate / groups", parallelism=placement.cpu_parallelism
         ) as group:
             part = on_cpu(curate_group(plan=plan.outputs["plan"], group=group), placement)
             part.set_display_name("curate group")
@@ -177,7 +185,7 @@ def build_pipeline(placement: Placement):
                 name=f"round {r - 1} / proxies",
                 parallelism=placement.parallelism,
             ) as shard:
-                scored = on_gpu(
+                scored = on_eval_gpu(
                     evaluate_proxies(
                         config=cfg,
                         data=dataset,
@@ -208,11 +216,14 @@ def build_pipeline(placement: Placement):
 
         # Optional fidelity check (off by default): trained references vs merged proxies.
         with dsl.If(validate == True, name="if validate"):  # noqa: E712 (a KFP condition)
+            # one process on one GPU, but it trains reference models: the training timeout
             on_gpu(
                 validate_fidelity(
                     config=cfg, data=dataset, base=base_model_artifact, component_index=index
                 ),
                 placement,
+                gpus=placement.eval_accelerator_count,
+                timeout=placement.train_timeout,
             ).set_display_name("validate proxy fidelity")
 
         on_cpu(
@@ -241,7 +252,7 @@ def build_pipeline(placement: Placement):
                 ),
                 placement,
             ).set_display_name("train final")
-        on_gpu(
+        on_eval_gpu(
             evaluate_final(
                 config=cfg,
                 data=dataset,
@@ -257,10 +268,17 @@ def build_pipeline(placement: Placement):
 
 
 def run_local(
-    config_path: Path, out: Path, pipeline_root: Path | None = None, num_eval_workers: int = 2
+    config_path: Path,
+    out: Path,
+    pipeline_root: Path | None = None,
+    num_eval_workers: int = 2,
+    progress: TextIO | None = None,
 ) -> dict:
-    """Run this pipeline with kfp.local; summary.json and report.html copied into `out`."""
-    return local.run_local(build_pipeline, config_path, out, pipeline_root, num_eval_workers)
+    """Run this pipeline with kfp.local; summary.json and report.html copied into `out`, the
+    kfp.local log into `out`/kfp-local.log, one line per task on `progress` (default stdout)."""
+    return local.run_local(
+        build_pipeline, config_path, out, pipeline_root, num_eval_workers, progress
+    )
 
 
 def rounds_from_config(config_path: Path, rounds: int | None) -> int:
@@ -274,22 +292,54 @@ def rounds_from_config(config_path: Path, rounds: int | None) -> int:
 
 
 def compile_pipeline(target: str, out: str | Path, **placement) -> Path:
-    """Compile for `kubeflow` (GPU node selector + toleration) or `vertex` (one YAML document)."""
+    """Compile for `kubeflow` (GPU node selector + toleration, kfp-kubernetes settings) or
+    `vertex` (one YAML document). Raises ConfigError for a setting the target cannot apply."""
     if target not in ("kubeflow", "vertex"):
         raise SystemExit(f"pipeline.py: error: --target {target!r} is not kubeflow or vertex")
-    nodes = placement.get("nodes") or 1
-    if nodes > 1 and target != "vertex":
-        raise SystemExit(
-            f"pipeline.py: error: --nodes {nodes} runs training as a Vertex AI custom job; "
-            "compile with --target vertex"
-        )
-    if nodes > 1 and not placement.get("machine_type"):
-        raise SystemExit(
-            f"pipeline.py: error: --nodes {nodes} needs --machine-type (e.g. a3-highgpu-8g)"
-        )
+    check_settings(target, placement)
     out = Path(out)
     compiler.Compiler().compile(build_pipeline(Placement.for_target(target, **placement)), str(out))
     return out
+
+
+def compile_settings(args) -> dict:
+    """The Placement settings of `compile`'s flags (None: the target's default).
+
+    `--timeout` is the timeout of every task; `--train-timeout`, `--eval-timeout` and
+    `--cpu-timeout` override it by kind. Raises ConfigError for a bad duration or label.
+    """
+    every = parse_duration(args.timeout, "--timeout")
+    timeouts = {
+        f"{kind}_timeout": parse_duration(getattr(args, f"{kind}_timeout"), f"--{kind}-timeout")
+        for kind in ("train", "eval", "cpu")
+    }
+    settings = {k: every if v is None else v for k, v in timeouts.items()}
+    if every is not None and args.target == "vertex":
+        settings = {"train_timeout": settings["train_timeout"]}  # what Vertex can apply
+    names = (
+        "accelerator_type",
+        "accelerator_count",
+        "eval_accelerator_count",
+        "gpu_node_label",
+        "cpu",
+        "memory",
+        "cpu_task_cpu",
+        "cpu_task_memory",
+        "shm_size",
+        "retries",
+        "rounds",
+        "parallelism",
+        "ephemeral_volume",
+        "storage_class",
+        "nodes",
+        "machine_type",
+    )
+    settings.update({k: getattr(args, k) for k in names})
+    settings["spot"] = args.spot or None
+    settings["job_service_account"] = args.service_account
+    settings["job_encryption_key"] = args.encryption_key
+    settings["job_labels"] = parse_job_labels(args.labels)
+    return settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -302,11 +352,51 @@ def main(argv: list[str] | None = None) -> int:
         "--accelerator-type",
         help="kubeflow: resource name (nvidia.com/gpu); vertex: e.g. NVIDIA_H100_80GB",
     )
-    p.add_argument("--accelerator-count", type=int)
+    p.add_argument("--accelerator-count", type=int, help="GPUs of a training task (default 1)")
+    p.add_argument(
+        "--eval-accelerator-count",
+        type=int,
+        help="GPUs of an evaluation task (default 1: an evaluation shard uses one GPU)",
+    )
     p.add_argument("--gpu-node-label", help="kubeflow: cloud.google.com/gke-accelerator value")
-    p.add_argument("--cpu")
-    p.add_argument("--memory")
+    p.add_argument("--cpu", help="CPU request and limit of a GPU task (default 8)")
+    p.add_argument("--memory", help="memory request and limit of a GPU task (default 64G)")
+    p.add_argument("--cpu-task-cpu", help="CPU request and limit of a CPU task (default 2)")
+    p.add_argument("--cpu-task-memory", help="memory request and limit of a CPU task (default 8G)")
+    p.add_argument(
+        "--shm-size",
+        help="kubeflow: size of the memory-backed /dev/shm of a task with several GPUs "
+        "(default 16Gi; it counts against --memory)",
+    )
     p.add_argument("--retries", type=int)
+    p.add_argument(
+        "--timeout",
+        help="how long any task may run: 90m, 12h, 2d (kubeflow: the pod's deadline; vertex: "
+        "the multi-node training job's timeout); default none",
+    )
+    for kind, what in (
+        ("train", "a GPU training task"),
+        ("eval", "a GPU evaluation task (kubeflow)"),
+        ("cpu", "a CPU task (kubeflow)"),
+    ):
+        p.add_argument(f"--{kind}-timeout", help=f"how long {what} may run; overrides --timeout")
+    p.add_argument(
+        "--parallelism",
+        type=int,
+        help="GPU tasks of one loop (components, proxies, finals) at once (default 0: unlimited)",
+    )
+    p.add_argument(
+        "--spot",
+        action="store_true",
+        help="kubeflow: GPU tasks on GKE spot nodes; vertex with --nodes: a spot training job",
+    )
+    p.add_argument(
+        "--ephemeral-volume",
+        metavar="SIZE",
+        help="kubeflow: a volume of SIZE (e.g. 500Gi) at /gcs/ on every task, where the "
+        "launcher keeps artifacts (large models)",
+    )
+    p.add_argument("--storage-class", help="kubeflow: the ephemeral volume's StorageClass")
     p.add_argument(
         "--rounds", type=int, help="search rounds, unrolled at compile time (default: --config's)"
     )
@@ -317,6 +407,19 @@ def main(argv: list[str] | None = None) -> int:
         help="vertex: train on this many machines (a Vertex AI custom job; default 1)",
     )
     p.add_argument("--machine-type", help="vertex, with --nodes: e.g. a3-highgpu-8g")
+    p.add_argument(
+        "--service-account",
+        help="vertex, with --nodes: the training job's service account (give submit the same)",
+    )
+    p.add_argument(
+        "--encryption-key",
+        help="vertex, with --nodes: the training job's Cloud KMS key (give submit the same)",
+    )
+    p.add_argument(
+        "--labels",
+        help="vertex, with --nodes: the training job's labels, KEY=VALUE,... "
+        "(give submit the same; the run's labels are added)",
+    )
     p = sub.add_parser("run-local", help="run the pipeline locally with kfp.local")
     p.add_argument("--config", required=True)
     p.add_argument("--out", required=True)
@@ -336,20 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compile":
             if args.config:
                 args.rounds = rounds_from_config(Path(args.config), args.rounds)
-            placement = {
-                k: getattr(args, k)
-                for k in (
-                    "accelerator_type",
-                    "accelerator_count",
-                    "gpu_node_label",
-                    "cpu",
-                    "memory",
-                    "retries",
-                    "rounds",
-                    "nodes",
-                    "machine_type",
-                )
-            }
+            placement = compile_settings(args)
             print(compile_pipeline(args.target, args.out, **placement))
         elif args.command == "run-local":
             from demix.report import print_summary

@@ -12,9 +12,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
+import re
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -22,6 +26,7 @@ from demix.config import TrainConfig
 from demix.errors import DemixError
 
 ERROR_PREFIX = "demix: error: "
+log = logging.getLogger(__name__)
 
 
 class LaunchError(DemixError):
@@ -168,9 +173,21 @@ def run_launched(argv: list[str], processes: int, cluster: Cluster | None = None
 
 
 def vertex_worker_pools(
-    nodes: int, machine_type: str, accelerator_type: str, accelerator_count: int, image: str
+    nodes: int,
+    machine_type: str,
+    accelerator_type: str,
+    accelerator_count: int,
+    image: str,
+    *,
+    service_account: str = "",
+    encryption_key: str = "",
+    labels: Mapping[str, str] | None = None,
+    timeout_s: int = 0,
+    spot: bool = False,
 ) -> str:
-    """The worker pools of a Vertex AI custom job of `nodes` machines, as JSON (a pipeline input).
+    """A Vertex AI custom job of `nodes` machines, as JSON (a pipeline input): its worker pools
+    and the settings of the job (service account, CMEK key, labels, timeout in seconds with 0
+    for Vertex's default of 7 days, spot machines).
 
     Pool 0 is the primary replica, pool 1 the other nodes - 1; every replica runs the same
     image and command (filled in by vertex_job). Raises LaunchError for fewer than 2 nodes.
@@ -186,7 +203,42 @@ def vertex_worker_pools(
         "replica_count": 1,
         "container_spec": {"image_uri": image},
     }
-    return json.dumps({"worker_pool_specs": [pool, {**pool, "replica_count": nodes - 1}]})
+    job = {
+        "service_account": service_account,
+        "encryption_key": encryption_key,
+        "labels": dict(labels or {}),
+        "timeout_s": timeout_s,
+        "spot": spot,
+    }
+    return json.dumps(
+        {"worker_pool_specs": [pool, {**pool, "replica_count": nodes - 1}], "job": job}
+    )
+
+
+def job_settings(cluster_json: str) -> dict:
+    """The job settings of a vertex_worker_pools JSON (defaults for JSON written without)."""
+    found = json.loads(cluster_json).get("job") or {}
+    return {
+        "service_account": found.get("service_account") or "",
+        "encryption_key": found.get("encryption_key") or "",
+        "labels": dict(found.get("labels") or {}),
+        "timeout_s": int(found.get("timeout_s") or 0),
+        "spot": bool(found.get("spot")),
+    }
+
+
+# Vertex AI sets this in every pipeline task: the run's labels as a JSON object (its billing id
+# label among them), to be attached to the resources a task creates.
+RUN_LABELS_ENV = "VERTEX_AI_PIPELINES_RUN_LABELS"
+
+
+def run_labels(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The labels of the Vertex AI pipeline run this task belongs to ({} outside one)."""
+    try:
+        labels = json.loads(environ.get(RUN_LABELS_ENV) or "{}")
+    except json.JSONDecodeError:
+        return {}
+    return {str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {}
 
 
 def gcs_uri(path: str | Path) -> str:
@@ -207,7 +259,8 @@ def vertex_job(cluster_json: str, argv: list[str], processes: int, out: Path, **
     """A Vertex AI custom job (not yet run) whose replicas each run `demix <argv>` with
     `processes` processes per machine, each finding its place in CLUSTER_SPEC.
 
-    The job's own files go beside `out` (`<out>.job`); `client` (project, location,
+    The job carries the compiled labels and the run's (run_labels; compiled ones win) and the
+    CMEK key. The job's own files go beside `out` (`<out>.job`); `client` (project, location,
     credentials) defaults to the environment, as inside a Vertex AI pipeline task.
     Raises LaunchError when `out` is not on /gcs/.
     """
@@ -218,23 +271,79 @@ def vertex_job(cluster_json: str, argv: list[str], processes: int, out: Path, **
         {**pool, "container_spec": {**pool["container_spec"], "command": command}}
         for pool in json.loads(cluster_json)["worker_pool_specs"]
     ]
+    settings = job_settings(cluster_json)
     job_dir = gcs_uri(Path(out).with_name(Path(out).name + ".job"))
     return aiplatform.CustomJob(
         display_name=f"demix-{Path(out).name}",
         worker_pool_specs=pools,
         base_output_dir=job_dir,
         staging_bucket=job_dir,
+        labels={**run_labels(), **settings["labels"]} or None,
+        encryption_spec_key_name=settings["encryption_key"] or None,
         **client,
     )
+
+
+def console_url(resource_name: str) -> str:
+    """The Cloud console page of a custom job, projects/P/locations/L/customJobs/ID."""
+    found = re.fullmatch(r"projects/([^/]+)/locations/([^/]+)/customJobs/([^/]+)", resource_name)
+    if not found:
+        return resource_name
+    project, location, job = found.groups()
+    return (
+        f"https://console.cloud.google.com/vertex-ai/locations/{location}/training/{job}/cpu"
+        f"?project={project}"
+    )
+
+
+def _resource_name(job) -> str:
+    """The job's resource name, "" when it was not created."""
+    try:
+        return job.resource_name or ""
+    except RuntimeError:  # aiplatform: the resource does not exist yet
+        return ""
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def run_vertex_job(cluster_json: str, argv: list[str], processes: int, out: Path) -> None:
     """Run `demix <argv>` on the machines of `cluster_json` as a Vertex AI custom job; wait.
 
-    Raises LaunchError when the job fails.
+    The job runs as the compiled service account, with its timeout and scheduling (spot).
+    Its console link is logged as soon as it exists. When the waiting task is stopped (SIGTERM,
+    as when its pipeline task is cancelled, or Ctrl-C) the job is cancelled too.
+    Raises LaunchError when the job fails or is cancelled that way.
     """
+    from google.cloud.aiplatform.compat.types import custom_job
+
+    settings = job_settings(cluster_json)
     job = vertex_job(cluster_json, argv, processes, out)
+    strategy = custom_job.Scheduling.Strategy.SPOT if settings["spot"] else None
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
+    name = ""
     try:
-        job.run(sync=True)
+        job.submit(
+            service_account=settings["service_account"] or None,
+            timeout=settings["timeout_s"] or None,
+            scheduling_strategy=strategy,
+        )
+        name = job.resource_name
+        log.info("Vertex AI custom job %s: %s", job.display_name, console_url(name))
+        job.wait_for_completion()
+    except KeyboardInterrupt:
+        name = name or _resource_name(job)  # stopped between the create call and here
+        if name:
+            job.cancel()
+        raise LaunchError(
+            f"interrupted; Vertex AI custom job {job.display_name} "
+            + (f"cancelled: {console_url(name)}" if name else "was not created")
+        ) from None
     except RuntimeError as err:
-        raise LaunchError(f"Vertex AI custom job {job.display_name} failed: {err}") from None
+        where = f" ({console_url(name)})" if name else ""
+        raise LaunchError(f"Vertex AI custom job {job.display_name} failed{where}: {err}") from None
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)

@@ -138,6 +138,48 @@ def compiled_rounds(package: str | Path) -> int | None:
     return None if value is None else int(value)
 
 
+def compiled_job(package: str | Path) -> dict | None:
+    """The settings of the multi-node training job compiled into a package (None: training
+    runs in the pipeline's own tasks)."""
+    from demix.distributed import job_settings
+
+    tasks = package_spec(package).get("root", {}).get("dag", {}).get("tasks", {})
+    cluster = (
+        tasks.get("train-model", {})
+        .get("inputs", {})
+        .get("parameters", {})
+        .get("cluster", {})
+        .get("runtimeValue", {})
+        .get("constant")
+    )
+    return job_settings(cluster) if cluster else None
+
+
+def check_job_settings(args) -> None:
+    """A Vertex package whose training runs as a custom job: the run's service account, CMEK
+    key and labels must be the job's (compiled with the same flags), or the job would run
+    under another identity or key than the run. Raises ConfigError naming the flag."""
+    job = compiled_job(args.package) if args.vertex else None
+    if job is None:
+        return
+    given = {
+        "--service-account": (args.service_account or "", job["service_account"]),
+        "--encryption-key": (args.encryption_key or "", job["encryption_key"]),
+        "--labels": (parse_labels(args.labels), job["labels"]),
+    }
+    for flag, (run, compiled) in given.items():
+        if run != compiled:
+            shown = (
+                ",".join(f"{k}={v}" for k, v in compiled.items())
+                if flag == "--labels"
+                else compiled
+            )
+            raise ConfigError(
+                f"{flag}: the package's multi-node training job was compiled with "
+                f"{flag} {shown or '(none)'}; give the run the same (or compile again)"
+            )
+
+
 def check_pipeline_root(root: str | None, command: str = "submit") -> str:
     """The pipeline root, which must be gs://: tasks fetch artifacts by URI through demix.storage
     and publish checkpoints there, and demix.storage reads gs:// only.
@@ -209,6 +251,7 @@ def _prepare_run(args) -> tuple[str, dict]:
     check_backend(args, ("project", "region"))
     root = check_pipeline_root(args.pipeline_root, args.command)
     parse_labels(args.labels)
+    check_job_settings(args)
     return root, run_parameters(args)
 
 

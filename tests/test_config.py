@@ -17,7 +17,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize(
     "name",
-    ["demo.yaml", "example-gpu.yaml", "reproduce.yaml", "reproduce-n6.yaml", "reproduce-n9.yaml"],
+    [
+        "demo.yaml",
+        "example-gpu.yaml",
+        "example-gcs.yaml",
+        "reproduce.yaml",
+        "reproduce-n6.yaml",
+        "reproduce-n9.yaml",
+    ],
 )
 def test_shipped_configs_validate_and_open_with_the_command(name):
     path = ROOT / "configs" / name
@@ -63,6 +70,23 @@ def test_scaling_configs_split_the_reproduce_corpus_by_source():
                     and any(fnmatchcase(source, p) for p in d.where["source"])
                 ]
                 assert len(owners) == 1, (n, source, owners)
+
+
+def test_example_gcs_reads_everything_from_the_bucket():
+    """Every input a pod needs is a gs:// object (no local path exists in a pod), with a valid
+    bucket and a path inside it; the evaluation needs no data outside the curated artifact."""
+    from demix.storage import split_gs
+
+    config = load_config(ROOT / "configs" / "example-gcs.yaml")
+    specs = [*config.data.datasets, *config.data.targets]
+    uris = [path for spec in specs for path in spec.paths] + [config.model.base]
+    assert len(uris) == 7
+    for uri in uris:
+        assert uri.startswith("gs://"), uri
+        split_gs(uri)  # a valid bucket name and a path inside the bucket
+    tasks = [task for names in config.evaluate.categories.values() for task in names]
+    assert tasks and all(task.startswith("heldout:") for task in tasks)
+    assert config.train.base is None  # the base model is the bucket's, not trained
 
 
 def test_search_round_sizes_halve():

@@ -3,6 +3,7 @@ components called directly, and a real local run that matches `demix run`."""
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import shutil
@@ -22,6 +23,8 @@ from components.predict import predict
 from components.resolve_config import resolve_config
 from demix.cli import main as demix_main
 from demix.config import config_yaml, parse_config
+from demix.errors import ConfigError
+from demix.report import print_summary
 
 from .conftest import smoke_config_dict
 
@@ -89,7 +92,9 @@ def test_kubeflow_target_structure(compiled):
     for name in GPU_EXECUTORS:
         resources = executors[name]["container"]["resources"]
         assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
-        assert resources["accelerator"]["resourceCount"] == "2"
+        # training on --accelerator-count GPUs; an evaluation shard on one
+        training = name.startswith("exec-train-")
+        assert resources["accelerator"]["resourceCount"] == ("2" if training else "1")
         assert executors[name]["container"]["image"] == CUDA_IMAGE
     for name in ("exec-plan-curation", "exec-curate-group", "exec-curate-data"):
         assert executors[name]["container"]["image"] == CPU_IMAGE
@@ -311,7 +316,7 @@ def test_vertex_multi_node_training_is_a_custom_job_with_worker_pools(tmp_path):
     ],
 )
 def test_multi_node_needs_vertex_and_a_machine_type(tmp_path, target, settings, expected):
-    with pytest.raises(SystemExit, match=expected):
+    with pytest.raises(ConfigError, match=expected):
         pipeline.compile_pipeline(target, tmp_path / "x.yaml", **settings)
     assert not (tmp_path / "x.yaml").exists()
 
@@ -539,8 +544,6 @@ def test_training_components_log_loss_tokens_and_throughput(tmp_path, monkeypatc
 
 
 def test_resolve_config_refuses_bad_overrides(tmp_path, corpus_dir):
-    from demix.errors import ConfigError
-
     with pytest.raises(ConfigError, match="train.general_ratio"):
         resolve_config.python_func(
             config_yaml=config_yaml(parse_config(smoke_config_dict(corpus_dir))),
@@ -558,18 +561,20 @@ def test_resolve_config_refuses_bad_overrides(tmp_path, corpus_dir):
 
 @pytest.fixture(scope="module")
 def local_and_library_runs(tmp_path_factory, corpus_dir, eval_dir):
-    """The smoke config run once as the local pipeline and once as `demix run`."""
+    """The smoke config run once as the local pipeline and once as `demix run`; the local
+    run's screen output kept."""
     tmp_path = tmp_path_factory.mktemp("both")
     config = tmp_path / "smoke.yaml"
     config.write_text(yaml.safe_dump(smoke_config_dict(corpus_dir, eval_dir)))
-    summary = pipeline.run_local(config, tmp_path / "kfp", num_eval_workers=2)
+    screen = io.StringIO()
+    summary = pipeline.run_local(config, tmp_path / "kfp", num_eval_workers=2, progress=screen)
     assert demix_main(["run", str(config), "--out", str(tmp_path / "lib")]) == 0
     library = json.loads((tmp_path / "lib" / "summary.json").read_text())
-    return tmp_path, summary, library
+    return tmp_path, summary, library, screen.getvalue()
 
 
 def test_local_pipeline_run_matches_demix_run(local_and_library_runs):
-    tmp_path, summary, library = local_and_library_runs
+    tmp_path, summary, library, _ = local_and_library_runs
     assert (tmp_path / "kfp" / "report.html").is_file()
     assert summary["proxies_evaluated"] == 6 and summary["search_rounds"] == 2
     assert set(summary["final"]) == {"chosen", "uniform", "token_prior"}
@@ -582,7 +587,7 @@ def test_local_pipeline_run_matches_demix_run(local_and_library_runs):
 def test_both_paths_write_the_same_summary_field_by_field(local_and_library_runs):
     """One set of stage functions behind `demix run` and the pipeline: the summaries agree on
     every field that does not measure time, and their timings have the same keys and meaning."""
-    _, pipeline_summary, library = local_and_library_runs
+    _, pipeline_summary, library, _ = local_and_library_runs
     assert set(pipeline_summary) == set(library)
     timed = {"timings_s", "wall_s"}
     for key in set(library) - timed:
@@ -594,6 +599,37 @@ def test_both_paths_write_the_same_summary_field_by_field(local_and_library_runs
     for summary in (pipeline_summary, library):
         assert all(summary["timings_s"][k] > 0 for k in ("base", "components", "final"))
         assert summary["wall_s"]["total"] >= summary["timings_s"]["final"]
+
+
+def test_a_local_run_prints_one_line_per_task_and_logs_the_rest(local_and_library_runs, capsys):
+    """What `make demo` shows: the log's path, one line per task (display name, status,
+    seconds), the summary table; kfp.local's executor JSON and the tasks' logs are in the file."""
+    tmp_path, summary, _, screen = local_and_library_runs
+    log = tmp_path / "kfp" / "kfp-local.log"
+    lines = screen.splitlines()
+    assert lines[0] == f"kfp.local log: {log}"
+    tasks = [re.fullmatch(r"  (\S.*?)\s+SUCCESS\s+\d+\.\ds", line) for line in lines[1:]]
+    assert all(tasks), lines
+    logged = log.read_text()
+    finished = re.findall(r"Task \S*'([a-z0-9-]+)'\S* finished with status", logged)
+    assert len(tasks) == len(finished) >= 20  # one line per task run, and only those
+    names = {match.group(1) for match in tasks}
+    assert names >= {
+        "resolve config",
+        "curate group",
+        "train base",
+        "train component",
+        "round 0 / evaluate proxies",
+        "select mixture",
+        "train final",
+        "evaluate finals",
+    }
+    assert not names & set(finished)  # display names, never the task keys
+    assert logged.count("executor_output.json") >= len(finished)  # the executor JSON
+    assert "Streamed logs" in logged and "Streamed logs" not in screen
+    print_summary(summary, tmp_path / "kfp")
+    table = capsys.readouterr().out
+    assert len(lines) + len(table.splitlines()) < 60  # fits on one screen
 
 
 def _assert_close(a, b, where: str) -> None:
@@ -616,8 +652,6 @@ def test_config_rounds_and_compiled_rounds_cannot_disagree(tmp_path, corpus_dir,
     """search.rounds has one source: compile takes it from the config, and a package compiled
     with other rounds is refused at submit (before the client is contacted) and by the first
     task, naming both numbers."""
-    from demix.errors import ConfigError
-
     raw = smoke_config_dict(corpus_dir)  # search.rounds: 2
     config = tmp_path / "smoke.yaml"
     config.write_text(yaml.safe_dump(raw))
