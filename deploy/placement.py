@@ -70,7 +70,8 @@ class Placement:
     def for_target(cls, target: str, **overrides) -> Placement:
         defaults = {
             "vertex": {"accelerator_type": "NVIDIA_H100_80GB"},
-            "local": {"parallelism": 1, "cpu_parallelism": 1},
+            # locally a failure is a bug or bad input, not a lost node: fail at once
+            "local": {"parallelism": 1, "cpu_parallelism": 1, "retries": 0},
         }.get(target, {})
         return cls(
             target=target, **{**defaults, **{k: v for k, v in overrides.items() if v is not None}}
