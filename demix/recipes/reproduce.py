@@ -23,7 +23,7 @@ from demix.evaluate.harness import Evaluator
 from demix.fidelity import AGGREGATE, compare_predictors, fidelity
 from demix.mixtures import baseline_mixtures, seeded_names, split_seed
 from demix.model import resolve_device
-from demix.proxies import ProxyEvaluator, make_evaluator
+from demix.proxies import ProxyEvaluator, make_evaluator, merge_settings, model_id, score_key
 from demix.recipes.run import StageClock, prepare_models, start_run_folder, train_finals
 from demix.recipes.validate import train_references, validate_stage
 from demix.report.fidelity import RELIABILITY_HEADER, reliability_rows, task_rows
@@ -37,7 +37,6 @@ from demix.stages import (
     train_components,
 )
 from demix.storage import atomic_write_json, atomic_write_text
-from demix.train.job import fingerprint
 
 
 def _tokens(paths) -> int:
@@ -141,7 +140,14 @@ def ablation_rows(
             proxies = ProxyEvaluator(ablated, data, base, components, evaluator)
             return [proxies(w) for w in weights]
 
-        key = fingerprint(merge=merge.model_dump(), ids=[m["id"] for m in validation["mixtures"]])
+        key = score_key(
+            ablated,
+            data,
+            base,
+            merge=merge_settings(ablated),
+            components=[model_id(components[n]) for n in data.names],
+            mixtures=[m["id"] for m in validation["mixtures"]],
+        )
         results = _cached(out / f"ablation-{i}.json", key, scores)
         measured = fidelity(
             data.names, weights, results, validation["reference_results"], categories
