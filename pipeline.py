@@ -3,6 +3,8 @@ upload or schedule it.
 
     python pipeline.py compile --target kubeflow --out demix-kubeflow.yaml
     python pipeline.py compile --target vertex --out demix-vertex.yaml
+    python pipeline.py compile --target kubeflow --out demix-kubeflow.yaml \
+        --image REGISTRY/demix:0.1.0-cpu --image-cuda REGISTRY/demix@sha256:DIGEST
     python pipeline.py compile --target vertex --out demix-vertex.yaml --nodes 4 \
         --machine-type a3-highgpu-8g --accelerator-type NVIDIA_H100_80GB --accelerator-count 8
     python pipeline.py run-local --config configs/demo.yaml --out runs/demo
@@ -31,6 +33,7 @@ from components.evaluate_final import evaluate_final
 from components.evaluate_proxies import evaluate_proxies
 from components.export_mixture import export_mixture
 from components.final_runs import final_runs
+from components.image import CPU_IMAGE, CUDA_IMAGE, check_image
 from components.merge import merge
 from components.plan_curation import plan_curation
 from components.predict import predict
@@ -287,6 +290,12 @@ def compile_pipeline(target: str, out: str | Path, **placement) -> Path:
         raise SystemExit(
             f"pipeline.py: error: --nodes {nodes} needs --machine-type (e.g. a3-highgpu-8g)"
         )
+    for key, flag in (("image", "--image"), ("image_cuda", "--image-cuda")):
+        if placement.get(key) is not None:
+            try:
+                check_image(placement[key], flag)
+            except ValueError as err:
+                raise SystemExit(f"pipeline.py: error: {err}") from None
     out = Path(out)
     compiler.Compiler().compile(build_pipeline(Placement.for_target(target, **placement)), str(out))
     return out
@@ -317,6 +326,13 @@ def main(argv: list[str] | None = None) -> int:
         help="vertex: train on this many machines (a Vertex AI custom job; default 1)",
     )
     p.add_argument("--machine-type", help="vertex, with --nodes: e.g. a3-highgpu-8g")
+    p.add_argument(
+        "--image", help=f"image of the CPU tasks, NAME:TAG or NAME@sha256:D (default {CPU_IMAGE})"
+    )
+    p.add_argument(
+        "--image-cuda",
+        help=f"image of the GPU tasks, NAME:TAG or NAME@sha256:D (default {CUDA_IMAGE})",
+    )
     p = sub.add_parser("run-local", help="run the pipeline locally with kfp.local")
     p.add_argument("--config", required=True)
     p.add_argument("--out", required=True)
@@ -348,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
                     "rounds",
                     "nodes",
                     "machine_type",
+                    "image",
+                    "image_cuda",
                 )
             }
             print(compile_pipeline(args.target, args.out, **placement))

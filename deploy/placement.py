@@ -7,7 +7,7 @@ import dataclasses
 
 from kfp import dsl
 
-from components.image import CUDA_IMAGE
+from components.image import CPU_IMAGE, CUDA_IMAGE
 from demix.config import SearchConfig
 
 
@@ -31,6 +31,9 @@ class Placement:
     # `machine_type`, each with accelerator_count GPUs of accelerator_type.
     nodes: int = 1
     machine_type: str = ""
+    # The images tasks run in: components built on the CUDA image get image_cuda, others image.
+    image: str = CPU_IMAGE
+    image_cuda: str = CUDA_IMAGE
 
     @classmethod
     def for_target(cls, target: str, **overrides) -> Placement:
@@ -44,6 +47,7 @@ class Placement:
 
 
 def on_gpu(task: dsl.PipelineTask, placement: Placement) -> dsl.PipelineTask:
+    with_image(task, placement)
     task.set_cpu_request(placement.cpu).set_memory_request(placement.memory)
     task.set_accelerator_type(placement.accelerator_type).set_accelerator_limit(
         placement.accelerator_count
@@ -73,7 +77,7 @@ def training_inputs(placement: Placement) -> dict:
             placement.machine_type,
             placement.accelerator_type,
             placement.accelerator_count,
-            CUDA_IMAGE,
+            placement.image_cuda,
         )
     return {"processes": placement.accelerator_count, "cluster": cluster}
 
@@ -85,6 +89,13 @@ def on_training_gpus(task: dsl.PipelineTask, placement: Placement) -> dsl.Pipeli
 
 
 def on_cpu(task: dsl.PipelineTask, placement: Placement) -> dsl.PipelineTask:
+    with_image(task, placement)
     task.set_cpu_request("2").set_memory_request("8G")
     task.set_retry(num_retries=placement.retries, backoff_duration="30s", backoff_factor=2.0)
     return task
+
+
+def with_image(task: dsl.PipelineTask, placement: Placement) -> dsl.PipelineTask:
+    """The task in the compile's image of its kind: CUDA for components built on CUDA_IMAGE."""
+    cuda = task.container_spec.image in (CUDA_IMAGE, placement.image_cuda)
+    return task.set_container_image(placement.image_cuda if cuda else placement.image)
