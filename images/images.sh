@@ -68,11 +68,13 @@ base() {
   mmdebstrap --quiet --variant=minbase \
     --include=python3,python3-venv,python3-pip,ca-certificates,libgomp1 \
     bookworm "$tar" "$sources"
-  local e; e=$(engine)
+  local e c; e=$(engine)
+  [ "$e" = docker ] || sandbox_settings
   case $e in
-    docker) docker import "$tar" "$name" ;;
-    podman) podman import "$tar" "$name" ;;
-    buildah) podman import "$tar" "$name" ;;  # buildah has no import; podman shares its store
+    docker | podman) "$e" import "$tar" "$name" ;;
+    buildah)  # no import: a container from scratch with the tree added, committed
+      c=$(buildah from scratch) && buildah add "$c" "$tar" / && buildah commit "$c" "$name" \
+        && buildah rm "$c" ;;
   esac >/dev/null
   rm -f "$tar"
   echo "$name"
