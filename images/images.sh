@@ -6,7 +6,7 @@
 #   images/images.sh tools                   install podman, runc, buildah, mmdebstrap (apt)
 #   images/images.sh base NAME               Debian bookworm base from this machine's apt sources
 #   images/images.sh wheelhouse cpu|cuda     build/wheelhouse from requirements/ (host network)
-#   images/images.sh build cpu|cuda NAME     the image NAME (BASE= another base image)
+#   images/images.sh build cpu|cuda NAME     the image NAME (BASE= another base, BUILD_FLAGS=)
 #   images/images.sh push NAME...            push images to their registry
 #   images/images.sh run NAME ARGS...        `ENGINE run` with the sandbox settings
 set -euo pipefail
@@ -119,7 +119,8 @@ build() {
   case ${BASE:-} in localhost/*) network=(--network none) ;; esac
   [ "$e" = docker ] || sandbox_settings
   local started=$SECONDS
-  "$e" build "${network[@]}" -f images/Dockerfile --build-arg "FLAVOR=$flavor" \
+  # shellcheck disable=SC2086  # BUILD_FLAGS: extra flags for the engine's build, word-split
+  "$e" build "${network[@]}" ${BUILD_FLAGS:-} -f images/Dockerfile --build-arg "FLAVOR=$flavor" \
     ${BASE:+--build-arg "BASE=$BASE"} -t "$name" .
   echo "built $name in $((SECONDS - started)) s with $e"
 }
