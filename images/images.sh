@@ -94,7 +94,9 @@ wheelhouse() {
   if [ "$flavor" = cpu ] && ls "$WHEELS/torch-cpu" | grep -q -E '^(nvidia|triton)|^torch-[^+]*-'; then
     die "$WHEELS/torch-cpu holds a CUDA build; set TORCH_INDEX to the PyTorch CPU wheel index"
   fi
-  rm -rf "$WHEELS/demix" && "${pip[@]}" wheel -q --no-deps -w "$WHEELS/demix" .
+  # A fixed timestamp makes the demix wheel reproducible: unchanged code, a cached image layer.
+  rm -rf "$WHEELS/demix" && SOURCE_DATE_EPOCH=315532800 "${pip[@]}" wheel -q --no-deps \
+    -w "$WHEELS/demix" .
   du -sh "$WHEELS/common" "$WHEELS/torch-$flavor" | sed 's/^/wheelhouse: /'
 }
 

@@ -33,38 +33,38 @@ step "build"
 $SH build cpu "$IMAGE"
 
 run() { $SH run --rm --network none "$@"; }
-shell() { run --entrypoint sh "$IMAGE" -ec "$1"; }
 
-step "user and working folders"
-uid=$(shell 'id -u')
-[ "$uid" = 1000 ] || fail "the image runs as uid $uid, not 1000 (demix)"
-shell 'for d in "$HOME" /tmp /gcs /minio /s3 "$PWD"; do
-         touch "$d/.w" && rm "$d/.w" || { echo "not writable: $d"; exit 1; }; done
-       ! touch /opt/venv/.w 2>/dev/null || { echo "/opt/venv is writable by the user"; exit 1; }
-       echo "uid $(id -u) ($(id -un)), home $HOME: working folders writable, /opt/venv not"'
+# One container for the checks below: with the vfs store each container start copies the image.
+step "user, working folders, no CUDA libraries, no credentials, demix --help"
+run --entrypoint sh "$IMAGE" -ec '
+  uid=$(id -u)
+  [ "$uid" = 1000 ] || { echo "the image runs as uid $uid, not 1000 (demix)"; exit 1; }
+  for d in "$HOME" /tmp /gcs /minio /s3 "$PWD"; do
+    touch "$d/.w" && rm "$d/.w" || { echo "not writable: $d"; exit 1; }; done
+  ! touch /opt/venv/.w 2>/dev/null || { echo "/opt/venv is writable by the user"; exit 1; }
+  echo "uid $uid ($(id -un)), home $HOME: working folders writable, /opt/venv not"
 
-step "no CUDA libraries"
-shell 'bad=$(pip list --format=freeze | grep -i -E "^(nvidia-|triton)" || true)
-       [ -z "$bad" ] || { echo "CUDA packages: $bad"; exit 1; }
-       libs=$(find / -xdev \( -name "libcudart*" -o -name "libcudnn*" -o -name "libnccl*" \) \
-              2>/dev/null || true)
-       [ -z "$libs" ] || { echo "CUDA libraries: $libs"; exit 1; }
-       python -c "import torch; assert torch.version.cuda is None, torch.version.cuda; \
-                  print(\"torch\", torch.__version__, \"CPU build, no nvidia-* package, no libcudart\")"'
+  bad=$(pip list --format=freeze | grep -i -E "^(nvidia-|triton)" || true)
+  [ -z "$bad" ] || { echo "CUDA packages: $bad"; exit 1; }
+  libs=$(find / -xdev \( -name "libcudart*" -o -name "libcudnn*" -o -name "libnccl*" \) \
+         2>/dev/null || true)
+  [ -z "$libs" ] || { echo "CUDA libraries: $libs"; exit 1; }
+  python -c "import torch; assert torch.version.cuda is None, torch.version.cuda; \
+             print(\"torch\", torch.__version__, \"CPU build, no nvidia-* package, no libcudart\")"
 
-step "no credentials"
-shell 'for p in /root /home/demix; do
-         for c in .config/gcloud .aws .docker/config.json .netrc .git-credentials .kube; do
-           [ ! -e "$p/$c" ] || { echo "credentials in the image: $p/$c"; exit 1; }; done; done
-       keys=$(find / -xdev -name "*.json" -size -64k 2>/dev/null \
-              | xargs -r grep -l -E "\"(private_key|client_secret|refresh_token)\"" || true)
-       [ -z "$keys" ] || { echo "key files: $keys"; exit 1; }
-       names=$(env | cut -d= -f1 | grep -i -E "token|secret|password|credential|api_?key" || true)
-       [ -z "$names" ] || { echo "credential-like variables: $names"; exit 1; }
-       echo "no gcloud/aws/docker/kube config, no JSON keys, no credential variables"'
+  for p in /root /home/demix; do
+    for c in .config/gcloud .aws .docker/config.json .netrc .git-credentials .kube; do
+      [ ! -e "$p/$c" ] || { echo "credentials in the image: $p/$c"; exit 1; }; done; done
+  keys=$(find / -xdev -name "*.json" -size -64k 2>/dev/null \
+         | xargs -r grep -l -E "\"(private_key|client_secret|refresh_token)\"" || true)
+  [ -z "$keys" ] || { echo "key files: $keys"; exit 1; }
+  names=$(env | cut -d= -f1 | grep -i -E "token|secret|password|credential|api_?key" || true)
+  [ -z "$names" ] || { echo "credential-like variables: $names"; exit 1; }
+  echo "no gcloud/aws/docker/kube config, no JSON keys, no credential variables"
 
-step "demix --help"
-run "$IMAGE" --help | head -3
+  demix --help | head -3
+  echo "image size: $(du -sh -x / 2>/dev/null | cut -f1)"
+' || fail "the checks inside $IMAGE"
 
 step "every component's python_func (pytest inside the image)"
 # pytest is not in the image: a copy beside it, mounted read-only with the tests (what it
@@ -82,6 +82,4 @@ run -v "$PWD:/src:ro" -v "$PWD/$site:/opt/test-site:ro" -w /src \
   tests/test_pipeline.py::test_training_components_log_loss_tokens_and_throughput \
   tests/test_pipeline.py::test_resolve_config_refuses_bad_overrides
 
-step "size"
-$SH run --rm --entrypoint du "$IMAGE" -sh --exclude=/proc --exclude=/sys / 2>/dev/null | tail -1
 echo "test-images: passed in $((SECONDS - started)) s"
