@@ -58,7 +58,8 @@ run --entrypoint sh "$IMAGE" -ec '
   keys=$(find / -xdev -name "*.json" -size -64k 2>/dev/null \
          | xargs -r grep -l -E "\"(private_key|client_secret|refresh_token)\"" || true)
   [ -z "$keys" ] || { echo "key files: $keys"; exit 1; }
-  names=$(env | cut -d= -f1 | grep -i -E "token|secret|password|credential|api_?key" || true)
+  names=$(env | cut -d= -f1 \
+          | grep -i -E "(^|_)(token|secret|password|credentials?|api_?key)(_|$)" || true)
   [ -z "$names" ] || { echo "credential-like variables: $names"; exit 1; }
   echo "no gcloud/aws/docker/kube config, no JSON keys, no credential variables"
 
