@@ -19,7 +19,8 @@ export DEMIX_IMAGE_REPO := $(IMAGE_REPO)
 # docker, podman or buildah (default: the first that works); BASE: the image to build on
 # (default: the Dockerfile's public Python base; `make base-image` makes LOCAL_BASE offline).
 # TORCH_INDEX: an extra pip index with torch's CPU build, where pip finds only the CUDA build.
-export ENGINE BASE TORCH_INDEX PYTHON
+# BUILD_FLAGS: extra flags for the engine's build (e.g. --layers=false on a vfs store).
+export ENGINE BASE TORCH_INDEX PYTHON BUILD_FLAGS
 LOCAL_BASE := localhost/demix-base:bookworm
 IMAGES_SH  := images/images.sh
 
