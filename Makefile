@@ -8,18 +8,29 @@ STAMP  := $(VENV)/.installed
 # torch first, pinned: it is the CPU build on this path; an unpinned torch pulls a CUDA build.
 TORCH  := torch==2.13.0
 
-# Images the pipeline components name (components/image.py reads DEMIX_IMAGE_REPO too).
-VERSION    := 0.1.0
-IMAGE_REPO ?= demix
+# Images: the names components/image.py gives by default (IMAGE_REPO is its DEMIX_IMAGE_REPO;
+# `localhost` is where podman keeps local builds). Push to a registry you own with
+# `make push IMAGE_REPO=REGISTRY/PATH` and compile with --image/--image-cuda naming them.
+VERSION    := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE_REPO ?= localhost
 IMAGE_CPU  := $(IMAGE_REPO)/demix:$(VERSION)-cpu
 IMAGE_CUDA := $(IMAGE_REPO)/demix:$(VERSION)-cuda
 export DEMIX_IMAGE_REPO := $(IMAGE_REPO)
+# docker, podman or buildah (default: the first that works); BASE: the image to build on
+# (default: the Dockerfile's public Python base; `make base-image` makes LOCAL_BASE offline).
+# TORCH_INDEX: an extra pip index with torch's CPU build, where pip finds only the CUDA build.
+# BUILD_FLAGS: extra flags for the engine's build (e.g. --layers=false on a vfs store).
+export ENGINE BASE TORCH_INDEX PYTHON BUILD_FLAGS
+LOCAL_BASE := localhost/demix-base:bookworm
+IMAGES_SH  := images/images.sh
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo demo-library reproduce reproduce-scaling test test-slow test-reliability lint format bench compile images clean
+.PHONY: help install demo demo-library reproduce reproduce-scaling test test-slow test-reliability \
+	lint format bench compile lock wheelhouse base-image image-cpu image-cuda images push test-images \
+	images-tools clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 install: $(STAMP) ## create .venv and install demix with its pinned dependencies (idempotent)
 
@@ -72,9 +83,34 @@ compile: install ## compile the pipeline for Kubeflow and Vertex AI
 	$(BIN)/python pipeline.py compile --target kubeflow --out demix-kubeflow.yaml
 	$(BIN)/python pipeline.py compile --target vertex --out demix-vertex.yaml
 
-images: ## build the CPU and CUDA images the components run in (needs a Docker engine)
-	docker build -f images/Dockerfile.cpu -t $(IMAGE_CPU) .
-	docker build -f images/Dockerfile.cuda -t $(IMAGE_CUDA) .
+lock: ## resolve pyproject.toml's pins into requirements/ (the lock both images install)
+	$(PYTHON) images/lock.py $(if $(TORCH_INDEX),--torch-index $(TORCH_INDEX))
+
+wheelhouse: ## download or build every wheel the images install into build/wheelhouse (host network)
+	$(IMAGES_SH) wheelhouse cpu
+	$(IMAGES_SH) wheelhouse cuda
+
+base-image: ## the Debian bookworm base (python3.11) with mmdebstrap from this machine's apt sources
+	$(IMAGES_SH) base $(LOCAL_BASE)
+
+image-cpu: ## build the CPU image (no CUDA libraries) from the wheelhouse
+	$(IMAGES_SH) wheelhouse cpu
+	$(IMAGES_SH) build cpu $(IMAGE_CPU)
+
+image-cuda: ## build the CUDA image (torch's CUDA build) from the wheelhouse
+	$(IMAGES_SH) wheelhouse cuda
+	$(IMAGES_SH) build cuda $(IMAGE_CUDA)
+
+images: image-cpu image-cuda ## build the CPU and CUDA images locally (docker, podman or buildah; ENGINE= to choose)
+
+push: ## push both images to IMAGE_REPO (a registry you own; login first)
+	$(IMAGES_SH) push $(IMAGE_CPU) $(IMAGE_CUDA)
+
+images-tools: ## install podman, runc, buildah and mmdebstrap with apt-get when missing
+	$(IMAGES_SH) tools
+
+test-images: ## build the CPU image on the local Debian base and run every component in it (not in `make test`)
+	images/test-images.sh $(IMAGE_CPU)
 
 clean: ## remove runs and caches (keeps .venv and data/)
 	rm -rf runs .pytest_cache .ruff_cache

@@ -5,6 +5,8 @@ upload or schedule it.
     python pipeline.py compile --target vertex --out demix-vertex.yaml
     python pipeline.py compile --target kubeflow --out demix-kubeflow.yaml --accelerator-count 8 \
         --train-timeout 3d --eval-timeout 6h --parallelism 4 --spot --ephemeral-volume 500Gi
+    python pipeline.py compile --target kubeflow --out demix-kubeflow.yaml \
+        --image REGISTRY/demix:0.1.0-cpu --image-cuda REGISTRY/demix@sha256:DIGEST
     python pipeline.py compile --target vertex --out demix-vertex.yaml --nodes 4 \
         --machine-type a3-highgpu-8g --accelerator-type NVIDIA_H100_80GB --accelerator-count 8 \
         [--timeout 3d] [--spot] [--service-account SA] [--encryption-key KEY] [--labels k=v]
@@ -35,6 +37,7 @@ from components.evaluate_final import evaluate_final
 from components.evaluate_proxies import evaluate_proxies
 from components.export_mixture import export_mixture
 from components.final_runs import final_runs
+from components.image import CPU_IMAGE, CUDA_IMAGE, check_image
 from components.merge import merge
 from components.plan_curation import plan_curation
 from components.predict import predict
@@ -42,6 +45,7 @@ from components.resolve_config import resolve_config
 from components.train_final import train_final
 from components.train_model import train_model
 from components.validate_fidelity import validate_fidelity
+from demix.errors import ConfigError
 from deploy import local
 from deploy.fingerprint import data_fingerprint
 from deploy.placement import (
@@ -297,6 +301,12 @@ def compile_pipeline(target: str, out: str | Path, **placement) -> Path:
     if target not in ("kubeflow", "vertex"):
         raise SystemExit(f"pipeline.py: error: --target {target!r} is not kubeflow or vertex")
     check_settings(target, placement)
+    for key, flag in (("image", "--image"), ("image_cuda", "--image-cuda")):
+        if placement.get(key) is not None:
+            try:
+                check_image(placement[key], flag)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
     out = Path(out)
     compiler.Compiler().compile(build_pipeline(Placement.for_target(target, **placement)), str(out))
     return out
@@ -333,6 +343,8 @@ def compile_settings(args) -> dict:
         "storage_class",
         "nodes",
         "machine_type",
+        "image",
+        "image_cuda",
     )
     settings.update({k: getattr(args, k) for k in names})
     settings["spot"] = args.spot or None
@@ -419,6 +431,13 @@ def main(argv: list[str] | None = None) -> int:
         "--labels",
         help="vertex, with --nodes: the training job's labels, KEY=VALUE,... "
         "(give submit the same; the run's labels are added)",
+    )
+    p.add_argument(
+        "--image", help=f"image of the CPU tasks, NAME:TAG or NAME@sha256:D (default {CPU_IMAGE})"
+    )
+    p.add_argument(
+        "--image-cuda",
+        help=f"image of the GPU tasks, NAME:TAG or NAME@sha256:D (default {CUDA_IMAGE})",
     )
     p = sub.add_parser("run-local", help="run the pipeline locally with kfp.local")
     p.add_argument("--config", required=True)

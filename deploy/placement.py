@@ -10,7 +10,7 @@ import re
 
 from kfp import dsl
 
-from components.image import CUDA_IMAGE
+from components.image import CPU_IMAGE, CUDA_IMAGE
 from demix.config import SearchConfig
 from demix.errors import ConfigError
 
@@ -65,6 +65,9 @@ class Placement:
     job_service_account: str = ""
     job_encryption_key: str = ""
     job_labels: str = ""
+    # The images tasks run in: components built on the CUDA image get image_cuda, others image.
+    image: str = CPU_IMAGE
+    image_cuda: str = CUDA_IMAGE
 
     @classmethod
     def for_target(cls, target: str, **overrides) -> Placement:
@@ -201,6 +204,7 @@ def on_gpu(
     the training timeout), on the target's GPU nodes."""
     gpus = placement.accelerator_count if gpus is None else gpus
     timeout = placement.train_timeout if timeout is None else timeout
+    with_image(task, placement)
     _limits(task, placement.cpu, placement.memory)
     task.set_accelerator_type(placement.accelerator_type).set_accelerator_limit(gpus)
     task.set_retry(num_retries=placement.retries, backoff_duration="60s", backoff_factor=2.0)
@@ -245,7 +249,7 @@ def training_inputs(placement: Placement) -> dict:
             placement.machine_type,
             placement.accelerator_type,
             placement.accelerator_count,
-            CUDA_IMAGE,
+            placement.image_cuda,
             service_account=placement.job_service_account,
             encryption_key=placement.job_encryption_key,
             labels=json.loads(placement.job_labels or "{}"),
@@ -263,8 +267,15 @@ def on_training_gpus(task: dsl.PipelineTask, placement: Placement) -> dsl.Pipeli
 
 def on_cpu(task: dsl.PipelineTask, placement: Placement) -> dsl.PipelineTask:
     """A CPU task: cpu_task_cpu and cpu_task_memory, the CPU timeout, retries."""
+    with_image(task, placement)
     _limits(task, placement.cpu_task_cpu, placement.cpu_task_memory)
     task.set_retry(num_retries=placement.retries, backoff_duration="30s", backoff_factor=2.0)
     if placement.target == "kubeflow":
         _on_kubernetes(task, placement, placement.cpu_timeout)
     return task
+
+
+def with_image(task: dsl.PipelineTask, placement: Placement) -> dsl.PipelineTask:
+    """The task in the compile's image of its kind: CUDA for components built on CUDA_IMAGE."""
+    cuda = task.container_spec.image in (CUDA_IMAGE, placement.image_cuda)
+    return task.set_container_image(placement.image_cuda if cuda else placement.image)

@@ -405,15 +405,68 @@ def test_images_named_by_components_are_built_by_make_images():
     assert re.search(
         r"^IMAGE_CUDA\s*:?=\s*\$\(IMAGE_REPO\)/demix:\$\(VERSION\)-cuda", makefile, re.M
     )
-    version = re.search(r"^VERSION\s*:?=\s*(\S+)", makefile, re.M).group(1)
+    assert re.search(r"^VERSION\s*:=.*pyproject\.toml", makefile, re.M)  # one version
     repo = re.search(r"^IMAGE_REPO\s*\?=\s*(\S+)", makefile, re.M).group(1)
+    version = re.search(r'^version = "(.+)"', (ROOT / "pyproject.toml").read_text(), re.M)[1]
     assert (
         f"{repo}/demix:{version}-cpu" == CPU_IMAGE and f"{repo}/demix:{version}-cuda" == CUDA_IMAGE
     )
-    for dockerfile in ("images/Dockerfile.cpu", "images/Dockerfile.cuda"):
-        text = (ROOT / dockerfile).read_text()
-        assert re.search(r"^USER demix$", text, re.M), dockerfile
-        assert not re.search(r"(SECRET|TOKEN|PASSWORD|API_KEY)\s*=", text)
+    text = (ROOT / "images" / "Dockerfile").read_text()
+    assert re.search(r"^USER demix$", text, re.M)
+    assert not re.search(r"(SECRET|TOKEN|PASSWORD|API_KEY)\s*=", text)
+
+
+CPU_TAG = "europe-docker.pkg.dev/p/r/demix:7.1-cpu"
+CUDA_DIGEST = "europe-docker.pkg.dev/p/r/demix@sha256:" + "ab12" * 16
+
+
+@pytest.mark.parametrize(
+    ("target", "cpu", "cuda"),
+    [
+        ("kubeflow", CPU_TAG, CUDA_DIGEST),
+        ("vertex", CUDA_DIGEST.replace("demix@", "demix-cpu@"), "registry:5000/demix:7.1-cuda"),
+    ],
+)
+def test_compile_names_exactly_the_images_given(tmp_path, target, cpu, cuda):
+    """--image / --image-cuda (a tag or a digest): GPU tasks in the CUDA image, the rest in the
+    CPU image, every executor; the default images appear nowhere."""
+    out = tmp_path / "p.yaml"
+    argv = ["compile", "--target", target, "--out", str(out), "--image", cpu, "--image-cuda", cuda]
+    assert pipeline.main(argv) == 0
+    spec, _ = _spec(out)
+    images = {
+        name: executor["container"]["image"]
+        for name, executor in spec.deployment_spec["executors"].items()
+    }
+    gpu = {n for n in images if re.sub(r"-\d+$", "", n) in GPU_EXECUTORS}
+    assert gpu and len(images) > len(gpu) + 8
+    assert {images[n] for n in gpu} == {cuda}
+    assert {images[n] for n in set(images) - gpu} == {cpu}
+    text = out.read_text()
+    assert CPU_IMAGE not in text and CUDA_IMAGE not in text
+
+
+def test_multi_node_training_jobs_run_the_cuda_image_given(tmp_path):
+    out = tmp_path / "v.yaml"
+    argv = ["compile", "--target", "vertex", "--out", str(out), "--nodes", "2"]
+    argv += ["--machine-type", "a3-highgpu-8g", "--image-cuda", CUDA_DIGEST]
+    assert pipeline.main(argv) == 0
+    spec, _ = _spec(out)
+    executors = spec.deployment_spec["executors"]
+    train = [n for n in executors if n.startswith("exec-train-model")]
+    assert train and all(executors[n]["container"]["image"] == CUDA_DIGEST for n in train)
+    constants = json.dumps(json_format.MessageToDict(spec.root))
+    assert constants.count(CUDA_DIGEST) >= 1 and CUDA_IMAGE not in out.read_text()
+
+
+@pytest.mark.parametrize(
+    "image", ["demix", "Demix:1", "demix@sha256:abc", "reg/demix:", "reg/demix:1 --x"]
+)
+def test_compile_refuses_an_image_without_a_tag_or_digest(tmp_path, image, capsys):
+    assert pipeline.main(["compile", "--out", str(tmp_path / "p.yaml"), "--image-cuda", image]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert re.fullmatch(r"pipeline\.py: error: --image-cuda .* is not an image reference.*", line)
+    assert not (tmp_path / "p.yaml").exists()
 
 
 def _artifact(cls, path: Path):
