@@ -1,5 +1,5 @@
 from kfp import dsl
-from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
 from components.image import CUDA_IMAGE
 
@@ -15,9 +15,11 @@ def evaluate_final(
     summary: Output[Artifact],
     metrics: Output[Metrics],
     report: Output[HTML],
+    verdict: Output[Markdown],
 ):
     """Evaluate the chosen and baseline final models and judge the chosen mixture against the
-    baselines; summary.json, report.html, the verdict's differences and intervals as Metrics."""
+    baselines; summary.json, report.html, the verdict's differences and intervals as Metrics,
+    the mixtures and the verdict as Markdown."""
     import json
     import shutil
     from pathlib import Path
@@ -25,6 +27,7 @@ def evaluate_final(
     from demix.config import resolve_config
     from demix.data.shards import CuratedData
     from demix.logs import configure_logging
+    from demix.report.summary import verdict_markdown
     from demix.stages import evaluate_finals_stage, models_by_name
 
     configure_logging()
@@ -39,6 +42,7 @@ def evaluate_final(
         out,
     )
     shutil.copy(out / "report.html", report.path)
+    Path(verdict.path).write_text(verdict_markdown(result))
     for baseline, entries in result["verdict"].items():
         for key, entry in entries.items():
             if key != "tasks":

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kfp.dsl import HTML, Artifact, Dataset, Metrics, Model
+from kfp.dsl import HTML, Artifact, Dataset, Markdown, Metrics, Model
 
 from .conftest import smoke_config_dict
 
@@ -132,9 +132,12 @@ def test_every_component_in_pipeline_order(tmp_path, corpus_dir, eval_dir):
     evaluate_final.python_func(
         config=config, data=data, base=base, components=components, finals=finals,
         selection=selection, summary=out(Artifact, "summary"), metrics=out(Metrics, "metrics"),
-        report=out(HTML, "report.html"),
+        report=out(HTML, "report.html"), verdict=out(Markdown, "verdict.md"),
     )  # fmt: skip
     summary = json.loads((tmp_path / "summary" / "summary.json").read_text())
+    verdict = (tmp_path / "verdict.md").read_text()
+    assert verdict.startswith("# DeMix") and "vs token_prior" in verdict
+    assert f"{summary['mixture']['code']:.3f}" in verdict
     assert set(summary["final"]) == {"chosen", "uniform", "token_prior"}
     assert summary["mixture"] == pytest.approx(mixture, abs=1e-9)
     assert summary["proxies_evaluated"] == 6

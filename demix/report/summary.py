@@ -152,25 +152,38 @@ def format_interval(value: float, interval: list[float]) -> str:
     return f"{value:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
 
 
-def print_summary(summary: dict, out: Path) -> None:
-    """The short table `demix run` and `make demo` print at the end: the mixtures, then the
-    chosen mixture against each baseline with 95% intervals (Holm over the baselines)."""
+def verdict_text(summary: dict) -> str:
+    """The mixtures, then the chosen mixture against each baseline with 95% intervals (Holm over
+    the baselines): what `make demo` prints and the pipeline's verdict Markdown holds."""
     names = summary["datasets"]
     mixtures = {"chosen": summary["mixture"], **summary["baselines"]}
     width = max(12, *(len(n) for n in names))
-    print(f"\n{'mixture':<12}" + "".join(f"{n:>{width}}" for n in names))
+    lines = [f"{'mixture':<12}" + "".join(f"{n:>{width}}" for n in names)]
     for label in FINAL_LABELS:
-        print(f"{label:<12}" + "".join(f"{mixtures[label][n]:>{width}.3f}" for n in names))
+        lines.append(f"{label:<12}" + "".join(f"{mixtures[label][n]:>{width}.3f}" for n in names))
     verdict = summary["verdict"]
     keys = [k for k in next(iter(verdict.values())) if k != "tasks"]
-    print(
-        f"\nchosen vs baseline: paired difference (standardised; > 0: chosen better), "
+    lines += [
+        "",
+        f"chosen vs baseline: paired difference (standardised; > 0: chosen better), "
         f"95% bootstrap interval, Holm over {len(verdict)} baselines, "
-        f"{summary['final']['chosen']['seeds']} seed(s)"
-    )
+        f"{summary['final']['chosen']['seeds']} seed(s)",
+    ]
     for baseline, entries in verdict.items():
         for key in ["objective", *[k for k in keys if k != "objective"]]:
-            print(f"  vs {baseline:<12} {key:<10} {format_comparison(entries[key])}")
+            lines.append(f"  vs {baseline:<12} {key:<10} {format_comparison(entries[key])}")
+    return "\n".join(lines)
+
+
+def verdict_markdown(summary: dict) -> str:
+    """verdict_text as a Markdown page (the KFP UI renders the pipeline's `verdict` artifact)."""
+    return f"# DeMix: the chosen mixture and its verdict\n\n```\n{verdict_text(summary)}\n```\n"
+
+
+def print_summary(summary: dict, out: Path) -> None:
+    """The short table `demix run` and `make demo` print at the end (verdict_text), the search's
+    size and the stage times."""
+    print("\n" + verdict_text(summary))
     print(
         f"\n{summary['proxies_evaluated']} proxies in {summary['search_rounds']} rounds; "
         f"work per stage (s): {summary['timings_s']}; wall (s): {summary.get('wall_s', {})}"
