@@ -329,13 +329,15 @@ def test_no_credentials_in_compiled_yaml(compiled):
         )
 
 
-def test_vertex_pipeline_job_builds_offline(compiled):
+def offline_vertex_job(template: Path):
+    """An aiplatform PipelineJob of a compiled Vertex YAML, built without network or
+    credentials (what Vertex AI would run); fails when the YAML does not load as one."""
     from google.auth.credentials import AnonymousCredentials
     from google.cloud import aiplatform
 
     job = aiplatform.PipelineJob(
         display_name="demix",
-        template_path=str(compiled[1]),
+        template_path=str(template),
         pipeline_root="gs://bucket/root",
         parameter_values={"config_yaml": "seed: 0"},
         project="p",
@@ -343,6 +345,11 @@ def test_vertex_pipeline_job_builds_offline(compiled):
         credentials=AnonymousCredentials(),
     )
     assert job.pipeline_spec["pipelineInfo"]["name"] == "demix"
+    return job
+
+
+def test_vertex_pipeline_job_builds_offline(compiled):
+    offline_vertex_job(compiled[1])
 
 
 DEMO = ROOT / "configs" / "demo.yaml"

@@ -22,6 +22,8 @@ import pipeline
 from demix.distributed import LaunchError, run_vertex_job
 from deploy.placement import parse_duration
 
+from .test_pipeline import offline_vertex_job
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAINING = ("exec-train-model", "exec-train-model-2", "exec-train-final")
 EVALUATION = ("exec-evaluate-proxies", "exec-evaluate-proxies-2", "exec-evaluate-final")
@@ -199,9 +201,6 @@ def _cluster(docs) -> dict:
 
 
 def test_vertex_multi_node_job_settings_and_an_offline_pipeline_job(specs):
-    from google.auth.credentials import AnonymousCredentials
-    from google.cloud import aiplatform
-
     assert len(specs["vertex"]) == 1
     assert _cluster(specs["vertex"])["job"] == {
         "service_account": ACCOUNT,
@@ -210,16 +209,7 @@ def test_vertex_multi_node_job_settings_and_an_offline_pipeline_job(specs):
         "timeout_s": 86400,
         "spot": True,
     }
-    job = aiplatform.PipelineJob(
-        display_name="demix",
-        template_path=str(specs["vertex_path"]),
-        pipeline_root="gs://bucket/root",
-        parameter_values={"config_yaml": "seed: 0"},
-        project="p",
-        location="us-central1",
-        credentials=AnonymousCredentials(),
-    )
-    assert job.pipeline_spec["pipelineInfo"]["name"] == "demix"
+    offline_vertex_job(specs["vertex_path"])
 
 
 NAME = "projects/p/locations/us-central1/customJobs/123"

@@ -5,6 +5,7 @@ Transient faults are retried; partial or corrupt artifacts are never accepted.
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -358,3 +359,21 @@ def test_curation_groups_of_gs_inputs_fetch_only_their_own_files(
         for dataset in s.values():
             del dataset["sources"]
     assert stats[0] == stats[1]
+
+
+def test_kept_json_computes_once_per_key(tmp_path):
+    from demix.storage import kept_json
+
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"n": len(calls)}
+
+    path = tmp_path / "kept.json"
+    assert kept_json(path, "a", compute) == {"n": 1}
+    assert kept_json(path, "a", compute) == {"n": 1} and len(calls) == 1  # read back
+    assert kept_json(path, "b", compute) == {"n": 2}  # another key: computed and replaced
+    path.write_text(json.dumps({"key": "b", "result": {"n": 0}}))  # another form
+    assert kept_json(path, "b", compute) == {"n": 3}
+    assert json.loads(path.read_text()) == {"key": "b", "value": {"n": 3}}

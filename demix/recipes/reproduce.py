@@ -9,7 +9,6 @@ mixtures and the two baselines. Writes reproduce.json and reproduce.md (the tabl
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from demix.stages import (
     search_stage,
     train_components,
 )
-from demix.storage import atomic_write_json, atomic_write_text
+from demix.storage import atomic_write_json, atomic_write_text, kept_json
 
 
 def _tokens(paths) -> int:
@@ -60,7 +59,7 @@ def sweep_point(
     swept = _with(config, "train", component=point)
     components = train_components(swept, data, base, out)
     proxies = ProxyEvaluator(swept, data, base, components, evaluator)
-    weights = np.array([[m[n] for n in data.names] for m in validation["mixtures"]])
+    weights = _weights(data, validation)
     results = [proxies(w) for w in weights]
     measured = fidelity(
         data.names,
@@ -89,17 +88,6 @@ def sweep_point(
         "crr": measured["crr"]["mean"],
         "crr_ci": measured["crr_ci"]["mean"],
     }
-
-
-def _cached(path: Path, key: str, compute):
-    """compute()'s JSON value, kept in `path` under `key`: a resumed protocol reuses it."""
-    if path.exists():
-        kept = json.loads(path.read_text())
-        if kept.get("key") == key:
-            return kept["value"]
-    value = compute()
-    atomic_write_json(path, {"key": key, "value": value})
-    return value
 
 
 def _weights(data: CuratedData, validation: dict[str, Any]) -> np.ndarray:
@@ -148,7 +136,7 @@ def ablation_rows(
             components=[model_id(components[n]) for n in data.names],
             mixtures=[m["id"] for m in validation["mixtures"]],
         )
-        results = _cached(out / f"ablation-{i}.json", key, scores)
+        results = kept_json(out / f"ablation-{i}.json", key, scores)
         measured = fidelity(
             data.names, weights, results, validation["reference_results"], categories
         )

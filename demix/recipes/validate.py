@@ -12,7 +12,6 @@ again.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -43,7 +42,7 @@ from demix.search.predictor import seed_entropy
 from demix.search.results import mixture_id
 from demix.search.sampler import sample_mixtures
 from demix.stages import read_model_index, train_stage
-from demix.storage import atomic_write_json, atomic_write_text
+from demix.storage import atomic_write_json, atomic_write_text, kept_json
 
 log = logging.getLogger(__name__)
 
@@ -202,17 +201,13 @@ def evaluate_once(
 ) -> dict:
     """The evaluation of a trained model, kept beside it (<folder>.eval.json, stamped with the
     model's fingerprint and score_key): a resumed protocol evaluates no model twice."""
+
+    def evaluate() -> dict:
+        model = load_for_eval(config, model_dir, device)
+        return evaluator.evaluate(model)
+
     key = score_key(config, data, base, model=model_id(model_dir))
-    cache = model_dir.with_name(model_dir.name + ".eval.json")
-    if cache.exists():
-        kept = json.loads(cache.read_text())
-        if kept.get("key") == key:
-            return kept["result"]
-    model = load_for_eval(config, model_dir, device)
-    result = evaluator.evaluate(model)
-    del model
-    atomic_write_json(cache, {"key": key, "result": result})
-    return result
+    return kept_json(model_dir.with_name(model_dir.name + ".eval.json"), key, evaluate)
 
 
 def fidelity_by_hull(

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,19 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     """Atomically write JSON (sorted keys are not forced: insertion order is kept)."""
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def kept_json(path: Path, key: str, compute: Callable[[], Any]) -> Any:
+    """compute()'s JSON value, kept in `path` stamped with `key`: a later call with the same
+    key reads it back instead of computing again (another key, or a file in another form,
+    computes and replaces it)."""
+    if path.exists():
+        kept = json.loads(path.read_text())
+        if isinstance(kept, dict) and kept.get("key") == key and "value" in kept:
+            return kept["value"]
+    value = compute()
+    atomic_write_json(path, {"key": key, "value": value})
+    return value
 
 
 def _remove_stale_temps(final: Path) -> None:
