@@ -23,7 +23,6 @@ from demix.merge import DeltaStack, MergeMethod, make_method
 from demix.merge.plan import MemoryPlan, plan_for
 from demix.mixtures import as_dict, components_in_order, merge_weights
 from demix.model import load_model, resolve_device
-from demix.search.objective import Objective
 from demix.search.results import mixture_id
 from demix.storage import fetch_files, read_manifest
 from demix.train import fingerprint, train_on_mixture
@@ -77,13 +76,6 @@ def make_evaluator(config: RunConfig, data: CuratedData, device: torch.device) -
     data_dir = fetch_files(config.evaluate.data_dir) if config.evaluate.data_dir else None
     return Evaluator(
         config.evaluate, data.load_tokenizer(), str(device), data=data, eval_data_dir=data_dir
-    )
-
-
-def search_objective(config: RunConfig) -> Objective:
-    """The search's objective (`search.objective` over the categories and their weights)."""
-    return Objective.from_config(
-        config.search.objective, config.evaluate.categories, config.evaluate.category_weights
     )
 
 

@@ -19,15 +19,15 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from demix import evaluate, merge, search, train
 from demix.checkpoint import MODEL_KIND, check_compatible, read_model_manifest
 from demix.config import RunConfig
 from demix.data.curate import curate, curate_group, input_files, merge_groups, plan_curation
 from demix.data.demo import fetch_demo
 from demix.data.shards import CuratedData
 from demix.errors import DemixError
-from demix.evaluate import Evaluator, score_models
-from demix.merge import merge_to_disk, relative_delta_norms
 from demix.mixtures import (
     HULL_TOLERANCE,
     as_dict,
@@ -42,19 +42,7 @@ from demix.mixtures import (
     search_floor,
     split_seed,
 )
-from demix.model import resolve_device
-from demix.proxies import (
-    ProxyEvaluator,
-    TrainedProxyEvaluator,
-    load_for_eval,
-    make_evaluator,
-    merge_method,
-    search_objective,
-    warn_large_updates,
-)
 from demix.report.summary import stage_timings, summarize, write_document_scores, write_summary
-from demix.search import ScoresTable, evaluate_proposals, final_selection, round_proposals
-from demix.search.loop import canonical_rows, run_search
 from demix.search.sampler import validate_mixture
 from demix.storage import (
     atomic_write_json,
@@ -63,9 +51,13 @@ from demix.storage import (
     discard_checkpoint,
     fetch_artifact,
 )
-from demix.train import ROLES, CheckpointHook, fingerprint, train_on_mixture, train_role
+from demix.train.job import fingerprint
 from demix.train.launch import launch_argv, launch_train
 from demix.verdict import final_verdict
+
+if TYPE_CHECKING:
+    from demix.evaluate import Evaluator
+    from demix.train import CheckpointHook
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +163,8 @@ def train_stage(
     Raises DemixError for a role without what it needs, MixtureError for a bad mixture,
     DataError when the bucket cannot be read or written.
     """
-    if role not in ROLES:
-        raise DemixError(f"training role {role!r} is not one of {list(ROLES)}")
+    if role not in train.ROLES:
+        raise DemixError(f"training role {role!r} is not one of {list(train.ROLES)}")
     if role == "base" and config.model.base:
         return base_model_dir(config)
     if role != "base" and init is None:
@@ -194,9 +186,11 @@ def train_stage(
     publish = checkpoint_sync(uri, out.with_name(out.name + ".ckpt")) if uri else None
     hook = _both(on_checkpoint, publish)
     if role in ("reference", "final"):
-        train_on_mixture(config, data, init, role, name, mixture, out, hook)
+        train.train_on_mixture(config, data, init, role, name, mixture, out, hook)
     else:
-        train_role(config, data, mixture, role, name or role, out, init=init, on_checkpoint=hook)
+        train.train_role(
+            config, data, mixture, role, name or role, out, init=init, on_checkpoint=hook
+        )
     if publish is not None:
         discard_checkpoint(uri)
     return out
@@ -271,6 +265,8 @@ def make_proxy(
     evaluator: Evaluator | None = None,
 ):
     """The proxy evaluator of `search.method`: merged (components) or trained (under `folder`)."""
+    from demix.proxies import ProxyEvaluator, TrainedProxyEvaluator  # torch: on first use
+
     if config.search.method == "trained":
         return TrainedProxyEvaluator(config, data, base, folder / "proxies", evaluator)
     return ProxyEvaluator(config, data, base, components, evaluator)
@@ -288,16 +284,18 @@ def search_stage(
 
     Resumes from an existing scores table: proxies already scored are not evaluated again.
     """
+    from demix.proxies import TrainedProxyEvaluator
+
     out.mkdir(parents=True, exist_ok=True)
     proxy = make_proxy(config, data, base, components, out, evaluator)
-    table = ScoresTable(out / "scores.jsonl")
-    found = run_search(
+    table = search.ScoresTable(out / "scores.jsonl")
+    found = search.run_search(
         data.names,
         prior_vector(data),
         config.search,
         config.seed,
         proxy,
-        search_objective(config),
+        search.search_objective(config),
         table,
         key=proxy.key,
         floor=search_floor(config, data),
@@ -321,14 +319,14 @@ def propose_stage(
     """
     if not 0 <= round_index < config.search.rounds:
         raise DemixError(f"round {round_index} is outside search.rounds={config.search.rounds}")
-    return round_proposals(
+    return search.round_proposals(
         round_index,
         rows,
         data.names,
         prior_vector(data),
         config.search,
         config.seed,
-        search_objective(config),
+        search.search_objective(config),
         search_floor(config, data),
         search_cap(config, data),
     )
@@ -336,13 +334,13 @@ def propose_stage(
 
 def select_stage(config: RunConfig, data: CuratedData, rows: list[dict]) -> dict:
     """The final mixture from every scored proxy (run_search's last step), as result.json."""
-    found = final_selection(
+    found = search.final_selection(
         rows,
         data.names,
         prior_vector(data),
         config.search,
         config.seed,
-        search_objective(config),
+        search.search_objective(config),
         search_floor(config, data),
         search_cap(config, data),
     )
@@ -361,10 +359,10 @@ def predict_stage(
     """A search round between evaluations, as the pipeline runs it: the scores so far (history
     plus the new shards) into `history_out`, then round `round_index`'s proposals (a JSON list)
     or, with None, the selection (a JSON object) into `result_out`; returns metrics."""
-    rows = ScoresTable(history).rows() if history else []
+    rows = search.ScoresTable(history).rows() if history else []
     for path in scores:
-        rows += ScoresTable(path).rows()
-    rows = canonical_rows(rows)
+        rows += search.ScoresTable(path).rows()
+    rows = search.canonical_rows(rows)
     # Written whole, not appended: a retried task gives the same file, not duplicated rows.
     atomic_write_text(history_out, "".join(json.dumps(row) + "\n" for row in rows))
     metrics: dict = {"proxies_scored": len(rows)}
@@ -379,7 +377,7 @@ def predict_stage(
         metrics["proposals"] = len(result)
     if rows:
         metrics["best_observed"] = float(
-            max(search_objective(config).observed([row["tasks"] for row in rows]))
+            max(search.search_objective(config).observed([row["tasks"] for row in rows]))
         )
     atomic_write_json(result_out, result)
     return metrics
@@ -394,10 +392,10 @@ def evaluate_proxies_stage(
     out: Path,
 ) -> list[dict]:
     """Build and evaluate each proposed proxy; rows appended to the JSONL table `out`."""
-    table = ScoresTable(out)
+    table = search.ScoresTable(out)
     if proposals and not {p["id"] for p in proposals} <= table.ids():
         proxy = make_proxy(config, data, base, components, out.parent)
-        evaluate_proposals(proposals, data.names, proxy, table, key=proxy.key)
+        search.evaluate_proposals(proposals, data.names, proxy, table, key=proxy.key)
     return table.rows()
 
 
@@ -418,11 +416,13 @@ def merge_stage(
 
     Raises MixtureError for a bad mixture, DemixError/ModelError for missing or mismatched models.
     """
+    from demix.proxies import merge_method, warn_large_updates
+
     weights = validate_mixture(mixture, data.names)
     comp_dirs = components_in_order(data, components)
     check_compatible(base, comp_dirs)
-    norms = relative_delta_norms(base, comp_dirs)
-    manifest = merge_to_disk(
+    norms = merge.relative_delta_norms(base, comp_dirs)
+    manifest = merge.merge_to_disk(
         base,
         comp_dirs,
         merge_weights(config, data, weights),
@@ -448,6 +448,9 @@ def evaluate_each(
     evaluator: Evaluator | None = None,
 ) -> dict[str, dict]:
     """Each model's task results (with per-document scores), by name."""
+    from demix.model import resolve_device
+    from demix.proxies import load_for_eval, make_evaluator
+
     device = resolve_device(config.train.device)
     evaluator = evaluator or make_evaluator(config, data, device)
     results = {}
@@ -467,7 +470,7 @@ def evaluate_models_stage(
     """Evaluate models and rank them against each other (`demix evaluate`: a quick look, not a
     verdict; final models get one from evaluate_finals_stage)."""
     results = evaluate_each(config, data, models, evaluator)
-    scores = score_models(list(results.values()), config.evaluate.categories)
+    scores = evaluate.score_models(list(results.values()), config.evaluate.categories)
     return {
         label: {
             "ranking_score": s["ranking_score"],
@@ -522,7 +525,7 @@ def evaluate_finals_stage(
         raise DemixError(f"final models {missing} are missing (final.seeds={config.final.seeds})")
     finals = {name: finals[name] for name in names}
     if selection.get("relative_delta_norms") is None and components:
-        norms = relative_delta_norms(base, components_in_order(data, components))
+        norms = merge.relative_delta_norms(base, components_in_order(data, components))
         selection = {**selection, "relative_delta_norms": as_dict(data.names, norms)}
     start = time.perf_counter()
     results = finals_by_label(names, evaluate_each(config, data, finals, evaluator))

@@ -1,9 +1,21 @@
 """Reports: summary.json (summary.py), report.html of a run and of a search (run.py),
-fidelity.html (fidelity.py), and the HTML building blocks they share (html.py)."""
+fidelity.html (fidelity.py), and the HTML building blocks they share (html.py).
 
-from demix.report.fidelity import write_fidelity_report
-from demix.report.run import write_report, write_search_report
-from demix.report.summary import print_summary, summarize, write_summary
+The names below are imported on first use (demix.lazy)."""
+
+from demix.lazy import lazy_exports
+
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "print_summary": "demix.report.summary",
+        "summarize": "demix.report.summary",
+        "write_fidelity_report": "demix.report.fidelity",
+        "write_report": "demix.report.run",
+        "write_search_report": "demix.report.run",
+        "write_summary": "demix.report.summary",
+    },
+)
 
 __all__ = [
     "print_summary",

@@ -8,8 +8,8 @@ import numpy as np
 
 from demix.config import RunConfig
 from demix.mixtures import FINAL_LABELS as LABELS
-from demix.proxies import search_objective
 from demix.report.html import grouped_bars, page, plt, png, table
+from demix.search.objective import search_objective
 from demix.search.predictor import cross_val_predictions
 from demix.search.results import ScoresTable
 from demix.storage import atomic_write_text

@@ -1,20 +1,37 @@
-"""Mixture search: Dirichlet sampler, LightGBM predictor, rounds, results table, loop."""
+"""Mixture search: Dirichlet sampler, LightGBM predictor, rounds, results table, loop.
 
-from demix.search.loop import (
-    evaluate_proposals,
-    final_selection,
-    round_proposals,
-    run_search,
-    weights_matrix,
+The names below are imported on first use (demix.lazy): the sampler alone does not import
+LightGBM."""
+
+from demix.lazy import lazy_exports
+
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "Predictor": "demix.search.predictor",
+        "ScoresTable": "demix.search.results",
+        "canonical_rows": "demix.search.loop",
+        "cross_val_predictions": "demix.search.predictor",
+        "evaluate_proposals": "demix.search.loop",
+        "final_selection": "demix.search.loop",
+        "heldout_spearman": "demix.search.predictor",
+        "mixture_id": "demix.search.results",
+        "propose_round": "demix.search.rounds",
+        "round_proposals": "demix.search.loop",
+        "run_search": "demix.search.loop",
+        "sample_mixtures": "demix.search.sampler",
+        "search_objective": "demix.search.objective",
+        "select_final": "demix.search.rounds",
+        "uniform_mixture": "demix.search.sampler",
+        "validate_mixture": "demix.search.sampler",
+        "weights_matrix": "demix.search.loop",
+    },
 )
-from demix.search.predictor import Predictor, cross_val_predictions, heldout_spearman
-from demix.search.results import ScoresTable, mixture_id
-from demix.search.rounds import propose_round, select_final
-from demix.search.sampler import sample_mixtures, uniform_mixture, validate_mixture
 
 __all__ = [
     "Predictor",
     "ScoresTable",
+    "canonical_rows",
     "cross_val_predictions",
     "evaluate_proposals",
     "final_selection",
@@ -24,6 +41,7 @@ __all__ = [
     "round_proposals",
     "run_search",
     "sample_mixtures",
+    "search_objective",
     "select_final",
     "uniform_mixture",
     "validate_mixture",

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import rankdata
 
+from demix.config import RunConfig
 from demix.errors import TaskError
 from demix.evaluate.scoring import oriented
 
@@ -171,3 +172,11 @@ class Objective:
         if not results:
             return np.zeros(0)
         return self.combine(self.targets(results))
+
+
+def search_objective(config: RunConfig) -> Objective:
+    """The search's objective for a RunConfig (`search.objective` over the categories and their
+    weights)."""
+    return Objective.from_config(
+        config.search.objective, config.evaluate.categories, config.evaluate.category_weights
+    )

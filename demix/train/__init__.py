@@ -1,22 +1,39 @@
 """Training: the one loop (loop.py), its checkpoint state (state.py), what a job is and whether
 it is done (job.py), the roles and their budgets (roles.py), and launching it in several
-processes or machines (launch.py)."""
+processes or machines (launch.py).
 
-from demix.train.job import fingerprint, job_fingerprint
-from demix.train.loop import CheckpointHook, lr_at, train_model
-from demix.train.roles import ROLES, role_budget, train_on_mixture, train_role
-from demix.train.state import CHECKPOINT_KIND, TrainingError
+The names below are imported on first use (demix.lazy): a job's fingerprint does not import
+torch."""
+
+from demix.lazy import lazy_exports
+
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "CHECKPOINT_KIND": "demix.train.state",
+        "ROLES": "demix.train.roles",
+        "CheckpointHook": "demix.train.loop",
+        "TrainingError": "demix.train.state",
+        "fingerprint": "demix.train.job",
+        "job_fingerprint": "demix.train.job",
+        "lr_at": "demix.train.loop",
+        "role_budget": "demix.train.roles",
+        "train_model": "demix.train.loop",
+        "train_on_mixture": "demix.train.roles",
+        "train_role": "demix.train.roles",
+    },
+)
 
 __all__ = [
     "CHECKPOINT_KIND",
-    "ROLES",
     "CheckpointHook",
-    "TrainingError",
     "fingerprint",
     "job_fingerprint",
     "lr_at",
     "role_budget",
+    "ROLES",
     "train_model",
     "train_on_mixture",
     "train_role",
+    "TrainingError",
 ]
