@@ -161,10 +161,9 @@ def bench(device: str, attention: str, tokenizer, data: Path, args) -> dict:
             fast_suite.task_dict["tasks"],
             fast_suite.task_dict["groups"],
             limit=args.limit,
-            batch_size=args.batch_size,
             bootstrap_iters=BOOTSTRAP_ITERS,
         )
-        plan = scorer.token_plan(model, tokenizer, device, max_length).plan
+        plan = scorer.token_plan(model, tokenizer, device, max_length, args.batch_size).plan
         build_seconds = time.perf_counter() - start
         parameter = next(model.parameters())
         with packing_attention(model) as kernel:
@@ -191,7 +190,7 @@ def bench(device: str, attention: str, tokenizer, data: Path, args) -> dict:
             )
 
         def fast_run() -> None:
-            outputs["fast"] = scorer.evaluate(model, tokenizer, device, max_length)
+            outputs["fast"] = scorer.evaluate(model, tokenizer, device, max_length, args.batch_size)
 
         def floor_run() -> None:
             with packing_attention(model):

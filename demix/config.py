@@ -7,7 +7,7 @@ lines as one coherent thing: the whole schema of a run, one model per config sec
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -328,11 +328,15 @@ class EvaluateConfig(Strict):
     loss on that dataset's held-out split). `data_dir` holds the bundled tasks' jsonl files.
     `engine` scores log-likelihood tasks: `fast` (requests built once, packed batches, the same
     numbers) or `lm-eval` (its own evaluate per model); generation tasks always run in lm-eval.
+    `batch_size`: rows per forward pass, or `auto` (from the device's free memory and the
+    model's shape; demix.evaluate.batch). `dtype`: what models are evaluated (and proxies
+    merged) in; `auto` is bfloat16 on CUDA and float32 on CPU.
     """
 
     categories: dict[str, list[str]] = Field(min_length=1)
     limit: int | None = Field(default=100, ge=1)
-    batch_size: int = Field(default=32, ge=1)
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_length: int | None = None
     heldout_tokens: int = Field(default=16384, ge=1)
     include_path: str | None = None

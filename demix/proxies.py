@@ -22,7 +22,7 @@ from demix.evaluate import Evaluator
 from demix.merge import DeltaStack, MergeMethod, make_method
 from demix.merge.plan import MemoryPlan, plan_for
 from demix.mixtures import as_dict, components_in_order, merge_weights
-from demix.model import load_model, resolve_device
+from demix.model import load_model, resolve_device, resolve_dtype
 from demix.search.results import mixture_id
 from demix.storage import fetch_files, read_manifest
 from demix.train import fingerprint, train_on_mixture
@@ -57,15 +57,18 @@ def merge_method(config: RunConfig) -> MergeMethod:
     return make_method(config.merge.method, **config.merge.parameters)
 
 
-EVAL_DTYPE = torch.float32  # what models are evaluated in, and so the proxy's dtype
+def eval_dtype(config: RunConfig, device: torch.device | str) -> torch.dtype:
+    """What models are evaluated in, and so the merged proxy's dtype (`evaluate.dtype`; auto:
+    bfloat16 on CUDA, float32 on CPU)."""
+    return resolve_dtype(config.evaluate.dtype, torch.device(device))
 
 
 def load_for_eval(config: RunConfig, path: Path, device: torch.device | str):
-    """A model folder loaded in fp32 for evaluation, with the config's loading options."""
+    """A model folder loaded for evaluation (evaluate.dtype), with the config's loading options."""
     return load_model(
         path,
         device,
-        EVAL_DTYPE,
+        eval_dtype(config, device),
         config.model.trust_remote_code,
         config.model.attn_implementation,
     )
@@ -100,7 +103,7 @@ def merge_memory_plan(config: RunConfig, base: Path, k: int, device: torch.devic
         base,
         k,
         merge_method(config),
-        EVAL_DTYPE,
+        eval_dtype(config, device),
         config.merge.delta_dtype,
         device,
         config.merge.delta_device,
@@ -114,10 +117,14 @@ def score_key(config: RunConfig, data: CuratedData, base: Path, **what) -> str:
 
     Stamped on every scores row; a resumed search refuses rows stamped differently (changed
     tasks, limits, merge settings or models) instead of mixing them. Settings that do not change
-    scores (evaluation engine, batch size) are left out.
+    scores (evaluation engine, batch size) are left out; the evaluation dtype as resolved on the
+    run's device is in, when it is not float32 (float32 keys are those of before the setting).
     """
+    dtype = eval_dtype(config, resolve_device(config.train.device))
+    if dtype != torch.float32:
+        what = {**what, "eval_dtype": str(dtype).removeprefix("torch.")}
     return fingerprint(
-        evaluate=config.evaluate.model_dump(exclude={"engine", "batch_size"}),
+        evaluate=config.evaluate.model_dump(exclude={"engine", "batch_size", "dtype"}),
         data=read_manifest(data.root).get("files"),
         base=model_id(base),
         **what,

@@ -260,6 +260,34 @@ def test_the_proxy_evaluator_refuses_before_loading_weights(
         proxies.ProxyEvaluator(*_evaluator_inputs(family, corpus_dir, tmp_path))
 
 
+def _with_eval_dtype(config, dtype: str):
+    return config.model_copy(
+        update={"evaluate": config.evaluate.model_copy(update={"dtype": dtype})}
+    )
+
+
+def test_the_evaluation_dtype_sets_the_proxy_and_its_key(family, corpus_dir, tmp_path):
+    from demix.proxies import ProxyEvaluator, eval_dtype, score_key
+
+    config, data, base, components, evaluator = _evaluator_inputs(family, corpus_dir, tmp_path)
+    assert config.evaluate.dtype == "auto"
+    assert eval_dtype(config, "cpu") == torch.float32
+    assert eval_dtype(config, "cuda") == torch.bfloat16
+    fp32, bf16 = _with_eval_dtype(config, "float32"), _with_eval_dtype(config, "bfloat16")
+    # float32 keys are those of before the setting; scores in another dtype never mix with them
+    assert score_key(config, data, base) == score_key(fp32, data, base)
+    assert score_key(bf16, data, base) != score_key(fp32, data, base)
+    mixture = np.array([0.4, 0.3, 0.3])
+    merged = {}
+    for dtype, settings in (("fp32", fp32), ("bf16", bf16)):
+        proxy = ProxyEvaluator(settings, data, base, components, evaluator)
+        proxy(mixture)
+        merged[dtype] = dict(proxy.model.named_parameters())
+    assert {p.dtype for p in merged["bf16"].values()} == {torch.bfloat16}
+    for name, value in merged["fp32"].items():
+        torch.testing.assert_close(merged["bf16"][name].float(), value, rtol=2e-2, atol=2e-3)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("method", sorted(METHODS))

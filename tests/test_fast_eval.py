@@ -368,7 +368,7 @@ def test_fast_scorer_refuses_a_generation_task(tokenizer, suite_dirs):
     _, include = suite_dirs
     suite = load_task_suite(["echo_gen"], include.parent / "work", include_path=str(include))
     with pytest.raises(TaskError, match="echo_gen.*generate_until"):
-        FastScorer(suite.task_dict["tasks"], {}, limit=2, batch_size=2, bootstrap_iters=0)
+        FastScorer(suite.task_dict["tasks"], {}, limit=2, bootstrap_iters=0)
 
 
 def test_engine_lm_eval_runs_everything_through_lm_eval(tokenizer, suite_dirs):

@@ -83,3 +83,35 @@ def test_fast_eval_on_cuda_equals_cpu(model_name, models, tokenizer, suite_dirs)
                 assert abs(got["metrics"][metric] - value) <= 1 / expected["n"] + 1e-9
             else:
                 assert got["metrics"][metric] == pytest.approx(value, rel=1e-4), (task, metric)
+
+
+def test_evaluation_on_cuda_defaults_to_bf16_sdpa_and_an_auto_batch(
+    models,  # noqa: F811
+    tokenizer,  # noqa: F811
+    suite_dirs,  # noqa: F811
+    caplog,
+):
+    """evaluate.dtype and batch_size auto on the GPU: a bf16 model under SDPA, the batch from
+    the free memory (logged), and the fp32 CPU's numbers within bf16's rounding."""
+    import logging
+
+    from demix.evaluate import BUNDLED_TASKS
+    from demix.model import resolve_dtype
+
+    eval_dir, include = suite_dirs
+    config = EvaluateConfig(
+        categories={"all": list(BUNDLED_TASKS)}, engine="fast", include_path=str(include)
+    )
+    cpu_model = models["sdpa-gqa"]
+    dtype = resolve_dtype(config.dtype, torch.device("cuda"))
+    assert dtype == torch.bfloat16
+    gpu_model = copy.deepcopy(cpu_model).to("cuda", dtype)
+    cpu = Evaluator(config, tokenizer, "cpu", eval_data_dir=eval_dir).evaluate(cpu_model)
+    evaluator = Evaluator(config, tokenizer, "cuda", eval_data_dir=eval_dir)
+    with caplog.at_level(logging.INFO, logger="demix"):
+        gpu = evaluator.evaluate(gpu_model)
+    assert evaluator.batch_rows(gpu_model) > 1
+    assert any("evaluation batch:" in r.getMessage() for r in caplog.records)
+    for task, expected in cpu.items():
+        if expected["metric"] in ("bits_per_byte", "loss"):
+            assert gpu[task]["value"] == pytest.approx(expected["value"], rel=0.02), task

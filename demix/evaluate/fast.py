@@ -77,7 +77,8 @@ class FastScorer:
 
     `tasks` are loaded lm-eval tasks (name -> Task, each `is_fast_task`), `groups` their groups as
     TaskManager.load returns them. `limit` keeps the first N documents of each task, as lm-eval's
-    `limit` does. A forward pass holds about batch_size x max_length tokens.
+    `limit` does. A forward pass holds about batch_size x max_length tokens; the batch is given
+    per evaluation (the token plan is kept per max_length and batch size).
     """
 
     def __init__(
@@ -85,7 +86,6 @@ class FastScorer:
         tasks: dict[str, Any],
         groups: dict[str, Any],
         limit: int | None,
-        batch_size: int,
         bootstrap_iters: int,
     ) -> None:
         """Build every task's instances. Raises TaskError for a task that is not log-likelihood."""
@@ -98,10 +98,9 @@ class FastScorer:
         self.tasks = tasks
         self.groups = groups
         self.limit = limit
-        self.batch_size = batch_size
         self.bootstrap_iters = bootstrap_iters
         self._requests = {name: self._build(name, task) for name, task in tasks.items()}
-        self._plans: dict[int | None, _TokenPlan] = {}
+        self._plans: dict[tuple[int | None, int], _TokenPlan] = {}
 
     def _build(self, name: str, task: Any) -> _TaskRequests:
         limit = get_sample_size(task, self.limit)
@@ -130,17 +129,25 @@ class FastScorer:
         return {name: len(requests.documents) for name, requests in self._requests.items()}
 
     def token_plan(
-        self, model: torch.nn.Module, tokenizer: Any, device: str, max_length: int | None
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        device: str,
+        max_length: int | None,
+        batch_size: int,
     ) -> _TokenPlan:
-        """The layout of every request for this max_length, tokenized once by HFLM's code.
+        """The layout of every request for this max_length and batch, tokenized once by HFLM's
+        code.
 
         max_length None means HFLM's choice (from the model's config). Raises TaskError when a
         continuation does not fit the context.
         """
         self._refresh_stale_tasks()
-        if max_length not in self._plans:
-            self._plans[max_length] = self._tokenize(model, tokenizer, device, max_length)
-        return self._plans[max_length]
+        if (max_length, batch_size) not in self._plans:
+            self._plans[max_length, batch_size] = self._tokenize(
+                model, tokenizer, device, max_length, batch_size
+            )
+        return self._plans[max_length, batch_size]
 
     def _refresh_stale_tasks(self) -> None:
         # lm-eval's evaluate rebuilds a task's instances; if that happened to one of ours (the same
@@ -152,7 +159,12 @@ class FastScorer:
             self._plans.clear()
 
     def _tokenize(
-        self, model: torch.nn.Module, tokenizer: Any, device: str, max_length: int | None
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        device: str,
+        max_length: int | None,
+        batch_size: int,
     ) -> _TokenPlan:
         recorder = _RequestRecorder(
             pretrained=model, tokenizer=tokenizer, device=device, max_length=max_length
@@ -167,7 +179,7 @@ class FastScorer:
                 getattr(recorder, instance.request_type)([instance], disable_tqdm=True)
                 spans.append((start, len(recorder.recorded) - start))
                 self._check_fits(name, instance, recorder.recorded[start:], max_length)
-        plan = plan_requests(recorder.recorded, max_length, self.batch_size)
+        plan = plan_requests(recorder.recorded, max_length, batch_size)
         return _TokenPlan(plan, spans)
 
     @staticmethod
@@ -183,10 +195,16 @@ class FastScorer:
                 )
 
     def evaluate(
-        self, model: torch.nn.Module, tokenizer: Any, device: str, max_length: int | None
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        device: str,
+        max_length: int | None,
+        batch_size: int,
     ) -> dict[str, Any]:
-        """Score `model` (in eval mode) on every task; lm-eval's result dict (results, samples...)."""
-        token_plan = self.token_plan(model, tokenizer, device, max_length)
+        """Score `model` (in eval mode) on every task, `batch_size` packed rows per forward pass;
+        lm-eval's result dict (results, samples...)."""
+        token_plan = self.token_plan(model, tokenizer, device, max_length, batch_size)
         sums, greedy = score_plan(model, token_plan.plan)
         self._set_responses(token_plan, sums, greedy)
         accumulators = {name: self._collect(requests) for name, requests in self._requests.items()}

@@ -58,6 +58,7 @@ if TYPE_CHECKING:
 
 # First present wins; any other lm-eval task falls back to its first reported metric.
 PRIMARY_METRICS = ("acc_norm", "acc", "bits_per_byte", "exact_match", "loss")
+DEFAULT_AUTO_WIDTH = 2048  # tokens per row assumed for batch_size auto when a model has no limit
 
 # Warnings lm-eval prints every time an in-memory model is wrapped; expected here, so dropped.
 _EXPECTED_WARNINGS = (
@@ -169,6 +170,7 @@ class Evaluator:
         self._fast: FastScorer | None = None
         self._fast_unsupported_reported = False
         self._longest_targets: dict[str, tuple[int, int]] = {}
+        self._batch_rows: int | None = None if config.batch_size == "auto" else config.batch_size
         self.engines = {name: HELDOUT for name in self._heldout}
         if lm_eval_names:
             with _without_progress_bars():
@@ -199,7 +201,6 @@ class Evaluator:
             task_dict["tasks"],
             task_dict["groups"],
             limit=self.config.limit,
-            batch_size=self.config.batch_size,
             bootstrap_iters=_BOOTSTRAP_ITERS,
         )
 
@@ -276,6 +277,16 @@ class Evaluator:
     def _max_length(self, model: torch.nn.Module) -> int | None:
         return self.config.max_length or getattr(model.config, "max_position_embeddings", None)
 
+    def batch_rows(self, model: torch.nn.Module) -> int:
+        """Rows per forward pass: evaluate.batch_size, or for `auto` chosen at the first model
+        from the device's free memory (demix.evaluate.batch) and kept for every later one."""
+        if self._batch_rows is None:
+            from demix.evaluate.batch import auto_batch_rows
+
+            width = self._max_length(model) or DEFAULT_AUTO_WIDTH
+            self._batch_rows = auto_batch_rows(model, width, torch.device(self.device))
+        return self._batch_rows
+
     def _run_heldout(self, model: torch.nn.Module) -> dict[str, dict[str, Any]]:
         results = {}
         window = heldout_window(self._max_length(model))
@@ -287,7 +298,7 @@ class Evaluator:
                     f"model's vocabulary of {vocab_size}; evaluate models built for this dataset's "
                     f"tokenizer"
                 )
-            sums, counts = heldout_window_losses(model, tokens, window, self.config.batch_size)
+            sums, counts = heldout_window_losses(model, tokens, window, self.batch_rows(model))
             loss, stderr = window_loss_summary(sums, counts)
             results[name] = {
                 "metric": "loss",
@@ -323,7 +334,13 @@ class Evaluator:
     def _run_fast(self, model: torch.nn.Module, names: list[str]) -> dict[str, dict[str, Any]]:
         assert self._suite is not None and self._fast is not None
         with _without_progress_bars():
-            raw = self._fast.evaluate(model, self.tokenizer, self.device, self._max_length(model))
+            raw = self._fast.evaluate(
+                model,
+                self.tokenizer,
+                self.device,
+                self._max_length(model),
+                self.batch_rows(model),
+            )
         return {name: self._summarise(name, raw) for name in names}
 
     def _run_lm_eval(self, model: torch.nn.Module, names: list[str]) -> dict[str, dict[str, Any]]:
@@ -336,7 +353,7 @@ class Evaluator:
                 pretrained=model,
                 tokenizer=self.tokenizer,
                 device=self.device,
-                batch_size=self.config.batch_size,
+                batch_size=self.batch_rows(model),
                 max_length=self._max_length(model),
             )
             # `limit` keeps the first N documents of each task (lm-eval slices its doc iterator),
