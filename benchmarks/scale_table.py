@@ -50,13 +50,15 @@ def main() -> None:
     parser.add_argument("--components", type=int, nargs="+", default=[3, 7, 15])
     parser.add_argument("--gpu", action="append", help="NAME:FREE_GIB:COPY_TB_S:H2D_GB_S")
     parser.add_argument("--host-gib", type=float, default=200, help="host memory per GPU")
-    parser.add_argument("--param-dtype", default="float32", help="the proxy's (the evaluator's)")
+    parser.add_argument(
+        "--param-dtype", default="bfloat16", help="the proxy's: evaluate.dtype (auto: bf16 on CUDA)"
+    )
     parser.add_argument("--delta-dtype", default="bfloat16")
     parser.add_argument("--method", default="linear")
     parser.add_argument("--n", type=int, default=64, help="search.n: proxies of the first round")
     parser.add_argument("--rounds", type=int, default=3, help="search.rounds (N, N/2, N/4, ...)")
     parser.add_argument("--suite-tokens", type=float, default=5e6)
-    parser.add_argument("--eval-tflops", type=float, default=25.0)
+    parser.add_argument("--eval-tflops", type=float, default=300.0)
     parser.add_argument("--eval-tokens-per-s", type=float, nargs="+")
     parser.add_argument("--proxy-tokens", type=float, default=30e9)
     parser.add_argument("--peak-tflops", type=float, default=989.0)
@@ -88,7 +90,8 @@ def main() -> None:
     else:
         print(
             f"- evaluation: {args.suite_tokens:,.0f} tokens per proxy at {args.eval_tflops:.0f} "
-            "TFLOP/s achieved by the fp32 forward pass, 2 x params FLOP per token (both assumed)"
+            f"TFLOP/s achieved by the {args.param_dtype} forward pass, 2 x params FLOP per token "
+            "(both assumed)"
         )
     print(
         f"- training: {args.proxy_tokens:,.0f} tokens per trained proxy and per component "
