@@ -629,3 +629,20 @@ def test_eval_batch_size_is_a_positive_int_or_auto():
     with pytest.raises(ValueError, match="batch_size"):
         EvaluateConfig(categories=CATEGORIES, batch_size="big")
     assert EvaluateConfig(categories=CATEGORIES, batch_size=7).batch_size == 7
+
+
+def test_a_bf16_model_scores_like_fp32_within_its_rounding(evaluator, model, result):
+    """The bf16 path the GPU takes by default (evaluate.dtype auto), run on the CPU: packed
+    rows with bf16 masks and log-softmax, held-out windows; continuous scores within bf16's
+    rounding of fp32's, multiple choice within a near-tie per document."""
+    import copy
+
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    scored = evaluator.evaluate(half)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    for task, expected in result.items():
+        got = scored[task]
+        if expected["metric"].startswith("acc"):
+            assert abs(got["value"] - expected["value"]) <= 2 / expected["n"] + 1e-9, task
+        else:
+            assert got["value"] == pytest.approx(expected["value"], rel=0.02), task
