@@ -304,7 +304,9 @@ def test_validate_compares_proxies_with_trained_references(smoke_run, tmp_path, 
 
 
 @pytest.mark.slow
-def test_reproduce_writes_one_table_of_every_step(tmp_path, corpus_dir, eval_dir, capsys):
+def test_reproduce_writes_one_table_of_every_step(
+    tmp_path, corpus_dir, eval_dir, capsys, monkeypatch
+):
     config = tmp_path / "smoke.yaml"
     config.write_text(yaml.safe_dump(smoke_config_dict(corpus_dir, eval_dir)))
     argv = ["reproduce", str(config), "--out", str(tmp_path / "out")]
@@ -369,6 +371,16 @@ def test_reproduce_writes_one_table_of_every_step(tmp_path, corpus_dir, eval_dir
     )
     assert "test-retest" in table and "Matched fidelity" in table and "dare_linear" in table
     assert "| mean [95%] |" in table
+    # resumed: the sweep's and the ablations' merged proxies are read back, not evaluated again
+    import demix.recipes.reproduce as reproduce
+
+    def no_proxies(*args, **kwargs):
+        raise AssertionError("a kept proxy evaluated again")
+
+    monkeypatch.setattr(reproduce, "ProxyEvaluator", no_proxies)
+    assert main(argv) == 0
+    again = json.loads((out / "reproduce.json").read_text())
+    assert again["sweep"] == result["sweep"] and again["ablations"] == result["ablations"]
     from demix.recipes.scaling import main as scaling
 
     assert scaling([str(out), "--out", str(tmp_path / "scaling.md")]) == 0

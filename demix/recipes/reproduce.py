@@ -20,7 +20,8 @@ from demix.config import RunConfig, StageTraining
 from demix.data.shards import CuratedData
 from demix.evaluate.harness import Evaluator
 from demix.fidelity import AGGREGATE, compare_predictors, fidelity
-from demix.mixtures import baseline_mixtures, seeded_names, split_seed
+from demix.merge import relative_delta_norms
+from demix.mixtures import baseline_mixtures, components_in_order, seeded_names, split_seed
 from demix.model import resolve_device
 from demix.proxies import ProxyEvaluator, make_evaluator, merge_settings, model_id, score_key
 from demix.recipes.run import StageClock, prepare_models, start_run_folder, train_finals
@@ -58,9 +59,10 @@ def sweep_point(
     """Components retrained with one budget / lr; their proxies scored against the references."""
     swept = _with(config, "train", component=point)
     components = train_components(swept, data, base, out)
-    proxies = ProxyEvaluator(swept, data, base, components, evaluator)
     weights = _weights(data, validation)
-    results = [proxies(w) for w in weights]
+    results = kept_proxy_scores(
+        swept, data, base, components, validation, evaluator, out / "proxy-scores.json"
+    )
     measured = fidelity(
         data.names,
         weights,
@@ -71,7 +73,7 @@ def sweep_point(
         reference_training_tokens=validation["cost"]["reference_training_tokens"],
     )
     aggregate, macro = measured["categories"][AGGREGATE], measured["macro"]
-    norms = proxies.stack.relative_norms
+    norms = relative_delta_norms(base, components_in_order(data, components))
     return {
         "tokens": point.tokens,
         "lr": point.lr,
@@ -92,6 +94,34 @@ def sweep_point(
 
 def _weights(data: CuratedData, validation: dict[str, Any]) -> np.ndarray:
     return np.array([[m[n] for n in data.names] for m in validation["mixtures"]])
+
+
+def kept_proxy_scores(
+    config: RunConfig,
+    data: CuratedData,
+    base: Path,
+    components: dict[str, Path],
+    validation: dict[str, Any],
+    evaluator: Evaluator,
+    path: Path,
+) -> list[dict]:
+    """The merged proxies' results on the references' mixtures, kept in `path` under a key of
+    the scores' settings, the merge, the components and the mixtures: a resumed protocol
+    evaluates no proxy twice."""
+
+    def scores() -> list[dict]:
+        proxies = ProxyEvaluator(config, data, base, components, evaluator)
+        return [proxies(w) for w in _weights(data, validation)]
+
+    key = score_key(
+        config,
+        data,
+        base,
+        merge=merge_settings(config),
+        components=[model_id(components[n]) for n in data.names],
+        mixtures=[m["id"] for m in validation["mixtures"]],
+    )
+    return kept_json(path, key, scores)
 
 
 def _rho_entry(measured: dict[str, Any]) -> dict[str, Any]:
@@ -123,20 +153,9 @@ def ablation_rows(
         merge = merge.model_copy(update={k: getattr(config.merge, k) for k in unset})
         ablated = config.model_copy(update={"merge": merge})
         label = merge_label(merge)
-
-        def scores(ablated=ablated):
-            proxies = ProxyEvaluator(ablated, data, base, components, evaluator)
-            return [proxies(w) for w in weights]
-
-        key = score_key(
-            ablated,
-            data,
-            base,
-            merge=merge_settings(ablated),
-            components=[model_id(components[n]) for n in data.names],
-            mixtures=[m["id"] for m in validation["mixtures"]],
+        results = kept_proxy_scores(
+            ablated, data, base, components, validation, evaluator, out / f"ablation-{i}.json"
         )
-        results = kept_json(out / f"ablation-{i}.json", key, scores)
         measured = fidelity(
             data.names, weights, results, validation["reference_results"], categories
         )
