@@ -47,7 +47,7 @@ demo: install ## the embedded demo as the KFP pipeline, run locally (writes runs
 demo-library: install ## the same demo through the library directly (demix run), no KFP
 	$(BIN)/demix run configs/demo.yaml --out runs/demo-library
 
-reproduce: install ## the paper's protocol on CPU, about 2 hours (writes runs/reproduce/)
+reproduce: install ## the paper's protocol on CPU, 3 seeds, about 4.5 hours (writes runs/reproduce/)
 	$(BIN)/demix reproduce configs/reproduce.yaml --out runs/reproduce
 
 reproduce-scaling: install ## after reproduce: the protocol on 6 and 9 candidates split by source, one table
