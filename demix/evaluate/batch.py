@@ -1,10 +1,10 @@
 """The evaluation batch: how many packed rows one forward pass holds.
 
-`evaluate.batch_size: auto` sizes it from the device's free memory and the model's shape, once
-per evaluator (at its first model; free memory from demix.merge.plan.free_memory): a row of `width` tokens holds the logits and their
-log-softmax (`vocab` values each, in the model's dtype) and a few hidden states per layer. Half
-of the free memory is used, and at most 256 rows on a GPU (past that a larger batch is no
-faster) and 32 on a CPU (the default batch; larger is no faster there).
+`evaluate.batch_size: auto` sizes it from the device's free memory (demix.merge.plan.free_memory)
+and the model's shape, once per evaluator, at its first model: a row of `width` tokens holds the
+logits and their log-softmax (`vocab` values each, in the model's dtype) and a few hidden states
+per layer. Half of the free memory is used, and at most 256 rows on a GPU (past that a larger
+batch is no faster) and 32 on a CPU (the default batch; larger is no faster there).
 """
 
 from __future__ import annotations
