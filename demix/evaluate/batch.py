@@ -3,8 +3,8 @@
 `evaluate.batch_size: auto` sizes it from the device's free memory (demix.merge.plan.free_memory)
 and the model's shape, once per evaluator, at its first model: a row of `width` tokens holds the
 logits and their log-softmax (`vocab` values each, in the model's dtype) and a few hidden states
-per layer. Half of the free memory is used, and at most 256 rows on a GPU (past that a larger
-batch is no faster) and 32 on a CPU (the default batch; larger is no faster there).
+per layer. Half of the free memory is used, and at most 256 rows on a GPU and 32 on a CPU (the
+CPU's former default batch); both caps are settings of this module, not measured optima.
 """
 
 from __future__ import annotations
