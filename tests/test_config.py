@@ -56,9 +56,16 @@ def test_scaling_configs_split_the_reproduce_corpus_by_source():
             )
         ],
     }  # fmt: skip
+    n3 = load_config(ROOT / "configs" / "reproduce-n3.yaml")
+    assert [d.name for d in n3.data.datasets] == [d.name for d in three.data.datasets]
+    assert (n3.train.base, n3.model.architecture, n3.data.tokenizer, n3.seed) == (
+        three.train.base, three.model.architecture, three.data.tokenizer, three.seed
+    )  # fmt: skip
     for n in (6, 9):
         config = load_config(ROOT / "configs" / f"reproduce-n{n}.yaml")
-        assert len(config.data.datasets) == n and config.model.base == "runs/reproduce/models/base"
+        assert len(config.data.datasets) == n
+        assert config.model.base == "runs/reproduce-n3/models/base"
+        assert (config.search, config.fidelity, config.final) == (n3.search, n3.fidelity, n3.final)
         assert config.train.component == three.train.component
         assert config.evaluate.limit == three.evaluate.limit
         for file, examples in sources.items():
