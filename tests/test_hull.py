@@ -74,6 +74,22 @@ def test_hull_pools_never_extrapolate_and_data_pools_do(tmp_path, general):
     assert merge_weights(hull, DATA, proposed).min() >= -1e-9
 
 
+def test_the_default_mapping_merges_with_the_data_mixture(tmp_path):
+    """Without merge.weights the proxy of mixture d merges the components with c = d (the
+    authors' mapping, the one that measured best): never a negative weight, the whole simplex
+    searched; `data` gives another proxy for the same mixture."""
+    raw = smoke_config_dict(tmp_path)
+    raw.pop("merge", None)
+    default = parse_config(raw)
+    assert default.merge.weights == "component"
+    pool = sample_mixtures(prior_vector(DATA), 500, np.random.default_rng(0), SEARCH.sampler)
+    np.testing.assert_array_equal(merge_weights(default, DATA, pool), pool)
+    assert negative_share(merge_weights(default, DATA, pool)) == 0.0
+    assert search_floor(default, DATA) is None
+    data = merge_weights(_config(tmp_path, "data"), DATA, pool)
+    assert np.abs(data - pool).max() > 0.1
+
+
 def test_hull_pools_are_seeded(tmp_path):
     floor = search_floor(_config(tmp_path, "hull", None), DATA)
     prior = prior_vector(DATA)
