@@ -746,12 +746,19 @@ def _format_mean(entry: dict[str, float]) -> str:
     return format_interval(entry["mean"], [entry["ci_low"], entry["ci_high"]])
 
 
+def _retest(seed: dict[str, Any]) -> dict[str, Any] | None:
+    reliability = seed["fidelity"].get("reliability", {})
+    return reliability.get("categories", {}).get(AGGREGATE, {}).get("retest")
+
+
 def _seed_lines(result: dict[str, Any]) -> list[str]:
+    """The per-seed table and its mean row; what a run did not measure (the test-retest rho
+    without fidelity.replicates, the L1 between seeds with one seed) is "-", not NaN."""
     head = result["headline"]
     rows = []
     for s in result["per_seed"]:
         fid = s["fidelity"]
-        retest = fid.get("reliability", {}).get("categories", {}).get(AGGREGATE, {}).get("retest")
+        retest = _retest(s)
         rows.append(
             [
                 s["seed"],
@@ -772,11 +779,15 @@ def _seed_lines(result: dict[str, Any]) -> list[str]:
     rows.append(
         [
             "mean [95%]",
-            *(
-                _format_mean(head[k])
-                for k in ("macro_rho", "aggregate_rho", "reference_retest_rho", "crr_improvement")
-            ),
-            f"L1 between seeds {head['search_l1_between_seeds']:.3f}",
+            _format_mean(head["macro_rho"]),
+            _format_mean(head["aggregate_rho"]),
+            _format_mean(head["reference_retest_rho"])
+            if any(_retest(s) for s in result["per_seed"])
+            else "-",
+            _format_mean(head["crr_improvement"]),
+            f"L1 between seeds {head['search_l1_between_seeds']:.3f}"
+            if head["seeds"] > 1
+            else "L1 between seeds: - (one seed)",
             "",
             "",
         ]

@@ -1,0 +1,120 @@
+"""The tables `demix reproduce` and `python -m demix.recipes.scaling` print, from constructed
+results: one row per N sorted by N, a missing run refused in one line, and what a run did not
+measure shown as "-" rather than NaN."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from demix.fidelity import AGGREGATE
+from demix.recipes import scaling
+from demix.recipes.reproduce import _seed_lines
+
+NAN = float("nan")
+
+
+def _comparison(diff: float, verdict: str) -> dict:
+    return {"diff": diff, "ci_low": diff - 0.5, "ci_high": diff + 0.5, "verdict": verdict}
+
+
+def _result(names: list[str], macro: float, aggregate: float, tokens: int) -> dict:
+    """The fields of reproduce.json the tables read, for one seed."""
+    objective = {
+        "token_prior": {"objective": _comparison(-1.25, "worse")},
+        "uniform": {"objective": _comparison(0.5, "inconclusive")},
+    }
+    fidelity = {
+        "n": 20 + len(names) + 1,
+        "macro": {"proxy": {"rho": macro, "rho_ci": [macro - 0.1, macro + 0.1]}},
+        "categories": {
+            AGGREGATE: {
+                "proxy": {"rho": aggregate, "rho_ci": [aggregate - 0.2, 1.0], "regret": 0.125},
+                "proxy_minus": {"trivial_linear": _comparison(0.25, "inconclusive")},
+            }
+        },
+        "crr": {"mean": NAN},
+        "crr_ci": {"mean": [NAN, NAN]},
+    }
+    mixture = {n: 1 / len(names) for n in names}
+    return {
+        "datasets": names,
+        "fidelity": fidelity,
+        "verdicts": {"chosen_merge": objective},
+        "searches": {"merge": {"training_tokens": tokens}},
+        "per_seed": [
+            {
+                "seed": 0,
+                "fidelity": fidelity,
+                "mixtures": {"chosen_merge": mixture},
+                "verdicts": {"chosen_merge": {b: objective[b] for b in objective}},
+            }
+        ],
+        "headline": {
+            "seeds": 1,
+            "macro_rho": {"mean": macro, "ci_low": macro - 0.1, "ci_high": macro + 0.1},
+            "aggregate_rho": {"mean": aggregate, "ci_low": 0.0, "ci_high": 1.0},
+            "reference_retest_rho": {"mean": NAN, "ci_low": NAN, "ci_high": NAN},
+            "crr_improvement": {"mean": NAN, "ci_low": NAN, "ci_high": NAN},
+            "search_l1_between_seeds": NAN,
+        },
+    }
+
+
+def _write(folder, result: dict):
+    folder.mkdir()
+    (folder / "reproduce.json").write_text(json.dumps(result))
+    return folder
+
+
+def test_scaling_table_has_one_row_per_run_sorted_by_n(tmp_path, capsys):
+    nine = _write(tmp_path / "n9", _result([f"d{i}" for i in range(9)], 0.25, 0.5, 3_600_000))
+    three = _write(tmp_path / "n3", _result(["general", "code", "math"], 0.375, 0.625, 1_200_000))
+    out = tmp_path / "scaling.md"
+    assert scaling.main([str(nine), str(three), "--out", str(out)]) == 0
+    table = out.read_text()
+    assert table == capsys.readouterr().out
+    header, rule, first, second = table.strip().split("\n")
+    assert header.startswith("| N | run | references | macro rho")
+    assert first.startswith("| 3 | n3 | 24 | 0.375 [0.275, 0.475] | 0.625 [0.425, 1.000] | 0.125 |")
+    assert (
+        "-1.250 [-1.750, -0.750] worse" in first and "+0.500 [+0.000, +1.000] inconclusive" in first
+    )
+    assert first.endswith("| 1,200,000 |")
+    assert second.startswith("| 9 | n9 | 30 | 0.250 [0.150, 0.350] | 0.500 [0.300, 1.000] |")
+
+
+def test_scaling_refuses_a_run_that_has_not_finished(tmp_path, capsys):
+    done = _write(tmp_path / "n3", _result(["general", "code", "math"], 0.4, 0.6, 1))
+    (tmp_path / "n6").mkdir()  # started, no reproduce.json yet
+    assert scaling.main([str(done), str(tmp_path / "n6"), "--out", str(tmp_path / "t.md")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "n6/reproduce.json: not found; run demix reproduce into" in err
+    assert not (tmp_path / "t.md").exists()
+
+
+@pytest.mark.parametrize("seeds", [1, 2])
+def test_the_seed_table_shows_what_was_not_measured_as_a_dash(seeds):
+    result = _result(["general", "code", "math"], 0.4, 0.6, 1)
+    if seeds == 2:
+        second = dict(result["per_seed"][0], seed=1)
+        second["fidelity"] = dict(
+            second["fidelity"],
+            reliability={"categories": {AGGREGATE: {"retest": {"rho": 0.9, "rho_ci": [0.8, 1.0]}}}},
+        )
+        result["per_seed"].append(second)
+        result["headline"].update(
+            seeds=2,
+            search_l1_between_seeds=0.25,
+            reference_retest_rho={"mean": 0.9, "ci_low": 0.8, "ci_high": 1.0},
+        )
+    mean = next(line for line in _seed_lines(result) if line.startswith("| mean [95%] |"))
+    cells = [c.strip() for c in mean.strip("|").split("|")]
+    assert cells[1:3] == ["0.400 [0.300, 0.500]", "0.600 [0.000, 1.000]"]
+    if seeds == 1:
+        assert cells[3] == "-" and cells[5] == "L1 between seeds: - (one seed)"
+    else:
+        assert cells[3] == "0.900 [0.800, 1.000]" and cells[5] == "L1 between seeds 0.250"
+    assert cells[4] == "nan [nan, nan]"  # CRR: measured and undefined, not missing
