@@ -50,7 +50,7 @@ demo-library: install ## the same demo through the library directly (demix run),
 reproduce: install ## the paper's protocol on CPU, 3 seeds, about 4.5 hours (writes runs/reproduce/)
 	$(BIN)/demix reproduce configs/reproduce.yaml --out runs/reproduce
 
-reproduce-scaling: install ## the protocol on 3, 6 and 9 candidates (one base, text split by source), one table
+reproduce-scaling: install ## the protocol on 3, 6 and 9 candidates (one base, text split by source), one table, about 2 hours
 	$(BIN)/demix reproduce configs/reproduce-n3.yaml --out runs/reproduce-n3
 	$(BIN)/demix reproduce configs/reproduce-n6.yaml --out runs/reproduce-n6
 	$(BIN)/demix reproduce configs/reproduce-n9.yaml --out runs/reproduce-n9

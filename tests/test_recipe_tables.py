@@ -27,7 +27,10 @@ def _result(names: list[str], macro: float, aggregate: float, tokens: int) -> di
     }
     fidelity = {
         "n": 20 + len(names) + 1,
-        "macro": {"proxy": {"rho": macro, "rho_ci": [macro - 0.1, macro + 0.1]}},
+        "macro": {
+            "proxy": {"rho": macro, "rho_ci": [macro - 0.1, macro + 0.1]},
+            "proxy_minus": {"trivial_linear": _comparison(-0.25, "inconclusive")},
+        },
         "categories": {
             AGGREGATE: {
                 "proxy": {"rho": aggregate, "rho_ci": [aggregate - 0.2, 1.0], "regret": 0.125},
@@ -40,6 +43,8 @@ def _result(names: list[str], macro: float, aggregate: float, tokens: int) -> di
     mixture = {n: 1 / len(names) for n in names}
     return {
         "datasets": names,
+        "mixtures": {"chosen_merge": mixture},
+        "timings_s": {"base": 1000.0, "components/0": 150.25, "search_merge/0": 200.0},
         "fidelity": fidelity,
         "verdicts": {"chosen_merge": objective},
         "searches": {"merge": {"training_tokens": tokens}},
@@ -62,27 +67,45 @@ def _result(names: list[str], macro: float, aggregate: float, tokens: int) -> di
     }
 
 
-def _write(folder, result: dict):
+def _write(folder, result: dict, files: dict[str, list[str]] | None = None):
+    """A finished run: reproduce.json and the config.json that names each candidate's files
+    (`files`: name -> paths; by default each candidate reads data/<name>.jsonl)."""
     folder.mkdir()
     (folder / "reproduce.json").write_text(json.dumps(result))
+    files = files or {n: [f"data/{n}.jsonl"] for n in result["datasets"]}
+    datasets = [{"name": n, "paths": files[n]} for n in result["datasets"]]
+    (folder / "config.json").write_text(json.dumps({"data": {"datasets": datasets}}))
     return folder
 
 
 def test_scaling_table_has_one_row_per_run_sorted_by_n(tmp_path, capsys):
-    nine = _write(tmp_path / "n9", _result([f"d{i}" for i in range(9)], 0.25, 0.5, 3_600_000))
+    """Rows by N; the chosen mixtures compared on the files they split: 9 candidates over the
+    three files (3 each, uniform) against the 3-candidate mixture, 9 candidates over other
+    files not comparable ("-")."""
+    split = {f"d{i}": [f"data/{('general', 'code', 'math')[i % 3]}.jsonl"] for i in range(9)}
+    nine = _write(tmp_path / "n9", _result(list(split), 0.25, 0.5, 3_600_000), split)
     three = _write(tmp_path / "n3", _result(["general", "code", "math"], 0.375, 0.625, 1_200_000))
+    other = _write(tmp_path / "other", _result(list(split), 0.25, 0.5, 1))
+    # the 3-candidate run chose general 0.5, code 0.25, math 0.25: L1 1/3 from uniform
+    result = json.loads((three / "reproduce.json").read_text())
+    result["mixtures"]["chosen_merge"] = {"general": 0.5, "code": 0.25, "math": 0.25}
+    (three / "reproduce.json").write_text(json.dumps(result))
     out = tmp_path / "scaling.md"
-    assert scaling.main([str(nine), str(three), "--out", str(out)]) == 0
+    assert scaling.main([str(nine), str(three), str(other), "--out", str(out)]) == 0
     table = out.read_text()
     assert table == capsys.readouterr().out
-    header, rule, first, second = table.strip().split("\n")
+    header, rule, first, *nines = table.strip().split("\n")
     assert header.startswith("| N | run | references | macro rho")
     assert first.startswith("| 3 | n3 | 24 | 0.375 [0.275, 0.475] | 0.625 [0.425, 1.000] | 0.125 |")
     assert (
-        "-1.250 [-1.750, -0.750] worse" in first and "+0.500 [+0.000, +1.000] inconclusive" in first
+        "| -0.250 [-0.750, +0.250] inconclusive | +0.250 [-0.250, +0.750] inconclusive |" in first
     )
-    assert first.endswith("| 1,200,000 |")
+    assert "| -1.250 [-1.750, -0.750] worse | +0.500 [+0.000, +1.000] inconclusive |" in first
+    assert "| code 0.250, general 0.500, math 0.250 | 0.000 | 1,200,000 | 350 |" in first
+    second = next(r for r in nines if "| n9 |" in r)
     assert second.startswith("| 9 | n9 | 30 | 0.250 [0.150, 0.350] | 0.500 [0.300, 1.000] |")
+    assert "| code 0.333, general 0.333, math 0.333 | 0.333 | 3,600,000 |" in second
+    assert "| - | 1 | 350 |" in next(r for r in nines if "| other |" in r)
 
 
 def test_scaling_refuses_a_run_that_has_not_finished(tmp_path, capsys):
