@@ -267,7 +267,8 @@ class MergeConfig(Strict):
     trained on). Under `data` a mixture with less general data than train.general_ratio gets
     some c < 0: its proxy extrapolates beyond the trained components. The default is the mapping
     that ranked the references best on `make reproduce` (macro per-category rho, component
-    minus data, +0.35 with a 95% interval of [+0.06, +0.52], seed 0; README "Fidelity"). `hull` merges with c = M^-1 d too, but searches
+    minus data, +0.35 with a 95% interval of [+0.06, +0.52], seed 0; README "Fidelity").
+    `hull` merges with c = M^-1 d too, but searches
     (for either search.method) only mixtures with every c >= 0, sampled as d = M c with c drawn
     by the search sampler, so each proxy is a convex combination of trained models; the final
     baselines are trained and judged wherever they lie. Projecting outside mixtures onto the
