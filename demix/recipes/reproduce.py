@@ -446,6 +446,12 @@ def _over_seeds(values: list[float], intervals: list[list[float]]) -> dict[str, 
     return {"mean": mean, "ci_low": mean - 1.959964 * se, "ci_high": mean + 1.959964 * se}
 
 
+def _retest(seed: dict[str, Any]) -> dict[str, Any] | None:
+    """A seed's references' test-retest entry (aggregate), None without replicates."""
+    reliability = seed["fidelity"].get("reliability", {})
+    return reliability.get("categories", {}).get(AGGREGATE, {}).get("retest")
+
+
 def headline(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     """reproduce.json's `headline`: the numbers a reader compares with the paper's, as means
     over seeds with 95% intervals (see _over_seeds); NaN where a seed did not measure one
@@ -472,7 +478,7 @@ def headline(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
         return get
 
     def retest(seed):
-        entry = fid(seed, "reliability", "categories", AGGREGATE, "retest")
+        entry = _retest(seed)
         return (entry["rho"], entry["rho_ci"]) if entry else None
 
     def crr(seed):
@@ -744,11 +750,6 @@ def _ablation_lines(rows: list[dict[str, Any]]) -> list[str]:
 
 def _format_mean(entry: dict[str, float]) -> str:
     return format_interval(entry["mean"], [entry["ci_low"], entry["ci_high"]])
-
-
-def _retest(seed: dict[str, Any]) -> dict[str, Any] | None:
-    reliability = seed["fidelity"].get("reliability", {})
-    return reliability.get("categories", {}).get(AGGREGATE, {}).get("retest")
 
 
 def _seed_lines(result: dict[str, Any]) -> list[str]:
