@@ -41,13 +41,14 @@ from components.image import CPU_IMAGE, CUDA_IMAGE, check_image
 from components.merge import merge
 from components.plan_curation import plan_curation
 from components.predict import predict
+from components.read_inputs import read_inputs
 from components.resolve_config import resolve_config
 from components.train_final import train_final
 from components.train_model import train_model
 from components.validate_fidelity import validate_fidelity
 from demix.errors import ConfigError
+from demix.run_inputs import data_fingerprint
 from deploy import local
-from deploy.fingerprint import data_fingerprint
 from deploy.placement import (
     Placement,
     check_settings,
@@ -75,10 +76,14 @@ __all__ = [
 def build_pipeline(placement: Placement):
     """The pipeline function for one placement; search rounds are unrolled at compile time."""
 
-    @dsl.pipeline(name=PIPELINE_NAME, description="DeMix: data-mixture search by model merging")
+    @dsl.pipeline(
+        name=PIPELINE_NAME,
+        description="DeMix: data-mixture search by model merging",
+        pipeline_root=placement.pipeline_root or None,
+    )
     def demix_pipeline(
-        config_yaml: str,
-        data_fingerprint: str = "",
+        config_yaml: str = "",
+        config_uri: str = "",
         seed: int = -1,
         general_ratio: float = -1.0,
         base_model: str = "",
@@ -95,10 +100,10 @@ def build_pipeline(placement: Placement):
         value: sentinels, as kfp.local 2.17 cannot run a pipeline with a parameter left at None.
 
         Args:
-            config_yaml: The run config, as YAML text (pipeline.py submit sends --config's).
-            data_fingerprint: A hash of the input data, part of the curation tasks' cache key
-                so that changed data is never a cache hit; submit computes it from the config.
-                Empty: no fingerprint, so run with caching off when the data may have changed.
+            config_yaml: The run config as YAML text (pipeline.py submit sends a local
+                --config's); leave empty when config_uri is given.
+            config_uri: The run config's gs:// URI (gs://BUCKET/PATH/config.yaml), read by the
+                run's first task; the way to give a config from the KFP UI or a schedule.
             seed: The run seed; -1 keeps the config's seed.
             general_ratio: train.general_ratio, the share of general data in each component's
                 training mixture, in [0, 1); below 0 keeps the config's.
@@ -116,9 +121,20 @@ def build_pipeline(placement: Placement):
             validate: Also check proxy fidelity: train reference models on sampled mixtures
                 and compare them with their merged proxies (demix validate); costs GPU hours.
         """
+        # The first task, never cached: the config's text and the fingerprints of the data and
+        # the base, from listings, so every later cache key sees changed inputs.
+        inputs = on_cpu(
+            read_inputs(
+                config_yaml=config_yaml,
+                config_uri=config_uri,
+                pipeline_root=dsl.PIPELINE_ROOT_PLACEHOLDER,
+            ),
+            placement,
+        ).set_caching_options(False)
+        inputs.set_display_name("read inputs")
         config = on_cpu(
             resolve_config(
-                config_yaml=config_yaml,
+                config_yaml=inputs.outputs["config_text"],
                 seed=seed,
                 general_ratio=general_ratio,
                 base_model=base_model,
@@ -133,6 +149,7 @@ def build_pipeline(placement: Placement):
         config.set_display_name("resolve config")
         cfg = config.outputs["resolved"]  # an artifact: see components/resolve_config.py
         # Curation: plan (files, groups, tokenizer) -> one task per group -> merge.
+        data_fingerprint = inputs.outputs["data_fingerprint"]
         plan = on_cpu(plan_curation(config=cfg, data_fingerprint=data_fingerprint), placement)
         plan.set_display_name("curate / plan")
         with dsl.ParallelFor(
@@ -149,9 +166,18 @@ def build_pipeline(placement: Placement):
             placement,
         ).set_display_name("curate / merge groups")
         dataset = data.outputs["dataset"]
-        training = training_inputs(placement)
+        # Training tasks reuse models an earlier run trained for the same job (by content).
+        training = {**training_inputs(placement), "jobs_root": dsl.PIPELINE_ROOT_PLACEHOLDER}
         base = on_training_gpus(
-            train_model(config=cfg, role="base", name="base", data=dataset, **training), placement
+            train_model(
+                config=cfg,
+                role="base",
+                name="base",
+                data=dataset,
+                base_fingerprint=inputs.outputs["base_fingerprint"],
+                **training,
+            ),
+            placement,
         ).set_display_name("train base")
         base_model_artifact = base.outputs["model"]
 
@@ -301,6 +327,10 @@ def compile_pipeline(target: str, out: str | Path, **placement) -> Path:
     if target not in ("kubeflow", "vertex"):
         raise SystemExit(f"pipeline.py: error: --target {target!r} is not kubeflow or vertex")
     check_settings(target, placement)
+    if placement.get("pipeline_root"):
+        from deploy.submit import check_pipeline_root
+
+        check_pipeline_root(placement["pipeline_root"], "compile")
     for key, flag in (("image", "--image"), ("image_cuda", "--image-cuda")):
         if placement.get(key) is not None:
             try:
@@ -345,6 +375,7 @@ def compile_settings(args) -> dict:
         "machine_type",
         "image",
         "image_cuda",
+        "pipeline_root",
     )
     settings.update({k: getattr(args, k) for k in names})
     settings["spot"] = args.spot or None
@@ -438,6 +469,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--image-cuda",
         help=f"image of the GPU tasks, NAME:TAG or NAME@sha256:D (default {CUDA_IMAGE})",
+    )
+    p.add_argument(
+        "--pipeline-root",
+        help="gs://BUCKET/PATH written into the spec as its default root, for runs started from "
+        "the KFP UI, the Vertex AI console or a schedule without one (Kubeflow's default, "
+        "minio://, cannot be read by DeMix's tasks)",
     )
     p = sub.add_parser("run-local", help="run the pipeline locally with kfp.local")
     p.add_argument("--config", required=True)

@@ -15,11 +15,13 @@ def train_final(
     metrics: Output[Metrics],
     processes: int = 1,
     cluster: str = "",
+    jobs_root: str = "",
 ):
     """Train a final model from the base: the chosen mixture or a baseline (uniform, token_prior);
     a label `LABEL-seed<s>` trains the same mixture with the run seed + s.
 
-    `processes` and `cluster` as in train_model; checkpoints in the bucket as in train_model;
+    `processes`, `cluster` and `jobs_root` as in train_model; checkpoints in the bucket as in
+    train_model;
     the manifest's final_loss, tokens and tokens_per_s as Metrics.
     """
     import json
@@ -31,6 +33,7 @@ def train_final(
     from demix.logs import configure_logging
     from demix.mixtures import final_mixture
     from demix.stages import train_stage
+    from demix.train.reuse import reused_from
 
     configure_logging()
     dataset = CuratedData(Path(data.path))
@@ -46,9 +49,12 @@ def train_final(
         processes=processes,
         cluster=cluster,
         uri=model.uri,
+        jobs_root=jobs_root,
     )
     manifest = read_model_manifest(folder)
+    model.metadata["reused_from"] = reused_from(jobs_root, manifest.get("fingerprint"), model.uri)
     model.metadata.update({k: manifest.get(k) for k in ("name", "weights", "tokens", "final_loss")})
     for key in ("final_loss", "tokens", "tokens_per_s"):
         if manifest.get(key) is not None:
             metrics.log_metric(key, manifest[key])
+    metrics.log_metric("reused", int(bool(model.metadata["reused_from"])))

@@ -15,12 +15,17 @@ def train_model(
     init: Input[Model] = None,
     processes: int = 1,
     cluster: str = "",
+    jobs_root: str = "",
+    base_fingerprint: str = "",
 ):
     """Train the base (role "base") or the component of dataset `name` (role "component").
 
     `processes` > 1: under accelerate launch, one process per GPU; `cluster`: on the machines
     of a Vertex AI custom job (see demix.stages.launch_train). Checkpoints go to
     `<model.uri>.ckpt` in the bucket as they are written; a rerun resumes from there.
+    `jobs_root` (the pipeline root): a model an earlier run trained for the same job, by
+    content, is copied instead of trained (demix.train.reuse); `base_fingerprint`: the content
+    of model.base, in the cache key only.
     The model manifest's final_loss, tokens and tokens_per_s are logged as Metrics.
     """
     from pathlib import Path
@@ -30,6 +35,7 @@ def train_model(
     from demix.data.shards import CuratedData
     from demix.logs import configure_logging
     from demix.stages import train_stage
+    from demix.train.reuse import reused_from
 
     configure_logging()
     folder = train_stage(
@@ -42,11 +48,14 @@ def train_model(
         processes=processes,
         cluster=cluster,
         uri=model.uri,
+        jobs_root=jobs_root,
     )
     manifest = read_model_manifest(folder)
+    model.metadata["reused_from"] = reused_from(jobs_root, manifest.get("fingerprint"), model.uri)
     model.metadata.update(
         {k: manifest.get(k) for k in ("role", "name", "tokens", "final_loss", "seconds")}
     )
     for key in ("final_loss", "tokens", "tokens_per_s"):  # none for a foreign base model
         if manifest.get(key) is not None:
             metrics.log_metric(key, manifest[key])
+    metrics.log_metric("reused", int(bool(model.metadata["reused_from"])))

@@ -149,6 +149,7 @@ def train_stage(
     cluster: str = "",
     on_checkpoint: CheckpointHook = None,
     uri: str = "",
+    jobs_root: str = "",
 ) -> Path:
     """Train one model into `out` and return its folder (the base: `model.base` when set).
 
@@ -160,6 +161,9 @@ def train_stage(
     `uri`: where `out` is published (a pipeline task's `model.uri`). When it is gs://, each
     checkpoint is published to `<uri>.ckpt` as it is written, training resumes from the newest
     one there (a task rerun in an empty pod continues), and it is deleted once the model is done.
+    `jobs_root` (a pipeline's root): a model an earlier run trained for the same job (same data
+    read, mixture, settings, seed and init, by content: demix.train.reuse) is copied into `out`
+    instead of training, and a model trained here is recorded there for later runs.
     Raises DemixError for a role without what it needs, MixtureError for a bad mixture,
     DataError when the bucket cannot be read or written.
     """
@@ -175,14 +179,45 @@ def train_stage(
         mixture = component_training_mix(config, data, name)
     elif role == "base":
         mixture = dict(data.token_prior)
+    job_id = ""
+    if jobs_root:
+        job_id = train.role_job_id(_seeded(config, role, name), data, mixture, role, name, init)
+        if train.reuse_finished(jobs_root, job_id, out) is not None:
+            return out
+    _train(config, data, role, out, name, init, mixture, processes, cluster, on_checkpoint, uri)
+    if jobs_root:
+        train.record_finished(jobs_root, job_id, uri or str(out), role, name or role)
+    return out
+
+
+def _seeded(config: RunConfig, role: str, name: str) -> RunConfig:
+    """The config a reference or final run trains with: a `-seed<s>` name adds s to the seed."""
+    if role in ("reference", "final") and split_seed(name)[1]:  # a further training seed
+        return config.model_copy(update={"seed": config.seed + split_seed(name)[1]})
+    return config
+
+
+def _train(
+    config: RunConfig,
+    data: CuratedData,
+    role: str,
+    out: Path,
+    name: str,
+    init: Path | None,
+    mixture: dict[str, float],
+    processes: int,
+    cluster: str,
+    on_checkpoint: CheckpointHook,
+    uri: str,
+) -> None:
+    """train_stage's training, in this process or launched in several."""
     if processes > 1 or cluster:
         argv = launch_argv(
             role, name, data.root, init, mixture if role in ("reference", "final") else None
         )
         launch_train(config, argv, out, processes, cluster)
-        return out
-    if role in ("reference", "final") and split_seed(name)[1]:  # a further training seed
-        config = config.model_copy(update={"seed": config.seed + split_seed(name)[1]})
+        return
+    config = _seeded(config, role, name)
     publish = checkpoint_sync(uri, out.with_name(out.name + ".ckpt")) if uri else None
     hook = _both(on_checkpoint, publish)
     if role in ("reference", "final"):
@@ -193,7 +228,6 @@ def train_stage(
         )
     if publish is not None:
         discard_checkpoint(uri)
-    return out
 
 
 def _both(first: CheckpointHook, second: CheckpointHook) -> CheckpointHook:

@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TextIO
 
-from deploy.fingerprint import data_fingerprint
 from deploy.placement import Placement
 
 
@@ -66,7 +65,6 @@ def run_local(
         try:
             pipeline(
                 config_yaml=_absolute_paths(config_yaml(config)),
-                data_fingerprint=data_fingerprint(config_path),
                 num_eval_workers=num_eval_workers,
             )
         except RuntimeError:  # kfp.local: a task failed, and quiet_tasks has shown which

@@ -15,7 +15,7 @@ from pathlib import Path
 from demix.errors import ConfigError
 
 # Pipeline parameters the CLI computes from --config: never given with --param.
-FROM_CONFIG = {"config_yaml": "the text of --config", "data_fingerprint": "from --config's data"}
+FROM_CONFIG = {"config_yaml": "the text of a local --config", "config_uri": "a gs:// --config"}
 
 _TYPE_WORDS = {
     "STRING": "a string",

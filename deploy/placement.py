@@ -68,6 +68,9 @@ class Placement:
     # The images tasks run in: components built on the CUDA image get image_cuda, others image.
     image: str = CPU_IMAGE
     image_cuda: str = CUDA_IMAGE
+    # The spec's default pipeline root (gs://): what a run started from the UI or a schedule
+    # gets when it names none ("": the backend's default, minio:// on Kubeflow).
+    pipeline_root: str = ""
 
     @classmethod
     def for_target(cls, target: str, **overrides) -> Placement:

@@ -14,7 +14,6 @@ import re
 from pathlib import Path
 
 from demix.errors import ConfigError
-from deploy.fingerprint import data_fingerprint
 from deploy.parameters import (
     package_documents,
     package_parameters,
@@ -58,7 +57,12 @@ def add_commands(sub) -> None:
     backend.add_argument("--namespace", help="kubeflow: the namespace (multi-user deployments)")
 
     run = argparse.ArgumentParser(add_help=False)
-    run.add_argument("--config", required=True, help="the run config (the config_yaml parameter)")
+    run.add_argument(
+        "--config",
+        required=True,
+        help="the run config: a local file (sent as the config_yaml parameter) or a gs:// URI "
+        "(sent as config_uri, read by the run's first task)",
+    )
     run.add_argument(
         "--param",
         action="append",
@@ -84,11 +88,14 @@ def add_commands(sub) -> None:
         "K/cryptoKeys/NAME",
     )
     run.add_argument("--labels", help="vertex: labels of the run, KEY=VALUE,KEY=VALUE")
+    run.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="run every task again (caching off); by default unchanged tasks are cache hits, as "
+        "the run's first task fingerprints the data and base anew for every run",
+    )
 
     p = sub.add_parser("submit", parents=[backend, run], help="start a run of a compiled pipeline")
-    p.add_argument(
-        "--no-cache", action="store_true", help="run every task again (caching off for the run)"
-    )
 
     p = sub.add_parser("upload", parents=[backend], help="upload a compiled pipeline")
     p.add_argument("--name", help=f"kubeflow: the pipeline's name (default {PIPELINE_NAME})")
@@ -114,12 +121,6 @@ def add_commands(sub) -> None:
         "--max-concurrency", type=int, default=1, help="runs of the schedule at once (default 1)"
     )
     p.add_argument("--start-time", help="ISO 8601 with a UTC offset (default: now)")
-    p.add_argument(
-        "--cache",
-        action="store_true",
-        help="keep caching on; off by default, as the data fingerprint is fixed when the "
-        "schedule is made and new data under the same paths would be a cache hit",
-    )
     p.add_argument("--pipeline-id", help="kubeflow, with --version-id: run an uploaded version")
     p.add_argument("--version-id", help="kubeflow: the uploaded version (of the same --package)")
 
@@ -180,6 +181,11 @@ def check_job_settings(args) -> None:
             )
 
 
+def package_root(package: str | Path) -> str | None:
+    """The default pipeline root compiled into a package (`compile --pipeline-root`), or None."""
+    return package_spec(package).get("defaultPipelineRoot")
+
+
 def check_pipeline_root(root: str | None, command: str = "submit") -> str:
     """The pipeline root, which must be gs://: tasks fetch artifacts by URI through demix.storage
     and publish checkpoints there, and demix.storage reads gs:// only.
@@ -188,7 +194,8 @@ def check_pipeline_root(root: str | None, command: str = "submit") -> str:
     """
     if not root:
         raise ConfigError(
-            f"{command} needs --pipeline-root gs://BUCKET/PATH: tasks read each other's artifacts "
+            f"{command} needs --pipeline-root gs://BUCKET/PATH (or a package compiled with one): "
+            "tasks read each other's artifacts "
             "by URI through demix.storage, which reads gs:// only (Kubeflow's default root is "
             "minio://)"
         )
@@ -222,34 +229,37 @@ def check_backend(args, vertex_needs: tuple[str, ...]) -> None:
 
 
 def run_parameters(args) -> dict:
-    """The run's parameter values: the config's text and data fingerprint, --eval-workers and
-    each --param, converted to the package's declared types.
+    """The run's parameter values: the config (its text, or its gs:// URI as config_uri),
+    --eval-workers and each --param, converted to the package's declared types.
 
     Raises ConfigError for a bad --param, or when the config's search.rounds differs from the
     rounds compiled into the package.
     """
-    from demix.config import check_rounds, load_config
+    from demix.config import check_rounds, resolve_config
+    from demix.run_inputs import read_config_text
+    from demix.storage import is_remote
 
     values = parse_params(args.param, package_parameters(args.package))
     if args.eval_workers is not None:
         if "num_eval_workers" in values:
             raise ConfigError("--eval-workers and --param num_eval_workers: give one of them")
         values["num_eval_workers"] = args.eval_workers
+    remote = is_remote(args.config)
+    if not remote and not Path(args.config).is_file():
+        raise ConfigError(f"--config {args.config}: no such file")
+    text = read_config_text("", args.config) if remote else Path(args.config).read_text()
+    config = resolve_config(text, source=str(args.config))
     rounds = compiled_rounds(args.package)
     if rounds is not None:
-        check_rounds(load_config(args.config), rounds, str(args.config))
-    config = Path(args.config)
-    return {
-        "config_yaml": config.read_text(),
-        "data_fingerprint": data_fingerprint(config),
-        **values,
-    }
+        check_rounds(config, rounds, str(args.config))
+    given = {"config_uri": args.config} if remote else {"config_yaml": text}
+    return {**given, **values}
 
 
 def _prepare_run(args) -> tuple[str, dict]:
     """Checks shared by submit and schedule; the pipeline root and the parameter values."""
     check_backend(args, ("project", "region"))
-    root = check_pipeline_root(args.pipeline_root, args.command)
+    root = check_pipeline_root(args.pipeline_root or package_root(args.package), args.command)
     parse_labels(args.labels)
     check_job_settings(args)
     return root, run_parameters(args)
@@ -308,7 +318,8 @@ def submit(args) -> str:
 
 def schedule(args) -> str:
     """Start runs on a cron schedule; returns the recurring run's id (Kubeflow) or the
-    schedule's resource name (Vertex AI). Caching is off unless `--cache`."""
+    schedule's resource name (Vertex AI). Caching is on unless `--no-cache`: each run's first
+    task fingerprints the data and base anew, so only what changed runs again."""
     check_backend(args, ("project", "region"))
     cron = parse_cron(args.cron, args.vertex)
     start = parse_start_time(args.start_time)
@@ -320,7 +331,7 @@ def schedule(args) -> str:
         raise ConfigError("--pipeline-id and --version-id go together")
     root, params = _prepare_run(args)
     if args.vertex:
-        made = _vertex_job(args, root, params, args.cache).create_schedule(
+        made = _vertex_job(args, root, params, not args.no_cache).create_schedule(
             cron=cron,
             display_name=args.run_name,
             start_time=start,
@@ -345,7 +356,7 @@ def schedule(args) -> str:
         start_time=start,
         params=params,
         pipeline_root=root,
-        enable_caching=args.cache,
+        enable_caching=not args.no_cache,
         service_account=args.service_account,
         **source,
     )

@@ -12,13 +12,20 @@ dsl.Collected fan-ins, conditions), and runs each task as a pod would:
 - the component's code taken from the compiled YAML and run by KFP's own executor
   (kfp.dsl.executor_main, as the container command does) in a subprocess of this interpreter;
 - an audit hook in that subprocess ends the task (exit 86) at the first open or listing of a
-  path outside its folder, the installed code and the system's read-only folders.
+  path outside its folder, the installed code and the system's read-only folders;
+- with a `TaskCache`, caching as the KFP backend does it (backend/src/v2/cacheutils): a task
+  whose key (its resolved input parameters, the IDs of its input artifacts, its output
+  definitions, image and command) matches an earlier successful execution is not run and
+  hands on that execution's outputs, the same artifacts with the same IDs; a task compiled
+  with caching off always runs. Artifact IDs are new for every executed output, so anything
+  downstream of an executed task is a cache miss, as on the backend.
 
 A task's parameters and artifact records come back as the launcher would record them in MLMD.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -39,6 +46,32 @@ TASK_ENTRY = Path(__file__).with_name("launcher_task.py")
 # Read-only folders of the image a pod runs: the system and the interpreter with its packages.
 SYSTEM = ("/usr", "/lib", "/lib64", "/bin", "/sbin", "/etc", "/dev", "/proc", "/sys")
 AUDIT_EXIT = 86
+
+
+class TaskCache:
+    """The backend's execution cache across runs: {fingerprint: the task's recorded outputs}."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, dict] = {}
+
+    @staticmethod
+    def fingerprint(params: dict, artifacts: dict, component: dict, container: dict) -> str:
+        """The cache key: input parameter values, input artifact IDs, output definitions,
+        image and command with arguments (placeholders unresolved), as cacheutils builds it."""
+        outputs = component.get("outputDefinitions", {})
+        key = {
+            "inputParameterValues": params,
+            "inputArtifactNames": {k: [a["name"] for a in v] for k, v in artifacts.items()},
+            "outputArtifactsSpec": {
+                k: v["artifactType"] for k, v in outputs.get("artifacts", {}).items()
+            },
+            "outputParametersSpec": {
+                k: v["parameterType"] for k, v in outputs.get("parameters", {}).items()
+            },
+            "image": container["image"],
+            "cmdArgs": [*container["command"], *container["args"]],
+        }
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
 class LauncherError(RuntimeError):
@@ -154,7 +187,9 @@ class RunningTask:
             if local.exists():
                 self.store.upload(local, out["uri"])
             written = executed.get("artifacts", {}).get(key, {}).get("artifacts", [{}])[0]
-            record["artifacts"][key] = [{**out, "metadata": written.get("metadata", {})}]
+            # A new artifact, with a new ID (MLMD's), as every executed output is.
+            made = {**out, "name": uuid.uuid4().hex, "metadata": written.get("metadata", {})}
+            record["artifacts"][key] = [made]
         shutil.rmtree(self.folder)
         return record
 
@@ -169,7 +204,9 @@ def local_path(folder: Path, uri: str) -> Path:
 class Launcher:
     """Runs the tasks of one compiled pipeline package against an artifact store."""
 
-    def __init__(self, package: Path, store: Store, work: Path) -> None:
+    def __init__(
+        self, package: Path, store: Store, work: Path, cache: TaskCache | None = None
+    ) -> None:
         docs = [d for d in yaml.safe_load_all(Path(package).read_text()) if d and "root" in d]
         self.spec = docs[0]
         self.components = self.spec["components"]
@@ -178,6 +215,9 @@ class Launcher:
         self.work = Path(work)
         self.run_id = f"run-{uuid.uuid4().hex[:8]}"
         self.seconds: dict[str, float] = {}
+        self.cache = cache
+        self.cached: list[str] = []  # tasks that were cache hits, by path
+        self.records: dict[str, dict] = {}  # every container task's record, by path
 
     # ---------------------------------------------------------------------------- the DAG
 
@@ -213,9 +253,18 @@ class Launcher:
                 continue
             child = self.components[task["componentRef"]["name"]]
             if "dag" not in child:
-                running = self.start(f"{prefix}{name}", task["componentRef"]["name"], values, arts)
-                done[name] = running.wait()
+                path = f"{prefix}{name}"
+                caching = task.get("cachingOptions", {}).get("enableCache", False)
+                key = self._cache_key(child, values, arts) if caching else None
+                if key is not None and key in self.cache.entries:
+                    done[name] = self.records[path] = self.cache.entries[key]
+                    self.cached.append(path)
+                    continue
+                running = self.start(path, task["componentRef"]["name"], values, arts)
+                done[name] = self.records[path] = running.wait()
                 self.seconds[running.path] = running.seconds
+                if key is not None:
+                    self.cache.entries[key] = done[name]
                 continue
             iterator = task.get("parameterIterator")
             if iterator is None:
@@ -234,9 +283,17 @@ class Launcher:
             done[name] = _dag_outputs(child, runs, iterated=iterator is not None)
         return done
 
+    def _cache_key(self, component: dict, params: dict, artifacts: dict) -> str | None:
+        """The task's cache key, or None when this launcher runs without a cache."""
+        if self.cache is None:
+            return None
+        container = self.executors[component["executorLabel"]]["container"]
+        return self.cache.fingerprint(params, artifacts, component, container)
+
     def _parameter(self, spec: dict, params: dict, done: dict, task: str):
         if "runtimeValue" in spec:
-            return spec["runtimeValue"]["constant"]
+            value = spec["runtimeValue"]["constant"]
+            return self.store.root if value == "{{$.pipeline_root}}" else value
         if "componentInputParameter" in spec:
             return params[spec["componentInputParameter"]]
         if "taskOutputParameter" in spec:

@@ -82,7 +82,6 @@ def test_smoke_pipeline_under_kubeflow_launcher_semantics_matches_demix_run(
     done = launcher.run(
         {
             "config_yaml": config.read_text(),
-            "data_fingerprint": pipeline.data_fingerprint(config),
             "num_eval_workers": 2,
         }
     )

@@ -143,7 +143,10 @@ def test_curation_fans_out_over_the_plans_groups_and_merges_them(compiled):
     assert loop_outputs["pipelinechannel--curate-group-part"].is_artifact_list
     assert reduce.inputs.artifacts["plan"].task_output_artifact.producer_task == "plan-curation"
     plan_inputs = tasks["plan-curation"].inputs.parameters
-    assert plan_inputs["data_fingerprint"].component_input_parameter == "data_fingerprint"
+    fingerprint = plan_inputs["data_fingerprint"].task_output_parameter
+    assert fingerprint.producer_task == "read-inputs"  # computed by the run, not the submitter
+    assert fingerprint.output_parameter_key == "data_fingerprint"
+    assert not tasks["read-inputs"].caching_options.enable_cache  # listed anew by every run
     # everything downstream reads the reduce's dataset
     consumers = [
         task for task in tasks.values()
@@ -363,7 +366,6 @@ def _run_params(**values) -> dict:
     """What submit and schedule send for configs/demo.yaml, with `values` on top."""
     return {
         "config_yaml": DEMO.read_text(),
-        "data_fingerprint": pipeline.data_fingerprint(DEMO),
         **values,
     }
 
@@ -600,7 +602,8 @@ def test_training_components_log_loss_tokens_and_throughput(tmp_path, monkeypatc
     else:
         selection = _artifact(Artifact, tmp_path / "selection.json")
         func(**inputs, label="chosen", base=inputs["model"], selection=selection)
-    assert inputs["metrics"].metadata == {"final_loss": 2.5, "tokens": 4096, "tokens_per_s": 812.5}
+    logged = {"final_loss": 2.5, "tokens": 4096, "tokens_per_s": 812.5, "reused": 0}
+    assert inputs["metrics"].metadata == logged  # reused: trained here, not by an earlier run
 
 
 def test_resolve_config_refuses_bad_overrides(tmp_path, corpus_dir):
@@ -795,8 +798,9 @@ def test_submit_to_vertex_sends_every_setting(compiled, capsys):
         ("kubeflow", ["--param", "general_ratio=nan"], r"general_ratio takes a number"),
         ("vertex", ["--param", "validate=yes"], r"validate takes true or false"),
         ("kubeflow", ["--param", "seed"], r"--param seed: expected NAME=VALUE"),
-        ("kubeflow", ["--param", "config_yaml=x: 1"], r"config_yaml is the text of --config"),
-        ("vertex", ["--param", "data_fingerprint=x"], r"data_fingerprint is from --config"),
+        ("kubeflow", ["--param", "config_yaml=x: 1"], r"config_yaml is the text of a local"),
+        ("vertex", ["--param", "config_uri=gs://b/c.yaml"], r"config_uri is a gs:// --config"),
+        ("vertex", ["--param", "data_fingerprint=x"], r"has no parameter 'data_fingerprint'"),
         ("kubeflow", ["--param", "seed=1", "--param", "seed=2"], r"seed is given twice"),
         ("kubeflow", ["--eval-workers", "2", "--param", "num_eval_workers=3"], r"give one"),
         ("kubeflow", ["--network", "vpc"], r"--network is a setting for Vertex AI"),
@@ -838,7 +842,8 @@ def test_schedule_on_kubeflow_is_a_recurring_run(compiled, capsys):
         client.return_value.create_recurring_run.return_value.recurring_run_id = "rr-1"
         assert pipeline.main(argv) == 0
         assert (
-            pipeline.main([*argv, "--pipeline-id", "pl-1", "--version-id", "v-1", "--cache"]) == 0
+            pipeline.main([*argv, "--pipeline-id", "pl-1", "--version-id", "v-1", "--no-cache"])
+            == 0
         )
     assert capsys.readouterr().out.split() == ["rr-1", "rr-1"]
     client.return_value.create_experiment.assert_called_with("e", namespace="team")
@@ -853,8 +858,8 @@ def test_schedule_on_kubeflow_is_a_recurring_run(compiled, capsys):
         "service_account": "runner",
     }
     assert client.return_value.create_recurring_run.call_args_list == [
-        mock.call(**common, enable_caching=False, pipeline_package_path=str(compiled[0])),
-        mock.call(**common, enable_caching=True, pipeline_id="pl-1", version_id="v-1"),
+        mock.call(**common, enable_caching=True, pipeline_package_path=str(compiled[0])),
+        mock.call(**common, enable_caching=False, pipeline_id="pl-1", version_id="v-1"),
     ]
 
 
@@ -872,7 +877,7 @@ def test_schedule_on_vertex_is_a_pipeline_job_schedule(compiled, capsys):
         template_path=str(compiled[1]),
         pipeline_root="gs://bucket/root",
         parameter_values=_run_params(),
-        enable_caching=False,
+        enable_caching=True,  # each run's first task fingerprints the data anew
         encryption_spec_key_name=None,
         labels={"team": "data"},
         project="p",
@@ -1089,6 +1094,14 @@ def test_submit_no_cache_turns_caching_off_on_both_backends(compiled):
     job.return_value.submit.assert_called_once()
 
 
+def _fingerprint(path: Path) -> str:
+    """The data fingerprint the run's first task computes for the config at `path`."""
+    from demix.config import load_config
+    from demix.run_inputs import data_fingerprint
+
+    return data_fingerprint(load_config(path))
+
+
 def test_data_fingerprint_sees_a_changed_object_in_the_bucket_without_downloading(
     gcs, tmp_path, corpus_dir
 ):
@@ -1108,30 +1121,30 @@ def test_data_fingerprint_sees_a_changed_object_in_the_bucket_without_downloadin
     config.write_text(yaml.safe_dump(raw))
 
     gcs.plan.corrupt, gcs.plan.corrupt_times = "corpus", None  # counts every object download
-    first = pipeline.data_fingerprint(config)
+    first = _fingerprint(config)
     assert first != "e3b0c44298fc1c14"  # the hash of nothing
-    assert pipeline.data_fingerprint(config) == first
+    assert _fingerprint(config) == first
     bucket.blob("corpus/math/math.jsonl").upload_from_string(b'{"text": "1 + 1 = 2"}\n')
-    changed = pipeline.data_fingerprint(config)
+    changed = _fingerprint(config)
     assert changed != first
     bucket.blob("corpus/math/math.jsonl").upload_from_string(b'{"text": "1 + 1 = 2"}\n')
-    assert pipeline.data_fingerprint(config) != changed  # same bytes, a new generation
+    assert _fingerprint(config) != changed  # same bytes, a new generation
     assert gcs.plan.counts["corrupted_download"] == 0, "the fingerprint downloaded an object"
 
     raw["data"]["targets"] = [{"name": "tickets", "paths": [f"gs://{gcs.bucket}/target"]}]
     bucket.blob("target/t.jsonl").upload_from_string(b'{"text": "Ticket 1: export fails"}\n')
     config.write_text(yaml.safe_dump(raw))
-    with_target = pipeline.data_fingerprint(config)
+    with_target = _fingerprint(config)
     assert with_target != changed
     bucket.blob("target/t.jsonl").upload_from_string(b'{"text": "Ticket 2: import fails"}\n')
-    assert pipeline.data_fingerprint(config) != with_target  # targets are curation inputs too
+    assert _fingerprint(config) != with_target  # targets are curation inputs too
 
     raw["data"]["datasets"][1]["paths"] = [f"gs://{gcs.bucket}/corpus/nothing-here"]
     config.write_text(yaml.safe_dump(raw))
     from demix.errors import DataError
 
     with pytest.raises(DataError, match=r"corpus/nothing-here: no such object or folder"):
-        pipeline.data_fingerprint(config)
+        _fingerprint(config)
 
 
 def test_evaluate_final_publishes_the_verdict_as_markdown(compiled):

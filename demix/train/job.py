@@ -44,18 +44,39 @@ def job_fingerprint(
     init: str | Path | None,
     arch: ArchitectureConfig | None,
 ) -> str:
-    """The fingerprint of one training job: role, name, mixture, budget, seed, init, data, arch."""
+    """The fingerprint of one training job: role, name, mixture, budget, seed, init, data read
+    (data_read), arch."""
     return fingerprint(
         role=role,
         name=name,
-        weights=weights,
+        weights={name: w for name, w in weights.items() if w > 0},
         stage=stage.model_dump(),
         seed=seed,
         init=read_model_manifest(init).get("fingerprint", str(init)) if init else None,
         train=train.model_dump(exclude=_NOT_THE_JOB),
-        data=read_manifest(data.root).get("files"),
+        data=data_read(data, weights),
         arch=arch.model_dump() if arch else None,
     )
+
+
+def data_read(data: CuratedData, weights: dict[str, float]) -> dict:
+    """What a job reads of a curated dataset: the token files of the datasets it samples (with
+    their place in the dataset order, which seeds their sampling), the tokenizer and the token
+    format. Another dataset changing, or one added at the end, leaves the job the same."""
+    manifest = read_manifest(data.root)
+    files = manifest.get("files") or {}
+    sampled = [name for name in data.names if weights.get(name, 0.0) > 0]
+    read = {
+        rel: info
+        for rel, info in files.items()
+        if rel.startswith(f"{manifest.get('tokenizer', 'tokenizer')}/")
+        or rel.split("/", 1)[0] in sampled
+    }
+    return {
+        "files": read,
+        "order": {name: data.names.index(name) for name in sampled},
+        "format": [manifest.get(key) for key in ("dtype", "vocab_size", "eos_token_id")],
+    }
 
 
 def finished(out: Path, job_id: str) -> dict | None:

@@ -14,6 +14,7 @@ from demix.data.shards import CuratedData
 from demix.errors import DemixError
 from demix.mixtures import as_dict
 from demix.search.sampler import validate_mixture
+from demix.train.job import job_fingerprint
 from demix.train.loop import CheckpointHook, train_model
 
 ROLES = ("base", "component", "reference", "final")
@@ -59,6 +60,31 @@ def train_role(
         init=init,
         arch=config.model.architecture if init is None else None,
         on_checkpoint=on_checkpoint,
+    )
+
+
+def role_job_id(
+    config: RunConfig,
+    data: CuratedData,
+    weights: dict[str, float],
+    role: str,
+    name: str,
+    init: Path | None,
+) -> str:
+    """The fingerprint of the job that train_stage runs for `role` (train_role's or, for a
+    reference or final, train_on_mixture's); the key of demix.train.reuse."""
+    if role in ("reference", "final"):
+        weights = as_dict(data.names, validate_mixture(weights, data.names))
+    return job_fingerprint(
+        data,
+        weights,
+        role_budget(config, role),
+        config.train,
+        config.seed,
+        role,
+        name or role,
+        init,
+        config.model.architecture if init is None else None,
     )
 
 
