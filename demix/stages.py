@@ -179,7 +179,7 @@ def train_stage(
         argv = launch_argv(
             role, name, data.root, init, mixture if role in ("reference", "final") else None
         )
-        launch_train(config, argv, out, processes, cluster)
+        launch_train(config, argv, out, processes, cluster, publish_uri=uri)
         return out
     if role in ("reference", "final") and split_seed(name)[1]:  # a further training seed
         config = config.model_copy(update={"seed": config.seed + split_seed(name)[1]})
