@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from demix.errors import DemixError
+from demix.storage import is_remote
 
 from .conftest import smoke_config_dict
 
@@ -157,3 +158,25 @@ def test_launched_training_carries_the_publish_uri(tmp_path, monkeypatch):
             launch.launch_train(config, ["--role", "base"], tmp_path / "model", 2, publish_uri=uri)
     assert commands[0][-2:] == ["--publish-uri", "gs://b/run/model"]
     assert "--publish-uri" not in commands[1]  # a local pipeline root: nothing to publish to
+
+
+def test_only_the_main_process_guards_the_published_checkpoint(monkeypatch):
+    from argparse import Namespace
+
+    from demix.cli import _train_out
+
+    args = Namespace(out="/tmp/run/model", publish_uri="gs://b/run/model")
+    spec = {"cluster": {"workerpool0": ["m-0:2222"], "workerpool1": ["w-0:2222"]}}
+
+    def guarded() -> list[str]:
+        return [str(output.uri) for output in _train_out(args) if is_remote(output.uri)]
+
+    assert guarded() == ["gs://b/run/model.ckpt"]  # may remove what it left on a failure
+    monkeypatch.setenv("RANK", "1")
+    assert guarded() == []
+    monkeypatch.setenv("RANK", "0")
+    task = {"type": "workerpool1", "index": 0}
+    monkeypatch.setenv("CLUSTER_SPEC", json.dumps({**spec, "task": task}))
+    assert guarded() == []  # the second machine, before it launches its processes
+    monkeypatch.setenv("CLUSTER_SPEC", json.dumps({**spec, "task": {"type": "workerpool0"}}))
+    assert guarded() == ["gs://b/run/model.ckpt"]
