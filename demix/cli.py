@@ -222,12 +222,12 @@ def _train_out(args) -> list:
 
     ckpt = f"{str(args.out).rstrip('/')}.ckpt"  # train_model's and checkpoint_sync's name for it
     outputs = [Output(args.out, MODEL_KIND), Output(ckpt, CHECKPOINT_KIND)]
-    if args.publish_uri and _first_machine_main():  # the others never write to the bucket
+    if args.publish_uri and _main_training_process():  # the others never write to the bucket
         outputs.append(Output(f"{args.publish_uri.rstrip('/')}.ckpt", CHECKPOINT_KIND))
     return outputs
 
 
-def _first_machine_main() -> bool:
+def _main_training_process() -> bool:
     """Whether this is the main training process: rank 0 of a launch, or (before one) the
     process of this machine when it is the first of a Vertex AI cluster or alone."""
     from demix.distributed import cluster_from_env
