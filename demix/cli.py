@@ -221,7 +221,21 @@ def _train_out(args) -> list:
     from demix.train import CHECKPOINT_KIND
 
     ckpt = f"{str(args.out).rstrip('/')}.ckpt"  # train_model's and checkpoint_sync's name for it
-    return [Output(args.out, MODEL_KIND), Output(ckpt, CHECKPOINT_KIND)]
+    outputs = [Output(args.out, MODEL_KIND), Output(ckpt, CHECKPOINT_KIND)]
+    if args.publish_uri and _main_training_process():  # the others never write to the bucket
+        outputs.append(Output(f"{args.publish_uri.rstrip('/')}.ckpt", CHECKPOINT_KIND))
+    return outputs
+
+
+def _main_training_process() -> bool:
+    """Whether this is the main training process: rank 0 of a launch, or (before one) the
+    process of this machine when it is the first of a Vertex AI cluster or alone."""
+    from demix.distributed import cluster_from_env
+
+    if _rank() != 0:
+        return False
+    cluster = cluster_from_env()
+    return cluster is None or cluster.rank == 0
 
 
 def _merge_out(args) -> list:
@@ -296,9 +310,17 @@ def _cmd_curate(args) -> None:
 def _cmd_train(args) -> None:
     from demix.distributed import cluster_from_env, launched, node_first, run_launched
     from demix.stages import train_stage
-    from demix.storage import artifact_output, checkpoint_sync, discard_checkpoint
+    from demix.storage import artifact_output, checkpoint_sync, discard_checkpoint, is_remote
 
     config = _config(args)
+    if args.publish_uri and not is_remote(args.publish_uri):
+        raise DemixError(
+            f"--publish-uri {args.publish_uri}: give the gs:// URI the local --out is published at"
+        )
+    if args.publish_uri and is_remote(args.out):
+        raise DemixError(
+            f"--publish-uri: --out {args.out} publishes its own checkpoints; drop --publish-uri"
+        )
     if args.role != "base" and not args.init:
         raise DemixError(f"--role {args.role} needs --init BASE_MODEL")
     if args.role == "component" and not args.dataset:
@@ -333,12 +355,15 @@ def _cmd_train(args) -> None:
                 validate_mixture(mixture, data.names)  # before fetching the base: fail fast
             init = _model(args.init) if args.init else None
             out = stack.enter_context(artifact_output(args.out, publish=main))
-            publish = checkpoint_sync(args.out)
+            if args.publish_uri:  # fetched into the folder the loop resumes from
+                publish = checkpoint_sync(args.publish_uri, out.with_name(out.name + ".ckpt"))
+            else:
+                publish = checkpoint_sync(args.out)
         names = {"base": "base", "component": args.dataset, "final": args.name or "final"}
         name = names.get(args.role, out.name)  # a reference is named by its folder
         train_stage(config, data, args.role, out, name, init, mixture, on_checkpoint=publish)
     if main:
-        discard_checkpoint(args.out)
+        discard_checkpoint(args.publish_uri or args.out)
         print(f"model written to {args.out}")
 
 
@@ -605,6 +630,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="training processes per machine (GPUs); above 1, runs itself under accelerate launch",
+    )
+    p.add_argument(
+        "--publish-uri",
+        default="",
+        help="gs:// URI a local --out is published at (a pipeline task's model.uri): checkpoints "
+        "go to <URI>.ckpt as they are written and training resumes from the newest one there",
     )
     p.set_defaults(func=_cmd_train)
 

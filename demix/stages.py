@@ -215,7 +215,7 @@ def _train(
         argv = launch_argv(
             role, name, data.root, init, mixture if role in ("reference", "final") else None
         )
-        launch_train(config, argv, out, processes, cluster)
+        launch_train(config, argv, out, processes, cluster, publish_uri=uri)
         return
     config = _seeded(config, role, name)
     publish = checkpoint_sync(uri, out.with_name(out.name + ".ckpt")) if uri else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import re
 from pathlib import Path
 
@@ -363,11 +364,34 @@ def schedule(args) -> str:
     return made.recurring_run_id
 
 
+def find_pipeline(client, name: str, namespace: str | None) -> str | None:
+    """The id of the Kubeflow pipeline named `name` in `namespace` (None: the shared ones), or
+    None when there is none.
+
+    kfp.Client.get_pipeline_id takes no namespace, so it never finds a private pipeline: the
+    pipelines are listed with a name filter and the namespace instead.
+    Raises ConfigError when several pipelines there have the name.
+    """
+    # a v2beta1 Filter in proto JSON, as kfp.Client.get_pipeline_id writes it
+    by_name = {"predicates": [{"operation": "EQUALS", "key": "display_name", "stringValue": name}]}
+    found = client.list_pipelines(filter=json.dumps(by_name), namespace=namespace, page_size=2)
+    pipelines = found.pipelines or []
+    if len(pipelines) > 1:
+        where = f"namespace {namespace!r}" if namespace else "the shared pipelines"
+        raise ConfigError(
+            f"--name {name}: several pipelines of that name in {where}; give another --name"
+        )
+    return pipelines[0].pipeline_id if pipelines else None
+
+
 def upload(args) -> str:
     """Upload the package: to a Kubeflow host as a pipeline, or a new version of the pipeline
-    of that name; or to an Artifact Registry repository as a template (Vertex AI).
+    of that name in --namespace (find_pipeline); or to an Artifact Registry repository as a
+    template (Vertex AI).
 
     Returns the pipeline id (and the version's id), or the template's name and version.
+    Raises ConfigError for flags of the other backend, a bad --registry, --version when there
+    is no pipeline of that name yet, or a version name the pipeline already has.
     """
     check_backend(args, ("registry",))
     if args.vertex:
@@ -384,25 +408,44 @@ def upload(args) -> str:
         return f"{template} {version}"
     name = args.name or PIPELINE_NAME
     description = package_spec(args.package).get("pipelineInfo", {}).get("description")
+    import kfp_server_api
+
     client = _kfp_client(args)
-    pipeline_id = client.get_pipeline_id(name)
+    pipeline_id = find_pipeline(client, name, args.namespace)
+    where = f" in namespace {args.namespace!r}" if args.namespace else ""
     if pipeline_id is None:
         if args.version:
             raise ConfigError(
-                f"--version {args.version}: there is no pipeline {name!r} yet; upload it once "
-                "without --version (its first version takes the pipeline's name)"
+                f"--version {args.version}: there is no pipeline {name!r}{where} yet; upload it "
+                "once without --version (its first version takes the pipeline's name)"
             )
         made = client.upload_pipeline(
             args.package, pipeline_name=name, description=description, namespace=args.namespace
         )
         return made.pipeline_id
     digest = hashlib.sha256(Path(args.package).read_bytes()).hexdigest()
-    made = client.upload_pipeline_version(
-        args.package,
-        pipeline_version_name=args.version or f"{name}-{digest[:12]}",
-        pipeline_id=pipeline_id,
-        description=description,
-    )
+    # the version goes to the pipeline found in the namespace, by its id (the API takes no
+    # namespace for a version: it belongs to its pipeline's)
+    version = args.version or f"{name}-{digest[:12]}"
+    try:
+        made = client.upload_pipeline_version(
+            args.package,
+            pipeline_version_name=version,
+            pipeline_id=pipeline_id,
+            description=description,
+        )
+    except kfp_server_api.ApiException as err:
+        if err.status != 409:  # 409 Conflict: a version of that name exists
+            raise
+        if args.version:
+            raise ConfigError(
+                f"--version {version}: pipeline {name!r}{where} already has a version of that "
+                "name; give another --version"
+            ) from None
+        raise ConfigError(
+            f"{args.package}: already uploaded as version {version} of pipeline {name!r}{where} "
+            "(a version is named by its package's digest); give --version to upload it again"
+        ) from None
     return f"{pipeline_id} {made.pipeline_version_id}"
 
 

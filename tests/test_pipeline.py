@@ -928,39 +928,6 @@ def test_schedule_refuses_bad_flags_before_any_client(compiled, capsys, backend,
     assert len(err.splitlines()) == 1 and re.search(expected, err), err
 
 
-def test_upload_to_kubeflow_creates_the_pipeline_then_versions(compiled, capsys):
-    import hashlib
-
-    package = str(compiled[0])
-    description = "DeMix: data-mixture search by model merging"
-    with mock.patch("kfp.Client") as client:
-        api = client.return_value
-        api.get_pipeline_id.return_value = None
-        api.upload_pipeline.return_value.pipeline_id = "pl-1"
-        argv = ["upload", "--host", HOST, "--package", package, "--namespace", "team"]
-        assert pipeline.main(argv) == 0
-        api.upload_pipeline.assert_called_once_with(
-            package, pipeline_name="demix", description=description, namespace="team"
-        )
-        assert pipeline.main([*argv, "--version", "v2"]) == 2  # no pipeline to version yet
-        api.get_pipeline_id.return_value = "pl-1"
-        api.upload_pipeline_version.return_value.pipeline_version_id = "v-1"
-        assert pipeline.main([*argv, "--name", "demix-prod", "--version", "v2"]) == 0
-        assert pipeline.main(argv) == 0
-    client.assert_called_with(host=HOST)
-    api.get_pipeline_id.assert_called_with("demix")
-    assert api.get_pipeline_id.call_args_list[2] == mock.call("demix-prod")
-    digest = hashlib.sha256(compiled[0].read_bytes()).hexdigest()[:12]
-    assert api.upload_pipeline_version.call_args_list == [
-        mock.call(package, pipeline_version_name=name, pipeline_id="pl-1", description=description)
-        for name in ("v2", f"demix-{digest}")
-    ]
-    api.upload_pipeline.assert_called_once()
-    out, err = capsys.readouterr()
-    assert out.split("\n")[:3] == ["pl-1", "pl-1 v-1", "pl-1 v-1"]
-    assert "there is no pipeline 'demix' yet" in err
-
-
 def test_upload_to_an_artifact_registry_repository(compiled, capsys):
     url = "https://registry.example/p/repo"
     argv = ["upload", "--vertex", "--registry", url, "--package", str(compiled[1])]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from demix.checkpoint import read_model_manifest
 from demix.config import RunConfig, config_yaml
-from demix.storage import atomic_write_text
+from demix.storage import atomic_write_text, is_remote
 
 
 def launch_argv(
@@ -28,11 +28,21 @@ def launch_argv(
 
 
 def launch_train(
-    config: RunConfig, argv: list[str], out: Path, processes: int, cluster: str = ""
+    config: RunConfig,
+    argv: list[str],
+    out: Path,
+    processes: int,
+    cluster: str = "",
+    publish_uri: str = "",
 ) -> dict:
     """`demix train CONFIG <argv> --out OUT` under `accelerate launch` with `processes` processes
     (per machine), on this machine or (`cluster`: vertex_worker_pools JSON) on the machines of
     a Vertex AI custom job; returns the model's manifest. The config travels as `<out>.launch.yaml`.
+
+    `publish_uri` (gs://, where `out` is published: a pipeline task's `model.uri`) travels as
+    `--publish-uri`: the main process publishes each checkpoint to `<publish_uri>.ckpt`, every
+    process resumes from the newest one there (a retried task starts in an empty folder), and
+    it is deleted once the model is done. A local one is ignored, as in one process.
 
     Raises ConfigError when the global batch does not split over the processes, LaunchError
     when a process fails.
@@ -45,6 +55,8 @@ def launch_train(
     path = out.with_name(out.name + ".launch.yaml")
     atomic_write_text(path, config_yaml(config))
     command = ["train", str(path), *argv, "--out", str(out)]
+    if publish_uri and is_remote(publish_uri):
+        command += ["--publish-uri", publish_uri]
     if cluster:
         run_vertex_job(cluster, command, processes, out)
     else:
