@@ -47,6 +47,14 @@ from components.train_model import train_model
 from components.validate_fidelity import validate_fidelity
 from demix.errors import ConfigError
 from deploy import local
+from deploy.checks import (
+    DEFAULT_GPU_NODE_SELECTOR,
+    EFFECTS,
+    GKE_ACCELERATOR,
+    check_pullable,
+    parse_node_selector,
+    parse_tolerations,
+)
 from deploy.fingerprint import data_fingerprint
 from deploy.placement import (
     Placement,
@@ -239,6 +247,7 @@ def build_pipeline(placement: Placement):
                 selection=selection,
             ),
             placement,
+            holds_models=True,
         ).set_display_name("merge chosen mixture")
         runs = on_cpu(final_runs(config=cfg), placement)  # each label for each final seed
         runs.set_display_name("list final runs")
@@ -257,11 +266,11 @@ def build_pipeline(placement: Placement):
                 placement,
             ).set_display_name("train final")
         on_eval_gpu(
-            evaluate_final(
+            evaluate_final(  # the components' norms from their manifests: no weights
                 config=cfg,
                 data=dataset,
                 base=base_model_artifact,
-                components=components(),
+                component_index=index,
                 finals=dsl.Collected(final.outputs["model"]),
                 selection=selection,
             ),
@@ -295,9 +304,16 @@ def rounds_from_config(config_path: Path, rounds: int | None) -> int:
     return config.search.rounds
 
 
-def compile_pipeline(target: str, out: str | Path, **placement) -> Path:
-    """Compile for `kubeflow` (GPU node selector + toleration, kfp-kubernetes settings) or
-    `vertex` (one YAML document). Raises ConfigError for a setting the target cannot apply."""
+def compile_pipeline(
+    target: str, out: str | Path, allow_local_images: bool = False, **placement
+) -> Path:
+    """Compile for `kubeflow` (GPU node selector + tolerations, kfp-kubernetes settings) or
+    `vertex` (one YAML document); nothing is written when a check fails.
+
+    Images under `localhost/` (the defaults of a local build) are refused unless
+    `allow_local_images` (a cluster cannot pull them). Raises ConfigError for a setting the
+    target cannot apply, a value it cannot take, or an image it cannot pull.
+    """
     if target not in ("kubeflow", "vertex"):
         raise SystemExit(f"pipeline.py: error: --target {target!r} is not kubeflow or vertex")
     check_settings(target, placement)
@@ -307,8 +323,12 @@ def compile_pipeline(target: str, out: str | Path, **placement) -> Path:
                 check_image(placement[key], flag)
             except ValueError as err:
                 raise ConfigError(str(err)) from None
+    chosen = Placement.for_target(target, **placement)
+    if not allow_local_images:
+        for key, flag in (("image", "--image"), ("image_cuda", "--image-cuda")):
+            check_pullable(getattr(chosen, key), flag, default=placement.get(key) is None)
     out = Path(out)
-    compiler.Compiler().compile(build_pipeline(Placement.for_target(target, **placement)), str(out))
+    compiler.Compiler().compile(build_pipeline(chosen), str(out))
     return out
 
 
@@ -316,7 +336,8 @@ def compile_settings(args) -> dict:
     """The Placement settings of `compile`'s flags (None: the target's default).
 
     `--timeout` is the timeout of every task; `--train-timeout`, `--eval-timeout` and
-    `--cpu-timeout` override it by kind. Raises ConfigError for a bad duration or label.
+    `--cpu-timeout` override it by kind. Raises ConfigError for a bad duration, label, node
+    selector or toleration.
     """
     every = parse_duration(args.timeout, "--timeout")
     timeouts = {
@@ -330,7 +351,6 @@ def compile_settings(args) -> dict:
         "accelerator_type",
         "accelerator_count",
         "eval_accelerator_count",
-        "gpu_node_label",
         "cpu",
         "memory",
         "cpu_task_cpu",
@@ -351,7 +371,18 @@ def compile_settings(args) -> dict:
     settings["job_service_account"] = args.service_account
     settings["job_encryption_key"] = args.encryption_key
     settings["job_labels"] = parse_job_labels(args.labels)
+    settings["gpu_node_selector"] = parse_node_selector(args.gpu_node_selector, args.gpu_node_label)
+    settings["gpu_tolerations"] = parse_tolerations(args.gpu_toleration)
     return settings
+
+
+def default_selector_note() -> str:
+    """What a compile with the default GPU node selector says about it (one line)."""
+    shown = ",".join(f"{k}={v}" for k, v in DEFAULT_GPU_NODE_SELECTOR)
+    return (
+        f"pipeline.py: note: GPU tasks require nodes labelled {shown} (GKE, H100); where no "
+        "node has it they stay Pending: give --gpu-node-selector KEY=VALUE (or none)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -362,7 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument(
         "--accelerator-type",
-        help="kubeflow: resource name (nvidia.com/gpu); vertex: e.g. NVIDIA_H100_80GB",
+        help="kubeflow: the device plugin's resource name (default nvidia.com/gpu; amd.com/gpu, "
+        "...); vertex: an accelerator of Vertex AI (default NVIDIA_H100_80GB; NVIDIA_L4, "
+        "NVIDIA_H200_141GB, ...)",
     )
     p.add_argument("--accelerator-count", type=int, help="GPUs of a training task (default 1)")
     p.add_argument(
@@ -370,9 +403,31 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         help="GPUs of an evaluation task (default 1: an evaluation shard uses one GPU)",
     )
-    p.add_argument("--gpu-node-label", help="kubeflow: cloud.google.com/gke-accelerator value")
-    p.add_argument("--cpu", help="CPU request and limit of a GPU task (default 8)")
-    p.add_argument("--memory", help="memory request and limit of a GPU task (default 64G)")
+    p.add_argument(
+        "--gpu-node-selector",
+        action="append",
+        metavar="KEY=VALUE",
+        help="kubeflow, repeatable: a node label GPU tasks require (default GKE's "
+        f"{GKE_ACCELERATOR}=nvidia-h100-80gb; `none`: no selector). A selector no node "
+        "matches leaves the pod Pending",
+    )
+    p.add_argument(
+        "--gpu-node-label",
+        metavar="VALUE",
+        help=f"kubeflow: GKE's shorthand for --gpu-node-selector {GKE_ACCELERATOR}=VALUE",
+    )
+    p.add_argument(
+        "--gpu-toleration",
+        action="append",
+        metavar="KEY[=VALUE]:EFFECT",
+        help="kubeflow, repeatable: a taint GPU tasks tolerate, EFFECT one of "
+        f"{', '.join(EFFECTS)}; KEY:EFFECT tolerates any value (default nvidia.com/gpu:NoSchedule; "
+        "`none`: no toleration)",
+    )
+    p.add_argument("--cpu", help="CPU request and limit of a GPU task: 8, 0.5, 500m (default 8)")
+    p.add_argument(
+        "--memory", help="memory request and limit of a GPU task: 64G or 64Gi (default 64G)"
+    )
     p.add_argument("--cpu-task-cpu", help="CPU request and limit of a CPU task (default 2)")
     p.add_argument("--cpu-task-memory", help="memory request and limit of a CPU task (default 8G)")
     p.add_argument(
@@ -405,8 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--ephemeral-volume",
         metavar="SIZE",
-        help="kubeflow: a volume of SIZE (e.g. 500Gi) at /gcs/ on every task, where the "
-        "launcher keeps artifacts (large models)",
+        help="kubeflow: a volume of SIZE (e.g. 500Gi) at /gcs/, where the launcher keeps "
+        "artifacts, on each task that holds models (training, evaluation, merge, validate)",
     )
     p.add_argument("--storage-class", help="kubeflow: the ephemeral volume's StorageClass")
     p.add_argument(
@@ -439,6 +494,12 @@ def main(argv: list[str] | None = None) -> int:
         "--image-cuda",
         help=f"image of the GPU tasks, NAME:TAG or NAME@sha256:D (default {CUDA_IMAGE})",
     )
+    p.add_argument(
+        "--allow-local-images",
+        action="store_true",
+        help="compile with images under localhost/ (refused otherwise: a cluster cannot pull "
+        "them), for nodes that have them",
+    )
     p = sub.add_parser("run-local", help="run the pipeline locally with kfp.local")
     p.add_argument("--config", required=True)
     p.add_argument("--out", required=True)
@@ -459,7 +520,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.config:
                 args.rounds = rounds_from_config(Path(args.config), args.rounds)
             placement = compile_settings(args)
-            print(compile_pipeline(args.target, args.out, **placement))
+            out = compile_pipeline(
+                args.target, args.out, allow_local_images=args.allow_local_images, **placement
+            )
+            if args.target == "kubeflow" and placement["gpu_node_selector"] is None:
+                print(default_selector_note(), file=sys.stderr)
+            print(out)
         elif args.command == "run-local":
             from demix.report import print_summary
 
