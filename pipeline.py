@@ -19,7 +19,10 @@ upload or schedule it.
     python pipeline.py schedule --cron '0 3 * * 1' [--max-concurrency 1] [--start-time T] ...
 
 Targets KFP SDK 2.17.3 (pinned in pyproject.toml) with Kubeflow Pipelines backend 2.5 or newer
-(IR schema 2.1.0), and Vertex AI Pipelines.
+(IR schema 2.1.0), and Vertex AI Pipelines. Compile names pushed images (--image/--image-cuda,
+or DEMIX_IMAGE_REPO=REGISTRY/PATH): it refuses the local builds' `localhost/` defaults unless
+--allow-local-images; on Kubeflow `--gpu-node-selector KEY=VALUE` / `--gpu-toleration
+KEY[=VALUE]:EFFECT` place the GPU tasks (default: GKE's H100 node pools).
 """
 
 import argparse
