@@ -51,7 +51,7 @@ from components.validate_fidelity import validate_fidelity
 from demix.errors import ConfigError
 from deploy import local
 from deploy.checks import (
-    DEFAULT_GPU_NODE_SELECTOR,
+    DEFAULT_SELECTOR_NOTE,
     EFFECTS,
     GKE_ACCELERATOR,
     check_pullable,
@@ -379,15 +379,6 @@ def compile_settings(args) -> dict:
     return settings
 
 
-def default_selector_note() -> str:
-    """What a compile with the default GPU node selector says about it (one line)."""
-    shown = ",".join(f"{k}={v}" for k, v in DEFAULT_GPU_NODE_SELECTOR)
-    return (
-        f"pipeline.py: note: GPU tasks require nodes labelled {shown} (GKE, H100); where no "
-        "node has it they stay Pending: give --gpu-node-selector KEY=VALUE (or none)"
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -527,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.target, args.out, allow_local_images=args.allow_local_images, **placement
             )
             if args.target == "kubeflow" and placement["gpu_node_selector"] is None:
-                print(default_selector_note(), file=sys.stderr)
+                print(f"pipeline.py: note: {DEFAULT_SELECTOR_NOTE}", file=sys.stderr)
             print(out)
         elif args.command == "run-local":
             from demix.report import print_summary

@@ -146,6 +146,14 @@ class Toleration:
 DEFAULT_GPU_NODE_SELECTOR = ((GKE_ACCELERATOR, "nvidia-h100-80gb"),)
 DEFAULT_GPU_TOLERATIONS = (Toleration("nvidia.com/gpu", "NoSchedule"),)
 NONE = "none"  # --gpu-node-selector none / --gpu-toleration none: no selector, no toleration
+# Kubernetes has no scheduling timeout a pipeline can set (a pod's activeDeadlineSeconds counts
+# from when a node accepted it): what compile says when GPU tasks get the default selector.
+DEFAULT_SELECTOR_NOTE = (
+    "GPU tasks require nodes labelled "
+    + ",".join(f"{k}={v}" for k, v in DEFAULT_GPU_NODE_SELECTOR)
+    + " (GKE, H100); where no node has it they stay Pending: give --gpu-node-selector "
+    "KEY=VALUE (or none)"
+)
 
 
 def _label_key(key: str, what: str) -> str:
