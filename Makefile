@@ -10,7 +10,9 @@ TORCH  := torch==2.13.0
 
 # Images: the names components/image.py gives by default (IMAGE_REPO is its DEMIX_IMAGE_REPO;
 # `localhost` is where podman keeps local builds). Push to a registry you own with
-# `make push IMAGE_REPO=REGISTRY/PATH` and compile with --image/--image-cuda naming them.
+# `make push IMAGE_REPO=REGISTRY/PATH` and compile with the same IMAGE_REPO (or --image/--image-cuda
+# naming them): compile refuses images under localhost/, which no cluster can pull, unless
+# COMPILE_FLAGS=--allow-local-images (nodes that have them). make demo runs locally: no images.
 VERSION    := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 IMAGE_REPO ?= localhost
 IMAGE_CPU  := $(IMAGE_REPO)/demix:$(VERSION)-cpu
@@ -80,9 +82,9 @@ bench: install ## benchmarks: print measured ratios
 	$(BIN)/python benchmarks/eval_bench.py
 	$(BIN)/python benchmarks/train_bench.py
 
-compile: install ## compile the pipeline for Kubeflow and Vertex AI
-	$(BIN)/python pipeline.py compile --target kubeflow --out demix-kubeflow.yaml
-	$(BIN)/python pipeline.py compile --target vertex --out demix-vertex.yaml
+compile: install ## compile the pipeline for Kubeflow and Vertex AI with IMAGE_REPO's images (make compile IMAGE_REPO=REGISTRY/PATH)
+	$(BIN)/python pipeline.py compile --target kubeflow --out demix-kubeflow.yaml $(COMPILE_FLAGS)
+	$(BIN)/python pipeline.py compile --target vertex --out demix-vertex.yaml $(COMPILE_FLAGS)
 
 lock: ## resolve pyproject.toml's pins into requirements/ (the lock both images install)
 	$(PYTHON) images/lock.py $(if $(TORCH_INDEX),--torch-index $(TORCH_INDEX))

@@ -19,7 +19,10 @@ upload or schedule it.
     python pipeline.py schedule --cron '0 3 * * 1' [--max-concurrency 1] [--start-time T] ...
 
 Targets KFP SDK 2.17.3 (pinned in pyproject.toml) with Kubeflow Pipelines backend 2.5 or newer
-(IR schema 2.1.0), and Vertex AI Pipelines.
+(IR schema 2.1.0), and Vertex AI Pipelines. Compile names pushed images (--image/--image-cuda,
+or DEMIX_IMAGE_REPO=REGISTRY/PATH): it refuses the local builds' `localhost/` defaults unless
+--allow-local-images; on Kubeflow `--gpu-node-selector KEY=VALUE` / `--gpu-toleration
+KEY[=VALUE]:EFFECT` place the GPU tasks (default: GKE's H100 node pools).
 """
 
 import argparse
@@ -47,8 +50,15 @@ from components.train_final import train_final
 from components.train_model import train_model
 from components.validate_fidelity import validate_fidelity
 from demix.errors import ConfigError
-from demix.run_inputs import data_fingerprint
 from deploy import local
+from deploy.checks import (
+    DEFAULT_SELECTOR_NOTE,
+    EFFECTS,
+    GKE_ACCELERATOR,
+    check_pullable,
+    parse_node_selector,
+    parse_tolerations,
+)
 from deploy.placement import (
     Placement,
     check_settings,
@@ -66,7 +76,6 @@ __all__ = [
     "Placement",
     "build_pipeline",
     "compile_pipeline",
-    "data_fingerprint",
     "main",
     "run_local",
     "submit",
@@ -265,6 +274,7 @@ def build_pipeline(placement: Placement):
                 selection=selection,
             ),
             placement,
+            holds_models=True,
         ).set_display_name("merge chosen mixture")
         runs = on_cpu(final_runs(config=cfg), placement)  # each label for each final seed
         runs.set_display_name("list final runs")
@@ -283,11 +293,11 @@ def build_pipeline(placement: Placement):
                 placement,
             ).set_display_name("train final")
         on_eval_gpu(
-            evaluate_final(
+            evaluate_final(  # the components' norms from their manifests: no weights
                 config=cfg,
                 data=dataset,
                 base=base_model_artifact,
-                components=components(),
+                component_index=index,
                 finals=dsl.Collected(final.outputs["model"]),
                 selection=selection,
             ),
@@ -321,9 +331,16 @@ def rounds_from_config(config_path: Path, rounds: int | None) -> int:
     return config.search.rounds
 
 
-def compile_pipeline(target: str, out: str | Path, **placement) -> Path:
-    """Compile for `kubeflow` (GPU node selector + toleration, kfp-kubernetes settings) or
-    `vertex` (one YAML document). Raises ConfigError for a setting the target cannot apply."""
+def compile_pipeline(
+    target: str, out: str | Path, allow_local_images: bool = False, **placement
+) -> Path:
+    """Compile for `kubeflow` (GPU node selector + tolerations, kfp-kubernetes settings) or
+    `vertex` (one YAML document); nothing is written when a check fails.
+
+    Images under `localhost/` (the defaults of a local build) are refused unless
+    `allow_local_images` (a cluster cannot pull them). Raises ConfigError for a setting the
+    target cannot apply, a value it cannot take, or an image it cannot pull.
+    """
     if target not in ("kubeflow", "vertex"):
         raise SystemExit(f"pipeline.py: error: --target {target!r} is not kubeflow or vertex")
     check_settings(target, placement)
@@ -337,8 +354,12 @@ def compile_pipeline(target: str, out: str | Path, **placement) -> Path:
                 check_image(placement[key], flag)
             except ValueError as err:
                 raise ConfigError(str(err)) from None
+    chosen = Placement.for_target(target, **placement)
+    if not allow_local_images:
+        for key, flag in (("image", "--image"), ("image_cuda", "--image-cuda")):
+            check_pullable(getattr(chosen, key), flag, default=placement.get(key) is None)
     out = Path(out)
-    compiler.Compiler().compile(build_pipeline(Placement.for_target(target, **placement)), str(out))
+    compiler.Compiler().compile(build_pipeline(chosen), str(out))
     return out
 
 
@@ -346,7 +367,8 @@ def compile_settings(args) -> dict:
     """The Placement settings of `compile`'s flags (None: the target's default).
 
     `--timeout` is the timeout of every task; `--train-timeout`, `--eval-timeout` and
-    `--cpu-timeout` override it by kind. Raises ConfigError for a bad duration or label.
+    `--cpu-timeout` override it by kind. Raises ConfigError for a bad duration, label, node
+    selector or toleration.
     """
     every = parse_duration(args.timeout, "--timeout")
     timeouts = {
@@ -360,7 +382,6 @@ def compile_settings(args) -> dict:
         "accelerator_type",
         "accelerator_count",
         "eval_accelerator_count",
-        "gpu_node_label",
         "cpu",
         "memory",
         "cpu_task_cpu",
@@ -382,6 +403,8 @@ def compile_settings(args) -> dict:
     settings["job_service_account"] = args.service_account
     settings["job_encryption_key"] = args.encryption_key
     settings["job_labels"] = parse_job_labels(args.labels)
+    settings["gpu_node_selector"] = parse_node_selector(args.gpu_node_selector, args.gpu_node_label)
+    settings["gpu_tolerations"] = parse_tolerations(args.gpu_toleration)
     return settings
 
 
@@ -393,7 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument(
         "--accelerator-type",
-        help="kubeflow: resource name (nvidia.com/gpu); vertex: e.g. NVIDIA_H100_80GB",
+        help="kubeflow: the device plugin's resource name (default nvidia.com/gpu; amd.com/gpu, "
+        "...); vertex: an accelerator of Vertex AI (default NVIDIA_H100_80GB; NVIDIA_L4, "
+        "NVIDIA_H200_141GB, ...)",
     )
     p.add_argument("--accelerator-count", type=int, help="GPUs of a training task (default 1)")
     p.add_argument(
@@ -401,9 +426,31 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         help="GPUs of an evaluation task (default 1: an evaluation shard uses one GPU)",
     )
-    p.add_argument("--gpu-node-label", help="kubeflow: cloud.google.com/gke-accelerator value")
-    p.add_argument("--cpu", help="CPU request and limit of a GPU task (default 8)")
-    p.add_argument("--memory", help="memory request and limit of a GPU task (default 64G)")
+    p.add_argument(
+        "--gpu-node-selector",
+        action="append",
+        metavar="KEY=VALUE",
+        help="kubeflow, repeatable: a node label GPU tasks require (default GKE's "
+        f"{GKE_ACCELERATOR}=nvidia-h100-80gb; `none`: no selector). A selector no node "
+        "matches leaves the pod Pending",
+    )
+    p.add_argument(
+        "--gpu-node-label",
+        metavar="VALUE",
+        help=f"kubeflow: GKE's shorthand for --gpu-node-selector {GKE_ACCELERATOR}=VALUE",
+    )
+    p.add_argument(
+        "--gpu-toleration",
+        action="append",
+        metavar="KEY[=VALUE]:EFFECT",
+        help="kubeflow, repeatable: a taint GPU tasks tolerate, EFFECT one of "
+        f"{', '.join(EFFECTS)}; KEY:EFFECT tolerates any value (default nvidia.com/gpu:NoSchedule; "
+        "`none`: no toleration)",
+    )
+    p.add_argument("--cpu", help="CPU request and limit of a GPU task: 8, 0.5, 500m (default 8)")
+    p.add_argument(
+        "--memory", help="memory request and limit of a GPU task: 64G or 64Gi (default 64G)"
+    )
     p.add_argument("--cpu-task-cpu", help="CPU request and limit of a CPU task (default 2)")
     p.add_argument("--cpu-task-memory", help="memory request and limit of a CPU task (default 8G)")
     p.add_argument(
@@ -436,8 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--ephemeral-volume",
         metavar="SIZE",
-        help="kubeflow: a volume of SIZE (e.g. 500Gi) at /gcs/ on every task, where the "
-        "launcher keeps artifacts (large models)",
+        help="kubeflow: a volume of SIZE (e.g. 500Gi) at /gcs/, where the launcher keeps "
+        "artifacts, on each task that holds models (training, evaluation, merge, validate)",
     )
     p.add_argument("--storage-class", help="kubeflow: the ephemeral volume's StorageClass")
     p.add_argument(
@@ -471,6 +518,12 @@ def main(argv: list[str] | None = None) -> int:
         help=f"image of the GPU tasks, NAME:TAG or NAME@sha256:D (default {CUDA_IMAGE})",
     )
     p.add_argument(
+        "--allow-local-images",
+        action="store_true",
+        help="compile with images under localhost/ (refused otherwise: a cluster cannot pull "
+        "them), for nodes that have them",
+    )
+    p.add_argument(
         "--pipeline-root",
         help="gs://BUCKET/PATH written into the spec as its default root, for runs started from "
         "the KFP UI, the Vertex AI console or a schedule without one (Kubeflow's default, "
@@ -496,7 +549,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.config:
                 args.rounds = rounds_from_config(Path(args.config), args.rounds)
             placement = compile_settings(args)
-            print(compile_pipeline(args.target, args.out, **placement))
+            out = compile_pipeline(
+                args.target, args.out, allow_local_images=args.allow_local_images, **placement
+            )
+            if args.target == "kubeflow" and placement["gpu_node_selector"] is None:
+                print(f"pipeline.py: note: {DEFAULT_SELECTOR_NOTE}", file=sys.stderr)
+            print(out)
         elif args.command == "run-local":
             from demix.report import print_summary
 

@@ -9,7 +9,7 @@ def evaluate_final(
     config: Input[Artifact],
     data: Input[Dataset],
     base: Input[Model],
-    components: Input[list[Model]],
+    component_index: Input[Artifact],
     finals: Input[list[Model]],
     selection: Input[Artifact],
     summary: Output[Artifact],
@@ -19,7 +19,8 @@ def evaluate_final(
 ):
     """Evaluate the chosen and baseline final models and judge the chosen mixture against the
     baselines; summary.json, report.html, the verdict's differences and intervals as Metrics,
-    the mixtures and the verdict as Markdown."""
+    the mixtures and the verdict as Markdown. The components are read through their index,
+    manifests only (tokens, seconds, relative delta norm): their weights are not inputs."""
     import json
     import shutil
     from pathlib import Path
@@ -28,7 +29,7 @@ def evaluate_final(
     from demix.data.shards import CuratedData
     from demix.logs import configure_logging
     from demix.report.summary import verdict_markdown
-    from demix.stages import evaluate_finals_stage, models_by_name
+    from demix.stages import evaluate_finals_stage, models_by_name, read_component_manifests
 
     configure_logging()
     out = Path(summary.path)
@@ -36,7 +37,7 @@ def evaluate_final(
         resolve_config(Path(config.path).read_text()),
         CuratedData(Path(data.path)),
         Path(base.path),
-        models_by_name([Path(c.path) for c in components]),
+        read_component_manifests(Path(component_index.path), Path(base.path)),
         models_by_name([Path(f.path) for f in finals]),
         json.loads(Path(selection.path).read_text()),
         out,

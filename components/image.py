@@ -3,6 +3,8 @@
 The names here are defaults, tied to the package version. A compile chooses the images with
 `pipeline.py compile --image IMG --image-cuda IMG` (a tag or a digest); DEMIX_IMAGE_REPO, when
 set, replaces the default repository (`localhost`, where podman keeps images built here).
+Compile refuses images under `localhost/` (no cluster can pull them) unless given
+`--allow-local-images`; local runs (kfp.local) use no image at all.
 """
 
 import os

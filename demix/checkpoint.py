@@ -15,6 +15,8 @@ from demix.safetensors_io import MappedSafetensors
 from demix.storage import read_manifest
 
 MODEL_KIND = "demix.model"
+# A component model manifest's ||theta - base|| / ||base|| (recorded after training).
+RELATIVE_DELTA_NORM = "relative_delta_norm"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 

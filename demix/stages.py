@@ -22,7 +22,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from demix import evaluate, merge, search, train
-from demix.checkpoint import MODEL_KIND, check_compatible, read_model_manifest
+from demix.checkpoint import (
+    MODEL_KIND,
+    RELATIVE_DELTA_NORM,
+    check_compatible,
+    read_model_manifest,
+)
 from demix.config import RunConfig
 from demix.data.curate import curate, curate_group, input_files, merge_groups, plan_curation
 from demix.data.demo import fetch_demo
@@ -50,6 +55,7 @@ from demix.storage import (
     checkpoint_sync,
     discard_checkpoint,
     fetch_artifact,
+    fetch_manifest,
 )
 from demix.train.job import fingerprint
 from demix.train.launch import launch_argv, launch_train
@@ -226,6 +232,8 @@ def _train(
         train.train_role(
             config, data, mixture, role, name or role, out, init=init, on_checkpoint=hook
         )
+    if role == "component":  # its norm in its manifest: readers need no weights (finals)
+        merge.record_relative_delta_norm(out, init)
     if publish is not None:
         discard_checkpoint(uri)
 
@@ -541,7 +549,7 @@ def evaluate_finals_stage(
     config: RunConfig,
     data: CuratedData,
     base: Path,
-    components: dict[str, Path],
+    components: dict[str, dict],
     finals: dict[str, Path],
     selection: dict,
     out: Path,
@@ -551,7 +559,10 @@ def evaluate_finals_stage(
     baselines, write final_scores.json (per-document scores), summary.json and report.html
     into `out`; return the summary (the same for `demix run` and the pipeline).
 
-    Raises DemixError when a final model of the configured labels and seeds is missing.
+    `components`: the component models' manifests by name (their weights are not needed); a
+    selection without relative delta norms takes them from there.
+    Raises DemixError when a final model of the configured labels and seeds is missing, or a
+    component manifest has no relative delta norm where one is needed.
     """
     names = final_run_names(config.final.seeds)
     missing = sorted(set(names) - set(finals))
@@ -559,8 +570,12 @@ def evaluate_finals_stage(
         raise DemixError(f"final models {missing} are missing (final.seeds={config.final.seeds})")
     finals = {name: finals[name] for name in names}
     if selection.get("relative_delta_norms") is None and components:
-        norms = merge.relative_delta_norms(base, components_in_order(data, components))
-        selection = {**selection, "relative_delta_norms": as_dict(data.names, norms)}
+        norms = {}
+        for name, manifest in zip(data.names, components_in_order(data, components), strict=True):
+            norms[name] = manifest.get(RELATIVE_DELTA_NORM)
+            if norms[name] is None:
+                raise DemixError(f"component {name!r}: its manifest has no relative delta norm")
+        selection = {**selection, "relative_delta_norms": norms}
     start = time.perf_counter()
     results = finals_by_label(names, evaluate_each(config, data, finals, evaluator))
     verdict = judge_finals(config, results)
@@ -605,6 +620,28 @@ def write_model_index(models: list[tuple[str | Path, str]], out: Path) -> dict[s
     index = {name: uris[str(path)] for name, path in models_by_name(list(uris)).items()}
     atomic_write_json(out, index)
     return index
+
+
+def read_component_manifests(index: Path, base: Path) -> dict[str, dict]:
+    """The manifests of the models of a `write_model_index` file, by name, each read alone
+    through demix.storage (no weights fetched). A model trained before relative delta norms
+    were recorded at training time is fetched once and measured against `base`.
+
+    Raises DemixError naming the index and the model when a manifest is missing or corrupt.
+    """
+    manifests = {}
+    for name, uri in json.loads(Path(index).read_text()).items():
+        try:
+            manifest = fetch_manifest(uri, MODEL_KIND)
+            if manifest.get(RELATIVE_DELTA_NORM) is None:
+                log.warning("component %s has no relative delta norm recorded: measured", name)
+                folder = fetch_artifact(uri, MODEL_KIND)
+                norm = merge.relative_delta_norms(base, [folder])[0]
+                manifest = {**manifest, RELATIVE_DELTA_NORM: norm}
+        except DemixError as err:
+            raise DemixError(f"{index}: model {name!r}: {err}") from None
+        manifests[name] = manifest
+    return manifests
 
 
 def read_model_index(path: Path) -> dict[str, Path]:

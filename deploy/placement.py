@@ -13,6 +13,16 @@ from kfp import dsl
 from components.image import CPU_IMAGE, CUDA_IMAGE
 from demix.config import SearchConfig
 from demix.errors import ConfigError
+from deploy.checks import (
+    BYTE_SETTINGS,
+    CPU_SETTINGS,
+    DEFAULT_GPU_NODE_SELECTOR,
+    DEFAULT_GPU_TOLERATIONS,
+    Toleration,
+    check_accelerator,
+    check_bytes,
+    check_cpu,
+)
 
 # Where the kfp-kubernetes volumes go in a pod. The v2 launcher keeps a task's gs:// artifacts
 # under /gcs/ (inputs downloaded there, outputs uploaded from there), so a volume there holds
@@ -31,7 +41,9 @@ class Placement:
     accelerator_type: str = "nvidia.com/gpu"
     accelerator_count: int = 1  # GPUs of a training task (one process each)
     eval_accelerator_count: int = 1  # GPUs of an evaluation task: an evaluation shard uses one
-    gpu_node_label: str = "nvidia-h100-80gb"  # value of cloud.google.com/gke-accelerator
+    # kubeflow: the node selector and tolerations of GPU tasks (default GKE's H100 pools)
+    gpu_node_selector: tuple[tuple[str, str], ...] = DEFAULT_GPU_NODE_SELECTOR
+    gpu_tolerations: tuple[Toleration, ...] = DEFAULT_GPU_TOLERATIONS
     # Requests and limits alike (Vertex AI sizes its machines from the limits; Kubernetes gives
     # a pod whose requests equal its limits the Guaranteed class, the last to be evicted).
     cpu: str = "8"
@@ -48,7 +60,8 @@ class Placement:
     eval_timeout: int = 0
     cpu_timeout: int = 0
     spot: bool = False  # kubeflow: GPU tasks on GKE spot nodes; vertex: the multi-node job's
-    # kubeflow: a generic ephemeral volume of this size at /gcs/ on every task ("" none).
+    # kubeflow: a generic ephemeral volume of this size at /gcs/ on each task that holds
+    # models ("" none).
     ephemeral_volume: str = ""
     storage_class: str = ""  # the ephemeral volume's StorageClass ("" the cluster's default)
     # Search rounds, unrolled into the DAG; the default is the config's (search.rounds).
@@ -86,7 +99,8 @@ class Placement:
 
 # Compile settings only one target can apply, with the flag that sets them.
 KUBEFLOW_ONLY = {
-    "gpu_node_label": "--gpu-node-label",
+    "gpu_node_selector": "--gpu-node-selector/--gpu-node-label",
+    "gpu_tolerations": "--gpu-toleration",
     "shm_size": "--shm-size",
     "ephemeral_volume": "--ephemeral-volume",
     "storage_class": "--storage-class",
@@ -102,12 +116,14 @@ MULTI_NODE_ONLY = {
 
 
 def check_settings(target: str, settings: dict) -> None:
-    """Refuse a compile setting the target cannot apply, with one line naming the flag.
+    """Refuse a compile setting the target cannot apply, or a value it cannot take, with one
+    line naming the flag.
 
     Vertex AI Pipelines has no per-task timeout, spot scheduling, node selector or volume in
     the compiled spec: there `--train-timeout` / `--timeout` and `--spot` apply to the
-    multi-node training job (`--nodes`), and the Kubernetes settings are refused.
-    Raises ConfigError.
+    multi-node training job (`--nodes`), and the Kubernetes settings are refused. Accelerator
+    names are the target's (deploy.checks.check_accelerator); CPU and byte sizes Kubernetes
+    quantities. Raises ConfigError.
     """
     given = {k: v for k, v in settings.items() if v is not None and v is not False and v != ""}
     nodes = given.get("nodes") or 1
@@ -146,6 +162,14 @@ def check_settings(target: str, settings: dict) -> None:
     for key in ("parallelism", "retries"):
         if key in given and given[key] < 0:
             raise ConfigError(f"--{key} {given[key]}: 0 or more")
+    if "accelerator_type" in given:
+        check_accelerator(target, given["accelerator_type"])
+    for key, flag in CPU_SETTINGS.items():
+        if key in given:
+            check_cpu(given[key], flag)
+    for key, flag in BYTE_SETTINGS.items():
+        if key in given:
+            check_bytes(given[key], flag)
 
 
 _DURATION = re.compile(r"(\d+)([smhd]?)")
@@ -179,13 +203,16 @@ def _limits(task: dsl.PipelineTask, cpu: str, memory: str) -> None:
     task.set_memory_request(memory).set_memory_limit(memory)
 
 
-def _on_kubernetes(task: dsl.PipelineTask, placement: Placement, timeout: int) -> None:
-    """The kfp-kubernetes settings every kubeflow task gets: timeout and ephemeral volume."""
+def _on_kubernetes(
+    task: dsl.PipelineTask, placement: Placement, timeout: int, holds_models: bool
+) -> None:
+    """The kfp-kubernetes settings of a kubeflow task: its timeout, and the ephemeral volume
+    when it holds models (the launcher downloads its input models there)."""
     from kfp import kubernetes
 
     if timeout:
         kubernetes.set_timeout(task, timeout)
-    if placement.ephemeral_volume:
+    if placement.ephemeral_volume and holds_models:
         kubernetes.add_ephemeral_volume(
             task,
             volume_name="scratch",
@@ -204,7 +231,8 @@ def on_gpu(
     timeout: int | None = None,
 ) -> dsl.PipelineTask:
     """A task on `gpus` GPUs (default: the training count) with the given timeout (default:
-    the training timeout), on the target's GPU nodes."""
+    the training timeout), on the target's GPU nodes (kubeflow: the GPU node selector and
+    tolerations). Every GPU task holds models: the ephemeral volume, when set, is its."""
     gpus = placement.accelerator_count if gpus is None else gpus
     timeout = placement.train_timeout if timeout is None else timeout
     with_image(task, placement)
@@ -214,12 +242,16 @@ def on_gpu(
     if placement.target == "kubeflow":
         from kfp import kubernetes
 
-        kubernetes.add_node_selector(
-            task, "cloud.google.com/gke-accelerator", placement.gpu_node_label
-        )
-        kubernetes.add_toleration(
-            task, key="nvidia.com/gpu", operator="Exists", effect="NoSchedule"
-        )
+        for key, value in placement.gpu_node_selector:
+            kubernetes.add_node_selector(task, key, value)
+        for toleration in placement.gpu_tolerations:
+            kubernetes.add_toleration(
+                task,
+                key=toleration.key,
+                operator=toleration.operator,
+                value=toleration.value,
+                effect=toleration.effect,
+            )
         if placement.spot:
             kubernetes.add_node_selector(task, SPOT_LABEL, "true")
             kubernetes.add_toleration(
@@ -229,7 +261,7 @@ def on_gpu(
             kubernetes.empty_dir_mount(
                 task, "dshm", SHM_PATH, medium="Memory", size_limit=placement.shm_size
             )
-        _on_kubernetes(task, placement, timeout)
+        _on_kubernetes(task, placement, timeout, holds_models=True)
     return task
 
 
@@ -265,16 +297,21 @@ def training_inputs(placement: Placement) -> dict:
 def on_training_gpus(task: dsl.PipelineTask, placement: Placement) -> dsl.PipelineTask:
     """GPU placement of a training task; with several machines the custom job holds the GPUs
     and the task only starts it and waits."""
-    return on_cpu(task, placement) if placement.nodes > 1 else on_gpu(task, placement)
+    if placement.nodes > 1:
+        return on_cpu(task, placement, holds_models=True)
+    return on_gpu(task, placement)
 
 
-def on_cpu(task: dsl.PipelineTask, placement: Placement) -> dsl.PipelineTask:
-    """A CPU task: cpu_task_cpu and cpu_task_memory, the CPU timeout, retries."""
+def on_cpu(
+    task: dsl.PipelineTask, placement: Placement, holds_models: bool = False
+) -> dsl.PipelineTask:
+    """A CPU task: cpu_task_cpu and cpu_task_memory, the CPU timeout, retries; the ephemeral
+    volume only when it `holds_models` (merge): bookkeeping tasks read small files."""
     with_image(task, placement)
     _limits(task, placement.cpu_task_cpu, placement.cpu_task_memory)
     task.set_retry(num_retries=placement.retries, backoff_duration="30s", backoff_factor=2.0)
     if placement.target == "kubeflow":
-        _on_kubernetes(task, placement, placement.cpu_timeout)
+        _on_kubernetes(task, placement, placement.cpu_timeout, holds_models)
     return task
 
 

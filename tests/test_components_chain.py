@@ -37,6 +37,7 @@ def test_every_component_in_pipeline_order(tmp_path, corpus_dir, eval_dir):
     from components.train_final import train_final
     from components.train_model import train_model
     from components.validate_fidelity import validate_fidelity
+    from demix.merge import relative_delta_norms
 
     raw = smoke_config_dict(corpus_dir, eval_dir)
     raw["fidelity"] = {"references": 2}
@@ -130,7 +131,7 @@ def test_every_component_in_pipeline_order(tmp_path, corpus_dir, eval_dir):
             model=model, metrics=out(Metrics, f"final-metrics-{label}"),
         )  # fmt: skip
     evaluate_final.python_func(
-        config=config, data=data, base=base, components=components, finals=finals,
+        config=config, data=data, base=base, component_index=index, finals=finals,
         selection=selection, summary=out(Artifact, "summary"), metrics=out(Metrics, "metrics"),
         report=out(HTML, "report.html"), verdict=out(Markdown, "verdict.md"),
     )  # fmt: skip
@@ -141,4 +142,7 @@ def test_every_component_in_pipeline_order(tmp_path, corpus_dir, eval_dir):
     assert set(summary["final"]) == {"chosen", "uniform", "token_prior"}
     assert summary["mixture"] == pytest.approx(mixture, abs=1e-9)
     assert summary["proxies_evaluated"] == 6
+    # the components' norms, recorded at training time: those of their weights, exactly
+    norms = relative_delta_norms(base.path, [c.path for c in components])
+    assert summary["relative_delta_norms"] == dict(zip(names, norms, strict=True))
     assert "<html" in (tmp_path / "report.html").read_text().lower()

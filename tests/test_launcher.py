@@ -76,7 +76,8 @@ def test_smoke_pipeline_under_kubeflow_launcher_semantics_matches_demix_run(
 
     config = _bucket_config(gcs, corpus_dir, tmp_path)
     package = tmp_path / "kubeflow.yaml"
-    assert pipeline.main(["compile", "--out", str(package), "--config", str(config)]) == 0
+    argv = ["compile", "--out", str(package), "--config", str(config), "--allow-local-images"]
+    assert pipeline.main(argv) == 0
     launcher = Launcher(package, Store(gcs.bucket), tmp_path / "work")
     started = time.perf_counter()
     done = launcher.run(
@@ -135,7 +136,9 @@ def test_training_task_killed_mid_run_resumes_from_the_bucket_in_an_empty_folder
     from demix.storage import fetch_artifact
 
     store, inputs = _train_inputs(gcs, corpus_dir, tmp_path, tokens=16_000)  # 63 steps
-    package = pipeline.compile_pipeline("kubeflow", tmp_path / "kubeflow.yaml", rounds=2)
+    package = pipeline.compile_pipeline(
+        "kubeflow", tmp_path / "kubeflow.yaml", allow_local_images=True, rounds=2
+    )
     launcher = Launcher(package, store, tmp_path / "work")
     params = {"role": "base", "name": "base", "processes": 1, "cluster": ""}
 

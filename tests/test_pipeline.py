@@ -53,10 +53,14 @@ GPU_EXECUTORS = (
 def compiled(tmp_path_factory):
     out = tmp_path_factory.mktemp("compiled")
     kubeflow = pipeline.compile_pipeline(
-        "kubeflow", out / "kubeflow.yaml", accelerator_count=2, gpu_node_label="nvidia-h200-141gb"
+        "kubeflow",
+        out / "kubeflow.yaml",
+        allow_local_images=True,
+        accelerator_count=2,
+        gpu_node_selector=(("cloud.google.com/gke-accelerator", "nvidia-h200-141gb"),),
     )
     vertex = pipeline.compile_pipeline(
-        "vertex", out / "vertex.yaml", accelerator_type="NVIDIA_H100_80GB"
+        "vertex", out / "vertex.yaml", allow_local_images=True, accelerator_type="NVIDIA_H100_80GB"
     )
     return kubeflow, vertex
 
@@ -106,6 +110,35 @@ def test_kubeflow_target_structure(compiled):
         }
         assert platform[name]["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert spec.root.dag.tasks["train-model"].retry_policy.max_retry_count == 2
+
+
+def test_evaluate_finals_declares_no_component_weights(compiled):
+    """evaluate finals reads the components' norms from their manifests through the index:
+    on Kubeflow the launcher downloads every declared model, K of them for nothing."""
+    for path in compiled:
+        spec, _ = _spec(path)
+        task = spec.root.dag.tasks["evaluate-final"]
+        artifacts = task.inputs.artifacts
+        assert set(artifacts) == {
+            "config", "data", "base", "component_index", "finals", "selection",
+        }  # fmt: skip
+        assert artifacts["component_index"].task_output_artifact.producer_task == "collect-models"
+        finals = artifacts["finals"].task_output_artifact.producer_task
+        assert spec.components[spec.root.dag.tasks[finals].component_ref.name].dag.tasks.keys() == {
+            "train-final"
+        }
+        inputs = spec.components[task.component_ref.name].input_definitions.artifacts
+        models = {k for k, v in inputs.items() if v.artifact_type.schema_title == "system.Model"}
+        assert models == {"base", "finals"}
+        components = [  # the one loop training the components: none of its outputs goes in
+            name
+            for name, t in spec.root.dag.tasks.items()
+            if "train-model-2" in spec.components[t.component_ref.name].dag.tasks
+        ]
+        assert len(components) == 1
+        producers = {a.task_output_artifact.producer_task for a in artifacts.values()}
+        assert components[0] not in producers
+        assert artifacts["base"].task_output_artifact.producer_task == "train-model"  # the base
 
 
 def test_validate_branch_is_off_by_default_and_conditional(compiled):
@@ -267,6 +300,7 @@ def test_vertex_multi_node_training_is_a_custom_job_with_worker_pools(tmp_path):
     path = pipeline.compile_pipeline(
         "vertex",
         tmp_path / "nodes.yaml",
+        allow_local_images=True,
         nodes=4,
         machine_type="a3-highgpu-8g",
         accelerator_type="NVIDIA_H100_80GB",
@@ -458,7 +492,7 @@ def test_compile_names_exactly_the_images_given(tmp_path, target, cpu, cuda):
 def test_multi_node_training_jobs_run_the_cuda_image_given(tmp_path):
     out = tmp_path / "v.yaml"
     argv = ["compile", "--target", "vertex", "--out", str(out), "--nodes", "2"]
-    argv += ["--machine-type", "a3-highgpu-8g", "--image-cuda", CUDA_DIGEST]
+    argv += ["--machine-type", "a3-highgpu-8g", "--image-cuda", CUDA_DIGEST, "--image", CPU_TAG]
     assert pipeline.main(argv) == 0
     spec, _ = _spec(out)
     executors = spec.deployment_spec["executors"]
@@ -719,7 +753,8 @@ def test_config_rounds_and_compiled_rounds_cannot_disagree(tmp_path, corpus_dir,
     config = tmp_path / "smoke.yaml"
     config.write_text(yaml.safe_dump(raw))
     out = tmp_path / "from-config.yaml"
-    assert pipeline.main(["compile", "--out", str(out), "--config", str(config)]) == 0
+    local = "--allow-local-images"
+    assert pipeline.main(["compile", "--out", str(out), "--config", str(config), local]) == 0
     predicts = [
         t
         for t in next(yaml.safe_load_all(out.read_text()))["root"]["dag"]["tasks"]
@@ -727,10 +762,15 @@ def test_config_rounds_and_compiled_rounds_cannot_disagree(tmp_path, corpus_dir,
     ]
     assert len(predicts) == 2 + 1  # one per round, then the final selection
     assert (
-        pipeline.main(["compile", "--out", str(out), "--config", str(config), "--rounds", "3"]) == 2
+        pipeline.main(
+            ["compile", "--out", str(out), "--config", str(config), "--rounds", "3", local]
+        )
+        == 2
     )
 
-    package = pipeline.compile_pipeline("kubeflow", tmp_path / "three.yaml", rounds=3)
+    package = pipeline.compile_pipeline(
+        "kubeflow", tmp_path / "three.yaml", allow_local_images=True, rounds=3
+    )
     argv = ["--host", HOST, "--package", str(package), "--config", str(config)]
     argv += ["--pipeline-root", "gs://bucket/root"]
     capsys.readouterr()

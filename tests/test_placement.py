@@ -1,5 +1,6 @@
 """Resources that take effect: the compiled spec of each target read back for limits, /dev/shm,
-evaluation GPUs, timeouts, spot nodes, the ephemeral volume and loop parallelism; the
+evaluation GPUs, timeouts, GPU node selectors and tolerations, spot nodes, the ephemeral
+volume and loop parallelism; what compile refuses (one line, exit 2, nothing written); the
 multi-node Vertex AI training job (mocked) for its settings, console link and cancellation."""
 
 from __future__ import annotations
@@ -19,7 +20,16 @@ from google.protobuf import json_format
 from kfp.pipeline_spec import pipeline_spec_pb2
 
 import pipeline
+from components.image import CPU_IMAGE
 from demix.distributed import LaunchError, run_vertex_job
+from demix.errors import ConfigError
+from deploy.checks import (
+    KUBERNETES_ACCELERATORS,
+    check_accelerator,
+    check_bytes,
+    check_cpu,
+    vertex_accelerators,
+)
 from deploy.placement import parse_duration
 
 from .test_pipeline import offline_vertex_job
@@ -29,12 +39,18 @@ TRAINING = ("exec-train-model", "exec-train-model-2", "exec-train-final")
 EVALUATION = ("exec-evaluate-proxies", "exec-evaluate-proxies-2", "exec-evaluate-final")
 VALIDATE = "exec-validate-fidelity"
 CPU_TASKS = ("exec-resolve-config", "exec-plan-curation", "exec-curate-group", "exec-merge")
+# Tasks that hold models (the ephemeral volume's) and bookkeeping tasks (small files only).
+MODEL_TASKS = (*TRAINING, *EVALUATION, "exec-evaluate-proxies-3", VALIDATE, "exec-merge")
+BOOKKEEPING = (
+    *("exec-resolve-config", "exec-dataset-names", "exec-collect-models", "exec-predict"),
+    *("exec-predict-4", "exec-export-mixture", "exec-final-runs"),
+)
 KEY = "projects/p/locations/us-central1/keyRings/k/cryptoKeys/c"
 ACCOUNT = "trainer@p.iam.gserviceaccount.com"
 
 
 def _compile(out: Path, *flags: str) -> list[dict]:
-    assert pipeline.main(["compile", "--out", str(out), *flags]) == 0
+    assert pipeline.main(["compile", "--out", str(out), "--allow-local-images", *flags]) == 0
     docs = [d for d in yaml.safe_load_all(out.read_text()) if d]
     json_format.ParseDict(docs[0], pipeline_spec_pb2.PipelineSpec())  # still a PipelineSpec
     if len(docs) > 1:
@@ -146,10 +162,79 @@ def test_spot_selector_and_toleration_on_gpu_tasks(specs):
         assert "cloud.google.com/gke-spot" not in json.dumps(settings)
 
 
-def test_ephemeral_volume_at_gcs_with_the_storage_class_on_every_task(specs):
+GKE_H100 = {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
+NVIDIA_TAINT = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+GPU_TASKS = (*TRAINING, *EVALUATION, VALIDATE)
+
+
+def test_gpu_node_selector_and_tolerations_default_to_gkes_and_are_settable(specs, tmp_path):
+    for executor in GPU_TASKS:  # the default: GKE's H100 pools and the taint GKE puts on GPUs
+        settings = _kubernetes(specs["plain"])[executor]
+        assert settings["nodeSelector"]["labels"] == GKE_H100
+        assert settings["tolerations"] == [NVIDIA_TAINT]
+    docs = _compile(
+        tmp_path / "own.yaml",
+        *("--accelerator-type", "amd.com/gpu", "--timeout", "1h"),
+        *("--gpu-node-selector", "node.example.com/gpu=mi300x"),
+        *("--gpu-node-selector", "pool=training"),
+        *(
+            "--gpu-toleration",
+            "dedicated=ml:NoSchedule",
+            "--gpu-toleration",
+            "amd.com/gpu:NoExecute",
+        ),
+    )
+    platform, containers = _kubernetes(docs), _containers(docs)
+    gpu = {e for e, container in containers.items() if _gpus(container)}
+    assert gpu >= set(GPU_TASKS)
+    for executor in gpu:
+        assert platform[executor]["nodeSelector"]["labels"] == {
+            "node.example.com/gpu": "mi300x",
+            "pool": "training",
+        }
+        assert platform[executor]["tolerations"] == [
+            {"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"},
+            {"key": "amd.com/gpu", "operator": "Exists", "effect": "NoExecute"},
+        ]
+        assert containers[executor]["resources"]["accelerator"]["resourceType"] == "amd.com/gpu"
+    for executor in set(containers) - gpu:  # CPU tasks go anywhere
+        assert "nodeSelector" not in platform[executor] and "tolerations" not in platform[executor]
+
+    shorthand = _kubernetes(_compile(tmp_path / "l.yaml", "--gpu-node-label", "nvidia-l4"))
+    assert shorthand["exec-train-model"]["nodeSelector"]["labels"] == {
+        "cloud.google.com/gke-accelerator": "nvidia-l4"
+    }
+    assert shorthand["exec-train-model"]["tolerations"] == [NVIDIA_TAINT]
+    docs = _compile(
+        tmp_path / "none.yaml",
+        *("--gpu-node-selector", "none", "--gpu-toleration", "none", "--timeout", "1h"),
+    )
+    for executor, settings in _kubernetes(docs).items():
+        assert "nodeSelector" not in settings and "tolerations" not in settings, executor
+
+
+def test_compile_says_where_gpu_pods_would_stay_pending(tmp_path, capsys):
+    """The default selector is GKE's H100 pools: compile says so on standard error (Kubernetes
+    has no scheduling timeout a pipeline can set, so a pod no node fits waits)."""
+    _compile(tmp_path / "d.yaml")
+    (note,) = capsys.readouterr().err.splitlines()
+    assert note.startswith("pipeline.py: note: GPU tasks require nodes labelled ")
+    assert "cloud.google.com/gke-accelerator=nvidia-h100-80gb" in note
+    _compile(tmp_path / "s.yaml", "--gpu-node-selector", "pool=gpu")
+    _compile(tmp_path / "v.yaml", "--target", "vertex")
+    assert capsys.readouterr().err == ""
+
+
+def test_ephemeral_volume_at_gcs_with_the_storage_class_on_tasks_that_hold_models(specs):
     platform, containers = _kubernetes(specs["full"]), _containers(specs["full"])
-    assert set(platform) == set(containers)
-    for executor, settings in platform.items():
+    assert set(platform) == set(containers)  # every task has its timeout
+    held = {e for e, settings in platform.items() if "genericEphemeralVolume" in settings}
+    assert held == set(MODEL_TASKS)
+    assert not held & set(BOOKKEEPING)
+    for executor in sorted(set(containers) - held):
+        assert "DEMIX_CACHE" not in json.dumps(containers[executor].get("env", [])), executor
+    for executor in sorted(held):
+        settings = platform[executor]
         assert settings["genericEphemeralVolume"] == [
             {
                 "volumeName": "scratch",
@@ -321,6 +406,40 @@ def test_submit_refuses_other_job_settings_than_the_compiled_ones(specs, capsys)
         (["--target", "kubeflow", "--train-timeout", "0h"], "--train-timeout 0h: expected"),
         (["--target", "kubeflow", "--eval-accelerator-count", "0"], "at least 1"),
         (["--target", "kubeflow", "--parallelism", "-1"], "--parallelism -1: 0 or more"),
+        # images a cluster cannot pull
+        pytest.param(
+            [],
+            f"--image {CPU_IMAGE} (the default): an image under localhost/",
+            marks=pytest.mark.skipif(
+                not CPU_IMAGE.startswith("localhost/"), reason="DEMIX_IMAGE_REPO is set"
+            ),
+        ),
+        (["--image", "localhost/demix:1-cpu", "--image-cuda", "reg/demix:1"], "--image local"),
+        (["--image", "reg/demix:1", "--image-cuda", "localhost/d:1"], "--image-cuda localhost/"),
+        # Kubernetes quantities
+        (["--memory", "64GB"], "--memory 64GB: not a Kubernetes quantity; say 64G or 64Gi"),
+        (["--cpu", "abc"], "--cpu abc: not a Kubernetes CPU quantity; give cores (8, 0.5) or"),
+        (["--cpu-task-cpu", "0"], "--cpu-task-cpu 0: not a Kubernetes CPU quantity"),
+        (["--cpu-task-memory", "8gb"], "--cpu-task-memory 8gb: not a Kubernetes quantity; say 8G"),
+        (["--shm-size", "16GiB"], "--shm-size 16GiB: not a Kubernetes quantity; say 16G or 16Gi"),
+        (["--ephemeral-volume", "500"], "--ephemeral-volume 500 is less than 1Mi bytes"),
+        (["--memory", "1.5Gi"], "--memory 1.5Gi: not a Kubernetes quantity; give a whole number"),
+        # accelerator names of the other backend, or of none
+        (["--accelerator-type", "NVIDIA_H100_80GB"], "NVIDIA_H100_80GB is a Vertex AI accelerator"),
+        (["--accelerator-type", "h100"], "h100 is not a Kubernetes extended resource name"),
+        (["--accelerator-type", "kubernetes.io/gpu"], "is not a Kubernetes extended resource"),
+        (["--target", "vertex", "--accelerator-type", "nvidia.com/gpu"], "is a Kubernetes reso"),
+        (["--target", "vertex", "--accelerator-type", "NVIDIA_H100"], "not a Vertex AI accel"),
+        # GPU node selectors and tolerations
+        (["--gpu-node-selector", "pool"], "--gpu-node-selector pool: give KEY=VALUE"),
+        (["--gpu-node-selector", "a=b c"], "'b c' is not a Kubernetes label value"),
+        (["--gpu-node-selector", "Ex.com/x=y"], "'Ex.com/x' is not a Kubernetes label key"),
+        (["--gpu-node-selector", "none", "--gpu-node-selector", "a=b"], "none means no node"),
+        (["--gpu-node-label", "x", "--gpu-node-selector", "a=b"], "give --gpu-node-selector alone"),
+        (["--gpu-toleration", "k=v:Never"], "EFFECT one of NoSchedule, PreferNoSchedule, NoEx"),
+        (["--gpu-toleration", "dedicated"], "--gpu-toleration dedicated: give KEY=VALUE:EFFECT"),
+        (["--target", "vertex", "--gpu-node-selector", "a=b"], "--gpu-node-selector/--gpu-node"),
+        (["--target", "vertex", "--gpu-toleration", "k:NoSchedule"], "--gpu-toleration is a Kub"),
     ],
 )
 def test_compile_refuses_a_setting_the_target_cannot_apply(tmp_path, capsys, flags, expected):
@@ -328,6 +447,48 @@ def test_compile_refuses_a_setting_the_target_cannot_apply(tmp_path, capsys, fla
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and expected in err, err
     assert not (tmp_path / "x.yaml").exists()
+
+
+def test_accelerator_names_per_target():
+    """Vertex AI takes its AcceleratorType names (read from google-cloud-aiplatform), Kubeflow
+    the extended resource names device plugins advertise; each refuses the other's."""
+    vertex = vertex_accelerators()
+    assert {"NVIDIA_TESLA_T4", "NVIDIA_L4", "NVIDIA_TESLA_A100", "NVIDIA_A100_80GB"} <= set(vertex)
+    assert {"NVIDIA_H100_80GB", "NVIDIA_H100_MEGA_80GB", "NVIDIA_H200_141GB"} <= set(vertex)
+    assert {"NVIDIA_B200", "TPU_V5_LITEPOD"} <= set(vertex)
+    assert "ACCELERATOR_TYPE_UNSPECIFIED" not in vertex
+    for name in vertex:
+        assert check_accelerator("vertex", name) == name
+        with pytest.raises(ConfigError, match="is a Vertex AI accelerator name"):
+            check_accelerator("kubeflow", name)
+    for name in (*KUBERNETES_ACCELERATORS, "nvidia.com/mig-1g.10gb"):
+        assert check_accelerator("kubeflow", name) == name
+        with pytest.raises(ConfigError, match="is a Kubernetes resource name"):
+            check_accelerator("vertex", name)
+
+
+def test_kubernetes_quantities():
+    for text in ("8", "0.5", ".5", "500m", "96"):
+        assert check_cpu(text, "--cpu") == text
+    for text in ("abc", "0", "0m", "-1", "1.5m", "8 cores", ""):
+        with pytest.raises(ConfigError, match="not a Kubernetes CPU quantity"):
+            check_cpu(text, "--cpu")
+    for text in ("64G", "64Gi", "500Gi", "1Mi", "1048576", "2T", "1Ei"):
+        assert check_bytes(text, "--memory") == text
+    for text, said in {
+        "64GB": "say 64G or 64Gi",
+        "64gb": "say 64G or 64Gi",
+        "64gi": "say 64G or 64Gi",
+        "512KB": "say 512Ki",
+        "1.5Gi": "give a whole number",
+        "64": "less than 1Mi bytes",
+        "0Gi": "less than 1Mi bytes",
+        "-1Gi": "give a whole number",
+        "abc": "give a whole number",
+        "1k": "say 1Ki",
+    }.items():
+        with pytest.raises(ConfigError, match=said):
+            check_bytes(text, "--memory")
 
 
 def test_durations():

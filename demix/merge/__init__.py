@@ -16,6 +16,7 @@ __getattr__ = lazy_exports(
         "data_to_component": "demix.merge.weights",
         "make_method": "demix.merge.methods",
         "merge_to_disk": "demix.merge.disk",
+        "record_relative_delta_norm": "demix.merge.delta_stack",
         "relative_delta_norms": "demix.merge.delta_stack",
     },
 )
@@ -28,5 +29,6 @@ __all__ = [
     "merge_to_disk",
     "MergeMethod",
     "METHODS",
+    "record_relative_delta_norm",
     "relative_delta_norms",
 ]

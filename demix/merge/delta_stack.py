@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import weakref
 from contextlib import contextmanager
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from demix.checkpoint import TensorIndex
+from demix.checkpoint import MODEL_KIND, RELATIVE_DELTA_NORM, TensorIndex
 from demix.errors import ModelError
 from demix.merge.methods import MergeMethod, make_method
 from demix.merge.methods.base import DEFAULT_CHUNK
@@ -281,3 +282,24 @@ def relative_delta_norms(base: str | Path, components: list[str | Path]) -> list
             index.release(name)
         base_index.release(name)
     return np.sqrt(delta_sq / base_sq).tolist()
+
+
+def record_relative_delta_norm(model: str | Path, init: str | Path) -> float | None:
+    """Write the model's relative_delta_norms against `init` (every weight) into its manifest
+    as `relative_delta_norm`, so that a reader needs the manifest only, not the weights; return
+    it. Kept when already there. Under `accelerate launch` only the main process (RANK 0)
+    writes; the others return None.
+
+    Raises ModelError or DataError for an unreadable model or manifest.
+    """
+    from demix.storage import MANIFEST, atomic_write_json, read_manifest
+
+    if os.environ.get("RANK", "0") != "0":
+        return None
+    manifest = read_manifest(model, MODEL_KIND)
+    if manifest.get(RELATIVE_DELTA_NORM) is None:
+        fields = {k: v for k, v in manifest.items() if k != "files"}  # the file list last
+        fields[RELATIVE_DELTA_NORM] = relative_delta_norms(init, [model])[0]
+        manifest = {**fields, "files": manifest["files"]}
+        atomic_write_json(Path(model) / MANIFEST, manifest)
+    return manifest[RELATIVE_DELTA_NORM]

@@ -7,6 +7,7 @@ import logging
 import time
 from pathlib import Path
 
+from demix.checkpoint import read_model_manifest
 from demix.config import RunConfig
 from demix.data.shards import CuratedData
 from demix.mixtures import final_mixture, final_run_names, search_cap
@@ -93,8 +94,9 @@ def run(config: RunConfig, out: str | Path) -> dict:
         names = final_run_names(config.final.seeds)
         mixtures = {name: final_mixture(name, selection, data) for name in names}
         finals = train_finals(config, data, base, mixtures, out / "models")
+        manifests = {name: read_model_manifest(path) for name, path in components.items()}
         summary = evaluate_finals_stage(
-            config, data, base, components, finals, selection, out, evaluator
+            config, data, base, manifests, finals, selection, out, evaluator
         )
     wall = {"fetch": timed.timings["fetch"], "total": time.perf_counter() - started}
     return add_wall_times(out, summary, wall)

@@ -24,18 +24,23 @@ def stage_timings(
     data: CuratedData,
     selection: dict,
     base: Path,
-    components: dict[str, Path],
+    components: dict[str, dict],
     finals: dict[str, Path],
     final_eval_seconds: float,
 ) -> dict[str, float]:
-    """Seconds of work per stage, read from the artifacts."""
+    """Seconds of work per stage, read from the artifacts (`components`: their manifests)."""
     return {
         "curate": round(float(data.manifest.get("seconds", 0.0)), 1),
         "base": 0.0 if config.model.base else round(manifest_total([base], "seconds"), 1),
-        "components": round(manifest_total(components.values(), "seconds"), 1),
+        "components": round(_total(components.values(), "seconds"), 1),
         "search": round(sum(row.get("time_s", 0.0) for row in selection["history"]), 1),
         "final": round(manifest_total(finals.values(), "seconds") + final_eval_seconds, 1),
     }
+
+
+def _total(manifests, field: str) -> float:
+    """The sum of a numeric field over manifests (0 where it is missing), as manifest_total."""
+    return sum(manifest.get(field) or 0 for manifest in manifests)
 
 
 def final_entry(runs: list[dict]) -> dict:
@@ -65,11 +70,11 @@ def summarize(
     results: dict[str, list[dict]],
     verdict: dict[str, dict],
     base: Path,
-    components: dict[str, Path],
+    components: dict[str, dict],
     finals: dict[str, Path],
     timings: dict[str, float],
 ) -> dict:
-    """The run's summary.json contract.
+    """The run's summary.json contract (`components`: the component models' manifests).
 
     epochs: of each dataset's train tokens under the chosen mixture at train.final.tokens;
     max_epochs and epoch_weight_caps: search.max_epochs of each dataset and the weight it
@@ -100,7 +105,7 @@ def summarize(
         "search_method": config.search.method,
         "training_tokens": {
             "base": 0 if config.model.base else int(manifest_total([base], "tokens")),
-            "components": int(manifest_total(components.values(), "tokens")),
+            "components": int(_total(components.values(), "tokens")),
             "search_proxies": int(selection.get("proxy_training_tokens", 0)),
             "final": int(manifest_total(finals.values(), "tokens")),
         },

@@ -46,6 +46,26 @@ def fetch_artifact(uri: str | Path, kind: str | None = None, require_manifest: b
     return _download_artifact(str(uri), kind)
 
 
+def fetch_manifest(uri: str | Path, kind: str | None = None) -> dict:
+    """The manifest of the artifact `uri` (a local path or gs:// URI), read alone: no other
+    file of the artifact is fetched or verified (a reader that needs only its fields).
+
+    Raises DataError naming the artifact: no manifest, wrong kind, unknown scheme.
+    """
+    check_uri(uri)
+    if not is_remote(uri):
+        return read_manifest(Path(uri), kind)
+    from demix import gcs
+
+    bucket, key = split_gs(str(uri))
+    text = gcs.read_bytes(gcs.bucket(bucket), f"{key}/{MANIFEST}")
+    if text is None:
+        raise DataError(
+            f"{uri}: no {MANIFEST}; the artifact is missing or was not completely written"
+        )
+    return parse_manifest(text, f"{uri}/{MANIFEST}", kind)
+
+
 def _download_artifact(uri: str, kind: str | None) -> Path:
     from demix import gcs
 
