@@ -464,10 +464,12 @@ def _local_folder(uri: str) -> Path:
 
 @_writes(_recipe_out(RUN_KIND))
 def _cmd_run(args) -> None:
+    from demix.base_model import check_base_reachable
     from demix.recipes.run import run
     from demix.report import print_summary
 
     config = _config(args)
+    check_base_reachable(config.model.base)  # before the run folder is written
     out = _local_folder(args.out)
     summary = run(config, out)
     print_summary(summary, out)
@@ -512,7 +514,10 @@ def _cmd_export(args) -> None:
 
 
 def _cmd_validate_config(args) -> None:
+    from demix.base_model import check_base_reachable
+
     config = _config(args)
+    check_base_reachable(config.model.base)  # a hub id needs the hub where it runs
     print(
         f"{args.config}: valid ({len(config.data.datasets)} datasets, {len(config.evaluate.tasks)} tasks)"
     )

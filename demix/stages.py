@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from demix import evaluate, merge, search, train
+from demix.base_model import resolve_base, write_base_artifact
 from demix.checkpoint import MODEL_KIND, check_compatible, read_model_manifest
 from demix.config import RunConfig
 from demix.data.curate import curate, curate_group, input_files, merge_groups, plan_curation
@@ -71,10 +72,11 @@ def fetch_configured_demo(config: RunConfig) -> None:
 
 
 def base_model_dir(config: RunConfig) -> Path | None:
-    """The local folder of `model.base` (a gs:// URI is fetched and verified), or None."""
+    """The local folder of `model.base` (a gs:// folder or hub id fetched once, every form
+    verified once: demix.base_model), or None."""
     if not config.model.base:
         return None
-    return fetch_artifact(config.model.base, MODEL_KIND, require_manifest=False)
+    return resolve_base(config.model.base, config.model.trust_remote_code).folder
 
 
 def curation_fingerprint(config: RunConfig, tokenizer_dir: Path | None) -> str:
@@ -150,7 +152,8 @@ def train_stage(
     on_checkpoint: CheckpointHook = None,
     uri: str = "",
 ) -> Path:
-    """Train one model into `out` and return its folder (the base: `model.base` when set).
+    """Train one model into `out` and return its folder (the base: `model.base` when set,
+    copied into `out` as a model artifact when `out` is published, demix.base_model).
 
     role base: from a fresh model on the token prior; component: from `init` on its dataset
     `name`'s training mix; reference / final: from `init` on `mixture` (a name ending in
@@ -165,7 +168,10 @@ def train_stage(
     """
     if role not in train.ROLES:
         raise DemixError(f"training role {role!r} is not one of {list(train.ROLES)}")
-    if role == "base" and config.model.base:
+    if role == "base" and config.model.base:  # published (`uri`): a verified copy in `out`
+        if uri:
+            write_base_artifact(config.model.base, out, config.model.trust_remote_code)
+            return out
         return base_model_dir(config)
     if role != "base" and init is None:
         raise DemixError(f"role {role!r} trains from the base: give the base model as `init`")

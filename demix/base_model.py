@@ -1,0 +1,466 @@
+"""The user's own base model (`model.base`): a local folder, a gs:// folder or a hub id.
+
+A base is a Hugging Face causal-LM folder (config.json, *.safetensors, tokenizer files), with
+or without a demix manifest, given as one of three forms:
+
+    local   a folder on this machine (KFP's /gcs/ mount included): used where it is
+    gcs     gs://BUCKET/PATH: downloaded once into the cache (DEMIX_CACHE); a cached file is
+            reused while the object's generation and crc32c are those it was downloaded at
+    hub     ORG/NAME or ORG/NAME@REVISION: fetched with huggingface_hub when the hub is
+            reachable (HF_HUB_OFFLINE unset or 0), its resolved commit recorded
+
+`resolve_base` fetches and verifies a base once (weight headers by demix's own safetensors
+reader, config.json by AutoConfig, the tokenizer by AutoTokenizer; remote code never runs) and
+fingerprints it by content: sha256 of the files of a local copy (each file's hash cached by
+path, size and mtime, so a large base is hashed once per machine), or the generation and
+crc32c of each object of a gs:// folder from one listing (`base_fingerprint`, nothing
+downloaded). `write_base_artifact` writes a verified copy as a demix model artifact: how the
+base enters a pipeline as an artifact with its source, revision and fingerprint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from demix.errors import ConfigError, DataError, ModelError
+
+# The files of a model folder a base is made of (top level only): config, weights, tokenizer,
+# chat template. Pickle weights, ONNX, READMEs and subfolders are never fetched or copied;
+# *.py is kept for model.trust_remote_code, which stays off unless the user turns it on.
+BASE_FILES = ("*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "*.py")
+# Files demix writes into its artifacts: not part of the model (demix.storage).
+_DEMIX_FILES = ("manifest.json", "demix-output.json")
+_RECORD = ".demix-base.json"  # what a cached gs:// copy was downloaded from
+_HUB_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
+_HUB_ID = re.compile(rf"^({_HUB_PART})/({_HUB_PART})(?:@([A-Za-z0-9][A-Za-z0-9._/-]*))?$")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_TRUE = {"1", "ON", "YES", "TRUE"}
+
+
+def base_form(spec: str) -> str:
+    """'local', 'gcs' or 'hub': the form of a `model.base` value.
+
+    A relative path of two parts (`org/name`) is a hub id unless such a folder exists here:
+    write `./org/name` for a local folder of that shape.
+    Raises ConfigError (one line) for an empty value, surrounding blanks or control characters,
+    a scheme other than gs://, a gs:// URI without a valid bucket and path, or a hub id with an
+    empty or malformed revision.
+    """
+    from demix.storage import split_gs
+
+    where = f"model.base {spec!r}"
+    if not spec or spec != spec.strip() or not spec.isprintable():
+        raise ConfigError(f"{where}: give a folder, a gs:// URI or a hub id ORG/NAME[@REVISION]")
+    scheme = _SCHEME.match(spec)
+    if scheme:
+        if scheme.group(1) != "gs":
+            raise ConfigError(
+                f"{where}: unknown scheme {scheme.group(1)}://; give a local folder, /gcs/... "
+                "or gs://BUCKET/PATH of a Hugging Face model folder, or a hub id ORG/NAME"
+            )
+        try:
+            split_gs(spec)
+        except DataError as err:
+            raise ConfigError(f"model.base: {err}") from None
+        return "gcs"
+    if spec.startswith(("/", "./", "../", "~")) or Path(spec).exists():
+        return "local"
+    if _HUB_ID.match(spec):
+        return "hub"
+    if "@" in spec and spec.count("/") == 1:
+        raise ConfigError(
+            f"{where}: not a hub id; write ORG/NAME or ORG/NAME@REVISION (a branch, tag or "
+            "commit), or ./PATH for a local folder"
+        )
+    return "local"
+
+
+def hub_offline() -> bool:
+    """Whether the Hugging Face hub is switched off here (HF_HUB_OFFLINE, as huggingface_hub
+    reads it; the demix command sets it to 1 unless it is set)."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.strip().upper() in _TRUE
+
+
+def _offline_error(spec: str, why: str) -> ConfigError:
+    return ConfigError(
+        f"model.base {spec!r} is a Hugging Face hub id (no such folder here) but {why}: download the model where the "
+        f"hub is reachable (`hf download {spec.partition('@')[0]} --local-dir DIR`) and give "
+        "model.base as that folder or a gs:// URI of it (or run with HF_HUB_OFFLINE=0 where "
+        "the hub is reachable)"
+    )
+
+
+def check_base_reachable(spec: str | None) -> None:
+    """Refuse, before any work, a hub id as `model.base` while the hub is offline.
+
+    Raises ConfigError (one line, saying how to give a folder instead).
+    """
+    if spec and base_form(spec) == "hub" and hub_offline():
+        raise _offline_error(spec, "the hub is offline here (HF_HUB_OFFLINE=1)")
+
+
+@dataclass(frozen=True)
+class ResolvedBase:
+    """A base fetched and verified: its local folder and what it was resolved from."""
+
+    source: str  # model.base as given
+    form: str  # local | gcs | hub
+    folder: Path  # a local folder holding `files`
+    files: tuple[str, ...]  # the model's files (BASE_FILES) in `folder`, sorted
+    fingerprint: str  # by content: "sha256:..." (local, hub) or "gcs:..." (gs:// listing)
+    revision: str | None = None  # hub: the resolved commit
+    sha256: dict[str, str] = field(default_factory=dict)  # file -> sha256, where known
+
+    def record(self) -> dict:
+        """The base's lineage as model manifests and the summary record it."""
+        return {
+            "base_source": self.source,
+            "base_revision": self.revision,
+            "base_fingerprint": self.fingerprint,
+        }
+
+
+def is_base_file(rel: str) -> bool:
+    """Whether a top-level file name belongs to the model (BASE_FILES, no demix files)."""
+    return (
+        "/" not in rel
+        and not rel.startswith(".")
+        and rel not in _DEMIX_FILES
+        and any(fnmatch.fnmatchcase(rel, pattern) for pattern in BASE_FILES)
+    )
+
+
+def _digest(rows: list) -> str:
+    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+
+
+def _cache(*parts: str) -> Path:
+    from demix.storage import cache_dir
+
+    return cache_dir().joinpath("bases", *parts)
+
+
+# ---------------------------------------------------------------------------------- local
+
+
+def cached_sha256(path: Path) -> str:
+    """sha256 of a file, kept in the cache by path, size and mtime: hashed once per machine."""
+    from demix.storage import kept_json, sha256_file
+
+    path = Path(path).resolve()
+    stat = path.stat()
+    slot = _cache("sha256", hashlib.sha256(str(path).encode()).hexdigest() + ".json")
+    return kept_json(slot, f"{path}:{stat.st_size}:{stat.st_mtime_ns}", lambda: sha256_file(path))
+
+
+def _local_files(folder: Path) -> dict[str, str]:
+    """{file: sha256} of a local base folder's model files, checked against its demix manifest
+    when it has one.
+
+    Raises ModelError for a missing folder; DataError naming the file that does not match the
+    folder's manifest.
+    """
+    from demix.checkpoint import MODEL_KIND
+    from demix.storage import MANIFEST, read_manifest
+
+    if not folder.is_dir():
+        raise ModelError(f"{folder}: model.base folder does not exist")
+    hashes = {
+        p.name: cached_sha256(p)
+        for p in sorted(folder.iterdir())
+        if p.is_file() and is_base_file(p.name)
+    }
+    if (folder / MANIFEST).is_file():
+        manifest = read_manifest(folder, MODEL_KIND)
+        for rel, info in manifest["files"].items():
+            path = folder / rel
+            actual = hashes.get(rel) or (cached_sha256(path) if path.is_file() else None)
+            if actual != info["sha256"]:
+                raise DataError(
+                    f"{path}: does not match {folder / MANIFEST}; the artifact is corrupt, "
+                    "write it again"
+                )
+    return hashes
+
+
+def _content_fingerprint(folder: Path, hashes: dict[str, str]) -> str:
+    rows = [[rel, (folder / rel).stat().st_size, digest] for rel, digest in sorted(hashes.items())]
+    return "sha256:" + _digest(rows)
+
+
+# ---------------------------------------------------------------------------------- gs://
+
+
+def _listing(uri: str) -> tuple[object, str, dict[str, object]]:
+    """(bucket, key, {file: blob}) of the model files of a gs:// folder, from one listing.
+
+    Raises DataError for a missing bucket, or when the folder holds no model files.
+    """
+    from demix import gcs
+    from demix.storage import split_gs
+
+    bucket, key = split_gs(uri)
+    bkt = gcs.bucket(bucket)
+    blobs = gcs.list_blobs(bkt, f"{key}/")
+    files = {
+        name[len(key) + 1 :]: blob
+        for name, blob in blobs.items()
+        if is_base_file(name[len(key) + 1 :])
+    }
+    if not files:
+        raise DataError(
+            f"{uri}: no model files (config.json, *.safetensors, tokenizer) in the bucket; copy "
+            "the folder written by save_pretrained there"
+        )
+    return bkt, key, files
+
+
+def _gcs_fingerprint(files: dict[str, object]) -> str:
+    rows = [
+        [rel, int(blob.size), str(blob.crc32c), str(blob.generation)]
+        for rel, blob in sorted(files.items())
+    ]
+    return "gcs:" + _digest(rows)
+
+
+def _read_record(path: Path) -> dict:
+    """What the cached files of a gs:// base were downloaded from ({} when unreadable)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _fetch_gcs(bkt, key: str, files: dict[str, object]) -> Path:
+    """The cached local copy of a gs:// base: a file is downloaded only when its object's
+    generation or crc32c changed since it was cached (or the cached file was touched).
+
+    Raises DataError naming the object that never arrives intact.
+    """
+    from demix import gcs
+    from demix.storage import atomic_write_json
+
+    local = _cache("gcs", bkt.name, key)
+    local.mkdir(parents=True, exist_ok=True)
+    record_path = local / _RECORD
+    record = _read_record(record_path)
+    for rel, blob in sorted(files.items()):
+        dest = local / rel
+        remote = {"generation": str(blob.generation), "crc32c": str(blob.crc32c)}
+        kept = record.get(rel, {})
+        if dest.is_file() and kept == {
+            **remote,
+            "size": dest.stat().st_size,
+            "mtime_ns": dest.stat().st_mtime_ns,
+        }:
+            continue
+        size = int(blob.size)
+        gcs.download_file(
+            blob,
+            dest,
+            check=lambda path, size=size: (
+                None
+                if path.stat().st_size == size
+                else f"size {path.stat().st_size} != {size} listed by the bucket"
+            ),
+        )
+        stat = dest.stat()
+        record[rel] = {**remote, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        atomic_write_json(record_path, record)  # each file as it arrives: a rerun resumes
+    for stale in [p for p in local.iterdir() if p.is_file() and p.name != _RECORD]:
+        if stale.name not in files:  # the cache is demix's own: objects removed since
+            stale.unlink()
+            record.pop(stale.name, None)
+    atomic_write_json(record_path, record)
+    return local
+
+
+# ---------------------------------------------------------------------------------- hub
+
+
+def _fetch_hub(spec: str) -> tuple[Path, str]:
+    """(snapshot folder, resolved commit) of a hub id, downloaded into the cache once.
+
+    Raises ConfigError when the hub is offline or unreachable, or the model, revision or
+    access is refused by the hub.
+    """
+    repo, _, revision = spec.partition("@")
+    if hub_offline():
+        raise _offline_error(spec, "the hub is offline here (HF_HUB_OFFLINE=1)")
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    try:
+        folder = huggingface_hub.snapshot_download(
+            repo,
+            revision=revision or None,
+            cache_dir=_cache("hub"),
+            allow_patterns=list(BASE_FILES),
+            ignore_patterns=["*/*"],
+        )
+    except errors.GatedRepoError:
+        raise ConfigError(
+            f"model.base {spec!r}: the model is gated on the hub; accept its terms and log in "
+            "(`hf auth login` or HF_TOKEN)"
+        ) from None
+    except errors.RepositoryNotFoundError:
+        raise ConfigError(f"model.base {spec!r}: no such model on the hub (or no access)") from None
+    except errors.RevisionNotFoundError:
+        raise ConfigError(f"model.base {spec!r}: no revision {revision!r} of {repo}") from None
+    except Exception as err:  # noqa: BLE001 (connection, offline, HTTP: one line, not a traceback)
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise _offline_error(spec, f"the hub cannot be reached ({reason})") from None
+    folder = Path(folder)
+    commit = folder.name if _COMMIT.match(folder.name) else revision or "main"
+    return folder, commit
+
+
+# ---------------------------------------------------------------------------------- verify
+
+
+def verify_base(folder: Path, files: tuple[str, ...], trust_remote_code: bool = False) -> None:
+    """Check a base folder without loading its weights: every safetensors header (demix's own
+    reader), config.json through AutoConfig, the tokenizer through AutoTokenizer.
+
+    Raises ModelError naming the folder and what is wrong.
+    """
+    from demix.checkpoint import check_weight_files, read_hf_config
+    from demix.model import _quiet_transformers, load_tokenizer
+
+    if "config.json" not in files:
+        raise ModelError(f"{folder}: no config.json; expected a Hugging Face model folder")
+    check_weight_files(folder)
+    read_hf_config(folder)
+    from transformers import AutoConfig
+
+    _quiet_transformers()
+    try:
+        AutoConfig.from_pretrained(
+            folder, local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    except Exception as err:  # noqa: BLE001 (transformers raises ValueError, KeyError, OSError)
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ModelError(f"{folder}: config.json does not load ({reason})") from None
+    load_tokenizer(folder, trust_remote_code)
+
+
+def _verify_once(base: ResolvedBase, trust_remote_code: bool) -> None:
+    """verify_base, skipped when this machine verified the same content before."""
+    key = f"{base.fingerprint}:{trust_remote_code}"
+    mark = _cache("verified", hashlib.sha256(key.encode()).hexdigest())
+    if mark.is_file():
+        return
+    verify_base(base.folder, base.files, trust_remote_code)
+    from demix.storage import atomic_write_text
+
+    atomic_write_text(mark, key + "\n")
+
+
+# ---------------------------------------------------------------------------------- public
+
+
+def resolve_base(spec: str, trust_remote_code: bool = False) -> ResolvedBase:
+    """`model.base` fetched (gs://, hub) and verified once, with its content fingerprint.
+
+    Raises ConfigError for a malformed value or a hub id the hub cannot give; DataError for a
+    bucket or object that cannot be read, or a folder that does not match its manifest;
+    ModelError for a folder that is not a loadable Hugging Face model.
+    """
+    form = base_form(spec)
+    revision = None
+    if form == "gcs":
+        bkt, key, files = _listing(spec)
+        folder = _fetch_gcs(bkt, key, files)
+        base = ResolvedBase(spec, form, folder, tuple(sorted(files)), _gcs_fingerprint(files))
+    else:
+        if form == "hub":
+            folder, revision = _fetch_hub(spec)
+        else:
+            folder = Path(spec).expanduser()
+        hashes = _local_files(folder)
+        base = ResolvedBase(
+            spec,
+            form,
+            folder,
+            tuple(sorted(hashes)),
+            _content_fingerprint(folder, hashes),
+            revision,
+            hashes,
+        )
+    _verify_once(base, trust_remote_code)
+    return base
+
+
+def base_fingerprint(spec: str) -> str:
+    """The content fingerprint of `model.base` without downloading a gs:// base (one listing:
+    each object's generation and crc32c); a local folder by sha256 (cached per file), a hub id
+    by the sha256 of its fetched snapshot.
+
+    Raises ConfigError, DataError or ModelError as resolve_base does.
+    """
+    form = base_form(spec)
+    if form == "gcs":
+        return _gcs_fingerprint(_listing(spec)[2])
+    folder = _fetch_hub(spec)[0] if form == "hub" else Path(spec).expanduser()
+    return _content_fingerprint(folder, _local_files(folder))
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link where the source is demix's own cache (never changed in place), else a copy."""
+    from demix.storage import cache_dir
+
+    if src.resolve().is_relative_to(cache_dir().resolve()):
+        with contextlib.suppress(OSError):  # another file system, or no links (a FUSE mount)
+            os.link(src.resolve(), dst)
+            return
+    shutil.copyfile(src, dst)
+
+
+def write_base_artifact(spec: str, out: Path, trust_remote_code: bool = False) -> dict:
+    """Write `model.base`, fetched and verified, as a demix model artifact into `out`: its
+    model files and a manifest (role base) with its source, resolved revision and content
+    fingerprint. An artifact already there of the same base is kept; returns the manifest.
+
+    Raises what resolve_base raises; DataError when `out` holds what demix did not write.
+    """
+    from demix.checkpoint import MODEL_KIND, read_model_manifest
+    from demix.storage import MANIFEST, read_manifest, staged_dir
+
+    base = resolve_base(spec, trust_remote_code)
+    out = Path(out)
+    if (out / MANIFEST).is_file():
+        with contextlib.suppress(DataError):
+            kept = read_model_manifest(out)
+            if kept.get("base_fingerprint") == base.fingerprint:
+                read_manifest(out, MODEL_KIND, verify=True)
+                return kept
+    known = {
+        rel: {"size": (base.folder / rel).stat().st_size, "sha256": digest}
+        for rel, digest in base.sha256.items()
+    }
+    from demix.storage import write_manifest
+
+    with staged_dir(out) as tmp:
+        for rel in base.files:
+            _link_or_copy(base.folder / rel, tmp / rel)
+        manifest = write_manifest(
+            tmp,
+            MODEL_KIND,
+            known_files=known,
+            role="base",
+            name="base",
+            fingerprint=base.fingerprint,
+            **base.record(),
+        )
+    return manifest
