@@ -289,8 +289,12 @@ def _fetch_gcs(bkt, key: str, files: dict[str, object]) -> Path:
 # ---------------------------------------------------------------------------------- hub
 
 
+_HUB_FETCHED: dict[str, tuple[Path, str]] = {}  # per process: one hub request per hub id
+
+
 def _fetch_hub(spec: str) -> tuple[Path, str]:
-    """(snapshot folder, resolved commit) of a hub id, downloaded into the cache once.
+    """(snapshot folder, resolved commit) of a hub id, downloaded into the cache once (and
+    resolved once per process: a run uses one commit throughout).
 
     Raises ConfigError when the hub is offline or unreachable, or the model, revision or
     access is refused by the hub.
@@ -298,6 +302,8 @@ def _fetch_hub(spec: str) -> tuple[Path, str]:
     repo, _, revision = spec.partition("@")
     if hub_offline():
         raise _offline_error(spec, "the hub is offline here (HF_HUB_OFFLINE=1)")
+    if spec in _HUB_FETCHED and _HUB_FETCHED[spec][0].is_dir():
+        return _HUB_FETCHED[spec]
     import huggingface_hub
     from huggingface_hub import errors
 
@@ -323,6 +329,7 @@ def _fetch_hub(spec: str) -> tuple[Path, str]:
         raise _offline_error(spec, f"the hub cannot be reached ({reason})") from None
     folder = Path(folder)
     commit = folder.name if _COMMIT.match(folder.name) else revision or "main"
+    _HUB_FETCHED[spec] = (folder, commit)
     return folder, commit
 
 
@@ -464,3 +471,21 @@ def write_base_artifact(spec: str, out: Path, trust_remote_code: bool = False) -
             **base.record(),
         )
     return manifest
+
+
+def base_lineage(
+    spec: str | None, folder: Path | None, trust_remote_code: bool = False
+) -> dict | None:
+    """{"source", "revision", "fingerprint"} of `model.base` for the summary (None without
+    one): as the base artifact `folder` records them, else resolved here.
+
+    Raises what resolve_base raises.
+    """
+    from demix.checkpoint import read_model_manifest
+
+    if not spec:
+        return None
+    recorded = read_model_manifest(folder) if folder is not None else {}
+    if recorded.get("base_fingerprint") is None:
+        recorded = resolve_base(spec, trust_remote_code).record()
+    return {key: recorded.get(f"base_{key}") for key in ("source", "revision", "fingerprint")}
