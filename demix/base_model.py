@@ -5,15 +5,15 @@ or without a demix manifest, given as one of three forms:
 
     local   a folder on this machine (KFP's /gcs/ mount included): used where it is
     gcs     gs://BUCKET/PATH: downloaded once into the cache (DEMIX_CACHE); a cached file is
-            reused while the object's generation and crc32c are those it was downloaded at
+            reused while the object's crc32c and generation are those it was downloaded at
     hub     ORG/NAME or ORG/NAME@REVISION: fetched with huggingface_hub when the hub is
             reachable (HF_HUB_OFFLINE unset or 0), its resolved commit recorded
 
 `resolve_base` fetches and verifies a base once (weight headers by demix's own safetensors
 reader, config.json by AutoConfig, the tokenizer by AutoTokenizer; remote code never runs) and
 fingerprints it by content: sha256 of the files of a local copy (each file's hash cached by
-path, size and mtime, so a large base is hashed once per machine), or the generation and
-crc32c of each object of a gs:// folder from one listing (`base_fingerprint`, nothing
+path, size and mtime, so a large base is hashed once per machine), or the size and crc32c
+of each object of a gs:// folder from one listing (`base_fingerprint`, nothing
 downloaded). `write_base_artifact` writes a verified copy as a demix model artifact: how the
 base enters a pipeline as an artifact with its source, revision and fingerprint.
 """
@@ -44,6 +44,7 @@ _HUB_ID = re.compile(rf"^({_HUB_PART})/({_HUB_PART})(?:@([A-Za-z0-9][A-Za-z0-9._
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _TRUE = {"1", "ON", "YES", "TRUE"}
+_OFFLINE = "the hub is offline here (HF_HUB_OFFLINE=1; 0 lets demix use it where it is reachable)"
 
 
 def base_form(spec: str) -> str:
@@ -93,10 +94,10 @@ def hub_offline() -> bool:
 
 def _offline_error(spec: str, why: str) -> ConfigError:
     return ConfigError(
-        f"model.base {spec!r} is a Hugging Face hub id (no such folder here) but {why}: download the model where the "
-        f"hub is reachable (`hf download {spec.partition('@')[0]} --local-dir DIR`) and give "
-        "model.base as that folder or a gs:// URI of it (or run with HF_HUB_OFFLINE=0 where "
-        "the hub is reachable)"
+        f"model.base {spec!r} is a Hugging Face hub id (no such folder here) but {why}: "
+        f"download the model where the hub is reachable (`hf download "
+        f"{spec.partition('@')[0]} --local-dir DIR`) and give model.base as that folder or a "
+        "gs:// URI of it"
     )
 
 
@@ -106,7 +107,7 @@ def check_base_reachable(spec: str | None) -> None:
     Raises ConfigError (one line, saying how to give a folder instead).
     """
     if spec and base_form(spec) == "hub" and hub_offline():
-        raise _offline_error(spec, "the hub is offline here (HF_HUB_OFFLINE=1)")
+        raise _offline_error(spec, _OFFLINE)
 
 
 @dataclass(frozen=True)
@@ -226,11 +227,24 @@ def _listing(uri: str) -> tuple[object, str, dict[str, object]]:
 
 
 def _gcs_fingerprint(files: dict[str, object]) -> str:
-    rows = [
-        [rel, int(blob.size), str(blob.crc32c), str(blob.generation)]
-        for rel, blob in sorted(files.items())
-    ]
+    # Content only (size and crc32c, as demix.storage.remote_files lists data): an object's
+    # generation changes when the same bytes are uploaded again, and the listing in a KFP task
+    # was seen without it.
+    rows = [[rel, int(blob.size), str(blob.crc32c)] for rel, blob in sorted(files.items())]
     return "gcs:" + _digest(rows)
+
+
+def _same_object(kept: dict, blob, path: Path) -> bool:
+    """Whether the cached `path` was downloaded from this very object: the same crc32c and
+    generation (where the listing gives one), and the file not touched since."""
+    generation = None if blob.generation is None else str(blob.generation)
+    stat = path.stat()
+    return (
+        kept.get("crc32c") == str(blob.crc32c)
+        and (generation is None or kept.get("generation") in (None, generation))
+        and kept.get("size") == stat.st_size == int(blob.size)
+        and kept.get("mtime_ns") == stat.st_mtime_ns
+    )
 
 
 def _read_record(path: Path) -> dict:
@@ -257,13 +271,7 @@ def _fetch_gcs(bkt, key: str, files: dict[str, object]) -> Path:
     record = _read_record(record_path)
     for rel, blob in sorted(files.items()):
         dest = local / rel
-        remote = {"generation": str(blob.generation), "crc32c": str(blob.crc32c)}
-        kept = record.get(rel, {})
-        if dest.is_file() and kept == {
-            **remote,
-            "size": dest.stat().st_size,
-            "mtime_ns": dest.stat().st_mtime_ns,
-        }:
+        if dest.is_file() and _same_object(record.get(rel, {}), blob, dest):
             continue
         size = int(blob.size)
         gcs.download_file(
@@ -276,7 +284,13 @@ def _fetch_gcs(bkt, key: str, files: dict[str, object]) -> Path:
             ),
         )
         stat = dest.stat()
-        record[rel] = {**remote, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        generation = None if blob.generation is None else str(blob.generation)
+        record[rel] = {
+            "crc32c": str(blob.crc32c),
+            "generation": generation,
+            "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns,
+        }
         atomic_write_json(record_path, record)  # each file as it arrives: a rerun resumes
     for stale in [p for p in local.iterdir() if p.is_file() and p.name != _RECORD]:
         if stale.name not in files:  # the cache is demix's own: objects removed since
@@ -301,7 +315,7 @@ def _fetch_hub(spec: str) -> tuple[Path, str]:
     """
     repo, _, revision = spec.partition("@")
     if hub_offline():
-        raise _offline_error(spec, "the hub is offline here (HF_HUB_OFFLINE=1)")
+        raise _offline_error(spec, _OFFLINE)
     if spec in _HUB_FETCHED and _HUB_FETCHED[spec][0].is_dir():
         return _HUB_FETCHED[spec]
     import huggingface_hub
@@ -411,7 +425,7 @@ def resolve_base(spec: str, trust_remote_code: bool = False) -> ResolvedBase:
 
 def base_fingerprint(spec: str) -> str:
     """The content fingerprint of `model.base` without downloading a gs:// base (one listing:
-    each object's generation and crc32c); a local folder by sha256 (cached per file), a hub id
+    each object's size and crc32c); a local folder by sha256 (cached per file), a hub id
     by the sha256 of its fetched snapshot.
 
     Raises ConfigError, DataError or ModelError as resolve_base does.

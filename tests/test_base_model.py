@@ -184,7 +184,9 @@ def _upload_folder(folder: Path, bucket: str, prefix: str) -> None:
         gcs_io.upload_file(bkt, f"{prefix}/{path.name}", path)
 
 
-def test_a_plain_folder_in_the_bucket_is_a_base(plain_base, gcs, corpus_dir, counted_downloads):
+def test_a_plain_folder_in_the_bucket_is_a_base(
+    plain_base, gcs, tmp_path, corpus_dir, counted_downloads
+):
     """No manifest needed; the fingerprint comes from one listing (nothing downloaded); the
     base is downloaded once, and a second fetch downloads nothing."""
     from demix.stages import base_model_dir
@@ -204,12 +206,19 @@ def test_a_plain_folder_in_the_bucket_is_a_base(plain_base, gcs, corpus_dir, cou
     assert len(counted_downloads) == len(model_files)  # the second fetch downloaded nothing
     assert base_model.base_fingerprint(uri) == fingerprint
 
-    # a rewritten object is a new base: another fingerprint, and only that file fetched again
+    # the same bytes uploaded again are the same base: nothing fetched again
     bkt = gcs_io.bucket(gcs.bucket)
     gcs_io.upload_file(bkt, "models/tiny-llama/config.json", plain_base / "config.json")
-    assert base_model.base_fingerprint(uri) != fingerprint
+    assert base_model.base_fingerprint(uri) == fingerprint
     base_model_dir(config)
-    assert counted_downloads[len(model_files) :] == ["models/tiny-llama/config.json"]
+    assert len(counted_downloads) == len(model_files)
+    # other bytes are another base: another fingerprint, and only that file fetched again
+    changed = tmp_path / "generation_config.json"
+    changed.write_text((plain_base / "generation_config.json").read_text() + "\n")
+    gcs_io.upload_file(bkt, "models/tiny-llama/generation_config.json", changed)
+    assert base_model.base_fingerprint(uri) != fingerprint
+    assert (base_model_dir(config) / "generation_config.json").read_bytes() == changed.read_bytes()
+    assert counted_downloads[len(model_files) :] == ["models/tiny-llama/generation_config.json"]
 
 
 # ------------------------------------------------------------------------------ hub id
@@ -289,3 +298,47 @@ def test_a_local_pipeline_run_starts_from_a_plain_hf_base(plain_base, tmp_path, 
     dataset = next((tmp_path / "kfp" / "pipeline-root").rglob("curate-data/dataset"))
     tokenizer = json.loads(next(dataset.rglob("tokenizer.json")).read_text())
     assert tokenizer == json.loads((plain_base / "tokenizer.json").read_text())
+
+
+def test_under_launcher_semantics_the_bucket_base_enters_as_the_train_base_artifact(
+    plain_base, gcs, tmp_path, corpus_dir
+):
+    """Kubeflow's launcher: the `train base` task, in an empty folder, fetches the plain
+    gs:// base and publishes it verified as its Model; a component task, in another empty
+    folder, trains from that declared artifact alone (the base's shape and tokenizer)."""
+    import pipeline
+    from demix.config import config_yaml
+    from demix.data.curate import curate
+    from demix.storage import fetch_artifact
+
+    from .launcher import Launcher, Store, artifact
+
+    store = Store(gcs.bucket)
+    base_uri = f"gs://{gcs.bucket}/models/tiny-llama"
+    _upload_folder(plain_base, gcs.bucket, "models/tiny-llama")
+    config = parse_config(_config(base_uri, corpus_dir))
+    curate(config.data, tmp_path / "dataset", config.seed, tokenizer_dir=plain_base)
+    (tmp_path / "config.yaml").write_text(config_yaml(config))
+    data_uri, config_uri = f"{store.root}/inputs/dataset", f"{store.root}/inputs/config"
+    store.upload(tmp_path / "dataset", data_uri)
+    store.upload(tmp_path / "config.yaml", config_uri)
+    inputs = {"config": [artifact(config_uri)], "data": [artifact(data_uri, "system.Dataset")]}
+    package = pipeline.compile_pipeline("kubeflow", tmp_path / "kubeflow.yaml", rounds=2)
+    launcher = Launcher(package, store, tmp_path / "work")
+
+    params = {"role": "base", "name": "base", "processes": 1, "cluster": ""}
+    record = launcher.start("train-model", "comp-train-model", params, inputs).wait()
+    (model,) = record["artifacts"]["model"]
+    assert model["metadata"]["base_source"] == base_uri
+    assert model["metadata"]["base_fingerprint"] == base_model.base_fingerprint(base_uri)
+    params = {"role": "component", "name": "code", "processes": 1, "cluster": ""}
+    inputs["init"] = [artifact(model["uri"], "system.Model")]
+    record = launcher.start("train-component", "comp-train-model", params, inputs).wait()
+    component = fetch_artifact(record["artifacts"]["model"][0]["uri"], "demix.model")
+    base = fetch_artifact(model["uri"], "demix.model")
+    assert read_manifest(base, "demix.model")["role"] == "base"
+    expected = json.loads((plain_base / "config.json").read_text())
+    shape = json.loads((component / "config.json").read_text())
+    assert all(shape[k] == expected[k] for k in (*BASE_SHAPE, "intermediate_size", "vocab_size"))
+    vocab = json.loads((component / "tokenizer.json").read_text())["model"]["vocab"]
+    assert vocab == json.loads((plain_base / "tokenizer.json").read_text())["model"]["vocab"]
