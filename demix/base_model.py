@@ -30,7 +30,20 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from demix.base_hub import OFFLINE, fetch_hub, hub_offline, offline_error
 from demix.errors import ConfigError, DataError, ModelError
+
+__all__ = [
+    "BASE_FILES",
+    "ResolvedBase",
+    "base_fingerprint",
+    "base_form",
+    "base_lineage",
+    "check_base_reachable",
+    "hub_offline",
+    "resolve_base",
+    "write_base_artifact",
+]
 
 # The files of a model folder a base is made of (top level only): config, weights, tokenizer,
 # chat template. Pickle weights, ONNX, READMEs and subfolders are never fetched or copied;
@@ -42,9 +55,6 @@ _RECORD = ".demix-base.json"  # what a cached gs:// copy was downloaded from
 _HUB_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
 _HUB_ID = re.compile(rf"^({_HUB_PART})/({_HUB_PART})(?:@([A-Za-z0-9][A-Za-z0-9._/-]*))?$")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
-_TRUE = {"1", "ON", "YES", "TRUE"}
-_OFFLINE = "the hub is offline here (HF_HUB_OFFLINE=1; 0 lets demix use it where it is reachable)"
 
 
 def base_form(spec: str) -> str:
@@ -71,7 +81,7 @@ def base_form(spec: str) -> str:
         try:
             split_gs(spec)
         except DataError as err:
-            raise ConfigError(f"model.base: {err}") from None
+            raise ConfigError(f"model.base {err}") from None
         return "gcs"
     if spec.startswith(("/", "./", "../", "~")) or Path(spec).exists():
         return "local"
@@ -85,29 +95,13 @@ def base_form(spec: str) -> str:
     return "local"
 
 
-def hub_offline() -> bool:
-    """Whether the Hugging Face hub is switched off here (HF_HUB_OFFLINE, as huggingface_hub
-    reads it; the demix command sets it to 1 unless it is set)."""
-    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return value.strip().upper() in _TRUE
-
-
-def _offline_error(spec: str, why: str) -> ConfigError:
-    return ConfigError(
-        f"model.base {spec!r} is a Hugging Face hub id (no such folder here) but {why}: "
-        f"download the model where the hub is reachable (`hf download "
-        f"{spec.partition('@')[0]} --local-dir DIR`) and give model.base as that folder or a "
-        "gs:// URI of it"
-    )
-
-
 def check_base_reachable(spec: str | None) -> None:
     """Refuse, before any work, a hub id as `model.base` while the hub is offline.
 
     Raises ConfigError (one line, saying how to give a folder instead).
     """
     if spec and base_form(spec) == "hub" and hub_offline():
-        raise _offline_error(spec, _OFFLINE)
+        raise offline_error(spec, OFFLINE)
 
 
 @dataclass(frozen=True)
@@ -300,53 +294,6 @@ def _fetch_gcs(bkt, key: str, files: dict[str, object]) -> Path:
     return local
 
 
-# ---------------------------------------------------------------------------------- hub
-
-
-_HUB_FETCHED: dict[str, tuple[Path, str]] = {}  # per process: one hub request per hub id
-
-
-def _fetch_hub(spec: str) -> tuple[Path, str]:
-    """(snapshot folder, resolved commit) of a hub id, downloaded into the cache once (and
-    resolved once per process: a run uses one commit throughout).
-
-    Raises ConfigError when the hub is offline or unreachable, or the model, revision or
-    access is refused by the hub.
-    """
-    repo, _, revision = spec.partition("@")
-    if hub_offline():
-        raise _offline_error(spec, _OFFLINE)
-    if spec in _HUB_FETCHED and _HUB_FETCHED[spec][0].is_dir():
-        return _HUB_FETCHED[spec]
-    import huggingface_hub
-    from huggingface_hub import errors
-
-    try:
-        folder = huggingface_hub.snapshot_download(
-            repo,
-            revision=revision or None,
-            cache_dir=_cache("hub"),
-            allow_patterns=list(BASE_FILES),
-            ignore_patterns=["*/*"],
-        )
-    except errors.GatedRepoError:
-        raise ConfigError(
-            f"model.base {spec!r}: the model is gated on the hub; accept its terms and log in "
-            "(`hf auth login` or HF_TOKEN)"
-        ) from None
-    except errors.RepositoryNotFoundError:
-        raise ConfigError(f"model.base {spec!r}: no such model on the hub (or no access)") from None
-    except errors.RevisionNotFoundError:
-        raise ConfigError(f"model.base {spec!r}: no revision {revision!r} of {repo}") from None
-    except Exception as err:  # noqa: BLE001 (connection, offline, HTTP: one line, not a traceback)
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-        raise _offline_error(spec, f"the hub cannot be reached ({reason})") from None
-    folder = Path(folder)
-    commit = folder.name if _COMMIT.match(folder.name) else revision or "main"
-    _HUB_FETCHED[spec] = (folder, commit)
-    return folder, commit
-
-
 # ---------------------------------------------------------------------------------- verify
 
 
@@ -406,7 +353,7 @@ def resolve_base(spec: str, trust_remote_code: bool = False) -> ResolvedBase:
         base = ResolvedBase(spec, form, folder, tuple(sorted(files)), _gcs_fingerprint(files))
     else:
         if form == "hub":
-            folder, revision = _fetch_hub(spec)
+            folder, revision = fetch_hub(spec, _cache("hub"), BASE_FILES)
         else:
             folder = Path(spec).expanduser()
         hashes = _local_files(folder)
@@ -433,7 +380,9 @@ def base_fingerprint(spec: str) -> str:
     form = base_form(spec)
     if form == "gcs":
         return _gcs_fingerprint(_listing(spec)[2])
-    folder = _fetch_hub(spec)[0] if form == "hub" else Path(spec).expanduser()
+    folder = (
+        fetch_hub(spec, _cache("hub"), BASE_FILES)[0] if form == "hub" else Path(spec).expanduser()
+    )
     return _content_fingerprint(folder, _local_files(folder))
 
 

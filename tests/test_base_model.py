@@ -342,3 +342,20 @@ def test_under_launcher_semantics_the_bucket_base_enters_as_the_train_base_artif
     assert all(shape[k] == expected[k] for k in (*BASE_SHAPE, "intermediate_size", "vocab_size"))
     vocab = json.loads((component / "tokenizer.json").read_text())["model"]["vocab"]
     assert vocab == json.loads((plain_base / "tokenizer.json").read_text())["model"]["vocab"]
+
+
+def test_an_unreachable_hub_is_refused_in_one_line(tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE=0 but no connection: one line saying to give a folder or gs:// URI."""
+    import huggingface_hub
+
+    def snapshot_download(repo_id, **kwargs):
+        raise OSError("[Errno 101] Network is unreachable\nmore lines of traceback")
+
+    monkeypatch.setenv("DEMIX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    with pytest.raises(ConfigError) as err:
+        base_model.resolve_base("org/unreachable")
+    message = str(err.value)
+    assert "\n" not in message and "cannot be reached (" in message
+    assert "Network is unreachable" in message and "folder or a gs:// URI" in message
