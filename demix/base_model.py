@@ -39,6 +39,7 @@ __all__ = [
     "base_fingerprint",
     "base_form",
     "base_lineage",
+    "base_tokenizer_dir",
     "check_base_reachable",
     "hub_offline",
     "resolve_base",
@@ -250,9 +251,10 @@ def _read_record(path: Path) -> dict:
     return record if isinstance(record, dict) else {}
 
 
-def _fetch_gcs(bkt, key: str, files: dict[str, object]) -> Path:
-    """The cached local copy of a gs:// base: a file is downloaded only when its object's
-    generation or crc32c changed since it was cached (or the cached file was touched).
+def _fetch_gcs(bkt, key: str, files: dict[str, object], weights: bool = True) -> Path:
+    """The cached local copy of a gs:// base (without weights: its config and tokenizer): a
+    file is downloaded only when its object's generation or crc32c changed since it was cached
+    (or the cached file was touched).
 
     Raises DataError naming the object that never arrives intact.
     """
@@ -265,6 +267,8 @@ def _fetch_gcs(bkt, key: str, files: dict[str, object]) -> Path:
     record = _read_record(record_path)
     for rel, blob in sorted(files.items()):
         dest = local / rel
+        if not weights and rel.endswith(".safetensors"):
+            continue
         if dest.is_file() and _same_object(record.get(rel, {}), blob, dest):
             continue
         size = int(blob.size)
@@ -368,6 +372,21 @@ def resolve_base(spec: str, trust_remote_code: bool = False) -> ResolvedBase:
         )
     _verify_once(base, trust_remote_code)
     return base
+
+
+def base_tokenizer_dir(spec: str | None, trust_remote_code: bool = False) -> Path | None:
+    """A local folder holding `model.base`'s tokenizer, for curation (None without a base): a
+    gs:// base without its weights (they stay in the bucket until training needs them); the
+    other forms resolved.
+
+    Raises what resolve_base raises.
+    """
+    if not spec:
+        return None
+    if base_form(spec) != "gcs":
+        return resolve_base(spec, trust_remote_code).folder
+    bkt, key, files = _listing(spec)
+    return _fetch_gcs(bkt, key, files, weights=False)
 
 
 def base_fingerprint(spec: str) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from demix import evaluate, merge, search, train
-from demix.base_model import resolve_base, write_base_artifact
+from demix.base_model import base_tokenizer_dir, resolve_base, write_base_artifact
 from demix.checkpoint import MODEL_KIND, check_compatible, read_model_manifest
 from demix.config import RunConfig
 from demix.data.curate import curate, curate_group, input_files, merge_groups, plan_curation
@@ -108,7 +108,7 @@ def curate_stage(config: RunConfig, out: Path) -> CuratedData:
     Dataset paths and `model.base` may be gs:// URIs (each file fetched when it is read).
     """
     fetch_configured_demo(config)
-    tokenizer_dir = base_model_dir(config)
+    tokenizer_dir = base_tokenizer_dir(config.model.base, config.model.trust_remote_code)
     fp = curation_fingerprint(config, tokenizer_dir)
     if (out / "manifest.json").is_file() and CuratedData(out).manifest.get("fingerprint") == fp:
         return CuratedData(out)
@@ -119,7 +119,7 @@ def curate_stage(config: RunConfig, out: Path) -> CuratedData:
 def plan_curation_stage(config: RunConfig, out: Path) -> list[int]:
     """Curation's plan (input files in groups, the tokenizer) into `out`; returns the group ids."""
     fetch_configured_demo(config)
-    tokenizer_dir = base_model_dir(config)
+    tokenizer_dir = base_tokenizer_dir(config.model.base, config.model.trust_remote_code)
     fp = curation_fingerprint(config, tokenizer_dir)
     plan = plan_curation(config.data, out, config.seed, tokenizer_dir, fingerprint=fp)
     return list(range(len(plan["groups"])))

@@ -189,6 +189,7 @@ def test_a_plain_folder_in_the_bucket_is_a_base(
 ):
     """No manifest needed; the fingerprint comes from one listing (nothing downloaded); the
     base is downloaded once, and a second fetch downloads nothing."""
+    from demix.data.tokenizer import load_base_tokenizer
     from demix.stages import base_model_dir
 
     _upload_folder(plain_base, gcs.bucket, "models/tiny-llama")
@@ -198,9 +199,14 @@ def test_a_plain_folder_in_the_bucket_is_a_base(
 
     fingerprint = base_model.base_fingerprint(uri)
     assert fingerprint.startswith("gcs:") and counted_downloads == []
+    # curation needs the tokenizer only: the weights stay in the bucket
+    tokenizer = base_model.base_tokenizer_dir(uri)
+    assert load_base_tokenizer(tokenizer).eos_token == "<|endoftext|>"
+    assert "models/tiny-llama/model.safetensors" not in counted_downloads
     folder = base_model_dir(config)
+    assert folder == tokenizer
     model_files = sorted(p.name for p in plain_base.iterdir() if p.name != "README.md")
-    assert sorted(Path(name).name for name in counted_downloads) == model_files
+    assert sorted(Path(name).name for name in counted_downloads) == model_files  # each once
     assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == model_files
     assert base_model_dir(config) == folder
     assert len(counted_downloads) == len(model_files)  # the second fetch downloaded nothing
