@@ -287,6 +287,13 @@ def test_a_local_pipeline_run_starts_from_a_plain_hf_base(plain_base, tmp_path, 
     summary = pipeline.run_local(config, tmp_path / "kfp", num_eval_workers=1)
     assert set(summary["final"]) == {"chosen", "uniform", "token_prior"}
     assert summary["training_tokens"]["base"] == 0
+    fingerprint = base_model.base_fingerprint(str(plain_base))
+    assert summary["base_model"] == {
+        "source": str(plain_base),
+        "revision": None,
+        "fingerprint": fingerprint,
+    }
+    assert fingerprint in (tmp_path / "kfp" / "report.html").read_text()
     models = {}
     for manifest in (tmp_path / "kfp" / "pipeline-root").rglob(f"model/{MANIFEST}"):
         found = json.loads(manifest.read_text())
