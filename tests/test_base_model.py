@@ -107,7 +107,7 @@ def test_the_config_classifies_the_base(tmp_path, corpus_dir, value, form):
         ("", "give a folder, a gs:// URI or a hub id"),
         (" Qwen/Qwen2.5-0.5B", "give a folder, a gs:// URI or a hub id"),
         ("s3://bucket/model", "unknown scheme s3://"),
-        ("https://huggingface.co/Qwen/Qwen2.5-0.5B", "unknown scheme https://"),
+        ("https://models.example/org/name", "unknown scheme https://"),
         ("gs://", "no bucket name"),
         ("gs://Bad_Bucket/model", "not a valid bucket name"),
         ("gs://my-bucket", "give a path inside the bucket"),
