@@ -42,6 +42,7 @@ __all__ = [
     "base_tokenizer_dir",
     "check_base_reachable",
     "hub_offline",
+    "model_folder",
     "resolve_base",
     "write_base_artifact",
 ]
@@ -387,6 +388,23 @@ def base_tokenizer_dir(spec: str | None, trust_remote_code: bool = False) -> Pat
         return resolve_base(spec, trust_remote_code).folder
     bkt, key, files = _listing(spec)
     return _fetch_gcs(bkt, key, files, weights=False)
+
+
+def model_folder(uri: str | Path) -> Path:
+    """A model folder named on the command line (--init, --base): a demix artifact verified
+    against its manifest, or a plain Hugging Face folder in a bucket fetched as a base.
+
+    Raises DataError or ModelError naming the folder or object at fault.
+    """
+    from demix import gcs
+    from demix.checkpoint import MODEL_KIND
+    from demix.storage import MANIFEST, fetch_artifact, is_remote, split_gs
+
+    if is_remote(uri):
+        bucket, key = split_gs(str(uri))
+        if gcs.read_bytes(gcs.bucket(bucket), f"{key}/{MANIFEST}") is None:
+            return resolve_base(str(uri)).folder
+    return fetch_artifact(uri, MODEL_KIND, require_manifest=False)
 
 
 def base_fingerprint(spec: str) -> str:

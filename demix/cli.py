@@ -176,11 +176,11 @@ def _dataset(uri: str):
 
 
 def _model(uri: str) -> Path:
-    """A model folder at a local path or gs:// URI; a demix manifest, when present, is verified."""
-    from demix.checkpoint import MODEL_KIND
-    from demix.storage import fetch_artifact
+    """A model folder at a local path or gs:// URI; a demix manifest, when present, is verified
+    (a plain Hugging Face folder in a bucket is fetched as a base: demix.base_model)."""
+    from demix.base_model import model_folder
 
-    return fetch_artifact(uri, MODEL_KIND, require_manifest=False)
+    return model_folder(uri)
 
 
 def _writes(outputs):

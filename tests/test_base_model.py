@@ -212,6 +212,7 @@ def test_a_plain_folder_in_the_bucket_is_a_base(
     assert len(counted_downloads) == len(model_files)  # the second fetch downloaded nothing
     assert base_model.base_fingerprint(uri) == fingerprint
 
+    assert base_model.model_folder(uri) == folder  # `demix merge --base gs://...` too
     # the same bytes uploaded again are the same base: nothing fetched again
     bkt = gcs_io.bucket(gcs.bucket)
     gcs_io.upload_file(bkt, "models/tiny-llama/config.json", plain_base / "config.json")
