@@ -20,6 +20,9 @@ def train_model(
 ):
     """Train the base (role "base") or the component of dataset `name` (role "component").
 
+    With model.base set, role "base" writes that model, fetched and verified, into `model`
+    (its source, revision and content fingerprint in the manifest and the metadata).
+
     `processes` > 1: under accelerate launch, one process per GPU; `cluster`: on the machines
     of a Vertex AI custom job (see demix.stages.launch_train). Checkpoints go to
     `<model.uri>.ckpt` in the bucket as they are written; a rerun resumes from there.
@@ -55,6 +58,8 @@ def train_model(
     model.metadata.update(
         {k: manifest.get(k) for k in ("role", "name", "tokens", "final_loss", "seconds")}
     )
+    lineage = ("base_source", "base_revision", "base_fingerprint")  # model.base, when given
+    model.metadata.update({k: manifest[k] for k in lineage if manifest.get(k) is not None})
     for key in ("final_loss", "tokens", "tokens_per_s"):  # none for a foreign base model
         if manifest.get(key) is not None:
             metrics.log_metric(key, manifest[key])

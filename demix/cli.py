@@ -176,11 +176,11 @@ def _dataset(uri: str):
 
 
 def _model(uri: str) -> Path:
-    """A model folder at a local path or gs:// URI; a demix manifest, when present, is verified."""
-    from demix.checkpoint import MODEL_KIND
-    from demix.storage import fetch_artifact
+    """A model folder at a local path or gs:// URI; a demix manifest, when present, is verified
+    (a plain Hugging Face folder in a bucket is fetched as a base: demix.base_model)."""
+    from demix.base_model import model_folder
 
-    return fetch_artifact(uri, MODEL_KIND, require_manifest=False)
+    return model_folder(uri)
 
 
 def _writes(outputs):
@@ -489,10 +489,12 @@ def _local_folder(uri: str) -> Path:
 
 @_writes(_recipe_out(RUN_KIND))
 def _cmd_run(args) -> None:
+    from demix.base_model import check_base_reachable
     from demix.recipes.run import run
     from demix.report import print_summary
 
     config = _config(args)
+    check_base_reachable(config.model.base)  # before the run folder is written
     out = _local_folder(args.out)
     summary = run(config, out)
     print_summary(summary, out)
@@ -537,7 +539,10 @@ def _cmd_export(args) -> None:
 
 
 def _cmd_validate_config(args) -> None:
+    from demix.base_model import check_base_reachable
+
     config = _config(args)
+    check_base_reachable(config.model.base)  # a hub id needs the hub where it runs
     print(
         f"{args.config}: valid ({len(config.data.datasets)} datasets, {len(config.evaluate.tasks)} tasks)"
     )

@@ -172,12 +172,32 @@ class ArchitectureConfig(Strict):
 
 
 class ModelConfig(Strict):
-    """Base model: an HF causal-LM folder (safetensors), or None to pretrain a tiny one."""
+    """Base model: an HF causal-LM folder (safetensors) given as a local folder, a gs:// URI or
+    a hub id ORG/NAME[@REVISION] (demix.base_model), or None to pretrain a tiny one."""
 
     base: str | None = None
     architecture: ArchitectureConfig = ArchitectureConfig()
     trust_remote_code: bool = False
     attn_implementation: str | None = "eager"
+
+    @field_validator("base")
+    @classmethod
+    def _base_form(cls, value: str | None) -> str | None:
+        from demix.base_model import base_form
+
+        if value is not None:
+            try:
+                base_form(value)
+            except ConfigError as err:
+                raise ValueError(str(err).removeprefix("model.base ")) from None
+        return value
+
+    @property
+    def base_form(self) -> str | None:
+        """'local', 'gcs' or 'hub' (demix.base_model.base_form); None without a base."""
+        from demix.base_model import base_form
+
+        return base_form(self.base) if self.base is not None else None
 
 
 class StageTraining(Strict):

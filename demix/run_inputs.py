@@ -107,24 +107,16 @@ def data_fingerprint(config: RunConfig) -> str:
 
 
 def base_fingerprint(config: RunConfig) -> str:
-    """A hash of `model.base`'s content ("" when the run trains its own base): gs:// objects by
-    a listing's generation and crc32c, local files by sha256, a hub id by its name and revision.
+    """The content fingerprint of `model.base` ("" when the run trains its own base):
+    demix.base_model.base_fingerprint (gs:// from one listing, nothing downloaded).
 
-    Raises DataError when a gs:// base cannot be listed or lists nothing.
+    Raises ConfigError, DataError or ModelError when the base cannot be listed or read.
     """
-    base = config.model.base
-    if not base:
+    if not config.model.base:
         return ""
-    h = hashlib.sha256()
-    if is_remote(base):
-        for name, generation, crc32c, size in remote_listing(base.rstrip("/")):
-            h.update(f"{name}:{generation}:{crc32c}:{size}\n".encode())
-    elif Path(base).is_dir():
-        for path in sorted(p for p in Path(base).rglob("*") if p.is_file()):
-            h.update(f"{path.relative_to(base)}:{sha256_file(path)}\n".encode())
-    else:  # a hub id (org/name[@revision]): resolved where it is downloaded
-        h.update(f"hub:{base}\n".encode())
-    return h.hexdigest()[:16]
+    from demix.base_model import base_fingerprint as content_fingerprint
+
+    return content_fingerprint(config.model.base)
 
 
 def remote_listing(uri: str) -> list[tuple[str, int, str, int]]:

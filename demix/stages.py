@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from demix import evaluate, merge, search, train
+from demix.base_model import base_tokenizer_dir, resolve_base, write_base_artifact
 from demix.checkpoint import (
     MODEL_KIND,
     RELATIVE_DELTA_NORM,
@@ -77,10 +78,11 @@ def fetch_configured_demo(config: RunConfig) -> None:
 
 
 def base_model_dir(config: RunConfig) -> Path | None:
-    """The local folder of `model.base` (a gs:// URI is fetched and verified), or None."""
+    """The local folder of `model.base` (a gs:// folder or hub id fetched once, every form
+    verified once: demix.base_model), or None."""
     if not config.model.base:
         return None
-    return fetch_artifact(config.model.base, MODEL_KIND, require_manifest=False)
+    return resolve_base(config.model.base, config.model.trust_remote_code).folder
 
 
 def curation_fingerprint(config: RunConfig, tokenizer_dir: Path | None) -> str:
@@ -112,7 +114,7 @@ def curate_stage(config: RunConfig, out: Path) -> CuratedData:
     Dataset paths and `model.base` may be gs:// URIs (each file fetched when it is read).
     """
     fetch_configured_demo(config)
-    tokenizer_dir = base_model_dir(config)
+    tokenizer_dir = base_tokenizer_dir(config.model.base, config.model.trust_remote_code)
     fp = curation_fingerprint(config, tokenizer_dir)
     if (out / "manifest.json").is_file() and CuratedData(out).manifest.get("fingerprint") == fp:
         return CuratedData(out)
@@ -123,7 +125,7 @@ def curate_stage(config: RunConfig, out: Path) -> CuratedData:
 def plan_curation_stage(config: RunConfig, out: Path) -> list[int]:
     """Curation's plan (input files in groups, the tokenizer) into `out`; returns the group ids."""
     fetch_configured_demo(config)
-    tokenizer_dir = base_model_dir(config)
+    tokenizer_dir = base_tokenizer_dir(config.model.base, config.model.trust_remote_code)
     fp = curation_fingerprint(config, tokenizer_dir)
     plan = plan_curation(config.data, out, config.seed, tokenizer_dir, fingerprint=fp)
     return list(range(len(plan["groups"])))
@@ -157,7 +159,8 @@ def train_stage(
     uri: str = "",
     jobs_root: str = "",
 ) -> Path:
-    """Train one model into `out` and return its folder (the base: `model.base` when set).
+    """Train one model into `out` and return its folder (the base: `model.base` when set,
+    copied into `out` as a model artifact when `out` is published, demix.base_model).
 
     role base: from a fresh model on the token prior; component: from `init` on its dataset
     `name`'s training mix; reference / final: from `init` on `mixture` (a name ending in
@@ -175,7 +178,10 @@ def train_stage(
     """
     if role not in train.ROLES:
         raise DemixError(f"training role {role!r} is not one of {list(train.ROLES)}")
-    if role == "base" and config.model.base:
+    if role == "base" and config.model.base:  # published (`uri`): a verified copy in `out`
+        if uri:
+            write_base_artifact(config.model.base, out, config.model.trust_remote_code)
+            return out
         return base_model_dir(config)
     if role != "base" and init is None:
         raise DemixError(f"role {role!r} trains from the base: give the base model as `init`")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from html import escape
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,17 @@ def _epoch_cap(summary: dict, name: str) -> str:
     return f"{epochs:g} ({summary['epoch_weight_caps'][name]:.4f})"
 
 
+def _base_note(base: dict | None) -> str:
+    """Where the run's base model came from (model.base), or that it was trained."""
+    if not base:
+        return "<p>Base model: trained by this run (train.base).</p>"
+    revision = f" at revision {escape(base['revision'])}" if base.get("revision") else ""
+    return (
+        f"<p>Base model: {escape(base['source'])}{revision}, content fingerprint "
+        f"<code>{escape(base['fingerprint'])}</code>.</p>"
+    )
+
+
 def write_report(out: Path, summary: dict, found: dict, config: RunConfig) -> Path:
     """Write report.html (plots embedded) into the run folder; return its path."""
     names = summary["datasets"]
@@ -155,6 +167,7 @@ def write_report(out: Path, summary: dict, found: dict, config: RunConfig) -> Pa
         "<h1>DeMix run report</h1>",
         f"<p>{summary['proxies_evaluated']} {proxies} proxies evaluated in {summary['search_rounds']} rounds; "
         f"predictor cross-validated Spearman {summary['predictor_spearman']}.</p>",
+        _base_note(summary.get("base_model")),
         "<h2>Chosen mixture</h2>",
         table(
             [

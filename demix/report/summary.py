@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from demix.base_model import base_lineage
 from demix.checkpoint import manifest_total
 from demix.config import RunConfig
 from demix.data.shards import CuratedData
@@ -78,7 +79,8 @@ def summarize(
 
     epochs: of each dataset's train tokens under the chosen mixture at train.final.tokens;
     max_epochs and epoch_weight_caps: search.max_epochs of each dataset and the weight it
-    allows (None where not capped).
+    allows (None where not capped); base_model: model.base's source, revision and content
+    fingerprint (None when the base was trained).
     """
     return {
         "datasets": data.names,
@@ -110,6 +112,7 @@ def summarize(
             "final": int(manifest_total(finals.values(), "tokens")),
         },
         "timings_s": timings,
+        "base_model": base_lineage(config.model.base, base, config.model.trust_remote_code),
     }
 
 
