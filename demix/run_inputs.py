@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 
 from demix.config import RunConfig, resolve_config
 from demix.errors import ConfigError, DataError
