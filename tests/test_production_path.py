@@ -87,6 +87,7 @@ def _training(launcher: Launcher) -> dict[str, dict]:
                 "reused": bool(meta.get("reused_from")),
                 "name": meta.get("name"),
                 "role": meta.get("role", "final"),
+                "copied": bool(meta.get("base_source")),  # model.base, published as is
             }
     return out
 
@@ -98,7 +99,8 @@ def _show(title: str, launcher: Launcher, seconds: float) -> None:
         f"{seconds:.0f} s"
     )
     for path, row in sorted(_training(launcher).items()):
-        state = "cached" if row["cached"] else ("reused" if row["reused"] else "trained")
+        done = "copied" if row["copied"] else ("reused" if row["reused"] else "trained")
+        state = "cached" if row["cached"] else done
         print(f"  {path:<48} {row['role']:<10} {row['name']!s:<22} {state}")
 
 
