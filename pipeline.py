@@ -210,7 +210,9 @@ def build_pipeline(placement: Placement):
         def components():
             return dsl.Collected(component.outputs["model"])
 
-        collected = on_cpu(collect_models(models=components()), placement)
+        collected = on_cpu(
+            collect_models(entries=dsl.Collected(component.outputs["Output"])), placement
+        )
         index = collected.set_display_name("index components").outputs["index"]
 
         step = on_cpu(

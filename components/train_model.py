@@ -17,7 +17,7 @@ def train_model(
     cluster: str = "",
     jobs_root: str = "",
     base_fingerprint: str = "",
-):
+) -> str:
     """Train the base (role "base") or the component of dataset `name` (role "component").
 
     With model.base set, role "base" writes that model, fetched and verified, into `model`
@@ -29,7 +29,9 @@ def train_model(
     `jobs_root` (the pipeline root): a model an earlier run trained for the same job, by
     content, is copied instead of trained (demix.train.reuse); `base_fingerprint`: the content
     of model.base, in the cache key only.
-    The model manifest's final_loss, tokens and tokens_per_s are logged as Metrics.
+    The model manifest's final_loss, tokens and tokens_per_s are logged as Metrics. Returns
+    the model's entry of the component index ({"name", "uri"}), which collect_models gathers
+    without downloading any weights.
     """
     from pathlib import Path
 
@@ -37,7 +39,7 @@ def train_model(
     from demix.config import resolve_config
     from demix.data.shards import CuratedData
     from demix.logs import configure_logging
-    from demix.stages import train_stage
+    from demix.stages import index_entry, train_stage
     from demix.train.reuse import reused_from
 
     configure_logging()
@@ -64,3 +66,4 @@ def train_model(
         if manifest.get(key) is not None:
             metrics.log_metric(key, manifest[key])
     metrics.log_metric("reused", int(bool(model.metadata["reused_from"])))
+    return index_entry(folder, model.uri)

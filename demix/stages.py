@@ -650,6 +650,33 @@ def read_component_manifests(index: Path, base: Path) -> dict[str, dict]:
     return manifests
 
 
+def index_entry(folder: Path, uri: str) -> str:
+    """A trained model's entry of the model index, {"name", "uri"} as JSON (a training task's
+    output parameter, so the index is built without moving any weights).
+
+    Raises DemixError for a folder whose manifest names no model.
+    """
+    return json.dumps({"name": next(iter(models_by_name([folder]))), "uri": str(uri)})
+
+
+def write_index_entries(entries: list[str | dict], out: Path) -> dict[str, str]:
+    """The model index {name: artifact URI} from index entries (index_entry's, as JSON text or
+    parsed) into `out`, as write_model_index writes it from folders.
+
+    Raises DemixError for an entry without a name or URI, or a name given twice.
+    """
+    index: dict[str, str] = {}
+    for entry in entries:
+        item = json.loads(entry) if isinstance(entry, str) else entry
+        if not isinstance(item, dict) or not item.get("name") or not item.get("uri"):
+            raise DemixError(f"model index entry {entry!r} has no name or uri")
+        if item["name"] in index:
+            raise DemixError(f"model index: {item['name']!r} is given twice")
+        index[item["name"]] = item["uri"]
+    atomic_write_json(out, index)
+    return index
+
+
 def read_model_index(path: Path) -> dict[str, Path]:
     """The models of a `write_model_index` file as local folders, each fetched by its URI
     through demix.storage (gs:// downloaded into the cache) and verified against its manifest.

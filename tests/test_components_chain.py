@@ -71,13 +71,14 @@ def test_every_component_in_pipeline_order(tmp_path, corpus_dir, eval_dir):
     assert art["base-metrics"].metadata["tokens"] >= 12_000
     names = dataset_names.python_func(config=config)
     components = [out(Model, f"component-{n}") for n in names]
+    entries = []
     for name, model in zip(names, components, strict=True):
-        train_model.python_func(
+        entries.append(train_model.python_func(
             config=config, role="component", name=name, data=data, model=model,
             metrics=out(Metrics, f"metrics-{name}"), init=base,
-        )  # fmt: skip
+        ))  # fmt: skip
     index = out(Artifact, "index.json")
-    collect_models.python_func(models=components, index=index)
+    collect_models.python_func(entries=entries, index=index)  # names and URIs, no weights
     assert set(json.loads(Path(index.path).read_text())) == set(names)
 
     def propose(r: int, history=None, scores=None) -> list[int]:

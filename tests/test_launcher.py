@@ -177,7 +177,7 @@ def test_model_index_holds_uris_and_each_model_is_fetched_and_verified(gcs, tmp_
     """collect_models' index names artifact URIs, not the pod's local paths; a reader fetches
     each through demix.storage into its own cache and refuses one that does not verify."""
     from demix.errors import DemixError
-    from demix.stages import read_model_index, write_model_index
+    from demix.stages import index_entry, read_model_index, write_index_entries
     from demix.storage import write_manifest
 
     store, models = Store(gcs.bucket), []
@@ -189,7 +189,8 @@ def test_model_index_holds_uris_and_each_model_is_fetched_and_verified(gcs, tmp_
         uri = f"{store.root}/run/train-model-{name}/model"
         store.upload(local, uri)
         models.append((local, uri))
-    index = write_model_index(models, tmp_path / "index.json")
+    entries = [index_entry(local, uri) for local, uri in models]  # each training task's output
+    index = write_index_entries(entries, tmp_path / "index.json")
     assert index == {"general": models[0][1], "code": models[1][1]}
     shutil.rmtree(tmp_path / "pod")  # the collecting pod is gone
 

@@ -130,6 +130,10 @@ def test_evaluate_finals_declares_no_component_weights(compiled):
         inputs = spec.components[task.component_ref.name].input_definitions.artifacts
         models = {k for k, v in inputs.items() if v.artifact_type.schema_title == "system.Model"}
         assert models == {"base", "finals"}
+        index = spec.root.dag.tasks["collect-models"]  # the index: names and URIs, no weights
+        assert not index.inputs.artifacts
+        entries = index.inputs.parameters["entries"].task_output_parameter
+        assert entries.output_parameter_key.endswith("train-model-2-Output")
         components = [  # the one loop training the components: none of its outputs goes in
             name
             for name, t in spec.root.dag.tasks.items()
