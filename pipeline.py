@@ -116,8 +116,9 @@ def build_pipeline(placement: Placement):
             seed: The run seed; -1 keeps the config's seed.
             general_ratio: train.general_ratio, the share of general data in each component's
                 training mixture, in [0, 1); below 0 keeps the config's.
-            base_model: model.base, a Hugging Face model folder (gs:// URI) to start from
-                instead of training a base; empty keeps the config's.
+            base_model: model.base, your own base checkpoint to start from instead of
+                training one: a Hugging Face model folder (save_pretrained) as a gs:// URI
+                or /gcs/ path (pipeline pods have no hub access); empty keeps the config's.
             datasets_json: data.datasets as a JSON list of {"name", "paths"} objects; empty
                 keeps the config's candidates.
             search_n: search.n, proxies in the first search round (N, then N/2, N/4, ...);
