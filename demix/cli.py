@@ -334,7 +334,12 @@ def _cmd_train(args) -> None:
             init = _model(args.init) if args.init else None
             out = stack.enter_context(artifact_output(args.out, publish=main))
             publish = checkpoint_sync(args.out)
-        names = {"base": "base", "component": args.dataset, "final": args.name or "final"}
+        names = {
+            "base": "base",
+            "component": args.dataset,
+            "control": "control",
+            "final": args.name or "final",
+        }
         name = names.get(args.role, out.name)  # a reference is named by its folder
         train_stage(config, data, args.role, out, name, init, mixture, on_checkpoint=publish)
     if main:
@@ -593,7 +598,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_curate)
 
     p = with_config("train", "train a base, component, reference or final model")
-    p.add_argument("--role", required=True, choices=["base", "component", "reference", "final"])
+    p.add_argument(
+        "--role", required=True, choices=["base", "component", "reference", "control", "final"]
+    )
     p.add_argument("--data", required=True, help="curated dataset folder")
     p.add_argument("--init", help="base model folder (component, reference, final)")
     p.add_argument("--dataset", help="candidate dataset of a component")

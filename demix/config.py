@@ -181,12 +181,42 @@ class ModelConfig(Strict):
 
 
 class StageTraining(Strict):
-    """Token budget and optimizer schedule of one training role."""
+    """Token budget and optimizer schedule of one training role.
+
+    `schedule: cosine` (the default): linear warmup over `warmup_fraction` of the steps to the
+    peak `lr`, then cosine decay to `min_lr_ratio` x lr; for the roles that train from the
+    base (component, reference, control, final) this is the decay branch. `schedule: wsd`
+    (the base only): warmup, then the lr stays at its peak (warmup-stable); the base written is
+    the stable checkpoint, saved with its AdamW state: the branch point every other role decays
+    from (demix.train.roles, "Branch regime" in docs). `decay_tokens` (a wsd base only): also
+    write a finished copy of the base, `<base>-decayed`, the stable checkpoint decayed to
+    min_lr_ratio x lr over that many tokens of the same mixture with its optimizer state
+    carried; nothing branches from it. `optimizer` (the branch roles): `fresh` AdamW state, or
+    `carried` from the branch point (a base trained by demix with schedule wsd; a user's
+    `model.base` carries none).
+    """
 
     tokens: int = Field(gt=0)
     lr: float = Field(default=3e-3, gt=0)
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
     warmup_fraction: float = Field(default=0.05, ge=0, lt=1)
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    decay_tokens: int | None = Field(default=None, gt=0)
+    optimizer: Literal["fresh", "carried"] = "fresh"
+
+    @model_validator(mode="after")
+    def _decay_copy(self) -> StageTraining:
+        if self.decay_tokens is not None and self.schedule != "wsd":
+            raise ValueError("decay_tokens decays a warmup-stable base: set schedule: wsd")
+        return self
+
+    def changed_settings(self) -> dict:
+        """The settings as a job's fingerprint reads them: those added after the first release
+        only when they differ from their defaults (jobs trained before them stay valid), and
+        never decay_tokens (it makes another model, not this one)."""
+        defaults = {"schedule": "cosine", "optimizer": "fresh"}
+        out = self.model_dump(exclude={"decay_tokens"})
+        return {k: v for k, v in out.items() if k not in defaults or v != defaults[k]}
 
 
 class TrainConfig(Strict):
@@ -215,6 +245,19 @@ class TrainConfig(Strict):
     base: StageTraining | None = None
     component: StageTraining
     final: StageTraining
+
+    @model_validator(mode="after")
+    def _branch_regime(self) -> TrainConfig:
+        if self.base is not None and self.base.optimizer == "carried":
+            raise ValueError("base.optimizer: carried: the base trains from scratch; use fresh")
+        for role in ("component", "final"):
+            stage = getattr(self, role)
+            if stage.schedule == "wsd":
+                raise ValueError(
+                    f"{role}.schedule: wsd: only the base stays at its peak lr (the branch "
+                    f"point); {role} models are decay branches from it: use cosine"
+                )
+        return self
 
     @model_validator(mode="after")
     def _micro_batch(self) -> TrainConfig:

@@ -153,7 +153,8 @@ def train_stage(
     """Train one model into `out` and return its folder (the base: `model.base` when set).
 
     role base: from a fresh model on the token prior; component: from `init` on its dataset
-    `name`'s training mix; reference / final: from `init` on `mixture` (a name ending in
+    `name`'s training mix; control: from `init` on the token prior (demix.train.roles);
+    reference / final: from `init` on `mixture` (a name ending in
     `-seed<s>` trains with the run seed + s: demix.mixtures.seeded_names). With processes > 1 (GPUs
     of the machine) or a `cluster` (Vertex AI worker pools JSON) the loop runs under
     `accelerate launch` in that many processes (demix.train.launch).
@@ -173,7 +174,7 @@ def train_stage(
         raise DemixError(f"role {role!r} needs a data mixture")
     if role == "component":
         mixture = component_training_mix(config, data, name)
-    elif role == "base":
+    elif role in ("base", "control"):  # the control: a decay branch on the token prior
         mixture = dict(data.token_prior)
     if processes > 1 or cluster:
         argv = launch_argv(

@@ -49,7 +49,7 @@ def job_fingerprint(
         role=role,
         name=name,
         weights=weights,
-        stage=stage.model_dump(),
+        stage=stage.changed_settings(),
         seed=seed,
         init=read_model_manifest(init).get("fingerprint", str(init)) if init else None,
         train=train.model_dump(exclude=_NOT_THE_JOB),
