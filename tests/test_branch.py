@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -164,3 +165,38 @@ def test_fingerprints_of_cosine_jobs_do_not_change(corpus_dir, branched):
     rest = (config.train, 0, "component", "code", None, config.model.architecture)
     carried = stage.model_copy(update={"optimizer": "carried"})
     assert job_fingerprint(*args, stage, *rest) != job_fingerprint(*args, carried, *rest)
+
+
+@pytest.mark.slow
+def test_validate_reports_against_the_branch_point_and_the_control(branched):
+    """A constructed validate run in the branch regime: the control is trained per run seed on
+    the token prior from the branch point, and fidelity.json reports both anchors."""
+    from demix.recipes.validate import validate_stage
+
+    config, data, base, root = branched
+    config = config.model_copy(
+        update={"fidelity": config.fidelity.model_copy(update={"references": 2})}
+    )
+    components = train_components(config, data, base, root / "models")
+    out = root / "validate"
+    result = validate_stage(config, data, base, components, out)
+    control = read_model_manifest(out / "references" / "control")
+    assert control["role"] == "control" and control["seed"] == config.seed
+    assert control["init"] == read_model_manifest(base)["fingerprint"]
+    assert result["cost"]["control_training_tokens"] == control["tokens"]
+    anchors = json.loads((out / "fidelity.json").read_text())["anchors"]
+    tasks = config.evaluate.tasks
+    for anchor in ("branch_point", "control"):
+        for task in tasks:
+            entry = anchors["improvements"][anchor][task]
+            assert len(entry["models"]) == result["n"]
+            assert entry["mean"]["verdict"] in ("better", "worse", "inconclusive")
+        assert set(anchors["crr"][anchor]["crr"]) == {*config.evaluate.categories, "mean"}
+    assert set(anchors["soup_bonus"]) == set(tasks)
+    # the control's own result is the anchor: the references' mean difference from it
+    task = tasks[0]
+    gap = (
+        np.mean([r[task]["value"] for r in result["reference_results"]])
+        - result["control_result"][task]["value"]
+    )
+    assert anchors["improvements"]["control"][task]["mean"]["diff"] == pytest.approx(-gap)
