@@ -127,6 +127,7 @@ def against_anchors(
     categories: dict[str, list[str]],
     anchors: dict[str, dict | None],
     labels: list[str] | None = None,
+    diagnostics: list[str] = (),
     *,
     resamples: int = RESAMPLES,
     level: float = LEVEL,
@@ -134,9 +135,11 @@ def against_anchors(
 ) -> dict[str, Any]:
     """{"improvements": {anchor: improvements}, "crr": {anchor: capability_recovery_detail},
     "soup_bonus": soup_bonus} for each anchor given (branch_point, control; None: left out).
-    The CRR intervals resample mixtures as demix.fidelity.fidelity does (same seed, same draws).
+    Improvements and the soup bonus cover the categories' tasks and the `diagnostics` (tasks in
+    no objective, e.g. held-out own-domain losses), CRR the categories. The CRR intervals
+    resample mixtures as demix.fidelity.fidelity does (same seed, same draws).
     """
-    tasks = _tasks(categories)
+    tasks = list(dict.fromkeys([*_tasks(categories), *diagnostics]))
     index = resample_rows(len(reference_results), resamples, seed)
     given = {name: result for name, result in anchors.items() if result is not None}
     return {

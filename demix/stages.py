@@ -84,7 +84,7 @@ def curation_fingerprint(config: RunConfig, tokenizer_dir: Path | None) -> str:
     # Keys added later count only when set, so curations made before they existed stay valid.
     unset = {
         key
-        for key, empty in (("max_tokens", None), ("targets", []))
+        for key, empty in (("max_tokens", None), ("targets", []), ("min_heldout_documents", 1))
         if getattr(config.data, key) == empty
     }
     data = config.data.model_dump(exclude={"curate_groups", *unset})

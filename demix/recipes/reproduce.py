@@ -371,6 +371,7 @@ FIDELITY_KEYS = (
     "fidelity_by_hull",
     "relative_delta_norms",
     "anchors",
+    "diagnostics",
 )
 
 
@@ -612,6 +613,14 @@ def _fidelity_lines(fid: dict[str, Any]) -> list[str]:
             *markdown_table(RELIABILITY_HEADER, reliability_rows(rel)),
         ]
     lines += ["", *markdown_table(*task_rows(fid["tasks"]))]
+    if fid.get("diagnostics"):
+        lines += [
+            "",
+            "Diagnostics (in no objective: a candidate's own-domain loss ranks mixtures by its "
+            "weight alone):",
+            "",
+            *markdown_table(*task_rows(fid["diagnostics"])),
+        ]
     if fid.get("anchors"):
         lines += anchor_lines(fid["anchors"])
     return lines

@@ -27,7 +27,7 @@ from demix.checkpoint import read_model_manifest
 from demix.config import RunConfig
 from demix.data.shards import CuratedData
 from demix.evaluate.harness import Evaluator
-from demix.fidelity import AGGREGATE, fidelity, reliability, seed_noise
+from demix.fidelity import AGGREGATE, fidelity, reliability, seed_noise, task_signal
 from demix.improvement import against_anchors
 from demix.merge.weights import data_to_component
 from demix.mixtures import as_dict, in_hull, mix_matrix, prior_vector, search_floor
@@ -145,6 +145,11 @@ def validate_stage(
             config.evaluate.categories,
             {"branch_point": base_result, "control": control_result},
             ids,
+            config.evaluate.diagnostic_tasks,
+        ),
+        # tasks in no objective (held-out own-domain losses): rho and signal/noise beside it
+        "diagnostics": task_signal(
+            proxy_results, reference_results, config.evaluate.diagnostic_tasks
         ),
         "proxy_results": proxy_results,
         "reference_results": reference_results,
