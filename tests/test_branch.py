@@ -180,7 +180,7 @@ def test_validate_reports_against_the_branch_point_and_the_control(branched):
     components = train_components(config, data, base, root / "models")
     out = root / "validate"
     result = validate_stage(config, data, base, components, out)
-    control = read_model_manifest(out / "references" / "control")
+    control = read_model_manifest(out / "control")
     assert control["role"] == "control" and control["seed"] == config.seed
     assert control["init"] == read_model_manifest(base)["fingerprint"]
     assert result["cost"]["control_training_tokens"] == control["tokens"]

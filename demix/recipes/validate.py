@@ -10,7 +10,8 @@ on the token prior with the references' budget and schedule: the references' imp
 the CRR are reported against the branch point AND against the control (annealing is not counted
 as a data effect), with the merge's soup bonus per task (demix.improvement). Writes
 fidelity.json (with `base_result`, `control_result`, `anchors`) and fidelity.html; reference
-models are kept under `references/` so a rerun trains nothing again.
+models are kept under `references/` and the control in `control/`, so a rerun trains nothing
+again.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ def validate_stage(
     model = load_for_eval(config, base, device)
     base_result = evaluator.evaluate(model)
     del model
-    control_result = train_control(config, data, base, out / "references", evaluator)
+    control_result = train_control(config, data, base, out, evaluator)
 
     result = {
         "datasets": data.names,
@@ -133,9 +134,7 @@ def validate_stage(
         "cost": {
             "reference_training_tokens": reference_tokens,
             "replicate_training_tokens": replicate_tokens,
-            "control_training_tokens": int(
-                read_model_manifest(out / "references" / "control").get("tokens", 0)
-            ),
+            "control_training_tokens": int(read_model_manifest(out / "control").get("tokens", 0)),
             "reference_seconds": round(reference_seconds, 1),
             "proxy_seconds": round(proxy_seconds, 1),
         },
