@@ -38,6 +38,7 @@ from demix.stages import (
     train_components,
 )
 from demix.storage import atomic_write_json, atomic_write_text, kept_json
+from demix.train.roles import decayed_base_dir
 
 
 def _tokens(paths) -> int:
@@ -348,6 +349,7 @@ def seed_protocol(
             "search_trained": trained["proxy_training_tokens"] if trained else 0,
             "references": cost["reference_training_tokens"],
             "replicates": cost.get("replicate_training_tokens", 0),
+            "control": cost.get("control_training_tokens", 0),
             "budgets": int(
                 sum(r["tokens_per_proxy"] * len(validation["mixtures"]) for r in ladder)
             ),
@@ -416,7 +418,8 @@ def reproduce(config: RunConfig, out: str | Path) -> dict[str, Any]:
         "stability": stability(per_seed),
         "per_seed": per_seed,
         "training_tokens": {
-            "base": 0 if config.model.base else _tokens([base]),
+            # the branch point, and its decayed copy where one was made
+            "base": 0 if config.model.base else _tokens([base, decayed_base_dir(base)]),
             **{
                 k: sum(s["training_tokens"][k] for s in per_seed)
                 for k in per_seed[0]["training_tokens"]
