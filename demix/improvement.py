@@ -95,6 +95,29 @@ def improvements(
     return out
 
 
+def own_domain(
+    per_task: dict[str, dict[str, Any]], names: list[str], weights: np.ndarray
+) -> dict[str, dict[str, Any]]:
+    """Each candidate's own-domain effect against one anchor: for a dataset `d` whose held-out
+    loss `heldout:d` is among the tasks of `per_task` (an improvements result), the entry of
+    the reference with the most weight on d (its vertex, where there is one): {"label",
+    "weight", "diff", "stderr", "z", "beyond": z > OWN_EFFECT_Z}."""
+    weights = np.asarray(weights, dtype=np.float64)
+    out = {}
+    for k, name in enumerate(names):
+        task = f"heldout:{name}"
+        if task not in per_task:
+            continue
+        best = int(np.argmax(weights[:, k]))
+        entry = per_task[task]["models"][best]
+        out[name] = {
+            **entry,
+            "weight": float(weights[best, k]),
+            "beyond": entry["z"] > OWN_EFFECT_Z,
+        }
+    return out
+
+
 def soup_bonus(
     proxy_results: list[dict],
     reference_results: list[dict],
@@ -128,6 +151,7 @@ def against_anchors(
     anchors: dict[str, dict | None],
     labels: list[str] | None = None,
     diagnostics: list[str] = (),
+    mixtures: tuple[list[str], np.ndarray] | None = None,
     *,
     resamples: int = RESAMPLES,
     level: float = LEVEL,
@@ -136,25 +160,21 @@ def against_anchors(
     """{"improvements": {anchor: improvements}, "crr": {anchor: capability_recovery_detail},
     "soup_bonus": soup_bonus} for each anchor given (branch_point, control; None: left out).
     Improvements and the soup bonus cover the categories' tasks and the `diagnostics` (tasks in
-    no objective, e.g. held-out own-domain losses), CRR the categories. The CRR intervals
-    resample mixtures as demix.fidelity.fidelity does (same seed, same draws).
+    no objective, e.g. held-out own-domain losses), CRR the categories. With `mixtures`
+    (dataset names, the references' weights [R, D]) also "own_domain": {anchor: own_domain}.
+    The CRR intervals resample mixtures as demix.fidelity.fidelity does (same seed, same draws).
     """
     tasks = list(dict.fromkeys([*_tasks(categories), *diagnostics]))
     index = resample_rows(len(reference_results), resamples, seed)
     given = {name: result for name, result in anchors.items() if result is not None}
-    return {
-        "improvements": {
-            name: improvements(
-                reference_results,
-                result,
-                tasks,
-                labels,
-                resamples=resamples,
-                level=level,
-                seed=seed,
-            )
-            for name, result in given.items()
-        },
+    gains = {
+        name: improvements(
+            reference_results, result, tasks, labels, resamples=resamples, level=level, seed=seed
+        )
+        for name, result in given.items()
+    }
+    out = {
+        "improvements": gains,
         "crr": {
             name: capability_recovery_detail(
                 proxy_results, reference_results, categories, result, index, level
@@ -165,3 +185,6 @@ def against_anchors(
             proxy_results, reference_results, tasks, resamples=resamples, level=level, seed=seed
         ),
     }
+    if mixtures is not None:
+        out["own_domain"] = {name: own_domain(g, *mixtures) for name, g in gains.items()}
+    return out

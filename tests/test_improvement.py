@@ -89,6 +89,33 @@ def test_improvement_crr_against_the_control_does_not_count_the_anneal(tables):
     assert "| other | 0.833 [" in lines
 
 
+def test_own_domain_effect_is_the_vertex_reference_on_its_heldout_loss():
+    """Two datasets: the vertex of `a` improves heldout:a by 0.3 on the control with per-document
+    noise of its own; a reference with less weight on `a` improves it more but is not its vertex."""
+    rng = np.random.default_rng(2)
+    anchor = rng.normal(3, 0.2, DOCS)
+    control = _result({"heldout:a": anchor, "heldout:b": anchor})
+    vertex = _result({"heldout:a": anchor - 0.3 + rng.normal(0, 0.1, DOCS), "heldout:b": anchor})
+    other = _result({"heldout:a": anchor - 0.5, "heldout:b": anchor + 0.01})
+    weights = np.array([[1.0, 0.0], [0.5, 0.5]])
+    proxies = [vertex, other]
+    out = against_anchors(
+        proxies,
+        [vertex, other],
+        {"a": ["heldout:a"], "b": ["heldout:b"]},
+        {"branch_point": None, "control": control},
+        ["vertex-a", "mid"],
+        mixtures=(["a", "b"], weights),
+    )
+    own = out["own_domain"]["control"]
+    assert own["a"]["label"] == "vertex-a" and own["a"]["weight"] == 1.0
+    assert own["a"]["diff"] == pytest.approx(0.3, abs=0.05)
+    assert own["a"]["z"] > 4 and own["a"]["beyond"]
+    assert own["b"]["label"] == "mid" and not own["b"]["beyond"]  # no vertex of b: the most weight
+    lines = "\n".join(anchor_lines(out))
+    assert "| a | vertex-a | 1.000 | +0.3" in lines
+
+
 def test_an_anchor_not_measured_is_left_out(tables):
     base, _, references, proxies = tables
     out = against_anchors(

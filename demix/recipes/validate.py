@@ -145,6 +145,7 @@ def validate_stage(
             {"branch_point": base_result, "control": control_result},
             ids,
             config.evaluate.diagnostic_tasks,
+            (data.names, mixtures),
         ),
         # tasks in no objective (held-out own-domain losses): rho and signal/noise beside it
         "diagnostics": task_signal(

@@ -55,10 +55,35 @@ def anchor_tables(anchors: dict[str, Any]) -> list[tuple[list[str], list[list]]]
     return [(header, rows), (crr_header, crr_rows)]
 
 
+OWN_NOTE = (
+    "Each candidate's own-domain effect: the reference with the most weight on it (its vertex) "
+    "on its held-out loss, against each anchor (paired difference, standard error, z):"
+)
+
+
+def own_domain_table(anchors: dict[str, Any]) -> tuple[list[str], list[list]] | None:
+    """(header, rows) of the own-domain effects against each anchor; None when not measured."""
+    own = anchors.get("own_domain")
+    if not own or not any(own.values()):
+        return None
+    names = [a for a in ANCHORS if a in own]
+    datasets = list(dict.fromkeys(d for n in names for d in own[n]))
+    rows = []
+    for dataset in datasets:
+        first = own[names[0]][dataset]
+        cells = [
+            f"{e['diff']:+.4f} ± {e['stderr']:.4f} (z {e['z']:.1f})"
+            for e in (own[n][dataset] for n in names)
+        ]
+        rows.append([dataset, first["label"], f"{first['weight']:.3f}", *cells])
+    header = ["dataset", "reference", "weight", *(f"vs {n.replace('_', ' ')}" for n in names)]
+    return header, rows
+
+
 def anchor_lines(anchors: dict[str, Any]) -> list[str]:
-    """anchor_tables as Markdown, each after its note."""
+    """anchor_tables (and own_domain_table) as Markdown, each after its note."""
     improvements, crr = anchor_tables(anchors)
-    return [
+    lines = [
         "",
         IMPROVEMENT_NOTE,
         "",
@@ -68,3 +93,7 @@ def anchor_lines(anchors: dict[str, Any]) -> list[str]:
         "",
         *markdown_table(*crr),
     ]
+    own = own_domain_table(anchors)
+    if own is not None:
+        lines += ["", OWN_NOTE, "", *markdown_table(*own)]
+    return lines
