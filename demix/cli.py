@@ -442,6 +442,13 @@ def _cmd_validate(args) -> None:
         f"merged proxies {verdict} the weights-only predictors on the aggregate score "
         f"(paired 95% bootstrap intervals over mixtures)"
     )
+    control = result["anchors"]["crr"].get("control")
+    if control is not None:  # the anneal is not counted as recovered data effect
+        low, high = control["crr_ci"]["mean"]
+        print(
+            f"CRR against the control: {control['crr']['mean']:.3f} [{low:.3f}, {high:.3f}] "
+            f"(against the branch point: {result['crr']['mean']:.3f})"
+        )
     print(f"wrote {Path(args.out) / 'fidelity.json'} and {Path(args.out) / 'fidelity.html'}")
 
 
