@@ -359,7 +359,12 @@ def _cmd_train(args) -> None:
                 publish = checkpoint_sync(args.publish_uri, out.with_name(out.name + ".ckpt"))
             else:
                 publish = checkpoint_sync(args.out)
-        names = {"base": "base", "component": args.dataset, "final": args.name or "final"}
+        names = {
+            "base": "base",
+            "component": args.dataset,
+            "control": "control",
+            "final": args.name or "final",
+        }
         name = names.get(args.role, out.name)  # a reference is named by its folder
         train_stage(config, data, args.role, out, name, init, mixture, on_checkpoint=publish)
     if main:
@@ -462,6 +467,13 @@ def _cmd_validate(args) -> None:
         f"merged proxies {verdict} the weights-only predictors on the aggregate score "
         f"(paired 95% bootstrap intervals over mixtures)"
     )
+    control = result["anchors"]["crr"].get("control")
+    if control is not None:  # the anneal is not counted as recovered data effect
+        low, high = control["crr_ci"]["mean"]
+        print(
+            f"CRR against the control: {control['crr']['mean']:.3f} [{low:.3f}, {high:.3f}] "
+            f"(against the branch point: {result['crr']['mean']:.3f})"
+        )
     print(f"wrote {Path(args.out) / 'fidelity.json'} and {Path(args.out) / 'fidelity.html'}")
 
 
@@ -623,7 +635,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_curate)
 
     p = with_config("train", "train a base, component, reference or final model")
-    p.add_argument("--role", required=True, choices=["base", "component", "reference", "final"])
+    p.add_argument(
+        "--role", required=True, choices=["base", "component", "reference", "control", "final"]
+    )
     p.add_argument("--data", required=True, help="curated dataset folder")
     p.add_argument("--init", help="base model folder (component, reference, final)")
     p.add_argument("--dataset", help="candidate dataset of a component")

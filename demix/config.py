@@ -103,6 +103,9 @@ class DataConfig(Strict):
     file); the curated result does not depend on it. `max_tokens` (one number, or per dataset)
     curates about that many tokens of a larger dataset, a sample of its documents chosen by
     content hash, and estimates its token prior from the sample (demix.data.curate).
+    Each candidate holds out heldout_fraction of its documents, at least
+    `min_heldout_documents` (so a dataset of few long documents is still evaluated on enough
+    of them) and at most `max_heldout_documents`, never all of them.
     """
 
     datasets: list[DatasetSpec] = Field(min_length=2)
@@ -111,6 +114,7 @@ class DataConfig(Strict):
     fetch_demo: str | None = None
     min_chars: int = Field(default=64, ge=1)
     heldout_fraction: float = Field(default=0.02, gt=0, lt=0.5)
+    min_heldout_documents: int = Field(default=1, ge=1)
     max_heldout_documents: int = Field(default=200, ge=1)
     curate_groups: int = Field(default=8, ge=1)
     max_tokens: int | dict[str, int] | None = None
@@ -130,6 +134,11 @@ class DataConfig(Strict):
             raise ValueError(
                 f"duplicate dataset names {dup} (data.datasets and data.targets share one "
                 "namespace); give each dataset a unique name"
+            )
+        if self.min_heldout_documents > self.max_heldout_documents:
+            raise ValueError(
+                f"min_heldout_documents={self.min_heldout_documents} exceeds "
+                f"max_heldout_documents={self.max_heldout_documents}"
             )
         if self.general is not None and self.general not in names:
             raise ValueError(f"general={self.general!r} is not one of the datasets {names}")
@@ -201,12 +210,42 @@ class ModelConfig(Strict):
 
 
 class StageTraining(Strict):
-    """Token budget and optimizer schedule of one training role."""
+    """Token budget and optimizer schedule of one training role.
+
+    `schedule: cosine` (the default): linear warmup over `warmup_fraction` of the steps to the
+    peak `lr`, then cosine decay to `min_lr_ratio` x lr; for the roles that train from the
+    base (component, reference, control, final) this is the decay branch. `schedule: wsd`
+    (the base only): warmup, then the lr stays at its peak (warmup-stable); the base written is
+    the stable checkpoint, saved with its AdamW state: the branch point every other role decays
+    from (demix.train.roles, "Branch regime" in docs). `decay_tokens` (a wsd base only): also
+    write a finished copy of the base, `<base>-decayed`, the stable checkpoint decayed to
+    min_lr_ratio x lr over that many tokens of the same mixture with its optimizer state
+    carried; nothing branches from it. `optimizer` (the branch roles): `fresh` AdamW state, or
+    `carried` from the branch point (a base trained by demix with schedule wsd; a user's
+    `model.base` carries none).
+    """
 
     tokens: int = Field(gt=0)
     lr: float = Field(default=3e-3, gt=0)
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
     warmup_fraction: float = Field(default=0.05, ge=0, lt=1)
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    decay_tokens: int | None = Field(default=None, gt=0)
+    optimizer: Literal["fresh", "carried"] = "fresh"
+
+    @model_validator(mode="after")
+    def _decay_copy(self) -> StageTraining:
+        if self.decay_tokens is not None and self.schedule != "wsd":
+            raise ValueError("decay_tokens decays a warmup-stable base: set schedule: wsd")
+        return self
+
+    def changed_settings(self) -> dict:
+        """The settings as a job's fingerprint reads them: those added after the first release
+        only when they differ from their defaults (jobs trained before them stay valid), and
+        never decay_tokens (it makes another model, not this one)."""
+        defaults = {"schedule": "cosine", "optimizer": "fresh"}
+        out = self.model_dump(exclude={"decay_tokens"})
+        return {k: v for k, v in out.items() if k not in defaults or v != defaults[k]}
 
 
 class TrainConfig(Strict):
@@ -235,6 +274,19 @@ class TrainConfig(Strict):
     base: StageTraining | None = None
     component: StageTraining
     final: StageTraining
+
+    @model_validator(mode="after")
+    def _branch_regime(self) -> TrainConfig:
+        if self.base is not None and self.base.optimizer == "carried":
+            raise ValueError("base.optimizer: carried: the base trains from scratch; use fresh")
+        for role in ("component", "final"):
+            stage = getattr(self, role)
+            if stage.schedule == "wsd":
+                raise ValueError(
+                    f"{role}.schedule: wsd: only the base stays at its peak lr (the branch "
+                    f"point); {role} models are decay branches from it: use cosine"
+                )
+        return self
 
     @model_validator(mode="after")
     def _micro_batch(self) -> TrainConfig:
@@ -353,10 +405,14 @@ class EvaluateConfig(Strict):
     numbers) or `lm-eval` (its own evaluate per model); generation tasks always run in lm-eval.
     `batch_size`: rows per forward pass, or `auto` (from the device's free memory and the
     model's shape; demix.evaluate.batch). `dtype`: what models are evaluated (and proxies
-    merged) in; `auto` is bfloat16 on CUDA and float32 on CPU.
+    merged) in; `auto` is bfloat16 on CUDA and float32 on CPU. `diagnostics`: tasks evaluated
+    and reported beside the categories but in no objective, e.g. the held-out loss on a
+    candidate's own domain, which ranks mixtures by that candidate's weight alone (no proxy can
+    beat that trivial rule, so it belongs beside the objective, not in it).
     """
 
     categories: dict[str, list[str]] = Field(min_length=1)
+    diagnostics: list[str] = Field(default_factory=list)
     limit: int | None = Field(default=100, ge=1)
     batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -378,11 +434,18 @@ class EvaluateConfig(Strict):
 
     @property
     def tasks(self) -> list[str]:
+        """Every task evaluated: the categories' in order, then the diagnostics."""
         seen: dict[str, None] = {}
-        for tasks in self.categories.values():
+        for tasks in [*self.categories.values(), self.diagnostics]:
             for task in tasks:
                 seen.setdefault(task, None)
         return list(seen)
+
+    @property
+    def diagnostic_tasks(self) -> list[str]:
+        """The diagnostics that are in no category (a task in both counts in the objective)."""
+        scored = {t for tasks in self.categories.values() for t in tasks}
+        return [t for t in dict.fromkeys(self.diagnostics) if t not in scored]
 
 
 class SamplerConfig(Strict):
@@ -532,11 +595,12 @@ class RunConfig(Strict):
             raise ValueError("evaluate.category_weights must be >= 0 with a positive sum")
         unknown_datasets(self.search.max_epochs, "search.max_epochs", self.data.names)
         names = {*self.data.names, *self.data.target_names}
-        for category, tasks in self.evaluate.categories.items():
+        where = {f"categories.{c}": tasks for c, tasks in self.evaluate.categories.items()}
+        for place, tasks in {**where, "diagnostics": self.evaluate.diagnostics}.items():
             for task in tasks:
                 if task.startswith("heldout:") and task.split(":", 1)[1] not in names:
                     raise ValueError(
-                        f"evaluate.categories.{category}: {task!r} names no dataset or target; "
+                        f"evaluate.{place}: {task!r} names no dataset or target; "
                         f"known: {sorted(names)}"
                     )
         return self

@@ -133,12 +133,17 @@ def save_model(
     out: str | Path,
     extra_files: dict[str, str] | None = None,
     state_dict: dict | None = None,
+    extra_tensors: dict[str, dict] | None = None,
     **manifest_fields,
 ) -> dict:
     """Save an HF folder (config, safetensors, tokenizer, extra text files) atomically, manifest last.
 
     `state_dict` replaces the model's own tensors (the gathered weights of a sharded model).
+    `extra_tensors` {relative path: tensors} are further safetensors files (not weights: keep
+    them in a subfolder, since every *.safetensors file at the top is read as weights).
     """
+    from safetensors.torch import save_file
+
     out = Path(out)
     _quiet_transformers()
     with staged_dir(out) as tmp:
@@ -146,6 +151,9 @@ def save_model(
         tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        for name, tensors in (extra_tensors or {}).items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            save_file(tensors, tmp / name)
         manifest = write_manifest(tmp, MODEL_KIND, **manifest_fields)
     return manifest
 

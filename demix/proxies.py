@@ -123,8 +123,10 @@ def score_key(config: RunConfig, data: CuratedData, base: Path, **what) -> str:
     dtype = eval_dtype(config, resolve_device(config.train.device))
     if dtype != torch.float32:
         what = {**what, "eval_dtype": str(dtype).removeprefix("torch.")}
+    # diagnostics count only when set: keys of runs from before the setting stay valid
+    unset = set() if config.evaluate.diagnostics else {"diagnostics"}
     return fingerprint(
-        evaluate=config.evaluate.model_dump(exclude={"engine", "batch_size", "dtype"}),
+        evaluate=config.evaluate.model_dump(exclude={"engine", "batch_size", "dtype", *unset}),
         data=read_manifest(data.root).get("files"),
         base=model_id(base),
         **what,

@@ -92,7 +92,7 @@ def curation_fingerprint(config: RunConfig, tokenizer_dir: Path | None) -> str:
     # Keys added later count only when set, so curations made before they existed stay valid.
     unset = {
         key
-        for key, empty in (("max_tokens", None), ("targets", []))
+        for key, empty in (("max_tokens", None), ("targets", []), ("min_heldout_documents", 1))
         if getattr(config.data, key) == empty
     }
     data = config.data.model_dump(exclude={"curate_groups", *unset})
@@ -163,7 +163,8 @@ def train_stage(
     copied into `out` as a model artifact when `out` is published, demix.base_model).
 
     role base: from a fresh model on the token prior; component: from `init` on its dataset
-    `name`'s training mix; reference / final: from `init` on `mixture` (a name ending in
+    `name`'s training mix; control: from `init` on the token prior (demix.train.roles);
+    reference / final: from `init` on `mixture` (a name ending in
     `-seed<s>` trains with the run seed + s: demix.mixtures.seeded_names). With processes > 1 (GPUs
     of the machine) or a `cluster` (Vertex AI worker pools JSON) the loop runs under
     `accelerate launch` in that many processes (demix.train.launch).
@@ -189,7 +190,7 @@ def train_stage(
         raise DemixError(f"role {role!r} needs a data mixture")
     if role == "component":
         mixture = component_training_mix(config, data, name)
-    elif role == "base":
+    elif role in ("base", "control"):  # the control: a decay branch on the token prior
         mixture = dict(data.token_prior)
     job_id = ""
     if jobs_root:

@@ -191,3 +191,47 @@ def test_the_ties_family_needs_component_weights_that_cannot_be_negative(tmp_pat
     raw["merge"] = {"method": "dare_ties", "weights": "data"}
     raw["train"]["general_ratio"] = 0.0  # M = I: c = d under `data` too
     assert parse_config(raw).merge.method == "dare_ties"
+
+
+SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_every_shipped_config_merges_with_the_mapping_that_measured_best(path):
+    """`component` (or `hull`) in every shipped config; `data` only as an ablation row."""
+    config = load_config(path)
+    assert config.merge.weights in ("component", "hull")
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "reproduce.yaml"])
+def test_demo_and_reproduce_score_capabilities_with_own_domain_losses_beside(name):
+    """The objective is scored on capability tasks where mixtures interact; the held-out
+    own-domain losses of math and code are diagnostics in no category; the base is the branch
+    point (warmup-stable) and every branch decays."""
+    config = load_config(ROOT / "configs" / name)
+    categories = config.evaluate.categories
+    assert categories["math"] == ["gsm8k_bpb", "math500_bpb"]
+    assert categories["code"] == ["humaneval_bpb", "mbpp_bpb"]
+    assert categories["general"] == ["heldout:general"]
+    assert config.evaluate.diagnostic_tasks == ["heldout:math", "heldout:code"]
+    assert config.data.min_heldout_documents >= 64
+    assert config.train.base.schedule == "wsd"
+    assert config.train.component.schedule == config.train.final.schedule == "cosine"
+
+
+def test_reproduce_has_a_target_as_its_own_category():
+    config = load_config(ROOT / "configs" / "reproduce.yaml")
+    assert config.data.target_names == ["docs"]
+    assert config.evaluate.categories["docs"] == ["heldout:docs"]
+    assert [a.weights for a in config.fidelity.ablations].count("data") == 1
+
+
+def test_diagnostics_must_name_a_dataset(tmp_path):
+    raw = smoke_config_dict(tmp_path)
+    raw["evaluate"]["diagnostics"] = ["heldout:nowhere"]
+    with pytest.raises(ConfigError, match=r"evaluate.diagnostics: 'heldout:nowhere' names no"):
+        parse_config(raw)
+    raw["evaluate"]["diagnostics"] = ["heldout:code"]
+    config = parse_config(raw)
+    assert config.evaluate.tasks[-1] == "heldout:code"  # evaluated: in a category already
+    assert config.evaluate.diagnostic_tasks == []

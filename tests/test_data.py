@@ -585,8 +585,50 @@ def test_fetch_demo_for_real(tmp_path):
     for task in demo.BITS_PER_BYTE:
         first = json.loads((tmp_path / "demo" / "eval" / f"{task}.jsonl").open().readline())
         assert set(first) == {"context", "continuation"} and first["continuation"][0] in " \n"
+    docs = [json.loads(line) for line in (tmp_path / "demo" / "docs.jsonl").open()]
+    assert counts["docs"] == len(docs) > 200
+    assert sum(">>> " in d["text"] for d in docs) > len(docs) / 2  # prose with code examples
     general = [json.loads(line) for line in (tmp_path / "demo" / "general.jsonl").open()]
     assert "/" not in general[0]["text"].split()[0] and '"no evidence"' in general[0]["text"]
     assert (tmp_path / "demo" / "README.md").read_text().count("sha256") >= 1
     assert demo.fetch_demo(tmp_path / "demo") == manifest  # cached
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
+
+
+def test_docstring_documents_are_a_packages_documentation_per_module():
+    from demix.data.docstrings import docstring_documents
+
+    explained = "Explain the graph.\n\n" + "Prose about nodes and edges. " * 10
+    example = f"{explained}\n\nExamples\n--------\n>>> G = nx.path_graph(4)\n>>> len(G)\n4"
+    module = (
+        f'"""Shortest paths: {explained}"""\n\n'
+        f'def shortest(G):\n    """{example}"""\n    return 1\n\n'
+        'def tiny():\n    """One line."""\n\n'
+        f'class Walk:\n    """{explained}"""\n'
+    )
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as wheel:
+        wheel.writestr("pkg/paths.py", module)
+        wheel.writestr("pkg/tests/test_paths.py", module)  # tests are left out
+        wheel.writestr("pkg/short.py", '"""Too short."""\n')
+        wheel.writestr("pkg/broken.py", "def (:\n")  # does not parse: no document
+        wheel.writestr("other/paths.py", module)  # another package
+    docs = docstring_documents(zipfile.ZipFile(buffer), "pkg")
+    assert [d["source"] for d in docs] == ["pkg/paths.py"]
+    text = docs[0]["text"]
+    assert text.startswith("Shortest paths:") and "shortest\n\nExplain" in text
+    assert ">>> G = nx.path_graph(4)" in text and "Walk\n\n" in text
+    assert "One line." not in text
+
+
+def test_min_heldout_documents_holds_out_enough_of_a_small_dataset():
+    from demix.data.curate import heldout_indices
+
+    hashes = [f"{i:04d}" for i in range(381)]
+    spec = [DatasetSpec(name="a", paths=["x"]), DatasetSpec(name="b", paths=["y"])]
+    assert len(heldout_indices(hashes, DataConfig(datasets=spec), 0)) == 8
+    config = DataConfig(datasets=spec, min_heldout_documents=64)
+    assert len(heldout_indices(hashes, config, 0)) == 64
+    assert len(heldout_indices(hashes[:10], config, 0)) == 9  # never all
+    with pytest.raises(ValueError, match="exceeds max_heldout_documents"):
+        DataConfig(datasets=spec, min_heldout_documents=300)

@@ -137,7 +137,8 @@ def test_the_seed_table_shows_what_was_not_measured_as_a_dash(seeds):
     cells = [c.strip() for c in mean.strip("|").split("|")]
     assert cells[1:3] == ["0.400 [0.300, 0.500]", "0.600 [0.000, 1.000]"]
     if seeds == 1:
-        assert cells[3] == "-" and cells[5] == "L1 between seeds: - (one seed)"
+        assert cells[3] == "-" and cells[6] == "L1 between seeds: - (one seed)"
     else:
-        assert cells[3] == "0.900 [0.800, 1.000]" and cells[5] == "L1 between seeds 0.250"
+        assert cells[3] == "0.900 [0.800, 1.000]" and cells[6] == "L1 between seeds 0.250"
     assert cells[4] == "nan [nan, nan]"  # CRR: measured and undefined, not missing
+    assert cells[5] == "-"  # CRR against the control: no control in these runs

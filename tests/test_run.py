@@ -290,7 +290,9 @@ def test_validate_compares_proxies_with_trained_references(smoke_run, tmp_path, 
     # 2 sampled + 3 vertices + uniform (unless a sample hit one of them)
     assert 5 <= result["n"] == len(result["mixtures"]) <= 6
     assert {m["id"] for m in result["mixtures"]} == {
-        p.name.removeprefix("reference-") for p in (tmp_path / "validate" / "references").iterdir()
+        p.name.removeprefix("reference-")
+        for p in (tmp_path / "validate" / "references").iterdir()
+        if p.is_dir()  # each model's evaluation is kept beside it (<name>.eval.json)
     }
     entry = result["categories"][AGGREGATE]
     assert {"proxy", "trivial_linear", "trivial_weight", "proxy_beats_trivial"} <= set(entry)

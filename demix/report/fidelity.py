@@ -5,6 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from demix.report.anchors import (
+    CRR_NOTE,
+    IMPROVEMENT_NOTE,
+    OWN_NOTE,
+    anchor_tables,
+    own_domain_table,
+)
 from demix.report.html import image, page, plt, table
 from demix.report.summary import format_comparison, format_interval
 from demix.storage import atomic_write_text
@@ -135,6 +142,16 @@ def write_fidelity_report(path: Path, result: dict[str, Any]) -> Path:
         body.append(table(RELIABILITY_HEADER, reliability_rows(result["reliability"])))
     if result.get("tasks"):
         body.append(table(*task_rows(result["tasks"])))
+    if result.get("diagnostics"):
+        body.append("<p>Diagnostics (tasks in no objective):</p>")
+        body.append(table(*task_rows(result["diagnostics"])))
+    if result.get("anchors"):
+        improvements, crr = anchor_tables(result["anchors"])
+        body += [f"<p>{IMPROVEMENT_NOTE}</p>", table(*improvements)]
+        body += [f"<p>{CRR_NOTE}</p>", table(*crr)]
+        own = own_domain_table(result["anchors"])
+        if own is not None:
+            body += [f"<p>{OWN_NOTE}</p>", table(*own)]
     for category in result["categories"]:
         fig, ax = plt.subplots(figsize=(4, 4))
         ax.scatter(result["reference_scores"][category], result["proxy_scores"][category], s=28)

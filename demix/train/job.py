@@ -50,7 +50,7 @@ def job_fingerprint(
         role=role,
         name=name,
         weights={name: w for name, w in weights.items() if w > 0},
-        stage=stage.model_dump(),
+        stage=stage.changed_settings(),
         seed=seed,
         init=read_model_manifest(init).get("fingerprint", str(init)) if init else None,
         train=train.model_dump(exclude=_NOT_THE_JOB),

@@ -31,7 +31,10 @@ from demix.distributed import make_accelerator
 from demix.model import build_tiny_llama, load_model, resolve_device, save_model
 from demix.train.job import finished, job_fingerprint
 from demix.train.state import (
+    BRANCH_OPTIMIZER,
     TrainingError,
+    branch_optimizer_tensors,
+    carry_optimizer_state,
     is_fsdp,
     resume,
     save_checkpoint,
@@ -44,10 +47,13 @@ CheckpointHook = Callable[[Path], None] | None
 
 
 def lr_at(step: int, total_steps: int, stage: StageTraining) -> float:
-    """Linear warmup, then cosine decay to min_lr_ratio * lr."""
+    """Linear warmup, then cosine decay to min_lr_ratio * lr (reached at step total_steps), or
+    under schedule wsd the peak lr to the end (the stable phase of a branch point)."""
     warmup = int(stage.warmup_fraction * total_steps)
     if step < warmup:
         return stage.lr * (step + 1) / warmup
+    if stage.schedule == "wsd":
+        return stage.lr
     progress = (step - warmup) / max(1, total_steps - warmup)
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return stage.lr * (stage.min_lr_ratio + (1 - stage.min_lr_ratio) * cosine)
@@ -95,9 +101,11 @@ def train_model(
     (it publishes checkpoints of a gs:// output). Returns the output manifest.
     Under `accelerate launch` every process calls it alike: each reads its rows of every global
     batch; the main process alone writes checkpoints (and calls on_checkpoint) and the model.
-    Raises TrainingError on a non-finite loss (the last checkpoint is kept), MixtureError on
-    bad weights, ModelError on a bad init folder, ConfigError when train.batch_size does not
-    split over the processes.
+    Under `stage.schedule: wsd` the model is saved with its optimizer state (a branch point);
+    `stage.optimizer: carried` starts from the optimizer state saved with `init`.
+    Raises TrainingError on a non-finite loss (the last checkpoint is kept) or an init without
+    the optimizer state to carry, MixtureError on bad weights, ModelError on a bad init
+    folder, ConfigError when train.batch_size does not split over the processes.
     """
     out = Path(out)
     ckpt = out.with_name(out.name + ".ckpt")
@@ -131,6 +139,10 @@ def train_model(
     )
     # DDP / FSDP wrapping and bf16 autocast (train.dtype) when configured; one fp32 process: none
     model, optimizer = accelerator.prepare(model, optimizer)
+    if stage.optimizer == "carried":  # a decay branch continuing the base's AdamW moments
+        if init is None:
+            raise ValueError("train_model: optimizer carried needs `init` (the branch point)")
+        carry_optimizer_state(Path(init), accelerator, model, optimizer)
     sampler = MixtureSampler(
         data, weights, train.seq_len, train.batch_size, _sampler_seed(seed, role, name)
     )
@@ -155,8 +167,9 @@ def train_model(
         while step < total_steps:
             # this process's rows of the global batch, in micro_steps forward passes
             rows = torch.from_numpy(sampler.next_batch(rank, processes)).to(device)
+            lr = lr_at(step, total_steps, stage)
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total_steps, stage)
+                group["lr"] = lr
             step_loss = None
             for micro in range(micro_steps):
                 batch = rows[micro * micro_rows : (micro + 1) * micro_rows]
@@ -193,7 +206,7 @@ def train_model(
             if step % train.log_every == 0 or step == total_steps:
                 # the norm of the global batch's gradient, before clipping
                 norm = round(float(grad_norm), 5)
-                history.append({"step": step, "loss": round(value, 5), "grad_norm": norm})
+                history.append({"step": step, "loss": round(value, 5), "grad_norm": norm, "lr": lr})
                 rate = tokens_done / max(1e-9, time.perf_counter() - t0)
                 bar.set_postfix(loss=f"{running:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
             bar.update(1)
@@ -210,6 +223,10 @@ def train_model(
     elapsed = time.perf_counter() - t0
     # FSDP: the full weights, gathered by every process (None: the model's own tensors)
     full = accelerator.get_state_dict(model) if is_fsdp(accelerator) else None
+    # a branch point keeps its AdamW state, for branches that carry it (gathered by every process)
+    moments = (
+        branch_optimizer_tensors(accelerator, model, optimizer) if stage.schedule == "wsd" else None
+    )
     if main:
         save_model(
             accelerator.unwrap_model(model),
@@ -217,9 +234,15 @@ def train_model(
             out,
             extra_files={"training_log.json": json.dumps(history)},
             state_dict=full,
+            extra_tensors={BRANCH_OPTIMIZER: moments} if moments is not None else None,
             role=role,
             name=name,
             fingerprint=job_id,
+            # the model it branched from (its fingerprint, or the folder of a user's base)
+            init=read_model_manifest(init).get("fingerprint", str(init)) if init else None,
+            schedule=stage.schedule,
+            optimizer=stage.optimizer if init else "fresh",
+            lr_end=lr_at(total_steps, total_steps, stage),  # the schedule at its end
             weights=weights,
             steps=total_steps,
             tokens=total_steps * train.tokens_per_step,

@@ -1,8 +1,16 @@
 """Training roles: which budget a model trains with and where it starts.
 
-base: `train.base` from a fresh model of `model.architecture`; component, reference, final: from
-the base, with `train.component` (references are the training-based proxies, so they get the
-component budget) or `train.final`.
+base: `train.base` from a fresh model of `model.architecture`; component, reference, control,
+final: from the base, with `train.component` (references are the training-based proxies and the
+control is their anneal-only twin, so they get the component budget) or `train.final`.
+
+Branch regime: a base trained with `schedule: wsd` stays at its peak lr after warmup and is
+written at that point, with its optimizer state: the branch point. Every other role is a decay
+branch from it (warmup to its own peak lr, decay to min_lr_ratio x that lr, its optimizer fresh
+or carried from the base). Part of what any branch gains is the decay itself, whatever its
+data: the `control` branch, on the token prior with the component budget and schedule, measures
+that part, so fidelity reports data effects against it (demix.recipes.validate). A user's
+`model.base` is the branch point as it is (export a checkpoint from before its lr decayed).
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from demix.search.sampler import validate_mixture
 from demix.train.job import job_fingerprint
 from demix.train.loop import CheckpointHook, train_model
 
-ROLES = ("base", "component", "reference", "final")
+ROLES = ("base", "component", "reference", "control", "final")
 
 
 def role_budget(config: RunConfig, role: str) -> StageTraining:
@@ -29,6 +37,7 @@ def role_budget(config: RunConfig, role: str) -> StageTraining:
         "base": config.train.base,
         "component": config.train.component,
         "reference": config.train.component,  # training-based proxies: the component budget
+        "control": config.train.component,  # the references' anneal-only twin
         "final": config.train.final,
     }
     if role not in budgets:
@@ -46,12 +55,14 @@ def train_role(
     init: Path | None = None,
     on_checkpoint: CheckpointHook = None,
 ) -> dict:
-    """The one training loop with the budget of `role`; returns the model's manifest."""
-    return train_model(
+    """The one training loop with the budget of `role`; returns the model's manifest. A base
+    with `decay_tokens` also gets its decayed copy (decayed_base_dir(out), decay_base)."""
+    stage = role_budget(config, role)
+    manifest = train_model(
         out,
         data,
         weights,
-        role_budget(config, role),
+        stage,
         config.train,
         config.model,
         config.seed,
@@ -60,6 +71,51 @@ def train_role(
         init=init,
         arch=config.model.architecture if init is None else None,
         on_checkpoint=on_checkpoint,
+    )
+    if role == "base" and stage.decay_tokens:
+        decay_base(config, data, weights, out, decayed_base_dir(out))
+    return manifest
+
+
+def decayed_base_dir(base: Path) -> Path:
+    """Where the decayed copy of a warmup-stable base is written: beside it, `<base>-decayed`."""
+    return base.with_name(base.name + "-decayed")
+
+
+def decay_schedule(stage: StageTraining) -> StageTraining:
+    """The decayed copy's schedule: `decay_tokens` from the base's peak lr, no warmup, cosine to
+    min_lr_ratio x lr, the base's optimizer state carried (the end of one WSD run).
+
+    Raises DemixError when `stage` is not a warmup-stable base with decay_tokens.
+    """
+    if stage.schedule != "wsd" or not stage.decay_tokens:
+        raise DemixError("a decayed copy needs train.base.schedule: wsd and decay_tokens")
+    return stage.model_copy(
+        update={
+            "tokens": stage.decay_tokens,
+            "warmup_fraction": 0.0,
+            "schedule": "cosine",
+            "decay_tokens": None,
+            "optimizer": "carried",
+        }
+    )
+
+
+def decay_base(
+    config: RunConfig, data: CuratedData, weights: dict[str, float], base: Path, out: Path
+) -> dict:
+    """The finished copy of a warmup-stable base (decay_schedule) into `out`; its manifest."""
+    return train_model(
+        out,
+        data,
+        weights,
+        decay_schedule(role_budget(config, "base")),
+        config.train,
+        config.model,
+        config.seed,
+        role="base",
+        name="base-decayed",
+        init=base,
     )
 
 

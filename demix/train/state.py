@@ -126,14 +126,30 @@ def load_checkpoint(ckpt: Path, accelerator, model, optimizer, sampler) -> tuple
     names = [group["names"] for group in optimizer.param_groups]
     groups = [{**g, "names": n} for g, n in zip(state["param_groups"], names, strict=True)]
     if is_fsdp(accelerator):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(model, params, options=options)
+    else:
+        live = dict(accelerator.unwrap_model(model).named_parameters())
+        with torch.no_grad():
+            for name, value in params.items():
+                live[name].copy_(value)
+    _set_optimizer_state(accelerator, model, optimizer, opt_state, groups)
+    sampler.load_state_dict(state["sampler"])
+    return state["step"], state["history"]
+
+
+def _set_optimizer_state(accelerator, model, optimizer, opt_state: dict, groups: list) -> None:
+    """Load AdamW state {parameter index: {moment: tensor}} with `groups` (each listing its
+    parameter `names`) into the optimizer, on every process (FSDP scatters its shards)."""
+    if is_fsdp(accelerator):
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
-            set_model_state_dict,
             set_optimizer_state_dict,
         )
 
         options = StateDictOptions(full_state_dict=True, strict=False)
-        set_model_state_dict(model, params, options=options)
         order = _param_names(optimizer)
         by_name = {
             "state": {order[i]: v for i, v in opt_state.items()},
@@ -141,13 +157,57 @@ def load_checkpoint(ckpt: Path, accelerator, model, optimizer, sampler) -> tuple
         }
         set_optimizer_state_dict(model, optimizer.optimizer, by_name, options=options)
     else:
-        live = dict(accelerator.unwrap_model(model).named_parameters())
-        with torch.no_grad():
-            for name, value in params.items():
-                live[name].copy_(value)
         optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
-    sampler.load_state_dict(state["sampler"])
-    return state["step"], state["history"]
+
+
+# The AdamW state a branch point is saved with (in a subfolder: a model folder's own
+# *.safetensors are its weights), by parameter name.
+BRANCH_OPTIMIZER = "optimizer/optimizer.safetensors"
+
+
+def branch_optimizer_tensors(accelerator, model, optimizer) -> dict[str, torch.Tensor] | None:
+    """The optimizer state as {"<parameter name>.<moment>": tensor}, for the model folder of a
+    branch point; every process must call it (FSDP gathers), the main process gets the tensors,
+    the others None."""
+    _, opt = _full_state(accelerator, model, optimizer)
+    if not accelerator.is_main_process:
+        return None
+    names = _param_names(optimizer)
+    return {
+        f"{names[idx]}.{key}": value.detach().contiguous().cpu()
+        for idx, state in opt["state"].items()
+        for key, value in state.items()
+    }
+
+
+def carry_optimizer_state(branch_point: Path, accelerator, model, optimizer) -> None:
+    """Load the AdamW state saved with `branch_point` into a fresh optimizer (the moments and
+    step count; the learning rate and weight decay stay the branch's own).
+
+    Raises TrainingError when the branch point has no optimizer state or it does not cover
+    every trained parameter.
+    """
+    path = Path(branch_point) / BRANCH_OPTIMIZER
+    if not path.is_file():
+        raise TrainingError(
+            f"{branch_point}: no optimizer state saved with this base ({BRANCH_OPTIMIZER}); "
+            "`optimizer: carried` needs a base trained by demix with train.base.schedule: wsd; "
+            "set the branch roles' optimizer: fresh"
+        )
+    by_name: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in _load_tensors(path).items():
+        name, moment = key.rsplit(".", 1)
+        by_name.setdefault(name, {})[moment] = value
+    names = _param_names(optimizer)
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise TrainingError(
+            f"{path}: no optimizer state for {missing[:3]} ({len(missing)} parameters); was "
+            "this base trained with this architecture? Set optimizer: fresh"
+        )
+    groups = optimizer.state_dict()["param_groups"]
+    state = {i: by_name[n] for i, n in enumerate(names)}
+    _set_optimizer_state(accelerator, model, optimizer, state, groups)
 
 
 def resume(ckpt: Path, job_id: str, accelerator, model, optimizer, sampler) -> tuple[int, list]:
