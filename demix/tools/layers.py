@@ -1,0 +1,206 @@
+"""The house drawn from the imports: every module's layer, and the arrows that break the order.
+
+`python -m demix.tools.layers` reads the imports of demix/, components/, deploy/ and pipeline.py
+(with the ast module: nothing is imported), prints the layers from the top down with the modules
+in each, and exits 1 when an import points to a higher layer or the modules import in a cycle.
+An import anywhere in a module counts (inside a function too: a deferred import is still an
+arrow); one under `if TYPE_CHECKING:` does not, since it names a type for annotations and never
+runs. A module belongs to the layer of the longest prefix in LAYERS that names it; imports
+within one layer may point either way, but never in a cycle.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+# The intended order, from the ground up: a module may import its own layer and those below.
+LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("ground", ("demix", "demix.errors", "demix.lazy", "demix.logs", "demix.tools")),
+    (
+        "storage",
+        ("demix.storage", "demix.gcs", "demix.safetensors_io", "demix.base_hub"),
+    ),
+    ("checkpoint", ("demix.checkpoint",)),
+    ("config", ("demix.merge.registry", "demix.config")),
+    ("model", ("demix.model", "demix.base_model", "demix.distributed")),
+    ("mixtures", ("demix.mixtures",)),
+    ("data", ("demix.data",)),
+    ("statistics", ("demix.statistics", "demix.verdict")),
+    ("evaluate", ("demix.evaluate",)),
+    ("merge", ("demix.merge",)),
+    ("train", ("demix.train",)),
+    ("search", ("demix.search",)),
+    ("fidelity", ("demix.fidelity", "demix.improvement")),
+    ("report", ("demix.report", "demix.export", "demix.run_inputs", "demix.proxies")),
+    ("stages", ("demix.stages",)),
+    ("recipes", ("demix.recipes",)),
+    ("cli", ("demix.cli",)),
+    ("components", ("components",)),
+    ("deploy", ("deploy",)),
+    ("pipeline", ("pipeline",)),
+)
+
+
+@dataclass(frozen=True)
+class Arrow:
+    """One import: `source` imports `target` (both module names)."""
+
+    source: str
+    target: str
+
+
+def layer_of(module: str) -> int:
+    """The index in LAYERS of the longest prefix naming `module`.
+
+    Raises LookupError for a module no layer names.
+    """
+    best, length = -1, -1
+    for index, (_, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > length:
+                best, length = index, len(prefix)
+    if best < 0:
+        raise LookupError(f"module {module} is in no layer of demix.tools.layers.LAYERS")
+    return best
+
+
+def module_files(root: Path) -> dict[str, Path]:
+    """Module name -> file for demix/, components/, deploy/ and pipeline.py under `root`."""
+    files = [*root.glob("demix/**/*.py"), *root.glob("components/*.py"), *root.glob("deploy/*.py")]
+    if (root / "pipeline.py").exists():
+        files.append(root / "pipeline.py")
+    modules = {}
+    for path in sorted(files):
+        parts = list(path.relative_to(root).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        modules[".".join(parts)] = path
+    return modules
+
+
+def _type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _imported(module: str, path: Path) -> set[str]:
+    """The names `module` imports (modules, and module.name for `from module import name`)."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    names: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and _type_checking(node):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                source = ".".join(parts + ([node.module] if node.module else []))
+            else:
+                source = node.module or ""
+            names.add(source)
+            names.update(f"{source}.{alias.name}" for alias in node.names)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text(), filename=str(path)))
+    return names
+
+
+def arrows(root: Path) -> list[Arrow]:
+    """Every import between the modules under `root` (a module importing itself excluded)."""
+    modules = module_files(root)
+    found = []
+    for module, path in modules.items():
+        for target in sorted(_imported(module, path)):
+            if target in modules and target != module:
+                found.append(Arrow(module, target))
+    return found
+
+
+def upward(found: list[Arrow]) -> list[Arrow]:
+    """The arrows that point to a higher layer than their source's."""
+    return [a for a in found if layer_of(a.target) > layer_of(a.source)]
+
+
+def cycles(found: list[Arrow]) -> list[list[str]]:
+    """The import cycles: each strongly connected set of two or more modules, sorted."""
+    graph: dict[str, list[str]] = {}
+    for arrow in found:
+        graph.setdefault(arrow.source, []).append(arrow.target)
+        graph.setdefault(arrow.target, [])
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    components: list[list[str]] = []
+
+    def connect(node: str) -> None:
+        # Tarjan's algorithm; the graph is a few hundred modules, recursion stays shallow
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in graph[node]:
+            if target not in index:
+                connect(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            members = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                members.append(member)
+                if member == node:
+                    break
+            if len(members) > 1:
+                components.append(sorted(members))
+
+    for node in sorted(graph):
+        if node not in index:
+            connect(node)
+    return sorted(components)
+
+
+def render(root: Path) -> tuple[str, bool]:
+    """The layers from the top down with their modules, then the violations; and whether none."""
+    modules = module_files(root)
+    found = arrows(root)
+    lines = []
+    for number in range(len(LAYERS) - 1, -1, -1):
+        members = sorted(m for m in modules if layer_of(m) == number)
+        lines.append(f"{number:2d} {LAYERS[number][0]:<11} {' '.join(members)}")
+    bad_arrows = upward(found)
+    bad_cycles = cycles(found)
+    for arrow in bad_arrows:
+        lines.append(
+            f"UPWARD {arrow.source} ({LAYERS[layer_of(arrow.source)][0]}) -> "
+            f"{arrow.target} ({LAYERS[layer_of(arrow.target)][0]})"
+        )
+    for members in bad_cycles:
+        lines.append(f"CYCLE {' <-> '.join(members)}")
+    if not bad_arrows and not bad_cycles:
+        lines.append(f"ok: {len(found)} imports, all pointing down or within a layer, no cycle")
+    return "\n".join(lines), not bad_arrows and not bad_cycles
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the layers of the repository (the current folder, or argv[0]); 1 on a violation."""
+    args = sys.argv[1:] if argv is None else argv
+    root = Path(args[0]) if args else Path(__file__).resolve().parents[2]
+    text, clean = render(root)
+    print(text)
+    return 0 if clean else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
