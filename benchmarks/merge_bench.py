@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 from demix.config import ArchitectureConfig
+from demix.device_memory import free_memory
 from demix.merge import DeltaStack
-from demix.merge.plan import free_memory
 from demix.model import build_tiny_llama, load_model
 
 # in-place proxy timings per method (linear has the goal; the others are for reference)

@@ -1,5 +1,6 @@
 """Hugging Face hub ids as `model.base` (ORG/NAME[@REVISION]): fetched with huggingface_hub
-when the hub is reachable, refused in one line when it is not (demix.base_model uses this)."""
+when the hub is reachable, refused in one line when it is not (demix.base_model uses this);
+`base_form` tells the three forms of a `model.base` apart (below the config, which checks it)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ import os
 import re
 from pathlib import Path
 
-from demix.errors import ConfigError
+from demix.errors import ConfigError, DataError
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _TRUE = {"1", "ON", "YES", "TRUE"}
+_HUB_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
+_HUB_ID = re.compile(rf"^({_HUB_PART})/({_HUB_PART})(?:@([A-Za-z0-9][A-Za-z0-9._/-]*))?$")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 OFFLINE = "the hub is offline here (HF_HUB_OFFLINE=1; 0 lets demix use it where it is reachable)"
 
 
@@ -74,3 +78,41 @@ def fetch_hub(spec: str, cache: Path, patterns: tuple[str, ...]) -> tuple[Path, 
     commit = folder.name if _COMMIT.match(folder.name) else revision or "main"
     _HUB_FETCHED[spec] = (folder, commit)
     return folder, commit
+
+
+def base_form(spec: str) -> str:
+    """'local', 'gcs' or 'hub': the form of a `model.base` value.
+
+    A relative path of two parts (`org/name`) is a hub id unless such a folder exists here:
+    write `./org/name` for a local folder of that shape.
+    Raises ConfigError (one line) for an empty value, surrounding blanks or control characters,
+    a scheme other than gs://, a gs:// URI without a valid bucket and path, or a hub id with an
+    empty or malformed revision.
+    """
+    from demix.storage import split_gs
+
+    where = f"model.base {spec!r}"
+    if not spec or spec != spec.strip() or not spec.isprintable():
+        raise ConfigError(f"{where}: give a folder, a gs:// URI or a hub id ORG/NAME[@REVISION]")
+    scheme = _SCHEME.match(spec)
+    if scheme:
+        if scheme.group(1) != "gs":
+            raise ConfigError(
+                f"{where}: unknown scheme {scheme.group(1)}://; give a local folder, /gcs/... "
+                "or gs://BUCKET/PATH of a Hugging Face model folder, or a hub id ORG/NAME"
+            )
+        try:
+            split_gs(spec)
+        except DataError as err:
+            raise ConfigError(f"model.base {err}") from None
+        return "gcs"
+    if spec.startswith(("/", "./", "../", "~")) or Path(spec).exists():
+        return "local"
+    if _HUB_ID.match(spec):
+        return "hub"
+    if "@" in spec and spec.count("/") == 1:
+        raise ConfigError(
+            f"{where}: not a hub id; write ORG/NAME or ORG/NAME@REVISION (a branch, tag or "
+            "commit), or ./PATH for a local folder"
+        )
+    return "local"

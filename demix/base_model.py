@@ -25,13 +25,12 @@ import fnmatch
 import hashlib
 import json
 import os
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from demix.base_hub import OFFLINE, fetch_hub, hub_offline, offline_error
-from demix.errors import ConfigError, DataError, ModelError
+from demix.base_hub import OFFLINE, base_form, fetch_hub, hub_offline, offline_error
+from demix.errors import DataError, ModelError
 
 __all__ = [
     "BASE_FILES",
@@ -54,47 +53,6 @@ BASE_FILES = ("*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tikto
 # Files demix writes into its artifacts: not part of the model (demix.storage).
 _DEMIX_FILES = ("manifest.json", "demix-output.json")
 _RECORD = ".demix-base.json"  # what a cached gs:// copy was downloaded from
-_HUB_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
-_HUB_ID = re.compile(rf"^({_HUB_PART})/({_HUB_PART})(?:@([A-Za-z0-9][A-Za-z0-9._/-]*))?$")
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-
-
-def base_form(spec: str) -> str:
-    """'local', 'gcs' or 'hub': the form of a `model.base` value.
-
-    A relative path of two parts (`org/name`) is a hub id unless such a folder exists here:
-    write `./org/name` for a local folder of that shape.
-    Raises ConfigError (one line) for an empty value, surrounding blanks or control characters,
-    a scheme other than gs://, a gs:// URI without a valid bucket and path, or a hub id with an
-    empty or malformed revision.
-    """
-    from demix.storage import split_gs
-
-    where = f"model.base {spec!r}"
-    if not spec or spec != spec.strip() or not spec.isprintable():
-        raise ConfigError(f"{where}: give a folder, a gs:// URI or a hub id ORG/NAME[@REVISION]")
-    scheme = _SCHEME.match(spec)
-    if scheme:
-        if scheme.group(1) != "gs":
-            raise ConfigError(
-                f"{where}: unknown scheme {scheme.group(1)}://; give a local folder, /gcs/... "
-                "or gs://BUCKET/PATH of a Hugging Face model folder, or a hub id ORG/NAME"
-            )
-        try:
-            split_gs(spec)
-        except DataError as err:
-            raise ConfigError(f"model.base {err}") from None
-        return "gcs"
-    if spec.startswith(("/", "./", "../", "~")) or Path(spec).exists():
-        return "local"
-    if _HUB_ID.match(spec):
-        return "hub"
-    if "@" in spec and spec.count("/") == 1:
-        raise ConfigError(
-            f"{where}: not a hub id; write ORG/NAME or ORG/NAME@REVISION (a branch, tag or "
-            "commit), or ./PATH for a local folder"
-        )
-    return "local"
 
 
 def check_base_reachable(spec: str | None) -> None:

@@ -350,7 +350,7 @@ def _cmd_train(args) -> None:
         ):  # each machine's first process fetches the inputs into its cache
             data = _dataset(args.data)
             if mixture is not None:
-                from demix.search.sampler import validate_mixture
+                from demix.mixtures import validate_mixture
 
                 validate_mixture(mixture, data.names)  # before fetching the base: fail fast
             init = _model(args.init) if args.init else None

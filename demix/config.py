@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from demix.errors import ConfigError
-from demix.merge.methods import METHODS, method_parameters
+from demix.merge.registry import METHOD_PARAMETERS
 
 
 def per_dataset(setting, name: str):
@@ -192,7 +192,7 @@ class ModelConfig(Strict):
     @field_validator("base")
     @classmethod
     def _base_form(cls, value: str | None) -> str | None:
-        from demix.base_model import base_form
+        from demix.base_hub import base_form
 
         if value is not None:
             try:
@@ -203,8 +203,8 @@ class ModelConfig(Strict):
 
     @property
     def base_form(self) -> str | None:
-        """'local', 'gcs' or 'hub' (demix.base_model.base_form); None without a base."""
-        from demix.base_model import base_form
+        """'local', 'gcs' or 'hub' (demix.base_hub.base_form); None without a base."""
+        from demix.base_hub import base_form
 
         return base_form(self.base) if self.base is not None else None
 
@@ -324,11 +324,8 @@ class TrainConfig(Strict):
         return micro, self.batch_size // (processes * micro)
 
 
-# The parameters each merge method takes (demix.merge.methods; a test keeps the two in step).
-# The parameters each merge method takes, from the method registry (the one source).
-MERGE_METHOD_PARAMETERS: dict[str, tuple[str, ...]] = {
-    name: method_parameters(name) for name in METHODS
-}
+# The parameters each merge method takes, from the method registry (demix.merge.registry).
+MERGE_METHOD_PARAMETERS: dict[str, tuple[str, ...]] = dict(METHOD_PARAMETERS)
 
 
 class MergeConfig(Strict):
@@ -357,7 +354,7 @@ class MergeConfig(Strict):
     step); `auto` keeps each tensor's dtype in the base. Neither changes search scores.
     """
 
-    method: str = "linear"  # a name of demix.merge.methods.METHODS
+    method: str = "linear"  # a name of demix.merge.registry.METHOD_PARAMETERS
     weights: Literal["data", "component", "hull"] = "component"
     scale: float | None = Field(default=None, allow_inf_nan=False)
     density: float | None = Field(default=None, gt=0, le=1)
@@ -371,8 +368,8 @@ class MergeConfig(Strict):
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str) -> str:
-        if value not in METHODS:
-            raise ValueError(f"unknown merge method {value!r}; known: {sorted(METHODS)}")
+        if value not in METHOD_PARAMETERS:
+            raise ValueError(f"unknown merge method {value!r}; known: {sorted(METHOD_PARAMETERS)}")
         return value
 
     @model_validator(mode="after")

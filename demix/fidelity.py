@@ -45,7 +45,7 @@ among themselves, once, on all R mixtures. Then:
   reference values across mixtures (of their logs for perplexities, whose documents are compared
   in logs); paired_stderr = the standard error of the difference between two references' means
   on the same documents, pooled over all pairs of references (the root mean square of the pairs'
-  standard errors: demix.search.objective.pooled_paired_stderr), from the per-document scores
+  standard errors: demix.statistics.pooled_paired_stderr), from the per-document scores
   weighted by `doc_weight` as in demix.verdict.oriented_documents; NaN without per-document
   scores. snr = spread / paired_stderr: a task below 1 (e.g. multiple choice at chance for a
   small model) does not separate the mixtures and only adds noise to every rank-based score.
@@ -69,7 +69,7 @@ import numpy as np
 from scipy.stats import rankdata
 
 from demix.evaluate.scoring import score_models
-from demix.search.objective import pooled_paired_stderr
+from demix.statistics import pooled_paired_stderr
 from demix.verdict import LEVEL, RESAMPLES, oriented_documents, percentile_interval, verdict
 
 AGGREGATE = "aggregate"

@@ -11,12 +11,16 @@ token counts; no model is read.
 
 from __future__ import annotations
 
+import math
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from demix.config import RunConfig, per_dataset
-from demix.data.shards import CuratedData
 from demix.errors import DemixError, MixtureError
-from demix.merge.weights import component_mix_matrix, data_to_component
+
+if TYPE_CHECKING:  # annotations only: the curated data's reader imports this module
+    from demix.data.shards import CuratedData
 
 # The final models a run trains: the chosen mixture and the two baselines, in report order.
 FINAL_LABELS = ("chosen", "uniform", "token_prior")
@@ -28,6 +32,55 @@ HULL_TOLERANCE = 1e-9
 def as_dict(names: list[str], weights) -> dict[str, float]:
     """Weights in `names` order as {name: float}."""
     return {n: float(w) for n, w in zip(names, weights, strict=True)}
+
+
+def component_mix_matrix(names: list[str], general: np.ndarray, general_ratio: float) -> np.ndarray:
+    """M with M[:, i] = training data mix of component i (rows: datasets)."""
+    d = len(names)
+    general = np.asarray(general, dtype=np.float64)
+    return general_ratio * np.outer(general, np.ones(d)) + (1 - general_ratio) * np.eye(d)
+
+
+def data_to_component(mix_matrix: np.ndarray, data_weights: np.ndarray) -> np.ndarray:
+    """c solving M c = d (exact when M is invertible, least squares otherwise)."""
+    d = np.asarray(data_weights, dtype=np.float64)
+    if mix_matrix.shape[0] == mix_matrix.shape[1]:
+        return np.linalg.solve(mix_matrix, d)
+    return np.linalg.lstsq(mix_matrix, d, rcond=None)[0]
+
+
+def validate_mixture(weights: dict[str, float], names: list[str]) -> np.ndarray:
+    """A {dataset: weight} mapping as a simplex point in `names` order; missing names count as 0.
+
+    Raises MixtureError for unknown names, non-numbers, NaN/inf, negative weights, or a sum
+    off 1 by more than 1e-6.
+    """
+    unknown = sorted(set(weights) - set(names))
+    if unknown:
+        raise MixtureError(
+            f"mixture names unknown dataset(s) {unknown}; known: {names} (check the spelling)"
+        )
+    values = []
+    for name in names:
+        value = weights.get(name, 0.0)
+        try:
+            values.append(float(value))
+        except (TypeError, ValueError):
+            raise MixtureError(
+                f"mixture weight of {name!r} is {value!r}, not a number; give a float in [0, 1]"
+            ) from None
+    w = np.array(values, dtype=np.float64)
+    if not np.all(np.isfinite(w)):
+        bad = [n for n, x in zip(names, w, strict=True) if not math.isfinite(x)]
+        raise MixtureError(f"mixture weight of {bad} is NaN or infinite; give floats in [0, 1]")
+    if (w < 0).any():
+        bad = {n: float(x) for n, x in zip(names, w, strict=True) if x < 0}
+        raise MixtureError(f"mixture has negative weights {bad}; weights must be >= 0")
+    if abs(w.sum() - 1) > 1e-6:
+        raise MixtureError(
+            f"mixture weights sum to {w.sum():.8f}, not 1 (within 1e-6); rescale them to sum 1"
+        )
+    return w
 
 
 def prior_vector(data: CuratedData) -> np.ndarray:

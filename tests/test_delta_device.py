@@ -251,10 +251,10 @@ def test_the_proxy_evaluator_logs_its_plan_and_follows_it(family, corpus_dir, tm
 def test_the_proxy_evaluator_refuses_before_loading_weights(
     family, corpus_dir, tmp_path, monkeypatch
 ):
-    import demix.merge.plan as plan
+    import demix.device_memory as device_memory
     import demix.proxies as proxies
 
-    monkeypatch.setattr(plan, "free_memory", lambda device: (10**4, 10**4))
+    monkeypatch.setattr(device_memory, "free_memory", lambda device: (10**4, 10**4))
     monkeypatch.setattr(proxies, "load_for_eval", lambda *a: pytest.fail("weights loaded"))
     with pytest.raises(ModelError, match="would fit: .*a device with"):
         proxies.ProxyEvaluator(*_evaluator_inputs(family, corpus_dir, tmp_path))

@@ -594,32 +594,32 @@ def test_builtin_task_without_local_data_is_refused_offline(tokenizer, tmp_path,
 def test_auto_batch_fits_the_free_memory_and_scores_like_a_set_batch(
     tokenizer, eval_dir, heldout_data, model, result, monkeypatch
 ):
+    from demix import device_memory
     from demix.evaluate import batch
-    from demix.merge import plan
 
     assert batch.row_bytes(model, 64) == 64 * 4 * (2 * 300 + 2 * 32 * 12)  # fp32, 2 x 32 hidden
     per_row = batch.row_bytes(model, model.config.max_position_embeddings)  # a row's width
     # three rows fit in half of the free memory: auto picks 3 and keeps it for later models
-    monkeypatch.setattr(plan, "free_memory", lambda device: (6 * per_row + 1, None))
+    monkeypatch.setattr(device_memory, "free_memory", lambda device: (6 * per_row + 1, None))
     config = EvaluateConfig(categories=CATEGORIES, limit=LIMIT, heldout_tokens=HELDOUT_TOKENS)
     assert config.batch_size == "auto"
     auto = Evaluator(config, tokenizer, "cpu", data=heldout_data, eval_data_dir=eval_dir)
     scored = auto.evaluate(model)
     assert auto.batch_rows(model) == 3
-    monkeypatch.setattr(plan, "free_memory", lambda device: (10**15, None))
+    monkeypatch.setattr(device_memory, "free_memory", lambda device: (10**15, None))
     assert auto.batch_rows(model) == 3
     for task, value in result.items():  # the batch changes speed only
         assert scored[task]["value"] == pytest.approx(value["value"], rel=1e-5, abs=1e-6), task
 
 
 def test_auto_batch_bounds(model, monkeypatch):
+    from demix import device_memory
     from demix.evaluate import batch
-    from demix.merge import plan
 
-    monkeypatch.setattr(plan, "free_memory", lambda device: (10**15, None))
+    monkeypatch.setattr(device_memory, "free_memory", lambda device: (10**15, None))
     assert batch.auto_batch_rows(model, 64, torch.device("cpu")) == batch.AUTO_MAX_ROWS["cpu"]
     assert batch.auto_batch_rows(model, 64, torch.device("cuda")) == batch.AUTO_MAX_ROWS["cuda"]
-    monkeypatch.setattr(plan, "free_memory", lambda device: (1, None))
+    monkeypatch.setattr(device_memory, "free_memory", lambda device: (1, None))
     assert batch.auto_batch_rows(model, 64, torch.device("cpu")) == 1  # never 0
 
 

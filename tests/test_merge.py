@@ -14,8 +14,9 @@ from safetensors.torch import save_file
 from demix.checkpoint import check_compatible
 from demix.config import ArchitectureConfig
 from demix.errors import MixtureError, ModelError
-from demix.merge import DeltaStack, component_mix_matrix, data_to_component, merge_to_disk
+from demix.merge import DeltaStack, merge_to_disk
 from demix.merge.delta_stack import relative_delta_norms
+from demix.mixtures import component_mix_matrix, data_to_component
 from demix.model import build_tiny_llama, load_model
 
 ARCH = ArchitectureConfig(

@@ -96,7 +96,7 @@ class MixtureSampler:
         if seq_len < 1 or batch_size < 1:
             raise ValueError(f"seq_len={seq_len} and batch_size={batch_size} must be >= 1")
         self.data, self.seq_len, self.batch_size, self.seed = data, seq_len, batch_size, seed
-        from demix.search.sampler import validate_mixture  # lazy: demix.search pulls LightGBM
+        from demix.mixtures import validate_mixture
 
         self.names = list(data.names)
         w = validate_mixture(weights, self.names)

@@ -1,7 +1,7 @@
 """The evaluation batch: how many packed rows one forward pass holds.
 
-`evaluate.batch_size: auto` sizes it from the device's free memory (demix.merge.plan.free_memory)
-and the model's shape, once per evaluator, at its first model: a row of `width` tokens holds the
+`evaluate.batch_size: auto` sizes it from the device's free memory
+(demix.device_memory.free_memory) and the model's shape, once per evaluator, at its first model: a row of `width` tokens holds the
 logits and their log-softmax (`vocab` values each, in the model's dtype) and a few hidden states
 per layer. Half of the free memory is used, and at most 256 rows on a GPU and 32 on a CPU (the
 CPU's former default batch); both caps are settings of this module, not measured optima.
@@ -13,7 +13,7 @@ import logging
 
 import torch
 
-from demix.merge import plan
+from demix import device_memory
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def row_bytes(model: torch.nn.Module, width: int) -> int:
 
 def auto_batch_rows(model: torch.nn.Module, width: int, device: torch.device) -> int:
     """Rows per forward pass for `evaluate.batch_size: auto` (logged with its inputs)."""
-    free = plan.free_memory(device)[0]
+    free = device_memory.free_memory(device)[0]
     per_row = row_bytes(model, width)
     cap = AUTO_MAX_ROWS.get(device.type, AUTO_MAX_ROWS["cpu"])
     rows = max(1, min(cap, int(AUTO_SHARE * free // per_row)))

@@ -12,8 +12,6 @@ __getattr__ = lazy_exports(
         "METHODS": "demix.merge.methods",
         "DeltaStack": "demix.merge.delta_stack",
         "MergeMethod": "demix.merge.methods",
-        "component_mix_matrix": "demix.merge.weights",
-        "data_to_component": "demix.merge.weights",
         "make_method": "demix.merge.methods",
         "merge_to_disk": "demix.merge.disk",
         "record_relative_delta_norm": "demix.merge.delta_stack",
@@ -22,8 +20,6 @@ __getattr__ = lazy_exports(
 )
 
 __all__ = [
-    "component_mix_matrix",
-    "data_to_component",
     "DeltaStack",
     "make_method",
     "merge_to_disk",

@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from demix import device_memory
 from demix.errors import ModelError
 from demix.merge.methods import MergeMethod, make_method
 from demix.merge.methods.base import DEFAULT_CHUNK
@@ -272,29 +273,6 @@ def device_name(device) -> str:
     return str(device)
 
 
-def host_available_bytes() -> int | None:
-    """MemAvailable of /proc/meminfo (None where there is none)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def free_memory(device) -> tuple[int | None, int | None]:
-    """(free bytes on the device, available host bytes); on a CPU device both are the host's."""
-    import torch
-
-    host = host_available_bytes()
-    device = torch.device(device)
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0]), host
-    return host, host
-
-
 def measure_bandwidths(device, nbytes: int = MEASURE_BYTES, repeats: int = 3) -> Bandwidths:
     """Copy bandwidths measured on `device` with a `nbytes` buffer (well under 0.5 s): device
     copy traffic (2 x bytes / s) and host-to-device from page-locked memory."""
@@ -351,7 +329,7 @@ def plan_for(
         method,
         delta_dtype,
         device_name(device),
-        *free_memory(device),
+        *device_memory.free_memory(device),
         bandwidths=measure_bandwidths(device),
         delta_device=delta_device,
     )

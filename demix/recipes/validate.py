@@ -30,8 +30,14 @@ from demix.data.shards import CuratedData
 from demix.evaluate.harness import Evaluator
 from demix.fidelity import AGGREGATE, fidelity, reliability, seed_noise, task_signal
 from demix.improvement import against_anchors
-from demix.merge.weights import data_to_component
-from demix.mixtures import as_dict, in_hull, mix_matrix, prior_vector, search_floor
+from demix.mixtures import (
+    as_dict,
+    data_to_component,
+    in_hull,
+    mix_matrix,
+    prior_vector,
+    search_floor,
+)
 from demix.model import resolve_device
 from demix.proxies import (
     SMALL_UPDATE,

@@ -23,7 +23,7 @@ __getattr__ = lazy_exports(
         "search_objective": "demix.search.objective",
         "select_final": "demix.search.rounds",
         "uniform_mixture": "demix.search.sampler",
-        "validate_mixture": "demix.search.sampler",
+        "validate_mixture": "demix.mixtures",
         "weights_matrix": "demix.search.loop",
     },
 )

@@ -35,6 +35,7 @@ import numpy as np
 
 from demix.config import SamplerConfig
 from demix.errors import MixtureError
+from demix.mixtures import validate_mixture as validate_mixture  # its home: demix.mixtures
 
 # Sampling stops when the rows found stop growing: the space (or the part of it the Dirichlet
 # reaches) is exhausted. Both bounds keep a hopeless request from spinning.
@@ -255,37 +256,3 @@ def sample_mixtures(
 def uniform_mixture(d: int) -> np.ndarray:
     """The uniform mixture over d datasets."""
     return np.full(d, 1.0 / d)
-
-
-def validate_mixture(weights: dict[str, float], names: list[str]) -> np.ndarray:
-    """A {dataset: weight} mapping as a simplex point in `names` order; missing names count as 0.
-
-    Raises MixtureError for unknown names, non-numbers, NaN/inf, negative weights, or a sum
-    off 1 by more than 1e-6.
-    """
-    unknown = sorted(set(weights) - set(names))
-    if unknown:
-        raise MixtureError(
-            f"mixture names unknown dataset(s) {unknown}; known: {names} (check the spelling)"
-        )
-    values = []
-    for name in names:
-        value = weights.get(name, 0.0)
-        try:
-            values.append(float(value))
-        except (TypeError, ValueError):
-            raise MixtureError(
-                f"mixture weight of {name!r} is {value!r}, not a number; give a float in [0, 1]"
-            ) from None
-    w = np.array(values, dtype=np.float64)
-    if not np.all(np.isfinite(w)):
-        bad = [n for n, x in zip(names, w, strict=True) if not math.isfinite(x)]
-        raise MixtureError(f"mixture weight of {bad} is NaN or infinite; give floats in [0, 1]")
-    if (w < 0).any():
-        bad = {n: float(x) for n, x in zip(names, w, strict=True) if x < 0}
-        raise MixtureError(f"mixture has negative weights {bad}; weights must be >= 0")
-    if abs(w.sum() - 1) > 1e-6:
-        raise MixtureError(
-            f"mixture weights sum to {w.sum():.8f}, not 1 (within 1e-6); rescale them to sum 1"
-        )
-    return w

@@ -24,6 +24,7 @@ from demix.storage.manifest import (
     read_manifest,
     write_manifest,
 )
+from demix.storage.outputs import write_output_bytes
 from demix.storage.remote import (
     artifact_output,
     checkpoint_sync,
@@ -34,7 +35,6 @@ from demix.storage.remote import (
     remote_files,
     synced_folder,
     upload_artifact,
-    write_output_bytes,
 )
 from demix.storage.uris import cache_dir, check_uri, is_remote, split_gs
 

@@ -31,6 +31,7 @@ import contextlib
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,8 +182,6 @@ def claim_folder(uri: str | Path, kind: str) -> None:
 
         bucket, key = split_gs(str(uri))
         if gcs.read_bytes(gcs.bucket(bucket), f"{key}/{OUTPUT_MARKER}") is None:
-            from demix.storage.remote import write_output_bytes
-
             write_output_bytes(f"gs://{bucket}/{key}/{OUTPUT_MARKER}", marker_bytes(kind))
         return
     path = Path(uri)
@@ -275,3 +274,22 @@ def guarded_outputs(*outputs: Output) -> Iterator[None]:
             with contextlib.suppress(OSError, DemixError):  # the first error is the one to show
                 entry.undo()
         raise
+
+
+def write_output_bytes(uri: str | Path, data: bytes) -> None:
+    """Write one output file atomically to a local path, or upload it to a gs:// URI.
+
+    Raises DataError for an unknown scheme, a missing bucket or a failed upload.
+    """
+    check_uri(uri)
+    if not is_remote(uri):
+        atomic_write_bytes(uri, data)
+        return
+    from demix import gcs
+
+    bucket, key = split_gs(str(uri))
+    bkt = gcs.bucket(bucket)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "upload"
+        path.write_bytes(data)
+        gcs.upload_file(bkt, key, path)

@@ -24,7 +24,12 @@ from demix.storage.manifest import (
     parse_manifest,
     read_manifest,
 )
-from demix.storage.outputs import OUTPUT_MARKER, Output, check_output, marker_bytes
+from demix.storage.outputs import (
+    OUTPUT_MARKER,
+    Output,
+    check_output,
+    marker_bytes,
+)
 from demix.storage.uris import check_uri, is_remote, mirror, split_gs
 
 
@@ -340,22 +345,3 @@ def synced_folder(uri: str | Path) -> Iterator[Path]:
         for rel in list_files(local):
             if not gcs.same_object(existing.get(f"{key}/{rel}"), local / rel):
                 gcs.upload_file(bkt, f"{key}/{rel}", local / rel)
-
-
-def write_output_bytes(uri: str | Path, data: bytes) -> None:
-    """Write one output file atomically to a local path, or upload it to a gs:// URI.
-
-    Raises DataError for an unknown scheme, a missing bucket or a failed upload.
-    """
-    check_uri(uri)
-    if not is_remote(uri):
-        atomic_write_bytes(uri, data)
-        return
-    from demix import gcs
-
-    bucket, key = split_gs(str(uri))
-    bkt = gcs.bucket(bucket)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "upload"
-        path.write_bytes(data)
-        gcs.upload_file(bkt, key, path)

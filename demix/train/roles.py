@@ -20,8 +20,7 @@ from pathlib import Path
 from demix.config import RunConfig, StageTraining
 from demix.data.shards import CuratedData
 from demix.errors import DemixError
-from demix.mixtures import as_dict
-from demix.search.sampler import validate_mixture
+from demix.mixtures import as_dict, validate_mixture
 from demix.train.job import job_fingerprint
 from demix.train.loop import CheckpointHook, train_model
 

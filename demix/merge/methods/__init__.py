@@ -24,6 +24,7 @@ from demix.merge.methods.dare import DareLinear, DareTies
 from demix.merge.methods.linear import Linear
 from demix.merge.methods.task_arithmetic import TaskArithmetic
 from demix.merge.methods.ties import Ties
+from demix.merge.registry import METHOD_PARAMETERS
 
 METHODS: dict[str, type[MergeMethod]] = {
     cls.name: cls for cls in (Linear, TaskArithmetic, Ties, DareLinear, DareTies)
@@ -33,6 +34,12 @@ METHODS: dict[str, type[MergeMethod]] = {
 def method_parameters(name: str) -> tuple[str, ...]:
     """The parameters a method takes (besides the weights)."""
     return tuple(f.name for f in fields(METHODS[name]))
+
+
+# The registry the config reads is the one source of names and parameters: refuse to load
+# methods that disagree with it (a new method or parameter is added to both).
+if {name: method_parameters(name) for name in METHODS} != METHOD_PARAMETERS:
+    raise ImportError("demix.merge.methods and demix.merge.registry name different parameters")
 
 
 def make_method(method: str | MergeMethod = "linear", **parameters) -> MergeMethod:

@@ -1,0 +1,49 @@
+"""The house: demix's imports point down the layers of demix.tools.layers, with no cycle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from demix.tools import layers
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_repository_has_no_upward_arrow_and_no_cycle(capsys):
+    assert layers.main([str(ROOT)]) == 0
+    out = capsys.readouterr().out
+    assert "ok:" in out and "UPWARD" not in out and "CYCLE" not in out
+    # every layer is printed, top first
+    assert out.splitlines()[0].split()[1] == layers.LAYERS[-1][0]
+
+
+def _module(root: Path, name: str, text: str) -> None:
+    path = root / (name.replace(".", "/") + ".py")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for parent in path.relative_to(root).parents:
+        if str(parent) != ".":
+            (root / parent / "__init__.py").touch()
+    path.write_text(text)
+
+
+def test_an_upward_arrow_and_a_cycle_fail(tmp_path, capsys):
+    _module(tmp_path, "demix.config", "def f():\n    from demix.search import loop\n")
+    _module(tmp_path, "demix.search.loop", "from demix.search.rounds import x\n")
+    _module(tmp_path, "demix.search.rounds", "from demix.search import loop\nx = 1\n")
+    _module(
+        tmp_path,
+        "demix.mixtures",
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from demix.data import shards\n",
+    )
+    _module(tmp_path, "demix.data.shards", "import demix.mixtures\n")
+    assert layers.main([str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "UPWARD demix.config (config) -> demix.search.loop (search)" in out
+    assert "CYCLE demix.search.loop <-> demix.search.rounds" in out
+    # an import for annotations only is no arrow: data -> mixtures is down, and no cycle
+    assert "demix.mixtures <->" not in out and "UPWARD demix.mixtures" not in out
+
+
+def test_every_module_is_in_a_layer():
+    for module in layers.module_files(ROOT):
+        layers.layer_of(module)  # raises LookupError for a module no layer names
