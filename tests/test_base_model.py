@@ -337,7 +337,9 @@ def test_under_launcher_semantics_the_bucket_base_enters_as_the_train_base_artif
     store.upload(tmp_path / "dataset", data_uri)
     store.upload(tmp_path / "config.yaml", config_uri)
     inputs = {"config": [artifact(config_uri)], "data": [artifact(data_uri, "system.Dataset")]}
-    package = pipeline.compile_pipeline("kubeflow", tmp_path / "kubeflow.yaml", rounds=2)
+    package = pipeline.compile_pipeline(
+        "kubeflow", tmp_path / "kubeflow.yaml", rounds=2, allow_local_images=True
+    )
     launcher = Launcher(package, store, tmp_path / "work")
 
     params = {"role": "base", "name": "base", "processes": 1, "cluster": ""}
