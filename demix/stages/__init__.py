@@ -1,0 +1,81 @@
+"""The DeMix stages: one function per stage, over artifact folders.
+
+Each stage reads its inputs (curated dataset, model folders, JSON tables), writes one artifact
+folder or file (manifest last) and returns what it made. The recipes (`demix run`, validate,
+reproduce) and the KFP components call these same functions, so a stage behaves the same in a
+local run and in a pipeline task; neither adds logic of its own.
+
+    curate      curate_stage | plan_curation_stage -> curate_group_stage -> merge_curation_stage
+    train       train_stage (base, component, reference, final; 1 or N processes)
+    search      search_stage (the loop) | propose/select in predict_stage
+    proxies     make_proxy, evaluate_proxies_stage (a round's proxies), merge_stage (on disk)
+    finals      evaluate_models_stage, evaluate_finals_stage (scores, summary.json, report)
+    artifacts   the base's folder, the model index and the component manifests
+
+The names below are those the recipes, components and tests import from `demix.stages`.
+"""
+
+from demix.stages.artifacts import (
+    base_model_dir,
+    index_entry,
+    models_by_name,
+    read_component_manifests,
+    read_model_index,
+    write_index_entries,
+    write_model_index,
+)
+from demix.stages.curate import (
+    curate_group_stage,
+    curate_stage,
+    curation_fingerprint,
+    fetch_configured_demo,
+    merge_curation_stage,
+    plan_curation_stage,
+)
+from demix.stages.finals import (
+    evaluate_each,
+    evaluate_finals_stage,
+    evaluate_models_stage,
+    finals_by_label,
+    judge_finals,
+)
+from demix.stages.proxies import evaluate_proxies_stage, make_proxy, merge_stage
+from demix.stages.search import (
+    describe_selection,
+    predict_stage,
+    propose_stage,
+    search_stage,
+    select_stage,
+)
+from demix.stages.train import train_components, train_stage
+
+__all__ = [
+    "base_model_dir",
+    "curate_group_stage",
+    "curate_stage",
+    "curation_fingerprint",
+    "describe_selection",
+    "evaluate_each",
+    "evaluate_finals_stage",
+    "evaluate_models_stage",
+    "evaluate_proxies_stage",
+    "fetch_configured_demo",
+    "finals_by_label",
+    "index_entry",
+    "judge_finals",
+    "make_proxy",
+    "merge_curation_stage",
+    "merge_stage",
+    "models_by_name",
+    "plan_curation_stage",
+    "predict_stage",
+    "propose_stage",
+    "read_component_manifests",
+    "read_model_index",
+    "search_stage",
+    "select_stage",
+    "train_components",
+    "train_stage",
+    "write_index_entries",
+    "write_model_index",
+]

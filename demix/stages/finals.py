@@ -1,0 +1,126 @@
+"""Final stages: evaluate trained models, judge the finals (verdict) and write the run's
+scores, summary.json and report."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from demix import evaluate
+from demix.checkpoint import RELATIVE_DELTA_NORM
+from demix.config import RunConfig
+from demix.data.shards import CuratedData
+from demix.errors import DemixError
+from demix.mixtures import components_in_order, final_run_names, split_seed
+from demix.report.summary import stage_timings, summarize, write_document_scores, write_summary
+from demix.verdict import final_verdict
+
+if TYPE_CHECKING:
+    from demix.evaluate import Evaluator
+
+
+def evaluate_each(
+    config: RunConfig,
+    data: CuratedData,
+    models: dict[str, Path],
+    evaluator: Evaluator | None = None,
+) -> dict[str, dict]:
+    """Each model's task results (with per-document scores), by name."""
+    from demix.model import resolve_device
+    from demix.proxies import load_for_eval, make_evaluator
+
+    device = resolve_device(config.train.device)
+    evaluator = evaluator or make_evaluator(config, data, device)
+    results = {}
+    for name, path in models.items():
+        model = load_for_eval(config, path, device)
+        results[name] = evaluator.evaluate(model)
+        del model
+    return results
+
+
+def evaluate_models_stage(
+    config: RunConfig,
+    data: CuratedData,
+    models: dict[str, Path],
+    evaluator: Evaluator | None = None,
+) -> dict[str, dict]:
+    """Evaluate models and rank them against each other (`demix evaluate`: a quick look, not a
+    verdict; final models get one from evaluate_finals_stage)."""
+    results = evaluate_each(config, data, models, evaluator)
+    scores = evaluate.score_models(list(results.values()), config.evaluate.categories)
+    return {
+        label: {
+            "ranking_score": s["ranking_score"],
+            "categories": s["categories"],
+            "tasks": results[label],
+        }
+        for label, s in zip(results, scores, strict=True)
+    }
+
+
+def finals_by_label(names: list[str], results: dict[str, dict]) -> dict[str, list[dict]]:
+    """Final models' results grouped by label, one per seed in seed order."""
+    grouped: dict[str, dict[int, dict]] = {}
+    for name in names:
+        label, seed = split_seed(name)
+        grouped.setdefault(label, {})[seed] = results[name]
+    return {label: [runs[s] for s in sorted(runs)] for label, runs in grouped.items()}
+
+
+def judge_finals(
+    config: RunConfig, results: dict[str, list[dict]], chosen: str = "chosen"
+) -> dict[str, dict]:
+    """The verdict of `chosen` against every other label (demix.verdict.final_verdict)."""
+    return final_verdict(
+        results,
+        config.evaluate.categories,
+        config.evaluate.category_weights,
+        chosen=chosen,
+        seed=config.seed,
+    )
+
+
+def evaluate_finals_stage(
+    config: RunConfig,
+    data: CuratedData,
+    base: Path,
+    components: dict[str, dict],
+    finals: dict[str, Path],
+    selection: dict,
+    out: Path,
+    evaluator: Evaluator | None = None,
+) -> dict:
+    """Evaluate the final models (every label and seed), judge the chosen mixture against the
+    baselines, write final_scores.json (per-document scores), summary.json and report.html
+    into `out`; return the summary (the same for `demix run` and the pipeline).
+
+    `components`: the component models' manifests by name (their weights are not needed); a
+    selection without relative delta norms takes them from there.
+    Raises DemixError when a final model of the configured labels and seeds is missing, or a
+    component manifest has no relative delta norm where one is needed.
+    """
+    names = final_run_names(config.final.seeds)
+    missing = sorted(set(names) - set(finals))
+    if missing:
+        raise DemixError(f"final models {missing} are missing (final.seeds={config.final.seeds})")
+    finals = {name: finals[name] for name in names}
+    if selection.get("relative_delta_norms") is None and components:
+        norms = {}
+        for name, manifest in zip(data.names, components_in_order(data, components), strict=True):
+            norms[name] = manifest.get(RELATIVE_DELTA_NORM)
+            if norms[name] is None:
+                raise DemixError(f"component {name!r}: its manifest has no relative delta norm")
+        selection = {**selection, "relative_delta_norms": norms}
+    start = time.perf_counter()
+    results = finals_by_label(names, evaluate_each(config, data, finals, evaluator))
+    verdict = judge_finals(config, results)
+    seconds = time.perf_counter() - start
+    write_document_scores(out / "final_scores.json", results)
+    timings = stage_timings(config, data, selection, base, components, finals, seconds)
+    summary = summarize(
+        config, data, selection, results, verdict, base, components, finals, timings
+    )
+    write_summary(out, summary, selection, config)
+    return summary
