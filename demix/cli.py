@@ -10,18 +10,15 @@ import argparse
 import contextlib
 import functools
 import json
-import math
 import os
 import sys
 import traceback
 from pathlib import Path
 
-from demix.data.sources import json_type
 from demix.errors import (
     INTERNAL_EXIT_CODE,
     ConfigError,
     DemixError,
-    MixtureError,
     describe_input_error,
     one_line,
 )
@@ -37,123 +34,14 @@ from demix.storage.outputs import (
 
 
 def parse_mixture(text: str) -> dict[str, float]:
-    """'general=0.5,code=0.3,math=0.2', a JSON object (or {"mixture": {...}}), or a path to a
-    JSON file of either: {dataset: weight}, every weight a finite number >= 0.
+    """--mixture's value as {dataset: weight} (demix.mixtures.parse_mixture, imported on use:
+    numpy is not needed to parse the command line).
 
-    Raises MixtureError naming the entry (or file) for text that is none of these.
+    Raises MixtureError naming the entry (or file) for text that is no mixture.
     """
+    from demix.mixtures import parse_mixture as parse
 
-    source = f"mixture {text[:80]!r}" + ("..." if len(text) > 80 else "")
-    if text.endswith(".json") and not text.lstrip().startswith(("{", "[")):
-        source = f"mixture file {text if text.isprintable() else repr(text)}"
-        try:
-            text = Path(text).read_bytes().decode("utf-8-sig")
-        except UnicodeDecodeError as err:
-            wide = "UTF-16 encoded" if err.object[:2] in (b"\xff\xfe", b"\xfe\xff") else None
-            raise MixtureError(
-                f"{source}: {wide or f'not UTF-8 text (bad byte at offset {err.start})'}; "
-                "convert it to UTF-8"
-            ) from None
-        except (OSError, ValueError) as err:  # ValueError: a NUL in the path
-            reason = getattr(err, "strerror", None) or one_line(err)
-            raise MixtureError(f"{source}: cannot read it ({reason})") from None
-        return _mixture_json(text.strip(), source)
-    text = text.strip()
-    if text.startswith(("{", "[")):
-        return _mixture_json(text, source)
-    out: dict[str, float] = {}
-    for part in filter(None, text.split(",")):
-        name, sep, value = part.partition("=")
-        name = name.strip()
-        if not sep or not name:
-            raise MixtureError(
-                f"mixture entry {part!r}: expected name=weight (e.g. general=0.5,code=0.5)"
-            )
-        if name in out:
-            raise MixtureError(f"mixture entry {part!r}: {name!r} is given twice; give it once")
-        try:
-            out[name] = _weight(name, float(value))
-        except ValueError:
-            raise MixtureError(
-                f"mixture entry {part!r}: {value!r} is not a number; write name=weight with "
-                "weights summing to 1"
-            ) from None
-    return _no_negatives(out)
-
-
-def _mixture_json(text: str, source: str) -> dict[str, float]:
-    """A mixture given as JSON: an object of weights, or {"mixture": {...}}.
-
-    Raises MixtureError for text that is not JSON, not an object, or names a dataset twice, and
-    naming the entry of a weight that is not a finite number >= 0.
-    """
-
-    def unique(pairs: list[tuple[str, object]]) -> dict[str, object]:
-        """A JSON object's pairs as a dict; MixtureError when a key is given twice."""
-        seen: dict[str, object] = {}
-        for key, value in pairs:
-            if key in seen:
-                raise MixtureError(f"{source}: {key!r} is given twice; give each dataset once")
-            seen[key] = value
-        return seen
-
-    try:
-        raw = json.loads(text, object_pairs_hook=unique)
-    except json.JSONDecodeError as err:
-        raise MixtureError(
-            f"{source}: not valid JSON ({err.msg} at line {err.lineno} column {err.colno})"
-        ) from None
-    except (ValueError, RecursionError) as err:  # too many digits; nested too deeply
-        reason = "nested too deeply" if isinstance(err, RecursionError) else one_line(err)
-        raise MixtureError(f"{source}: not valid JSON ({reason})") from None
-    if isinstance(raw, dict) and isinstance(raw.get("mixture"), dict):
-        raw = raw["mixture"]
-    if not isinstance(raw, dict):
-        raise MixtureError(
-            f"{source}: expected a JSON object {{dataset: weight}}, got {json_type(raw)}; "
-            'e.g. {"general": 0.5, "code": 0.5}'
-        )
-    out = {}
-    for name, value in raw.items():
-        if not name.strip():
-            raise MixtureError(f"{source}: a dataset name is empty; name each weight's dataset")
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise MixtureError(
-                f"mixture entry {name!r}: weight is {json_type(value)} ({value!r:.60}), not a "
-                "number; give a float in [0, 1]"
-            )
-        try:
-            out[name] = _weight(name, float(value))
-        except OverflowError:
-            raise MixtureError(
-                f"mixture entry {name!r}: weight is too large for a float; give a float in [0, 1]"
-            ) from None
-    return _no_negatives(out)
-
-
-def _weight(name: str, value: float) -> float:
-    """`value` when it is finite.
-
-    Raises MixtureError naming the entry of a NaN or infinite weight.
-    """
-    if not math.isfinite(value):
-        raise MixtureError(
-            f"mixture weight of {name!r} is NaN or infinite ({value}); give a float in [0, 1]"
-        )
-    return value
-
-
-def _no_negatives(mixture: dict[str, float]) -> dict[str, float]:
-    """`mixture` when no weight is negative.
-
-    Raises MixtureError naming every negative entry.
-    """
-    bad = {name: w for name, w in mixture.items() if w < 0}
-    if bad:
-        raise MixtureError(
-            f"mixture has negative weights {bad}; a weight is a share of the data, 0 or more"
-        )
-    return mixture
+    return parse(text)
 
 
 def _components(values: list[str]) -> dict[str, Path]:

@@ -97,3 +97,16 @@ def describe_input_error(err: BaseException) -> str | None:
     if library == "jinja2" and source and lineno:
         return f"{source}:{lineno}: {what} ({one_line(getattr(err, 'message', err))})"
     return f"{what} ({one_line(err) or type(err).__name__})"
+
+
+def json_type(value: object) -> str:
+    """The JSON name of a parsed value's type, with an article: "null", "a number", "an array"."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, list):
+        return "an array"
+    return "an object" if isinstance(value, dict) else "a string"

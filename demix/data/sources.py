@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from demix.config import DatasetSpec
-from demix.errors import DataError, DemixError, one_line
+from demix.errors import DataError, DemixError, json_type, one_line
 from demix.storage import check_uri, fetch_files, is_remote, remote_files, split_gs
 
 # What a folder is expanded to (a saved `datasets` folder: its .arrow shards instead).
@@ -259,19 +259,6 @@ def read_json_line(line: str, where: str, error: type[DemixError]) -> Any:
     except ValueError:  # sys.get_int_max_str_digits(): 4300 digits by default
         reason = "a number with too many digits"
     raise error(f"{where}: not valid JSON ({reason})")
-
-
-def json_type(value: Any) -> str:
-    """The JSON name of a parsed value's type, with an article: "null", "a number", "an array"."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, list):
-        return "an array"
-    return "an object" if isinstance(value, dict) else "a string"
 
 
 def read_file_documents(path: Path, spec: DatasetSpec) -> Iterator[str]:
