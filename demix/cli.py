@@ -8,13 +8,28 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import os
 import sys
 import traceback
 from pathlib import Path
 
+from demix.cli_outputs import (
+    curate_out,
+    demo_out,
+    evaluate_out,
+    export_out,
+    local_folder,
+    merge_out,
+    process_rank,
+    recipe_out,
+    run_config,
+    search_out,
+    train_out,
+    validate_out,
+    writes,
+)
+from demix.cli_outputs import parse_overrides as parse_overrides  # `--set`: tests, callers
 from demix.errors import (
     INTERNAL_EXIT_CODE,
     ConfigError,
@@ -23,14 +38,7 @@ from demix.errors import (
     one_line,
 )
 from demix.logs import configure_logging
-from demix.storage.outputs import (
-    REPRODUCE_KIND,
-    RUN_KIND,
-    SEARCH_KIND,
-    VALIDATE_KIND,
-    Output,
-    guarded_outputs,
-)
+from demix.storage.outputs import REPRODUCE_KIND, RUN_KIND
 
 
 def parse_mixture(text: str) -> dict[str, float]:
@@ -71,110 +79,7 @@ def _model(uri: str) -> Path:
     return model_folder(uri)
 
 
-def _writes(outputs):
-    """Run a command under the output rule of demix.storage.outputs for the paths `outputs(args)`.
-
-    They are checked before any work (a path holding what demix did not write is refused), and
-    what the command created there is removed again when it fails with a DemixError.
-    """
-
-    def wrap(command):
-        @functools.wraps(command)
-        def guarded(args) -> None:
-            with guarded_outputs(*outputs(args)):
-                command(args)
-
-        return guarded
-
-    return wrap
-
-
-def _demo_out(out: str | None) -> list:
-    """The demo data folder `out` (fetch-demo --out, a config's data.fetch_demo) as an output."""
-    from demix.data.demo import DEMO_KIND
-
-    return [Output(out, DEMO_KIND)] if out else []
-
-
-def _curate_out(args) -> list:
-    """curate: the dataset artifact and the demo folder its config fetches into."""
-    from demix.data.shards import DATASET_KIND
-
-    return [Output(args.out, DATASET_KIND), *_demo_out(_config(args).data.fetch_demo)]
-
-
-def _train_out(args) -> list:
-    """train: the model artifact and the checkpoint folder `<out>.ckpt` training keeps beside it."""
-    from demix.checkpoint import MODEL_KIND
-    from demix.train import CHECKPOINT_KIND
-
-    ckpt = f"{str(args.out).rstrip('/')}.ckpt"  # train_model's and checkpoint_sync's name for it
-    outputs = [Output(args.out, MODEL_KIND), Output(ckpt, CHECKPOINT_KIND)]
-    if args.publish_uri and _main_training_process():  # the others never write to the bucket
-        outputs.append(Output(f"{args.publish_uri.rstrip('/')}.ckpt", CHECKPOINT_KIND))
-    return outputs
-
-
-def _main_training_process() -> bool:
-    """Whether this is the main training process: rank 0 of a launch, or (before one) the
-    process of this machine when it is the first of a Vertex AI cluster or alone."""
-    from demix.distributed import cluster_from_env
-
-    if _rank() != 0:
-        return False
-    cluster = cluster_from_env()
-    return cluster is None or cluster.rank == 0
-
-
-def _merge_out(args) -> list:
-    """merge: the merged model artifact."""
-    from demix.checkpoint import MODEL_KIND
-
-    return [Output(args.out, MODEL_KIND)]
-
-
-def _is_evaluation(data: bytes) -> bool:
-    """Whether a file holds what `demix evaluate --out` writes: {model: {ranking_score, ...}}."""
-    try:
-        found = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        return False
-    return (
-        isinstance(found, dict)
-        and bool(found)
-        and all(
-            isinstance(v, dict) and {"ranking_score", "categories"} <= set(v)
-            for v in found.values()
-        )
-    )
-
-
-def _evaluate_out(args) -> list:
-    """evaluate: the optional JSON file --out, replaced only when it holds an earlier result."""
-    return [Output(args.out, "demix.evaluation", "file", _is_evaluation)] if args.out else []
-
-
-def _search_out(args) -> list:
-    """search: the search folder (local or gs://) it writes scores.jsonl and result.json into."""
-    return [Output(args.out, SEARCH_KIND, "folder")]
-
-
-def _validate_out(args) -> list:
-    """validate: the local folder for fidelity.json, fidelity.html and references/."""
-    return [Output(_local_folder(args.out), VALIDATE_KIND, "folder")]
-
-
-def _recipe_out(kind: str):
-    """run / reproduce: the local run folder, and the demo folder the config fetches into."""
-
-    def outputs(args) -> list:
-        folder = Output(_local_folder(args.out), kind, "folder")
-        return [folder, *_demo_out(_config(args).data.fetch_demo)]
-
-    return outputs
-
-
-@_writes(lambda args: _demo_out(args.out))
+@writes(lambda args: demo_out(args.out))
 def _cmd_fetch_demo(args) -> None:
     from demix.data.demo import fetch_demo
 
@@ -182,25 +87,25 @@ def _cmd_fetch_demo(args) -> None:
     print(f"demo data ready in {args.out}")
 
 
-@_writes(_curate_out)
+@writes(curate_out)
 def _cmd_curate(args) -> None:
     from demix.stages import curate_stage
     from demix.storage import artifact_output
 
-    config = _config(args)
+    config = run_config(args)
     with artifact_output(args.out) as out:
         data = curate_stage(config, out)
     shown = {"datasets": data.names, "token_prior": data.token_prior}
     print(json.dumps({**shown, "targets": data.targets} if data.targets else shown, indent=2))
 
 
-@_writes(_train_out)
+@writes(train_out)
 def _cmd_train(args) -> None:
     from demix.distributed import cluster_from_env, launched, node_first, run_launched
     from demix.stages import train_stage
     from demix.storage import artifact_output, checkpoint_sync, discard_checkpoint, is_remote
 
-    config = _config(args)
+    config = run_config(args)
     if args.publish_uri and not is_remote(args.publish_uri):
         raise DemixError(
             f"--publish-uri {args.publish_uri}: give the gs:// URI the local --out is published at"
@@ -260,12 +165,12 @@ def _cmd_train(args) -> None:
         print(f"model written to {args.out}")
 
 
-@_writes(_merge_out)
+@writes(merge_out)
 def _cmd_merge(args) -> None:
     from demix.stages import merge_stage
     from demix.storage import artifact_output
 
-    config = _config(args)
+    config = run_config(args)
     mixture = parse_mixture(args.mixture)
     data, base, components = _dataset(args.data), _model(args.base), _components(args.components)
     with artifact_output(args.out) as out:
@@ -277,14 +182,14 @@ def _cmd_merge(args) -> None:
     )
 
 
-@_writes(_evaluate_out)
+@writes(evaluate_out)
 def _cmd_evaluate(args) -> None:
     from demix.model import resolve_device
     from demix.proxies import make_evaluator
     from demix.stages import evaluate_models_stage
     from demix.storage import check_uri, write_output_bytes
 
-    config = _config(args)
+    config = run_config(args)
     if args.out:
         check_uri(args.out)
     data = _dataset(args.data)
@@ -305,12 +210,12 @@ def _cmd_evaluate(args) -> None:
     )
 
 
-@_writes(_search_out)
+@writes(search_out)
 def _cmd_search(args) -> None:
     from demix.stages import search_stage
     from demix.storage import synced_folder
 
-    config = _config(args)
+    config = run_config(args)
     data, base, components = _dataset(args.data), _model(args.base), _components(args.components)
     with synced_folder(args.out) as out:
         result = search_stage(config, data, base, components, out)
@@ -319,14 +224,14 @@ def _cmd_search(args) -> None:
     )
 
 
-@_writes(_validate_out)
+@writes(validate_out)
 def _cmd_validate(args) -> None:
     from demix.data.shards import CuratedData
     from demix.fidelity import AGGREGATE
     from demix.recipes.validate import validate_stage
 
     result = validate_stage(
-        _config(args),
+        run_config(args),
         CuratedData(args.data),
         Path(args.base),
         _components(args.components),
@@ -365,37 +270,24 @@ def _cmd_validate(args) -> None:
     print(f"wrote {Path(args.out) / 'fidelity.json'} and {Path(args.out) / 'fidelity.html'}")
 
 
-@_writes(_recipe_out(REPRODUCE_KIND))
+@writes(recipe_out(REPRODUCE_KIND))
 def _cmd_reproduce(args) -> None:
     from demix.recipes.reproduce import reproduce
 
-    reproduce(_config(args), Path(args.out))
+    reproduce(run_config(args), Path(args.out))
     print((Path(args.out) / "reproduce.md").read_text())
     print(f"wrote {Path(args.out) / 'reproduce.json'} and {Path(args.out) / 'reproduce.md'}")
 
 
-def _local_folder(uri: str) -> Path:
-    """A folder argument that must be local (a /gcs/ mount path is local)."""
-    from demix.storage import check_uri, is_remote
-
-    check_uri(uri)
-    if is_remote(uri):
-        raise DemixError(
-            f"{uri}: this command writes a local run folder; give a local or /gcs/... path, "
-            "or run the stages one by one with gs:// URIs"
-        )
-    return Path(uri)
-
-
-@_writes(_recipe_out(RUN_KIND))
+@writes(recipe_out(RUN_KIND))
 def _cmd_run(args) -> None:
     from demix.base_model import check_base_reachable
     from demix.recipes.run import run
     from demix.report import print_summary
 
-    config = _config(args)
+    config = run_config(args)
     check_base_reachable(config.model.base)  # before the run folder is written
-    out = _local_folder(args.out)
+    out = local_folder(args.out)
     summary = run(config, out)
     print_summary(summary, out)
 
@@ -404,7 +296,7 @@ def _cmd_report(args) -> None:
     from demix.config import RunConfig
     from demix.report import write_report
 
-    out = _local_folder(args.run)
+    out = local_folder(args.run)
     for name in ("summary.json", "config.json", "search/result.json"):  # what `demix run` wrote
         if not (out / name).is_file():
             raise DemixError(
@@ -417,19 +309,12 @@ def _cmd_report(args) -> None:
     print(write_report(out, summary, found, config))
 
 
-def _export_out(args) -> list:
-    """export: the optional file --out, replaced only when it holds an earlier export."""
-    from demix.export import EXPORT_KIND, is_export
-
-    return [Output(args.out, EXPORT_KIND, "file", is_export)] if args.out else []
-
-
-@_writes(_export_out)
+@writes(export_out)
 def _cmd_export(args) -> None:
     from demix.export import parse_prefixes, read_run, render
     from demix.storage import write_output_bytes
 
-    export = read_run(_local_folder(args.run))
+    export = read_run(local_folder(args.run))
     text = render(export, args.format, parse_prefixes(args.prefix, export["datasets"]))
     if args.out:
         write_output_bytes(args.out, text.encode())
@@ -441,40 +326,11 @@ def _cmd_export(args) -> None:
 def _cmd_validate_config(args) -> None:
     from demix.base_model import check_base_reachable
 
-    config = _config(args)
+    config = run_config(args)
     check_base_reachable(config.model.base)  # a hub id needs the hub where it runs
     print(
         f"{args.config}: valid ({len(config.data.datasets)} datasets, {len(config.evaluate.tasks)} tasks)"
     )
-
-
-def _config(args):
-    from demix.config import load_config
-
-    if getattr(args, "loaded_config", None) is None:  # loaded once: outputs, then the command
-        args.loaded_config = load_config(args.config, parse_overrides(args.set))
-    return args.loaded_config
-
-
-def parse_overrides(items: list[str]) -> dict[str, object]:
-    """`--set key.path=value` items as {key.path: value}, values read as YAML.
-
-    Raises ConfigError naming the item without a key or whose value is not valid YAML.
-    """
-    from demix.config import load_yaml
-
-    overrides = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. merge.method=ties")
-        if not key.strip().isprintable() or len(key.split()) > 1:
-            raise ConfigError(
-                f"--set {item!r}: {key.strip()!r} is not a key path; write KEY=VALUE with a "
-                "dotted key, e.g. merge.method=ties"
-            )
-        overrides[key.strip()] = load_yaml(value, f"--set {item!r}")
-    return overrides
 
 
 class _Parser(argparse.ArgumentParser):
@@ -642,14 +498,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _rank() -> int:
-    """This process's rank among training processes (0 when not launched)."""
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
-
-
 def report_error(err: Exception, debug: bool = False) -> int:
     """Print `err` as the error contract says (demix.errors) and return the exit code.
 
@@ -658,7 +506,7 @@ def report_error(err: Exception, debug: bool = False) -> int:
     a bug: one line `demix: internal error:` from every process that hits it (it may be one
     rank's alone), with the traceback under --debug.
     """
-    rank = _rank()
+    rank = process_rank()
     if debug and (rank == 0 or not isinstance(err, DemixError)):
         traceback.print_exception(err, file=sys.stderr)
     if isinstance(err, DemixError):

@@ -163,7 +163,7 @@ def test_launched_training_carries_the_publish_uri(tmp_path, monkeypatch):
 def test_only_the_main_process_guards_the_published_checkpoint(monkeypatch):
     from argparse import Namespace
 
-    from demix.cli import _train_out
+    from demix.cli_outputs import train_out as _train_out
 
     args = Namespace(out="/tmp/run/model", publish_uri="gs://b/run/model")
     spec = {"cluster": {"workerpool0": ["m-0:2222"], "workerpool1": ["w-0:2222"]}}

@@ -37,7 +37,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("report", ("demix.report", "demix.export", "demix.run_inputs", "demix.proxies")),
     ("stages", ("demix.stages",)),
     ("recipes", ("demix.recipes",)),
-    ("cli", ("demix.cli",)),
+    ("cli", ("demix.cli", "demix.cli_outputs")),
     ("components", ("components",)),
     ("deploy", ("deploy",)),
     ("pipeline", ("pipeline",)),

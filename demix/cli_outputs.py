@@ -1,0 +1,178 @@
+"""What the `demix` commands share besides the parser: the run config of `--config` and `--set`,
+and the outputs each command writes, checked before any work and cleaned after a failure (the
+output rule of demix.storage.outputs)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+
+from demix.errors import ConfigError, DemixError
+from demix.storage.outputs import (
+    SEARCH_KIND,
+    VALIDATE_KIND,
+    Output,
+    guarded_outputs,
+)
+
+
+def run_config(args):
+    from demix.config import load_config
+
+    if getattr(args, "loaded_config", None) is None:  # loaded once: outputs, then the command
+        args.loaded_config = load_config(args.config, parse_overrides(args.set))
+    return args.loaded_config
+
+
+def parse_overrides(items: list[str]) -> dict[str, object]:
+    """`--set key.path=value` items as {key.path: value}, values read as YAML.
+
+    Raises ConfigError naming the item without a key or whose value is not valid YAML.
+    """
+    from demix.config import load_yaml
+
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. merge.method=ties")
+        if not key.strip().isprintable() or len(key.split()) > 1:
+            raise ConfigError(
+                f"--set {item!r}: {key.strip()!r} is not a key path; write KEY=VALUE with a "
+                "dotted key, e.g. merge.method=ties"
+            )
+        overrides[key.strip()] = load_yaml(value, f"--set {item!r}")
+    return overrides
+
+
+def local_folder(uri: str) -> Path:
+    """A folder argument that must be local (a /gcs/ mount path is local)."""
+    from demix.storage import check_uri, is_remote
+
+    check_uri(uri)
+    if is_remote(uri):
+        raise DemixError(
+            f"{uri}: this command writes a local run folder; give a local or /gcs/... path, "
+            "or run the stages one by one with gs:// URIs"
+        )
+    return Path(uri)
+
+
+def process_rank() -> int:
+    """This process's rank among training processes (0 when not launched)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def writes(outputs):
+    """Run a command under the output rule of demix.storage.outputs for the paths `outputs(args)`.
+
+    They are checked before any work (a path holding what demix did not write is refused), and
+    what the command created there is removed again when it fails with a DemixError.
+    """
+
+    def wrap(command):
+        @functools.wraps(command)
+        def guarded(args) -> None:
+            with guarded_outputs(*outputs(args)):
+                command(args)
+
+        return guarded
+
+    return wrap
+
+
+def demo_out(out: str | None) -> list:
+    """The demo data folder `out` (fetch-demo --out, a config's data.fetch_demo) as an output."""
+    from demix.data.demo import DEMO_KIND
+
+    return [Output(out, DEMO_KIND)] if out else []
+
+
+def curate_out(args) -> list:
+    """curate: the dataset artifact and the demo folder its config fetches into."""
+    from demix.data.shards import DATASET_KIND
+
+    return [Output(args.out, DATASET_KIND), *demo_out(run_config(args).data.fetch_demo)]
+
+
+def train_out(args) -> list:
+    """train: the model artifact and the checkpoint folder `<out>.ckpt` training keeps beside it."""
+    from demix.checkpoint import MODEL_KIND
+    from demix.train import CHECKPOINT_KIND
+
+    ckpt = f"{str(args.out).rstrip('/')}.ckpt"  # train_model's and checkpoint_sync's name for it
+    outputs = [Output(args.out, MODEL_KIND), Output(ckpt, CHECKPOINT_KIND)]
+    if args.publish_uri and main_training_process():  # the others never write to the bucket
+        outputs.append(Output(f"{args.publish_uri.rstrip('/')}.ckpt", CHECKPOINT_KIND))
+    return outputs
+
+
+def main_training_process() -> bool:
+    """Whether this is the main training process: rank 0 of a launch, or (before one) the
+    process of this machine when it is the first of a Vertex AI cluster or alone."""
+    from demix.distributed import cluster_from_env
+
+    if process_rank() != 0:
+        return False
+    cluster = cluster_from_env()
+    return cluster is None or cluster.rank == 0
+
+
+def merge_out(args) -> list:
+    """merge: the merged model artifact."""
+    from demix.checkpoint import MODEL_KIND
+
+    return [Output(args.out, MODEL_KIND)]
+
+
+def is_evaluation(data: bytes) -> bool:
+    """Whether a file holds what `demix evaluate --out` writes: {model: {ranking_score, ...}}."""
+    try:
+        found = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return False
+    return (
+        isinstance(found, dict)
+        and bool(found)
+        and all(
+            isinstance(v, dict) and {"ranking_score", "categories"} <= set(v)
+            for v in found.values()
+        )
+    )
+
+
+def evaluate_out(args) -> list:
+    """evaluate: the optional JSON file --out, replaced only when it holds an earlier result."""
+    return [Output(args.out, "demix.evaluation", "file", is_evaluation)] if args.out else []
+
+
+def search_out(args) -> list:
+    """search: the search folder (local or gs://) it writes scores.jsonl and result.json into."""
+    return [Output(args.out, SEARCH_KIND, "folder")]
+
+
+def validate_out(args) -> list:
+    """validate: the local folder for fidelity.json, fidelity.html and references/."""
+    return [Output(local_folder(args.out), VALIDATE_KIND, "folder")]
+
+
+def recipe_out(kind: str):
+    """run / reproduce: the local run folder, and the demo folder the config fetches into."""
+
+    def outputs(args) -> list:
+        folder = Output(local_folder(args.out), kind, "folder")
+        return [folder, *demo_out(run_config(args).data.fetch_demo)]
+
+    return outputs
+
+
+def export_out(args) -> list:
+    """export: the optional file --out, replaced only when it holds an earlier export."""
+    from demix.export import EXPORT_KIND, is_export
+
+    return [Output(args.out, EXPORT_KIND, "file", is_export)] if args.out else []
