@@ -13,8 +13,8 @@ import json
 import os
 import re
 import unicodedata
-from fnmatch import fnmatchcase
 from collections.abc import Iterable, Iterator
+from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
 from typing import Any
 
