@@ -10,7 +10,7 @@ import pytest
 
 from demix.fidelity import AGGREGATE
 from demix.recipes import scaling
-from demix.recipes.reproduce import _seed_lines
+from demix.report.reproduce import _seed_lines
 
 NAN = float("nan")
 
