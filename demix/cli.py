@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import sys
-import traceback
 from pathlib import Path
 
 from demix.cli_outputs import (
@@ -21,7 +20,6 @@ from demix.cli_outputs import (
     export_out,
     local_folder,
     merge_out,
-    process_rank,
     recipe_out,
     run_config,
     search_out,
@@ -31,11 +29,9 @@ from demix.cli_outputs import (
 )
 from demix.cli_outputs import parse_overrides as parse_overrides  # `--set`: tests, callers
 from demix.errors import (
-    INTERNAL_EXIT_CODE,
     ConfigError,
     DemixError,
-    describe_input_error,
-    one_line,
+    report_error,
 )
 from demix.logs import configure_logging
 from demix.storage.outputs import REPRODUCE_KIND, RUN_KIND
@@ -496,32 +492,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 (the one boundary: every error becomes one line)
         return report_error(err, debug=args.debug)
     return 0
-
-
-def report_error(err: Exception, debug: bool = False) -> int:
-    """Print `err` as the error contract says (demix.errors) and return the exit code.
-
-    Bad input (a DemixError, or a library's error about an input) is one line `demix: error:`,
-    printed by rank 0 only: every training process would print the same line. Anything else is
-    a bug: one line `demix: internal error:` from every process that hits it (it may be one
-    rank's alone), with the traceback under --debug.
-    """
-    rank = process_rank()
-    if debug and (rank == 0 or not isinstance(err, DemixError)):
-        traceback.print_exception(err, file=sys.stderr)
-    if isinstance(err, DemixError):
-        message, code = str(err), err.exit_code
-    else:
-        message, code = describe_input_error(err), 2
-    if message is not None:
-        if rank == 0:
-            print(f"demix: error: {one_line(message)}", file=sys.stderr)
-        return code
-    who = "" if rank == 0 else f" (rank {rank})"
-    hint = "" if debug else " (rerun with --debug for the traceback)"
-    detail = one_line(err)[:500] or "no message"
-    print(f"demix: internal error{who}: {type(err).__name__}: {detail}{hint}", file=sys.stderr)
-    return INTERNAL_EXIT_CODE
 
 
 if __name__ == "__main__":

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from pathlib import Path
 
-from demix.errors import ConfigError, DemixError
+from demix.errors import ConfigError, DemixError, process_rank
 from demix.storage.outputs import (
     SEARCH_KIND,
     VALIDATE_KIND,
@@ -58,14 +57,6 @@ def local_folder(uri: str) -> Path:
             "or run the stages one by one with gs:// URIs"
         )
     return Path(uri)
-
-
-def process_rank() -> int:
-    """This process's rank among training processes (0 when not launched)."""
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
 
 
 def writes(outputs):

@@ -1,5 +1,9 @@
 """Errors a user can fix. The CLI prints their message as one line and exits with code 2."""
 
+import os
+import sys
+import traceback
+
 
 class DemixError(Exception):
     """Bad input: the message names what is wrong, where, and how to fix it."""
@@ -110,3 +114,38 @@ def json_type(value: object) -> str:
     if isinstance(value, list):
         return "an array"
     return "an object" if isinstance(value, dict) else "a string"
+
+
+def process_rank() -> int:
+    """This process's rank among training processes (0 when not launched)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def report_error(err: Exception, debug: bool = False, program: str = "demix") -> int:
+    """Print `err` as the error contract says and return the exit code; `program` names the
+    command in the line (`demix`, `pipeline.py`, ...: every front door shares this contract).
+
+    Bad input (a DemixError, or a library's error about an input) is one line `demix: error:`,
+    printed by rank 0 only: every training process would print the same line. Anything else is
+    a bug: one line `demix: internal error:` from every process that hits it (it may be one
+    rank's alone), with the traceback under --debug.
+    """
+    rank = process_rank()
+    if debug and (rank == 0 or not isinstance(err, DemixError)):
+        traceback.print_exception(err, file=sys.stderr)
+    if isinstance(err, DemixError):
+        message, code = str(err), err.exit_code
+    else:
+        message, code = describe_input_error(err), 2
+    if message is not None:
+        if rank == 0:
+            print(f"{program}: error: {one_line(message)}", file=sys.stderr)
+        return code
+    who = "" if rank == 0 else f" (rank {rank})"
+    hint = "" if debug else " (rerun with --debug for the traceback)"
+    detail = one_line(err)[:500] or "no message"
+    print(f"{program}: internal error{who}: {type(err).__name__}: {detail}{hint}", file=sys.stderr)
+    return INTERNAL_EXIT_CODE

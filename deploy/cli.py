@@ -16,7 +16,7 @@ from pathlib import Path
 from kfp import compiler
 
 from components.image import CPU_IMAGE, CUDA_IMAGE, check_image
-from demix.errors import ConfigError
+from demix.errors import ConfigError, DemixError, report_error
 from deploy import local
 from deploy.checks import (
     DEFAULT_SELECTOR_NOTE,
@@ -253,8 +253,6 @@ def main(argv: list[str] | None, build: Callable, description: str) -> int:
     add_commands(sub)
     args = parser.parse_args(argv)
 
-    from demix.errors import DemixError
-
     try:
         if args.command == "compile":
             if args.config:
@@ -285,6 +283,5 @@ def main(argv: list[str] | None, build: Callable, description: str) -> int:
         else:
             print(COMMANDS[args.command](args))
     except DemixError as err:
-        print(f"pipeline.py: error: {err}", file=sys.stderr)
-        return err.exit_code
+        return report_error(err, program="pipeline.py")
     return 0

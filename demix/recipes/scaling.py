@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from demix.errors import DemixError
+from demix.errors import DemixError, report_error
 from demix.report.scaling import scaling_table
 from demix.storage import atomic_write_text
 
@@ -26,8 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         table = scaling_table(args.folders)
     except DemixError as err:
-        print(f"scaling: error: {err}", file=sys.stderr)
-        return err.exit_code
+        return report_error(err, program="scaling")
     print(table, end="")
     if args.out:
         atomic_write_text(args.out, table)
