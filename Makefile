@@ -28,7 +28,7 @@ IMAGES_SH  := images/images.sh
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo demo-library reproduce reproduce-scaling test test-slow test-reliability \
-	lint format bench compile lock wheelhouse base-image image-cpu image-cuda images push test-images \
+	lint format docs bench compile lock wheelhouse base-image image-cpu image-cuda images push test-images \
 	images-tools clean
 
 help: ## list the targets
@@ -67,6 +67,9 @@ test-slow: install ## the slow tail (real data fetch, longer runs)
 
 test-reliability: install ## kill -9/resume, GCS emulator with faults, bad input, fuzzing, security; prints the table
 	DEMIX_FUZZ=long $(BIN)/python -m pytest -m "reliability and not gpu" -q
+
+docs: install ## build the documentation site offline into build/site/ (broken links fail it)
+	$(BIN)/mkdocs build --strict --quiet
 
 lint: install ## ruff lint and format check
 	$(BIN)/ruff check .
