@@ -47,3 +47,10 @@ def test_an_upward_arrow_and_a_cycle_fail(tmp_path, capsys):
 def test_every_module_is_in_a_layer():
     for module in layers.module_files(ROOT):
         layers.layer_of(module)  # raises LookupError for a module no layer names
+
+
+def test_the_package_view_names_each_package_once(capsys):
+    assert layers.main([str(ROOT), "--packages"]) == 0
+    out = capsys.readouterr().out
+    stages = next(line for line in out.splitlines() if line.split()[1] == "stages")
+    assert stages.split()[2:] == ["demix.stages/"]

@@ -34,7 +34,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("merge", ("demix.merge",)),
     ("train", ("demix.train",)),
     ("search", ("demix.search",)),
-    ("report", ("demix.report", "demix.export", "demix.run_inputs", "demix.proxies")),
+    ("proxies", ("demix.proxies",)),
+    ("report", ("demix.report", "demix.export", "demix.run_inputs")),
     ("stages", ("demix.stages",)),
     ("recipes", ("demix.recipes",)),
     ("cli", ("demix.cli", "demix.cli_outputs")),
@@ -171,13 +172,30 @@ def cycles(found: list[Arrow]) -> list[list[str]]:
     return sorted(components)
 
 
-def render(root: Path) -> tuple[str, bool]:
-    """The layers from the top down with their modules, then the violations; and whether none."""
+def _package(module: str, packages: set[str]) -> str:
+    """A module under its package's name (`demix.merge.plan` -> `demix.merge/`), unless LAYERS
+    names it alone (`demix.merge.registry`); a top-level module stays as it is."""
+    named = [p for _, prefixes in LAYERS for p in prefixes if p.count(".") >= 2]
+    for prefix in named:
+        if module == prefix or module.startswith(prefix + "."):
+            return prefix
+    parts = module.split(".")
+    depth = 2 if parts[0] == "demix" else 1
+    head = ".".join(parts[:depth])
+    return f"{head}/" if head in packages else module
+
+
+def render(root: Path, packages: bool = False) -> tuple[str, bool]:
+    """The layers from the top down with their modules (with `packages`, a package as one
+    name), then the violations; and whether there are none."""
     modules = module_files(root)
+    packs = {m for m, path in modules.items() if path.name == "__init__.py"}
     found = arrows(root)
     lines = []
     for number in range(len(LAYERS) - 1, -1, -1):
-        members = sorted(m for m in modules if layer_of(m) == number)
+        members = sorted(
+            {_package(m, packs) if packages else m for m in modules if layer_of(m) == number}
+        )
         lines.append(f"{number:2d} {LAYERS[number][0]:<11} {' '.join(members)}")
     bad_arrows = upward(found)
     bad_cycles = cycles(found)
@@ -194,10 +212,13 @@ def render(root: Path) -> tuple[str, bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Print the layers of the repository (the current folder, or argv[0]); 1 on a violation."""
+    """Print the layers of the repository (this checkout, or the folder given; `--packages`:
+    a package as one name); 1 on a violation."""
     args = sys.argv[1:] if argv is None else argv
+    packages = "--packages" in args
+    args = [a for a in args if a != "--packages"]
     root = Path(args[0]) if args else Path(__file__).resolve().parents[2]
-    text, clean = render(root)
+    text, clean = render(root, packages)
     print(text)
     return 0 if clean else 1
 
