@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -191,6 +192,24 @@ def search_cap(config: RunConfig, data: CuratedData) -> np.ndarray | None:
             f"need max_epochs of at least {needed}, or lower train.general_ratio"
         )
     return cap
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Where the search moves: the dataset names, the token prior, and each weight's floor and
+    cap (None: none), built once from the config and the curated data (`search_space`)."""
+
+    names: list[str]
+    prior: np.ndarray
+    floor: np.ndarray | None
+    cap: np.ndarray | None
+
+
+def search_space(config: RunConfig, data: CuratedData) -> SearchSpace:
+    """The SearchSpace of a run. Raises MixtureError as search_floor and search_cap do."""
+    return SearchSpace(
+        data.names, prior_vector(data), search_floor(config, data), search_cap(config, data)
+    )
 
 
 def in_hull(components: np.ndarray) -> np.ndarray:

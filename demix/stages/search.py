@@ -18,9 +18,7 @@ from demix.mixtures import (
     merge_weights,
     mix_matrix,
     negative_share,
-    prior_vector,
-    search_cap,
-    search_floor,
+    search_space,
 )
 from demix.stages.proxies import make_proxy
 from demix.storage import atomic_write_json, atomic_write_text
@@ -83,17 +81,18 @@ def search_stage(
     out.mkdir(parents=True, exist_ok=True)
     proxy = make_proxy(config, data, base, components, out, evaluator)
     table = search.ScoresTable(out / "scores.jsonl")
+    space = search_space(config, data)
     found = search.run_search(
-        data.names,
-        prior_vector(data),
+        space.names,
+        space.prior,
         config.search,
         config.seed,
         proxy,
         search.search_objective(config),
         table,
         key=proxy.key,
-        floor=search_floor(config, data),
-        cap=search_cap(config, data),
+        floor=space.floor,
+        cap=space.cap,
     )
     trained = isinstance(proxy, TrainedProxyEvaluator)
     result = describe_selection(config, data, found, None if trained else proxy.relative_norms)
@@ -113,30 +112,34 @@ def propose_stage(
     """
     if not 0 <= round_index < config.search.rounds:
         raise DemixError(f"round {round_index} is outside search.rounds={config.search.rounds}")
+    space = search_space(config, data)
+    objective = search.search_objective(config)
     return search.round_proposals(
         round_index,
         rows,
-        data.names,
-        prior_vector(data),
+        space.names,
+        space.prior,
         config.search,
         config.seed,
-        search.search_objective(config),
-        search_floor(config, data),
-        search_cap(config, data),
+        objective,
+        space.floor,
+        space.cap,
     )
 
 
 def select_stage(config: RunConfig, data: CuratedData, rows: list[dict]) -> dict:
     """The final mixture from every scored proxy (run_search's last step), as result.json."""
+    space = search_space(config, data)
+    objective = search.search_objective(config)
     found = search.final_selection(
         rows,
-        data.names,
-        prior_vector(data),
+        space.names,
+        space.prior,
         config.search,
         config.seed,
-        search.search_objective(config),
-        search_floor(config, data),
-        search_cap(config, data),
+        objective,
+        space.floor,
+        space.cap,
     )
     return describe_selection(config, data, found, None)
 
