@@ -7,9 +7,9 @@ import json
 import logging
 from pathlib import Path
 
-from demix import merge
+from demix import checkpoint, merge
 from demix.base_model import resolve_base
-from demix.checkpoint import MODEL_KIND, RELATIVE_DELTA_NORM, read_model_manifest
+from demix.checkpoint import MODEL_KIND, RELATIVE_DELTA_NORM
 from demix.config import RunConfig
 from demix.errors import DemixError
 from demix.storage import atomic_write_json, fetch_artifact, fetch_manifest
@@ -32,7 +32,8 @@ def models_by_name(paths: list[str | Path]) -> dict[str, Path]:
     """
     out = {}
     for path in map(Path, paths):
-        name = read_model_manifest(path).get("name")
+        # looked up on the module at call time: one reader of manifests, patchable in tests
+        name = checkpoint.read_model_manifest(path).get("name")
         if not name:
             raise DemixError(
                 f"{path}: model manifest has no name; was it written by `demix train`?"
