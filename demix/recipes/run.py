@@ -1,4 +1,7 @@
-"""`demix run`: every stage end to end into one run folder; each stage resumes or is skipped."""
+"""`demix run`: every stage end to end into one run folder; each stage resumes or is skipped.
+
+StageClock, start_run_folder, prepare_models and train_finals are what the other recipes share
+(the last three are demix.stages.run's)."""
 
 from __future__ import annotations
 
@@ -6,23 +9,22 @@ import contextlib
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from demix.checkpoint import read_model_manifest
-from demix.config import RunConfig
-from demix.data.shards import CuratedData
-from demix.mixtures import final_mixture, final_run_names, search_cap
-from demix.model import resolve_device, set_threads
-from demix.proxies import make_evaluator
-from demix.report.summary import add_wall_times
 from demix.stages import (
-    curate_stage,
+    add_wall_times,
+    component_manifests,
     evaluate_finals_stage,
-    fetch_configured_demo,
+    final_mixtures,
+    prepare_models,
+    run_evaluator,
     search_stage,
-    train_components,
-    train_stage,
+    start_run_folder,
+    train_finals,
 )
-from demix.storage import atomic_write_json
+
+if TYPE_CHECKING:
+    from demix.config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -42,42 +44,6 @@ class StageClock:
         log.info("%s done in %.1f s", step, self.timings[step])
 
 
-def start_run_folder(config: RunConfig, out: str | Path) -> Path:
-    """The run folder, created, with the config it runs; threads set for this machine."""
-    set_threads()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "config.json", config.model_dump())
-    return out
-
-
-def prepare_models(
-    config: RunConfig, out: Path, timed: StageClock, components: bool = True
-) -> tuple[CuratedData, Path, dict[str, Path]]:
-    """Fetch (demo), curate, the base and (unless `components` is False) the components."""
-    with timed("fetch"):
-        fetch_configured_demo(config)
-    with timed("curate"):
-        data = curate_stage(config, out / "dataset")
-    search_cap(config, data)  # search.max_epochs that no mixture can meet fail before training
-    with timed("base"):
-        base = train_stage(config, data, "base", out / "models" / "base")
-    with timed("components"):
-        trained = train_components(config, data, base, out / "models") if components else {}
-    return data, base, trained
-
-
-def train_finals(
-    config: RunConfig, data: CuratedData, base: Path, mixtures: dict[str, dict], folder: Path
-) -> dict[str, Path]:
-    """A final model per named mixture, from the base, into `folder`/final-<name> (a name
-    `label-seed<s>` trains with the run seed + s)."""
-    return {
-        label: train_stage(config, data, "final", folder / f"final-{label}", label, base, mixture)
-        for label, mixture in mixtures.items()
-    }
-
-
 def run(config: RunConfig, out: str | Path) -> dict:
     """Run every stage end to end into `out`; returns the summary (summary.json)."""
     started = time.perf_counter()
@@ -87,14 +53,13 @@ def run(config: RunConfig, out: str | Path) -> dict:
     data, base, components = prepare_models(
         config, out, timed, components=config.search.method == "merge"
     )
-    evaluator = make_evaluator(config, data, resolve_device(config.train.device))
+    evaluator = run_evaluator(config, data)
     with timed("search"):
         selection = search_stage(config, data, base, components, out / "search", evaluator)
     with timed("final"):
-        names = final_run_names(config.final.seeds)
-        mixtures = {name: final_mixture(name, selection, data) for name in names}
+        mixtures = final_mixtures(config, selection, data)
         finals = train_finals(config, data, base, mixtures, out / "models")
-        manifests = {name: read_model_manifest(path) for name, path in components.items()}
+        manifests = component_manifests(components)
         summary = evaluate_finals_stage(
             config, data, base, manifests, finals, selection, out, evaluator
         )

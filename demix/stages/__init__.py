@@ -11,6 +11,7 @@ local run and in a pipeline task; neither adds logic of its own.
     proxies     make_proxy, evaluate_proxies_stage (a round's proxies), merge_stage (on disk)
     finals      evaluate_models_stage, evaluate_finals_stage (scores, summary.json, report)
     artifacts   the base's folder, the model index and the component manifests
+    run         what the recipes share: the run folder, prepared models, finals, the evaluator
 
 The names below are those the recipes, components and tests import from `demix.stages`.
 """
@@ -40,6 +41,15 @@ from demix.stages.finals import (
     judge_finals,
 )
 from demix.stages.proxies import evaluate_proxies_stage, make_proxy, merge_stage
+from demix.stages.run import (
+    add_wall_times,
+    component_manifests,
+    final_mixtures,
+    prepare_models,
+    run_evaluator,
+    start_run_folder,
+    train_finals,
+)
 from demix.stages.search import (
     describe_selection,
     predict_stage,
@@ -50,6 +60,13 @@ from demix.stages.search import (
 from demix.stages.train import train_components, train_stage
 
 __all__ = [
+    "add_wall_times",
+    "component_manifests",
+    "final_mixtures",
+    "prepare_models",
+    "run_evaluator",
+    "start_run_folder",
+    "train_finals",
     "base_model_dir",
     "curate_group_stage",
     "curate_stage",
