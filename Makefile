@@ -27,7 +27,7 @@ LOCAL_BASE := localhost/demix-base:bookworm
 IMAGES_SH  := images/images.sh
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo demo-library reproduce reproduce-scaling test test-slow test-reliability \
+.PHONY: help install demo demo-library reproduce reproduce-decision reproduce-scaling test test-slow test-reliability \
 	lint format bench compile lock wheelhouse base-image image-cpu image-cuda images push test-images \
 	images-tools clean
 
@@ -51,6 +51,9 @@ demo-library: install ## the same demo through the library directly (demix run),
 
 reproduce: install ## the paper's protocol on CPU, 3 seeds, about 4.5 hours (writes runs/reproduce/)
 	$(BIN)/demix reproduce configs/reproduce.yaml --out runs/reproduce
+
+reproduce-decision: install ## the decision at equal tokens: merged vs trained-proxy search vs weights-only fits, finals, 3 seeds (writes runs/reproduce-decision/)
+	$(BIN)/demix reproduce-decision configs/reproduce-decision.yaml --out runs/reproduce-decision
 
 reproduce-scaling: install ## the protocol on 3, 6 and 9 candidates (one base, text split by source), one table, about 2 hours
 	$(BIN)/demix reproduce configs/reproduce-n3.yaml --out runs/reproduce-n3
