@@ -907,7 +907,10 @@ def _seed_lines(result: dict[str, Any]) -> list[str]:
             _format_mean(head["crr_improvement_vs_control"])
             if "crr_improvement_vs_control" in head
             else "-",
-            *(_format_mean(head["macro_minus"][p]) for p in MACRO_PREDICTORS),
+            *(
+                _format_mean(head["macro_minus"][p]) if p in head.get("macro_minus", {}) else "-"
+                for p in MACRO_PREDICTORS
+            ),
             f"L1 between seeds {head['search_l1_between_seeds']:.3f}"
             if head["seeds"] > 1
             else "L1 between seeds: - (one seed)",
