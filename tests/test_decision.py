@@ -206,7 +206,7 @@ def test_table_rows_over_protocol_seeds_and_the_markdown(tmp_path):
     text = format_decision({"datasets": ["a", "b"], "table": table, "per_seed": per_seed})
     line = next(x for x in text.splitlines() if x.startswith("| 1x | linear fit |"))
     assert "| 1,200 | 24 |" in line and "worse, worse" in line and "> 0, > 0" in line
-    assert "best final: m-best" in text and "row − column" in text
+    assert "best final: 2x regmix):" in text and "row − column" in text
 
 
 def test_the_shipped_decision_config_validates_and_opens_with_its_command():

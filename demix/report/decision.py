@@ -87,9 +87,10 @@ def format_decision(result: dict[str, Any]) -> str:
             [r["budget"], r["method"], *(f"{r['mixture'][n]:.3f}" for n in names)]
             for r in seed["rows"]
         ]
+        best = [f"{r['budget']} {r['method']}" for r in seed["rows"] if r["final"] == seed["best"]]
         lines += [
             "",
-            f"Seed {seed['seed']}: chosen mixtures (best final: {seed['best']}):",
+            f"Seed {seed['seed']}: chosen mixtures (best final: {', '.join(best) or seed['best']}):",
             "",
             *markdown_table(["budget", "method", *(f"w {n}" for n in names)], mixtures),
         ]
