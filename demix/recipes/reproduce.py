@@ -4,7 +4,9 @@ Runs, in one folder (every step resumes): curation, the base, the components, th
 search, the training-based search over the same number of proxies, `validate` (merged proxies vs
 trained references, next to weights-only predictors), a sweep of component budget x learning rate
 (fidelity against the same references as the updates grow), and final models for both chosen
-mixtures and the two baselines. Writes reproduce.json and reproduce.md (the table) and prints it.
+mixtures and the two baselines. `fidelity.finals: false` leaves out the searches and the final
+models (fidelity only; the decision is `demix reproduce-decision`'s). Writes reproduce.json and
+reproduce.md (the table) and prints it.
 """
 
 from __future__ import annotations
@@ -277,7 +279,8 @@ def seed_protocol(
 ) -> dict[str, Any]:
     """One seed of the protocol into `out`: components, the merged search, validate (with
     replicates), final models; the first seed also the training-based search, the sweep, the
-    budget ladder and the ablations. Returns the seed's result (reproduce.json's per seed)."""
+    budget ladder and the ablations. With `fidelity.finals: false` no search and no final model
+    (fidelity only). Returns the seed's result (reproduce.json's per seed)."""
     seed = config.seed
     merge_config = _with(config, "search", method="merge")
     decide = config.fidelity.finals  # false: fidelity only (no searches, no finals)
