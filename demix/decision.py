@@ -210,3 +210,31 @@ def table_rows(per_seed: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     return table
+
+
+def merged_versus_trained(per_seed: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per budget and merged search: its paired difference from each search on trained proxies
+    of the same budget (regmix and the fits), each seed's diff and verdict (the question at
+    equal tokens: does merging choose at least as well?)."""
+    out = []
+    for row in per_seed[0]["rows"]:
+        if not row["method"].startswith("merged "):
+            continue
+        others = [m for m in row["vs_methods"] if not m.startswith("merged ")]
+        seeds = [
+            next(
+                r for r in s["rows"] if (r["budget"], r["method"]) == (row["budget"], row["method"])
+            )
+            for s in per_seed
+        ]
+        out.append(
+            {
+                "budget": row["budget"],
+                "method": row["method"],
+                "versus": {
+                    m: [s["vs_methods"][m] or _zero() | {"verdict": "same mixture"} for s in seeds]
+                    for m in others
+                },
+            }
+        )
+    return out

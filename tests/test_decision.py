@@ -207,6 +207,25 @@ def test_table_rows_over_protocol_seeds_and_the_markdown(tmp_path):
     line = next(x for x in text.splitlines() if x.startswith("| 1x | linear fit |"))
     assert "| 1,200 | 24 |" in line and "worse, worse" in line and "> 0, > 0" in line
     assert "best final: 2x regmix):" in text and "row − column" in text
+    versus = decision.merged_versus_trained(per_seed)
+    assert [(v["budget"], v["method"]) for v in versus] == [
+        ("1x", "merged 21"),
+        ("2x", "merged 21"),
+    ]
+    verdicts = {
+        (v["budget"], m): [e["verdict"] for e in entries]
+        for v in versus
+        for m, entries in v["versus"].items()
+    }
+    assert verdicts == {
+        ("1x", "regmix"): ["better", "better"],
+        ("1x", "linear fit"): ["better", "better"],
+        ("2x", "regmix"): ["worse", "worse"],
+        ("2x", "linear fit"): ["better", "better"],
+    }
+    # the main table's row, then the merged-versus-trained row
+    line = [x for x in text.splitlines() if x.startswith("| 2x | merged 21 |")][1]
+    assert "worse; " in line and line.count("better") == 2
 
 
 def test_the_shipped_decision_config_validates_and_opens_with_its_command():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from demix.decision import merged_versus_trained
 from demix.report.html import markdown_table
 
 HEADER = [
@@ -81,6 +82,29 @@ def format_decision(result: dict[str, Any]) -> str:
         "",
         *markdown_table(HEADER, decision_rows(result["table"])),
     ]
+    versus = merged_versus_trained(result["per_seed"])
+    if versus:
+        trained = list(versus[0]["versus"])
+        lines += [
+            "",
+            "Merged against trained proxies at the same budget (merged − other, standardised; "
+            "each seed's difference and verdict, Holm over the budget's other methods):",
+            "",
+            *markdown_table(
+                ["budget", "merged search", *(f"− {m}" for m in trained)],
+                [
+                    [
+                        v["budget"],
+                        v["method"],
+                        *(
+                            "; ".join(f"{e['diff']:+.2f} {e['verdict']}" for e in v["versus"][m])
+                            for m in trained
+                        ),
+                    ]
+                    for v in versus
+                ],
+            ),
+        ]
     names = result["datasets"]
     for seed in result["per_seed"]:
         mixtures = [
