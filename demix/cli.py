@@ -27,6 +27,7 @@ from demix.errors import (
 )
 from demix.logs import configure_logging
 from demix.storage.outputs import (
+    DECISION_KIND,
     REPRODUCE_KIND,
     RUN_KIND,
     SEARCH_KIND,
@@ -486,6 +487,15 @@ def _cmd_reproduce(args) -> None:
     print(f"wrote {Path(args.out) / 'reproduce.json'} and {Path(args.out) / 'reproduce.md'}")
 
 
+@_writes(_recipe_out(DECISION_KIND))
+def _cmd_reproduce_decision(args) -> None:
+    from demix.recipes.decision import reproduce_decision
+
+    reproduce_decision(_config(args), Path(args.out))
+    print((Path(args.out) / "decision.md").read_text())
+    print(f"wrote {Path(args.out) / 'decision.json'} and {Path(args.out) / 'decision.md'}")
+
+
 def _local_folder(uri: str) -> Path:
     """A folder argument that must be local (a /gcs/ mount path is local)."""
     from demix.storage import check_uri, is_remote
@@ -702,6 +712,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="folder for every step and reproduce.json/.md")
     p.set_defaults(func=_cmd_reproduce)
+
+    p = with_config(
+        "reproduce-decision",
+        "the decision at equal tokens: merged vs trained-proxy search vs weights-only fits, "
+        "judged by final models",
+    )
+    p.add_argument("--out", required=True, help="folder for every step and decision.json/.md")
+    p.set_defaults(func=_cmd_reproduce_decision)
 
     p = with_config("run", "run every stage end to end locally")
     p.add_argument("--out", required=True, help="run folder")

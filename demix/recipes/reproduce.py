@@ -4,7 +4,9 @@ Runs, in one folder (every step resumes): curation, the base, the components, th
 search, the training-based search over the same number of proxies, `validate` (merged proxies vs
 trained references, next to weights-only predictors), a sweep of component budget x learning rate
 (fidelity against the same references as the updates grow), and final models for both chosen
-mixtures and the two baselines. Writes reproduce.json and reproduce.md (the table) and prints it.
+mixtures and the two baselines. `fidelity.finals: false` leaves out the searches and the final
+models (fidelity only; the decision is `demix reproduce-decision`'s). Writes reproduce.json and
+reproduce.md (the table) and prints it.
 """
 
 from __future__ import annotations
@@ -74,8 +76,13 @@ def sweep_point(
         validation.get("base_result"),
         reference_training_tokens=validation["cost"]["reference_training_tokens"],
     )
-    aggregate, macro = measured["categories"][AGGREGATE], measured["macro"]
     norms = relative_delta_norms(base, components_in_order(data, components))
+    return sweep_entry(point, norms, measured)
+
+
+def sweep_entry(point: StageTraining, norms, measured: dict[str, Any]) -> dict[str, Any]:
+    """A sweep row: the components' budget, lr and delta norms, their proxies' fidelity."""
+    aggregate, macro = measured["categories"][AGGREGATE], measured["macro"]
     return {
         "tokens": point.tokens,
         "lr": point.lr,
@@ -272,15 +279,21 @@ def seed_protocol(
 ) -> dict[str, Any]:
     """One seed of the protocol into `out`: components, the merged search, validate (with
     replicates), final models; the first seed also the training-based search, the sweep, the
-    budget ladder and the ablations. Returns the seed's result (reproduce.json's per seed)."""
+    budget ladder and the ablations. With `fidelity.finals: false` no search and no final model
+    (fidelity only). Returns the seed's result (reproduce.json's per seed)."""
     seed = config.seed
     merge_config = _with(config, "search", method="merge")
+    decide = config.fidelity.finals  # false: fidelity only (no searches, no finals)
     with timed(f"components/{seed}"):
         components = train_components(config, data, base, out / "models")
-    with timed(f"search_merge/{seed}"):
-        merged = search_stage(merge_config, data, base, components, out / "search-merge", evaluator)
+    merged = None
+    if decide:
+        with timed(f"search_merge/{seed}"):
+            merged = search_stage(
+                merge_config, data, base, components, out / "search-merge", evaluator
+            )
     trained = None
-    if first and config.fidelity.trained_search:
+    if first and decide and config.fidelity.trained_search:
         trained_config = _with(config, "search", method="trained")
         with timed(f"search_trained/{seed}"):
             trained = search_stage(
@@ -291,6 +304,9 @@ def seed_protocol(
     sweep, ladder, ablations = [], [], []
     if first:
         with timed("sweep"):
+            if config.fidelity.sweep:  # the run's own components: the sweep's reference row
+                norms = list(validation["relative_delta_norms"].values())
+                sweep.append(sweep_entry(config.train.component, norms, validation))
             for point in config.fidelity.sweep:
                 folder = out / "sweep" / f"tokens{point.tokens}-lr{point.lr:g}"
                 sweep.append(sweep_point(config, data, base, point, validation, evaluator, folder))
@@ -300,6 +316,11 @@ def seed_protocol(
             ablations = ablation_rows(
                 config, data, base, components, validation, evaluator, out / "ablations"
             )
+    merge_tokens = _tokens(components.values())
+    if not decide:
+        matched = matched_fidelity(ladder, sum(config.search.round_sizes), merge_tokens)
+        extra = {"sweep": sweep, "budgets": ladder, "ablations": ablations, "matched": matched}
+        return fidelity_only(seed, data, validation, extra, merge_tokens)
     mixtures = {"chosen_merge": merged["mixture"], **baseline_mixtures(data)}
     if trained is not None:
         mixtures["chosen_trained"] = trained["mixture"]
@@ -315,7 +336,6 @@ def seed_protocol(
             for chosen in chosen_labels
         }
 
-    merge_tokens = _tokens(components.values())
     searches = {
         "merge": {
             "proxies_evaluated": merged["proxies_evaluated"],
@@ -354,6 +374,43 @@ def seed_protocol(
                 sum(r["tokens_per_proxy"] * len(validation["mixtures"]) for r in ladder)
             ),
             "final": _tokens(finals.values()),
+        },
+    }
+
+
+def fidelity_only(
+    seed: int,
+    data: CuratedData,
+    validation: dict[str, Any],
+    extra: dict[str, Any],
+    merge_tokens: int,
+) -> dict[str, Any]:
+    """A seed's result without searches and finals (`fidelity.finals: false`): the same keys,
+    empty where the decision would be. extra: the first seed's sweep, budgets, ablations and
+    matched fidelity (against a search of search.rounds' proxies)."""
+    cost, ladder = validation["cost"], extra["budgets"]
+    return {
+        "seed": seed,
+        "datasets": data.names,
+        "fidelity": {k: validation[k] for k in FIDELITY_KEYS if k in validation},
+        "sweep": extra["sweep"],
+        "budgets": ladder,
+        "matched_fidelity": extra["matched"],
+        "ablations": extra["ablations"],
+        "searches": {"merge": {"proxies_evaluated": 0, "training_tokens": merge_tokens}},
+        "mixtures": {},
+        "final": {},
+        "verdicts": {},
+        "training_tokens": {
+            "components": merge_tokens,
+            "search_trained": 0,
+            "references": cost["reference_training_tokens"],
+            "replicates": cost.get("replicate_training_tokens", 0),
+            "control": cost.get("control_training_tokens", 0),
+            "budgets": int(
+                sum(r["tokens_per_proxy"] * len(validation["mixtures"]) for r in ladder)
+            ),
+            "final": 0,
         },
     }
 
@@ -496,8 +553,16 @@ def headline(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
 
     first = per_seed[0]
     matched = first.get("matched_fidelity")
-    chosen = [s["mixtures"]["chosen_merge"] for s in per_seed]
+    chosen = [s["mixtures"]["chosen_merge"] for s in per_seed if s["mixtures"]]
     pairs = [l1(a, b) for i, a in enumerate(chosen) for b in chosen[i + 1 :]]
+
+    def minus(predictor):
+        def get(seed):
+            entry = fid(seed, "macro", "proxy_minus", predictor)
+            return (entry["diff"], [entry["ci_low"], entry["ci_high"]]) if entry else None
+
+        return get
+
     return {
         "seeds": len(per_seed),
         "macro_rho": statistic(rho("macro", "proxy")),
@@ -508,13 +573,20 @@ def headline(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
         "matched_fidelity_token_ratio": matched["ratio"] if matched else float("nan"),
         "matched_fidelity_bound": matched["bound"] if matched else None,
         "search_l1_between_seeds": float(np.mean(pairs)) if pairs else float("nan"),
+        # paired macro rho(proxy) - rho(weights-only predictor), per seed then over seeds
+        "macro_minus": {p: statistic(minus(p)) for p in MACRO_PREDICTORS},
         "verdicts": {
             baseline: [
-                s["verdicts"]["chosen_merge"][baseline]["objective"]["verdict"] for s in per_seed
+                s["verdicts"]["chosen_merge"][baseline]["objective"]["verdict"]
+                for s in per_seed
+                if s["verdicts"]
             ]
             for baseline in ("token_prior", "uniform")
         },
     }
+
+
+MACRO_PREDICTORS = ("trivial_linear", "trivial_quadratic", "trivial_weight")
 
 
 def stability(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
@@ -536,7 +608,7 @@ def stability(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
                     "measured_vs_token_prior": measured,
                 }
             )
-    chosen = {s["seed"]: s["mixtures"]["chosen_merge"] for s in per_seed}
+    chosen = {s["seed"]: s["mixtures"]["chosen_merge"] for s in per_seed if s["mixtures"]}
     seeds = sorted(chosen)
     return {
         "chosen": rows,
@@ -654,22 +726,42 @@ def format_table(result: dict[str, Any]) -> str:
     lines = _fidelity_lines(fid)
     norms = ", ".join(f"{n} {v:.3f}" for n, v in fid["relative_delta_norms"].items())
     searches = result["searches"]
-    lines += [
-        "",
-        f"Component ‖Δ‖/‖base‖: {norms}",
-        "",
-        "| search | proxies evaluated | training tokens |",
-        "|---|---|---|",
-        f"| merged proxies | {searches['merge']['proxies_evaluated']} | "
-        f"{searches['merge']['training_tokens']:,} (components) |",
-    ]
+    lines += ["", f"Component ‖Δ‖/‖base‖: {norms}"]
+    if not searches["merge"]["proxies_evaluated"]:  # fidelity only: no search ran
+        searches = {}
+    lines += (
+        [
+            "",
+            "| search | proxies evaluated | training tokens |",
+            "|---|---|---|",
+            f"| merged proxies | {searches['merge']['proxies_evaluated']} | "
+            f"{searches['merge']['training_tokens']:,} (components) |",
+        ]
+        if searches
+        else []
+    )
     if "trained" in searches:
         lines += [
             f"| trained proxies | {searches['trained']['proxies_evaluated']} | "
             f"{searches['trained']['training_tokens']:,} |",
             f"| ratio | | {searches['token_ratio']:.2f}x fewer with merging |",
         ]
-    lines += [
+    if result["verdicts"]:
+        lines += _final_lines(result)
+    if result["sweep"]:
+        lines += _sweep_lines(result["sweep"])
+    if result.get("budgets"):
+        lines += _budget_lines(result)
+    if result.get("ablations"):
+        lines += _ablation_lines(result["ablations"])
+    if "headline" in result:
+        lines += _seed_lines(result)
+    return "\n".join(lines) + "\n"
+
+
+def _final_lines(result: dict[str, Any]) -> list[str]:
+    """The final models' mixtures and the verdicts of the chosen ones."""
+    lines = [
         "",
         f"| final model | {' | '.join('w ' + n for n in result['datasets'])} |",
         "|---" * (len(result["datasets"]) + 1) + "|",
@@ -691,15 +783,7 @@ def format_table(result: dict[str, Any]) -> str:
             for key, entry in entries.items():
                 if key != "tasks":
                     lines.append(f"| {chosen} | {baseline} | {key} | {format_comparison(entry)} |")
-    if result["sweep"]:
-        lines += _sweep_lines(result["sweep"])
-    if result.get("budgets"):
-        lines += _budget_lines(result)
-    if result.get("ablations"):
-        lines += _ablation_lines(result["ablations"])
-    if "headline" in result:
-        lines += _seed_lines(result)
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _rhos(entry: dict[str, Any]) -> list[str]:
@@ -798,9 +882,18 @@ def _seed_lines(result: dict[str, Any]) -> list[str]:
                 format_interval(retest["rho"], retest["rho_ci"]) if retest else "-",
                 format_interval(fid["crr"]["mean"], fid["crr_ci"]["mean"]),
                 _crr_vs_control(fid),
-                ", ".join(f"{v:.3f}" for v in s["mixtures"]["chosen_merge"].values()),
+                *(
+                    format_comparison(fid["macro"]["proxy_minus"][p])
+                    if p in fid["macro"].get("proxy_minus", {})
+                    else "-"
+                    for p in MACRO_PREDICTORS
+                ),
+                ", ".join(f"{v:.3f}" for v in s["mixtures"].get("chosen_merge", {}).values())
+                or "-",
                 *(
                     s["verdicts"]["chosen_merge"][b]["objective"]["verdict"]
+                    if s["verdicts"]
+                    else "-"
                     for b in ("token_prior", "uniform")
                 ),
             ]
@@ -817,6 +910,10 @@ def _seed_lines(result: dict[str, Any]) -> list[str]:
             _format_mean(head["crr_improvement_vs_control"])
             if "crr_improvement_vs_control" in head
             else "-",
+            *(
+                _format_mean(head["macro_minus"][p]) if p in head.get("macro_minus", {}) else "-"
+                for p in MACRO_PREDICTORS
+            ),
             f"L1 between seeds {head['search_l1_between_seeds']:.3f}"
             if head["seeds"] > 1
             else "L1 between seeds: - (one seed)",
@@ -836,6 +933,9 @@ def _seed_lines(result: dict[str, Any]) -> list[str]:
                 "references' test-retest rho",
                 "CRR (improvement)",
                 "CRR vs control",
+                "macro: proxy − linear fit",
+                "macro: proxy − quadratic fit",
+                "macro: proxy − own weight",
                 "chosen (merged)",
                 "vs token prior",
                 "vs uniform",
