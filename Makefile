@@ -27,8 +27,9 @@ LOCAL_BASE := localhost/demix-base:bookworm
 IMAGES_SH  := images/images.sh
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo demo-library reproduce reproduce-scaling test test-slow test-reliability \
-	lint format docs bench compile lock wheelhouse base-image image-cpu image-cuda images push test-images \
+.PHONY: help install demo demo-library reproduce reproduce-decision reproduce-scaling test test-slow \
+	test-reliability lint format docs bench compile lock wheelhouse base-image image-cpu image-cuda \
+	images push test-images \
 	images-tools clean
 
 help: ## list the targets
@@ -49,8 +50,11 @@ demo: install ## the embedded demo as the KFP pipeline, run locally (writes runs
 demo-library: install ## the same demo through the library directly (demix run), no KFP
 	$(BIN)/demix run configs/demo.yaml --out runs/demo-library
 
-reproduce: install ## the paper's protocol on CPU, 3 seeds, about 4.5 hours (writes runs/reproduce/)
+reproduce: install ## fidelity of the merged proxies (the paper's protocol) on CPU, 3 seeds, no finals, about 1.5 hours (writes runs/reproduce/)
 	$(BIN)/demix reproduce configs/reproduce.yaml --out runs/reproduce
+
+reproduce-decision: install ## the decision at equal tokens: merged vs trained-proxy search vs weights-only fits, judged by finals, 3 seeds, about 4 hours (writes runs/reproduce-decision/)
+	$(BIN)/demix reproduce-decision configs/reproduce-decision.yaml --out runs/reproduce-decision
 
 reproduce-scaling: install ## the protocol on 3, 6 and 9 candidates (one base, text split by source), one table, about 2 hours
 	$(BIN)/demix reproduce configs/reproduce-n3.yaml --out runs/reproduce-n3

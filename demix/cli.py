@@ -34,7 +34,7 @@ from demix.errors import (
     report_error,
 )
 from demix.logs import configure_logging
-from demix.storage.outputs import REPRODUCE_KIND, RUN_KIND
+from demix.storage.outputs import DECISION_KIND, REPRODUCE_KIND, RUN_KIND
 
 
 def parse_mixture(text: str) -> dict[str, float]:
@@ -275,6 +275,15 @@ def _cmd_reproduce(args) -> None:
     print(f"wrote {Path(args.out) / 'reproduce.json'} and {Path(args.out) / 'reproduce.md'}")
 
 
+@writes(recipe_out(DECISION_KIND))
+def _cmd_reproduce_decision(args) -> None:
+    from demix.recipes.decision import reproduce_decision
+
+    reproduce_decision(run_config(args), Path(args.out))
+    print((Path(args.out) / "decision.md").read_text())
+    print(f"wrote {Path(args.out) / 'decision.json'} and {Path(args.out) / 'decision.md'}")
+
+
 @writes(recipe_out(RUN_KIND))
 def _cmd_run(args) -> None:
     from demix.base_model import check_base_reachable
@@ -442,6 +451,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="folder for every step and reproduce.json/.md")
     p.set_defaults(func=_cmd_reproduce)
+
+    p = with_config(
+        "reproduce-decision",
+        "the decision at equal tokens: merged vs trained-proxy search vs weights-only fits, "
+        "judged by final models",
+    )
+    p.add_argument("--out", required=True, help="folder for every step and decision.json/.md")
+    p.set_defaults(func=_cmd_reproduce_decision)
 
     p = with_config("run", "run every stage end to end locally")
     p.add_argument("--out", required=True, help="run folder")

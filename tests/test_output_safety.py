@@ -81,13 +81,14 @@ def _argv(command: str, inputs: dict, out: str) -> list[str]:
         "search": ["search", *common, "--out", out],
         "validate": ["validate", *common, "--out", out],
         "reproduce": ["reproduce", config, "--out", out],
+        "reproduce-decision": ["reproduce-decision", config, "--out", out],
         "run": ["run", config, "--out", out],
         "report": ["report", out],
     }[command]
 
 
 WRITERS = ["fetch-demo", "curate", "train", "merge", "evaluate", "search", "validate"]
-WRITERS += ["reproduce", "run", "report", "fetch-demo --force"]
+WRITERS += ["reproduce", "reproduce-decision", "run", "report", "fetch-demo --force"]
 
 
 def _tree(root: Path) -> dict[str, bytes | None]:
@@ -242,7 +243,7 @@ def _missing_dataset(inputs: dict, tmp_path: Path) -> str:
     return str(config)
 
 
-@pytest.mark.parametrize("command", ["run", "reproduce"])
+@pytest.mark.parametrize("command", ["run", "reproduce", "reproduce-decision"])
 def test_a_refused_recipe_leaves_no_folder(command, inputs, tmp_path, capsys):
     out = tmp_path / "runs" / "a"
     argv = [command, _missing_dataset(inputs, tmp_path), "--out", str(out)]

@@ -137,8 +137,32 @@ def test_the_seed_table_shows_what_was_not_measured_as_a_dash(seeds):
     cells = [c.strip() for c in mean.strip("|").split("|")]
     assert cells[1:3] == ["0.400 [0.300, 0.500]", "0.600 [0.000, 1.000]"]
     if seeds == 1:
-        assert cells[3] == "-" and cells[6] == "L1 between seeds: - (one seed)"
+        assert cells[3] == "-" and cells[9] == "L1 between seeds: - (one seed)"
     else:
-        assert cells[3] == "0.900 [0.800, 1.000]" and cells[6] == "L1 between seeds 0.250"
+        assert cells[3] == "0.900 [0.800, 1.000]" and cells[9] == "L1 between seeds 0.250"
+    assert cells[6:9] == ["-", "-", "-"]  # proxy minus each fit over seeds: not in this result
     assert cells[4] == "nan [nan, nan]"  # CRR: measured and undefined, not missing
     assert cells[5] == "-"  # CRR against the control: no control in these runs
+
+
+def test_a_fidelity_only_seed_shows_its_paired_macro_and_no_decision():
+    """fidelity.finals false: no chosen mixture, no verdicts; the macro rho minus each
+    weights-only predictor is in the seed's row and, over seeds, in the mean row."""
+    result = _result(["general", "code", "math"], 0.4, 0.6, 1)
+    seed = result["per_seed"][0]
+    seed.update(mixtures={}, verdicts={})
+    seed["fidelity"]["macro"]["proxy_minus"]["trivial_quadratic"] = _comparison(0.75, "better")
+    result["headline"]["macro_minus"] = {
+        "trivial_quadratic": {"mean": 0.75, "ci_low": 0.25, "ci_high": 1.25}
+    }
+    lines = _seed_lines(result)
+    row = next(line for line in lines if line.startswith("| 0 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[6:9] == [
+        "-0.250 [-0.750, +0.250] inconclusive",
+        "+0.750 [+0.250, +1.250] better",
+        "-",
+    ]
+    assert cells[9:] == ["-", "-", "-"]
+    mean = next(line for line in lines if line.startswith("| mean [95%] |"))
+    assert "0.750 [0.250, 1.250]" in mean

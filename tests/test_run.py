@@ -327,7 +327,8 @@ def test_reproduce_writes_one_table_of_every_step(
     # 6 trained proxies against 3 components of the same budget
     assert searches["token_ratio"] == pytest.approx(2.0)
     assert set(result["final"]) == {"chosen_merge", "chosen_trained", "uniform", "token_prior"}
-    assert [p["tokens"] for p in result["sweep"]] == [2048]
+    # the run's own components (the sweep's reference row), then the swept point
+    assert [(p["tokens"], p["lr"]) for p in result["sweep"]] == [(4000, 5e-3), (2048, 5e-3)]
     assert set(result["timings_s"]) >= {
         "base",
         "search_merge/0",

@@ -30,6 +30,7 @@ from demix.config.run import (
 )
 from demix.config.sections import (
     MERGE_METHOD_PARAMETERS,
+    DecisionConfig,
     EvaluateConfig,
     FidelityConfig,
     FinalConfig,
@@ -48,6 +49,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "DatasetSpec",
+    "DecisionConfig",
     "EvaluateConfig",
     "FidelityConfig",
     "FinalConfig",

@@ -10,6 +10,7 @@ from pydantic import ValidationError, model_validator
 
 from demix.config.data import DataConfig, ModelConfig, Strict, unknown_datasets
 from demix.config.sections import (
+    DecisionConfig,
     EvaluateConfig,
     FidelityConfig,
     FinalConfig,
@@ -32,6 +33,7 @@ class RunConfig(Strict):
     search: SearchConfig = SearchConfig()
     final: FinalConfig = FinalConfig()
     fidelity: FidelityConfig = FidelityConfig()
+    decision: DecisionConfig = DecisionConfig()
 
     @model_validator(mode="after")
     def _cross(self) -> RunConfig:

@@ -343,6 +343,8 @@ class FidelityConfig(Strict):
     ablations: list[MergeConfig] = Field(default_factory=list)
     seeds: int = Field(default=1, ge=1)
     trained_search: bool = True
+    # false: fidelity only (no searches, no final models; the decision is reproduce-decision's)
+    finals: bool = True
 
     @field_validator("budgets")
     @classmethod
@@ -359,3 +361,35 @@ class FidelityConfig(Strict):
                 f"replicates ({self.replicates}) cannot exceed references ({self.references})"
             )
         return self
+
+
+class DecisionConfig(Strict):
+    """`demix reproduce-decision`: the searches compared at equal training tokens.
+
+    `budgets`: multiples of the merged search's component tokens (the components are trained
+    that much longer for the merged search; a trained-proxy search gets as many proxies of
+    `proxy_fraction` x the component budget as the same tokens buy). `merged_proxies`: the
+    merged searches' sizes (proxies over search.rounds rounds). `candidates` and `top_k`: the
+    regression's pool and the top it averages (RegMix: 100k and 128). `seeds`: protocol seeds.
+    """
+
+    budgets: list[float] = Field(default_factory=lambda: [1.0, 2.0, 4.0], min_length=1)
+    merged_proxies: list[int] = Field(default_factory=lambda: [21, 200], min_length=1)
+    proxy_fraction: float = Field(default=0.125, gt=0, le=1)
+    candidates: int = Field(default=100_000, ge=100)
+    top_k: int = Field(default=128, ge=1)
+    seeds: int = Field(default=3, ge=1)
+
+    @field_validator("budgets")
+    @classmethod
+    def _multiples(cls, value: list[float]) -> list[float]:
+        if any(b <= 0 for b in value):
+            raise ValueError(f"budgets are positive multiples of the component tokens, got {value}")
+        return sorted(set(value))
+
+    @field_validator("merged_proxies")
+    @classmethod
+    def _sizes(cls, value: list[int]) -> list[int]:
+        if any(n < 4 for n in value):
+            raise ValueError(f"a merged search evaluates 4 or more proxies, got {value}")
+        return sorted(set(value))

@@ -4,9 +4,10 @@ Runs, in one folder (every step resumes): curation, the base, the components, th
 search, the training-based search over the same number of proxies, `validate` (merged proxies vs
 trained references, next to weights-only predictors), a sweep of component budget x learning rate
 (fidelity against the same references as the updates grow), and final models for both chosen
-mixtures and the two baselines. Writes reproduce.json and reproduce.md (the table) and prints it.
-This module is the protocol; what it reports (statistics over seeds, the tables) is
-demix.report.reproduce.
+mixtures and the two baselines. `fidelity.finals: false` leaves out the searches and the final
+models (fidelity only; the decision is `demix reproduce-decision`'s). Writes reproduce.json and
+reproduce.md (the table) and prints it. This module is the protocol; what it reports
+(statistics over seeds, the tables) is demix.report.reproduce.
 """
 
 from __future__ import annotations
@@ -73,8 +74,13 @@ def sweep_point(
         validation.get("base_result"),
         reference_training_tokens=validation["cost"]["reference_training_tokens"],
     )
-    aggregate, macro = measured["categories"][AGGREGATE], measured["macro"]
     norms = relative_delta_norms(base, components_in_order(data, components))
+    return sweep_entry(point, norms, measured)
+
+
+def sweep_entry(point: StageTraining, norms, measured: dict[str, Any]) -> dict[str, Any]:
+    """A sweep row: the components' budget, lr and delta norms, their proxies' fidelity."""
+    aggregate, macro = measured["categories"][AGGREGATE], measured["macro"]
     return {
         "tokens": point.tokens,
         "lr": point.lr,
@@ -271,15 +277,21 @@ def seed_protocol(
 ) -> dict[str, Any]:
     """One seed of the protocol into `out`: components, the merged search, validate (with
     replicates), final models; the first seed also the training-based search, the sweep, the
-    budget ladder and the ablations. Returns the seed's result (reproduce.json's per seed)."""
+    budget ladder and the ablations. With `fidelity.finals: false` no search and no final model
+    (fidelity only). Returns the seed's result (reproduce.json's per seed)."""
     seed = config.seed
     merge_config = _with(config, "search", method="merge")
+    decide = config.fidelity.finals  # false: fidelity only (no searches, no finals)
     with timed(f"components/{seed}"):
         components = train_components(config, data, base, out / "models")
-    with timed(f"search_merge/{seed}"):
-        merged = search_stage(merge_config, data, base, components, out / "search-merge", evaluator)
+    merged = None
+    if decide:
+        with timed(f"search_merge/{seed}"):
+            merged = search_stage(
+                merge_config, data, base, components, out / "search-merge", evaluator
+            )
     trained = None
-    if first and config.fidelity.trained_search:
+    if first and decide and config.fidelity.trained_search:
         trained_config = _with(config, "search", method="trained")
         with timed(f"search_trained/{seed}"):
             trained = search_stage(
@@ -290,6 +302,9 @@ def seed_protocol(
     sweep, ladder, ablations = [], [], []
     if first:
         with timed("sweep"):
+            if config.fidelity.sweep:  # the run's own components: the sweep's reference row
+                norms = list(validation["relative_delta_norms"].values())
+                sweep.append(sweep_entry(config.train.component, norms, validation))
             for point in config.fidelity.sweep:
                 folder = out / "sweep" / f"tokens{point.tokens}-lr{point.lr:g}"
                 sweep.append(sweep_point(config, data, base, point, validation, evaluator, folder))
@@ -299,6 +314,11 @@ def seed_protocol(
             ablations = ablation_rows(
                 config, data, base, components, validation, evaluator, out / "ablations"
             )
+    merge_tokens = _tokens(components.values())
+    if not decide:
+        matched = matched_fidelity(ladder, sum(config.search.round_sizes), merge_tokens)
+        extra = {"sweep": sweep, "budgets": ladder, "ablations": ablations, "matched": matched}
+        return fidelity_only(seed, data, validation, extra, merge_tokens)
     mixtures = {"chosen_merge": merged["mixture"], **baseline_mixtures(data)}
     if trained is not None:
         mixtures["chosen_trained"] = trained["mixture"]
@@ -314,7 +334,6 @@ def seed_protocol(
             for chosen in chosen_labels
         }
 
-    merge_tokens = _tokens(components.values())
     searches = {
         "merge": {
             "proxies_evaluated": merged["proxies_evaluated"],
@@ -353,6 +372,43 @@ def seed_protocol(
                 sum(r["tokens_per_proxy"] * len(validation["mixtures"]) for r in ladder)
             ),
             "final": _tokens(finals.values()),
+        },
+    }
+
+
+def fidelity_only(
+    seed: int,
+    data: CuratedData,
+    validation: dict[str, Any],
+    extra: dict[str, Any],
+    merge_tokens: int,
+) -> dict[str, Any]:
+    """A seed's result without searches and finals (`fidelity.finals: false`): the same keys,
+    empty where the decision would be. extra: the first seed's sweep, budgets, ablations and
+    matched fidelity (against a search of search.rounds' proxies)."""
+    cost, ladder = validation["cost"], extra["budgets"]
+    return {
+        "seed": seed,
+        "datasets": data.names,
+        "fidelity": {k: validation[k] for k in FIDELITY_KEYS if k in validation},
+        "sweep": extra["sweep"],
+        "budgets": ladder,
+        "matched_fidelity": extra["matched"],
+        "ablations": extra["ablations"],
+        "searches": {"merge": {"proxies_evaluated": 0, "training_tokens": merge_tokens}},
+        "mixtures": {},
+        "final": {},
+        "verdicts": {},
+        "training_tokens": {
+            "components": merge_tokens,
+            "search_trained": 0,
+            "references": cost["reference_training_tokens"],
+            "replicates": cost.get("replicate_training_tokens", 0),
+            "control": cost.get("control_training_tokens", 0),
+            "budgets": int(
+                sum(r["tokens_per_proxy"] * len(validation["mixtures"]) for r in ladder)
+            ),
+            "final": 0,
         },
     }
 

@@ -79,8 +79,16 @@ def headline(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
 
     first = per_seed[0]
     matched = first.get("matched_fidelity")
-    chosen = [s["mixtures"]["chosen_merge"] for s in per_seed]
+    chosen = [s["mixtures"]["chosen_merge"] for s in per_seed if s["mixtures"]]
     pairs = [l1(a, b) for i, a in enumerate(chosen) for b in chosen[i + 1 :]]
+
+    def minus(predictor):
+        def get(seed):
+            entry = fid(seed, "macro", "proxy_minus", predictor)
+            return (entry["diff"], [entry["ci_low"], entry["ci_high"]]) if entry else None
+
+        return get
+
     return {
         "seeds": len(per_seed),
         "macro_rho": statistic(rho("macro", "proxy")),
@@ -91,13 +99,20 @@ def headline(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
         "matched_fidelity_token_ratio": matched["ratio"] if matched else float("nan"),
         "matched_fidelity_bound": matched["bound"] if matched else None,
         "search_l1_between_seeds": float(np.mean(pairs)) if pairs else float("nan"),
+        # paired macro rho(proxy) - rho(weights-only predictor), per seed then over seeds
+        "macro_minus": {p: statistic(minus(p)) for p in MACRO_PREDICTORS},
         "verdicts": {
             baseline: [
-                s["verdicts"]["chosen_merge"][baseline]["objective"]["verdict"] for s in per_seed
+                s["verdicts"]["chosen_merge"][baseline]["objective"]["verdict"]
+                for s in per_seed
+                if s["verdicts"]
             ]
             for baseline in ("token_prior", "uniform")
         },
     }
+
+
+MACRO_PREDICTORS = ("trivial_linear", "trivial_quadratic", "trivial_weight")
 
 
 def stability(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
@@ -119,7 +134,7 @@ def stability(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
                     "measured_vs_token_prior": measured,
                 }
             )
-    chosen = {s["seed"]: s["mixtures"]["chosen_merge"] for s in per_seed}
+    chosen = {s["seed"]: s["mixtures"]["chosen_merge"] for s in per_seed if s["mixtures"]}
     seeds = sorted(chosen)
     return {
         "chosen": rows,
@@ -243,22 +258,42 @@ def format_table(result: dict[str, Any]) -> str:
     lines = _fidelity_lines(fid)
     norms = ", ".join(f"{n} {v:.3f}" for n, v in fid["relative_delta_norms"].items())
     searches = result["searches"]
-    lines += [
-        "",
-        f"Component ‖Δ‖/‖base‖: {norms}",
-        "",
-        "| search | proxies evaluated | training tokens |",
-        "|---|---|---|",
-        f"| merged proxies | {searches['merge']['proxies_evaluated']} | "
-        f"{searches['merge']['training_tokens']:,} (components) |",
-    ]
+    lines += ["", f"Component ‖Δ‖/‖base‖: {norms}"]
+    if not searches["merge"]["proxies_evaluated"]:  # fidelity only: no search ran
+        searches = {}
+    lines += (
+        [
+            "",
+            "| search | proxies evaluated | training tokens |",
+            "|---|---|---|",
+            f"| merged proxies | {searches['merge']['proxies_evaluated']} | "
+            f"{searches['merge']['training_tokens']:,} (components) |",
+        ]
+        if searches
+        else []
+    )
     if "trained" in searches:
         lines += [
             f"| trained proxies | {searches['trained']['proxies_evaluated']} | "
             f"{searches['trained']['training_tokens']:,} |",
             f"| ratio | | {searches['token_ratio']:.2f}x fewer with merging |",
         ]
-    lines += [
+    if result["verdicts"]:
+        lines += _final_lines(result)
+    if result["sweep"]:
+        lines += _sweep_lines(result["sweep"])
+    if result.get("budgets"):
+        lines += _budget_lines(result)
+    if result.get("ablations"):
+        lines += _ablation_lines(result["ablations"])
+    if "headline" in result:
+        lines += _seed_lines(result)
+    return "\n".join(lines) + "\n"
+
+
+def _final_lines(result: dict[str, Any]) -> list[str]:
+    """The final models' mixtures and the verdicts of the chosen ones."""
+    lines = [
         "",
         f"| final model | {' | '.join('w ' + n for n in result['datasets'])} |",
         "|---" * (len(result["datasets"]) + 1) + "|",
@@ -280,15 +315,7 @@ def format_table(result: dict[str, Any]) -> str:
             for key, entry in entries.items():
                 if key != "tasks":
                     lines.append(f"| {chosen} | {baseline} | {key} | {format_comparison(entry)} |")
-    if result["sweep"]:
-        lines += _sweep_lines(result["sweep"])
-    if result.get("budgets"):
-        lines += _budget_lines(result)
-    if result.get("ablations"):
-        lines += _ablation_lines(result["ablations"])
-    if "headline" in result:
-        lines += _seed_lines(result)
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _rhos(entry: dict[str, Any]) -> list[str]:
@@ -387,9 +414,18 @@ def _seed_lines(result: dict[str, Any]) -> list[str]:
                 format_interval(retest["rho"], retest["rho_ci"]) if retest else "-",
                 format_interval(fid["crr"]["mean"], fid["crr_ci"]["mean"]),
                 _crr_vs_control(fid),
-                ", ".join(f"{v:.3f}" for v in s["mixtures"]["chosen_merge"].values()),
+                *(
+                    format_comparison(fid["macro"]["proxy_minus"][p])
+                    if p in fid["macro"].get("proxy_minus", {})
+                    else "-"
+                    for p in MACRO_PREDICTORS
+                ),
+                ", ".join(f"{v:.3f}" for v in s["mixtures"].get("chosen_merge", {}).values())
+                or "-",
                 *(
                     s["verdicts"]["chosen_merge"][b]["objective"]["verdict"]
+                    if s["verdicts"]
+                    else "-"
                     for b in ("token_prior", "uniform")
                 ),
             ]
@@ -406,6 +442,10 @@ def _seed_lines(result: dict[str, Any]) -> list[str]:
             _format_mean(head["crr_improvement_vs_control"])
             if "crr_improvement_vs_control" in head
             else "-",
+            *(
+                _format_mean(head["macro_minus"][p]) if p in head.get("macro_minus", {}) else "-"
+                for p in MACRO_PREDICTORS
+            ),
             f"L1 between seeds {head['search_l1_between_seeds']:.3f}"
             if head["seeds"] > 1
             else "L1 between seeds: - (one seed)",
@@ -425,6 +465,9 @@ def _seed_lines(result: dict[str, Any]) -> list[str]:
                 "references' test-retest rho",
                 "CRR (improvement)",
                 "CRR vs control",
+                "macro: proxy − linear fit",
+                "macro: proxy − quadratic fit",
+                "macro: proxy − own weight",
                 "chosen (merged)",
                 "vs token prior",
                 "vs uniform",

@@ -46,6 +46,7 @@ RUN_KIND = "demix.run"
 SEARCH_KIND = "demix.search"
 VALIDATE_KIND = "demix.validate"
 REPRODUCE_KIND = "demix.reproduce"
+DECISION_KIND = "demix.reproduce-decision"
 SCORES = "scores.jsonl"  # the search's append-only table: rows are completed work
 _FIX = "give a new or empty path, or move what is there away"
 

@@ -30,7 +30,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("data", ("demix.data",)),
     ("statistics", ("demix.statistics", "demix.verdict")),
     ("evaluate", ("demix.evaluate",)),
-    ("fidelity", ("demix.fidelity", "demix.improvement")),
+    ("fidelity", ("demix.fidelity", "demix.improvement", "demix.decision")),
     ("merge", ("demix.merge",)),
     ("train", ("demix.train",)),
     ("search", ("demix.search",)),

@@ -1,0 +1,217 @@
+"""`demix reproduce-decision`: the decision at equal training tokens (demix.decision).
+
+For each protocol seed (run seed + s, folder seed-<s>; the first in the run folder) and each
+budget of `decision.budgets`: the components at that budget and the merged searches of
+`decision.merged_proxies` proxies; the trained-proxy search with as many proxies as the budget
+buys (the RegMix recipe: one round of Dirichlet(s * p^0.5) mixtures, LightGBM, the mean of the
+top `decision.top_k` of `decision.candidates`); the linear and quadratic weights-only fits on
+the same proxies; then final models (`final.seeds` training seeds) for every chosen mixture and
+the token prior, and the paired verdicts. The seeds share the curated data and the base.
+Everything resumes: models are not trained twice, proxies and finals not evaluated twice.
+Writes decision.json and decision.md (the table) into the run folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from demix import decision
+from demix.checkpoint import manifest_total
+from demix.config import RunConfig
+from demix.data.shards import CuratedData
+from demix.evaluate.harness import Evaluator
+from demix.mixtures import (
+    as_dict,
+    baseline_mixtures,
+    prior_vector,
+    search_cap,
+    search_floor,
+    seeded_names,
+    split_seed,
+)
+from demix.model import resolve_device
+from demix.proxies import make_evaluator
+from demix.recipes.reproduce import seed_folder
+from demix.recipes.run import StageClock, prepare_models, start_run_folder, train_finals
+from demix.recipes.validate import evaluate_once
+from demix.report.decision import format_decision
+from demix.search import ScoresTable, search_objective
+from demix.search.fits import fit_selection
+from demix.search.loop import canonical_rows, weights_matrix
+from demix.search.results import mixture_id
+from demix.stages import search_stage, train_components
+from demix.storage import atomic_write_json, atomic_write_text
+
+
+def _with(config: RunConfig, section: str, **update) -> RunConfig:
+    return config.model_copy(update={section: getattr(config, section).model_copy(update=update)})
+
+
+def _component_budget(config: RunConfig, tokens: int) -> RunConfig:
+    return _with(
+        config, "train", component=config.train.component.model_copy(update={"tokens": tokens})
+    )
+
+
+def regmix_config(config: RunConfig, plan: dict[str, Any]) -> RunConfig:
+    """The trained-proxy search of a budget: `plan["proxies"]` proxies of the proxy budget in
+    one round of RegMix's sampler, the decision's pool and top."""
+    search = config.search.model_copy(
+        update={
+            "method": "trained",
+            "n": plan["proxies"],
+            "rounds": 1,
+            "candidates": config.decision.candidates,
+            "top_k": config.decision.top_k,
+            "sampler": config.search.sampler.model_copy(update={"power": decision.REGMIX_POWER}),
+        }
+    )
+    return _component_budget(config, plan["proxy_tokens"]).model_copy(update={"search": search})
+
+
+def fitted_choices(config: RunConfig, data: CuratedData, folder: Path) -> dict[str, dict]:
+    """The weights-only fits' choices from a trained-proxy search's scores (in `folder`)."""
+    rows = canonical_rows(ScoresTable(folder / "scores.jsonl").rows())
+    objective = search_objective(config)
+    X, y = weights_matrix(rows, data.names), objective.targets([r["tasks"] for r in rows])
+    out = {}
+    for method, kind in zip(decision.FIT_METHODS, ("linear", "quadratic"), strict=True):
+        mixture, info = fit_selection(
+            prior_vector(data),
+            X,
+            y,
+            config.search,
+            config.seed,
+            kind,
+            objective.combine,
+            search_floor(config, data),
+            search_cap(config, data),
+        )
+        out[method] = {"mixture": as_dict(data.names, mixture), **info}
+    return out
+
+
+def budget_searches(
+    config: RunConfig,
+    data: CuratedData,
+    base: Path,
+    plan: dict[str, Any],
+    out: Path,
+    evaluator: Evaluator,
+    timed: StageClock,
+) -> dict[str, dict]:
+    """Every method's choice at one budget: {method: {"mixture", "tokens", "proxies"}}."""
+    at_budget = _component_budget(config, plan["component_tokens"])
+    where = f"{plan['label']}/{config.seed}"
+    with timed(f"components/{where}"):
+        components = train_components(at_budget, data, base, out / "models")
+    tokens = int(manifest_total(components.values(), "tokens"))
+    choices = {}
+    for total, n in plan["merged"].items():
+        searched = _with(at_budget, "search", method="merge", n=n)
+        with timed(f"search_merge_{total}/{where}"):
+            found = search_stage(
+                searched, data, base, components, out / f"merged-{total}", evaluator
+            )
+        choices[f"merged {total}"] = {
+            "mixture": found["mixture"],
+            "tokens": tokens,
+            "proxies": found["proxies_evaluated"],
+        }
+    regmix = regmix_config(config, plan)
+    with timed(f"search_trained/{where}"):
+        found = search_stage(regmix, data, base, {}, out / "trained", evaluator)
+    trained = {"tokens": found["proxy_training_tokens"], "proxies": found["proxies_evaluated"]}
+    choices["regmix"] = {"mixture": found["mixture"], **trained}
+    for method, chosen in fitted_choices(regmix, data, out / "trained").items():
+        choices[method] = {"mixture": chosen["mixture"], **trained}
+    return choices
+
+
+def judge_seed(
+    config: RunConfig,
+    data: CuratedData,
+    base: Path,
+    choices: dict[str, dict[str, dict]],
+    out: Path,
+    evaluator: Evaluator,
+) -> tuple[dict[str, Any], int]:
+    """Final models of every chosen mixture (one set per distinct mixture) and of the token
+    prior, evaluated once each; the seed's rows (demix.decision.seed_rows) and final tokens."""
+    grid = config.search.sampler.grid
+    labels = {
+        budget: {
+            m: mixture_id([c["mixture"][n] for n in data.names], grid) for m, c in methods.items()
+        }
+        for budget, methods in choices.items()
+    }
+    mixtures = {decision.BASELINE: baseline_mixtures(data)[decision.BASELINE]}
+    for budget, methods in choices.items():
+        for method, chosen in methods.items():
+            mixtures[labels[budget][method]] = chosen["mixture"]
+    names = seeded_names(mixtures, config.final.seeds)
+    runs = {name: mixtures[split_seed(name)[0]] for name in names}
+    finals = train_finals(config, data, base, runs, out / "finals")
+    device = resolve_device(config.train.device)
+    results: dict[str, list[dict]] = {}
+    for name in names:  # seed order within each label (seeded_names)
+        evaluated = evaluate_once(config, data, base, finals[name], evaluator, device)
+        results.setdefault(split_seed(name)[0], []).append(evaluated)
+    rows = decision.seed_rows(config, labels, results, choices)
+    return rows, int(manifest_total(finals.values(), "tokens"))
+
+
+def decision_seed(
+    config: RunConfig,
+    data: CuratedData,
+    base: Path,
+    out: Path,
+    evaluator: Evaluator,
+    timed: StageClock,
+) -> dict[str, Any]:
+    """One protocol seed into `out`: every budget's searches, then the finals and verdicts."""
+    plan = decision.budget_plan(config, len(data.names))
+    choices = {
+        p["label"]: budget_searches(
+            config, data, base, p, out / f"budget-{p['label']}", evaluator, timed
+        )
+        for p in plan
+    }
+    with timed(f"final/{config.seed}"):
+        rows, final_tokens = judge_seed(config, data, base, choices, out, evaluator)
+    return {"seed": config.seed, "plan": plan, **rows, "final_tokens": final_tokens}
+
+
+def reproduce_decision(config: RunConfig, out: str | Path) -> dict[str, Any]:
+    """The decision protocol into `out` for `decision.seeds` protocol seeds; returns (and
+    writes) decision.json's data: the table over seeds, each seed's rows, tokens and timings.
+
+    Raises DemixError where a budget buys fewer than 4 trained proxies (before any training),
+    and what the stages raise.
+    """
+    decision.budget_plan(config, len(config.data.datasets))  # refuse a bad plan before training
+    out = start_run_folder(config, out)
+    timed = StageClock()
+    data, base, _ = prepare_models(config, out, timed, components=False)
+    evaluator = make_evaluator(config, data, resolve_device(config.train.device))
+    per_seed = [
+        decision_seed(
+            config.model_copy(update={"seed": config.seed + s}),
+            data,
+            base,
+            seed_folder(out, s),
+            evaluator,
+            timed,
+        )
+        for s in range(config.decision.seeds)
+    ]
+    result = {
+        "datasets": data.names,
+        "table": decision.table_rows(per_seed),
+        "per_seed": per_seed,
+        "timings_s": timed.timings,
+    }
+    atomic_write_json(out / "decision.json", result)
+    atomic_write_text(out / "decision.md", format_decision(result))
+    return result
