@@ -14,12 +14,15 @@ import sys
 from pathlib import Path
 
 from demix.cli_outputs import (
+    components_arg,
     curate_out,
+    dataset_arg,
     demo_out,
     evaluate_out,
     export_out,
     local_folder,
     merge_out,
+    model_arg,
     recipe_out,
     run_config,
     search_out,
@@ -46,33 +49,6 @@ def parse_mixture(text: str) -> dict[str, float]:
     from demix.mixtures import parse_mixture as parse
 
     return parse(text)
-
-
-def _components(values: list[str]) -> dict[str, Path]:
-    """--components NAME=PATH entries as {name: local verified folder} (gs:// fetched)."""
-    out = {}
-    for value in values:
-        name, sep, path = value.partition("=")
-        if not sep:
-            raise DemixError(f"--components entry {value!r}: expected NAME=PATH")
-        out[name] = _model(path)
-    return out
-
-
-def _dataset(uri: str):
-    """The curated dataset at a local path or gs:// URI, every file checked against its manifest."""
-    from demix.data.shards import DATASET_KIND, CuratedData
-    from demix.storage import fetch_artifact
-
-    return CuratedData(fetch_artifact(uri, DATASET_KIND))
-
-
-def _model(uri: str) -> Path:
-    """A model folder at a local path or gs:// URI; a demix manifest, when present, is verified
-    (a plain Hugging Face folder in a bucket is fetched as a base: demix.base_model)."""
-    from demix.base_model import model_folder
-
-    return model_folder(uri)
 
 
 @writes(lambda args: demo_out(args.out))
@@ -137,12 +113,12 @@ def _cmd_train(args) -> None:
         with node_first(
             config.train
         ):  # each machine's first process fetches the inputs into its cache
-            data = _dataset(args.data)
+            data = dataset_arg(args.data)
             if mixture is not None:
                 from demix.mixtures import validate_mixture
 
                 validate_mixture(mixture, data.names)  # before fetching the base: fail fast
-            init = _model(args.init) if args.init else None
+            init = model_arg(args.init) if args.init else None
             out = stack.enter_context(artifact_output(args.out, publish=main))
             if args.publish_uri:  # fetched into the folder the loop resumes from
                 publish = checkpoint_sync(args.publish_uri, out.with_name(out.name + ".ckpt"))
@@ -168,7 +144,11 @@ def _cmd_merge(args) -> None:
 
     config = run_config(args)
     mixture = parse_mixture(args.mixture)
-    data, base, components = _dataset(args.data), _model(args.base), _components(args.components)
+    data, base, components = (
+        dataset_arg(args.data),
+        model_arg(args.base),
+        components_arg(args.components),
+    )
     with artifact_output(args.out) as out:
         manifest = merge_stage(config, data, base, components, mixture, out)
     print(
@@ -188,10 +168,10 @@ def _cmd_evaluate(args) -> None:
     config = run_config(args)
     if args.out:
         check_uri(args.out)
-    data = _dataset(args.data)
+    data = dataset_arg(args.data)
     # The tasks first: an unknown task or an empty eval set fails before any model is fetched.
     evaluator = make_evaluator(config, data, resolve_device(config.train.device))
-    models = {Path(m).name: _model(m) for m in args.models}
+    models = {Path(m).name: model_arg(m) for m in args.models}
     result = evaluate_models_stage(config, data, models, evaluator)
     if args.out:
         write_output_bytes(args.out, (json.dumps(result, indent=2) + "\n").encode())
@@ -212,7 +192,11 @@ def _cmd_search(args) -> None:
     from demix.storage import synced_folder
 
     config = run_config(args)
-    data, base, components = _dataset(args.data), _model(args.base), _components(args.components)
+    data, base, components = (
+        dataset_arg(args.data),
+        model_arg(args.base),
+        components_arg(args.components),
+    )
     with synced_folder(args.out) as out:
         result = search_stage(config, data, base, components, out)
     print(
@@ -230,7 +214,7 @@ def _cmd_validate(args) -> None:
         run_config(args),
         CuratedData(args.data),
         Path(args.base),
-        _components(args.components),
+        components_arg(args.components),
         Path(args.out),
     )
     print(

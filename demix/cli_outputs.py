@@ -1,5 +1,5 @@
 """What the `demix` commands share besides the parser: the run config of `--config` and `--set`,
-and the outputs each command writes, checked before any work and cleaned after a failure (the
+the model, dataset and component arguments (local or gs://), and the outputs each command writes, checked before any work and cleaned after a failure (the
 output rule of demix.storage.outputs)."""
 
 from __future__ import annotations
@@ -167,3 +167,30 @@ def export_out(args) -> list:
     from demix.export import EXPORT_KIND, is_export
 
     return [Output(args.out, EXPORT_KIND, "file", is_export)] if args.out else []
+
+
+def components_arg(values: list[str]) -> dict[str, Path]:
+    """--components NAME=PATH entries as {name: local verified folder} (gs:// fetched)."""
+    out = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep:
+            raise DemixError(f"--components entry {value!r}: expected NAME=PATH")
+        out[name] = model_arg(path)
+    return out
+
+
+def dataset_arg(uri: str):
+    """The curated dataset at a local path or gs:// URI, every file checked against its manifest."""
+    from demix.data.shards import DATASET_KIND, CuratedData
+    from demix.storage import fetch_artifact
+
+    return CuratedData(fetch_artifact(uri, DATASET_KIND))
+
+
+def model_arg(uri: str) -> Path:
+    """A model folder at a local path or gs:// URI; a demix manifest, when present, is verified
+    (a plain Hugging Face folder in a bucket is fetched as a base: demix.base_model)."""
+    from demix.base_model import model_folder
+
+    return model_folder(uri)
