@@ -573,6 +573,14 @@ def test_components_python_func_on_tiny_artifacts(tmp_path, corpus_dir):
     assert (tmp_path / "dataset" / "manifest.json").is_file() and dataset.metadata[
         "data_fingerprint"
     ] == "abc"
+    sources = dataset.metadata["sources"]  # what the run read, shown in the UI
+    assert sources["tickets"] == [str(target)] and set(sources) == {
+        "general",
+        "code",
+        "math",
+        "tickets",
+    }
+    assert sources["math"] == raw["data"]["datasets"][2]["paths"]
     assert len(list(tmp_path.glob("part-*"))) == 4  # the smoke corpus and target: one per file
     from demix.data.shards import CuratedData
 

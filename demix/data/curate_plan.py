@@ -163,6 +163,16 @@ def plan_curation(
     return plan
 
 
+def plan_sources(plan_dir: str | Path) -> dict[str, list[str]]:
+    """{dataset or target name: its input paths as configured} of a curation plan: what a
+    pipeline run read, shown with its dataset artifact (gs:// URIs for bucket data).
+
+    Raises DataError for a missing, incomplete or corrupt plan.
+    """
+    data = read_plan(plan_dir)[0]["data"]
+    return {spec["name"]: list(spec["paths"]) for spec in data["datasets"] + data["targets"]}
+
+
 def read_plan(plan_dir: str | Path) -> tuple[dict, str]:
     """(plan, plan id: sha256 of plan.json) of a curation plan artifact, its files verified.
 
