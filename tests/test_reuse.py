@@ -94,3 +94,30 @@ def test_the_config_of_a_reused_job_is_the_whole_training_job(tmp_path, corpus_d
         role_job_id(config, data, {**mix, "general": 0.4, "code": 0.6}, "component", "code", None)
         != job
     )
+
+
+def test_reuse_never_replaces_a_folder_demix_did_not_write(tmp_path, user_file):
+    """A model found for the job is copied only over an empty folder or a demix artifact: a
+    user's folder at the task's output is refused in one line and kept byte for byte."""
+    import pytest
+
+    from demix.errors import DataError
+    from demix.storage import write_manifest
+    from demix.train.reuse import record_finished, reuse_finished
+
+    trained = tmp_path / "earlier-run" / "model"
+    trained.mkdir(parents=True)
+    (trained / "model.safetensors").write_bytes(b"weights" * 10)
+    write_manifest(trained, "demix.model", name="code", fingerprint="job-1")
+    root = str(tmp_path / "root")
+    record_finished(root, "job-1", str(trained), "component", "code")
+
+    out = tmp_path / "this-run" / "model"
+    notes = user_file(out / "notes.txt", b"mine")
+    with pytest.raises(DataError, match="demix did not write"):
+        reuse_finished(root, "job-1", out)
+    assert notes.read_bytes() == b"mine" and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+    empty = tmp_path / "other-run" / "model"
+    assert reuse_finished(root, "job-1", empty) == str(trained)
+    assert (empty / "model.safetensors").read_bytes() == b"weights" * 10

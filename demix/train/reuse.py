@@ -31,8 +31,9 @@ def record_uri(root: str, job_id: str) -> str:
     return f"{str(root).rstrip('/')}/{JOBS}/{job_id}.json"
 
 
-def find_finished(root: str, job_id: str) -> Path | None:
-    """The local, verified folder of a model an earlier run trained for `job_id`, or None."""
+def find_finished(root: str, job_id: str) -> tuple[Path, str] | None:
+    """(local verified folder, artifact URI) of a model an earlier run trained for `job_id`,
+    or None."""
     from demix.checkpoint import MODEL_KIND, read_model_manifest
     from demix.storage import fetch_artifact
 
@@ -46,7 +47,7 @@ def find_finished(root: str, job_id: str) -> Path | None:
     if read_model_manifest(folder).get("fingerprint") != job_id:
         log.warning("%s: its model does not hold job %s; training", record["uri"], job_id)
         return None
-    return folder
+    return folder, record["uri"]
 
 
 def reuse_finished(root: str, job_id: str, out: Path) -> str | None:
@@ -55,9 +56,9 @@ def reuse_finished(root: str, job_id: str, out: Path) -> str | None:
     found = find_finished(root, job_id)
     if found is None:
         return None
+    folder, uri = found
     with staged_dir(out) as tmp:
-        shutil.copytree(found, tmp, dirs_exist_ok=True)
-    uri = json.loads(fetch_files(record_uri(root, job_id)).read_text())["uri"]
+        shutil.copytree(folder, tmp, dirs_exist_ok=True)
     log.info("job %s: reusing the model trained by an earlier run, %s", job_id, uri)
     return uri
 
