@@ -28,9 +28,10 @@ pipeline (the DAG of components); its command line is deploy/cli.py.
 
 import sys
 from pathlib import Path
-from typing import TextIO
+from typing import NamedTuple, TextIO
 
 from kfp import dsl
+from kfp.dsl import HTML, Artifact, Markdown, Metrics
 
 from components.collect_models import collect_models
 from components.curate_data import curate_data
@@ -58,6 +59,12 @@ from deploy.placement import (
     training_inputs,
 )
 from deploy.submit import PIPELINE_NAME, submit
+
+# What a run returns at the top of its page in the UI: the chosen mixture as `demix export
+# --format json` writes it, the verdict, the report, and the verdict's numbers as metrics.
+PipelineOutputs = NamedTuple(
+    "Outputs", mixture=Artifact, verdict=Markdown, report=HTML, metrics=Metrics
+)
 
 __all__ = [
     "Placement",
@@ -89,7 +96,7 @@ def build_pipeline(placement: Placement):
         final_tokens: int = 0,
         num_eval_workers: int = 2,
         validate: bool = False,
-    ):
+    ) -> PipelineOutputs:
         """DeMix: data-mixture search by model merging.
 
         A negative seed or general_ratio, a zero count and an empty string keep the config's
@@ -239,7 +246,7 @@ def build_pipeline(placement: Placement):
             ).set_display_name(f"round {r} / propose" if r < placement.rounds else "select mixture")
         selection = step.outputs["result"]
         # The chosen mixture for training frameworks (`demix export --format json`).
-        on_cpu(
+        export = on_cpu(
             export_mixture(config=cfg, data=dataset, selection=selection), placement
         ).set_display_name("export mixture")
 
@@ -282,7 +289,7 @@ def build_pipeline(placement: Placement):
                 ),
                 placement,
             ).set_display_name("train final")
-        on_eval_gpu(
+        judged = on_eval_gpu(
             evaluate_final(  # the components' norms from their manifests: no weights
                 config=cfg,
                 data=dataset,
@@ -293,6 +300,12 @@ def build_pipeline(placement: Placement):
             ),
             placement,
         ).set_display_name("evaluate finals")
+        return PipelineOutputs(
+            mixture=export.outputs["export"],
+            verdict=judged.outputs["verdict"],
+            report=judged.outputs["report"],
+            metrics=judged.outputs["metrics"],
+        )
 
     return demix_pipeline
 

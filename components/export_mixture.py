@@ -12,13 +12,15 @@ def export_mixture(
     export: Output[Artifact],
 ):
     """The chosen mixture as `demix export --format json` writes it: mixture, component weights,
-    token prior, train tokens per dataset and the epochs each would see in the final budget."""
+    token prior, train tokens per dataset and the epochs each would see in the final budget.
+    The artifact's metadata holds the mixture and its text in every other export format, so
+    the run page shows what to paste into a training framework."""
     import json
     from pathlib import Path
 
     from demix.config import resolve_config
     from demix.data.shards import CuratedData
-    from demix.export import render, selection_export
+    from demix.export import FORMATS, render, selection_export
     from demix.storage import atomic_write_text
 
     result = selection_export(
@@ -27,3 +29,7 @@ def export_mixture(
         json.loads(Path(selection.path).read_text()),
     )
     atomic_write_text(export.path, render(result, "json"))
+    export.metadata["format"] = "json"
+    export.metadata["mixture"] = result["mixture"]
+    for fmt in (f for f in FORMATS if f != "json"):
+        export.metadata[fmt] = render(result, fmt)

@@ -282,20 +282,11 @@ def _cmd_run(args) -> None:
 
 
 def _cmd_report(args) -> None:
-    from demix.config import RunConfig
     from demix.report import write_report
+    from demix.report.folders import read_finished_run
 
-    out = local_folder(args.run)
-    for name in ("summary.json", "config.json", "search/result.json"):  # what `demix run` wrote
-        if not (out / name).is_file():
-            raise DemixError(
-                f"{out}: not a finished `demix run` folder (no {name}); give the --out folder "
-                "of a finished run"
-            )
-    summary = json.loads((out / "summary.json").read_text())
-    found = json.loads((out / "search" / "result.json").read_text())
-    config = RunConfig.model_validate(json.loads((out / "config.json").read_text()))
-    print(write_report(out, summary, found, config))
+    run = read_finished_run(local_folder(args.run))
+    print(write_report(run.folder, run.summary, run.selection, run.config))
 
 
 @writes(export_out)
@@ -448,19 +439,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder")
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("report", help="rebuild report.html of a finished run")
-    p.add_argument("run", help="run folder")
+    about = (
+        "draw report.html of a finished run again, beside its summary.json (the run folder of "
+        "`demix run` or `pipeline.py run-local`, a pipeline root, or a downloaded pipeline run)"
+    )
+    p = sub.add_parser("report", help=about, description=about)
+    p.add_argument("run", help="a folder holding a finished run, at its top or below it")
     p.set_defaults(func=_cmd_report)
 
-    p = sub.add_parser(
-        "export", help="the chosen mixture of a finished run for Megatron-LM, OLMo-core, datasets"
-    )
+    about = "the chosen mixture of a finished run for Megatron-LM, OLMo-core, datasets"
+    p = sub.add_parser("export", help=about, description=about)
     p.add_argument("run", help="run folder (demix run --out, or pipeline.py run-local --out)")
     p.add_argument(
         "--format",
-        required=True,
+        default="json",
         choices=["json", "megatron", "olmo", "hf"],
-        help="json: mixture, component weights, prior, tokens and epochs; megatron: --data-path; "
+        help="json (the default): mixture, component weights, prior, tokens and epochs; "
+        "megatron: --data-path; "
         "olmo: an OLMo-core SourceMixtureList (YAML); hf: interleave_datasets arguments",
     )
     p.add_argument(

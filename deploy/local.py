@@ -36,8 +36,9 @@ def run_local(
     interpreter), its search rounds unrolled from the config's search.rounds.
 
     kfp.local's log goes to `out`/kfp-local.log; `progress` (default: standard output) gets
-    its path and one line per task (see quiet_tasks). Copies summary.json and report.html of
-    the run into `out`; returns the summary. Raises SystemExit naming the failed task and the
+    its path and one line per task (see quiet_tasks). Copies summary.json, report.html and
+    what the report is drawn from into `out`, and the pipeline's own outputs (mixture.json,
+    verdict.md); returns the summary. Raises SystemExit naming the failed task and the
     log when the run fails.
     """
     import warnings
@@ -50,7 +51,7 @@ def run_local(
     warnings.filterwarnings(
         "ignore", message=".*(no effect in the current local runner|non-Python base image).*"
     )
-    from demix.report.summary import add_wall_times
+    from demix.report.summary import REPORT_INPUTS, add_wall_times
     from demix.stages import fetch_configured_demo
 
     started = time.perf_counter()
@@ -63,10 +64,10 @@ def run_local(
     log = out / LOG_NAME
     with quiet_tasks(log, display_names(pipeline.pipeline_spec), progress) as tasks:
         try:
-            pipeline(
+            returned = pipeline(
                 config_yaml=_absolute_paths(config_yaml(config)),
                 num_eval_workers=num_eval_workers,
-            )
+            ).outputs
         except RuntimeError:  # kfp.local: a task failed, and quiet_tasks has shown which
             if not tasks.failed:
                 raise
@@ -83,7 +84,11 @@ def run_local(
             f"pipeline.py: error: no evaluate-final output under {root}; see the log {log}"
         )
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(runs[-1] / "report.html", out / "report.html")
+    for name in ("report.html", *REPORT_INPUTS):  # so `demix report OUT` draws it again
+        if (runs[-1] / name).is_file():
+            shutil.copy2(runs[-1] / name, out / name)
+    for name, file in RETURNED_FILES.items():  # the pipeline's own outputs
+        shutil.copy2(returned[name].path, out / file)
     summary = json.loads((runs[-1] / "summary.json").read_text())
     # The wall time adds the local runner's own overhead to the stages' work (timings_s).
     wall = {"fetch": fetch_seconds, "total": time.perf_counter() - started}
@@ -91,6 +96,8 @@ def run_local(
 
 
 LOG_NAME = "kfp-local.log"
+# The pipeline's outputs a local run copies into its --out folder, by output name.
+RETURNED_FILES = {"mixture": "mixture.json", "verdict": "verdict.md"}
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _STARTED = re.compile(r"Executing task '([^']+)'")
 _FINISHED = re.compile(r"Task '([^']+)' finished with status (\w+)")

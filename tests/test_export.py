@@ -162,7 +162,7 @@ def test_a_summary_without_token_fields_reads_them_from_the_run(run, capsys):
     assert "no config.json" in _one_error_line(capsys, ["export", str(run), "--format", "json"])
 
 
-def test_the_pipeline_export_artifact_equals_the_cli_json(run, tmp_path):
+def test_the_pipeline_export_artifact_equals_the_cli_json(run, tmp_path, capsys):
     from kfp.dsl import Artifact, Dataset
 
     from components.export_mixture import export_mixture
@@ -193,13 +193,18 @@ def test_the_pipeline_export_artifact_equals_the_cli_json(run, tmp_path):
     }
     config.write_text(yaml.safe_dump(raw))
     out = tmp_path / "export.json"
+    exported = artifact(Artifact, out)
     export_mixture.python_func(
         config=artifact(Artifact, config),
         data=artifact(Dataset, data),
         selection=artifact(Artifact, selection),
-        export=artifact(Artifact, out),
+        export=exported,
     )
     assert json.loads(out.read_text()) == read_run(run)
+    # the run page shows the mixture and its text in every other format, as `demix export`
+    assert exported.metadata["mixture"] == read_run(run)["mixture"]
+    for fmt in ("megatron", "olmo", "hf"):
+        assert exported.metadata[fmt] == _export(capsys, str(run), "--format", fmt), fmt
     from demix.data.shards import CuratedData
 
     direct = selection_export(

@@ -119,7 +119,7 @@ def test_every_writing_command_refuses_a_folder_holding_a_user_file(
     user_file(out / "notes.txt")
     user_file(out / "drafts" / "plan.md")
     before = _tree(tmp_path)
-    why = "not a finished `demix run` folder" if command == "report" else "demix did not write"
+    why = "holds no finished run" if command == "report" else "demix did not write"
     why = "is a folder" if command == "evaluate" else why
     _refused(capsys, _argv(command, inputs, str(out)), str(out), why)
     reliability.intact(_tree(tmp_path) == before, f"{command} changed what was at {out}")

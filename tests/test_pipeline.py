@@ -206,6 +206,31 @@ def test_the_export_artifact_is_written_from_the_final_selection(compiled):
     assert executor["image"] == CPU_IMAGE and "accelerator" not in executor["resources"]
 
 
+@pytest.mark.parametrize("target", [0, 1], ids=["kubeflow", "vertex"])
+def test_the_pipeline_returns_the_mixture_verdict_report_and_metrics(compiled, target):
+    """The run page shows them at the top level: the pipeline's own outputs, each taken from
+    the task that writes it."""
+    spec, _ = _spec(compiled[target])
+    declared = spec.root.output_definitions.artifacts
+    assert {k: v.artifact_type.schema_title for k, v in declared.items()} == {
+        "mixture": "system.Artifact",
+        "verdict": "system.Markdown",
+        "report": "system.HTML",
+        "metrics": "system.Metrics",
+    }
+    selected = {
+        name: (s.producer_subtask, s.output_artifact_key)
+        for name, value in spec.root.dag.outputs.artifacts.items()
+        for s in value.artifact_selectors
+    }
+    assert selected == {
+        "mixture": ("export-mixture", "export"),
+        "verdict": ("evaluate-final", "verdict"),
+        "report": ("evaluate-final", "report"),
+        "metrics": ("evaluate-final", "metrics"),
+    }
+
+
 def test_vertex_target_is_one_document_with_vertex_accelerators(compiled):
     text = compiled[1].read_text()
     spec, docs = _spec(compiled[1])
@@ -682,15 +707,46 @@ def local_and_library_runs(tmp_path_factory, corpus_dir, eval_dir):
     return tmp_path, summary, library, screen.getvalue()
 
 
-def test_local_pipeline_run_matches_demix_run(local_and_library_runs):
+def test_local_pipeline_run_matches_demix_run(local_and_library_runs, capsys):
     tmp_path, summary, library, _ = local_and_library_runs
     assert (tmp_path / "kfp" / "report.html").is_file()
+    # the pipeline's own outputs, copied beside the summary: `demix export`'s JSON, the verdict
+    returned = json.loads((tmp_path / "kfp" / "mixture.json").read_text())
+    assert demix_main(["export", str(tmp_path / "kfp")]) == 0
+    assert returned == json.loads(capsys.readouterr().out)
+    assert returned["mixture"] == pytest.approx(summary["mixture"], abs=1e-12)
+    verdict = (tmp_path / "kfp" / "verdict.md").read_text()
+    assert "token_prior" in verdict and "uniform" in verdict
     assert summary["proxies_evaluated"] == 6 and summary["search_rounds"] == 2
     assert set(summary["final"]) == {"chosen", "uniform", "token_prior"}
     assert summary["mixture"] == pytest.approx(library["mixture"], abs=1e-9)
     for label in ("chosen", "uniform", "token_prior"):
         assert summary["final"][label]["tasks"] == library["final"][label]["tasks"]
     assert summary["verdict"] == library["verdict"]
+
+
+@pytest.mark.parametrize("folder", ["kfp", "lib", "kfp/pipeline-root", "summary artifact"])
+def test_demix_report_draws_the_report_again_from_any_run_folder(
+    local_and_library_runs, folder, capsys
+):
+    """`demix report` on the --out of both front doors, on a pipeline root, and on the
+    evaluate-final summary artifact copied elsewhere (a downloaded pipeline run)."""
+    tmp_path = local_and_library_runs[0]
+    if folder == "summary artifact":
+        (artifact,) = (tmp_path / "kfp" / "pipeline-root").glob("*/evaluate-final/summary")
+        where = tmp_path / "downloaded"
+        if not where.exists():
+            shutil.copytree(artifact, where)
+        (where / "report.html").unlink()
+    else:
+        where = tmp_path / folder
+    assert demix_main(["report", str(where)]) == 0
+    written = Path(capsys.readouterr().out.strip())
+    assert written.name == "report.html" and written.stat().st_size > 10_000
+    assert written.is_relative_to(where)
+    html = written.read_text()
+    assert "<h2>Verdict: the chosen mixture against each baseline</h2>" in html
+    assert html.count("<img") >= 3  # search progress, predictor, mixtures, verdict plots
 
 
 def test_both_paths_write_the_same_summary_field_by_field(local_and_library_runs):

@@ -132,11 +132,18 @@ def write_document_scores(path: Path, results: dict[str, list[dict]]) -> None:
     atomic_write_json(path, compact)
 
 
+REPORT_INPUTS = ("summary.json", "selection.json", "config.json")
+
+
 def write_summary(out: Path, summary: dict, selection: dict, config: RunConfig) -> None:
-    """summary.json and report.html into `out`."""
+    """summary.json, report.html and what the report is drawn from (the search's selection
+    with its history, and the run config) into `out`, so `demix report` can draw it again from
+    this folder alone, wherever it was copied to."""
     from demix.report.run import write_report
 
     out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "selection.json", selection)
+    atomic_write_json(out / "config.json", config.model_dump())
     atomic_write_json(out / "summary.json", summary)
     write_report(out, summary, selection, config)
 
