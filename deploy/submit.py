@@ -96,9 +96,11 @@ def add_commands(sub) -> None:
         "the run's first task fingerprints the data and base anew for every run",
     )
 
-    p = sub.add_parser("submit", parents=[backend, run], help="start a run of a compiled pipeline")
+    about = "start a run of a compiled pipeline"
+    p = sub.add_parser("submit", parents=[backend, run], help=about, description=about)
 
-    p = sub.add_parser("upload", parents=[backend], help="upload a compiled pipeline")
+    about = "upload a compiled pipeline"
+    p = sub.add_parser("upload", parents=[backend], help=about, description=about)
     p.add_argument("--name", help=f"kubeflow: the pipeline's name (default {PIPELINE_NAME})")
     p.add_argument(
         "--version",
@@ -112,9 +114,8 @@ def add_commands(sub) -> None:
         "--tag", action="append", default=[], help="vertex: a tag of the template (repeatable)"
     )
 
-    p = sub.add_parser(
-        "schedule", parents=[backend, run], help="start runs of a compiled pipeline on a schedule"
-    )
+    about = "start runs of a compiled pipeline on a schedule"
+    p = sub.add_parser("schedule", parents=[backend, run], help=about, description=about)
     p.add_argument(
         "--cron", required=True, help="five fields: minute hour day month weekday ('0 3 * * 1')"
     )
