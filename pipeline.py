@@ -60,11 +60,15 @@ from deploy.placement import (
 )
 from deploy.submit import PIPELINE_NAME, submit
 
+
 # What a run returns at the top of its page in the UI: the chosen mixture as `demix export
 # --format json` writes it, the verdict, the report, and the verdict's numbers as metrics.
-PipelineOutputs = NamedTuple(
-    "Outputs", mixture=Artifact, verdict=Markdown, report=HTML, metrics=Metrics
-)
+class PipelineOutputs(NamedTuple):
+    mixture: Artifact
+    verdict: Markdown
+    report: HTML
+    metrics: Metrics
+
 
 __all__ = [
     "Placement",

@@ -304,9 +304,8 @@ def main(argv: list[str] | None, build: Callable, description: str) -> int:
                 print(f"pipeline.py: note: {DEFAULT_SELECTOR_NOTE}", file=sys.stderr)
             print(out)
         elif args.command == "run-local":
-            from demix.report import print_summary
-
             from demix.cli_outputs import parse_overrides
+            from demix.report import print_summary
 
             if bool(args.config) == bool(args.config_flag):
                 raise ConfigError("run-local needs the run config: give CONFIG (or --config) once")
