@@ -314,6 +314,15 @@ def _cmd_validate_config(args) -> None:
     )
 
 
+def _cmd_plan(args) -> None:
+    from demix.stages.plan import accelerator, format_plan, plan_table
+
+    if args.eval_workers < 1:
+        raise DemixError(f"--eval-workers {args.eval_workers}: give 1 or more")
+    table = plan_table(run_config(args), accelerator(args.accelerator), args.eval_workers)
+    sys.stdout.write(json.dumps(table, indent=2) + "\n" if args.json else format_plan(table))
+
+
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose command and every subcommand take --debug (before or after)."""
 
@@ -491,6 +500,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = with_config("check-config", "validate a run config and exit")
     p.set_defaults(func=_cmd_validate_config)
+
+    p = with_config(
+        "plan",
+        "what a run of the config will cost, per stage, before anything runs: tokens, FLOPs, "
+        "proxies, time on an accelerator, peak memory, bytes written, pipeline tasks",
+    )
+    p.add_argument(
+        "--accelerator",
+        default="h100-80gb",
+        help="cpu (this machine, its peak timed now) or h100-80gb (the default), h200-141gb, "
+        "a100-80gb, l4",
+    )
+    p.add_argument(
+        "--eval-workers",
+        type=int,
+        default=2,
+        help="evaluation shards per search round, as the pipeline's num_eval_workers (default 2)",
+    )
+    p.add_argument("--json", action="store_true", help="the plan as JSON, every number unrounded")
+    p.set_defaults(func=_cmd_plan)
     return parser
 
 
