@@ -73,7 +73,7 @@ def _chain(err: BaseException) -> Iterator[BaseException]:
             continue
         seen.add(id(current))
         yield current
-        wrapped = [getattr(current, "reason", None), current.__cause__, current.__context__]
+        wrapped = [getattr(current, "reason", None), current.__cause__]
         wrapped += list(getattr(current, "args", ()))
         todo += [e for e in wrapped if isinstance(e, BaseException)]
 
@@ -167,7 +167,10 @@ def describe_service_error(err: BaseException, where: str, flag: str) -> str | N
         response = err.response
         message = _http_message(response.content)
         return _http(response.status_code, response.reason, message, where, REGISTRY_ROLES)
-    return _connection(err, where, flag)  # requests', urllib3's and google.auth's transport
+    described = _connection(err, where, flag)  # requests', urllib3's, google.auth's transport
+    if described is None and isinstance(err, auth.TransportError):
+        return f"{where}: cannot reach Google's sign-in service ({_detail(err)}); check the network"
+    return described
 
 
 @contextmanager
