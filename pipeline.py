@@ -10,7 +10,7 @@ upload or schedule it.
     python pipeline.py compile --target vertex --out demix-vertex.yaml --nodes 4 \
         --machine-type a3-highgpu-8g --accelerator-type NVIDIA_H100_80GB --accelerator-count 8 \
         [--timeout 3d] [--spot] [--service-account SA] [--encryption-key KEY] [--labels k=v]
-    python pipeline.py run-local --config configs/demo.yaml --out runs/demo
+    python pipeline.py run-local configs/demo.yaml --out runs/demo [--set search.rounds=2]
     python pipeline.py submit --host URL --package demix-kubeflow.yaml --config configs/demo.yaml \
         --pipeline-root gs://B/root [--param seed=3] [--run-name R] [--experiment E] [--no-cache]
     python pipeline.py submit --vertex --project P --region R --pipeline-root gs://B/root ...
@@ -60,11 +60,15 @@ from deploy.placement import (
 )
 from deploy.submit import PIPELINE_NAME, submit
 
+
 # What a run returns at the top of its page in the UI: the chosen mixture as `demix export
 # --format json` writes it, the verdict, the report, and the verdict's numbers as metrics.
-PipelineOutputs = NamedTuple(
-    "Outputs", mixture=Artifact, verdict=Markdown, report=HTML, metrics=Metrics
-)
+class PipelineOutputs(NamedTuple):
+    mixture: Artifact
+    verdict: Markdown
+    report: HTML
+    metrics: Metrics
+
 
 __all__ = [
     "Placement",
@@ -316,11 +320,13 @@ def run_local(
     pipeline_root: Path | None = None,
     num_eval_workers: int = 2,
     progress: TextIO | None = None,
+    overrides: dict[str, object] | None = None,
 ) -> dict:
-    """Run this pipeline with kfp.local; summary.json and report.html copied into `out`, the
-    kfp.local log into `out`/kfp-local.log, one line per task on `progress` (default stdout)."""
+    """Run this pipeline with kfp.local (deploy.local.run_local): the summary, report and the
+    pipeline's outputs copied into `out`, the kfp.local log into `out`/kfp-local.log, one line
+    per task on `progress` (default stdout); `overrides`: `--set` keys of the config."""
     return local.run_local(
-        build_pipeline, config_path, out, pipeline_root, num_eval_workers, progress
+        build_pipeline, config_path, out, pipeline_root, num_eval_workers, progress, overrides
     )
 
 
@@ -337,7 +343,7 @@ def compile_pipeline(
 
 def main(argv: list[str] | None = None) -> int:
     """compile | run-local | submit | upload | schedule (deploy.cli); the exit code."""
-    return cli.main(argv, build_pipeline, __doc__.splitlines()[0])
+    return cli.main(argv, build_pipeline, " ".join(__doc__.split("\n\n")[0].split()))
 
 
 if __name__ == "__main__":

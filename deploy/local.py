@@ -31,6 +31,7 @@ def run_local(
     pipeline_root: Path | None = None,
     num_eval_workers: int = 2,
     progress: TextIO | None = None,
+    overrides: dict[str, object] | None = None,
 ) -> dict:
     """Run the pipeline `build_pipeline(placement)` with kfp.local (SubprocessRunner, this
     interpreter), its search rounds unrolled from the config's search.rounds.
@@ -55,7 +56,7 @@ def run_local(
     from demix.stages import fetch_configured_demo
 
     started = time.perf_counter()
-    config = load_config(config_path)
+    config = load_config(config_path, overrides)  # `--set`: the run gets the overridden YAML
     fetch_configured_demo(config)
     fetch_seconds = time.perf_counter() - started
     root = Path(pipeline_root or out / "pipeline-root").resolve()

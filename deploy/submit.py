@@ -107,15 +107,15 @@ def add_commands(sub) -> None:
         "the run's first task fingerprints the data and base anew for every run",
     )
 
+    about = "start a run of a compiled pipeline"
     p = sub.add_parser(
         "submit",
         parents=[backend, run],
-        help="start a run of a compiled pipeline",
-        description="Start a run of a compiled pipeline and print its id (Kubeflow) or resource "
-        "name (Vertex AI). Exit codes: 0 started (with --wait: the run succeeded); 1 with "
-        "--wait: the run failed or was cancelled; 2 bad input, or the host cannot be reached "
-        "or refused the credentials (one line naming it and what to check); 124 --wait-timeout "
-        "passed (the run goes on).",
+        help=about,
+        description=f"{about}; prints its id (Kubeflow) or resource name (Vertex AI). Exit "
+        "codes: 0 started (with --wait: the run succeeded); 1 with --wait: the run failed or "
+        "was cancelled; 2 bad input, or the host cannot be reached or refused the credentials "
+        "(one line naming it and what to check); 124 --wait-timeout passed (the run goes on)",
     )
     p.add_argument(
         "--wait",
@@ -136,7 +136,8 @@ def add_commands(sub) -> None:
         "(the run goes on); default: wait for the end",
     )
 
-    p = sub.add_parser("upload", parents=[backend], help="upload a compiled pipeline")
+    about = "upload a compiled pipeline"
+    p = sub.add_parser("upload", parents=[backend], help=about, description=about)
     p.add_argument("--name", help=f"kubeflow: the pipeline's name (default {PIPELINE_NAME})")
     p.add_argument(
         "--version",
@@ -150,9 +151,8 @@ def add_commands(sub) -> None:
         "--tag", action="append", default=[], help="vertex: a tag of the template (repeatable)"
     )
 
-    p = sub.add_parser(
-        "schedule", parents=[backend, run], help="start runs of a compiled pipeline on a schedule"
-    )
+    about = "start runs of a compiled pipeline on a schedule"
+    p = sub.add_parser("schedule", parents=[backend, run], help=about, description=about)
     p.add_argument(
         "--cron", required=True, help="five fields: minute hour day month weekday ('0 3 * * 1')"
     )

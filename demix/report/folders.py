@@ -31,8 +31,10 @@ class FinishedRun:
 
 
 def _holds_run(folder: Path) -> bool:
-    return (folder / "summary.json").is_file() and (folder / "config.json").is_file() and any(
-        (folder / name).is_file() for name in _SELECTIONS
+    return (
+        (folder / "summary.json").is_file()
+        and (folder / "config.json").is_file()
+        and any((folder / name).is_file() for name in _SELECTIONS)
     )
 
 
