@@ -1,5 +1,6 @@
 """What `submit` and `schedule` send: pipeline parameters checked against the compiled package,
-and the run settings (labels, cron, start time) checked before any client is created.
+and the run settings (labels, cron, start time) checked before any client is created; and what
+a compiled package records (its rounds, multi-node job, default root and name).
 
 Every function raises ConfigError with a one-line message naming the flag and the value.
 """

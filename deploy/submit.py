@@ -3,7 +3,9 @@
 
 Credentials come from the environment. Everything the CLI can check (flags of the other backend,
 parameter names and types, the pipeline root, the search rounds, cron and start time) is checked
-before a client is created, and refused with one line.
+before a client is created, and refused with one line. Every client creation and call runs in
+deploy.service_errors.service_call (a network or credential failure is one line naming the
+host); `submit --wait` follows the run with deploy.follow.
 """
 
 from __future__ import annotations
