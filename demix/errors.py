@@ -39,6 +39,11 @@ class SearchError(DemixError):
     """A scores table that cannot be read or belongs to another search, or nothing to select."""
 
 
+class ServiceError(DemixError):
+    """A pipeline service that cannot be reached or refuses a request: the message names the
+    host (or project and region) and what to check."""
+
+
 # The error contract of the `demix` command (demix.cli.main):
 #   0  done;
 #   2  bad input: a DemixError, or an error about an input that no demix code turned into one

@@ -1,5 +1,6 @@
 """What `submit` and `schedule` send: pipeline parameters checked against the compiled package,
-and the run settings (labels, cron, start time) checked before any client is created.
+and the run settings (labels, cron, start time) checked before any client is created; and what
+a compiled package records (its rounds, multi-node job, default root and name).
 
 Every function raises ConfigError with a one-line message naming the flag and the value.
 """
@@ -44,6 +45,47 @@ def package_parameters(package: str | Path) -> dict[str, str]:
     """The root input parameters of a compiled package: {name: parameterType}."""
     parameters = package_spec(package).get("root", {}).get("inputDefinitions", {})
     return {k: v["parameterType"] for k, v in parameters.get("parameters", {}).items()}
+
+
+def compiled_rounds(package: str | Path) -> int | None:
+    """The search rounds unrolled into a compiled pipeline package (None when it records none)."""
+    tasks = package_spec(package).get("root", {}).get("dag", {}).get("tasks", {})
+    value = (
+        tasks.get("resolve-config", {})
+        .get("inputs", {})
+        .get("parameters", {})
+        .get("compiled_rounds", {})
+        .get("runtimeValue", {})
+        .get("constant")
+    )
+    return None if value is None else int(value)
+
+
+def compiled_job(package: str | Path) -> dict | None:
+    """The settings of the multi-node training job compiled into a package (None: training
+    runs in the pipeline's own tasks)."""
+    from demix.distributed import job_settings
+
+    tasks = package_spec(package).get("root", {}).get("dag", {}).get("tasks", {})
+    cluster = (
+        tasks.get("train-model", {})
+        .get("inputs", {})
+        .get("parameters", {})
+        .get("cluster", {})
+        .get("runtimeValue", {})
+        .get("constant")
+    )
+    return job_settings(cluster) if cluster else None
+
+
+def package_root(package: str | Path) -> str | None:
+    """The default pipeline root compiled into a package (`compile --pipeline-root`), or None."""
+    return package_spec(package).get("defaultPipelineRoot")
+
+
+def package_name(package: str | Path) -> str:
+    """The pipeline's name in a compiled package (pipelineInfo.name)."""
+    return package_spec(package).get("pipelineInfo", {}).get("name", "demix")
 
 
 def parse_params(pairs: list[str], types: dict[str, str]) -> dict:

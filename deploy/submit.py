@@ -3,7 +3,9 @@
 
 Credentials come from the environment. Everything the CLI can check (flags of the other backend,
 parameter names and types, the pipeline root, the search rounds, cron and start time) is checked
-before a client is created, and refused with one line.
+before a client is created, and refused with one line. Every client creation and call runs in
+deploy.service_errors.service_call (a network or credential failure is one line naming the
+host); `submit --wait` follows the run with deploy.follow.
 """
 
 from __future__ import annotations
@@ -15,14 +17,25 @@ import re
 from pathlib import Path
 
 from demix.errors import ConfigError
+from deploy.follow import check_wait, follow_run, kubeflow_look, vertex_look
 from deploy.parameters import (
+    compiled_job,
+    compiled_rounds,
     package_documents,
+    package_name,
     package_parameters,
+    package_root,
     package_spec,
     parse_cron,
     parse_labels,
     parse_params,
     parse_start_time,
+)
+from deploy.service_errors import (
+    kfp_client,
+    kubeflow_service,
+    service_call,
+    vertex_service,
 )
 
 PIPELINE_NAME = "demix"
@@ -97,7 +110,33 @@ def add_commands(sub) -> None:
     )
 
     about = "start a run of a compiled pipeline"
-    p = sub.add_parser("submit", parents=[backend, run], help=about, description=about)
+    p = sub.add_parser(
+        "submit",
+        parents=[backend, run],
+        help=about,
+        description=f"{about}; prints its id (Kubeflow) or resource name (Vertex AI). Exit "
+        "codes: 0 started (with --wait: the run succeeded); 1 with --wait: the run failed or "
+        "was cancelled; 2 bad input, or the host cannot be reached or refused the credentials "
+        "(one line naming it and what to check); 124 --wait-timeout passed (the run goes on)",
+    )
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="follow the run to its end: one line per task state change (NAME: STATE) and the "
+        "run's final state; the exit code is the run's result (0 succeeded, 1 failed or "
+        "cancelled)",
+    )
+    p.add_argument(
+        "--poll-seconds",
+        type=float,
+        help="with --wait: seconds between two looks at the run (default 30)",
+    )
+    p.add_argument(
+        "--wait-timeout",
+        type=float,
+        help="with --wait: give up after this many seconds with one line and exit code 124 "
+        "(the run goes on); default: wait for the end",
+    )
 
     about = "upload a compiled pipeline"
     p = sub.add_parser("upload", parents=[backend], help=about, description=about)
@@ -125,37 +164,14 @@ def add_commands(sub) -> None:
     p.add_argument("--start-time", help="ISO 8601 with a UTC offset (default: now)")
     p.add_argument("--pipeline-id", help="kubeflow, with --version-id: run an uploaded version")
     p.add_argument("--version-id", help="kubeflow: the uploaded version (of the same --package)")
-
-
-def compiled_rounds(package: str | Path) -> int | None:
-    """The search rounds unrolled into a compiled pipeline package (None when it records none)."""
-    tasks = package_spec(package).get("root", {}).get("dag", {}).get("tasks", {})
-    value = (
-        tasks.get("resolve-config", {})
-        .get("inputs", {})
-        .get("parameters", {})
-        .get("compiled_rounds", {})
-        .get("runtimeValue", {})
-        .get("constant")
+    p.add_argument(
+        "--no-catchup",
+        action="store_true",
+        help="skip the runs missed while the schedule was paused or behind: start only the "
+        "latest. Kubeflow: the recurring run's no_catchup (without the flag Kubeflow backfills "
+        "every missed run). Vertex AI schedules never backfill on their own (Schedule.catch_up "
+        "is off unless a resume asks for it), so there the flag changes nothing",
     )
-    return None if value is None else int(value)
-
-
-def compiled_job(package: str | Path) -> dict | None:
-    """The settings of the multi-node training job compiled into a package (None: training
-    runs in the pipeline's own tasks)."""
-    from demix.distributed import job_settings
-
-    tasks = package_spec(package).get("root", {}).get("dag", {}).get("tasks", {})
-    cluster = (
-        tasks.get("train-model", {})
-        .get("inputs", {})
-        .get("parameters", {})
-        .get("cluster", {})
-        .get("runtimeValue", {})
-        .get("constant")
-    )
-    return job_settings(cluster) if cluster else None
 
 
 def check_job_settings(args) -> None:
@@ -181,11 +197,6 @@ def check_job_settings(args) -> None:
                 f"{flag}: the package's multi-node training job was compiled with "
                 f"{flag} {shown or '(none)'}; give the run the same (or compile again)"
             )
-
-
-def package_root(package: str | Path) -> str | None:
-    """The default pipeline root compiled into a package (`compile --pipeline-root`), or None."""
-    return package_spec(package).get("defaultPipelineRoot")
 
 
 def check_pipeline_root(root: str | None, command: str = "submit") -> str:
@@ -284,44 +295,60 @@ def _vertex_job(args, root: str, params: dict, caching: bool):
     )
 
 
-def _kfp_client(args):
-    import kfp
-
-    return kfp.Client(host=args.host)
-
-
 def submit(args) -> str:
     """Start one run; returns the run's id (Kubeflow) or resource name (Vertex AI).
 
     `--no-cache` turns caching off for every task (enable_caching=False on both backends).
+    `--wait` follows the run to its end (deploy.follow) before returning.
+    Raises ConfigError for bad flags, ServiceError when the service cannot be reached or refuses
+    the request, WaitEnded (exit 1, 124 or 130) when a followed run does not succeed.
     """
+    check_wait(args)
     root, params = _prepare_run(args)
     caching = not args.no_cache
     if args.vertex:
-        job = _vertex_job(args, root, params, caching)
-        job.submit(
-            service_account=args.service_account,
-            network=args.network,
-            experiment=args.experiment,
-        )
-        return job.resource_name
-    run = _kfp_client(args).create_run_from_pipeline_package(
-        args.package,
-        arguments=params,
-        run_name=args.run_name,
-        experiment_name=args.experiment or PIPELINE_NAME,
-        namespace=args.namespace,
-        pipeline_root=root,
-        enable_caching=caching,
-        service_account=args.service_account,
-    )
-    return run.run_id
+        where, flag = vertex_service(args), "--project and --region"
+        with service_call(where, flag):
+            job = _vertex_job(args, root, params, caching)
+            job.submit(
+                service_account=args.service_account,
+                network=args.network,
+                experiment=args.experiment,
+            )
+        made = job.resource_name
+        run, look = made.rsplit("/", 1)[-1], vertex_look(job, package_name(args.package))
+    else:
+        where, flag = kubeflow_service(args), "--host"
+        with service_call(where, flag):
+            client = kfp_client(args)
+            made = client.create_run_from_pipeline_package(
+                args.package,
+                arguments=params,
+                run_name=args.run_name,
+                experiment_name=args.experiment or PIPELINE_NAME,
+                namespace=args.namespace,
+                pipeline_root=root,
+                enable_caching=caching,
+                service_account=args.service_account,
+            ).run_id
+        run, look = made, kubeflow_look(client, made)
+    if args.wait:
+
+        def guarded_look():
+            with service_call(where, flag):
+                return look()
+
+        follow_run(run, guarded_look, args.poll_seconds or 30.0, args.wait_timeout)
+    return made
 
 
 def schedule(args) -> str:
     """Start runs on a cron schedule; returns the recurring run's id (Kubeflow) or the
     schedule's resource name (Vertex AI). Caching is on unless `--no-cache`: each run's first
-    task fingerprints the data and base anew, so only what changed runs again."""
+    task fingerprints the data and base anew, so only what changed runs again. `--no-catchup`
+    sets Kubeflow's no_catchup; a Vertex AI schedule never backfills on its own.
+    Raises ConfigError for bad flags, ServiceError when the service cannot be reached or refuses
+    the request."""
     check_backend(args, ("project", "region"))
     cron = parse_cron(args.cron, args.vertex)
     start = parse_start_time(args.start_time)
@@ -333,35 +360,39 @@ def schedule(args) -> str:
         raise ConfigError("--pipeline-id and --version-id go together")
     root, params = _prepare_run(args)
     if args.vertex:
-        made = _vertex_job(args, root, params, not args.no_cache).create_schedule(
-            cron=cron,
-            display_name=args.run_name,
-            start_time=start,
-            max_concurrent_run_count=args.max_concurrency,
-            service_account=args.service_account,
-            network=args.network,
-        )
+        with service_call(vertex_service(args), "--project and --region"):
+            made = _vertex_job(args, root, params, not args.no_cache).create_schedule(
+                cron=cron,
+                display_name=args.run_name,
+                start_time=start,
+                max_concurrent_run_count=args.max_concurrency,
+                service_account=args.service_account,
+                network=args.network,
+            )
         return made.resource_name
-    client = _kfp_client(args)
-    experiment = client.create_experiment(
-        args.experiment or PIPELINE_NAME, namespace=args.namespace
-    )
     if args.pipeline_id:
-        source = {"pipeline_id": args.pipeline_id, "version_id": args.version_id}
+        extra = {"pipeline_id": args.pipeline_id, "version_id": args.version_id}
     else:
-        source = {"pipeline_package_path": args.package}
-    made = client.create_recurring_run(
-        experiment_id=experiment.experiment_id,
-        job_name=args.run_name,
-        cron_expression=cron,
-        max_concurrency=args.max_concurrency,
-        start_time=start,
-        params=params,
-        pipeline_root=root,
-        enable_caching=not args.no_cache,
-        service_account=args.service_account,
-        **source,
-    )
+        extra = {"pipeline_package_path": args.package}
+    if args.no_catchup:  # without the flag nothing is sent: the server's default (backfill)
+        extra["no_catchup"] = True
+    with service_call(kubeflow_service(args), "--host"):
+        client = kfp_client(args)
+        experiment = client.create_experiment(
+            args.experiment or PIPELINE_NAME, namespace=args.namespace
+        )
+        made = client.create_recurring_run(
+            experiment_id=experiment.experiment_id,
+            job_name=args.run_name,
+            cron_expression=cron,
+            max_concurrency=args.max_concurrency,
+            start_time=start,
+            params=params,
+            pipeline_root=root,
+            enable_caching=not args.no_cache,
+            service_account=args.service_account,
+            **extra,
+        )
     return made.recurring_run_id
 
 
@@ -392,7 +423,8 @@ def upload(args) -> str:
 
     Returns the pipeline id (and the version's id), or the template's name and version.
     Raises ConfigError for flags of the other backend, a bad --registry, --version when there
-    is no pipeline of that name yet, or a version name the pipeline already has.
+    is no pipeline of that name yet, or a version name the pipeline already has; ServiceError
+    when the host or repository cannot be reached or refuses the request.
     """
     check_backend(args, ("registry",))
     if args.vertex:
@@ -403,15 +435,22 @@ def upload(args) -> str:
             )
         from kfp.registry import RegistryClient
 
-        template, version = RegistryClient(host=args.registry).upload_pipeline(
-            file_name=args.package, tags=args.tag or None
-        )
+        with service_call(f"Artifact Registry {args.registry}", "--registry"):
+            template, version = RegistryClient(host=args.registry).upload_pipeline(
+                file_name=args.package, tags=args.tag or None
+            )
         return f"{template} {version}"
+    with service_call(kubeflow_service(args), "--host"):
+        return _upload_to_kubeflow(args)
+
+
+def _upload_to_kubeflow(args) -> str:
+    """upload on a Kubeflow host (see upload)."""
     name = args.name or PIPELINE_NAME
     description = package_spec(args.package).get("pipelineInfo", {}).get("description")
     import kfp_server_api
 
-    client = _kfp_client(args)
+    client = kfp_client(args)
     pipeline_id = find_pipeline(client, name, args.namespace)
     where = f" in namespace {args.namespace!r}" if args.namespace else ""
     if pipeline_id is None:

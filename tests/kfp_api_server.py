@@ -1,15 +1,25 @@
-"""A Kubeflow Pipelines API server on loopback: the v2beta1 endpoints `pipeline.py upload` uses.
+"""A Kubeflow Pipelines API server on loopback: the v2beta1 endpoints `pipeline.py upload`,
+`submit` (with --wait) and `schedule` use.
 
     GET  /apis/v2beta1/healthz                  (kfp.Client's constructor)
     GET  /apis/v2beta1/pipelines                namespace, filter, page_size, page_token, sort_by
     POST /apis/v2beta1/pipelines/upload         name, display_name, description, namespace; file
     POST /apis/v2beta1/pipelines/upload_version name, display_name, pipelineid, description; file
+    GET  /apis/v2beta1/experiments              namespace, filter (kfp.Client.create_experiment)
+    POST /apis/v2beta1/experiments              a V2beta1Experiment
+    POST /apis/v2beta1/runs                     a V2beta1Run (create_run_from_pipeline_package)
+    GET  /apis/v2beta1/runs/{run_id}            the run, one step of `script` further each time
+    POST /apis/v2beta1/recurringruns            a V2beta1RecurringRun (create_recurring_run)
 
 Requests are read and replies written with kfp-server-api's own models (the JSON field names
 and types the real server uses; ApiClient serializes them), in memory. As on a multi-user
 server, a pipeline lives in one namespace ("" for the shared ones), its name is unique there,
 a listing shows one namespace's pipelines, and an upload makes the pipeline's first version.
-Every request is recorded (method, path, query) in `calls`.
+Every request is recorded (method, path, query) in `calls`; the JSON bodies of created runs
+and recurring runs in `runs` and `recurring_runs`. A run's states follow `script`: a list of
+steps (run state, [(task display name, task state), ...], the run's error message or None);
+each GET of the run shows the next step (the last one stays). With `refuse_credentials` set,
+every request is answered 401 Unauthenticated, as a login proxy or the API server does.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ import datetime
 import email.parser
 import email.policy
 import json
+import re
 import threading
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -80,6 +91,12 @@ class KfpApiServer(ThreadingHTTPServer):
         self.pipelines: dict[str, models.V2beta1Pipeline] = {}
         self.versions: dict[str, list[models.V2beta1PipelineVersion]] = {}
         self.calls: list[tuple[str, str, dict[str, str]]] = []
+        self.experiments: dict[str, models.V2beta1Experiment] = {}
+        self.runs: dict[str, dict] = {}
+        self.recurring_runs: dict[str, dict] = {}
+        self.script: list[tuple[str, list[tuple[str, str]], str | None]] = [("SUCCEEDED", [], None)]
+        self.refuse_credentials = False
+        self._looks: dict[str, int] = {}
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self.serve_forever, daemon=True)
         self._thread.start()
@@ -157,12 +174,112 @@ class KfpApiServer(ThreadingHTTPServer):
         self.versions[pipeline_id].append(version)
         return version
 
+    def list_experiments(self, query: dict, body: bytes, content_type: str):
+        wanted = _name_filter(query.get("filter", ""))
+        namespace = query.get("namespace", "")
+        found = [
+            e
+            for e in self.experiments.values()
+            if (e.namespace or "") == namespace and (wanted is None or e.display_name == wanted)
+        ]
+        return models.V2beta1ListExperimentsResponse(
+            experiments=found or None, total_size=len(found), next_page_token=""
+        )
+
+    def create_experiment(self, query: dict, body: bytes, content_type: str):
+        sent = json.loads(body)
+        if not sent.get("display_name"):
+            raise ApiError(400, 3, "an experiment needs a display_name")
+        experiment = models.V2beta1Experiment(
+            experiment_id=str(uuid.uuid4()),
+            display_name=sent["display_name"],
+            description=sent.get("description"),
+            namespace=sent.get("namespace") or "",
+            created_at=datetime.datetime.now(datetime.UTC),
+            storage_state="AVAILABLE",
+        )
+        self.experiments[experiment.experiment_id] = experiment
+        return experiment
+
+    def create_run(self, query: dict, body: bytes, content_type: str):
+        sent = json.loads(body)
+        if sent.get("experiment_id") not in self.experiments:
+            raise ApiError(404, 5, f"no experiment with id {sent.get('experiment_id')!r}")
+        if not sent.get("pipeline_spec") and not sent.get("pipeline_version_reference"):
+            raise ApiError(400, 3, "a run needs a pipeline_spec or a pipeline version")
+        run_id = str(uuid.uuid4())
+        self.runs[run_id] = sent
+        self._looks[run_id] = 0
+        return self._run(run_id, "PENDING", [], None)
+
+    def get_run(self, query: dict, body: bytes, content_type: str):
+        run_id = query["run_id"]
+        if run_id not in self.runs:
+            raise ApiError(404, 5, f"no run with id {run_id!r}")
+        step = self.script[min(self._looks[run_id], len(self.script) - 1)]
+        self._looks[run_id] += 1
+        return self._run(run_id, *step)
+
+    def _run(self, run_id: str, state: str, tasks: list[tuple[str, str]], error: str | None):
+        sent = self.runs[run_id]
+        details = [
+            models.V2beta1PipelineTaskDetail(
+                run_id=run_id, task_id=f"{run_id}-{name}", display_name=name, state=task_state
+            )
+            for name, task_state in tasks
+        ]
+        return models.V2beta1Run(
+            run_id=run_id,
+            experiment_id=sent["experiment_id"],
+            display_name=sent.get("display_name"),
+            state=state,
+            created_at=datetime.datetime.now(datetime.UTC),
+            error=models.GoogleRpcStatus(code=2, message=error) if error else None,
+            run_details=models.V2beta1RunDetails(task_details=details or None),
+        )
+
+    def create_recurring_run(self, query: dict, body: bytes, content_type: str):
+        sent = json.loads(body)
+        if sent.get("experiment_id") not in self.experiments:
+            raise ApiError(404, 5, f"no experiment with id {sent.get('experiment_id')!r}")
+        if not sent.get("trigger"):
+            raise ApiError(400, 3, "a recurring run needs a trigger")
+        recurring_run_id = str(uuid.uuid4())
+        self.recurring_runs[recurring_run_id] = sent
+        return models.V2beta1RecurringRun(
+            recurring_run_id=recurring_run_id,
+            display_name=sent.get("display_name"),
+            experiment_id=sent["experiment_id"],
+            mode=sent.get("mode"),
+            no_catchup=sent.get("no_catchup"),
+            max_concurrency=sent.get("max_concurrency"),
+            created_at=datetime.datetime.now(datetime.UTC),
+            status="ENABLED",
+        )
+
     ROUTES = {
         ("GET", f"{API}/healthz"): healthz,
         ("GET", f"{API}/pipelines"): list_pipelines,
         ("POST", f"{API}/pipelines/upload"): upload_pipeline,
         ("POST", f"{API}/pipelines/upload_version"): upload_version,
+        ("GET", f"{API}/experiments"): list_experiments,
+        ("POST", f"{API}/experiments"): create_experiment,
+        ("POST", f"{API}/runs"): create_run,
+        ("POST", f"{API}/recurringruns"): create_recurring_run,
     }
+    # routes with a path parameter: (method, pattern, handler); the parameter joins the query
+    PATH_ROUTES = [("GET", re.compile(f"{API}/runs/(?P<run_id>[^/:]+)"), get_run)]
+
+    def route(self, method: str, path: str, query: dict):
+        """The handler of a request (None: no such route); path parameters go into `query`."""
+        if (method, path) in self.ROUTES:
+            return self.ROUTES[(method, path)]
+        for route_method, pattern, handler in self.PATH_ROUTES:
+            match = pattern.fullmatch(path)
+            if route_method == method and match:
+                query.update(match.groupdict())
+                return handler
+        return None
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -178,8 +295,10 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         with self.server._lock:
             self.server.calls.append((self.command, url.path, query))
-            route = KfpApiServer.ROUTES.get((self.command, url.path))
+            route = self.server.route(self.command, url.path, query)
             try:
+                if self.server.refuse_credentials:
+                    raise ApiError(401, 16, "Unauthenticated: no valid credentials")
                 if route is None:
                     raise ApiError(404, 5, f"no route {self.command} {url.path}")
                 status, reply = (

@@ -438,7 +438,7 @@ def test_submit_to_kfp_host_sends_every_setting(compiled, capsys):
     argv += ["--param", "seed=7", "--param", "general_ratio=0.25", "--param", "validate=true"]
     argv += ["--param", "base_model=gs://b/m", "--run-name", "r", "--experiment", "e"]
     argv += ["--namespace", "team", "--service-account", "runner"]
-    with mock.patch("kfp.Client") as client:
+    with mock.patch("deploy.service_errors.KfpClient") as client:
         client.return_value.create_run_from_pipeline_package.return_value.run_id = "run-1"
         assert pipeline.main(argv) == 0
     assert capsys.readouterr().out.strip() == "run-1"
@@ -463,7 +463,7 @@ def test_submit_to_kfp_host_sends_every_setting(compiled, capsys):
 
 
 def test_submit_defaults_name_the_run_and_experiment_demix(compiled):
-    with mock.patch("kfp.Client") as client:
+    with mock.patch("deploy.service_errors.KfpClient") as client:
         assert pipeline.main(["submit", "--package", str(compiled[0]), *KUBEFLOW]) == 0
     kwargs = client.return_value.create_run_from_pipeline_package.call_args.kwargs
     assert kwargs["arguments"] == _run_params()  # num_eval_workers: the pipeline's default
@@ -842,7 +842,7 @@ def test_config_rounds_and_compiled_rounds_cannot_disagree(tmp_path, corpus_dir,
     argv = ["--host", HOST, "--package", str(package), "--config", str(config)]
     argv += ["--pipeline-root", "gs://bucket/root"]
     capsys.readouterr()
-    with mock.patch("kfp.Client") as client:
+    with mock.patch("deploy.service_errors.KfpClient") as client:
         for command in (["submit"], ["schedule", "--cron", "0 3 * * 1"]):
             assert pipeline.main(command + argv) == 2
     client.assert_not_called()
@@ -923,7 +923,7 @@ def test_submit_refuses_bad_flags_before_any_client(compiled, capsys, backend, e
     vertex = backend == "vertex"
     argv = ["submit", "--package", str(compiled[int(vertex)]), *(VERTEX if vertex else KUBEFLOW)]
     with (
-        mock.patch("kfp.Client") as client,
+        mock.patch("deploy.service_errors.KfpClient") as client,
         mock.patch("google.cloud.aiplatform.PipelineJob") as job,
     ):
         assert pipeline.main(argv + extra) == 2
@@ -945,7 +945,7 @@ def test_schedule_on_kubeflow_is_a_recurring_run(compiled, capsys):
     argv += ["--max-concurrency", "2", "--start-time", "2030-01-31T03:00:00+01:00"]
     argv += ["--run-name", "weekly", "--experiment", "e", "--namespace", "team"]
     argv += ["--param", "seed=3", "--service-account", "runner"]
-    with mock.patch("kfp.Client") as client:
+    with mock.patch("deploy.service_errors.KfpClient") as client:
         client.return_value.create_experiment.return_value.experiment_id = "exp-1"
         client.return_value.create_recurring_run.return_value.recurring_run_id = "rr-1"
         assert pipeline.main(argv) == 0
@@ -1026,7 +1026,7 @@ def test_schedule_refuses_bad_flags_before_any_client(compiled, capsys, backend,
     argv = ["schedule", "--package", str(compiled[int(vertex)])]
     argv += VERTEX if vertex else KUBEFLOW
     with (
-        mock.patch("kfp.Client") as client,
+        mock.patch("deploy.service_errors.KfpClient") as client,
         mock.patch("google.cloud.aiplatform.PipelineJob") as job,
     ):
         assert pipeline.main(argv + extra) == 2
@@ -1145,7 +1145,7 @@ def test_submit_refuses_a_pipeline_root_the_storage_layer_cannot_read(
     argv = ["submit", "--host", "http://kfp.example", "--package", str(compiled[0])]
     argv += ["--config", str(ROOT / "configs" / "demo.yaml")]
     argv += ["--pipeline-root", root] if root else []
-    with mock.patch("kfp.Client") as client:
+    with mock.patch("deploy.service_errors.KfpClient") as client:
         assert pipeline.main(argv) == 2
     client.assert_not_called()
     err = capsys.readouterr().err.strip()
@@ -1155,7 +1155,7 @@ def test_submit_refuses_a_pipeline_root_the_storage_layer_cannot_read(
 def test_submit_no_cache_turns_caching_off_on_both_backends(compiled):
     common = ["--config", str(ROOT / "configs" / "demo.yaml"), "--no-cache"]
     common += ["--pipeline-root", "gs://bucket/root"]
-    with mock.patch("kfp.Client") as client:
+    with mock.patch("deploy.service_errors.KfpClient") as client:
         client.return_value.create_run_from_pipeline_package.return_value.run_id = "run-1"
         argv = ["submit", "--host", "http://kfp.example", "--package", str(compiled[0])]
         assert pipeline.main(argv + common) == 0
