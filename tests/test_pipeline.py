@@ -766,6 +766,24 @@ def test_both_paths_write_the_same_summary_field_by_field(local_and_library_runs
         assert summary["wall_s"]["total"] >= summary["timings_s"]["final"]
 
 
+def test_the_plan_counts_what_the_local_run_ran(local_and_library_runs):
+    """`demix plan` before the run: as many pipeline tasks as the run printed, the proxies it
+    evaluated, and the tokens each training stage read (to the batch)."""
+    from demix.config import load_config
+    from demix.stages.plan import accelerator, plan_table
+
+    tmp_path, summary, _, screen = local_and_library_runs
+    config = load_config(tmp_path / "smoke.yaml")
+    table = plan_table(config, accelerator("cpu"), eval_workers=2)
+    ran = [line for line in screen.splitlines()[1:] if "SUCCESS" in line]
+    assert table["total"]["tasks"] == len(ran)
+    stages = {row["stage"]: row for row in table["stages"]}
+    assert stages["search"]["proxies"] == summary["proxies_evaluated"]
+    batch = config.train.batch_size * config.train.seq_len  # a training budget's granularity
+    for stage, key in (("base", "base"), ("components", "components"), ("finals", "final")):
+        assert abs(stages[stage]["tokens"] - summary["training_tokens"][key]) <= 3 * batch, stage
+
+
 def test_a_local_run_prints_one_line_per_task_and_logs_the_rest(local_and_library_runs, capsys):
     """What `make demo` shows: the log's path, one line per task (display name, status,
     seconds), the summary table; kfp.local's executor JSON and the tasks' logs are in the file."""

@@ -171,15 +171,16 @@ class StagePlan:
     notes: list[str] = field(default_factory=list)
 
 
-def _input_bytes(config: RunConfig) -> tuple[int | None, int]:
-    """Bytes of the input files (None when a gs:// listing fails) and how many files."""
+def _input_bytes(config: RunConfig) -> tuple[int | None, int, str]:
+    """Bytes of the input files and how many files; (None, 0, why) when they cannot be listed
+    (a path not there yet, a bucket out of reach)."""
     from demix.data.sources import input_files
 
     try:
         files = [f for spec in config.data.all_specs for f in input_files(spec)]
-    except DemixError:
-        return None, 0
-    return sum(f.size for f in files), len(files)
+    except DemixError as err:
+        return None, 0, str(err)
+    return sum(f.size for f in files), len(files), ""
 
 
 def _eval_tokens(config: RunConfig) -> int:
@@ -227,11 +228,11 @@ def plan_run(config: RunConfig, device: Accelerator, eval_workers: int = 2) -> l
     k = len(config.data.datasets)
     rows = []
 
-    input_bytes, files = _input_bytes(config)
+    input_bytes, files, why = _input_bytes(config)
     groups = max(1, min(config.data.curate_groups, files))
     curate = StagePlan("curate", groups + 3, gpu=False)  # plan, groups, reduce, names
     if input_bytes is None:
-        curate.notes.append("inputs not listed (gs:// unreachable): size unknown")
+        curate.notes.append(f"inputs not listed, their size unknown: {why}")
     else:
         tokens = int(input_bytes / BYTES_PER_TOKEN)
         cap = config.data.max_tokens
