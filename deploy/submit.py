@@ -72,10 +72,19 @@ def add_commands(sub) -> None:
 
     run = argparse.ArgumentParser(add_help=False)
     run.add_argument(
-        "--config",
-        required=True,
+        "config",
+        nargs="?",
         help="the run config: a local file (sent as the config_yaml parameter) or a gs:// URI "
         "(sent as config_uri, read by the run's first task)",
+    )
+    run.add_argument("--config", dest="config_flag", metavar="CONFIG", help="the same as CONFIG")
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of a local config, e.g. --set search.n=16 (repeatable); the run "
+        "gets the overridden YAML",
     )
     run.add_argument(
         "--param",
@@ -248,7 +257,8 @@ def run_parameters(args) -> dict:
     Raises ConfigError for a bad --param, or when the config's search.rounds differs from the
     rounds compiled into the package.
     """
-    from demix.config import check_rounds, resolve_config
+    from demix.cli_outputs import parse_overrides
+    from demix.config import check_rounds, config_yaml, resolve_config
     from demix.run_inputs import read_config_text
     from demix.storage import is_remote
 
@@ -257,15 +267,25 @@ def run_parameters(args) -> dict:
         if "num_eval_workers" in values:
             raise ConfigError("--eval-workers and --param num_eval_workers: give one of them")
         values["num_eval_workers"] = args.eval_workers
-    remote = is_remote(args.config)
-    if not remote and not Path(args.config).is_file():
-        raise ConfigError(f"--config {args.config}: no such file")
-    text = read_config_text("", args.config) if remote else Path(args.config).read_text()
-    config = resolve_config(text, source=str(args.config))
+    if bool(args.config) == bool(args.config_flag):
+        raise ConfigError(f"{args.command} needs the run config: give CONFIG (or --config) once")
+    source = args.config or args.config_flag
+    remote = is_remote(source)
+    if remote and args.set:
+        raise ConfigError(
+            f"--set applies to a local config; {source} is read by the run itself: edit it "
+            "there, or copy it here and give the copy"
+        )
+    if not remote and not Path(source).is_file():
+        raise ConfigError(f"{source}: no such config file")
+    text = read_config_text("", source) if remote else Path(source).read_text()
+    config = resolve_config(text, parse_overrides(args.set), source=str(source))
+    if args.set:
+        text = config_yaml(config)
     rounds = compiled_rounds(args.package)
     if rounds is not None:
-        check_rounds(config, rounds, str(args.config))
-    given = {"config_uri": args.config} if remote else {"config_yaml": text}
+        check_rounds(config, rounds, str(source))
+    given = {"config_uri": source} if remote else {"config_yaml": text}
     return {**given, **values}
 
 

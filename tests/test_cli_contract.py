@@ -60,7 +60,11 @@ def test_the_config_is_a_positional_with_set_on_both_front_doors():
     local = pipeline_parser("DeMix").parse_args(
         ["run-local", "c.yaml", "--out", "o", "--set", "seed=3"]
     )
+    submit = pipeline_parser("DeMix").parse_args(
+        ["submit", "c.yaml", "--package", "p.yaml", "--host", "h", "--set", "seed=3"]
+    )
     assert (run.config, run.set) == (local.config, local.set) == ("c.yaml", ["seed=3"])
+    assert (submit.config, submit.set) == ("c.yaml", ["seed=3"])
     # the earlier spelling still works
     older = pipeline_parser("DeMix").parse_args(["run-local", "--config", "c.yaml", "--out", "o"])
     assert older.config_flag == "c.yaml"

@@ -377,3 +377,35 @@ def test_schedule_no_catchup_on_vertex_creates_the_same_schedule(
     assert _main(capsys, argv)[0] == 0
     assert _main(capsys, [*argv, "--no-catchup"])[0] == 0
     assert len(calls) == 2 and calls[0] == calls[1] and "catch_up" not in str(calls[0])
+
+
+def test_submit_takes_the_config_as_a_positional_with_set(kfp_api, packages, capsys):
+    """The same config forms as `demix run` and `run-local`: the run gets the overridden YAML."""
+    import yaml
+
+    argv = ["submit", str(DEMO), "--host", kfp_api.url, "--package", str(packages[0])]
+    argv += ["--pipeline-root", "gs://bucket/root", "--set", "seed=7", "--set", "search.n=16"]
+    code, _, err = _main(capsys, argv)
+    assert code == 0, err
+    (sent,) = kfp_api.runs.values()
+    config = yaml.safe_load(sent["runtime_config"]["parameters"]["config_yaml"])
+    assert config["seed"] == 7 and config["search"]["n"] == 16
+    given = yaml.safe_load(DEMO.read_text())["data"]["datasets"]
+    assert [d["paths"] for d in config["data"]["datasets"]] == [d["paths"] for d in given]
+
+
+@pytest.mark.parametrize(
+    "config, expected",
+    [
+        ([str(DEMO), "--config", str(DEMO)], "give CONFIG (or --config) once"),
+        ([], "give CONFIG (or --config) once"),
+        (["gs://bucket/c.yaml", "--set", "seed=1"], "--set applies to a local config"),
+    ],
+)
+def test_submit_refuses_two_configs_none_or_set_on_a_bucket_config(
+    kfp_api, packages, capsys, config, expected
+):
+    argv = ["submit", *config, "--host", kfp_api.url, "--package", str(packages[0])]
+    code, _, err = _main(capsys, [*argv, "--pipeline-root", "gs://bucket/root"])
+    assert code == 2 and expected in _one_error_line(err)
+    assert not kfp_api.runs
