@@ -45,7 +45,7 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 demo: install ## the embedded demo as the KFP pipeline, run locally (writes runs/demo/)
-	$(BIN)/python pipeline.py run-local --config configs/demo.yaml --out runs/demo
+	$(BIN)/python pipeline.py run-local configs/demo.yaml --out runs/demo
 
 demo-library: install ## the same demo through the library directly (demix run), no KFP
 	$(BIN)/demix run configs/demo.yaml --out runs/demo-library
