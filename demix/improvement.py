@@ -11,7 +11,7 @@ references' budget and schedule). Against each anchor, per task:
   the mean over references with a percentile bootstrap interval that resamples references and
   documents, the pairing kept (demix.verdict.paired_bootstrap with the references as its
   seeds), and its verdict.
-- improvement-CRR (demix.fidelity.capability_recovery_detail with the anchor as the base):
+- improvement-CRR (demix.recovery.capability_recovery_detail with the anchor as the base):
   (L_anchor - L_proxy) / (L_anchor - L_reference) per loss task. Against the control, the
   annealing every branch gets is not counted as recovered data effect.
 
@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from demix.fidelity import capability_recovery_detail, resample_rows
+from demix.ranking import resample_rows
+from demix.recovery import capability_recovery_detail
 from demix.verdict import LEVEL, RESAMPLES, oriented_documents, paired_bootstrap
 
 ANCHORS = ("branch_point", "control")

@@ -7,22 +7,19 @@ import math
 import numpy as np
 import pytest
 
-from demix.fidelity import (
-    AGGREGATE,
+from demix.fidelity import AGGREGATE, fidelity, paired_stderr, task_signal
+from demix.ranking import (
     bootstrap_ci,
-    capability_recovery,
-    fidelity,
     loo_linear_predictions,
     loo_quadratic_predictions,
     paired_difference,
-    paired_stderr,
     regret,
     spearman,
     spearman_rows,
-    task_signal,
     top_quarter_rows,
     top_quarter_spearman,
 )
+from demix.recovery import capability_recovery
 
 
 def test_spearman_hand_computed():

@@ -15,7 +15,7 @@ import numpy as np
 
 from demix.config import SearchConfig
 from demix.errors import SearchError
-from demix.fidelity import scheffe_quadratic
+from demix.ranking import scheffe_quadratic
 from demix.search.rounds import FINAL_ROUND, _rng, _scored, best_indices
 from demix.search.sampler import sample_mixtures
 
