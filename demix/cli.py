@@ -323,6 +323,15 @@ def _cmd_plan(args) -> None:
     sys.stdout.write(json.dumps(table, indent=2) + "\n" if args.json else format_plan(table))
 
 
+# --components of merge and validate: every candidate's component model
+COMPONENTS_ARG = {
+    "nargs": "+",
+    "required": True,
+    "metavar": "NAME=PATH",
+    "help": "the component model of each candidate dataset, NAME=FOLDER",
+}
+
+
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose command and every subcommand take --debug (before or after)."""
 
@@ -403,13 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config("merge", "write the merged proxy of a data mixture to disk")
     p.add_argument("--data", required=True, help="curated dataset folder")
     p.add_argument("--base", required=True, help="base model folder")
-    p.add_argument(
-        "--components",
-        nargs="+",
-        required=True,
-        metavar="NAME=PATH",
-        help="the component model of each candidate dataset, NAME=FOLDER",
-    )
+    p.add_argument("--components", **COMPONENTS_ARG)
     p.add_argument("--mixture", required=True, help="data mixture: name=w,... or JSON")
     p.add_argument("--out", required=True, help="model folder to write")
     p.set_defaults(func=_cmd_merge)
@@ -438,13 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data", required=True, help="curated dataset folder")
     p.add_argument("--base", required=True, help="base model folder")
-    p.add_argument(
-        "--components",
-        nargs="+",
-        required=True,
-        metavar="NAME=PATH",
-        help="the component model of each candidate dataset, NAME=FOLDER",
-    )
+    p.add_argument("--components", **COMPONENTS_ARG)
     p.add_argument(
         "--out", required=True, help="folder for fidelity.json, fidelity.html, references/"
     )
