@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from demix.cli_outputs import (
+    add_wait_lock,
     components_arg,
     curate_out,
     dataset_arg,
@@ -31,11 +32,7 @@ from demix.cli_outputs import (
     writes,
 )
 from demix.cli_outputs import parse_overrides as parse_overrides  # `--set`: tests, callers
-from demix.errors import (
-    ConfigError,
-    DemixError,
-    report_error,
-)
+from demix.errors import ConfigError, DemixError, report_error
 from demix.logs import configure_logging
 from demix.storage.outputs import DECISION_KIND, REPRODUCE_KIND, RUN_KIND
 
@@ -59,7 +56,7 @@ def _cmd_fetch_demo(args) -> None:
     print(f"demo data ready in {args.out}")
 
 
-@writes(curate_out)
+@writes(curate_out, reads=("config",))
 def _cmd_curate(args) -> None:
     from demix.stages import curate_stage
     from demix.storage import artifact_output
@@ -71,7 +68,7 @@ def _cmd_curate(args) -> None:
     print(json.dumps({**shown, "targets": data.targets} if data.targets else shown, indent=2))
 
 
-@writes(train_out)
+@writes(train_out, reads=("data", "init"))
 def _cmd_train(args) -> None:
     from demix.distributed import cluster_from_env, launched, node_first, run_launched
     from demix.stages import train_stage
@@ -137,7 +134,7 @@ def _cmd_train(args) -> None:
         print(f"model written to {args.out}")
 
 
-@writes(merge_out)
+@writes(merge_out, reads=("data", "base", "components"))
 def _cmd_merge(args) -> None:
     from demix.stages import merge_stage
     from demix.storage import artifact_output
@@ -158,7 +155,7 @@ def _cmd_merge(args) -> None:
     )
 
 
-@writes(evaluate_out)
+@writes(evaluate_out, reads=("data", "models"))
 def _cmd_evaluate(args) -> None:
     from demix.model import resolve_device
     from demix.proxies import make_evaluator
@@ -186,7 +183,7 @@ def _cmd_evaluate(args) -> None:
     )
 
 
-@writes(search_out)
+@writes(search_out, reads=("data", "base", "components"))
 def _cmd_search(args) -> None:
     from demix.stages import search_stage
     from demix.storage import synced_folder
@@ -204,7 +201,7 @@ def _cmd_search(args) -> None:
     )
 
 
-@writes(validate_out)
+@writes(validate_out, reads=("data", "base", "components"))
 def _cmd_validate(args) -> None:
     from demix.data.shards import CuratedData
     from demix.fidelity import AGGREGATE
@@ -298,15 +295,15 @@ def _cmd_report(args) -> None:
     print(write_report(out, summary, found, config))
 
 
-@writes(export_out)
+@writes(export_out, reads=("run",))
 def _cmd_export(args) -> None:
-    from demix.export import parse_prefixes, read_run, render
+    from demix.export import file_text, parse_prefixes, read_run, render
     from demix.storage import write_output_bytes
 
     export = read_run(local_folder(args.run))
     text = render(export, args.format, parse_prefixes(args.prefix, export["datasets"]))
     if args.out:
-        write_output_bytes(args.out, text.encode())
+        write_output_bytes(args.out, file_text(text, args.format).encode())
         print(f"wrote {args.out}")
     else:
         sys.stdout.write(text)
@@ -475,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = with_config("check-config", "validate a run config and exit")
     p.set_defaults(func=_cmd_validate_config)
+    add_wait_lock(sub)
     return parser
 
 
@@ -487,9 +485,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         args.func(args)
-    except KeyboardInterrupt:
-        print("demix: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        print(f"demix: {err or 'interrupted'}; rerun the same command to resume", file=sys.stderr)
+        return 143 if str(err) == "terminated" else 130
     except Exception as err:  # noqa: BLE001 (the one boundary: every error becomes one line)
         return report_error(err, debug=args.debug)
     return 0

@@ -28,6 +28,7 @@ from demix.storage.outputs import (
     OUTPUT_MARKER,
     Output,
     check_output,
+    check_publish,
     marker_bytes,
 )
 from demix.storage.uris import check_uri, is_remote, mirror, split_gs
@@ -186,6 +187,7 @@ def artifact_output(uri: str | Path, publish: bool = True) -> Iterator[Path]:
     local = _artifact_mirror(bucket, key)
     yield local
     if publish and (local / MANIFEST).is_file():
+        check_publish(uri)  # what appeared at the URI while the stage ran is kept
         upload_artifact(local, uri)
 
 

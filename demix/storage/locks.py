@@ -1,0 +1,233 @@
+"""One writer per output: an exclusive lock per output path, held from before any work to exit.
+
+A local output `<out>` is locked with `fcntl.flock` on the file `<out>.demix-lock` beside it,
+which holds the holder's `pid@host`. The kernel drops a flock when its process dies, so the lock
+of a killed command is simply free: the next command takes it over (and says whose it was). The
+file is removed at release; a command that opened it just before (and so holds a removed file's
+lock) sees that its file is no longer the one at the path and tries again.
+
+A gs:// output `gs://b/<key>` is locked with the object `<key>.demix-lock`, created only if it
+does not exist (`if_generation_match=0`), holding `pid@host`, and deleted at release. A lock
+object of a dead process on this host is taken over; one of another host is refused (remove it
+by hand once that command is surely gone: the refusal names the object).
+
+A second command on a locked output refuses with one line naming the holder (LockHeld), or,
+with `wait`, waits for it. Locks are counted per process, so a command that locks an output
+and then calls code that locks it again does not lock itself out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from demix.errors import DataError
+from demix.storage.uris import is_remote, split_gs
+
+LOCK_SUFFIX = ".demix-lock"
+_HELD: dict[str, int] = {}  # lock path -> how many times this process holds it
+# File systems without flock (some FUSE mounts) answer these: the output goes unlocked.
+_NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+log = logging.getLogger(__name__)
+
+
+class LockHeld(DataError):
+    """Another command writes the same output (its lock names the holder, pid@host)."""
+
+
+def holder() -> str:
+    """This process as a lock names it: pid@host."""
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+def lock_path(uri: str | Path) -> str:
+    """The lock beside the output `uri`: `<uri>.demix-lock` (local path or gs:// URI)."""
+    if is_remote(uri):
+        return f"{str(uri).rstrip('/')}{LOCK_SUFFIX}"
+    return os.path.abspath(uri) + LOCK_SUFFIX
+
+
+def _alive_here(owner: str) -> bool:
+    """Whether `owner` (pid@host) may still run: True unless it is a dead pid of this host."""
+    pid, _, host = owner.partition("@")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+class OutputLock:
+    """The exclusive lock of one output path; `made` is the topmost folder created for it."""
+
+    def __init__(self, uri: str | Path, wait: bool = False) -> None:
+        self.uri = uri
+        self.path = lock_path(uri)
+        self.wait = wait
+        self.made: Path | None = None
+        self._fd: int | None = None
+        self._generation: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock. Raises LockHeld naming the holder when another command holds it (and
+        `wait` is off), DataError when the lock cannot be created."""
+        if _HELD.get(self.path):
+            _HELD[self.path] += 1
+            return
+        if is_remote(self.uri):
+            self._acquire_remote()
+        else:
+            self._acquire_local()
+        _HELD[self.path] = 1
+
+    def release(self) -> None:
+        """Give the lock back and remove its file or object (the last release in this process)."""
+        if not _HELD.get(self.path):
+            return
+        _HELD[self.path] -= 1
+        if _HELD[self.path]:
+            return
+        del _HELD[self.path]
+        if is_remote(self.uri):
+            self._release_remote()
+        elif self._fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            os.close(self._fd)  # unlinked first: a waiter then sees a stale file and retries
+            self._fd = None
+
+    # ------------------------------------------------------------ local: flock beside the path
+
+    def _acquire_local(self) -> None:
+        path = Path(self.path)
+        missing = path.parent
+        while not missing.parent.exists() and missing.parent != missing:
+            missing = missing.parent
+        if not path.parent.exists():
+            self.made = missing
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise DataError(
+                f"{path.parent}: cannot create the output's folder ({err.strerror})"
+            ) from None
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            except OSError as err:
+                raise DataError(
+                    f"{path}: cannot create the output's lock file ({err.strerror}); remove "
+                    "what is there or give another output path"
+                ) from None
+            if not self._flock(fd):
+                os.close(fd)
+                return  # no locking on this file system
+            try:
+                same = os.fstat(fd).st_ino == os.stat(path, follow_symlinks=False).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # its holder released and removed it meanwhile: lock the new file
+        previous = os.pread(fd, 256, 0).decode(errors="replace").strip()
+        if previous:
+            log.warning(
+                "%s: took over the lock of %s, which no longer runs (its command was killed)",
+                self.uri,
+                previous,
+            )
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (holder() + "\n").encode(), 0)
+        self._fd = fd
+
+    def _flock(self, fd: int) -> bool:
+        """flock `fd` exclusively; False when the file system has no flock. Raises LockHeld."""
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            owner = os.pread(fd, 256, 0).decode(errors="replace").strip() or "another command"
+            os.close(fd)
+            raise LockHeld(
+                f"{self.uri}: another demix command ({owner}) is writing this output; wait for "
+                "it to finish (or rerun with --wait-lock), or give another output path"
+            ) from None
+        except OSError as err:
+            if err.errno not in _NO_FLOCK:
+                raise
+            log.warning("%s: this file system has no file locks; not locked", self.uri)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            return False
+        return True
+
+    # ------------------------------------------------------------ gs://: a create-only object
+
+    def _acquire_remote(self) -> None:
+        from google.api_core import exceptions
+
+        from demix import gcs
+
+        bucket, key = split_gs(self.path)
+        bkt = gcs.bucket(bucket)
+        while True:
+            blob = bkt.blob(key)
+            try:
+                blob.upload_from_string(
+                    holder() + "\n", if_generation_match=0, retry=gcs.retry_policy()
+                )
+                self._generation = blob.generation
+                return
+            except exceptions.PreconditionFailed:
+                pass
+            owner = (gcs.read_bytes(bkt, key) or b"").decode(errors="replace").strip()
+            if owner and not _alive_here(owner):
+                gcs.delete(bkt, key)
+                log.warning(
+                    "%s: took over the lock of %s, which no longer runs (its command was killed)",
+                    self.uri,
+                    owner,
+                )
+                continue
+            if not self.wait:
+                raise LockHeld(
+                    f"{self.uri}: another demix command ({owner or 'unknown'}) is writing this "
+                    f"output (lock {self.path}); wait for it to finish (or rerun with "
+                    "--wait-lock), or give another output path"
+                )
+            time.sleep(2.0)  # polling a bucket: nothing to block on
+
+    def _release_remote(self) -> None:
+        from demix import gcs
+
+        bucket, key = split_gs(self.path)
+        with contextlib.suppress(DataError):
+            gcs.delete(gcs.bucket(bucket), key)
+
+
+@contextlib.contextmanager
+def output_locks(uris: list[str | Path], wait: bool = False) -> Iterator[list[OutputLock]]:
+    """Hold the locks of every output in `uris` (taken in a fixed order) for the block.
+
+    Raises LockHeld naming the holder when another command holds one (none is then held).
+    """
+    locks = [OutputLock(uri, wait) for uri in uris]
+    taken: list[OutputLock] = []
+    try:
+        for lock in sorted(locks, key=lambda lock: lock.path):
+            lock.acquire()
+            taken.append(lock)
+        yield locks
+    finally:
+        for lock in reversed(taken):
+            lock.release()
