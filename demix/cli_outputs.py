@@ -17,6 +17,7 @@ from demix.storage.outputs import (
     SEARCH_KIND,
     VALIDATE_KIND,
     Output,
+    check_output,
     guarded_outputs,
 )
 
@@ -79,6 +80,8 @@ def writes(outputs, reads: tuple[str, ...] = ()):
             from demix.data.demo import DEMO_KIND
 
             found = outputs(args)
+            for output in found:
+                check_output(output)  # what is at an output is named first
             # the demo folder a config fetches into holds the inputs it then reads: not checked
             check_not_inputs([o for o in found if o.kind != DEMO_KIND], read_paths(args, reads))
             with (

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import stat
 import tempfile
@@ -26,6 +27,20 @@ from demix.errors import DataError
 
 # The file that marks an artifact folder complete; written last (demix.storage.manifest).
 MANIFEST = "manifest.json"
+
+
+def stop_at(point: str) -> None:
+    """Stop this process (SIGSTOP) at the named point when DEMIX_STOP_AT names it, the first
+    time it is reached: a test (or a person debugging) forces an interleaving with another
+    command there, then continues it with SIGCONT. Points: "locked" (outputs locked and
+    checked, no work done), "publish" (an artifact or output file complete, not yet renamed
+    into place)."""
+    if point in os.environ.get("DEMIX_STOP_AT", "").split(",") and point not in _STOPPED:
+        _STOPPED.add(point)
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+_STOPPED: set[str] = set()
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -108,6 +123,7 @@ def publish_file(path: str | Path, data: bytes, ours: Callable[[bytes], bool] | 
         return
     path = Path(path)
     tmp = _write_temp(path, data)
+    stop_at("publish")
     try:
         try:
             os.link(tmp, path)  # creates `path` only if nothing is there, atomically
@@ -267,6 +283,7 @@ def staged_dir(final: str | Path) -> Iterator[Path]:
     tmp.chmod(0o755)
     try:
         yield tmp
+        stop_at("publish")
         _check_publish(final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -186,11 +186,22 @@ class OutputLock:
                 blob.upload_from_string(
                     holder() + "\n", if_generation_match=0, retry=gcs.retry_policy()
                 )
-                self._generation = blob.generation
+                self._generation = blob.generation or -1
                 return
             except exceptions.PreconditionFailed:
                 pass
+            except Exception as err:  # noqa: BLE001 (retries exhausted: the upload fails later)
+                log.warning(
+                    "%s: cannot create the lock object %s (%s); going on unlocked",
+                    self.uri,
+                    self.path,
+                    type(err).__name__,
+                )
+                return
             owner = (gcs.read_bytes(bkt, key) or b"").decode(errors="replace").strip()
+            if owner == holder():  # our own create, retried after its answer was lost
+                self._generation = -1
+                return
             if owner and not _alive_here(owner):
                 gcs.delete(bkt, key)
                 log.warning(
@@ -209,6 +220,9 @@ class OutputLock:
 
     def _release_remote(self) -> None:
         from demix import gcs
+
+        if self._generation is None:  # went on unlocked: the object (if any) is not ours
+            return
 
         bucket, key = split_gs(self.path)
         with contextlib.suppress(DataError):

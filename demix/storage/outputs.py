@@ -32,13 +32,12 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from demix.errors import DataError, DemixError
-from demix.storage.files import MANIFEST, atomic_write_bytes, holds_cwd, publish_file
-from demix.storage.inputs import check_not_inputs
+from demix.storage.files import MANIFEST, atomic_write_bytes, holds_cwd, publish_file, stop_at
 from demix.storage.locks import output_locks
 from demix.storage.uris import check_uri, is_remote, mirror, split_gs
 
@@ -305,21 +304,17 @@ def _lockable(output: Output) -> bool:
 
 
 @contextlib.contextmanager
-def guarded_outputs(
-    *outputs: Output, wait_lock: bool = False, inputs: Iterable[str | Path] = ()
-) -> Iterator[None]:
+def guarded_outputs(*outputs: Output, wait_lock: bool = False) -> Iterator[None]:
     """Lock and check every output before the block, claim folder outputs, undo them if it fails.
 
     Raises DataError before the block runs when an output path holds anything demix did not
-    write (check_output), is, holds or lies in one of `inputs` (check_not_inputs), and LockHeld
-    naming the holder when another command writes one of them (unless `wait_lock`: then it
-    waits). When the block raises anything (a DemixError, a bug, an interrupt), what the
+    write (check_output), and LockHeld naming the holder when another command writes one of
+    them (unless `wait_lock`: then it waits). When the block raises anything (a DemixError, a bug, an interrupt), what the
     command created at the outputs is removed again unless it holds completed work; the error
     is raised on unchanged. The locks are held until then.
     """
     for output in outputs:
         check_output(output)  # a plain refusal creates no lock file
-    check_not_inputs(outputs, inputs)
     created: list[_Created] = []
     try:
         with output_locks([o.uri for o in outputs if _lockable(o)], wait_lock) as locks:
@@ -333,6 +328,7 @@ def guarded_outputs(
                 for output in outputs:
                     if output.mode == "folder":
                         claim_folder(output.uri, output.kind)
+                stop_at("locked")
                 yield
             except BaseException:
                 for entry in created:

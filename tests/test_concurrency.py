@@ -1,0 +1,235 @@
+"""One writer per output, forced interleavings: a first command runs as a child process that
+stops itself at a named point (DEMIX_STOP_AT, SIGSTOP; the test waits for the stop with
+waitpid), a second command or a user acts while it is stopped, then the first continues
+(SIGCONT). No sleeps: every step waits for a state the other side has reached.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from demix.cli import main
+from demix.storage import read_manifest, write_manifest
+from demix.storage.locks import LOCK_SUFFIX
+
+from . import reliability
+from .conftest import smoke_config_dict
+
+pytestmark = pytest.mark.reliability
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(corpus_dir, tmp_path_factory):
+    """A config and a curated dataset."""
+    root = tmp_path_factory.mktemp("concurrency")
+    config = root / "config.yaml"
+    config.write_text(yaml.safe_dump(smoke_config_dict(corpus_dir)))
+    assert main(["curate", str(config), "--out", str(root / "data")]) == 0
+    return {"config": str(config), "data": str(root / "data")}
+
+
+def _train(setup: dict, out: Path) -> list[str]:
+    return ["train", setup["config"], "--role", "base", "--data", setup["data"], "--out", str(out)]
+
+
+def _curate(setup: dict, out: Path) -> list[str]:
+    return ["curate", setup["config"], "--out", str(out)]
+
+
+def _stopped(argv: list[str], point: str) -> subprocess.Popen:
+    """`demix argv` in a child process, returned once it has stopped itself at `point`."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DEMIX_STOP_AT": point, "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "demix.cli", *argv],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _, status = os.waitpid(child.pid, os.WUNTRACED)  # returns when it stops (or ends)
+    if not os.WIFSTOPPED(status):
+        child.returncode = os.waitstatus_to_exitcode(status)
+        pytest.fail(f"the child never reached {point!r}: {child.stderr.read()[-2000:]}")
+    return child
+
+
+def _continued(child: subprocess.Popen) -> tuple[int, str]:
+    """Continue a stopped child; its exit code and standard error when it has ended."""
+    os.kill(child.pid, signal.SIGCONT)
+    _, err = child.communicate(timeout=300)
+    return child.returncode, err
+
+
+def _error_line(capsys, argv: list[str]) -> str:
+    """Run argv here: it must exit 2 with one `demix: error:` line, returned."""
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("demix: error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    return lines[0]
+
+
+def _tree(root: Path) -> dict[str, bytes | None]:
+    return {
+        p.relative_to(root).as_posix(): (p.read_bytes() if p.is_file() else None)
+        for p in sorted(root.rglob("*"))
+    }
+
+
+def _weights(folder: Path) -> dict[str, str]:
+    """sha256 of every weights and config file the model's manifest lists."""
+    files = read_manifest(folder)["files"]
+    return {n: e["sha256"] for n, e in files.items() if n.endswith((".safetensors", ".json"))}
+
+
+def test_two_trains_on_one_out_one_wins_and_equals_a_solo_run(setup, tmp_path, capsys):
+    solo, out = tmp_path / "solo", tmp_path / "race"
+    first = _stopped(_train(setup, out), "locked")
+    line = _error_line(capsys, _train(setup, out))
+    holder = f"{first.pid}@{socket.gethostname()}"
+    assert str(out) in line and holder in line and "--wait-lock" in line, line
+    code, err = _continued(first)
+    assert code == 0, err[-2000:]
+    assert main(_train(setup, solo)) == 0
+    files = {n for n in _weights(solo) if n != "training_log.json"}  # its timings differ
+    reliability.intact(
+        {n: _weights(out)[n] for n in files} == {n: _weights(solo)[n] for n in files},
+        "the winner's model differs from a solo run's",
+    )
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["race", "solo"], left  # no lock, checkpoint or temporary left
+    reliability.count("second_writers")
+
+
+@pytest.mark.parametrize("what", ["user folder", "dataset artifact"])
+def test_what_appears_at_train_out_mid_run_is_kept_and_refused(
+    what, setup, tmp_path, capsys, user_file
+):
+    out = tmp_path / "model"
+    child = _stopped(_train(setup, out), "publish")  # a checkpoint or the model, not renamed
+    if what == "user folder":
+        user_file(out / "notes.txt")
+        user_file(out / "drafts" / "plan.md")
+    else:
+        (out / "shard").mkdir(parents=True)
+        (out / "shard" / "train.bin").write_bytes(os.urandom(64))
+        write_manifest(out, "demix.dataset")
+    before = _tree(out)
+    code, err = _continued(child)
+    lines = [line for line in err.splitlines() if line.startswith("demix: error:")]
+    assert code == 2 and len(lines) == 1 and str(out) in lines[0], err[-2000:]
+    reliability.intact(_tree(out) == before, f"train changed the {what} at {out}")
+    assert not Path(f"{out}{LOCK_SUFFIX}").exists()
+    reliability.count("appeared_kept")
+
+
+def test_a_user_file_appearing_at_evaluate_out_mid_run_is_not_overwritten(
+    setup, tmp_path, capsys, user_file
+):
+    model = tmp_path / "m"
+    assert main(_train(setup, model)) == 0
+    out = tmp_path / "scores.json"
+    argv = ["evaluate", setup["config"], "--data", setup["data"], "--models", str(model)]
+    child = _stopped([*argv, "--out", str(out)], "publish")
+    user_file(out, b'{"my": "own results"}\n')
+    code, err = _continued(child)
+    assert code == 2 and "appeared while this command ran" in err, err[-2000:]
+    assert out.read_bytes() == b'{"my": "own results"}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "scores.json"]
+    reliability.count("appeared_kept")
+
+
+def test_two_curates_never_remove_each_other_s_scratch(setup, tmp_path, capsys):
+    from demix.config import load_config
+    from demix.data.curate import curate
+
+    out = tmp_path / "data"
+    first = _stopped(_curate(setup, out), "publish")  # a group written into its scratch
+    scratch = sorted(tmp_path.glob(".data.curate-*"))
+    assert len(scratch) == 1 and any(scratch[0].iterdir())
+    mine = _tree(scratch[0])
+    line = _error_line(capsys, _curate(setup, out))  # the command: the lock refuses it
+    assert f"{first.pid}@{socket.gethostname()}" in line, line
+    config = load_config(setup["config"])
+    curate(config.data, out, config.seed)  # the library, unlocked: it keeps the live scratch
+    reliability.intact(_tree(scratch[0]) == mine, "a second curate removed the first's scratch")
+    code, err = _continued(first)
+    assert code == 0, err[-2000:]
+    assert read_manifest(out, "demix.dataset", verify=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # each removed its own
+    reliability.count("second_writers")
+
+
+def test_a_stale_lock_of_a_killed_command_is_taken_over(tmp_path, capsys):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    run = tmp_path / "run"
+    run.mkdir()
+    summary = {
+        "datasets": ["a", "b"],
+        "token_prior": {"a": 0.5, "b": 0.5},
+        "dataset_train_tokens": {"a": 100, "b": 100},
+        "final_tokens": 1000,
+        "mixture": {"a": 0.25, "b": 0.75},
+        "component_weights": {"a": 0.25, "b": 0.75},
+    }
+    (run / "summary.json").write_text(json.dumps(summary))
+    out = tmp_path / "mix.json"
+    stale = f"{dead.pid}@{socket.gethostname()}"
+    Path(f"{out}{LOCK_SUFFIX}").write_text(stale + "\n")  # what a killed holder leaves
+    assert main(["export", str(run), "--format", "json", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"took over the lock of {stale}" in err, err
+    assert json.loads(out.read_text())["mixture"] == summary["mixture"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mix.json", "run"]
+    reliability.count("stale_locks")
+
+
+def test_gs_outputs_are_locked_with_a_create_only_object(tmp_path, gcs, capsys):
+    from demix import gcs as gcs_io
+    from demix.storage.locks import LockHeld, OutputLock
+
+    uri = f"gs://{gcs.bucket}/merged"
+    first = OutputLock(uri)
+    first.acquire()
+    bkt = gcs_io.bucket(gcs.bucket)
+    assert gcs_io.read_bytes(bkt, f"merged{LOCK_SUFFIX}").decode().startswith(f"{os.getpid()}@")
+    other = subprocess.run(  # another process: the object exists, it refuses naming us
+        [
+            sys.executable,
+            "-c",
+            f"from demix.storage.locks import OutputLock\nOutputLock({uri!r}).acquire()",
+        ],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+    )
+    assert "LockHeld" in other.stderr and f"{os.getpid()}@" in other.stderr, other.stderr[-2000:]
+    first.release()
+    assert gcs_io.read_bytes(bkt, f"merged{LOCK_SUFFIX}") is None
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    path = tmp_path / "lock"
+    path.write_text(f"{dead.pid}@{socket.gethostname()}\n")
+    gcs_io.upload_file(bkt, f"merged{LOCK_SUFFIX}", path)  # left by a killed command
+    taken = OutputLock(uri)
+    taken.acquire()  # taken over
+    assert gcs_io.read_bytes(bkt, f"merged{LOCK_SUFFIX}").decode().startswith(f"{os.getpid()}@")
+    taken.release()
+    with pytest.raises(LockHeld):  # a live holder of another host is never taken over
+        path.write_text("1@another-host\n")
+        gcs_io.upload_file(bkt, f"merged{LOCK_SUFFIX}", path)
+        OutputLock(uri).acquire()
+    reliability.count("stale_locks")
+    reliability.count("second_writers")
