@@ -233,3 +233,58 @@ def test_gs_outputs_are_locked_with_a_create_only_object(tmp_path, gcs, capsys):
         OutputLock(uri).acquire()
     reliability.count("stale_locks")
     reliability.count("second_writers")
+
+
+def _search(setup: dict, base: str, out: Path) -> list[str]:
+    components = [f"{n}={base}" for n in ("general", "code", "math")]
+    argv = ["search", setup["config"], "--data", setup["data"], "--base", base]
+    return [*argv, "--components", *components, "--out", str(out)]
+
+
+def test_sigterm_removes_what_the_command_made_and_nothing_else(setup, tmp_path, capsys, user_file):
+    out = tmp_path / "runs" / "search"  # `runs` does not exist: the command makes it
+    child = _stopped(_search(setup, str(tmp_path / "no-base-needed"), out), "locked")
+    assert (out / "demix-output.json").is_file()  # claimed before any work
+    notes = user_file(tmp_path / "runs" / "notes.txt")  # a user's file beside it meanwhile
+    os.kill(child.pid, signal.SIGTERM)  # delivered when it continues
+    code, err = _continued(child)
+    assert code == 143 and "terminated" in err, err[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+    assert sorted(p.name for p in notes.parent.iterdir()) == ["notes.txt"]  # search, lock: gone
+    reliability.count("outputs_removed")
+
+
+def test_an_internal_error_removes_only_what_the_command_made(
+    setup, tmp_path, capsys, monkeypatch, user_file
+):
+    import demix.stages
+    from demix.config import ArchitectureConfig
+    from demix.data.shards import CuratedData
+    from demix.model import build_tiny_llama
+
+    base = tmp_path / "base"
+    tok = CuratedData(setup["data"]).load_tokenizer()
+    spec = ArchitectureConfig(
+        hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=64
+    )
+    build_tiny_llama(spec, len(tok), tok.eos_token_id, seed=0).save_pretrained(base)
+    tok.save_pretrained(base)
+    out = tmp_path / "a" / "b" / "merged"  # `a` does not exist: the command makes a and b
+
+    def fails(*args, **kwargs):
+        user_file(out / "notes.txt")  # a user's folder appears at the output meanwhile
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(demix.stages, "merge_stage", fails)
+    components = [f"{n}={base}" for n in ("general", "code", "math")]
+    argv = ["merge", setup["config"], "--data", setup["data"], "--base", str(base)]
+    argv += ["--components", *components, "--mixture", "general=0.4,code=0.3,math=0.3"]
+    assert main([*argv, "--out", str(out)]) == 3
+    assert "internal error" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # kept, with its folders
+    assert sorted(p.name for p in out.parent.iterdir()) == ["merged"]  # no lock left
+    monkeypatch.setattr(demix.stages, "merge_stage", lambda *a, **k: 1 / 0)
+    assert main([*argv, "--out", str(tmp_path / "c" / "d" / "merged")]) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "base"]  # c/d made, removed
+    reliability.count("appeared_kept")
+    reliability.count("outputs_removed")

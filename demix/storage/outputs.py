@@ -18,11 +18,18 @@ written when the command creates or first claims the folder, before any other fi
 artifact gets one too, uploaded before its old manifest is deleted, so a publish that was cut
 off is still recognisably demix's.
 
-What a failed command created is removed again (`guarded_outputs`): when a command fails with a
-DemixError, each output path that did not exist when it started (or the topmost folder above it
-that did not) is removed, and an output folder that was empty is emptied again, unless it now
-holds completed work a rerun resumes from (a manifest.json, or a search's scores.jsonl with
-rows). What was at an output path before the command ran is never removed.
+One writer per output (`guarded_outputs`, demix.storage.locks): every output is locked before
+any work and the lock is held until the command ends; a second command on it refuses naming
+the holder (or waits). At publish the output is checked again (check_publish): what appeared
+there meanwhile is kept and the command refuses.
+
+What a failed command created is removed again (`guarded_outputs`), however it fails (a
+DemixError, a bug, an interrupt): a folder output it claimed is removed, and one that was empty
+is emptied again, unless it now holds completed work a rerun resumes from (a manifest.json, or
+a search's scores.jsonl with rows); the folders it made above an output are removed once
+empty. An artifact or file appears at its path only when it is published complete, so what is
+found there after a failure is not the command's to remove. What was at an output path before
+the command ran is never removed.
 """
 
 from __future__ import annotations
