@@ -214,7 +214,7 @@ def curate(
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = f".{out.name}.curate-"
     for stale in out.parent.glob(f"{glob.escape(scratch)}*"):  # left by a killed run
-        if is_stale(stale.name[len(scratch) :] + "."):  # another live run's is its own
+        if is_stale(stale.name[len(scratch) :]):  # another live run's is its own
             shutil.rmtree(stale, ignore_errors=True)
     mine = f"{scratch}{owner_tag()}."  # this process's: only it removes its scratch
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=mine) as work:

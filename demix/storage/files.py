@@ -58,17 +58,21 @@ def owner_tag() -> str:
     return f"{os.getpid()}-{host}"
 
 
-_TAG = re.compile(r"(\d+)-([0-9a-f]{8})\.")
+# What follows a temporary's prefix: its owner's tag and tempfile's random part, or the random
+# part alone (named before temporaries carried their owner); `.tmp` for staged files/folders.
+_TAGGED = re.compile(r"(\d+)-([0-9a-f]{8})\.[a-z0-9_]+(?:\.tmp)?")
+_UNTAGGED = re.compile(r"[a-z0-9_]+(?:\.tmp)?")
 
 
 def is_stale(rest: str) -> bool:
     """Whether a temporary whose name continues with `rest` after its prefix was left by a
     process that is gone: one of this host whose pid no longer runs, or one named before
-    temporaries carried their owner (no tag). Another live process's temporary is not stale.
+    temporaries carried their owner. Another live process's temporary is not stale, nor one
+    of another path that shares the prefix (`.model.ckpt.*.tmp` beside `model`).
     """
-    found = _TAG.match(rest)
+    found = _TAGGED.fullmatch(rest)
     if found is None:
-        return True
+        return bool(_UNTAGGED.fullmatch(rest))
     if found.group(2) != owner_tag().split("-")[1]:
         return False  # another host's, on a shared file system: it may still run
     try:
