@@ -93,6 +93,22 @@ def _weights(folder: Path) -> dict[str, str]:
     return {n: e["sha256"] for n, e in files.items() if n.endswith((".safetensors", ".json"))}
 
 
+def _tiny_model(setup: dict, folder: Path) -> Path:
+    """A tiny untrained model with the dataset's tokenizer (a plain Hugging Face folder)."""
+    from demix.config import ArchitectureConfig
+    from demix.data.shards import CuratedData
+    from demix.model import build_tiny_llama
+
+    tok = CuratedData(setup["data"]).load_tokenizer()
+    spec = ArchitectureConfig(
+        hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=64
+    )
+    build_tiny_llama(spec, len(tok), tok.eos_token_id, seed=0).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow  # two trainings, one of them in a fresh process
 def test_two_trains_on_one_out_one_wins_and_equals_a_solo_run(setup, tmp_path, capsys):
     solo, out = tmp_path / "solo", tmp_path / "race"
     first = _stopped(_train(setup, out), "locked")
@@ -134,11 +150,11 @@ def test_what_appears_at_train_out_mid_run_is_kept_and_refused(
     reliability.count("appeared_kept")
 
 
+@pytest.mark.slow  # evaluation in a fresh process (lm-eval's import alone takes seconds)
 def test_a_user_file_appearing_at_evaluate_out_mid_run_is_not_overwritten(
     setup, tmp_path, capsys, user_file
 ):
-    model = tmp_path / "m"
-    assert main(_train(setup, model)) == 0
+    model = _tiny_model(setup, tmp_path / "m")
     out = tmp_path / "scores.json"
     argv = ["evaluate", setup["config"], "--data", setup["data"], "--models", str(model)]
     child = _stopped([*argv, "--out", str(out)], "publish")
@@ -231,6 +247,16 @@ def test_gs_outputs_are_locked_with_a_create_only_object(tmp_path, gcs, capsys):
         path.write_text("1@another-host\n")
         gcs_io.upload_file(bkt, f"merged{LOCK_SUFFIX}", path)
         OutputLock(uri).acquire()
+    gcs_io.delete(bkt, f"merged{LOCK_SUFFIX}")
+    run = tmp_path / "run"  # a command locks and releases its gs:// output the same way
+    run.mkdir()
+    mixture = {"a": 0.5, "b": 0.5}
+    summary = {"datasets": ["a", "b"], "mixture": mixture, "component_weights": mixture}
+    summary |= {"token_prior": mixture, "dataset_train_tokens": {"a": 9, "b": 9}}
+    (run / "summary.json").write_text(json.dumps({**summary, "final_tokens": 90}))
+    out = f"gs://{gcs.bucket}/mix.json"
+    assert main(["export", str(run), "--format", "json", "--out", out]) == 0
+    assert sorted(gcs_io.list_blobs(bkt, "")) == ["mix.json"]
     reliability.count("stale_locks")
     reliability.count("second_writers")
 
@@ -258,17 +284,8 @@ def test_an_internal_error_removes_only_what_the_command_made(
     setup, tmp_path, capsys, monkeypatch, user_file
 ):
     import demix.stages
-    from demix.config import ArchitectureConfig
-    from demix.data.shards import CuratedData
-    from demix.model import build_tiny_llama
 
-    base = tmp_path / "base"
-    tok = CuratedData(setup["data"]).load_tokenizer()
-    spec = ArchitectureConfig(
-        hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=64
-    )
-    build_tiny_llama(spec, len(tok), tok.eos_token_id, seed=0).save_pretrained(base)
-    tok.save_pretrained(base)
+    base = _tiny_model(setup, tmp_path / "base")
     out = tmp_path / "a" / "b" / "merged"  # `a` does not exist: the command makes a and b
 
     def fails(*args, **kwargs):
