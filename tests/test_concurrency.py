@@ -305,3 +305,39 @@ def test_an_internal_error_removes_only_what_the_command_made(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "base"]  # c/d made, removed
     reliability.count("appeared_kept")
     reliability.count("outputs_removed")
+
+
+def _blocked_on_a_lock(pid: int) -> bool:
+    """Whether process `pid` waits for a file lock (a "->" waiter line of /proc/locks)."""
+    return any(
+        line.split()[1:5] == ["->", "FLOCK", "ADVISORY", "WRITE"] and line.split()[5] == str(pid)
+        for line in Path("/proc/locks").read_text().splitlines()
+    )
+
+
+def test_wait_lock_waits_for_the_first_writer_then_writes(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    mixture = {"a": 0.5, "b": 0.5}
+    summary = {"datasets": ["a", "b"], "mixture": mixture, "component_weights": mixture}
+    summary |= {"token_prior": mixture, "dataset_train_tokens": {"a": 9, "b": 9}}
+    (run / "summary.json").write_text(json.dumps({**summary, "final_tokens": 90}))
+    out = tmp_path / "mix.txt"
+    argv = ["export", str(run), "--out", str(out), "--format"]
+    first = _stopped([*argv, "megatron"], "locked")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    second = subprocess.Popen(
+        [sys.executable, "-m", "demix.cli", *argv, "olmo", "--wait-lock"],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    while not _blocked_on_a_lock(second.pid):  # a state, not a delay: it waits in flock
+        assert second.poll() is None, second.stderr.read()
+        os.sched_yield()
+    code, err = _continued(first)
+    assert code == 0, err
+    assert second.wait(timeout=120) == 0, second.stderr.read()
+    assert out.read_text().startswith("# demix export: an OLMo-core")  # the second wrote last
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mix.txt", "run"]
+    reliability.count("second_writers")

@@ -209,3 +209,18 @@ def test_a_mixture_off_the_simplex_is_refused_in_every_format(fmt, weights, tmp_
     _refused(capsys, ["export", str(run), "--format", fmt], "not 1")
     assert not out.exists()
     reliability.count("exports_refused")
+
+
+def test_the_local_run_log_is_never_written_through_a_link(tmp_path, user_file):
+    from deploy.local import quiet_tasks
+
+    mine = user_file(tmp_path / "mine.txt")
+    before = mine.read_bytes()
+    (tmp_path / "kfp-local.log").symlink_to(mine)
+    with (
+        pytest.raises(OSError, match="symbolic links"),
+        quiet_tasks(tmp_path / "kfp-local.log", {}),
+    ):
+        raise AssertionError("the block must not run")
+    assert mine.read_bytes() == before
+    reliability.count("inputs_kept")
