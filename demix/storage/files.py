@@ -250,19 +250,23 @@ def check_replaceable(final: Path) -> None:
         )
 
 
+# The running command's own check of an output at publish (demix.storage.outputs registers
+# check_publish here: outputs builds on this module, not the reverse).
+PUBLISH_CHECKS: list[Callable[[Path], None]] = []
+
+
 def _check_publish(final: Path) -> None:
     """Refuse to publish over what appeared at `final` while the command ran: anything but an
     empty folder or an artifact (check_replaceable), or, for an output of the running command,
     an artifact of another kind (demix.storage.outputs.check_publish)."""
-    from demix.storage.outputs import check_publish  # outputs builds on this module
-
     try:
         check_replaceable(final)
     except DataError as err:
         raise DataError(
             f"{err} (it appeared while this command ran; nothing was written)"
         ) from None
-    check_publish(final)
+    for check in PUBLISH_CHECKS:
+        check(final)
 
 
 @contextlib.contextmanager

@@ -44,7 +44,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from demix.errors import DataError, DemixError
-from demix.storage.files import MANIFEST, atomic_write_bytes, holds_cwd, publish_file, stop_at
+from demix.storage.files import (
+    MANIFEST,
+    PUBLISH_CHECKS,
+    atomic_write_bytes,
+    holds_cwd,
+    publish_file,
+    stop_at,
+)
 from demix.storage.locks import output_locks
 from demix.storage.uris import check_uri, is_remote, mirror, split_gs
 
@@ -372,6 +379,9 @@ def check_publish(uri: str | Path) -> None:
         raise DataError(
             f"{err} (it appeared while this command ran; nothing was written)"
         ) from None
+
+
+PUBLISH_CHECKS.append(check_publish)  # staged_dir's publish checks the running outputs too
 
 
 def write_output_bytes(uri: str | Path, data: bytes) -> None:
