@@ -212,7 +212,9 @@ def test_a_stale_lock_of_a_killed_command_is_taken_over(tmp_path, capsys):
     reliability.count("stale_locks")
 
 
-def test_gs_outputs_are_locked_with_a_create_only_object(tmp_path, gcs, capsys):
+def test_gs_outputs_are_locked_with_a_create_only_object(
+    tmp_path, gcs, capsys, caplog, monkeypatch
+):
     from demix import gcs as gcs_io
     from demix.storage.locks import LockHeld, OutputLock
 
@@ -243,10 +245,21 @@ def test_gs_outputs_are_locked_with_a_create_only_object(tmp_path, gcs, capsys):
     taken.acquire()  # taken over
     assert gcs_io.read_bytes(bkt, f"merged{LOCK_SUFFIX}").decode().startswith(f"{os.getpid()}@")
     taken.release()
-    with pytest.raises(LockHeld):  # a live holder of another host is never taken over
-        path.write_text("1@another-host\n")
-        gcs_io.upload_file(bkt, f"merged{LOCK_SUFFIX}", path)
+    path.write_text("1@another-host\n")
+    gcs_io.upload_file(bkt, f"merged{LOCK_SUFFIX}", path)
+    with pytest.raises(LockHeld):  # another host's holder, refreshed lately: it may run
         OutputLock(uri).acquire()
+    monkeypatch.setenv("DEMIX_LOCK_STALE_S", "0")  # every lock not ours counts as silent
+    silent = OutputLock(uri)
+    silent.acquire()  # a machine gone with its process (a preempted pod): taken over
+    assert "took over the lock of 1@another-host, which silent for" in caplog.text
+    created = bkt.get_blob(f"merged{LOCK_SUFFIX}")
+    silent.refresh(bkt.blob(f"merged{LOCK_SUFFIX}"))  # one heartbeat: the object is rewritten
+    refreshed = bkt.get_blob(f"merged{LOCK_SUFFIX}")
+    assert refreshed.updated >= created.updated and refreshed.generation != created.generation
+    assert gcs_io.read_bytes(bkt, f"merged{LOCK_SUFFIX}").decode().startswith(f"{os.getpid()}@")
+    silent.release()
+    monkeypatch.delenv("DEMIX_LOCK_STALE_S")
     gcs_io.delete(bkt, f"merged{LOCK_SUFFIX}")
     run = tmp_path / "run"  # a command locks and releases its gs:// output the same way
     run.mkdir()

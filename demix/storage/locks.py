@@ -7,9 +7,10 @@ file is removed at release; a command that opened it just before (and so holds a
 lock) sees that its file is no longer the one at the path and tries again.
 
 A gs:// output `gs://b/<key>` is locked with the object `<key>.demix-lock`, created only if it
-does not exist (`if_generation_match=0`), holding `pid@host`, and deleted at release. A lock
-object of a dead process on this host is taken over; one of another host is refused (remove it
-by hand once that command is surely gone: the refusal names the object).
+does not exist (`if_generation_match=0`), holding `pid@host`, rewritten every heartbeat_s()
+while held and deleted at release. A lock object of a dead process on this host, or one not
+rewritten for stale_s() (its machine is gone: a preempted pod's successor runs on another
+host), is taken over.
 
 A second command on a locked output refuses with one line naming the holder (LockHeld), or,
 with `wait`, waits for it. Locks are counted per process, so a command that locks an output
@@ -24,6 +25,7 @@ import fcntl
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,7 +79,9 @@ class OutputLock:
         self.wait = wait
         self.made: Path | None = None
         self._fd: int | None = None
-        self._generation: int | None = None
+        self._generation: int | None = None  # of the gs:// lock object this process holds
+        self._stop = threading.Event()  # ends the gs:// lock's heartbeat
+        self._beat: threading.Thread | None = None
 
     def acquire(self) -> None:
         """Take the lock. Raises LockHeld naming the holder when another command holds it (and
@@ -186,7 +190,7 @@ class OutputLock:
                 blob.upload_from_string(
                     holder() + "\n", if_generation_match=0, retry=gcs.retry_policy()
                 )
-                self._generation = blob.generation or -1
+                self._held_remote(blob)
                 return
             except exceptions.PreconditionFailed:
                 pass
@@ -198,16 +202,23 @@ class OutputLock:
                     type(err).__name__,
                 )
                 return
+            found = bkt.get_blob(key, retry=gcs.retry_policy())
+            if found is None:
+                continue  # released meanwhile
             owner = (gcs.read_bytes(bkt, key) or b"").decode(errors="replace").strip()
             if owner == holder():  # our own create, retried after its answer was lost
-                self._generation = -1
+                self._held_remote(found)
                 return
-            if owner and not _alive_here(owner):
-                gcs.delete(bkt, key)
+            age = time.time() - found.updated.timestamp() if found.updated else 0.0
+            if not _alive_here(owner) or age > stale_s():
+                why = "no longer runs" if not _alive_here(owner) else f"silent for {age:.0f} s"
+                with contextlib.suppress(exceptions.NotFound, exceptions.PreconditionFailed):
+                    found.delete(if_generation_match=found.generation, retry=gcs.retry_policy())
                 log.warning(
-                    "%s: took over the lock of %s, which no longer runs (its command was killed)",
+                    "%s: took over the lock of %s, which %s (its command was killed)",
                     self.uri,
-                    owner,
+                    owner or "unknown",
+                    why,
                 )
                 continue
             if not self.wait:
@@ -218,15 +229,51 @@ class OutputLock:
                 )
             time.sleep(2.0)  # polling a bucket: nothing to block on
 
+    def _held_remote(self, blob) -> None:
+        """Keep the lock object fresh while it is held: a holder that stops refreshing it (a
+        machine gone with its process) loses it after stale_s()."""
+        self._generation = blob.generation or -1
+        self._beat = threading.Thread(target=self._heartbeat, args=(blob,), daemon=True)
+        self._beat.start()
+
+    def _heartbeat(self, blob) -> None:
+        while not self._stop.wait(heartbeat_s()):
+            with contextlib.suppress(Exception):  # a missed beat is retried at the next one
+                self.refresh(blob)
+
+    def refresh(self, blob) -> None:
+        """Rewrite the held lock object `blob` (one heartbeat), only while it is still ours: a
+        holder whose lock was taken over never writes over the new holder's."""
+        from demix import gcs
+
+        match = self._generation if self._generation and self._generation > 0 else None
+        blob.upload_from_string(
+            holder() + "\n", if_generation_match=match, retry=gcs.retry_policy()
+        )
+        self._generation = blob.generation or self._generation
+
     def _release_remote(self) -> None:
         from demix import gcs
 
         if self._generation is None:  # went on unlocked: the object (if any) is not ours
             return
-
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join()
         bucket, key = split_gs(self.path)
         with contextlib.suppress(DataError):
             gcs.delete(gcs.bucket(bucket), key)
+
+
+def heartbeat_s() -> float:
+    """Seconds between refreshes of a held gs:// lock (DEMIX_LOCK_HEARTBEAT_S, default 60)."""
+    return float(os.environ.get("DEMIX_LOCK_HEARTBEAT_S", "60"))
+
+
+def stale_s() -> float:
+    """A gs:// lock not refreshed for this long is taken over (DEMIX_LOCK_STALE_S, default
+    five heartbeats): its holder's machine is gone (a preempted pod, a deleted VM)."""
+    return float(os.environ.get("DEMIX_LOCK_STALE_S", str(5 * heartbeat_s())))
 
 
 @contextlib.contextmanager
