@@ -15,9 +15,11 @@ import yaml
 
 from demix.cli import main
 from demix.config import ArchitectureConfig
+from demix.errors import DataError
 from demix.export import FORMATS, is_export
 from demix.model import build_tiny_llama
 from demix.search import ScoresTable
+from demix.storage.files import open_append
 from demix.storage.outputs import SEARCH_KIND, claim_folder
 
 from . import reliability
@@ -157,6 +159,8 @@ def test_a_scores_table_linked_to_a_user_file_is_refused_without_appending(
     os.mkfifo(tmp_path / "fifo")
     with pytest.raises(Exception, match="not a regular file"):
         ScoresTable(tmp_path / "fifo").append({"id": "x"})
+    with pytest.raises(DataError, match="fifo: cannot open it to append"):
+        open_append(tmp_path / "fifo")  # no reader: refused at once, never waiting
     reliability.count("inputs_kept")
 
 

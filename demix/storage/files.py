@@ -159,7 +159,9 @@ def open_append(path: str | Path):
     """
     path = Path(path)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        # O_NONBLOCK: a FIFO put there fails at once instead of waiting for a reader
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+        fd = os.open(path, flags, 0o644)
     except OSError as err:
         if err.errno == errno.ELOOP:
             raise DataError(
