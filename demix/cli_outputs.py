@@ -4,15 +4,20 @@ output rule of demix.storage.outputs)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 from demix.errors import ConfigError, DemixError, process_rank
+from demix.storage.inputs import check_not_inputs
 from demix.storage.outputs import (
     SEARCH_KIND,
     VALIDATE_KIND,
     Output,
+    check_output,
     guarded_outputs,
 )
 
@@ -59,22 +64,51 @@ def local_folder(uri: str) -> Path:
     return Path(uri)
 
 
-def writes(outputs):
+def writes(outputs, reads: tuple[str, ...] = ()):
     """Run a command under the output rule of demix.storage.outputs for the paths `outputs(args)`.
 
-    They are checked before any work (a path holding what demix did not write is refused), and
-    what the command created there is removed again when it fails with a DemixError.
+    They are locked (one writer per output; `--wait-lock` waits for another command's lock)
+    and checked before any work: a path holding what demix did not write, or equal to, inside
+    or holding a path the command reads (`reads`: the arguments holding them, NAME=PATH values
+    too; "config": the config's dataset paths and base), is refused. What the command created
+    there is removed again when it fails, however it fails (SIGTERM included).
     """
 
     def wrap(command):
         @functools.wraps(command)
         def guarded(args) -> None:
-            with guarded_outputs(*outputs(args)):
+            from demix.data.demo import DEMO_KIND
+
+            found = outputs(args)
+            for output in found:
+                check_output(output)  # what is at an output is named first
+            # the demo folder a config fetches into holds the inputs it then reads: not checked
+            check_not_inputs([o for o in found if o.kind != DEMO_KIND], read_paths(args, reads))
+            with (
+                terminated_as_interrupt(),  # SIGTERM: cleanup runs as for Ctrl-C
+                guarded_outputs(*found, wait_lock=getattr(args, "wait_lock", False)),
+            ):
                 command(args)
 
         return guarded
 
     return wrap
+
+
+def read_paths(args, reads: tuple[str, ...]) -> list[str]:
+    """The paths a command reads: the values of the arguments `reads` ("config": the config's
+    dataset and target paths and its local or gs:// base)."""
+    paths: list[str | None] = []
+    for name in reads:
+        if name == "config":
+            config = run_config(args)
+            paths += [p for spec in config.data.all_specs for p in spec.paths]
+            paths.append(config.model.base if config.model.base_form in ("local", "gcs") else None)
+            continue
+        value = getattr(args, name, None)
+        for item in value if isinstance(value, list) else [value]:
+            paths.append(item.partition("=")[2] if item and name == "components" else item)
+    return [str(p) for p in paths if p]
 
 
 def demo_out(out: str | None) -> list:
@@ -194,3 +228,34 @@ def model_arg(uri: str) -> Path:
     from demix.base_model import model_folder
 
     return model_folder(uri)
+
+
+def add_wait_lock(sub) -> None:
+    """Give every subcommand that writes an --out the flag --wait-lock."""
+    for parser in sub.choices.values():
+        if any("--out" in action.option_strings for action in parser._actions):
+            parser.add_argument(
+                "--wait-lock",
+                action="store_true",
+                help="when another demix command writes the same output, wait for it to finish "
+                "instead of refusing",
+            )
+
+
+@contextlib.contextmanager
+def terminated_as_interrupt() -> Iterator[None]:
+    """Within the block SIGTERM raises KeyboardInterrupt("terminated"), so a terminated command
+    cleans up what it created as an interrupted one does (the main thread only)."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt("terminated")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: the default action stays
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -9,7 +9,13 @@
 - hf: `datasets`, `probabilities` and `stopping_strategy` for datasets.interleave_datasets.
 
 megatron, olmo and hf leave out datasets of weight 0 (interleave_datasets would never exhaust
-a source it never draws) and renormalize the others. Paths (megatron, olmo) are the dataset
+a source it never draws). A mixture that does not sum to 1 (within MIXTURE_TOLERANCE) is
+refused in every format, never renormalized.
+
+What export writes says so, so that `--out` replaces only an earlier export (is_export): the
+json and hf forms carry "kind": "demix.export", olmo opens with a `#` comment naming demix, and
+a megatron file (not the standard output, which `--data-path $(...)` reads) opens with one:
+pass it on as `--data-path $(grep -v '^#' FILE)`. Paths (megatron, olmo) are the dataset
 names unless given; epochs count demix's tokens of the whole dataset (estimated from the sample
 under data.max_tokens), so another tokenizer shifts them.
 """
@@ -29,7 +35,10 @@ from demix.mixtures import epochs
 EXPORT_KIND = "demix.export"
 FORMATS = ("json", "megatron", "olmo", "hf")
 OLMO_HEADER = "# demix export: an OLMo-core SourceMixtureList"
-_MEGATRON = re.compile(r"(?:[0-9.e+-]+ \S+ )*[0-9.e+-]+ \S+\n")
+MEGATRON_HEADER = "# demix export: a Megatron-LM --data-path (weight prefix pairs)"
+MIXTURE_TOLERANCE = 1e-6  # how far from 1 a run's mixture may sum
+_NUMBER = r"[0-9]+(?:\.[0-9]+)?(?:e[+-]?[0-9]+)?"
+_MEGATRON = re.compile(rf"(?:{_NUMBER} \S+ )*{_NUMBER} \S+\n")
 
 
 def mixture_export(
@@ -141,15 +150,23 @@ def parse_prefixes(items: list[str], names: list[str]) -> dict[str, str]:
 
 
 def render(export: dict, fmt: str, prefixes: dict[str, str] | None = None) -> str:
-    """The text of `export` (a `json` export) in format `fmt` (one of FORMATS)."""
+    """The text of `export` (a `json` export) in format `fmt` (one of FORMATS).
+
+    Raises DataError when the mixture does not sum to 1, DemixError for a bad format or prefix.
+    """
     prefixes = prefixes or {}
     if prefixes and fmt not in ("megatron", "olmo"):
         raise DemixError(f"--prefix names data paths of --format megatron or olmo, not {fmt}")
+    mixture = export["mixture"]
+    total = math.fsum(mixture.values())
+    if not abs(total - 1) <= MIXTURE_TOLERANCE:
+        raise DataError(
+            f"the run's mixture sums to {total:.10g}, not 1 (within {MIXTURE_TOLERANCE:g}); its "
+            "summary.json was edited or is corrupt: fix the weights, demix does not renormalize"
+        )
     if fmt == "json":
         return json.dumps(export, indent=2) + "\n"
-    mixture = export["mixture"]
-    total = sum(mixture.values())
-    weights = {n: w / total for n, w in mixture.items() if w > 0}
+    weights = {n: w / total for n, w in mixture.items() if w > 0}  # float noise divided out
     paths = {n: prefixes.get(n, n) for n in weights}
     if fmt == "megatron":
         return " ".join(f"{w:.10g} {paths[n]}" for n, w in weights.items()) + "\n"
@@ -176,16 +193,33 @@ def render(export: dict, fmt: str, prefixes: dict[str, str] | None = None) -> st
     )
 
 
+def file_text(text: str, fmt: str) -> str:
+    """What `export --out` writes: `text` (render's), a megatron one under MEGATRON_HEADER."""
+    return f"{MEGATRON_HEADER}\n{text}" if fmt == "megatron" else text
+
+
 def is_export(data: bytes) -> bool:
-    """Whether a file holds what `demix export` writes, in any format (--out may replace it)."""
+    """Whether a file holds what `demix export --out` writes, in any format (--out may replace
+    it): a megatron or olmo file under its header, a JSON object of kind demix.export."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         return False
-    if text.startswith(OLMO_HEADER) or _MEGATRON.fullmatch(text):
-        return True
+    first, _, rest = text.partition("\n")
+    if first == MEGATRON_HEADER:
+        return bool(_MEGATRON.fullmatch(rest))
+    if first.startswith(OLMO_HEADER):
+        try:
+            found = yaml.safe_load(text)
+        except yaml.YAMLError:
+            return False
+        return isinstance(found, dict) and isinstance(found.get("sources"), list)
     try:
         found = json.loads(text)
     except (ValueError, RecursionError):
         return False
-    return isinstance(found, dict) and found.get("kind") == EXPORT_KIND
+    return (
+        isinstance(found, dict)
+        and found.get("kind") == EXPORT_KIND
+        and isinstance(found.get("datasets"), list)
+    )

@@ -195,7 +195,9 @@ def quiet_tasks(
     sys.stderr.flush()
     with contextlib.ExitStack() as stack:
         screen = progress or stack.enter_context(open(os.dup(1), "w", buffering=1))
-        log = stack.enter_context(open(log_path, "w", buffering=1))
+        # never written through a symbolic link (a user's file behind it would be replaced)
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        log = stack.enter_context(open(fd, "w", buffering=1))
         screen.write(f"kfp.local log: {log_path}\n")
         screen.flush()
         stream = TaskLines(log, screen, names)

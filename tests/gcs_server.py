@@ -3,18 +3,22 @@
 The emulator (`gcp-storage-emulator`, in memory) runs as its own process. The proxy is a
 threaded HTTP server that forwards every request and, following its plan, answers with a
 retryable status instead (503, 429, 500), cuts the connection halfway through a request body,
-or flips a byte of a downloaded object. It counts what it injected.
+or flips a byte of a downloaded object. It counts what it injected. It also enforces the
+create-only precondition (`ifGenerationMatch=0`, answered 412 when the object exists), which
+the emulator ignores and demix's gs:// output locks rely on.
 """
 
 from __future__ import annotations
 
 import contextlib
 import http.client
+import re
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
@@ -149,6 +153,31 @@ class _Handler(BaseHTTPRequestHandler):
         if fault and fault.startswith("status:"):
             self._reply(int(fault.split(":")[1]), {"Content-Type": "text/plain"}, b"injected")
             return
+        if self.command == "POST" and "ifGenerationMatch=0" in self.path:
+            with self.server.create_only:  # check and create as one step, as GCS does
+                if self._exists(body):
+                    error = b'{"error": {"code": 412, "message": "Precondition Failed"}}'
+                    self._reply(412, {"Content-Type": "application/json"}, error)
+                    return
+                self._forward(fault, body)
+            return
+        self._forward(fault, body)
+
+    def _exists(self, body: bytes) -> bool:
+        """Whether the object a create-only upload (ifGenerationMatch=0) names exists already:
+        the emulator ignores the precondition, so the proxy enforces it."""
+        found = re.search(r"/b/([^/]+)/o", self.path)
+        name = re.search(rb'"name": ?"([^"]+)"', body)
+        if found is None or name is None:
+            return False
+        upstream = http.client.HTTPConnection("127.0.0.1", self.server.upstream_port, timeout=60)
+        quoted = urllib.parse.quote(name.group(1).decode(), safe="")
+        upstream.request("GET", f"/storage/v1/b/{found.group(1)}/o/{quoted}")
+        status = upstream.getresponse().status
+        upstream.close()
+        return status == 200
+
+    def _forward(self, fault: str | None, body: bytes) -> None:
         upstream = http.client.HTTPConnection("127.0.0.1", self.server.upstream_port, timeout=60)
         headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection",)}
         upstream.request(self.command, self.path, body=body, headers=headers)
@@ -188,6 +217,7 @@ class FaultProxy(ThreadingHTTPServer):
     def __init__(self, upstream_port: int) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.upstream_port = upstream_port
+        self.create_only = threading.Lock()
         self.plan = FaultPlan()
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
         self._thread = threading.Thread(target=self.serve_forever, daemon=True)

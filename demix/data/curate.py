@@ -71,6 +71,7 @@ from demix.storage import (
     staged_dir,
     write_manifest,
 )
+from demix.storage.files import is_stale, owner_tag
 
 # dataset_files, input_files, normalize, read_documents (sources) and tokenizer_sample,
 # train_tokenizer (tokenizer) are re-exported: callers import them from here too.
@@ -213,8 +214,10 @@ def curate(
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = f".{out.name}.curate-"
     for stale in out.parent.glob(f"{glob.escape(scratch)}*"):  # left by a killed run
-        shutil.rmtree(stale, ignore_errors=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=scratch) as work:
+        if is_stale(stale.name[len(scratch) :]):  # another live run's is its own
+            shutil.rmtree(stale, ignore_errors=True)
+    mine = f"{scratch}{owner_tag()}."  # this process's: only it removes its scratch
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=mine) as work:
         plan_dir = Path(work) / "plan"
         plan = plan_curation(config, plan_dir, seed, tokenizer_dir, groups, **manifest_fields)
         group_dirs = [Path(work) / f"group-{i}" for i in range(len(plan["groups"]))]

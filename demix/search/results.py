@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from demix.errors import SearchError
+from demix.storage.files import open_append
 
 
 def mixture_id(weights: np.ndarray, grid: float = 2e-4) -> str:
@@ -33,8 +34,10 @@ class ScoresTable:
     def rows(self) -> list[dict]:
         """All complete rows in file order; a truncated last line is dropped with a warning.
 
-        Raises SearchError for a broken line before the last one, or a row without an id.
+        Raises SearchError for a broken line before the last one, a row without an id, or a
+        table that is a symbolic link or no regular file.
         """
+        self._check_regular()
         if not self.path.is_file():
             return []
         rows = []
@@ -63,6 +66,16 @@ class ScoresTable:
             rows.append(row)
         return rows
 
+    def _check_regular(self) -> None:
+        """Refuse a table that is a symbolic link or not a regular file (a user's file behind
+        it would be read as scores and appended to). Raises SearchError naming it."""
+        if self.path.is_symlink() or (self.path.exists() and not self.path.is_file()):
+            what = "a symbolic link" if self.path.is_symlink() else "not a regular file"
+            raise SearchError(
+                f"{self.path}: is {what}; the scores table is a regular file demix writes: "
+                "remove it or give another search folder"
+            )
+
     def ids(self) -> set[str]:
         """Ids of all complete rows."""
         return {row["id"] for row in self.rows()}
@@ -72,9 +85,13 @@ class ScoresTable:
         return mixture in self.ids()
 
     def append(self, row: dict) -> None:
-        """Append one row and fsync, so a crash loses at most the row being written."""
+        """Append one row and fsync, so a crash loses at most the row being written.
+
+        Raises SearchError or DataError when the table is a symbolic link or no regular file.
+        """
         line = json.dumps(row) + "\n"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._check_regular()
         if self.path.is_file() and self.path.stat().st_size:
             with open(self.path, "rb+") as f:
                 f.seek(-1, os.SEEK_END)
@@ -82,7 +99,7 @@ class ScoresTable:
                     # a truncated last line from a crash: cut it off before appending
                     f.seek(0)
                     f.truncate(f.read().rfind(b"\n") + 1)
-        with open(self.path, "ab") as f:
+        with open_append(self.path) as f:  # never through a link to a user's file
             f.write(line.encode())
             f.flush()
             os.fsync(f.fileno())

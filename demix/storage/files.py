@@ -8,11 +8,16 @@ when complete (`staged_dir`), so a reader never sees half of either.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import json
 import os
+import re
 import shutil
+import signal
+import socket
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +29,20 @@ from demix.errors import DataError
 MANIFEST = "manifest.json"
 
 
+def stop_at(point: str) -> None:
+    """Stop this process (SIGSTOP) at the named point when DEMIX_STOP_AT names it, the first
+    time it is reached: a test (or a person debugging) forces an interleaving with another
+    command there, then continues it with SIGCONT. Points: "locked" (outputs locked and
+    checked, no work done), "publish" (an artifact or output file complete, not yet renamed
+    into place)."""
+    if point in os.environ.get("DEMIX_STOP_AT", "").split(",") and point not in _STOPPED:
+        _STOPPED.add(point)
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+_STOPPED: set[str] = set()
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in chunks."""
     h = hashlib.sha256()
@@ -33,22 +52,127 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, fsync, then rename over `path`."""
-    path = Path(path)
+def owner_tag() -> str:
+    """This process in the names of its temporaries: `<pid>-<8 hex of the host name>`."""
+    host = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+    return f"{os.getpid()}-{host}"
+
+
+# What follows a temporary's prefix: its owner's tag and tempfile's random part, or the random
+# part alone (named before temporaries carried their owner); `.tmp` for staged files/folders.
+_TAGGED = re.compile(r"(\d+)-([0-9a-f]{8})\.[a-z0-9_]+(?:\.tmp)?")
+_UNTAGGED = re.compile(r"[a-z0-9_]+(?:\.tmp)?")
+
+
+def is_stale(rest: str) -> bool:
+    """Whether a temporary whose name continues with `rest` after its prefix was left by a
+    process that is gone: one of this host whose pid no longer runs, or one named before
+    temporaries carried their owner. Another live process's temporary is not stale, nor one
+    of another path that shares the prefix (`.model.ckpt.*.tmp` beside `model`).
+    """
+    found = _TAGGED.fullmatch(rest)
+    if found is None:
+        return bool(_UNTAGGED.fullmatch(rest))
+    if found.group(2) != owner_tag().split("-")[1]:
+        return False  # another host's, on a shared file system: it may still run
+    try:
+        os.kill(int(found.group(1)), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _write_temp(path: Path, data: bytes) -> str:
+    """`data` in a new fsynced temporary file beside `path`; its name."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.{owner_tag()}.", suffix=".tmp"
+    )
     try:
         os.fchmod(fd, 0o644)  # mkstemp creates 0600; artifacts are shared between users
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to a temporary file beside `path`, fsync, then rename over `path`."""
+    path = Path(path)
+    tmp = _write_temp(path, data)
+    try:
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def publish_file(path: str | Path, data: bytes, ours: Callable[[bytes], bool] | None) -> None:
+    """Write the output file `path` atomically, but only where nothing is or where `ours` says
+    demix wrote what is there (None: replace whatever is there, atomic_write_bytes).
+
+    The check is made at the rename: a file that appeared while the command ran is kept.
+    Raises DataError naming `path` when something else is there.
+    """
+    if ours is None:
+        atomic_write_bytes(path, data)
+        return
+    path = Path(path)
+    tmp = _write_temp(path, data)
+    stop_at("publish")
+    try:
+        try:
+            os.link(tmp, path)  # creates `path` only if nothing is there, atomically
+            return
+        except FileExistsError:
+            pass
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            with os.fdopen(fd, "rb") as f:
+                mine = stat.S_ISREG(os.fstat(f.fileno()).st_mode) and ours(f.read())
+        except OSError:
+            mine = False
+        if not mine:
+            raise DataError(
+                f"{path}: appeared while this command ran and is not a file demix wrote; it is "
+                "kept as it is and nothing was written: move it away or give another path"
+            )
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def open_append(path: str | Path):
+    """`path` opened for appending as a binary file, created if missing, without following a
+    symbolic link: the files demix appends to (scores tables) are regular files it made.
+
+    Raises DataError naming `path` when it is a symbolic link or not a regular file.
+    """
+    path = Path(path)
+    try:
+        # O_NONBLOCK: a FIFO put there fails at once instead of waiting for a reader
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+        fd = os.open(path, flags, 0o644)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise DataError(
+                f"{path}: is a symbolic link; demix appends only to a regular file it created "
+                "there: remove the link"
+            ) from None
+        raise DataError(f"{path}: cannot open it to append ({err.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise DataError(f"{path}: is not a regular file; demix appends only to a file it created")
+    return os.fdopen(fd, "ab")
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -75,8 +199,12 @@ def kept_json(path: Path, key: str, compute: Callable[[], Any]) -> Any:
 
 
 def _remove_stale_temps(final: Path) -> None:
-    """Remove temporaries a killed writer of `final` left beside it (`.<name>.*.tmp`)."""
-    for stale in final.parent.glob(f".{glob.escape(final.name)}.*.tmp"):
+    """Remove temporaries a killed writer of `final` left beside it (`.<name>.*.tmp`); those of
+    a writer that still runs are its own (is_stale)."""
+    prefix = f".{final.name}."
+    for stale in final.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        if not is_stale(stale.name[len(prefix) :]):
+            continue
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
         else:
@@ -124,24 +252,49 @@ def check_replaceable(final: Path) -> None:
         )
 
 
+# The running command's own check of an output at publish (demix.storage.outputs registers
+# check_publish here: outputs builds on this module, not the reverse).
+PUBLISH_CHECKS: list[Callable[[Path], None]] = []
+
+
+def _check_publish(final: Path) -> None:
+    """Refuse to publish over what appeared at `final` while the command ran: anything but an
+    empty folder or an artifact (check_replaceable), or, for an output of the running command,
+    an artifact of another kind (demix.storage.outputs.check_publish)."""
+    try:
+        check_replaceable(final)
+    except DataError as err:
+        raise DataError(
+            f"{err} (it appeared while this command ran; nothing was written)"
+        ) from None
+    for check in PUBLISH_CHECKS:
+        check(final)
+
+
 @contextlib.contextmanager
 def staged_dir(final: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary directory beside `final`; on success it replaces `final`.
 
     On error the temporary directory is removed and `final` is left untouched. Temporaries of
-    an earlier writer that was killed are removed first (one writer per artifact path). Only
-    an empty folder or an artifact (a folder with a manifest) is ever replaced.
-    Raises DataError naming `final`, before anything is written, for anything else there.
+    an earlier writer that was killed are removed first (one writer per artifact path; a live
+    writer's are its own). Only an empty folder or an artifact (a folder with a manifest) is
+    ever replaced, checked before the block and again at the rename.
+    Raises DataError naming `final`, before anything is written, for anything else there, and
+    after the block (nothing published) for anything else that appeared there meanwhile.
     """
     final = Path(final)
     check_replaceable(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     recover_replaced_dir(final)
     _remove_stale_temps(final)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    tmp = Path(
+        tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.{owner_tag()}.", suffix=".tmp")
+    )
     tmp.chmod(0o755)
     try:
         yield tmp
+        stop_at("publish")
+        _check_publish(final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

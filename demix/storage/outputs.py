@@ -18,11 +18,18 @@ written when the command creates or first claims the folder, before any other fi
 artifact gets one too, uploaded before its old manifest is deleted, so a publish that was cut
 off is still recognisably demix's.
 
-What a failed command created is removed again (`guarded_outputs`): when a command fails with a
-DemixError, each output path that did not exist when it started (or the topmost folder above it
-that did not) is removed, and an output folder that was empty is emptied again, unless it now
-holds completed work a rerun resumes from (a manifest.json, or a search's scores.jsonl with
-rows). What was at an output path before the command ran is never removed.
+One writer per output (`guarded_outputs`, demix.storage.locks): every output is locked before
+any work and the lock is held until the command ends; a second command on it refuses naming
+the holder (or waits). At publish the output is checked again (check_publish): what appeared
+there meanwhile is kept and the command refuses.
+
+What a failed command created is removed again (`guarded_outputs`), however it fails (a
+DemixError, a bug, an interrupt): a folder output it claimed is removed, and one that was empty
+is emptied again, unless it now holds completed work a rerun resumes from (a manifest.json, or
+a search's scores.jsonl with rows); the folders it made above an output are removed once
+empty. An artifact or file appears at its path only when it is published complete, so what is
+found there after a failure is not the command's to remove. What was at an output path before
+the command ran is never removed.
 """
 
 from __future__ import annotations
@@ -37,7 +44,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from demix.errors import DataError, DemixError
-from demix.storage.files import MANIFEST, atomic_write_bytes, holds_cwd
+from demix.storage.files import (
+    MANIFEST,
+    PUBLISH_CHECKS,
+    atomic_write_bytes,
+    holds_cwd,
+    publish_file,
+    stop_at,
+)
+from demix.storage.locks import output_locks
 from demix.storage.uris import check_uri, is_remote, mirror, split_gs
 
 OUTPUT_MARKER = "demix-output.json"
@@ -199,41 +214,72 @@ def holds_completed_work(path: Path) -> bool:
 
 
 class _Created:
-    """What one output's path was before the command: undo() removes what the command added."""
+    """What one output's path was before the command: undo() removes what the command added.
 
-    def __init__(self, uri: str | Path) -> None:
-        self.uri = uri
+    Only what the command itself made is ever removed: a folder output it claimed (holding
+    its OUTPUT_MARKER, unless it holds completed work), the contents it wrote into a folder
+    output that was empty, and the folders it made above an output that are empty again. An
+    artifact or a file appears at its path only when it is published complete, so a folder or
+    file found there after a failure is kept, whoever wrote it.
+    """
+
+    def __init__(self, output: Output, made: Path | None = None) -> None:
+        self.uri = output.uri
+        self.mode = output.mode
         self.root: Path | None = None  # the topmost local folder that did not exist
         self.was_empty = False  # the output was an empty local folder (or remote prefix)
-        if is_remote(uri):
+        if is_remote(self.uri):
             from demix import gcs
 
-            bucket, key = split_gs(str(uri))
+            bucket, key = split_gs(str(self.uri))
             self.was_empty = not gcs.list_blobs(gcs.bucket(bucket), f"{key}/")
             return
-        path = Path(os.path.abspath(uri))
+        path = Path(os.path.abspath(self.uri))
         if path.is_dir() and not path.is_symlink():
             self.was_empty = not any(path.iterdir())
             return
+        if path.exists() or path.is_symlink():
+            return
         while not path.parent.exists() and path.parent != path:
             path = path.parent
-        self.root = path if not path.exists() and not path.is_symlink() else None
+        self.root = made or path  # the folders made for the output's lock did not exist either
 
     def undo(self) -> None:
         """Remove what the failed command created here, unless it holds completed work."""
         if is_remote(self.uri):
-            self._undo_remote()
-        elif self.root is not None and self.root.is_dir():
-            if not holds_completed_work(self.root):
-                shutil.rmtree(self.root, ignore_errors=True)
-        elif self.root is not None and self.root.is_file():
-            self.root.unlink()
-        elif self.was_empty and not holds_completed_work(Path(self.uri)):
-            for entry in Path(self.uri).iterdir():
+            if self.mode != "file":
+                self._undo_remote()
+            return
+        path = Path(os.path.abspath(self.uri))
+        if self.mode != "folder":
+            return  # published whole or not at all: anything there now is not ours to remove
+        if self.root is not None and path.is_dir() and not path.is_symlink():
+            if (path / OUTPUT_MARKER).is_file() and not holds_completed_work(path):
+                shutil.rmtree(path, ignore_errors=True)
+        elif self.was_empty and not holds_completed_work(path):
+            for entry in path.iterdir():
                 if entry.is_dir() and not entry.is_symlink():
                     shutil.rmtree(entry, ignore_errors=True)
                 else:
                     entry.unlink()
+
+    def prune(self) -> None:
+        """Remove the folders made above the output that are empty now (after the lock went)."""
+        if self.root is None or is_remote(self.uri):
+            return
+        folder = Path(os.path.abspath(self.uri))
+        if folder == self.root:
+            return
+        folder = folder.parent
+        while folder.is_relative_to(self.root):
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (or already gone): what is left is kept
+                if folder.exists():
+                    return
+            if folder == self.root:
+                return
+            folder = folder.parent
 
     def _undo_remote(self) -> None:
         from demix import gcs
@@ -254,40 +300,106 @@ class _Created:
         shutil.rmtree(local, ignore_errors=True)  # the cache's copy of what was removed
 
 
+# The outputs of the command running in this process: publish re-checks them (files.py's
+# staged_dir for artifacts, write_output_bytes for files).
+_RUNNING: dict[str, Output] = {}
+
+
+def _key(uri: str | Path) -> str:
+    return str(uri).rstrip("/") if is_remote(uri) else os.path.abspath(uri)
+
+
+def _lockable(output: Output) -> bool:
+    """Whether this process locks the output: not in a process `accelerate launch` started
+    (the command that launched it holds the locks), not for a path without a name."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        return False
+    return is_remote(output.uri) or bool(Path(os.path.abspath(output.uri)).name)
+
+
 @contextlib.contextmanager
-def guarded_outputs(*outputs: Output) -> Iterator[None]:
-    """Check every output before the block, claim folder outputs, undo them if the block fails.
+def guarded_outputs(*outputs: Output, wait_lock: bool = False) -> Iterator[None]:
+    """Lock and check every output before the block, claim folder outputs, undo them if it fails.
 
     Raises DataError before the block runs when an output path holds anything demix did not
-    write (check_output). When the block raises a DemixError, what it created at the outputs
-    is removed again unless it holds completed work; the error is raised on unchanged.
+    write (check_output), and LockHeld naming the holder when another command writes one of
+    them (unless `wait_lock`: then it waits). When the block raises anything (a DemixError, a bug, an interrupt), what the
+    command created at the outputs is removed again unless it holds completed work; the error
+    is raised on unchanged. The locks are held until then.
     """
     for output in outputs:
-        check_output(output)
-    created = [_Created(output.uri) for output in outputs]
+        check_output(output)  # a plain refusal creates no lock file
+    created: list[_Created] = []
     try:
-        for output in outputs:
-            if output.mode == "folder":
-                claim_folder(output.uri, output.kind)
-        yield
-    except DemixError:
+        with output_locks([o.uri for o in outputs if _lockable(o)], wait_lock) as locks:
+            made = {_key(lock.uri): lock.made for lock in locks}
+            for output in outputs:
+                check_output(output)  # again, under the lock: a writer before us may have ended
+            created = [_Created(o, made.get(_key(o.uri))) for o in outputs]
+            running = {_key(o.uri): o for o in outputs}
+            _RUNNING.update(running)
+            try:
+                for output in outputs:
+                    if output.mode == "folder":
+                        claim_folder(output.uri, output.kind)
+                stop_at("locked")
+                yield
+            except BaseException:
+                for entry in created:
+                    with contextlib.suppress(OSError, DemixError):  # the first error is shown
+                        entry.undo()
+                raise
+            finally:
+                for key in running:
+                    _RUNNING.pop(key, None)
+    finally:
         for entry in created:
-            with contextlib.suppress(OSError, DemixError):  # the first error is the one to show
-                entry.undo()
-        raise
+            with contextlib.suppress(OSError):
+                entry.prune()
+
+
+def running_output(uri: str | Path) -> Output | None:
+    """The output of the command running in this process at `uri`, if it is one."""
+    return _RUNNING.get(_key(uri))
+
+
+def check_publish(uri: str | Path) -> None:
+    """Refuse to publish at `uri` when what is there now is not what the command may replace:
+    still absent, an empty folder, or demix's of the output's kind (something that appeared
+    while the command ran is kept, byte for byte).
+
+    Raises DataError naming the path and what is there.
+    """
+    output = running_output(uri)
+    if output is None:
+        return
+    try:
+        check_output(output)
+    except DataError as err:
+        raise DataError(
+            f"{err} (it appeared while this command ran; nothing was written)"
+        ) from None
+
+
+PUBLISH_CHECKS.append(check_publish)  # staged_dir's publish checks the running outputs too
 
 
 def write_output_bytes(uri: str | Path, data: bytes) -> None:
     """Write one output file atomically to a local path, or upload it to a gs:// URI.
 
-    Raises DataError for an unknown scheme, a missing bucket or a failed upload.
+    An output of the running command (guarded_outputs) is re-checked first: a file that
+    appeared there while it ran, and is not one demix wrote, is kept and refused.
+    Raises DataError for an unknown scheme, a missing bucket, a failed upload, or such a file.
     """
     check_uri(uri)
+    output = running_output(uri)
     if not is_remote(uri):
-        atomic_write_bytes(uri, data)
+        ours = output.ours if output is not None and output.mode == "file" else None
+        publish_file(uri, data, ours)
         return
     from demix import gcs
 
+    check_publish(uri)
     bucket, key = split_gs(str(uri))
     bkt = gcs.bucket(bucket)
     with tempfile.TemporaryDirectory() as tmp:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 
 from demix.errors import DataError
-from demix.storage.files import MANIFEST, atomic_write_bytes, staged_dir
+from demix.storage.files import MANIFEST, atomic_write_bytes, staged_dir, stop_at
 from demix.storage.manifest import (
     check_manifest_entry,
     file_mismatch,
@@ -28,6 +28,7 @@ from demix.storage.outputs import (
     OUTPUT_MARKER,
     Output,
     check_output,
+    check_publish,
     marker_bytes,
 )
 from demix.storage.uris import check_uri, is_remote, mirror, split_gs
@@ -186,6 +187,8 @@ def artifact_output(uri: str | Path, publish: bool = True) -> Iterator[Path]:
     local = _artifact_mirror(bucket, key)
     yield local
     if publish and (local / MANIFEST).is_file():
+        stop_at("publish")
+        check_publish(uri)  # what appeared at the URI while the stage ran is kept
         upload_artifact(local, uri)
 
 

@@ -38,7 +38,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("report", ("demix.report", "demix.export", "demix.run_inputs")),
     ("stages", ("demix.stages",)),
     ("recipes", ("demix.recipes",)),
-    ("cli", ("demix.cli", "demix.cli_outputs")),
+    ("cli", ("demix.cli", "demix.cli_outputs", "demix.cli_parser")),
     ("components", ("components",)),
     ("deploy", ("deploy",)),
     ("pipeline", ("pipeline",)),
