@@ -10,5 +10,7 @@ def dataset_names(config: Input[Artifact]) -> list[str]:
     from pathlib import Path
 
     from demix.config import resolve_config
+    from demix.logs import configure_logging
 
+    configure_logging()
     return [d.name for d in resolve_config(Path(config.path).read_text()).data.datasets]

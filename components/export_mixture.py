@@ -21,8 +21,10 @@ def export_mixture(
     from demix.config import resolve_config
     from demix.data.shards import CuratedData
     from demix.export import FORMATS, render, selection_export
+    from demix.logs import configure_logging
     from demix.storage import atomic_write_text
 
+    configure_logging()
     result = selection_export(
         resolve_config(Path(config.path).read_text()),
         CuratedData(Path(data.path)),

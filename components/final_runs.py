@@ -11,6 +11,8 @@ def final_runs(config: Input[Artifact]) -> list[str]:
     from pathlib import Path
 
     from demix.config import resolve_config
+    from demix.logs import configure_logging
     from demix.mixtures import final_run_names
 
+    configure_logging()
     return final_run_names(resolve_config(Path(config.path).read_text()).final.seeds)

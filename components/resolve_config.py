@@ -30,7 +30,9 @@ def resolve_config(
 
     from demix.config import config_yaml as to_yaml
     from demix.config import resolve_config as resolve
+    from demix.logs import configure_logging
 
+    configure_logging()
     datasets = json.loads(datasets_json) if datasets_json else None
     overrides = {
         "seed": seed if seed >= 0 else None,
