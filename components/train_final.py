@@ -18,7 +18,8 @@ def train_final(
     jobs_root: str = "",
 ):
     """Train a final model from the base: the chosen mixture or a baseline (uniform, token_prior);
-    a label `LABEL-seed<s>` trains the same mixture with the run seed + s.
+    `label`, a run name of final_runs, names the mixture's label and the training seed's offset
+    from the run seed (demix.mixtures.final_run).
 
     `processes`, `cluster` and `jobs_root` as in train_model; checkpoints in the bucket as in
     train_model;
@@ -31,21 +32,24 @@ def train_final(
     from demix.config import resolve_config
     from demix.data.shards import CuratedData
     from demix.logs import configure_logging
-    from demix.mixtures import final_mixture
+    from demix.mixtures import final_mixture, final_run
     from demix.stages import train_stage
     from demix.train.reuse import reused_from
 
     configure_logging()
     dataset = CuratedData(Path(data.path))
-    mixture = final_mixture(label, json.loads(Path(selection.path).read_text()), dataset)
+    run_config = resolve_config(Path(config.path).read_text())
+    run = final_run(label, run_config.final.seeds)
+    mixture = final_mixture(run.label, json.loads(Path(selection.path).read_text()), dataset)
     folder = train_stage(
-        resolve_config(Path(config.path).read_text()),
+        run_config,
         dataset,
         "final",
         Path(model.path),
-        label,
+        run.name,
         Path(base.path),
         mixture,
+        seed_offset=run.seed_offset,
         processes=processes,
         cluster=cluster,
         uri=model.uri,

@@ -77,7 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", help="base model folder (component, reference, final)")
     p.add_argument("--dataset", help="candidate dataset of a component")
     p.add_argument("--mixture", help="data mixture: name=w,... or JSON (reference, final)")
-    p.add_argument("--name", help="final: the model's name in its manifest (default: final)")
+    p.add_argument(
+        "--name",
+        help="final: the model's name in its manifest (default: final); its training seed is "
+        "the config's (--set seed=N)",
+    )
     p.add_argument("--out", required=True, help="model folder to write")
     p.add_argument(
         "--processes",

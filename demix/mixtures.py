@@ -232,47 +232,47 @@ def baseline_mixtures(data: CuratedData) -> dict[str, dict[str, float]]:
     }
 
 
-def seeded_names(labels, seeds: int) -> list[str]:
-    """Each label for each training seed: `label` for the first, `label-seed<s>` for s > 0."""
-    return [label if s == 0 else f"{label}-seed{s}" for label in labels for s in range(seeds)]
+@dataclass(frozen=True)
+class SeededRun:
+    """One training run of a labelled mixture (a final model, a reference): its label and its
+    training seed's offset from the run's seed, an explicit value wherever the run travels."""
+
+    label: str
+    seed_offset: int = 0
+
+    @property
+    def name(self) -> str:
+        """The run's model and folder name: the label, `-seed<s>` added for a further seed (a
+        name to show and to key artifacts by; the seed is never read back from it)."""
+        return self.label if not self.seed_offset else f"{self.label}-seed{self.seed_offset}"
 
 
-def split_seed(name: str) -> tuple[str, int]:
-    """(label, seed offset) of a name made by seeded_names.
+def seeded_runs(labels, seeds: int) -> list[SeededRun]:
+    """Each label for each of `seeds` training seeds, seeds in order within a label."""
+    return [SeededRun(label, s) for label in labels for s in range(seeds)]
 
-    Raises DemixError for a malformed seed suffix.
+
+def final_runs(seeds: int) -> list[SeededRun]:
+    """The final models of a run: each of FINAL_LABELS for each seed."""
+    return seeded_runs(FINAL_LABELS, seeds)
+
+
+def final_run(name: str, seeds: int) -> SeededRun:
+    """The final run called `name` among a run's `final_runs(seeds)`.
+
+    Raises DemixError naming the runs there are when there is none of that name.
     """
-    label, sep, seed = name.rpartition("-seed")
-    if not sep:
-        return name, 0
-    if not seed.isdigit() or int(seed) == 0:
-        raise DemixError(f"model name {name!r}: expected LABEL or LABEL-seed<N> with N >= 1")
-    return label, int(seed)
-
-
-def final_run_names(seeds: int) -> list[str]:
-    """The final models of a run: each of FINAL_LABELS for each seed (see seeded_names)."""
-    return seeded_names(FINAL_LABELS, seeds)
-
-
-def final_run(name: str) -> tuple[str, int]:
-    """(label, seed offset) of a final model's name.
-
-    Raises DemixError for a name that is not a final label with an optional seed suffix.
-    """
-    label, seed = split_seed(name)
-    if label not in FINAL_LABELS:
-        raise DemixError(f"final model {name!r}: the label is not one of {list(FINAL_LABELS)}")
-    return label, seed
+    runs = {run.name: run for run in final_runs(seeds)}
+    if name not in runs:
+        raise DemixError(f"final model {name!r}: the run trains {list(runs)} (final.seeds={seeds})")
+    return runs[name]
 
 
 def final_mixture(label: str, selection: dict, data: CuratedData) -> dict[str, float]:
-    """The data mixture of a final model: the chosen one or a baseline (a name with a seed,
-    `label-seed<s>`, trains the same mixture).
+    """The data mixture of a final model's label: the chosen one or a baseline.
 
     Raises DemixError for a label that is none of FINAL_LABELS.
     """
-    label = split_seed(label)[0]
     if label == "chosen":
         return selection["mixture"]
     baselines = baseline_mixtures(data)

@@ -445,6 +445,28 @@ def test_run_outputs_hold_no_credentials(smoke_run):
         assert not found, f"{name}: key-like string {found!r}"
 
 
+def test_the_training_seed_is_an_explicit_argument_never_read_from_a_name(smoke_run, tmp_path):
+    """A further seed of a final run trains with the run seed + its offset, given as such; a
+    name that looks seeded changes nothing, and a run name maps back to its run by lookup."""
+    from demix.checkpoint import read_model_manifest
+    from demix.errors import DemixError
+    from demix.mixtures import SeededRun, final_run, final_runs
+    from demix.stages import train_stage
+
+    _, config, data, base, _ = _run_parts(smoke_run)
+    mixture = dict(data.token_prior)
+    offset = train_stage(config, data, "final", tmp_path / "a", "x", base, mixture, seed_offset=2)
+    named = train_stage(config, data, "final", tmp_path / "b", "x-seed2", base, mixture)
+    assert read_model_manifest(offset)["seed"] == config.seed + 2
+    assert read_model_manifest(named)["seed"] == config.seed
+    assert final_runs(2)[:2] == [SeededRun("chosen", 0), SeededRun("chosen", 1)]
+    assert final_run("uniform-seed1", 2) == SeededRun("uniform", 1)
+    with pytest.raises(DemixError, match="final.seeds=1"):
+        final_run("uniform-seed1", 1)
+    with pytest.raises(DemixError, match="seed offset"):
+        train_stage(config, data, "component", tmp_path / "c", "general", base, seed_offset=1)
+
+
 def test_the_verdict_on_final_models(smoke_run, tmp_path):
     """Two finals trained alike (same mixture, same seed) are the same model: inconclusive on
     every score. A final trained four times as long is better on the objective, with an

@@ -27,8 +27,7 @@ from demix.mixtures import (
     prior_vector,
     search_cap,
     search_floor,
-    seeded_names,
-    split_seed,
+    seeded_runs,
 )
 from demix.model import resolve_device
 from demix.proxies import make_evaluator
@@ -150,14 +149,13 @@ def judge_seed(
     for budget, methods in choices.items():
         for method, chosen in methods.items():
             mixtures[labels[budget][method]] = chosen["mixture"]
-    names = seeded_names(mixtures, config.final.seeds)
-    runs = {name: mixtures[split_seed(name)[0]] for name in names}
-    finals = train_finals(config, data, base, runs, out / "finals")
+    runs = seeded_runs(mixtures, config.final.seeds)
+    finals = train_finals(config, data, base, {r: mixtures[r.label] for r in runs}, out / "finals")
     device = resolve_device(config.train.device)
     results: dict[str, list[dict]] = {}
-    for name in names:  # seed order within each label (seeded_names)
-        evaluated = evaluate_once(config, data, base, finals[name], evaluator, device)
-        results.setdefault(split_seed(name)[0], []).append(evaluated)
+    for run in runs:  # seed order within each label (seeded_runs)
+        evaluated = evaluate_once(config, data, base, finals[run.name], evaluator, device)
+        results.setdefault(run.label, []).append(evaluated)
     rows = decision.seed_rows(config, labels, results, choices)
     return rows, int(manifest_total(finals.values(), "tokens"))
 

@@ -23,7 +23,7 @@ from demix.data.shards import CuratedData
 from demix.evaluate.harness import Evaluator
 from demix.fidelity import AGGREGATE, compare_predictors, fidelity
 from demix.merge import relative_delta_norms
-from demix.mixtures import baseline_mixtures, components_in_order, seeded_names, split_seed
+from demix.mixtures import baseline_mixtures, components_in_order, seeded_runs
 from demix.model import resolve_device
 from demix.proxies import ProxyEvaluator, make_evaluator, merge_settings, model_id, score_key
 from demix.recipes.run import StageClock, prepare_models, start_run_folder, train_finals
@@ -323,10 +323,10 @@ def seed_protocol(
     if trained is not None:
         mixtures["chosen_trained"] = trained["mixture"]
     with timed(f"final/{seed}"):
-        names = seeded_names(mixtures, config.final.seeds)
-        runs = {name: mixtures[split_seed(name)[0]] for name in names}
-        finals = train_finals(config, data, base, runs, out / "models")
-        results = finals_by_label(names, evaluate_each(config, data, finals, evaluator))
+        runs = seeded_runs(mixtures, config.final.seeds)
+        per_run = {run: mixtures[run.label] for run in runs}
+        finals = train_finals(config, data, base, per_run, out / "models")
+        results = finals_by_label(runs, evaluate_each(config, data, finals, evaluator))
         baselines = {label: results[label] for label in baseline_mixtures(data)}
         chosen_labels = ["chosen_merge"] + (["chosen_trained"] if trained is not None else [])
         verdicts = {

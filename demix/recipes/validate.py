@@ -212,7 +212,8 @@ def train_references(
         name = f"reference-{key}" + (f"-seed{seed_offset}" if seed_offset else "")
         log.info("%s %d/%d %s", role_label, k + 1, len(mixtures), name)
         path = folder / name
-        train_stage(config, data, "reference", path, name, base, as_dict(data.names, w))
+        mixture = as_dict(data.names, w)
+        train_stage(config, data, "reference", path, name, base, mixture, seed_offset=seed_offset)
         tokens += int(read_model_manifest(path).get("tokens", 0))
         results.append(evaluate_once(config, data, base, path, evaluator, device))
     return results, tokens

@@ -12,7 +12,7 @@ from demix.checkpoint import RELATIVE_DELTA_NORM
 from demix.config import RunConfig
 from demix.data.shards import CuratedData
 from demix.errors import DemixError
-from demix.mixtures import components_in_order, final_run_names, split_seed
+from demix.mixtures import SeededRun, components_in_order, final_runs
 from demix.report.summary import stage_timings, summarize, write_document_scores, write_summary
 from demix.verdict import final_verdict
 
@@ -60,13 +60,12 @@ def evaluate_models_stage(
     }
 
 
-def finals_by_label(names: list[str], results: dict[str, dict]) -> dict[str, list[dict]]:
-    """Final models' results grouped by label, one per seed in seed order."""
+def finals_by_label(runs: list[SeededRun], results: dict[str, dict]) -> dict[str, list[dict]]:
+    """The runs' results (by run name) grouped by label, one per seed in seed order."""
     grouped: dict[str, dict[int, dict]] = {}
-    for name in names:
-        label, seed = split_seed(name)
-        grouped.setdefault(label, {})[seed] = results[name]
-    return {label: [runs[s] for s in sorted(runs)] for label, runs in grouped.items()}
+    for run in runs:
+        grouped.setdefault(run.label, {})[run.seed_offset] = results[run.name]
+    return {label: [found[s] for s in sorted(found)] for label, found in grouped.items()}
 
 
 def judge_finals(
@@ -101,7 +100,8 @@ def evaluate_finals_stage(
     Raises DemixError when a final model of the configured labels and seeds is missing, or a
     component manifest has no relative delta norm where one is needed.
     """
-    names = final_run_names(config.final.seeds)
+    runs = final_runs(config.final.seeds)
+    names = [run.name for run in runs]
     missing = sorted(set(names) - set(finals))
     if missing:
         raise DemixError(f"final models {missing} are missing (final.seeds={config.final.seeds})")
@@ -114,7 +114,7 @@ def evaluate_finals_stage(
                 raise DemixError(f"component {name!r}: its manifest has no relative delta norm")
         selection = {**selection, "relative_delta_norms": norms}
     start = time.perf_counter()
-    results = finals_by_label(names, evaluate_each(config, data, finals, evaluator))
+    results = finals_by_label(runs, evaluate_each(config, data, finals, evaluator))
     verdict = judge_finals(config, results)
     seconds = time.perf_counter() - start
     write_document_scores(out / "final_scores.json", results)

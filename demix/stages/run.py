@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from demix.checkpoint import read_model_manifest
 from demix.config import RunConfig
 from demix.data.shards import CuratedData
-from demix.mixtures import final_mixture, final_run_names, search_cap
+from demix.mixtures import SeededRun, final_mixture, final_runs, search_cap
 from demix.report.summary import add_wall_times
 from demix.stages.curate import curate_stage, fetch_configured_demo
 from demix.stages.train import train_components, train_stage
@@ -64,13 +64,26 @@ def prepare_models(
 
 
 def train_finals(
-    config: RunConfig, data: CuratedData, base: Path, mixtures: dict[str, dict], folder: Path
+    config: RunConfig,
+    data: CuratedData,
+    base: Path,
+    mixtures: dict[SeededRun, dict],
+    folder: Path,
 ) -> dict[str, Path]:
-    """A final model per named mixture, from the base, into `folder`/final-<name> (a name
-    `label-seed<s>` trains with the run seed + s)."""
+    """A final model per run and its mixture, from the base, into `folder`/final-<run name>,
+    each with the run seed + its seed offset; the folders by run name."""
     return {
-        label: train_stage(config, data, "final", folder / f"final-{label}", label, base, mixture)
-        for label, mixture in mixtures.items()
+        run.name: train_stage(
+            config,
+            data,
+            "final",
+            folder / f"final-{run.name}",
+            run.name,
+            base,
+            mixture,
+            seed_offset=run.seed_offset,
+        )
+        for run, mixture in mixtures.items()
     }
 
 
@@ -82,10 +95,10 @@ def run_evaluator(config: RunConfig, data: CuratedData) -> Evaluator:
     return make_evaluator(config, data, resolve_device(config.train.device))
 
 
-def final_mixtures(config: RunConfig, selection: dict, data: CuratedData) -> dict[str, dict]:
-    """The mixture of each final run (final.seeds per label) by its name."""
-    names = final_run_names(config.final.seeds)
-    return {name: final_mixture(name, selection, data) for name in names}
+def final_mixtures(config: RunConfig, selection: dict, data: CuratedData) -> dict[SeededRun, dict]:
+    """The mixture of each final run (each label for each of final.seeds)."""
+    runs = final_runs(config.final.seeds)
+    return {run: final_mixture(run.label, selection, data) for run in runs}
 
 
 def component_manifests(components: dict[str, Path]) -> dict[str, dict]:

@@ -11,7 +11,7 @@ from demix.base_model import write_base_artifact
 from demix.config import RunConfig
 from demix.data.shards import CuratedData
 from demix.errors import DemixError
-from demix.mixtures import component_training_mix, split_seed
+from demix.mixtures import component_training_mix
 from demix.stages.artifacts import base_model_dir
 from demix.storage import checkpoint_sync, discard_checkpoint
 from demix.train.launch import launch_argv, launch_train
@@ -33,14 +33,15 @@ def train_stage(
     on_checkpoint: CheckpointHook = None,
     uri: str = "",
     jobs_root: str = "",
+    seed_offset: int = 0,
 ) -> Path:
     """Train one model into `out` and return its folder (the base: `model.base` when set,
     copied into `out` as a model artifact when `out` is published, demix.base_model).
 
     role base: from a fresh model on the token prior; component: from `init` on its dataset
     `name`'s training mix; control: from `init` on the token prior (demix.train.roles);
-    reference / final: from `init` on `mixture` (a name ending in
-    `-seed<s>` trains with the run seed + s: demix.mixtures.seeded_names). With processes > 1 (GPUs
+    reference / final: from `init` on `mixture`, with the run seed + `seed_offset` (a further
+    training seed of the same mixture: demix.mixtures.SeededRun). With processes > 1 (GPUs
     of the machine) or a `cluster` (Vertex AI worker pools JSON) the loop runs under
     `accelerate launch` in that many processes (demix.train.launch).
     `uri`: where `out` is published (a pipeline task's `model.uri`). When it is gs://, each
@@ -67,9 +68,10 @@ def train_stage(
         mixture = component_training_mix(config, data, name)
     elif role in ("base", "control"):  # the control: a decay branch on the token prior
         mixture = dict(data.token_prior)
+    config = _seeded(config, role, seed_offset)  # the seed travels in the config from here
     job_id = ""
     if jobs_root:
-        job_id = train.role_job_id(_seeded(config, role, name), data, mixture, role, name, init)
+        job_id = train.role_job_id(config, data, mixture, role, name, init)
         if train.reuse_finished(jobs_root, job_id, out) is not None:
             return out
     _train(config, data, role, out, name, init, mixture, processes, cluster, on_checkpoint, uri)
@@ -78,10 +80,15 @@ def train_stage(
     return out
 
 
-def _seeded(config: RunConfig, role: str, name: str) -> RunConfig:
-    """The config a reference or final run trains with: a `-seed<s>` name adds s to the seed."""
-    if role in ("reference", "final") and split_seed(name)[1]:  # a further training seed
-        return config.model_copy(update={"seed": config.seed + split_seed(name)[1]})
+def _seeded(config: RunConfig, role: str, seed_offset: int) -> RunConfig:
+    """The config a reference or final run trains with: the run seed + `seed_offset`.
+
+    Raises DemixError for an offset below 0, or given to a role that trains one model per run.
+    """
+    if seed_offset < 0 or (seed_offset and role not in ("reference", "final")):
+        raise DemixError(f"seed offset {seed_offset}: a reference or final run takes one >= 0")
+    if seed_offset:  # a further training seed of the same mixture
+        return config.model_copy(update={"seed": config.seed + seed_offset})
     return config
 
 
@@ -105,7 +112,6 @@ def _train(
         )
         launch_train(config, argv, out, processes, cluster, publish_uri=uri)
         return
-    config = _seeded(config, role, name)
     publish = checkpoint_sync(uri, out.with_name(out.name + ".ckpt")) if uri else None
     hook = _both(on_checkpoint, publish)
     if role in ("reference", "final"):
