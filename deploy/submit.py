@@ -20,16 +20,14 @@ from demix.errors import ConfigError
 from deploy.follow import check_wait, follow_run, kubeflow_look, vertex_look
 from deploy.parameters import (
     compiled_job,
-    compiled_rounds,
     package_documents,
     package_name,
-    package_parameters,
     package_root,
     package_spec,
     parse_cron,
     parse_labels,
-    parse_params,
     parse_start_time,
+    run_parameters,
 )
 from deploy.service_errors import (
     kfp_client,
@@ -248,45 +246,6 @@ def check_backend(args, vertex_needs: tuple[str, ...]) -> None:
             f"{args.package} has Kubeflow platform settings Vertex AI cannot load; "
             "compile with --target vertex"
         )
-
-
-def run_parameters(args) -> dict:
-    """The run's parameter values: the config (its text, or its gs:// URI as config_uri),
-    --eval-workers and each --param, converted to the package's declared types.
-
-    Raises ConfigError for a bad --param, or when the config's search.rounds differs from the
-    rounds compiled into the package.
-    """
-    from demix.cli_outputs import parse_overrides
-    from demix.config import check_rounds, config_yaml, resolve_config
-    from demix.run_inputs import read_config_text
-    from demix.storage import is_remote
-
-    values = parse_params(args.param, package_parameters(args.package))
-    if args.eval_workers is not None:
-        if "num_eval_workers" in values:
-            raise ConfigError("--eval-workers and --param num_eval_workers: give one of them")
-        values["num_eval_workers"] = args.eval_workers
-    if bool(args.config) == bool(args.config_flag):
-        raise ConfigError(f"{args.command} needs the run config: give CONFIG (or --config) once")
-    source = args.config or args.config_flag
-    remote = is_remote(source)
-    if remote and args.set:
-        raise ConfigError(
-            f"--set applies to a local config; {source} is read by the run itself: edit it "
-            "there, or copy it here and give the copy"
-        )
-    if not remote and not Path(source).is_file():
-        raise ConfigError(f"{source}: no such config file")
-    text = read_config_text("", source) if remote else Path(source).read_text()
-    config = resolve_config(text, parse_overrides(args.set), source=str(source))
-    if args.set:
-        text = config_yaml(config)
-    rounds = compiled_rounds(args.package)
-    if rounds is not None:
-        check_rounds(config, rounds, str(source))
-    given = {"config_uri": source} if remote else {"config_yaml": text}
-    return {**given, **values}
 
 
 def _prepare_run(args) -> tuple[str, dict]:
