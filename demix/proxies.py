@@ -19,10 +19,11 @@ from demix.checkpoint import check_compatible, manifest_total, read_model_manife
 from demix.config import RunConfig
 from demix.data.shards import CuratedData
 from demix.evaluate import Evaluator
+from demix.evaluate.models import eval_dtype, load_for_eval
 from demix.merge import DeltaStack, MergeMethod, make_method
 from demix.merge.plan import MemoryPlan, plan_for
 from demix.mixtures import as_dict, components_in_order, merge_weights
-from demix.model import load_model, resolve_device, resolve_dtype
+from demix.model import resolve_device
 from demix.search.results import mixture_id
 from demix.storage import fetch_files, read_manifest
 from demix.train import fingerprint, train_on_mixture
@@ -55,23 +56,6 @@ def warn_large_updates(norms: dict[str, float]) -> dict[str, float]:
 def merge_method(config: RunConfig) -> MergeMethod:
     """The configured merge method with its parameters."""
     return make_method(config.merge.method, **config.merge.parameters)
-
-
-def eval_dtype(config: RunConfig, device: torch.device | str) -> torch.dtype:
-    """What models are evaluated in, and so the merged proxy's dtype (`evaluate.dtype`; auto:
-    bfloat16 on CUDA, float32 on CPU)."""
-    return resolve_dtype(config.evaluate.dtype, torch.device(device))
-
-
-def load_for_eval(config: RunConfig, path: Path, device: torch.device | str):
-    """A model folder loaded for evaluation (evaluate.dtype), with the config's loading options."""
-    return load_model(
-        path,
-        device,
-        eval_dtype(config, device),
-        config.model.trust_remote_code,
-        config.model.attn_implementation,
-    )
 
 
 def make_evaluator(config: RunConfig, data: CuratedData, device: torch.device) -> Evaluator:

@@ -1,0 +1,28 @@
+"""Models as evaluation loads them: in the evaluation dtype (`evaluate.dtype`; auto: bfloat16 on
+CUDA, float32 on CPU), with the config's loading options (trust_remote_code, attention)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from demix.config import RunConfig
+from demix.model import load_model, resolve_dtype
+
+
+def eval_dtype(config: RunConfig, device: torch.device | str) -> torch.dtype:
+    """What models are evaluated in, and so the merged proxy's dtype (`evaluate.dtype`; auto:
+    bfloat16 on CUDA, float32 on CPU)."""
+    return resolve_dtype(config.evaluate.dtype, torch.device(device))
+
+
+def load_for_eval(config: RunConfig, path: Path, device: torch.device | str):
+    """A model folder loaded for evaluation (evaluate.dtype), with the config's loading options."""
+    return load_model(
+        path,
+        device,
+        eval_dtype(config, device),
+        config.model.trust_remote_code,
+        config.model.attn_implementation,
+    )
