@@ -13,6 +13,7 @@ import numpy as np
 from demix.errors import ModelError
 from demix.safetensors_io import MappedSafetensors
 from demix.storage import read_manifest
+from demix.train.curves import CURVES_FILE
 
 MODEL_KIND = "demix.model"
 # A component model manifest's ||theta - base|| / ||base|| (recorded after training).
@@ -88,12 +89,13 @@ def _read_json(path: Path) -> dict:
 
 
 def copy_model_files(src: Path, dst: Path) -> None:
-    """Copy config, generation config and tokenizer files (everything but weights) of a model."""
+    """Copy config, generation config and tokenizer files (everything but weights) of a model;
+    not its training curves (a merge was not trained)."""
     for p in src.iterdir():
         if (
             p.is_file()
             and p.suffix != ".safetensors"
-            and p.name != "manifest.json"
+            and p.name not in ("manifest.json", CURVES_FILE)
             and not p.name.endswith(".index.json")
         ):
             shutil.copy2(p, dst / p.name)

@@ -213,7 +213,7 @@ def test_two_processes_resume_exactly(runs):
 def test_final_training_component_launches_one_process_per_gpu(
     runs, setup, tmp_path, monkeypatch, one_thread
 ):
-    from kfp.dsl import Artifact, Dataset, Metrics, Model
+    from kfp.dsl import HTML, Artifact, Dataset, Metrics, Model
 
     from components.train_final import train_final
     from demix.checkpoint import read_model_manifest
@@ -241,6 +241,7 @@ def test_final_training_component_launches_one_process_per_gpu(
         selection=artifact(Artifact, selection),
         model=model,
         metrics=artifact(Metrics, tmp_path / "metrics"),
+        curves=artifact(HTML, tmp_path / "curves.html"),
         processes=2,
     )
     manifest = json.loads((tmp_path / "final" / "manifest.json").read_text())
