@@ -27,6 +27,8 @@ DEFAULT_INTERVAL_S = 30.0
 BAR_DELAY_S = 2.0
 
 T = TypeVar("T")
+# The clock of the progress lines (a test sets its own).
+CLOCK: Callable[[], float] = time.monotonic
 
 
 def interval_s() -> float:
@@ -65,8 +67,15 @@ class Progress:
         self.close()
 
 
+def _amount(n: float, unit: str) -> str:
+    """`12.3MB` for bytes (unit "B"), else the number: `30`, `2.5`, `12,345`."""
+    if unit == "B":
+        return tqdm.format_sizeof(n, "B")
+    return f"{n:.3g}" if abs(n) < 1000 else f"{n:,.0f}"
+
+
 class _Bar(Progress):
-    """A tqdm bar on a terminal: count, rate and time left."""
+    """A tqdm bar on a terminal: count, rate and time left (bytes scaled: kB, MB, GB)."""
 
     def __init__(self, total: int | None, desc: str, unit: str, initial: int, stream: TextIO):
         self.bar = tqdm(
@@ -75,6 +84,7 @@ class _Bar(Progress):
             desc=desc,
             unit=unit,
             file=stream,
+            unit_scale=unit == "B",
             dynamic_ncols=True,
             mininterval=1.0,
             delay=BAR_DELAY_S,
@@ -101,17 +111,12 @@ class LogLines(Progress):
         unit: str,
         initial: int = 0,
         interval: float = DEFAULT_INTERVAL_S,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] | None = None,
     ):
-        self.total, self.desc, self.unit, self.interval, self.clock = (
-            total,
-            desc,
-            unit,
-            interval,
-            clock,
-        )
+        self.total, self.desc, self.unit, self.interval = total, desc, unit, interval
+        self.clock = clock or CLOCK
         self.n = self.initial = initial
-        self.start = self.last = clock()
+        self.start = self.last = self.clock()
         self.postfix: dict = {}
         self.lines = 0
         self.closed = False
@@ -134,11 +139,13 @@ class LogLines(Progress):
     def _line(self, now: float, end: bool = False) -> None:
         elapsed = now - self.start
         rate = (self.n - self.initial) / elapsed if elapsed > 0 else 0.0
-        count = f"{self.n}/{self.total}" if self.total else str(self.n)
-        parts = [f"{self.desc}: {count} {self.unit}"]
+        unit = "" if self.unit == "B" else f" {self.unit}"
+        count = _amount(self.n, self.unit)
         if self.total:
-            parts[0] += f" ({100 * self.n / self.total:.0f}%)"
-        parts.append(f"{rate:.3g} {self.unit}/s")
+            count += f"/{_amount(self.total, self.unit)}{unit} ({100 * self.n / self.total:.0f}%)"
+        else:
+            count += unit
+        parts = [f"{self.desc}: {count}", f"{_amount(rate, self.unit)}{unit}/s"]
         if end:
             parts.append(f"done in {tqdm.format_interval(elapsed)}")
         elif self.total and rate > 0:

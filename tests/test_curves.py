@@ -245,3 +245,40 @@ def test_a_bad_progress_interval_is_one_line(monkeypatch, value):
     monkeypatch.setenv(INTERVAL_ENV, value)
     with pytest.raises(ConfigError, match=f"{INTERVAL_ENV}=.*positive number of seconds"):
         progress(10, "x", stream=io.StringIO())
+
+
+def test_a_search_round_off_a_terminal_logs_its_progress(tmp_path, monkeypatch, caplog):
+    import numpy as np
+
+    import demix.progress
+    from demix.search.loop import evaluate_proposals
+    from demix.search.results import ScoresTable
+
+    clock = FakeClock()
+    monkeypatch.setattr(demix.progress, "CLOCK", clock)
+    caplog.set_level(logging.INFO, logger="demix.progress")
+    proposals = [{"id": f"p{i}", "round": 1, "weights": {"a": 0.5, "b": 0.5}} for i in range(4)]
+    table = ScoresTable(tmp_path / "scores.jsonl")
+    table.append({**proposals[0], "tasks": {}, "time_s": 0.0})  # scored before a resume
+
+    def evaluate(weights: np.ndarray) -> dict:
+        clock.now += 20.0  # 20 s a proxy: a line after the second of this run, one at the end
+        return {}
+
+    assert evaluate_proposals(proposals, ["a", "b"], evaluate, table) == 3
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "search round 1: 3/4 proxy (75%), 0.05 proxy/s, 00:20 left",
+        "search round 1: 4/4 proxy (100%), 0.05 proxy/s, done in 01:00",
+    ]
+
+
+def test_progress_in_bytes_reads_as_sizes(caplog):
+    clock = FakeClock()
+    caplog.set_level(logging.INFO, logger="demix.progress")
+    with LogLines(4_000_000, "curate group 0", "B", interval=30.0, clock=clock) as bar:
+        clock.now += 40.0
+        bar.update(2_000_000)
+    assert caplog.records[0].getMessage() == (
+        "curate group 0: 2.00MB/4.00MB (50%), 50.0kB/s, 00:40 left"
+    )
