@@ -181,6 +181,9 @@ class _Counted:
         self.writer.write(name, data)
         self.bar.update()
 
+    def __getattr__(self, attribute: str):
+        return getattr(self.writer, attribute)  # depth, position: the writer's own
+
 
 def merge_to_disk(
     base: str | Path,
