@@ -13,12 +13,13 @@ import numpy as np
 from demix.errors import ModelError
 from demix.safetensors_io import MappedSafetensors
 from demix.storage import read_manifest
-from demix.train.curves import CURVES_FILE
 
 MODEL_KIND = "demix.model"
 # A component model manifest's ||theta - base|| / ||base|| (recorded after training).
 RELATIVE_DELTA_NORM = "relative_delta_norm"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# A trained model's training curves, one JSON row per logged step (demix.train.curves).
+CURVES_FILE = "curves.jsonl"
 
 
 def safetensors_files(folder: Path) -> list[Path]:

@@ -19,9 +19,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from demix.checkpoint import CURVES_FILE
 from demix.errors import DataError
 
-CURVES_FILE = "curves.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 # A fixed name (TensorBoard reads any file named *tfevents*): no host name in an artifact.
 EVENTS_FILE = "events.out.tfevents.demix"
