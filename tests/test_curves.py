@@ -282,3 +282,37 @@ def test_progress_in_bytes_reads_as_sizes(caplog):
     assert caplog.records[0].getMessage() == (
         "curate group 0: 2.00MB/4.00MB (50%), 50.0kB/s, 00:40 left"
     )
+
+
+def test_the_training_component_writes_the_curves_page_and_metrics(trained, tmp_path, monkeypatch):
+    """The component's part: the library's page of the trained folder, the manifest's Metrics."""
+    from kfp.dsl import HTML, Artifact, Dataset, Metrics, Model
+
+    import demix.config
+    import demix.data.shards
+    import demix.stages
+    from components.train_model import train_model
+
+    def artifact(cls, path: Path):
+        art = cls(uri=str(path))
+        art.path = str(path)
+        return art
+
+    monkeypatch.setattr(demix.stages, "train_stage", lambda *a, **k: trained)
+    monkeypatch.setattr(demix.config, "resolve_config", lambda text: None)
+    monkeypatch.setattr(demix.data.shards, "CuratedData", lambda path: None)
+    (tmp_path / "config.yaml").write_text("seed: 0")
+    metrics = artifact(Metrics, tmp_path / "metrics")
+    train_model.python_func(
+        config=artifact(Artifact, tmp_path / "config.yaml"),
+        role="base",
+        name="base",
+        data=artifact(Dataset, tmp_path / "data"),
+        model=artifact(Model, trained),
+        metrics=metrics,
+        curves=artifact(HTML, tmp_path / "curves.html"),
+    )
+    html = (tmp_path / "curves.html").read_text()
+    assert "<h1>Training curves: base base</h1>" in html and "data:image/png;base64," in html
+    assert metrics.metadata["final_loss"] == read_curves(trained)[-1]["loss"]
+    assert metrics.metadata["tokens_per_s"] > 0
