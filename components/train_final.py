@@ -1,5 +1,5 @@
 from kfp import dsl
-from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
 from components.image import CUDA_IMAGE
 
@@ -13,6 +13,7 @@ def train_final(
     selection: Input[Artifact],
     model: Output[Model],
     metrics: Output[Metrics],
+    curves: Output[HTML],
     processes: int = 1,
     cluster: str = "",
     jobs_root: str = "",
@@ -23,7 +24,8 @@ def train_final(
 
     `processes`, `cluster` and `jobs_root` as in train_model; checkpoints in the bucket as in
     train_model;
-    the manifest's final_loss, tokens and tokens_per_s as Metrics.
+    the manifest's final_loss, tokens and tokens_per_s as Metrics, its training curves as the
+    page `curves`.
     """
     import json
     from pathlib import Path
@@ -33,6 +35,7 @@ def train_final(
     from demix.data.shards import CuratedData
     from demix.logs import configure_logging
     from demix.mixtures import final_mixture, final_run
+    from demix.report import write_curves_page
     from demix.stages import train_stage
     from demix.train.reuse import reused_from
 
@@ -56,6 +59,7 @@ def train_final(
         jobs_root=jobs_root,
     )
     manifest = read_model_manifest(folder)
+    write_curves_page(folder, Path(curves.path), f"Training curves: final {label}")
     model.metadata["reused_from"] = reused_from(jobs_root, manifest.get("fingerprint"), model.uri)
     model.metadata.update({k: manifest.get(k) for k in ("name", "weights", "tokens", "final_loss")})
     for key in ("final_loss", "tokens", "tokens_per_s"):

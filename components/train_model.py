@@ -1,5 +1,5 @@
 from kfp import dsl
-from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
 from components.image import CUDA_IMAGE
 
@@ -12,6 +12,7 @@ def train_model(
     data: Input[Dataset],
     model: Output[Model],
     metrics: Output[Metrics],
+    curves: Output[HTML],
     init: Input[Model] = None,
     processes: int = 1,
     cluster: str = "",
@@ -29,7 +30,8 @@ def train_model(
     `jobs_root` (the pipeline root): a model an earlier run trained for the same job, by
     content, is copied instead of trained (demix.train.reuse); `base_fingerprint`: the content
     of model.base, in the cache key only.
-    The model manifest's final_loss, tokens and tokens_per_s are logged as Metrics. Returns
+    The model manifest's final_loss, tokens and tokens_per_s are logged as Metrics; `curves`
+    is the page of its training curves (loss, learning rate, tokens/s per logged step). Returns
     the model's entry of the component index ({"name", "uri"}), which collect_models gathers
     without downloading any weights.
     """
@@ -39,6 +41,7 @@ def train_model(
     from demix.config import resolve_config
     from demix.data.shards import CuratedData
     from demix.logs import configure_logging
+    from demix.report import write_curves_page
     from demix.stages import index_entry, train_stage
     from demix.train.reuse import reused_from
 
@@ -56,6 +59,7 @@ def train_model(
         jobs_root=jobs_root,
     )
     manifest = read_model_manifest(folder)
+    write_curves_page(folder, Path(curves.path), f"Training curves: {role} {name}")
     model.metadata["reused_from"] = reused_from(jobs_root, manifest.get("fingerprint"), model.uri)
     model.metadata.update(
         {k: manifest.get(k) for k in ("role", "name", "tokens", "final_loss", "seconds")}

@@ -18,6 +18,8 @@ MODEL_KIND = "demix.model"
 # A component model manifest's ||theta - base|| / ||base|| (recorded after training).
 RELATIVE_DELTA_NORM = "relative_delta_norm"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# A trained model's training curves, one JSON row per logged step (demix.train.curves).
+CURVES_FILE = "curves.jsonl"
 
 
 def safetensors_files(folder: Path) -> list[Path]:
@@ -88,12 +90,13 @@ def _read_json(path: Path) -> dict:
 
 
 def copy_model_files(src: Path, dst: Path) -> None:
-    """Copy config, generation config and tokenizer files (everything but weights) of a model."""
+    """Copy config, generation config and tokenizer files (everything but weights) of a model;
+    not its training curves (a merge was not trained)."""
     for p in src.iterdir():
         if (
             p.is_file()
             and p.suffix != ".safetensors"
-            and p.name != "manifest.json"
+            and p.name not in ("manifest.json", CURVES_FILE)
             and not p.name.endswith(".index.json")
         ):
             shutil.copy2(p, dst / p.name)

@@ -2,13 +2,16 @@
 components call `configure_logging` once, which sends demix's records to stderr.
 
 Progress (stages, rounds, proxies) is INFO, shown as `[demix] message`; warnings as
-`demix: warning: message`. Other libraries' records stay at WARNING unless `verbose`.
+`demix: warning: message`. Long loops report through demix.progress (a bar on a terminal, these
+lines elsewhere). Other libraries' records stay at WARNING unless `verbose`.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+
+from tqdm import tqdm
 
 
 class _Stderr(logging.StreamHandler):
@@ -24,6 +27,11 @@ class _Stderr(logging.StreamHandler):
     @stream.setter
     def stream(self, _value) -> None:  # StreamHandler.__init__ assigns one; sys.stderr wins
         pass
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # a progress bar on the terminal is cleared, the line written, the bar drawn again
+        with tqdm.external_write_mode(file=sys.stderr):
+            super().emit(record)
 
 
 class _Format(logging.Formatter):

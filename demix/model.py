@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -134,6 +135,7 @@ def save_model(
     extra_files: dict[str, str] | None = None,
     state_dict: dict | None = None,
     extra_tensors: dict[str, dict] | None = None,
+    write_extra: Callable[[Path], None] | None = None,
     **manifest_fields,
 ) -> dict:
     """Save an HF folder (config, safetensors, tokenizer, extra text files) atomically, manifest last.
@@ -141,6 +143,7 @@ def save_model(
     `state_dict` replaces the model's own tensors (the gathered weights of a sharded model).
     `extra_tensors` {relative path: tensors} are further safetensors files (not weights: keep
     them in a subfolder, since every *.safetensors file at the top is read as weights).
+    `write_extra(folder)` writes further files into the staged folder, before the manifest.
     """
     from safetensors.torch import save_file
 
@@ -154,6 +157,8 @@ def save_model(
         for name, tensors in (extra_tensors or {}).items():
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             save_file(tensors, tmp / name)
+        if write_extra is not None:
+            write_extra(tmp)
         manifest = write_manifest(tmp, MODEL_KIND, **manifest_fields)
     return manifest
 

@@ -66,7 +66,7 @@ def test_every_component_in_pipeline_order(tmp_path, corpus_dir, eval_dir):
     base = out(Model, "base")
     train_model.python_func(
         config=config, role="base", name="base", data=data, model=base,
-        metrics=out(Metrics, "base-metrics"),
+        metrics=out(Metrics, "base-metrics"), curves=out(HTML, "base-curves.html"),
     )  # fmt: skip
     assert art["base-metrics"].metadata["tokens"] >= 12_000
     names = dataset_names.python_func(config=config)
@@ -75,7 +75,8 @@ def test_every_component_in_pipeline_order(tmp_path, corpus_dir, eval_dir):
     for name, model in zip(names, components, strict=True):
         entries.append(train_model.python_func(
             config=config, role="component", name=name, data=data, model=model,
-            metrics=out(Metrics, f"metrics-{name}"), init=base,
+            metrics=out(Metrics, f"metrics-{name}"), curves=out(HTML, f"curves-{name}.html"),
+            init=base,
         ))  # fmt: skip
     index = out(Artifact, "index.json")
     collect_models.python_func(entries=entries, index=index)  # names and URIs, no weights
@@ -130,6 +131,7 @@ def test_every_component_in_pipeline_order(tmp_path, corpus_dir, eval_dir):
         train_final.python_func(
             config=config, label=label, data=data, base=base, selection=selection,
             model=model, metrics=out(Metrics, f"final-metrics-{label}"),
+            curves=out(HTML, f"final-curves-{label}.html"),
         )  # fmt: skip
     evaluate_final.python_func(
         config=config, data=data, base=base, component_index=index, finals=finals,

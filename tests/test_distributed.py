@@ -198,6 +198,13 @@ def test_two_processes_train_like_one_with_the_same_global_batch(runs):
     losses = _log(tmp / "two")
     assert len(losses) == STEPS and losses[-1] < losses[0]
     _same_curves(tmp / "two", tmp / "one")
+    # the curves of the global batch, written once, by the main process
+    curves = [json.loads(line) for line in (tmp / "two" / "curves.jsonl").read_text().splitlines()]
+    assert [row["loss"] for row in curves] == losses and curves[-1]["tokens"] == STEPS * 256
+    assert all(row["tokens_per_s"] > 0 for row in curves)
+    assert [p.name for p in (tmp / "two" / "tensorboard").iterdir()] == [
+        "events.out.tfevents.demix"
+    ]
     assert _max_diff(tmp / "one", tmp / "two") < 1e-3
 
 
@@ -213,7 +220,7 @@ def test_two_processes_resume_exactly(runs):
 def test_final_training_component_launches_one_process_per_gpu(
     runs, setup, tmp_path, monkeypatch, one_thread
 ):
-    from kfp.dsl import Artifact, Dataset, Metrics, Model
+    from kfp.dsl import HTML, Artifact, Dataset, Metrics, Model
 
     from components.train_final import train_final
     from demix.checkpoint import read_model_manifest
@@ -241,6 +248,7 @@ def test_final_training_component_launches_one_process_per_gpu(
         selection=artifact(Artifact, selection),
         model=model,
         metrics=artifact(Metrics, tmp_path / "metrics"),
+        curves=artifact(HTML, tmp_path / "curves.html"),
         processes=2,
     )
     manifest = json.loads((tmp_path / "final" / "manifest.json").read_text())

@@ -8,6 +8,7 @@ in a fresh empty folder, and must end with the weights of an uninterrupted two-p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -69,6 +70,19 @@ def _task(root: Path, pod: Path, uri: str) -> subprocess.Popen:
     )
 
 
+def _kill_pod(proc: subprocess.Popen) -> None:
+    """Kill the task and every process it started, as a preempted pod's are: the launched
+    training processes included, which an orphaned run would otherwise finish (they need not
+    be in the task's process group)."""
+    import psutil
+
+    processes = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    os.killpg(proc.pid, signal.SIGKILL)
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+
+
 def _finish(proc: subprocess.Popen) -> tuple[Path, str]:
     """Wait for the task; its model folder and its log."""
     try:
@@ -106,7 +120,7 @@ def test_two_process_task_killed_after_a_published_checkpoint_resumes_in_an_empt
             pytest.fail(f"the task ended before a checkpoint was published: {proc.stderr.read()}")
         assert time.monotonic() < deadline, "no checkpoint was published"
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # preempted: the pod and every process in it
+    _kill_pod(proc)  # preempted: the pod and every process in it
     proc.communicate()
     assert published >= EVERY and published % EVERY == 0
     assert not (tmp_path / "pod-1" / "gcs" / gcs.bucket / "run/train-base/model").exists()

@@ -290,6 +290,7 @@ def test_every_task_has_a_display_name_and_every_parameter_a_description(compile
         for component in ("comp-train-model", "comp-train-final"):  # loss, tokens, tokens/s
             outputs = spec.components[component].output_definitions.artifacts
             assert outputs["metrics"].artifact_type.schema_title == "system.Metrics"
+            assert outputs["curves"].artifact_type.schema_title == "system.HTML"  # the curves
 
 
 def _training_inputs(spec) -> dict[str, tuple[int, str]]:
@@ -667,6 +668,7 @@ def test_training_components_log_loss_tokens_and_throughput(tmp_path, monkeypatc
         "data": _artifact(Dataset, tmp_path / "data"),
         "model": _artifact(Model, tmp_path / "model"),
         "metrics": _artifact(Metrics, tmp_path / "metrics"),
+        "curves": _artifact(HTML, tmp_path / "curves.html"),
     }
     if component == "train_model":
         func(**inputs, role="base", name="base")
@@ -675,6 +677,7 @@ def test_training_components_log_loss_tokens_and_throughput(tmp_path, monkeypatc
         func(**inputs, label="chosen", base=inputs["model"], selection=selection)
     logged = {"final_loss": 2.5, "tokens": 4096, "tokens_per_s": 812.5, "reused": 0}
     assert inputs["metrics"].metadata == logged  # reused: trained here, not by an earlier run
+    assert "No training curves" in (tmp_path / "curves.html").read_text()  # none in the folder
 
 
 def test_resolve_config_refuses_bad_overrides(tmp_path, corpus_dir):
@@ -1083,13 +1086,24 @@ def test_upload_to_an_artifact_registry_repository(compiled, capsys):
 TIMING_KEYS = {"seconds", "tokens_per_s"}
 
 
+def _timing_file(rel: str) -> bool:
+    """The training curves and their page hold wall times and rates (training_log.json holds
+    the loss history, compared)."""
+    return rel.endswith(("curves.jsonl", "curves.html")) or "tensorboard/" in rel
+
+
 def _snapshot(root: Path) -> dict[str, bytes]:
-    """Every file under root; manifests without their timing fields (wall clock differs)."""
+    """Every file under root; manifests without their timing fields and files (wall clock
+    differs)."""
     out = {}
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        if _timing_file(path.relative_to(root).as_posix()):
+            continue
         data = path.read_bytes()
         if path.name == "manifest.json":
             manifest = {k: v for k, v in json.loads(data).items() if k not in TIMING_KEYS}
+            files = manifest.get("files", {})
+            manifest["files"] = {rel: v for rel, v in files.items() if not _timing_file(rel)}
             data = json.dumps(manifest, sort_keys=True).encode()
         out[path.relative_to(root).as_posix()] = data
     return out
@@ -1110,6 +1124,7 @@ def _attempt(root: Path, raw: dict) -> None:
     train_model.python_func(
         config=resolved, role="base", name="base", data=dataset, model=model,
         metrics=_artifact(Metrics, root / "train-metrics"),
+        curves=_artifact(HTML, root / "train-curves.html"),
     )  # fmt: skip
     predict.python_func(
         config=resolved, data=dataset, round_index=0, num_shards=2,

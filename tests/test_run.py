@@ -88,7 +88,12 @@ def test_summary_contract(smoke_run):
     rows = (out / "search" / "scores.jsonl").read_text().splitlines()
     assert len(rows) == summary["proxies_evaluated"]
     report = (out / "report.html").read_text()
-    assert report.count("<img") == 4 and "Chosen mixture" in report
+    assert "Chosen mixture" in report
+    # the four plots of the search and verdict, and a loss-curve plot per training role
+    assert report.count("<img") == 4 + 3
+    for role in ("base", "component", "final"):
+        assert f'<img alt="training loss: {role}" src="data:image/png;base64,' in report
+    assert (out / "models" / "base" / "tensorboard" / "events.out.tfevents.demix").is_file()
 
 
 def test_export_of_the_finished_run(smoke_run, capsys):

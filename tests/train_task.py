@@ -16,7 +16,7 @@ from pathlib import Path
 
 def main(argv: list[str]) -> None:
     pod, config, data, model_uri, processes = argv
-    from kfp.dsl import Artifact, Dataset, Metrics, Model
+    from kfp.dsl import HTML, Artifact, Dataset, Metrics, Model
     from kfp.dsl.types import artifact_types
 
     artifact_types._GCS_LOCAL_MOUNT_PREFIX = str(Path(pod) / "gcs") + "/"
@@ -36,6 +36,7 @@ def main(argv: list[str]) -> None:
         data=local(Dataset, data),
         model=model,
         metrics=local(Metrics, str(Path(pod) / "metrics")),
+        curves=local(HTML, str(Path(pod) / "curves.html")),
         processes=int(processes),
     )
     print(model.path)

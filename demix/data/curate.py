@@ -66,6 +66,7 @@ from demix.data.tokenizer import (
     train_tokenizer,
 )
 from demix.errors import DataError
+from demix.progress import progress, track
 from demix.storage import (
     fetch_files,
     staged_dir,
@@ -126,7 +127,8 @@ def curate_group(plan_dir: str | Path, index: int, out: str | Path) -> dict:
     keep = plan.get("keep_fractions", {})
     seen: set[bytes] = set()
     stats: dict[str, dict] = {}
-    with staged_dir(out) as tmp:
+    bar = progress(sum(f["size"] for f in files), f"curate group {index}", "B")
+    with bar, staged_dir(out) as tmp:
         for name in dict.fromkeys(f["dataset"] for f in files):
             (tmp / name).mkdir()
             docs, short, dups, left, lengths = 0, 0, 0, 0, []
@@ -162,6 +164,7 @@ def curate_group(plan_dir: str | Path, index: int, out: str | Path) -> dict:
                             hashes.write(cleaned[1])
                     lengths += encode_documents(tokenizer, kept, eos, dtype, tokens)
                     docs += len(kept)
+                    bar.update(entry["size"])
             np.asarray(lengths, dtype="<i8").tofile(tmp / name / "lengths.bin")
             stats[name] = {
                 "documents": docs,
@@ -221,6 +224,6 @@ def curate(
         plan_dir = Path(work) / "plan"
         plan = plan_curation(config, plan_dir, seed, tokenizer_dir, groups, **manifest_fields)
         group_dirs = [Path(work) / f"group-{i}" for i in range(len(plan["groups"]))]
-        for index, folder in enumerate(group_dirs):
+        for index, folder in enumerate(track(group_dirs, "curate", "group")):
             curate_group(plan_dir, index, folder)
         return merge_groups(plan_dir, group_dirs, out)

@@ -27,6 +27,7 @@ import numpy as np
 from demix.checkpoint import MODEL_KIND, TensorIndex, check_compatible, copy_model_files
 from demix.errors import MixtureError, ModelError
 from demix.merge.methods import MergeMethod, make_method
+from demix.progress import Progress, progress
 from demix.safetensors_io import FLOAT_DTYPES, NUMPY_DTYPES, SafetensorsStreamWriter, dtype_name
 from demix.storage import staged_dir, write_manifest
 
@@ -169,6 +170,21 @@ def output_dtype(dtype) -> str | None:
     return name
 
 
+class _Counted:
+    """A stream writer counting each tensor written in a progress (merging a large model)."""
+
+    def __init__(self, writer: SafetensorsStreamWriter, bar: Progress):
+        self.writer, self.bar = writer, bar
+
+    def write(self, name: str, data) -> None:
+        """Write the tensor `name`, then count it."""
+        self.writer.write(name, data)
+        self.bar.update()
+
+    def __getattr__(self, attribute: str):
+        return getattr(self.writer, attribute)  # depth, position: the writer's own
+
+
 def merge_to_disk(
     base: str | Path,
     components: list[str | Path],
@@ -202,12 +218,15 @@ def merge_to_disk(
     with staged_dir(out) as tmp:
         writer = SafetensorsStreamWriter(tmp, plan, shard_bytes)
         try:
-            if method.weighted_sum and not method.prepares:
-                _stream_weighted_sum(method.sum_coefficients(c), base_index, indexes, plan, writer)
-            else:
-                from demix.merge.prepared import stream_prepared
+            with progress(len(plan), f"merge {Path(out).name}", "tensor") as bar:
+                counted = _Counted(writer, bar)
+                if method.weighted_sum and not method.prepares:
+                    coefficients = method.sum_coefficients(c)
+                    _stream_weighted_sum(coefficients, base_index, indexes, plan, counted)
+                else:
+                    from demix.merge.prepared import stream_prepared
 
-                stream_prepared(method, c, base_index, indexes, plan, writer)
+                    stream_prepared(method, c, base_index, indexes, plan, counted)
             hashes = writer.finish()
         except BaseException:
             writer.abort()

@@ -39,6 +39,7 @@ from demix.mixtures import (
     search_floor,
 )
 from demix.model import resolve_device
+from demix.progress import track
 from demix.proxies import (
     SMALL_UPDATE,
     ProxyEvaluator,
@@ -207,7 +208,7 @@ def train_references(
     again (resume)."""
     device = resolve_device(config.train.device)
     results, tokens = [], 0
-    for k, w in enumerate(mixtures):
+    for k, w in enumerate(track(mixtures, f"{role_label} models", "model")):
         key = mixture_id(w, config.search.sampler.grid)
         name = f"reference-{key}" + (f"-seed{seed_offset}" if seed_offset else "")
         log.info("%s %d/%d %s", role_label, k + 1, len(mixtures), name)

@@ -9,6 +9,7 @@ import numpy as np
 
 from demix.config import RunConfig
 from demix.mixtures import FINAL_LABELS as LABELS
+from demix.report.curves import curves_section
 from demix.report.html import grouped_bars, page, plt, png, table
 from demix.search.objective import search_objective
 from demix.search.predictor import cross_val_predictions
@@ -220,6 +221,7 @@ def write_report(out: Path, summary: dict, found: dict, config: RunConfig) -> Pa
         "<h2>Plots</h2>",
         cv_note,
         *[f'<img src="data:image/png;base64,{img}">' for img in images],
+        *curves_section(out),
         "<h2>Cost</h2>",
         table(["stage", "seconds"], [[k, v] for k, v in summary["timings_s"].items()]),
         table(

@@ -18,6 +18,7 @@ import numpy as np
 
 from demix.config import SearchConfig
 from demix.errors import SearchError
+from demix.progress import progress
 from demix.search.objective import Objective
 from demix.search.results import ScoresTable, mixture_id
 from demix.search.rounds import propose_round, select_final
@@ -195,23 +196,27 @@ def evaluate_proposals(
         check_scored_with(table, key)
     done = table.ids()
     ran = 0
-    for k, proposal in enumerate(proposals):
-        if proposal["id"] in done:
-            continue
-        start = time.perf_counter()
-        tasks = evaluate(np.array([proposal["weights"][n] for n in names]))
-        elapsed = time.perf_counter() - start
-        row = {**proposal, "tasks": tasks, "time_s": round(elapsed, 3)}
-        table.append(row if key is None else {**row, "scored_with": key})
-        log.info(
-            "round %s proxy %d/%d %s: %.1f s",
-            proposal["round"],
-            k + 1,
-            len(proposals),
-            proposal["id"],
-            elapsed,
-        )
-        ran += 1
+    scored = sum(proposal["id"] in done for proposal in proposals)
+    label = f"search round {proposals[0]['round']}" if proposals else "search round"
+    with progress(len(proposals), label, "proxy", initial=scored) as bar:
+        for k, proposal in enumerate(proposals):
+            if proposal["id"] in done:
+                continue
+            start = time.perf_counter()
+            tasks = evaluate(np.array([proposal["weights"][n] for n in names]))
+            elapsed = time.perf_counter() - start
+            row = {**proposal, "tasks": tasks, "time_s": round(elapsed, 3)}
+            table.append(row if key is None else {**row, "scored_with": key})
+            log.info(
+                "round %s proxy %d/%d %s: %.1f s",
+                proposal["round"],
+                k + 1,
+                len(proposals),
+                proposal["id"],
+                elapsed,
+            )
+            bar.update()
+            ran += 1
     return ran
 
 

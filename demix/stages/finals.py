@@ -13,6 +13,7 @@ from demix.config import RunConfig
 from demix.data.shards import CuratedData
 from demix.errors import DemixError
 from demix.mixtures import SeededRun, components_in_order, final_runs
+from demix.progress import track
 from demix.report.summary import stage_timings, summarize, write_document_scores, write_summary
 from demix.verdict import final_verdict
 
@@ -33,7 +34,7 @@ def evaluate_each(
     device = resolve_device(config.train.device)
     evaluator = evaluator or make_evaluator(config, data, device)
     results = {}
-    for name, path in models.items():
+    for name, path in track(list(models.items()), "evaluate", "model"):
         model = load_for_eval(config, path, device)
         results[name] = evaluator.evaluate(model)
         del model

@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import shutil
-import sys
 import time
 import zlib
 from collections.abc import Callable
@@ -22,13 +21,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from demix.checkpoint import read_model_manifest
 from demix.config import ArchitectureConfig, ModelConfig, StageTraining, TrainConfig
 from demix.data.shards import CuratedData, MixtureSampler
 from demix.distributed import make_accelerator
 from demix.model import build_tiny_llama, load_model, resolve_device, save_model
+from demix.progress import progress
+from demix.train.curves import CurveRecorder, write_curve_files
 from demix.train.job import finished, job_fingerprint
 from demix.train.state import (
     BRANCH_OPTIMIZER,
@@ -148,21 +148,15 @@ def train_model(
     )
     total_steps = max(1, math.ceil(stage.tokens / train.tokens_per_step))
 
-    step, history = resume(ckpt, job_id, accelerator, model, optimizer, sampler)
+    step, logged = resume(ckpt, job_id, accelerator, model, optimizer, sampler)
     if step and not quiet and main:
         log.info("train %s %s: resumed at step %d from %s", role, name, step, ckpt)
 
-    bar = tqdm(
-        total=total_steps,
-        initial=step,
-        desc=f"train {role} {name}",
-        unit="step",
-        file=sys.stderr,
-        disable=quiet or not main,
-        dynamic_ncols=True,
-        mininterval=1.0 if sys.stderr.isatty() else 30.0,
-    )
+    bar = progress(total_steps, f"train {role} {name}", "step", step, disable=quiet or not main)
+    # loss, lr, gradient norm and tokens/s of each logged step (curves.jsonl, tensorboard/)
+    curves = CurveRecorder(logged, train.tokens_per_step)
     t0, tokens_done, running = time.perf_counter(), 0, None
+    curves.start(step)
     try:  # the bar ends its line first, so an error message starts on its own line
         while step < total_steps:
             # this process's rows of the global batch, in micro_steps forward passes
@@ -205,13 +199,14 @@ def train_model(
             running = value if running is None else 0.9 * running + 0.1 * value
             if step % train.log_every == 0 or step == total_steps:
                 # the norm of the global batch's gradient, before clipping
-                norm = round(float(grad_norm), 5)
-                history.append({"step": step, "loss": round(value, 5), "grad_norm": norm, "lr": lr})
-                rate = tokens_done / max(1e-9, time.perf_counter() - t0)
-                bar.set_postfix(loss=f"{running:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
+                row = curves.record(step, value, lr, float(grad_norm))
+                rate = row["tokens_per_s"] or 0.0
+                bar.set_postfix(loss=f"{running:.3f}", tok_s=f"{rate:,.0f}")
             bar.update(1)
             if step == stop_at_step or (step % train.checkpoint_every == 0 and step < total_steps):
-                save_checkpoint(accelerator, ckpt, job_id, model, optimizer, sampler, step, history)
+                save_checkpoint(
+                    accelerator, ckpt, job_id, model, optimizer, sampler, step, curves.rows
+                )
                 if on_checkpoint is not None and main:
                     on_checkpoint(ckpt)
                 accelerator.wait_for_everyone()
@@ -228,11 +223,13 @@ def train_model(
         branch_optimizer_tensors(accelerator, model, optimizer) if stage.schedule == "wsd" else None
     )
     if main:
+        history = curves.history()
         save_model(
             accelerator.unwrap_model(model),
             tokenizer,
             out,
             extra_files={"training_log.json": json.dumps(history)},
+            write_extra=lambda folder: write_curve_files(folder, curves.rows),
             state_dict=full,
             extra_tensors={BRANCH_OPTIMIZER: moments} if moments is not None else None,
             role=role,

@@ -2,8 +2,9 @@
 
 A checkpoint folder (`<out>.ckpt`) holds model.safetensors (parameters by name),
 optimizer.safetensors (AdamW moments by parameter index, and the CPU RNG), state.json (the job
-it belongs to, the step, the data sampler's position, optimizer groups, the loss history) and a
-manifest written last. Nothing is ever unpickled.
+it belongs to, the step, the data sampler's position, optimizer groups, the training curve rows),
+the curves as files (curves.jsonl, tensorboard/) and a manifest written last. Nothing is ever
+unpickled.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from demix.errors import DemixError
 from demix.storage import read_manifest, recover_replaced_dir, staged_dir, write_manifest
+from demix.train.curves import write_curve_files
 
 CHECKPOINT_KIND = "demix.checkpoint"
 
@@ -62,8 +64,10 @@ def _param_names(optimizer) -> list[str]:
 
 
 def save_checkpoint(
-    accelerator, ckpt: Path, job_id: str, model, optimizer, sampler, step: int, history: list
+    accelerator, ckpt: Path, job_id: str, model, optimizer, sampler, step: int, curves: list
 ) -> None:
+    """Save the checkpoint of `step` at `ckpt` (the main process writes; every process gathers),
+    with the training curves so far (also as files: TensorBoard shows a run in progress)."""
     params, opt = _full_state(accelerator, model, optimizer)
     if not accelerator.is_main_process:
         return
@@ -84,9 +88,10 @@ def save_checkpoint(
             "param_groups": [
                 {k: v for k, v in g.items() if k != "names"} for g in opt["param_groups"]
             ],
-            "history": history,
+            "curves": curves,
         }
         (tmp / "state.json").write_text(json.dumps(state))
+        write_curve_files(tmp, curves)
         write_manifest(tmp, CHECKPOINT_KIND, step=step)
 
 
@@ -137,7 +142,8 @@ def load_checkpoint(ckpt: Path, accelerator, model, optimizer, sampler) -> tuple
                 live[name].copy_(value)
     _set_optimizer_state(accelerator, model, optimizer, opt_state, groups)
     sampler.load_state_dict(state["sampler"])
-    return state["step"], state["history"]
+    # a checkpoint of an earlier version holds the loss history without the timing
+    return state["step"], state.get("curves", state.get("history", []))
 
 
 def _set_optimizer_state(accelerator, model, optimizer, opt_state: dict, groups: list) -> None:
@@ -211,7 +217,7 @@ def carry_optimizer_state(branch_point: Path, accelerator, model, optimizer) -> 
 
 
 def resume(ckpt: Path, job_id: str, accelerator, model, optimizer, sampler) -> tuple[int, list]:
-    """(step, loss history) of job `job_id`'s checkpoint at `ckpt`, restored into the model,
+    """(step, training curve rows) of job `job_id`'s checkpoint at `ckpt`, restored into the model,
     optimizer and sampler; (0, []) when there is none. A checkpoint of another job (changed
     config or data) is never resumed."""
     if accelerator.is_main_process:
