@@ -124,6 +124,17 @@ def test_a_resumed_run_keeps_the_curves_before_the_stop(setup, trained, tmp_path
     assert [row["loss"] for row in rows] == [row["loss"] for row in read_curves(trained)]
 
 
+def test_a_resumed_models_seconds_count_every_run_of_its_job(setup, tmp_path):
+    """The manifest's `seconds` is the training work of the job, the runs before a resume too
+    (the plan and the summary's timings read it)."""
+    config, data, _ = setup
+    assert _train(config, data, tmp_path / "r", stop_at_step=10) is None
+    before = json.loads((tmp_path / "r.ckpt" / "state.json").read_text())["seconds"]
+    assert before > 0
+    _train(config, data, tmp_path / "r")
+    assert read_manifest(tmp_path / "r")["seconds"] >= round(before, 1)
+
+
 def test_a_merge_copies_no_training_curves(trained, tmp_path):
     copy_model_files(trained, tmp_path)
     assert (tmp_path / "config.json").is_file() and not (tmp_path / CURVES_FILE).exists()

@@ -148,7 +148,7 @@ def train_model(
     )
     total_steps = max(1, math.ceil(stage.tokens / train.tokens_per_step))
 
-    step, logged = resume(ckpt, job_id, accelerator, model, optimizer, sampler)
+    step, logged, earlier = resume(ckpt, job_id, accelerator, model, optimizer, sampler)
     if step and not quiet and main:
         log.info("train %s %s: resumed at step %d from %s", role, name, step, ckpt)
 
@@ -204,8 +204,9 @@ def train_model(
                 bar.set_postfix(loss=f"{running:.3f}", tok_s=f"{rate:,.0f}")
             bar.update(1)
             if step == stop_at_step or (step % train.checkpoint_every == 0 and step < total_steps):
+                spent = earlier + time.perf_counter() - t0
                 save_checkpoint(
-                    accelerator, ckpt, job_id, model, optimizer, sampler, step, curves.rows
+                    accelerator, ckpt, job_id, model, optimizer, sampler, step, curves.rows, spent
                 )
                 if on_checkpoint is not None and main:
                     on_checkpoint(ckpt)
@@ -246,7 +247,7 @@ def train_model(
             seed=seed,
             final_loss=history[-1]["loss"] if history else None,
             tokens_per_s=round(tokens_done / elapsed, 1) if elapsed > 0 else None,
-            seconds=round(elapsed, 1),
+            seconds=round(earlier + elapsed, 1),  # every run of the job, resumed or not
             processes=processes,
         )
         shutil.rmtree(ckpt, ignore_errors=True)

@@ -64,10 +64,19 @@ def _param_names(optimizer) -> list[str]:
 
 
 def save_checkpoint(
-    accelerator, ckpt: Path, job_id: str, model, optimizer, sampler, step: int, curves: list
+    accelerator,
+    ckpt: Path,
+    job_id: str,
+    model,
+    optimizer,
+    sampler,
+    step: int,
+    curves: list,
+    seconds: float = 0.0,
 ) -> None:
     """Save the checkpoint of `step` at `ckpt` (the main process writes; every process gathers),
-    with the training curves so far (also as files: TensorBoard shows a run in progress)."""
+    with the training curves so far (also as files: TensorBoard shows a run in progress) and
+    the seconds of training up to it (over every resumed run of the job)."""
     params, opt = _full_state(accelerator, model, optimizer)
     if not accelerator.is_main_process:
         return
@@ -89,6 +98,7 @@ def save_checkpoint(
                 {k: v for k, v in g.items() if k != "names"} for g in opt["param_groups"]
             ],
             "curves": curves,
+            "seconds": round(seconds, 3),
         }
         (tmp / "state.json").write_text(json.dumps(state))
         write_curve_files(tmp, curves)
@@ -117,8 +127,9 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def load_checkpoint(ckpt: Path, accelerator, model, optimizer, sampler) -> tuple[int, list]:
-    """Restore a checkpoint on every process (each reads the folder; FSDP scatters its shards)."""
+def load_checkpoint(ckpt: Path, accelerator, model, optimizer, sampler) -> tuple[int, list, float]:
+    """Restore a checkpoint on every process (each reads the folder; FSDP scatters its shards);
+    (step, training curve rows, seconds of training up to it)."""
     read_manifest(ckpt, kind=CHECKPOINT_KIND, verify=True)
     params = _load_tensors(ckpt / "model.safetensors")
     tensors = _load_tensors(ckpt / "optimizer.safetensors")
@@ -143,7 +154,8 @@ def load_checkpoint(ckpt: Path, accelerator, model, optimizer, sampler) -> tuple
     _set_optimizer_state(accelerator, model, optimizer, opt_state, groups)
     sampler.load_state_dict(state["sampler"])
     # a checkpoint of an earlier version holds the loss history without the timing
-    return state["step"], state.get("curves", state.get("history", []))
+    rows = state.get("curves", state.get("history", []))
+    return state["step"], rows, float(state.get("seconds", 0.0))
 
 
 def _set_optimizer_state(accelerator, model, optimizer, opt_state: dict, groups: list) -> None:
@@ -216,13 +228,15 @@ def carry_optimizer_state(branch_point: Path, accelerator, model, optimizer) -> 
     _set_optimizer_state(accelerator, model, optimizer, state, groups)
 
 
-def resume(ckpt: Path, job_id: str, accelerator, model, optimizer, sampler) -> tuple[int, list]:
-    """(step, training curve rows) of job `job_id`'s checkpoint at `ckpt`, restored into the model,
-    optimizer and sampler; (0, []) when there is none. A checkpoint of another job (changed
-    config or data) is never resumed."""
+def resume(
+    ckpt: Path, job_id: str, accelerator, model, optimizer, sampler
+) -> tuple[int, list, float]:
+    """(step, training curve rows, seconds of training so far) of job `job_id`'s checkpoint at
+    `ckpt`, restored into the model, optimizer and sampler; (0, [], 0.0) when there is none. A
+    checkpoint of another job (changed config or data) is never resumed."""
     if accelerator.is_main_process:
         recover_replaced_dir(ckpt)  # a kill between the two renames of a checkpoint save
     accelerator.wait_for_everyone()
     if (ckpt / "manifest.json").is_file() and checkpoint_job(ckpt) == job_id:
         return load_checkpoint(ckpt, accelerator, model, optimizer, sampler)
-    return 0, []
+    return 0, [], 0.0
