@@ -14,7 +14,9 @@ import sys
 from pathlib import Path
 
 from demix.cli_outputs import (
+    check_config,
     components_arg,
+    config_limits,
     curate_out,
     dataset_arg,
     demo_out,
@@ -25,7 +27,9 @@ from demix.cli_outputs import (
     model_arg,
     recipe_out,
     run_config,
+    search_limits,
     search_out,
+    train_limits,
     train_out,
     validate_out,
     writes,
@@ -71,7 +75,7 @@ def _cmd_curate(args) -> None:
     print(json.dumps({**shown, "targets": data.targets} if data.targets else shown, indent=2))
 
 
-@writes(train_out)
+@writes(train_out, limits=train_limits)
 def _cmd_train(args) -> None:
     from demix.distributed import cluster_from_env, launched, node_first, run_launched
     from demix.stages import train_stage
@@ -186,7 +190,7 @@ def _cmd_evaluate(args) -> None:
     )
 
 
-@writes(search_out)
+@writes(search_out, limits=search_limits)
 def _cmd_search(args) -> None:
     from demix.stages import search_stage
     from demix.storage import synced_folder
@@ -250,7 +254,7 @@ def _cmd_validate(args) -> None:
     print(f"wrote {Path(args.out) / 'fidelity.json'} and {Path(args.out) / 'fidelity.html'}")
 
 
-@writes(recipe_out(REPRODUCE_KIND))
+@writes(recipe_out(REPRODUCE_KIND), limits=config_limits())
 def _cmd_reproduce(args) -> None:
     from demix.recipes.reproduce import reproduce
 
@@ -259,7 +263,7 @@ def _cmd_reproduce(args) -> None:
     print(f"wrote {Path(args.out) / 'reproduce.json'} and {Path(args.out) / 'reproduce.md'}")
 
 
-@writes(recipe_out(DECISION_KIND))
+@writes(recipe_out(DECISION_KIND), limits=config_limits(decision=True))
 def _cmd_reproduce_decision(args) -> None:
     from demix.recipes.decision import reproduce_decision
 
@@ -268,7 +272,7 @@ def _cmd_reproduce_decision(args) -> None:
     print(f"wrote {Path(args.out) / 'decision.json'} and {Path(args.out) / 'decision.md'}")
 
 
-@writes(recipe_out(RUN_KIND))
+@writes(recipe_out(RUN_KIND), limits=config_limits())
 def _cmd_run(args) -> None:
     from demix.base_model import check_base_reachable
     from demix.recipes.run import run
@@ -313,13 +317,7 @@ def _cmd_export(args) -> None:
 
 
 def _cmd_validate_config(args) -> None:
-    from demix.base_model import check_base_reachable
-
-    config = run_config(args)
-    check_base_reachable(config.model.base)  # a hub id needs the hub where it runs
-    print(
-        f"{args.config}: valid ({len(config.data.datasets)} datasets, {len(config.evaluate.tasks)} tasks)"
-    )
+    print(check_config(args))  # the summary and the memory plans; a plan that does not fit: exit 2
 
 
 class _Parser(argparse.ArgumentParser):
