@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from demix.config import bounds
+import demix.config.bounds as bounds
 from demix.errors import ConfigError
 
 

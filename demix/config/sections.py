@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from demix.config import bounds
+import demix.config.bounds as bounds
 from demix.config.data import Strict, positive
 from demix.errors import ConfigError
 from demix.merge.registry import METHOD_PARAMETERS

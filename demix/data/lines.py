@@ -13,6 +13,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import gzip
+import itertools
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -123,21 +124,25 @@ def _zstd_chunks(path: Path) -> Iterator[bytes]:
 
 def checked_chunks(chunks: Iterator[bytes], path: Path, dataset: str) -> Iterator[bytes]:
     """The chunks, refused (DataError naming the file) when the file reads as UTF-16 or
-    UTF-32 (from its first HEAD_BYTES) or holds a NUL byte (binary)."""
-    head = b""
+    UTF-32 (from its first HEAD_BYTES, checked before any chunk is passed on) or holds a NUL
+    byte (binary)."""
+    first: list[bytes] = []  # the chunks holding the head: at most HEAD_BYTES and one chunk
     for chunk in chunks:
-        if len(head) < HEAD_BYTES:
-            head += chunk[: HEAD_BYTES - len(head)]
-            if len(head) >= HEAD_BYTES:
-                _check_head(head, path, dataset)
-        if b"\x00" in chunk and (len(head) >= HEAD_BYTES or not utf16_or_32(head)):
+        first.append(chunk)
+        if sum(map(len, first)) >= HEAD_BYTES:
+            break
+    if wide := utf16_or_32(b"".join(first)[:HEAD_BYTES]):
+        raise DataError(
+            f"dataset {dataset!r}: {path} is {wide} encoded; convert it to UTF-8 "
+            f"(e.g. iconv -f {wide} -t UTF-8)"
+        )
+    for chunk in itertools.chain(first, chunks):
+        if b"\x00" in chunk:
             raise DataError(
                 f"dataset {dataset!r}: {path} is binary (NUL bytes); give UTF-8 .jsonl or "
                 ".txt files"
             )
         yield chunk
-    if len(head) < HEAD_BYTES:
-        _check_head(head, path, dataset)
 
 
 def utf16_or_32(raw: bytes) -> str | None:
@@ -155,14 +160,6 @@ def utf16_or_32(raw: bytes) -> str | None:
     text = head.decode("utf-16-le" if odd else "utf-16-be", errors="replace")
     printable = sum(c.isprintable() or c.isspace() for c in text)
     return "UTF-16" if printable >= 0.95 * len(text) else None
-
-
-def _check_head(head: bytes, path: Path, dataset: str) -> None:
-    if wide := utf16_or_32(head):
-        raise DataError(
-            f"dataset {dataset!r}: {path} is {wide} encoded; convert it to UTF-8 "
-            f"(e.g. iconv -f {wide} -t UTF-8)"
-        )
 
 
 def bounded_lines(chunks: Iterator[bytes], max_bytes: int) -> Iterator[tuple[int, bytes | None]]:
