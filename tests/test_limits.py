@@ -273,8 +273,9 @@ def test_the_training_loop_plans_before_it_builds_a_model(tmp_path, monkeypatch)
 
 def test_lines_are_split_without_holding_a_long_one():
     chunks = iter([b"ab\ncd", b"efgh", b"ij\n\nk"])
-    assert list(bounded_lines(chunks, 4)) == [(1, b"ab"), (2, None), (3, b""), (4, b"k")]
-    assert list(bounded_lines(iter([b"abcd\n"]), 4)) == [(1, b"abcd"), (2, b"")]
+    lines = [(1, 0, b"ab"), (2, 3, None), (3, 12, b""), (4, 13, b"k")]
+    assert list(bounded_lines(chunks, 4)) == lines
+    assert list(bounded_lines(iter([b"abcd\n"]), 4)) == [(1, 0, b"abcd"), (2, 5, b"")]
 
 
 def _gzip_bomb(path: Path, line_bytes: int, text_field: bool = True) -> None:

@@ -162,18 +162,21 @@ def utf16_or_32(raw: bytes) -> str | None:
     return "UTF-16" if printable >= 0.95 * len(text) else None
 
 
-def bounded_lines(chunks: Iterator[bytes], max_bytes: int) -> Iterator[tuple[int, bytes | None]]:
-    """(line number from 1, the line's bytes without "\\n", or None for a line longer than
-    max_bytes) of each "\\n"-separated line; a longer line is read and dropped, never held."""
+def bounded_lines(
+    chunks: Iterator[bytes], max_bytes: int
+) -> Iterator[tuple[int, int, bytes | None]]:
+    """(line number from 1, the line's offset in the bytes, the line without "\\n" or None for
+    a line longer than max_bytes) of each "\\n"-separated line; a longer line is read and
+    dropped, never held."""
     pending: list[bytes] = []
-    size, number, over = 0, 0, False
+    size, number, offset, over = 0, 0, 0, False
     for chunk in chunks:
         start = 0
         while start < len(chunk):
             end = chunk.find(b"\n", start)
             piece = chunk[start : len(chunk) if end < 0 else end]
+            size += len(piece)
             if not over:
-                size += len(piece)
                 if size > max_bytes:
                     over, pending = True, []
                 else:
@@ -181,11 +184,11 @@ def bounded_lines(chunks: Iterator[bytes], max_bytes: int) -> Iterator[tuple[int
             if end < 0:
                 break
             number += 1
-            yield number, None if over else b"".join(pending)
-            pending, size, over = [], 0, False
+            yield number, offset, None if over else b"".join(pending)
+            pending, offset, over = [], offset + size + 1, False
+            size = 0
             start = end + 1
-    number += 1
-    yield number, None if over else b"".join(pending)
+    yield number + 1, offset, None if over else b"".join(pending)
 
 
 def bounded_text(chunks: Iterator[bytes], max_bytes: int) -> tuple[bytes, bool]:

@@ -301,9 +301,8 @@ def _jsonl_documents(
     """The text field of each non-blank JSONL line, lines read up to limit.max_bytes (a longer
     record cannot be parsed without holding it: refused, or skipped under skip and truncate).
     Raises DataError naming file and line."""
-    offset = 0  # of the line in the decompressed file (for a bad byte's position)
     lines = bounded_lines(_file_chunks(path, spec.name), limit.max_bytes)
-    for number, raw in lines:
+    for number, offset, raw in lines:
         if raw is None:
             if limit.oversize == "refuse":
                 raise limit.refusal(f"{path}:{number}", "record")
@@ -311,7 +310,6 @@ def _jsonl_documents(
             continue
         # Not splitlines(): JSON strings may hold raw U+2028 and other Unicode line breaks.
         line = _decoded(raw, f"dataset {spec.name!r}: {path}", offset, number == 1)
-        offset += len(raw) + 1
         if not line.strip():
             continue
         record = read_json_line(line, f"{path}:{number}", DataError)
