@@ -146,8 +146,8 @@ def check_config(args) -> str:
     plans = check_plans(config_plans(config, decision=True))
     summary = f"{len(config.data.datasets)} datasets, {len(config.evaluate.tasks)} tasks"
     unplanned = []
-    if config.model.base_form not in (None, "local"):
-        unplanned = ["training memory plan: the base is fetched when trained from, planned then"]
+    if not any(p.what == "training" for p in plans):
+        unplanned = ["training memory plan: made when the base is fetched and verified"]
     return "\n".join([f"{args.config}: valid ({summary})", *(p.line for p in plans), *unplanned])
 
 

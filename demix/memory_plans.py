@@ -281,12 +281,18 @@ def config_search_plan(config: RunConfig, decision: bool = False) -> MemoryPlan:
 def config_training_plan(config: RunConfig, processes: int = 1) -> MemoryPlan | None:
     """The training plan of a run config: its base (model.base when it is a local folder, else
     model.architecture with data.tokenizer.vocab_size tokens); None for a base not yet fetched
-    (gs:// or a hub id: planned when it is trained from)."""
+    (gs:// or a hub id) or a local one that is no model folder: planned when it is trained
+    from, after the base is verified (and refused with its own error)."""
+    from demix.errors import ModelError
+
     base = config.model.base
     if base is None:
         shape = shape_of_architecture(config.model.architecture, config.data.tokenizer.vocab_size)
-    elif config.model.base_form == "local":
-        shape = shape_of_folder(base)
+    elif config.model.base_form == "local" and Path(base, "config.json").is_file():
+        try:
+            shape = shape_of_folder(base)
+        except ModelError:
+            return None
     else:
         return None
     return training_plan(shape, config.train, config.model.attn_implementation, processes)

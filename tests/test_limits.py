@@ -242,10 +242,17 @@ def test_a_search_pool_over_the_memory_is_refused_before_any_output(config_file,
         reliability.count("size_bombs")
 
 
-def test_check_config_reports_the_plans(config_file, capsys):
+def test_check_config_reports_the_plans(config_file, tmp_path, capsys):
     assert main(["check-config", str(config_file)]) == 0
     out = capsys.readouterr().out
     assert "training memory plan: a " in out and "search pool memory plan: 500" in out
+    arch = ArchitectureConfig(hidden_size=48, num_layers=3, num_heads=4, intermediate_size=96)
+    model = build_tiny_llama(arch, 320, 0, 0)
+    model.save_pretrained(tmp_path / "base", safe_serialization=True)
+    n = sum(p.numel() for p in model.parameters())
+    assert main(["check-config", str(config_file), "--set", f"model.base={tmp_path / 'base'}"]) == 0
+    out = capsys.readouterr().out
+    assert f"training memory plan: a {n / 1e6:.1f}M-parameter model ({tmp_path / 'base'};" in out
 
 
 def test_the_training_loop_plans_before_it_builds_a_model(tmp_path, monkeypatch):
