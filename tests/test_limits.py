@@ -310,7 +310,8 @@ def _data_config(corpus_dir: Path, bad: Path, **settings) -> dict:
 
 @pytest.mark.slow
 def test_a_gzip_bomb_is_refused_with_little_memory(corpus_dir, tmp_path):
-    """One 1 GiB line in a 1 MB gzip file: refused naming file and line, under the limit."""
+    """One 1 GiB line in a 1 MB gzip file: refused naming file and line, or skipped and
+    counted, in a process that could not hold the line."""
     bomb = tmp_path / "bomb.jsonl.gz"
     _gzip_bomb(bomb, 1 << 30)
     assert bomb.stat().st_size < 8 << 20
@@ -323,11 +324,14 @@ def test_a_gzip_bomb_is_refused_with_little_memory(corpus_dir, tmp_path):
     _one_line_refusal(result, f"{bomb}:1: a record of more than 4,194,304 bytes")
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".data")]
     reliability.count("decompression_bombs")
-    # the same command under the same limit curates when the bomb is not there
-    raw["data"] = _data_config(corpus_dir, corpus_dir / "code.jsonl")
+    # under oversize: skip the same command reads past the line, in the same memory
+    raw["data"]["oversize"] = "skip"
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
     result = _demix("curate", "run.yaml", "--out", str(out), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["datasets"]["bomb"]["oversize_skipped"] == 1
+    assert "1 over data.max_document_bytes skipped" in result.stderr
 
 
 @pytest.mark.parametrize("name", ["long.txt.gz", "long.jsonl.gz", "long.jsonl.zst", "long.txt"])

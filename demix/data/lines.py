@@ -165,9 +165,10 @@ def utf16_or_32(raw: bytes) -> str | None:
 def bounded_lines(
     chunks: Iterator[bytes], max_bytes: int
 ) -> Iterator[tuple[int, int, bytes | None]]:
-    """(line number from 1, the line's offset in the bytes, the line without "\\n" or None for
-    a line longer than max_bytes) of each "\\n"-separated line; a longer line is read and
-    dropped, never held."""
+    """(line number from 1, the line's offset in the bytes, the line without "\\n") of each
+    "\\n"-separated line; a line longer than max_bytes is never held: (number, offset, None) is
+    yielded as soon as it passes max_bytes (a caller that refuses it reads no further), and its
+    rest is read and dropped when the caller goes on."""
     pending: list[bytes] = []
     size, number, offset, over = 0, 0, 0, False
     for chunk in chunks:
@@ -179,31 +180,32 @@ def bounded_lines(
             if not over:
                 if size > max_bytes:
                     over, pending = True, []
+                    yield number + 1, offset, None
                 else:
                     pending.append(piece)
             if end < 0:
                 break
             number += 1
-            yield number, offset, None if over else b"".join(pending)
+            if not over:
+                yield number, offset, b"".join(pending)
             pending, offset, over = [], offset + size + 1, False
             size = 0
             start = end + 1
-    yield number + 1, offset, None if over else b"".join(pending)
+    if not over:
+        yield number + 1, offset, b"".join(pending)
 
 
 def bounded_text(chunks: Iterator[bytes], max_bytes: int) -> tuple[bytes, bool]:
-    """(the first max_bytes bytes of the chunks, whether there were more); the rest is read
-    (to check it) and dropped."""
+    """(the first max_bytes bytes of the chunks, whether there are more); nothing past the
+    first byte over max_bytes is read."""
     kept: list[bytes] = []
-    size, more = 0, False
+    size = 0
     for chunk in chunks:
-        if size < max_bytes:
-            kept.append(chunk[: max_bytes - size])
-            size += len(kept[-1])
-            more = more or len(chunk) > len(kept[-1])
-        else:
-            more = more or bool(chunk)
-    return b"".join(kept), more
+        kept.append(chunk[: max_bytes - size])
+        size += len(kept[-1])
+        if len(chunk) > len(kept[-1]):
+            return b"".join(kept), True
+    return b"".join(kept), False
 
 
 def utf8_prefix(data: bytes) -> bytes:
