@@ -104,11 +104,16 @@ def search_limits(args) -> None:
 def train_limits(args) -> None:
     """train: the memory plan of the model trained (a local --init folder's shape, else the
     config's architecture with a local dataset's vocabulary), checked before any output. A
-    gs:// input is planned once fetched, by the training loop."""
+    gs:// input, and training in several processes, are planned by the training loop of each
+    process (a CUDA context made here, in the process that launches them, would take memory
+    from the first GPU for the whole run)."""
+    from demix.distributed import cluster_from_env, launched
     from demix.memory_plans import shape_of_architecture, shape_of_folder, training_plan
     from demix.storage import is_remote
 
     config = run_config(args)
+    if launched() or args.processes != 1 or cluster_from_env() is not None:
+        return
     if args.init:
         if is_remote(args.init) or not Path(args.init, "config.json").is_file():
             return  # fetched first (or refused with its own error): the loop plans it
@@ -118,8 +123,7 @@ def train_limits(args) -> None:
         shape = shape_of_architecture(config.model.architecture, vocab)
     else:
         return
-    processes = args.processes if args.processes >= 1 else 1
-    training_plan(shape, config.train, config.model.attn_implementation, processes).check()
+    training_plan(shape, config.train, config.model.attn_implementation).check()
 
 
 def _local_vocab(uri: str) -> int | None:
