@@ -35,11 +35,18 @@ from .conftest import smoke_config_dict
 pytestmark = pytest.mark.reliability
 
 ROOT = Path(__file__).resolve().parents[1]
-# The address space a command may map: 1 GiB. `demix check-config` (torch imported) and a
-# `demix curate` of the smoke corpus that reads past a 3 GiB line run in it here; a 1 GiB line
-# read whole cannot (it took 11.7 GB for a 3 GiB line before documents were bounded). glibc
-# reserves 64 MiB of address space per thread's arena: two arenas keep threads from counting.
-ADDRESS_SPACE = 1024**3
+# The address space a command may map: 2 GiB. `demix check-config` (torch imported) runs in 1
+# GiB, but commands that import more may crash at exit there; a 1 GiB line read whole cannot
+# fit (before documents were bounded, a 3 GiB line took 11.7 GB). What a command did use is
+# measured too: its peak resident memory must stay under 1 GB.
+ADDRESS_SPACE = 2 * 1024**3
+MAX_RESIDENT = 1e9
+# The command in the child: demix's entry point, then its own peak resident memory into a file.
+CHILD = (
+    "import os, resource, sys; from demix.cli import main; code = main(sys.argv[1:]); "
+    "open(os.environ['PEAK_FILE'], 'w').write(str(resource.getrusage(resource.RUSAGE_SELF)"
+    ".ru_maxrss * 1024)); sys.exit(code)"
+)
 HANG_GUARD_S = 300  # a timeout for the subprocess, not a timed assertion
 
 # One size bomb per bounded field: (dotted key, value far above its bound).
@@ -85,21 +92,27 @@ def _limited() -> None:
 
 
 def _demix(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
-    """The real command in a subprocess under the address-space limit."""
-    return subprocess.run(
-        [sys.executable, "-m", "demix.cli", *argv],
+    """The real command in a subprocess under the address-space limit; `peak` is the bytes of
+    its peak resident memory."""
+    peak = cwd / "peak-resident"
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, *argv],
         cwd=cwd,
         env={
             "PYTHONPATH": str(ROOT),
             "PATH": "/usr/bin:/bin",
             "HOME": str(cwd),
             "MALLOC_ARENA_MAX": "2",
+            "PEAK_FILE": str(peak),
         },
         preexec_fn=_limited,
         capture_output=True,
         text=True,
         timeout=HANG_GUARD_S,
     )
+    result.peak = int(peak.read_text()) if peak.is_file() else None
+    peak.unlink(missing_ok=True)
+    return result
 
 
 def _one_line_refusal(result: subprocess.CompletedProcess, *words: str) -> str:
@@ -108,6 +121,7 @@ def _one_line_refusal(result: subprocess.CompletedProcess, *words: str) -> str:
     assert len(err.splitlines()) == 1 and err.startswith("demix: error: "), err
     for word in words:
         assert word in err, err
+    assert result.peak < MAX_RESIDENT, f"peak resident memory {result.peak / 1e6:.0f} MB"
     return err
 
 
@@ -335,6 +349,7 @@ def test_a_gzip_bomb_is_refused_with_little_memory(corpus_dir, tmp_path):
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
     result = _demix("curate", "run.yaml", "--out", str(out), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert result.peak < MAX_RESIDENT, f"peak resident memory {result.peak / 1e6:.0f} MB"
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["datasets"]["bomb"]["oversize_skipped"] == 1
     assert "1 over data.max_document_bytes skipped" in result.stderr
