@@ -471,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="file to write (default: standard output)")
     p.set_defaults(func=_cmd_export)
 
-    p = with_config("check-config", "validate a run config and exit")
+    p = with_config("check-config", "validate a run config, print its memory plans and exit")
     p.set_defaults(func=_cmd_validate_config)
     return parser
 
