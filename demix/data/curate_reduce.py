@@ -153,7 +153,9 @@ def merge_groups(plan_dir: str | Path, group_dirs: list[str | Path], out: str | 
     data.max_tokens), left_out_documents, full_train_tokens (the train tokens of all of it:
     (train + held-out tokens) / keep_fraction - held-out tokens, train_tokens when nothing was
     left out) and prior_source (`counted`, or `estimated` when documents were left out); the
-    token prior is each dataset's share of the full_train_tokens.
+    token prior is each dataset's share of the full_train_tokens. Documents over
+    data.max_document_bytes that the groups skipped or truncated are summed per dataset as
+    oversize_skipped and oversize_truncated (recorded only when not 0) and logged.
     Raises DataError for a missing, repeated or foreign group and for a dataset that is empty
     after cleaning; `out` is untouched on error.
     """
