@@ -13,7 +13,9 @@ import sys
 from pathlib import Path
 
 from demix.cli_outputs import (
+    check_config,
     components_arg,
+    config_limits,
     curate_out,
     dataset_arg,
     demo_out,
@@ -24,7 +26,9 @@ from demix.cli_outputs import (
     model_arg,
     recipe_out,
     run_config,
+    search_limits,
     search_out,
+    train_limits,
     train_out,
     validate_out,
     writes,
@@ -67,7 +71,7 @@ def _cmd_curate(args) -> None:
     print(json.dumps({**shown, "targets": data.targets} if data.targets else shown, indent=2))
 
 
-@writes(train_out, reads=("data", "init"))
+@writes(train_out, reads=("data", "init"), limits=train_limits)
 def _cmd_train(args) -> None:
     from demix.distributed import cluster_from_env, launched, node_first, run_launched
     from demix.stages import train_stage
@@ -182,7 +186,7 @@ def _cmd_evaluate(args) -> None:
     )
 
 
-@writes(search_out, reads=("data", "base", "components"))
+@writes(search_out, reads=("data", "base", "components"), limits=search_limits)
 def _cmd_search(args) -> None:
     from demix.stages import search_stage
     from demix.storage import synced_folder
@@ -246,7 +250,7 @@ def _cmd_validate(args) -> None:
     print(f"wrote {Path(args.out) / 'fidelity.json'} and {Path(args.out) / 'fidelity.html'}")
 
 
-@writes(recipe_out(REPRODUCE_KIND))
+@writes(recipe_out(REPRODUCE_KIND), limits=config_limits())
 def _cmd_reproduce(args) -> None:
     from demix.recipes.reproduce import reproduce
 
@@ -255,7 +259,7 @@ def _cmd_reproduce(args) -> None:
     print(f"wrote {Path(args.out) / 'reproduce.json'} and {Path(args.out) / 'reproduce.md'}")
 
 
-@writes(recipe_out(DECISION_KIND))
+@writes(recipe_out(DECISION_KIND), limits=config_limits(decision=True))
 def _cmd_reproduce_decision(args) -> None:
     from demix.recipes.decision import reproduce_decision
 
@@ -264,7 +268,7 @@ def _cmd_reproduce_decision(args) -> None:
     print(f"wrote {Path(args.out) / 'decision.json'} and {Path(args.out) / 'decision.md'}")
 
 
-@writes(recipe_out(RUN_KIND))
+@writes(recipe_out(RUN_KIND), limits=config_limits())
 def _cmd_run(args) -> None:
     from demix.base_model import check_base_reachable
     from demix.recipes.run import run
@@ -300,13 +304,7 @@ def _cmd_export(args) -> None:
 
 
 def _cmd_validate_config(args) -> None:
-    from demix.base_model import check_base_reachable
-
-    config = run_config(args)
-    check_base_reachable(config.model.base)  # a hub id needs the hub where it runs
-    print(
-        f"{args.config}: valid ({len(config.data.datasets)} datasets, {len(config.evaluate.tasks)} tasks)"
-    )
+    print(check_config(args))  # the summary and the memory plans; a plan that does not fit: exit 2
 
 
 def _cmd_plan(args) -> None:

@@ -64,14 +64,16 @@ def local_folder(uri: str) -> Path:
     return Path(uri)
 
 
-def writes(outputs, reads: tuple[str, ...] = ()):
+def writes(outputs, reads: tuple[str, ...] = (), limits=None):
     """Run a command under the output rule of demix.storage.outputs for the paths `outputs(args)`.
 
-    They are locked (one writer per output; `--wait-lock` waits for another command's lock)
-    and checked before any work: a path holding what demix did not write, or equal to, inside
-    or holding a path the command reads (`reads`: the arguments holding them, NAME=PATH values
-    too; "config": the config's dataset paths and base), is refused. What the command created
-    there is removed again when it fails, however it fails (SIGTERM included).
+    `limits(args)` runs first: the memory plans a command can check before it touches an
+    output (demix.memory_plans), so a refused plan leaves nothing behind. The outputs are then
+    locked (one writer per output; `--wait-lock` waits for another command's lock) and checked
+    before any work: a path holding what demix did not write, or equal to, inside or holding a
+    path the command reads (`reads`: the arguments holding them, NAME=PATH values too;
+    "config": the config's dataset paths and base), is refused. What the command created there
+    is removed again when it fails, however it fails (SIGTERM included).
     """
 
     def wrap(command):
@@ -79,6 +81,8 @@ def writes(outputs, reads: tuple[str, ...] = ()):
         def guarded(args) -> None:
             from demix.data.demo import DEMO_KIND
 
+            if limits is not None:
+                limits(args)
             found = outputs(args)
             for output in found:
                 check_output(output)  # what is at an output is named first
@@ -109,6 +113,80 @@ def read_paths(args, reads: tuple[str, ...]) -> list[str]:
         for item in value if isinstance(value, list) else [value]:
             paths.append(item.partition("=")[2] if item and name == "components" else item)
     return [str(p) for p in paths if p]
+
+
+def config_limits(decision: bool = False):
+    """run / reproduce: every memory plan of the config (training of its base when it is built
+    or local, the search pool, the decision's pool with `decision`) checked before any output.
+    """
+
+    def check(args) -> None:
+        from demix.memory_plans import check_plans, config_plans
+
+        check_plans(config_plans(run_config(args), decision))
+
+    return check
+
+
+def search_limits(args) -> None:
+    """search: the candidate pool's memory plan, checked before the search folder is made."""
+    from demix.memory_plans import config_search_plan
+
+    config_search_plan(run_config(args)).check()
+
+
+def train_limits(args) -> None:
+    """train: the memory plan of the model trained (a local --init folder's shape, else the
+    config's architecture with a local dataset's vocabulary), checked before any output. A
+    gs:// input, and training in several processes, are planned by the training loop of each
+    process (a CUDA context made here, in the process that launches them, would take memory
+    from the first GPU for the whole run)."""
+    from demix.distributed import cluster_from_env, launched
+    from demix.memory_plans import shape_of_architecture, shape_of_folder, training_plan
+    from demix.storage import is_remote
+
+    config = run_config(args)
+    if launched() or args.processes != 1 or cluster_from_env() is not None:
+        return
+    if args.init:
+        if is_remote(args.init) or not Path(args.init, "config.json").is_file():
+            return  # fetched first (or refused with its own error): the loop plans it
+        shape = shape_of_folder(args.init)
+    elif args.role == "base" and not config.model.base:
+        vocab = _local_vocab(args.data) or config.data.tokenizer.vocab_size
+        shape = shape_of_architecture(config.model.architecture, vocab)
+    else:
+        return
+    training_plan(shape, config.train, config.model.attn_implementation).check()
+
+
+def _local_vocab(uri: str) -> int | None:
+    """The vocab_size in a local dataset's manifest (None: remote, or not readable yet: the
+    dataset is verified, and refused if need be, when it is read)."""
+    try:
+        value = json.loads(Path(uri, "manifest.json").read_text())["vocab_size"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def check_config(args) -> str:
+    """check-config's report: the config's summary and its memory plans, one line each.
+
+    Raises ConfigError for a config that does not validate or a plan above the memory this
+    machine has (demix.memory_plans).
+    """
+    from demix.base_model import check_base_reachable
+    from demix.memory_plans import check_plans, config_plans
+
+    config = run_config(args)
+    check_base_reachable(config.model.base)  # a hub id needs the hub where it runs
+    plans = check_plans(config_plans(config, decision=True))
+    summary = f"{len(config.data.datasets)} datasets, {len(config.evaluate.tasks)} tasks"
+    unplanned = []
+    if not any(p.what == "training" for p in plans):
+        unplanned = ["training memory plan: made when the base is fetched and verified"]
+    return "\n".join([f"{args.config}: valid ({summary})", *(p.line for p in plans), *unplanned])
 
 
 def demo_out(out: str | None) -> list:

@@ -33,6 +33,8 @@ ROWS = (
     ("fuzz_overrides", "  --set overrides"),
     ("fuzz_safetensors", "  safetensors files (each one accepted also loads in the library)"),
     ("fuzz_manifests", "  artifact manifests"),
+    ("size_bombs", "size bombs (schema bounds, memory plans) refused before allocating"),
+    ("decompression_bombs", "documents over data.max_document_bytes (gzip bomb too) refused"),
     ("integrity_checks", "artifact integrity checks"),
     ("artifacts_lost", "artifacts lost or corrupt artifacts accepted"),
 )

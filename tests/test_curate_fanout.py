@@ -218,8 +218,8 @@ def test_tokenizer_sample_is_bounded_and_the_same_for_any_grouping(
 ):
     config = _config(corpus, tokenizer={"vocab_size": 300, "sample_chars": 2500})
     read: list[str] = []
-    real = curation._read_text
-    monkeypatch.setattr(curation, "_read_text", lambda p, d: read.append(p.name) or real(p, d))
+    real = curation._file_chunks
+    monkeypatch.setattr(curation, "_file_chunks", lambda p, d: read.append(p.name) or real(p, d))
     plan = plan_curation(config, tmp_path / "plan", seed=0, groups=1)
     sample = plan["tokenizer_sample"]
     assert 0 < len(read) < 9  # the plan reads a few of the 9 files, not the corpus
@@ -228,7 +228,7 @@ def test_tokenizer_sample_is_bounded_and_the_same_for_any_grouping(
     full = json.loads((single / "manifest.json").read_text())["tokenizer_sample"]
     assert sample["documents"] < full["documents"]
 
-    monkeypatch.setattr(curation, "_read_text", real)
+    monkeypatch.setattr(curation, "_file_chunks", real)
     curate(config, tmp_path / "one", seed=0, groups=1)
     curate(config, tmp_path / "four", seed=0, groups=4)
     assert _contents(tmp_path / "one") == _contents(tmp_path / "four")

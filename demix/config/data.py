@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+import demix.config.bounds as bounds
 from demix.errors import ConfigError
 
 
@@ -22,6 +25,18 @@ def positive(setting):
     values = setting.values() if isinstance(setting, dict) else [setting]
     if setting is not None and not all(v > 0 for v in values):
         raise ValueError("must be > 0 (one number, or {dataset: number})")
+    return setting
+
+
+def at_most(setting, bound: int):
+    """A per-dataset setting (one number or {dataset: number}, or None), checked to be at most
+    `bound` (demix.config.bounds).
+
+    Raises ValueError for a number above it.
+    """
+    values = setting.values() if isinstance(setting, dict) else [setting]
+    if setting is not None and any(v > bound for v in values):
+        raise ValueError(f"must be at most {bound} (one number, or {{dataset: number}})")
     return setting
 
 
@@ -79,7 +94,7 @@ class TokenizerConfig(Strict):
     """
 
     vocab_size: int = Field(default=4096, ge=256, le=65536)
-    sample_chars: int = Field(default=100_000_000, ge=1)
+    sample_chars: int = Field(default=100_000_000, ge=1, le=bounds.MAX_TOKENIZER_SAMPLE_CHARS)
 
 
 class DataConfig(Strict):
@@ -98,6 +113,13 @@ class DataConfig(Strict):
     Each candidate holds out heldout_fraction of its documents, at least
     `min_heldout_documents` (so a dataset of few long documents is still evaluated on enough
     of them) and at most `max_heldout_documents`, never all of them.
+    `max_document_bytes` bounds one document as read (a JSONL line, a text file, a Parquet or
+    Arrow value; decompressed bytes): files are read in bounded pieces, so a longer document is
+    never held whole. `oversize` says what happens to one: `refuse` (the default: one line
+    naming the file and line), `skip` (left out), or `truncate` (its first max_document_bytes
+    bytes kept, cut at a character; a JSONL record cannot be parsed without holding it whole
+    and is skipped instead). Skipped and truncated documents are counted per dataset in the
+    curation log and the dataset manifest (`oversize_skipped`, `oversize_truncated`).
     """
 
     datasets: list[DatasetSpec] = Field(min_length=2)
@@ -106,16 +128,22 @@ class DataConfig(Strict):
     fetch_demo: str | None = None
     min_chars: int = Field(default=64, ge=1)
     heldout_fraction: float = Field(default=0.02, gt=0, lt=0.5)
-    min_heldout_documents: int = Field(default=1, ge=1)
-    max_heldout_documents: int = Field(default=200, ge=1)
-    curate_groups: int = Field(default=8, ge=1)
+    min_heldout_documents: int = Field(default=1, ge=1, le=bounds.MAX_EVAL_DOCUMENTS)
+    max_heldout_documents: int = Field(default=200, ge=1, le=bounds.MAX_EVAL_DOCUMENTS)
+    curate_groups: int = Field(default=8, ge=1, le=bounds.MAX_CURATE_GROUPS)
     max_tokens: int | dict[str, int] | None = None
+    max_document_bytes: int = Field(
+        default=bounds.DEFAULT_MAX_DOCUMENT_BYTES,
+        ge=bounds.MIN_DOCUMENT_BYTES,
+        le=bounds.MAX_DOCUMENT_BYTES,
+    )
+    oversize: Literal["refuse", "skip", "truncate"] = "refuse"
     tokenizer: TokenizerConfig = TokenizerConfig()
 
     @field_validator("max_tokens")
     @classmethod
     def _positive(cls, value):
-        return positive(value)
+        return at_most(positive(value), bounds.MAX_TRAINING_TOKENS)
 
     @model_validator(mode="after")
     def _names(self) -> DataConfig:
@@ -156,11 +184,11 @@ class DataConfig(Strict):
 class ArchitectureConfig(Strict):
     """A tiny Llama built from config when no base model is given (demo and tests)."""
 
-    hidden_size: int = Field(default=128, ge=8)
-    num_layers: int = Field(default=2, ge=1)
-    num_heads: int = Field(default=4, ge=1)
-    intermediate_size: int = Field(default=384, ge=8)
-    max_position_embeddings: int = Field(default=256, ge=16)
+    hidden_size: int = Field(default=128, ge=8, le=bounds.MAX_HIDDEN_SIZE)
+    num_layers: int = Field(default=2, ge=1, le=bounds.MAX_LAYERS)
+    num_heads: int = Field(default=4, ge=1, le=bounds.MAX_HEADS)
+    intermediate_size: int = Field(default=384, ge=8, le=bounds.MAX_INTERMEDIATE_SIZE)
+    max_position_embeddings: int = Field(default=256, ge=16, le=bounds.MAX_POSITIONS)
     tie_word_embeddings: bool = True
 
     @model_validator(mode="after")

@@ -87,6 +87,11 @@ def _format_error(err: ValidationError, source: str) -> str:
         msg = "unknown key (check the spelling against the config reference in README.md)"
     elif first["type"] == "missing":
         msg = "required key is missing"
+    elif first["type"] == "less_than_equal":  # an upper bound of demix.config.bounds
+        msg = (
+            f"{first['input']} is above the limit {first['ctx']['le']} (what one machine or "
+            "pipeline can hold; see Limits in docs/configuration.md)"
+        )
     more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
     return f"{source}: {where}: {msg}{more}"
 

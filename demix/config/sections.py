@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+import demix.config.bounds as bounds
 from demix.config.data import Strict, positive
 from demix.errors import ConfigError
 from demix.merge.registry import METHOD_PARAMETERS
@@ -28,12 +29,12 @@ class StageTraining(Strict):
     `model.base` carries none).
     """
 
-    tokens: int = Field(gt=0)
+    tokens: int = Field(gt=0, le=bounds.MAX_TRAINING_TOKENS)
     lr: float = Field(default=3e-3, gt=0)
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
     warmup_fraction: float = Field(default=0.05, ge=0, lt=1)
     schedule: Literal["cosine", "wsd"] = "cosine"
-    decay_tokens: int | None = Field(default=None, gt=0)
+    decay_tokens: int | None = Field(default=None, gt=0, le=bounds.MAX_TRAINING_TOKENS)
     optimizer: Literal["fresh", "carried"] = "fresh"
 
     @model_validator(mode="after")
@@ -61,9 +62,9 @@ class TrainConfig(Strict):
     across GPU processes (for models that do not fit one GPU); otherwise processes run DDP.
     """
 
-    seq_len: int = Field(default=128, ge=8)
-    batch_size: int = Field(default=16, ge=1)
-    micro_batch_size: int | None = Field(default=None, ge=1)
+    seq_len: int = Field(default=128, ge=8, le=bounds.MAX_SEQ_LEN)
+    batch_size: int = Field(default=16, ge=1, le=bounds.MAX_BATCH_ROWS)
+    micro_batch_size: int | None = Field(default=None, ge=1, le=bounds.MAX_BATCH_ROWS)
     fsdp: bool = False
     weight_decay: float = Field(default=0.1, ge=0)
     beta1: float = Field(default=0.9, ge=0, lt=1)
@@ -166,7 +167,7 @@ class MergeConfig(Strict):
     delta_dtype: Literal["float32", "bfloat16"] = "float32"
     delta_device: Literal["auto", "device", "host"] = "auto"
     output_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    shard_bytes: int = Field(default=2 * 1024**3, gt=0)
+    shard_bytes: int = Field(default=2 * 1024**3, gt=0, le=bounds.MAX_SHARD_BYTES)
 
     @field_validator("method")
     @classmethod
@@ -213,11 +214,11 @@ class EvaluateConfig(Strict):
 
     categories: dict[str, list[str]] = Field(min_length=1)
     diagnostics: list[str] = Field(default_factory=list)
-    limit: int | None = Field(default=100, ge=1)
-    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    limit: int | None = Field(default=100, ge=1, le=bounds.MAX_EVAL_DOCUMENTS)
+    batch_size: Annotated[int, Field(ge=1, le=bounds.MAX_EVAL_BATCH)] | Literal["auto"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    max_length: int | None = None
-    heldout_tokens: int = Field(default=16384, ge=1)
+    max_length: int | None = Field(default=None, le=bounds.MAX_POSITIONS)
+    heldout_tokens: int = Field(default=16384, ge=1, le=bounds.MAX_EVAL_DOCUMENTS)
     include_path: str | None = None
     data_dir: str | None = None
     engine: Literal["lm-eval", "fast"] = "fast"
@@ -254,7 +255,7 @@ class SamplerConfig(Strict):
     power: float = Field(default=0.7, gt=0)
     scale_min: float = Field(default=0.5, gt=0)
     scale_max: float = Field(default=5.0, gt=0)
-    num_scales: int = Field(default=15, ge=1)
+    num_scales: int = Field(default=15, ge=1, le=bounds.MAX_SAMPLER_SCALES)
     cap_factor: float = Field(default=4.0, gt=0)
     min_weight: float = Field(default=2e-4, ge=0)
     grid: float = Field(default=2e-4, gt=0, lt=1)
@@ -268,9 +269,9 @@ class PredictorConfig(Strict):
     kind: Literal["lightgbm", "ridge", "auto"] = "lightgbm"
     ridge_alpha: float = Field(default=1.0, gt=0)
 
-    num_iterations: int = Field(default=300, ge=1)
+    num_iterations: int = Field(default=300, ge=1, le=bounds.MAX_PREDICTOR_ITERATIONS)
     learning_rate: float = Field(default=0.01, gt=0)
-    num_leaves: int = Field(default=31, ge=2)
+    num_leaves: int = Field(default=31, ge=2, le=bounds.MAX_PREDICTOR_LEAVES)
     min_child_samples: int = Field(default=5, ge=1)
 
 
@@ -291,12 +292,12 @@ class SearchConfig(Strict):
     method: Literal["merge", "trained"] = "merge"
     # what the predictor learns and the search maximises (demix.search.objective)
     objective: Literal["ranking", "normalized"] = "ranking"
-    n: int = Field(default=8, ge=4)
-    rounds: int = Field(default=3, ge=1)
+    n: int = Field(default=8, ge=4, le=bounds.MAX_PROXIES)
+    rounds: int = Field(default=3, ge=1, le=bounds.MAX_ROUNDS)
     # the authors' pool and final top (train_predictor.py); top_k is also the predicted top an
     # intermediate round draws its proposals from
-    candidates: int = Field(default=200_000, ge=100)
-    top_k: int = Field(default=1280, ge=1)
+    candidates: int = Field(default=200_000, ge=100, le=bounds.MAX_CANDIDATES)
+    top_k: int = Field(default=1280, ge=1, le=bounds.MAX_CANDIDATES)
     max_epochs: float | dict[str, float] | None = None
     sampler: SamplerConfig = SamplerConfig()
     predictor: PredictorConfig = PredictorConfig()
@@ -315,7 +316,7 @@ class FinalConfig(Strict):
     """The final models: each mixture (chosen, uniform, token prior) is trained with `seeds`
     training seeds (run seed, run seed + 1, ...), and the verdict pairs them seed by seed."""
 
-    seeds: int = Field(default=1, ge=1)
+    seeds: int = Field(default=1, ge=1, le=bounds.MAX_SEEDS)
 
 
 class FidelityConfig(Strict):
@@ -336,12 +337,12 @@ class FidelityConfig(Strict):
     the training-based search of the first seed (its cost is that of as many references).
     """
 
-    references: int = Field(default=12, ge=2)
-    replicates: int = Field(default=0, ge=0)
+    references: int = Field(default=12, ge=2, le=bounds.MAX_REFERENCES)
+    replicates: int = Field(default=0, ge=0, le=bounds.MAX_REFERENCES)
     sweep: list[StageTraining] = Field(default_factory=list)
     budgets: list[float] = Field(default_factory=list)
     ablations: list[MergeConfig] = Field(default_factory=list)
-    seeds: int = Field(default=1, ge=1)
+    seeds: int = Field(default=1, ge=1, le=bounds.MAX_SEEDS)
     trained_search: bool = True
     # false: fidelity only (no searches, no final models; the decision is reproduce-decision's)
     finals: bool = True
@@ -376,9 +377,9 @@ class DecisionConfig(Strict):
     budgets: list[float] = Field(default_factory=lambda: [1.0, 2.0, 4.0], min_length=1)
     merged_proxies: list[int] = Field(default_factory=lambda: [21, 200], min_length=1)
     proxy_fraction: float = Field(default=0.125, gt=0, le=1)
-    candidates: int = Field(default=100_000, ge=100)
-    top_k: int = Field(default=128, ge=1)
-    seeds: int = Field(default=3, ge=1)
+    candidates: int = Field(default=100_000, ge=100, le=bounds.MAX_CANDIDATES)
+    top_k: int = Field(default=128, ge=1, le=bounds.MAX_CANDIDATES)
+    seeds: int = Field(default=3, ge=1, le=bounds.MAX_SEEDS)
 
     @field_validator("budgets")
     @classmethod
@@ -392,4 +393,6 @@ class DecisionConfig(Strict):
     def _sizes(cls, value: list[int]) -> list[int]:
         if any(n < 4 for n in value):
             raise ValueError(f"a merged search evaluates 4 or more proxies, got {value}")
+        if any(n > bounds.MAX_PROXIES for n in value):
+            raise ValueError(f"a merged search evaluates at most {bounds.MAX_PROXIES} proxies")
         return sorted(set(value))

@@ -52,6 +52,7 @@ import numpy as np
 from demix.config import DataConfig
 from demix.data.curate_plan import GROUP_KIND, group_bounds, plan_curation, read_plan
 from demix.data.curate_reduce import heldout_indices, merge_groups
+from demix.data.lines import DocumentLimit, OversizeCount, oversize_counts
 from demix.data.sources import (
     clean_document,
     dataset_files,
@@ -107,7 +108,8 @@ def curate_group(plan_dir: str | Path, index: int, out: str | Path) -> dict:
     sha256 of each document's normalized text) and <name>/left_out.bin (the hashes of the
     documents the plan's keep fraction leaves out, never tokenized). Documents shorter than
     data.min_chars and repeats within the group (of any dataset, left out or not) are dropped
-    and counted.
+    and counted, and so are documents over data.max_document_bytes skipped or truncated
+    (oversize_skipped, oversize_truncated; only when there are any).
     Raises DataError for an unknown group, an input that changed since the plan was made, or
     an unreadable/binary/malformed file; `out` is untouched on error.
     """
@@ -125,6 +127,7 @@ def curate_group(plan_dir: str | Path, index: int, out: str | Path) -> dict:
     eos, dtype = int(plan["eos_token_id"]), np.dtype(plan["dtype"])
     files = plan["groups"][index]
     keep = plan.get("keep_fractions", {})
+    limit = DocumentLimit.of(config)
     seen: set[bytes] = set()
     stats: dict[str, dict] = {}
     bar = progress(sum(f["size"] for f in files), f"curate group {index}", "B")
@@ -132,6 +135,7 @@ def curate_group(plan_dir: str | Path, index: int, out: str | Path) -> dict:
         for name in dict.fromkeys(f["dataset"] for f in files):
             (tmp / name).mkdir()
             docs, short, dups, left, lengths = 0, 0, 0, 0, []
+            oversize = OversizeCount()
             threshold = int(keep.get(name, 1.0) * 2**64)  # kept: hash[:8] under it
             with (
                 open(tmp / name / "tokens.bin", "wb") as tokens,
@@ -148,7 +152,7 @@ def curate_group(plan_dir: str | Path, index: int, out: str | Path) -> dict:
                             "changed during curation, curate again"
                         )
                     kept: list[str] = []
-                    for raw in read_file_documents(path, specs[name]):
+                    for raw in read_file_documents(path, specs[name], limit, oversize):
                         cleaned = clean_document(raw, config.min_chars)
                         if cleaned is None:
                             short += 1
@@ -172,6 +176,7 @@ def curate_group(plan_dir: str | Path, index: int, out: str | Path) -> dict:
                 "duplicates_removed": dups,
                 "left_out": left,
                 "tokens": int(sum(lengths)),
+                **oversize_counts(oversize),
             }
         manifest = write_manifest(
             tmp,

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from demix.config import DataConfig, DatasetSpec, per_dataset
+from demix.data.lines import DocumentLimit
 from demix.data.sources import (
     InputFile,
     clean_document,
@@ -78,7 +79,7 @@ def keep_fraction(
         for i in file_order(spec.name, files):
             if tokens >= min(max_tokens, PROBE_TOKENS):
                 break
-            raw = read_file_documents(fetch_files(files[i].uri), spec)
+            raw = read_file_documents(fetch_files(files[i].uri), spec, DocumentLimit.of(config))
             docs = [c[0] for c in (clean_document(r, config.min_chars) for r in raw) if c]
             tokens += sum(encode_documents(tokenizer, docs, 0, dtype, sink))
             read += files[i].size

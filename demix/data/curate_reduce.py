@@ -123,6 +123,14 @@ def _copy_runs(part: _Part, dtype: np.dtype, outputs: dict[int, BinaryIO]) -> No
             np.asarray(tokens[at : min(at + COPY_CHUNK_TOKENS, int(offsets[last]))]).tofile(target)
 
 
+def _oversize(stats: dict) -> str:
+    """The documents over data.max_document_bytes skipped or truncated, for the log."""
+    skipped, cut = stats.get("oversize_skipped", 0), stats.get("oversize_truncated", 0)
+    if not skipped and not cut:
+        return ""
+    return f"{skipped} over data.max_document_bytes skipped, {cut} truncated, "
+
+
 def _full_counts(counts: dict, keep: float, left: int) -> dict:
     """What a candidate dataset's manifest entry records about its sample (see merge_groups)."""
     train, heldout = counts["train_tokens"], counts["heldout_tokens"]
@@ -145,7 +153,9 @@ def merge_groups(plan_dir: str | Path, group_dirs: list[str | Path], out: str | 
     data.max_tokens), left_out_documents, full_train_tokens (the train tokens of all of it:
     (train + held-out tokens) / keep_fraction - held-out tokens, train_tokens when nothing was
     left out) and prior_source (`counted`, or `estimated` when documents were left out); the
-    token prior is each dataset's share of the full_train_tokens.
+    token prior is each dataset's share of the full_train_tokens. Documents over
+    data.max_document_bytes that the groups skipped or truncated are summed per dataset as
+    oversize_skipped and oversize_truncated (recorded only when not 0) and logged.
     Raises DataError for a missing, repeated or foreign group and for a dataset that is empty
     after cleaning; `out` is untouched on error.
     """
@@ -161,11 +171,14 @@ def merge_groups(plan_dir: str | Path, group_dirs: list[str | Path], out: str | 
     targets = set(config.target_names)
     for spec in config.all_specs:
         short, dups, left, hashes, parts[spec.name] = 0, 0, 0, [], []
+        oversize = {"oversize_skipped": 0, "oversize_truncated": 0}
         for folder, manifest in groups:
             counts = manifest["datasets"].get(spec.name)
             if counts is None:
                 continue
             short += counts["dropped_short"]
+            for key in oversize:
+                oversize[key] += counts.get(key, 0)
             dups += counts["duplicates_removed"]
             digests, lengths, left_out = _read_part(folder / spec.name, counts, dtype)
             dest = np.zeros(len(digests), dtype=np.int8)
@@ -208,6 +221,7 @@ def merge_groups(plan_dir: str | Path, group_dirs: list[str | Path], out: str | 
             "sources": list(spec.paths),
             "train_tokens": sum(int(p.lengths[p.dest == 1].sum()) for p in parts[spec.name]),
             "heldout_tokens": sum(int(p.lengths[p.dest == 2].sum()) for p in parts[spec.name]),
+            **{key: n for key, n in oversize.items() if n},  # data.max_document_bytes
         }
         if spec.name not in targets:
             stats[spec.name].update(_full_counts(stats[spec.name], keep.get(spec.name, 1.0), left))
@@ -245,7 +259,7 @@ def merge_groups(plan_dir: str | Path, group_dirs: list[str | Path], out: str | 
             f"curate {name}: {s['documents']} train + {s['heldout_documents']} held-out "
             f"docs, {s['train_tokens']:,} train + {s['heldout_tokens']:,} held-out tokens, "
             f"{s['duplicates_removed']} duplicates, {s['dropped_short']} short, "
-            f"prior {prior[name]:.3f} ({s['prior_source']}"
+            f"{_oversize(s)}prior {prior[name]:.3f} ({s['prior_source']}"
             + (
                 f": {s['left_out_documents']} docs left out by data.max_tokens, "
                 f"~{s['full_train_tokens']:,} train tokens in all)"

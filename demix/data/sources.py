@@ -1,24 +1,32 @@
 """Input side of curation: dataset specs to input files (local paths and gs:// URIs), documents
 read from .jsonl/.txt (optionally gzipped), zstd-compressed .jsonl, Parquet files and folders
-saved by `datasets` (Arrow shards), and the text normalization every document gets."""
+saved by `datasets` (Arrow shards), and the text normalization every document gets. Files are
+read in bounded pieces and documents bounded by data.max_document_bytes (demix.data.lines)."""
 
 from __future__ import annotations
 
-import codecs
 import dataclasses
 import errno
-import gzip
 import hashlib
 import json
 import os
 import re
 import unicodedata
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from demix.config import DatasetSpec
+from demix.data.lines import (
+    DocumentLimit,
+    OversizeCount,
+    bounded_lines,
+    bounded_text,
+    checked_chunks,
+    file_chunks,
+    utf8_prefix,
+)
 from demix.errors import DataError, DemixError, json_type, one_line
 from demix.storage import check_uri, fetch_files, is_remote, remote_files, split_gs
 
@@ -29,7 +37,6 @@ INPUT_SUFFIXES = (
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 ZSTD_SUFFIXES = (".jsonl.zst", ".jsonl.zstd")
 ARROW_SUFFIXES = (".parquet", ".arrow")
-ZSTD_READ_BYTES = 1 << 16  # compressed bytes decompressed at a time
 ARROW_BATCH_ROWS = 1024  # rows of the text column read at a time
 HASH_BYTES = 32  # sha256 of a document's normalized text
 # A Python str holds a surrogate code point only when it is unpaired (json.loads joins pairs).
@@ -49,54 +56,40 @@ def normalize(text: str) -> str:
     return "\n".join(line.rstrip() for line in text.split("\n")).strip()
 
 
-def _read_text(path: Path, dataset: str) -> str:
-    """The text of a (possibly gzipped) UTF-8 file. Raises DataError naming the file."""
+def _decoded(raw: bytes, where: str, offset: int, first: bool) -> str:
+    """UTF-8 bytes read at `offset` of a file as text (a byte order mark dropped at the start).
+
+    Raises DataError naming `where` and the offset of a bad byte.
+    """
     try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise DataError(
-            f"dataset {dataset!r}: cannot read {path} ({err.strerror}); check its permissions"
-        ) from None
-    if path.suffix == ".gz":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError):
-            raise DataError(
-                f"dataset {dataset!r}: {path} is not valid gzip; give .jsonl/.txt or gzip of them"
-            ) from None
-    if wide := _utf16_or_32(raw):
-        raise DataError(
-            f"dataset {dataset!r}: {path} is {wide} encoded; convert it to UTF-8 "
-            f"(e.g. iconv -f {wide} -t UTF-8)"
-        )
-    if b"\x00" in raw:
-        raise DataError(
-            f"dataset {dataset!r}: {path} is binary (NUL bytes); give UTF-8 .jsonl or .txt files"
-        )
-    try:
-        return raw.decode("utf-8-sig")
+        return raw.decode("utf-8-sig" if first else "utf-8")
     except UnicodeDecodeError as err:
         raise DataError(
-            f"dataset {dataset!r}: {path} is not UTF-8 text (bad byte at offset {err.start}); "
+            f"{where} is not UTF-8 text (bad byte at offset {offset + err.start}); "
             "convert it to UTF-8"
         ) from None
 
 
-def _utf16_or_32(raw: bytes) -> str | None:
-    """The encoding, UTF-16 or UTF-32, when the bytes start with its byte order mark or read as
-    printable UTF-16 text without one (NUL high bytes at every other position); else None."""
-    for bom, name in ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32")):
-        if raw.startswith(bom):
-            return name
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return "UTF-16"
-    head = raw[: min(len(raw), 4096) // 2 * 2]
-    even, odd = head[0::2].count(0), head[1::2].count(0)
-    if min(even, odd) or max(even, odd) <= len(head) // 4:
-        return None
-    text = head.decode("utf-16-le" if odd else "utf-16-be", errors="replace")
-    printable = sum(c.isprintable() or c.isspace() for c in text)
-    return "UTF-16" if printable >= 0.95 * len(text) else None
+def _file_chunks(path: Path, dataset: str) -> Iterator[bytes]:
+    """A file's decompressed bytes in bounded chunks, refused when binary or UTF-16/32."""
+    return checked_chunks(file_chunks(path, dataset), path, dataset)
+
+
+def _text_document(
+    path: Path, dataset: str, limit: DocumentLimit, counts: OversizeCount
+) -> Iterator[str]:
+    """The whole of a text file (.txt, .txt.gz) as one document, at most limit.max_bytes of it
+    read into memory. Raises DataError naming the file."""
+    raw, more = bounded_text(_file_chunks(path, dataset), limit.max_bytes)
+    if more:
+        if limit.oversize == "refuse":
+            raise limit.refusal(str(path))
+        if limit.oversize == "skip":
+            counts.skipped += 1
+            return
+        counts.truncated += 1
+        raw = utf8_prefix(raw)
+    yield _decoded(raw, f"dataset {dataset!r}: {path}", 0, True)
 
 
 def _saved_shards(spec: DatasetSpec, folder: str, state: bytes) -> list[str]:
@@ -261,28 +254,36 @@ def read_json_line(line: str, where: str, error: type[DemixError]) -> Any:
     raise error(f"{where}: not valid JSON ({reason})")
 
 
-def read_file_documents(path: Path, spec: DatasetSpec) -> Iterator[str]:
+def read_file_documents(
+    path: Path,
+    spec: DatasetSpec,
+    limit: DocumentLimit | None = None,
+    counts: OversizeCount | None = None,
+) -> Iterator[str]:
     """Raw documents of one file of a dataset: one per JSONL line (field spec.text_field), one
     per row of a Parquet or Arrow file (column spec.text_field), or the whole file for text
-    files. Compressed JSONL (zstd) and Parquet/Arrow files are read piece by piece.
+    files. Every file is read piece by piece, decompressed as read (gzip, zstd), and no
+    document longer than `limit` (default: data.max_document_bytes' default, refused) is ever
+    held whole: one is refused, skipped or truncated as limit.oversize says, and counted in
+    `counts`.
 
     Raises DataError naming the file (and line or row) of an unreadable, binary or malformed
-    input, or of a record whose text is missing or not a string.
+    input, of a record whose text is missing or not a string, or of a document over the limit
+    under oversize: refuse.
     """
+    limit = limit or DocumentLimit()
+    counts = counts if counts is not None else OversizeCount()
     if path.name.endswith(ARROW_SUFFIXES):
-        yield from _table_documents(path, spec)
-    elif path.name.endswith(ZSTD_SUFFIXES):
-        yield from _jsonl_documents(_zstd_lines(path), path, spec)
-    elif path.name.endswith(JSONL_SUFFIXES):
-        # Not splitlines(): JSON strings may hold raw U+2028 and other Unicode line breaks.
-        yield from _jsonl_documents(_read_text(path, spec.name).split("\n"), path, spec)
+        yield from _table_documents(path, spec, limit, counts)
+    elif path.name.endswith(JSONL_SUFFIXES + ZSTD_SUFFIXES):
+        yield from _jsonl_documents(path, spec, limit, counts)
     elif spec.where:
         raise DataError(
             f"{path}: dataset {spec.name!r} selects records by {sorted(spec.where)} (where), "
             "but a text file has no fields; give JSONL or Parquet records or remove where"
         )
     else:
-        yield _read_text(path, spec.name)
+        yield from _text_document(path, spec.name, limit, counts)
 
 
 def selected(spec: DatasetSpec, value_of) -> bool:
@@ -294,9 +295,21 @@ def selected(spec: DatasetSpec, value_of) -> bool:
     return True
 
 
-def _jsonl_documents(lines: Iterable[str], path: Path, spec: DatasetSpec) -> Iterator[str]:
-    """The text field of each non-blank JSONL line. Raises DataError naming file and line."""
-    for number, line in enumerate(lines, start=1):
+def _jsonl_documents(
+    path: Path, spec: DatasetSpec, limit: DocumentLimit, counts: OversizeCount
+) -> Iterator[str]:
+    """The text field of each non-blank JSONL line, lines read up to limit.max_bytes (a longer
+    record cannot be parsed without holding it: refused, or skipped under skip and truncate).
+    Raises DataError naming file and line."""
+    lines = bounded_lines(_file_chunks(path, spec.name), limit.max_bytes)
+    for number, offset, raw in lines:
+        if raw is None:
+            if limit.oversize == "refuse":
+                raise limit.refusal(f"{path}:{number}", "record")
+            counts.skipped += 1
+            continue
+        # Not splitlines(): JSON strings may hold raw U+2028 and other Unicode line breaks.
+        line = _decoded(raw, f"dataset {spec.name!r}: {path}", offset, number == 1)
         if not line.strip():
             continue
         record = read_json_line(line, f"{path}:{number}", DataError)
@@ -317,64 +330,13 @@ def _jsonl_documents(lines: Iterable[str], path: Path, spec: DatasetSpec) -> Ite
         yield value
 
 
-def _zstd_chunks(path: Path) -> Iterator[bytes]:
-    """The decompressed bytes of a zstd file (one or more frames), ZSTD_READ_BYTES of compressed
-    input at a time. Raises DataError naming the file and about where a frame is corrupt or
-    cut off."""
-    import zstandard
-
-    at = 0  # compressed bytes consumed before `chunk`
-    frame = None  # the decompressor of the frame being read
-    with open(path, "rb") as raw:
-        while chunk := raw.read(ZSTD_READ_BYTES):
-            while chunk:
-                if frame is None:
-                    frame = zstandard.ZstdDecompressor().decompressobj()
-                try:
-                    yield frame.decompress(chunk)
-                except zstandard.ZstdError as err:
-                    raise DataError(
-                        f"{path}: corrupt zstd data near byte {at} ({one_line(err)}); "
-                        "compress the file again"
-                    ) from None
-                rest = b""
-                if frame.eof:  # what follows the frame starts the next one
-                    rest, frame = frame.unused_data, None
-                at += len(chunk) - len(rest)
-                chunk = rest
-    if frame is not None:
-        raise DataError(
-            f"{path}: zstd data ends inside a frame near byte {at} (a truncated file?); "
-            "compress or copy it again"
-        )
-
-
-def _zstd_lines(path: Path) -> Iterator[str]:
-    """The lines ("\n"-separated) of a zstd-compressed UTF-8 file, decompressed as read."""
-    decoder = codecs.getincrementaldecoder("utf-8-sig")()
-    done, pending = 0, ""  # decompressed bytes decoded; text after the last newline
-    for data in _zstd_chunks(path):
-        try:
-            pending += decoder.decode(data)
-        except UnicodeDecodeError as err:
-            raise DataError(
-                f"{path}: not UTF-8 text (bad byte near decompressed offset {done + err.start}); "
-                "convert it to UTF-8"
-            ) from None
-        done += len(data)
-        *lines, pending = pending.split("\n")
-        yield from lines
-    try:
-        pending += decoder.decode(b"", final=True)
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text (it ends inside a character)") from None
-    yield pending
-
-
-def _table_documents(path: Path, spec: DatasetSpec) -> Iterator[str]:
+def _table_documents(
+    path: Path, spec: DatasetSpec, limit: DocumentLimit, counts: OversizeCount
+) -> Iterator[str]:
     """The text column of a Parquet file (row group by row group) or an Arrow IPC file or stream
-    (record batch by batch), as saved by `datasets`. Raises DataError naming the file, and the
-    row (counted from 0) of a value that is not a string."""
+    (record batch by batch), as saved by `datasets`; a value over limit.max_bytes is refused,
+    skipped or truncated. Raises DataError naming the file, and the row (counted from 0) of a
+    value that is not a string or, under oversize: refuse, too long."""
     import pyarrow as pa
     import pyarrow.ipc
     import pyarrow.parquet as pq
@@ -416,12 +378,32 @@ def _table_documents(path: Path, spec: DatasetSpec) -> Iterator[str]:
                         f"{path}:row {row}: column {field!r} is {kind}, not a string; set "
                         f"text_field of dataset {spec.name!r} to a text column"
                     )
-                yield value
+                value = _within(value, limit, counts, f"{path}:row {row}")
+                if value is not None:
+                    yield value
                 row += 1
     except (pa.ArrowException, OSError) as err:
         kind = "Parquet" if parquet else "Arrow (IPC)"
         after = f" after row {row - 1}" if row else ""
         raise DataError(f"{path}: not a readable {kind} file{after} ({one_line(err)})") from None
+
+
+def _within(value: str, limit: DocumentLimit, counts: OversizeCount, where: str) -> str | None:
+    """A table's text value within the limit: as it is, cut (truncate), or None (skip).
+
+    Raises DataError naming `where` for a longer one under oversize: refuse."""
+    if len(value) * 4 <= limit.max_bytes:  # a character is at most 4 bytes: no need to count
+        return value
+    raw = value.encode("utf-8", "surrogatepass")
+    if len(raw) <= limit.max_bytes:
+        return value
+    if limit.oversize == "refuse":
+        raise limit.refusal(where)
+    if limit.oversize == "skip":
+        counts.skipped += 1
+        return None
+    counts.truncated += 1
+    return utf8_prefix(raw[: limit.max_bytes]).decode("utf-8", "surrogatepass")
 
 
 def _batch_selection(spec: DatasetSpec, batch) -> list[bool] | None:
@@ -436,13 +418,13 @@ def _batch_selection(spec: DatasetSpec, batch) -> list[bool] | None:
     ]
 
 
-def read_documents(spec: DatasetSpec) -> Iterator[str]:
-    """Raw documents of a dataset (local paths), file by file in order.
+def read_documents(spec: DatasetSpec, limit: DocumentLimit | None = None) -> Iterator[str]:
+    """Raw documents of a dataset (local paths), file by file in order, each within `limit`.
 
     Raises DataError naming the file (and line) of a missing, binary or malformed input.
     """
     for path in dataset_files(spec):
-        yield from read_file_documents(path, spec)
+        yield from read_file_documents(path, spec, limit)
 
 
 def clean_document(raw: str, min_chars: int) -> tuple[str, bytes] | None:

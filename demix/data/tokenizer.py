@@ -11,6 +11,7 @@ from typing import BinaryIO
 import numpy as np
 
 from demix.config import DataConfig
+from demix.data.lines import DocumentLimit
 from demix.data.sources import InputFile, clean_document, read_file_documents
 from demix.errors import ModelError
 from demix.storage import fetch_files
@@ -56,7 +57,8 @@ def tokenizer_sample(files: list[InputFile], config: DataConfig) -> list[str]:
             read += mine[i].size
         found: dict[bytes, str] = {}  # content hash -> text, in file order
         for i in sorted(chosen):
-            for raw in read_file_documents(fetch_files(mine[i].uri), spec):
+            path = fetch_files(mine[i].uri)
+            for raw in read_file_documents(path, spec, DocumentLimit.of(config)):
                 cleaned = clean_document(raw, config.min_chars)
                 if cleaned and cleaned[1] not in seen and cleaned[1] not in found:
                     found[cleaned[1]] = cleaned[0]

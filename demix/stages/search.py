@@ -12,6 +12,7 @@ from demix import search
 from demix.config import RunConfig
 from demix.data.shards import CuratedData
 from demix.errors import DemixError
+from demix.memory_plans import config_search_plan
 from demix.mixtures import (
     HULL_TOLERANCE,
     as_dict,
@@ -75,9 +76,12 @@ def search_stage(
     """The whole search (demix.search.run_search) into `out`: scores.jsonl, then result.json.
 
     Resumes from an existing scores table: proxies already scored are not evaluated again.
+    Raises ConfigError, before `out` is made, when the candidate pool's memory plan
+    (demix.memory_plans) exceeds the host's available memory.
     """
     from demix.proxies import TrainedProxyEvaluator
 
+    config_search_plan(config).check()
     out.mkdir(parents=True, exist_ok=True)
     proxy = make_proxy(config, data, base, components, out, evaluator)
     table = search.ScoresTable(out / "scores.jsonl")
@@ -155,7 +159,9 @@ def predict_stage(
 ) -> dict:
     """A search round between evaluations, as the pipeline runs it: the scores so far (history
     plus the new shards) into `history_out`, then round `round_index`'s proposals (a JSON list)
-    or, with None, the selection (a JSON object) into `result_out`; returns metrics."""
+    or, with None, the selection (a JSON object) into `result_out`; returns metrics.
+    Raises ConfigError when the candidate pool's memory plan exceeds the host's memory."""
+    config_search_plan(config).check()
     rows = search.ScoresTable(history).rows() if history else []
     for path in scores:
         rows += search.ScoresTable(path).rows()

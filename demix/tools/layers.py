@@ -25,7 +25,16 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ),
     ("checkpoint", ("demix.checkpoint",)),
     ("config", ("demix.merge.registry", "demix.config")),
-    ("model", ("demix.model", "demix.base_model", "demix.distributed", "demix.device_memory")),
+    (
+        "model",
+        (
+            "demix.model",
+            "demix.base_model",
+            "demix.distributed",
+            "demix.device_memory",
+            "demix.memory_plans",
+        ),
+    ),
     ("mixtures", ("demix.mixtures",)),
     ("data", ("demix.data",)),
     ("statistics", ("demix.statistics", "demix.ranking", "demix.verdict")),

@@ -26,6 +26,7 @@ from demix.checkpoint import read_model_manifest
 from demix.config import ArchitectureConfig, ModelConfig, StageTraining, TrainConfig
 from demix.data.shards import CuratedData, MixtureSampler
 from demix.distributed import make_accelerator
+from demix.memory_plans import shape_of_architecture, shape_of_folder, training_plan
 from demix.model import build_tiny_llama, load_model, resolve_device, save_model
 from demix.progress import progress
 from demix.train.curves import CurveRecorder, write_curve_files
@@ -105,7 +106,8 @@ def train_model(
     `stage.optimizer: carried` starts from the optimizer state saved with `init`.
     Raises TrainingError on a non-finite loss (the last checkpoint is kept) or an init without
     the optimizer state to carry, MixtureError on bad weights, ModelError on a bad init
-    folder, ConfigError when train.batch_size does not split over the processes.
+    folder, ConfigError when train.batch_size does not split over the processes or the
+    memory plan (demix.memory_plans) exceeds the device's free memory, before any allocation.
     """
     out = Path(out)
     ckpt = out.with_name(out.name + ".ckpt")
@@ -120,10 +122,17 @@ def train_model(
     main = accelerator.is_main_process
     # One process keeps train.device; launched ones use their own (a GPU each, or the CPU).
     device = resolve_device(train.device) if processes == 1 else accelerator.device
+    if init is None and arch is None:
+        raise ValueError("train_model needs `init` or `arch`")
+    # the memory plan, before any weight is built or read: refused here in one line
+    shape = (
+        shape_of_folder(init) if init is not None else shape_of_architecture(arch, data.vocab_size)
+    )
+    plan = training_plan(shape, train, model_cfg.attn_implementation, processes, device).check()
+    if main and not quiet:
+        log.info("train %s %s: %s", role, name, plan.line)
     tokenizer = data.load_tokenizer()
     if init is None:
-        if arch is None:
-            raise ValueError("train_model needs `init` or `arch`")
         model = build_tiny_llama(arch, data.vocab_size, data.eos_token_id, seed).to(device)
     else:
         model = load_model(
