@@ -125,6 +125,7 @@ class ModelShape:
     intermediate: int
     vocab: int
     source: str  # "model.architecture" or the model folder
+    tied: bool = True  # the output layer shares the embedding's weights
 
 
 def architecture_parameters(arch: ArchitectureConfig, vocab: int) -> int:
@@ -146,6 +147,7 @@ def shape_of_architecture(arch: ArchitectureConfig, vocab: int) -> ModelShape:
         arch.intermediate_size,
         vocab,
         "model.architecture",
+        arch.tie_word_embeddings,
     )
 
 
@@ -180,6 +182,7 @@ def shape_of_folder(folder: str | Path) -> ModelShape:
         first("intermediate_size", "n_inner", "ffn_dim", default=4 * hidden),
         first("vocab_size"),
         str(folder),
+        bool(config.get("tie_word_embeddings", False)),
     )
 
 

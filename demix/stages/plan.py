@@ -20,12 +20,12 @@ gets, so its wall time can be shorter; `make demo` runs them one after the other
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from demix.config import RunConfig
 from demix.errors import DemixError
+from demix.memory_plans import ModelShape, shape_of_architecture, shape_of_folder, training_plan
 from demix.mixtures import FINAL_LABELS
 
 # Measured on this project's 2-core machine, quiet: `make demo` curated 28.4 MB of JSONL in
@@ -97,62 +97,20 @@ def accelerator(name: str) -> Accelerator:
     return ACCELERATORS[name]
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    """What the cost of a model follows from."""
-
-    parameters: int
-    hidden: int
-    layers: int
-    vocab: int
-    tied: bool
-    source: str
-
-    def flops_per_token(self, seq_len: int, training: bool) -> float:
-        """Training (forward and backward) or evaluation (forward) FLOPs of one token: the
-        embedding lookup costs none, the output layer's product counts (tied or not)."""
-        dense = self.parameters - (0 if self.tied else self.vocab * self.hidden)
-        forward = 2 * dense + 4 * self.layers * seq_len * self.hidden
-        return 3 * forward if training else forward
-
-
-def architecture_shape(config: RunConfig) -> ModelShape:
-    """The tiny Llama the config builds: its parameters counted from the architecture."""
-    arch = config.model.architecture
-    h, i, vocab = arch.hidden_size, arch.intermediate_size, config.data.tokenizer.vocab_size
-    layer = 4 * h * h + 3 * h * i + 2 * h  # attention, gated MLP, two norms
-    embeddings = vocab * h * (1 if arch.tie_word_embeddings else 2)
-    return ModelShape(
-        embeddings + arch.num_layers * layer + h,
-        h,
-        arch.num_layers,
-        vocab,
-        arch.tie_word_embeddings,
-        "model.architecture",
-    )
+def flops_per_token(shape: ModelShape, seq_len: int, training: bool) -> float:
+    """Training (forward and backward) or evaluation (forward) FLOPs of one token: the
+    embedding lookup costs none, the output layer's product counts (tied or not)."""
+    dense = shape.parameters - (0 if shape.tied else shape.vocab * shape.hidden)
+    forward = 2 * dense + 4 * shape.layers * seq_len * shape.hidden
+    return 3 * forward if training else forward
 
 
 def base_shape(config: RunConfig) -> ModelShape:
-    """The base's shape: from a local folder's config.json and safetensors headers, else from
-    the architecture (a gs:// or hub base is not fetched to plan)."""
-    import json
-
-    base = config.model.base
-    if base is None or config.model.base_form != "local":
-        return architecture_shape(config)
-    from demix.checkpoint import tensor_shapes
-
-    hf = json.loads((Path(base) / "config.json").read_text())
-    shapes = tensor_shapes(Path(base))
-    parameters = sum(math.prod(shape) for shape, _ in shapes.values())
-    return ModelShape(
-        parameters,
-        int(hf["hidden_size"]),
-        int(hf["num_hidden_layers"]),
-        int(hf["vocab_size"]),
-        bool(hf.get("tie_word_embeddings", False)),
-        f"{base} (safetensors headers)",
-    )
+    """The base's shape: a local folder's (config.json and safetensors headers), else the
+    architecture's (a gs:// or hub base is not fetched to plan)."""
+    if config.model.base is not None and config.model.base_form == "local":
+        return shape_of_folder(config.model.base)
+    return shape_of_architecture(config.model.architecture, config.data.tokenizer.vocab_size)
 
 
 @dataclass
@@ -202,15 +160,11 @@ def _eval_tokens(config: RunConfig) -> int:
     return total
 
 
-def _training_bytes(shape: ModelShape, config: RunConfig, gpu: bool) -> float:
-    """Peak memory of a training process: fp32 weights, gradients and AdamW's two moments,
-    and the activations of a micro-batch (about 34 x hidden bytes per token per layer at
-    bf16, twice at fp32, and the logits)."""
-    train = config.train
-    tokens = (train.micro_batch_size or train.batch_size) * train.seq_len
-    activation = (34 if gpu else 68) * shape.hidden * shape.layers * tokens
-    logits = 3 * 4 * tokens * shape.vocab
-    return 16 * shape.parameters + activation + logits
+def _training_bytes(shape: ModelShape, config: RunConfig, device: Accelerator, gpu: bool) -> int:
+    """Peak memory of one training process (demix.memory_plans.training_plan), bfloat16 on a
+    GPU and float32 on a CPU."""
+    where = (device.name, gpu, int(device.memory_bytes))
+    return training_plan(shape, config.train, config.model.attn_implementation, device=where).needed
 
 
 def plan_run(config: RunConfig, device: Accelerator, eval_workers: int = 2) -> list[StagePlan]:
@@ -222,8 +176,8 @@ def plan_run(config: RunConfig, device: Accelerator, eval_workers: int = 2) -> l
     shape = base_shape(config)
     train_rate = device.peak_flops * device.train_utilisation
     eval_rate = device.peak_flops * device.eval_utilisation
-    per_token = shape.flops_per_token(config.train.seq_len, training=True)
-    eval_per_token = shape.flops_per_token(config.train.seq_len, training=False)
+    per_token = flops_per_token(shape, config.train.seq_len, training=True)
+    eval_per_token = flops_per_token(shape, config.train.seq_len, training=False)
     model_bytes = 4 * shape.parameters
     k = len(config.data.datasets)
     rows = []
@@ -252,7 +206,7 @@ def plan_run(config: RunConfig, device: Accelerator, eval_workers: int = 2) -> l
             tokens=tokens,
             flops=flops,
             seconds=flops / train_rate,
-            peak_bytes=_training_bytes(shape, config, gpu),
+            peak_bytes=_training_bytes(shape, config, device, gpu),
             written_bytes=tasks * model_bytes * 4,  # the model, and its checkpoint (x3)
         )
 
