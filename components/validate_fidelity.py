@@ -19,7 +19,7 @@ def validate_fidelity(
 
     from demix.config import resolve_config
     from demix.logs import configure_logging
-    from demix.recipes.validate import validate_step
+    from demix.stages.validate import validate_step
 
     configure_logging()
     result = validate_step(

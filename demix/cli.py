@@ -208,7 +208,7 @@ def _cmd_search(args) -> None:
 def _cmd_validate(args) -> None:
     from demix.data.shards import CuratedData
     from demix.fidelity import AGGREGATE
-    from demix.recipes.validate import validate_stage
+    from demix.stages.validate import validate_stage
 
     result = validate_stage(
         run_config(args),

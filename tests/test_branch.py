@@ -171,7 +171,7 @@ def test_fingerprints_of_cosine_jobs_do_not_change(corpus_dir, branched):
 def test_validate_reports_against_the_branch_point_and_the_control(branched):
     """A constructed validate run in the branch regime: the control is trained per run seed on
     the token prior from the branch point, and fidelity.json reports both anchors."""
-    from demix.recipes.validate import validate_stage
+    from demix.stages.validate import validate_stage
 
     config, data, base, root = branched
     config = config.model_copy(

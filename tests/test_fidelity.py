@@ -326,7 +326,7 @@ def test_paired_stderr_is_the_standard_error_of_a_difference():
 
 def test_a_task_without_signal_is_warned_about():
     """On the paired signal/noise; on the unpaired one where per-document scores are missing."""
-    from demix.recipes.validate import fidelity_warnings
+    from demix.stages.validate import fidelity_warnings
 
     rng = np.random.default_rng(0)
     w = rng.dirichlet(np.ones(2), size=6)

@@ -20,11 +20,11 @@ from demix.mixtures import (
     prior_vector,
     search_floor,
 )
-from demix.recipes.validate import fidelity_by_hull
 from demix.search import ScoresTable, mixture_id, propose_round, run_search, sample_mixtures
 from demix.search.objective import Objective
 from demix.search.rounds import candidate_pool
 from demix.stages import describe_selection
+from demix.stages.validate import fidelity_by_hull
 
 from .conftest import smoke_config_dict
 
@@ -212,7 +212,7 @@ def test_validate_references_lie_where_the_search_looks(tmp_path, weights):
     """Under hull the references are drawn inside it, with the components' training mixes as
     corners (a TIES merge, which refuses c < 0, can build every one of their proxies); under
     data they include the simplex's vertices, outside it."""
-    from demix.recipes.validate import reference_mixtures
+    from demix.stages.validate import reference_mixtures
 
     config = _config(tmp_path, weights, method="ties" if weights == "hull" else "linear")
     refs = reference_mixtures(config, DATA)

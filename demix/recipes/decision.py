@@ -33,13 +33,13 @@ from demix.model import resolve_device
 from demix.proxies import make_evaluator
 from demix.recipes.reproduce import seed_folder
 from demix.recipes.run import StageClock, prepare_models, start_run_folder, train_finals
-from demix.recipes.validate import evaluate_once
 from demix.report.decision import format_decision
 from demix.search import ScoresTable, search_objective
 from demix.search.fits import fit_selection
 from demix.search.loop import canonical_rows, weights_matrix
 from demix.search.results import mixture_id
 from demix.stages import search_stage, train_components
+from demix.stages.validate import evaluate_once
 from demix.storage import atomic_write_json, atomic_write_text
 
 

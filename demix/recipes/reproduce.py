@@ -27,7 +27,6 @@ from demix.mixtures import baseline_mixtures, components_in_order, seeded_runs
 from demix.model import resolve_device
 from demix.proxies import ProxyEvaluator, make_evaluator, merge_settings, model_id, score_key
 from demix.recipes.run import StageClock, prepare_models, start_run_folder, train_finals
-from demix.recipes.validate import train_references, validate_stage
 from demix.report.reproduce import format_table, headline, l1, stability
 from demix.report.summary import final_entry
 from demix.stages import (
@@ -37,6 +36,7 @@ from demix.stages import (
     search_stage,
     train_components,
 )
+from demix.stages.validate import train_references, validate_stage
 from demix.storage import atomic_write_json, atomic_write_text, kept_json
 from demix.train.roles import decayed_base_dir
 

@@ -12,6 +12,8 @@ local run and in a pipeline task; neither adds logic of its own.
     finals      evaluate_models_stage, evaluate_finals_stage (scores, summary.json, report)
     artifacts   the base's folder, the model index and the component manifests
     run         what the recipes share: the run folder, prepared models, finals, the evaluator
+    validate    validate_stage: trained references against merged proxies (demix.stages.validate,
+                imported from there: it trains and evaluates, so it loads on first use)
 
 The names below are those the recipes, components and tests import from `demix.stages`.
 """

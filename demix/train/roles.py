@@ -9,7 +9,7 @@ written at that point, with its optimizer state: the branch point. Every other r
 branch from it (warmup to its own peak lr, decay to min_lr_ratio x that lr, its optimizer fresh
 or carried from the base). Part of what any branch gains is the decay itself, whatever its
 data: the `control` branch, on the token prior with the component budget and schedule, measures
-that part, so fidelity reports data effects against it (demix.recipes.validate). A user's
+that part, so fidelity reports data effects against it (demix.stages.validate). A user's
 `model.base` is the branch point as it is (export a checkpoint from before its lr decayed).
 """
 

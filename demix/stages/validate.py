@@ -53,7 +53,8 @@ from demix.report.fidelity import write_fidelity_report
 from demix.search.predictor import seed_entropy
 from demix.search.results import mixture_id
 from demix.search.sampler import sample_mixtures
-from demix.stages import read_model_index, train_stage
+from demix.stages.artifacts import read_model_index
+from demix.stages.train import train_stage
 from demix.storage import atomic_write_json, atomic_write_text, kept_json
 
 log = logging.getLogger(__name__)
