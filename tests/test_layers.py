@@ -54,3 +54,11 @@ def test_the_package_view_names_each_package_once(capsys):
     out = capsys.readouterr().out
     stages = next(line for line in out.splitlines() if line.split()[1] == "stages")
     assert stages.split()[2:] == ["demix.stages/"]
+
+
+def test_the_architecture_page_draws_the_house_the_imports_draw():
+    """docs/architecture.md's diagram is `python -m demix.tools.layers --packages`, as it is."""
+    text, clean = layers.render(ROOT, packages=True)
+    drawn = "\n".join(line for line in text.splitlines() if not line.startswith("ok:"))
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    assert clean and f"```\n{drawn}\n```" in page
