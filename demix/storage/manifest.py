@@ -60,7 +60,7 @@ def cached_sha256(path: Path) -> str:
         return _HASHES[key]
     started = time.time_ns()
     digest = sha256_file(path)
-    if max(before.st_mtime_ns, before.st_ctime_ns) < started - _RACY_NS:
+    if before.st_mtime_ns < started - _RACY_NS:
         _HASHES[key] = digest
     return digest
 
@@ -174,7 +174,7 @@ def parse_manifest(text: bytes | str, where: str, kind: str | None = None) -> di
             raise DataError(f"{where}: file entry {rel!r} names a file demix keeps to itself")
     check_manifest_fields(manifest, where)
     if "tokenizer" in manifest:  # a folder of the artifact: a relative path inside it
-        folder = check_manifest_entry(manifest["tokenizer"], f"{where}: field 'tokenizer':")
+        folder = check_manifest_entry(manifest["tokenizer"], f"{where}: field 'tokenizer'")
         if not any(rel.startswith(folder + "/") for rel in manifest["files"]):
             raise DataError(
                 f"{where}: field 'tokenizer': no listed file is in {folder!r}; the artifact "

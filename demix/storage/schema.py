@@ -9,14 +9,16 @@ a number is a JSON number, never a string or a boolean, and never NaN or infinit
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
-    StrictFloat,
+    PlainValidator,
     StrictInt,
     StrictStr,
     ValidationError,
@@ -25,9 +27,23 @@ from pydantic import (
 from demix.errors import DataError
 
 Count = Annotated[StrictInt, Field(ge=0)]
-# A finite number >= 0 (a JSON integer or float)
-Amount = Annotated[StrictInt | Annotated[StrictFloat, Field(allow_inf_nan=False)], Field(ge=0)]
-Real = StrictInt | Annotated[StrictFloat, Field(allow_inf_nan=False)]
+
+
+def _finite(value: Any) -> int | float:
+    """A JSON number that is finite (not a boolean, a string, NaN or infinite)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError("should be a finite number")
+    return value
+
+
+def _non_negative(value: int | float) -> int | float:
+    if value < 0:
+        raise ValueError("should be a number >= 0")
+    return value
+
+
+Real = Annotated[Any, PlainValidator(_finite)]
+Amount = Annotated[Any, PlainValidator(_finite), AfterValidator(_non_negative)]
 Sha256 = Annotated[StrictStr, Field(pattern=r"^[0-9a-f]{64}$")]
 # Token stream dtypes a dataset may be stored in (curation writes uint16 or uint32)
 TOKEN_DTYPES = ("uint8", "uint16", "uint32", "int32", "int64")
@@ -125,14 +141,15 @@ def check_manifest_fields(manifest: dict[str, Any], where: str) -> None:
 
     Raises DataError naming `where` and the first field that has a wrong type or value.
     """
-    schema = SCHEMAS.get(manifest.get("kind"), Manifest)
+    kind = manifest.get("kind")
+    schema = SCHEMAS.get(kind, Manifest) if isinstance(kind, str) else Manifest
     try:
         fields = schema.model_validate(manifest)
     except ValidationError as err:
         first = err.errors(include_url=False)[0]
         got = repr(first.get("input"))
         got = got if len(got) <= 40 else got[:37] + "..."
-        reason = " ".join(first["msg"].split())
+        reason = " ".join(first["msg"].split()).removeprefix("Value error, ")
         _refuse(where, _field(first["loc"]), f"{reason} (found {got})")
     conflict = fields.consistency() if isinstance(fields, DatasetManifest) else None
     if conflict:
