@@ -319,12 +319,15 @@ def test_demix_own_files_beside_the_content_are_not_refused(published, tmp_path)
     base = _copy(published, "base", tmp_path)
     (base / "demix-output.json").write_text('{"kind": "demix.model"}')
     (base / ".demix-lock").write_text("pid 1 on host\n")
+    (base / ".demix-scratch").mkdir()
+    (base / ".demix-scratch" / "part.bin").write_bytes(b"\0")
     (base / "sub").mkdir()
     (base / "sub" / ".demix-record.json").write_text("{}")
     assert sorted(TensorIndex(base).names())
     manifest = write_manifest(base, MODEL_KIND)
-    assert not {"demix-output.json", ".demix-lock", "sub/.demix-record.json"} & set(
-        manifest["files"]
+    assert not any(
+        rel in ("demix-output.json", "sub/.demix-record.json") or rel.startswith(".demix")
+        for rel in manifest["files"]
     )
 
 
@@ -437,3 +440,16 @@ def test_a_wrong_checkpoint_step_is_refused(step, tmp_path):
         read_manifest(folder, "demix.checkpoint")
     reliability.count("tampered_refused")
     reliability.count("tamper_fields")
+
+
+def test_a_kept_dataset_changed_since_it_was_written_is_curated_again(published, tmp_path):
+    from demix.config import parse_config
+    from demix.stages.curate import curate_stage
+
+    config = parse_config(yaml.safe_load((published / "config.yaml").read_text()))
+    out = tmp_path / "data"
+    curate_stage(config, out)
+    _flip_byte(out / "general" / "train.bin")
+    with pytest.raises(DataError, match="sha256 does not match"):
+        CuratedData(out).tokens("general")
+    assert curate_stage(config, out).tokens("general").size > 0  # curated again, intact
