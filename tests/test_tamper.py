@@ -453,3 +453,16 @@ def test_a_kept_dataset_changed_since_it_was_written_is_curated_again(published,
     with pytest.raises(DataError, match="sha256 does not match"):
         CuratedData(out).tokens("general")
     assert curate_stage(config, out).tokens("general").size > 0  # curated again, intact
+
+
+def test_a_tampered_model_base_artifact_is_refused(published, tmp_path):
+    """model.base given as a demix model artifact is held to its manifest like any input."""
+    from demix.base_model import base_fingerprint
+
+    base = _copy(published, "base", tmp_path)
+    assert base_fingerprint(str(base)).startswith("sha256:")
+    _unlisted_tokenizer_file(base, published)
+    with pytest.raises(DataError, match="added_tokens.json: a file not listed"):
+        base_fingerprint(str(base))
+    reliability.count("tampered_refused")
+    reliability.count("tamper_unlisted")
