@@ -12,7 +12,7 @@ import numpy as np
 
 from demix.errors import ModelError
 from demix.safetensors_io import MappedSafetensors
-from demix.storage import read_manifest
+from demix.storage import MANIFEST, read_manifest
 
 MODEL_KIND = "demix.model"
 # A component model manifest's ||theta - base|| / ||base|| (recorded after training).
@@ -22,14 +22,26 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 CURVES_FILE = "curves.jsonl"
 
 
-def safetensors_files(folder: Path) -> list[Path]:
-    """The model's safetensors files; refuse pickle-only checkpoints.
+def _is_weight_file(rel: str) -> bool:
+    """Whether a model folder's file is weights: a *.safetensors file at the top."""
+    return "/" not in rel and rel.endswith(".safetensors")
 
-    Raises ModelError when the folder is missing or holds no safetensors weights.
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The model's safetensors files; refuse pickle-only checkpoints. A demix model artifact
+    is verified against its manifest first (demix.storage.verify_artifact) and only the weight
+    files it lists are returned.
+
+    Raises ModelError when the folder is missing or holds no safetensors weights; DataError
+    when an artifact is not exactly its manifest.
     """
     if not folder.is_dir():
         raise ModelError(f"{folder}: model folder does not exist")
-    files = sorted(folder.glob("*.safetensors"))
+    if (folder / MANIFEST).is_file():  # a demix artifact: exactly the weight files it lists
+        listed = read_manifest(folder, MODEL_KIND, verify=True)["files"]
+        files = [folder / rel for rel in sorted(listed) if _is_weight_file(rel)]
+    else:  # a user's Hugging Face folder
+        files = sorted(folder.glob("*.safetensors"))
     if files:
         return files
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)

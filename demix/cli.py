@@ -206,14 +206,13 @@ def _cmd_search(args) -> None:
 
 @writes(validate_out, reads=("data", "base", "components"))
 def _cmd_validate(args) -> None:
-    from demix.data.shards import CuratedData
     from demix.fidelity import AGGREGATE
     from demix.stages.validate import validate_stage
 
     result = validate_stage(
         run_config(args),
-        CuratedData(args.data),
-        Path(args.base),
+        dataset_arg(args.data),
+        model_arg(args.base),
         components_arg(args.components),
         Path(args.out),
     )

@@ -92,6 +92,38 @@ def torch_dtype(name: str):
     return getattr(torch, SPELLED[name])
 
 
+def _no_duplicate_keys(pairs: list) -> dict:
+    """A JSON object with each key once (the library refuses a duplicate field).
+
+    Raises ValueError naming the duplicate key.
+    """
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r} in the header")
+        out[key] = value
+    return out
+
+
+def _int_list(value) -> bool:
+    """Whether `value` is a JSON array of integers below 2**64 (negative ones are refused
+    later, as offsets outside the file)."""
+    return isinstance(value, list) and all(
+        isinstance(x, int) and not isinstance(x, bool) and x < 2**64 for x in value
+    )
+
+
+def _overflows(shape: tuple[int, ...], itemsize: int) -> bool:
+    """Whether the byte size of `shape`, multiplied out left to right as the library does,
+    passes 2**64 at any step (the library refuses it even when a later dimension is 0)."""
+    size = 1
+    for dim in (*shape, itemsize):
+        size *= dim
+        if size >= 2**64:
+            return True
+    return False
+
+
 class MappedSafetensors:
     """One safetensors file, memory-mapped once; `array(name)` is a zero-copy numpy view.
 
@@ -107,7 +139,7 @@ class MappedSafetensors:
             with open(self.path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 length = self._header_length(f.read(8), size)
-                header = json.loads(f.read(length))
+                header = json.loads(f.read(length), object_pairs_hook=_no_duplicate_keys)
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         except ModelError:
             raise
@@ -159,18 +191,31 @@ class MappedSafetensors:
 
         Raises ModelError naming the tensor of a malformed entry or one outside the file.
         """
-        try:
-            dtype = info["dtype"]
-            itemsize = NUMPY_DTYPES[dtype].itemsize
-            shape = tuple(info["shape"])
-            begin, end = info["data_offsets"]
-            numbers = (*shape, begin, end)
-            if not all(isinstance(x, int) and not isinstance(x, bool) for x in numbers):
-                raise TypeError("shape and offsets must be integers")
-        except (KeyError, TypeError, ValueError):
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
             raise ModelError(
-                f"{self.path}: tensor {name!r} has an unsupported or malformed header entry"
-            ) from None
+                f"{self.path}: tensor {name!r} has an unsupported or malformed header entry "
+                "(expected an object with dtype, shape and data_offsets)"
+            )
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in NUMPY_DTYPES:
+            raise ModelError(
+                f"{self.path}: tensor {name!r} has an unsupported or malformed header entry "
+                f"(dtype {repr(dtype)[:40]} is not one of {', '.join(NUMPY_DTYPES)})"
+            )
+        # The library reads shape as a sequence of usize and offsets as a pair of usize: a
+        # JSON array, never an object, a string or a float; an empty object is no scalar shape.
+        if not _int_list(shape) or not (_int_list(offsets) and len(offsets) == 2):
+            raise ModelError(
+                f"{self.path}: tensor {name!r} has an unsupported or malformed header entry "
+                "(shape must be an array of non-negative integers, data_offsets an array of two)"
+            )
+        itemsize = NUMPY_DTYPES[dtype].itemsize
+        shape, (begin, end) = tuple(shape), offsets
+        if min(shape, default=0) >= 0 and _overflows(shape, itemsize):
+            raise ModelError(
+                f"{self.path}: tensor {name!r} has a shape {list(shape)} whose byte size "
+                "overflows 64 bits"
+            )
         if 0 <= begin <= end and end > data_bytes:
             raise ModelError(
                 f"{self.path}: tensor {name!r} has offsets outside the file (it ends at data byte "

@@ -176,7 +176,7 @@ def test_the_pipeline_export_artifact_equals_the_cli_json(run, tmp_path, capsys)
     data = tmp_path / "dataset"
     data.mkdir()
     write_manifest(
-        data, DATASET_KIND, datasets={n: {"train_tokens": t} for n, t in TRAIN.items()},
+        data, DATASET_KIND, datasets={n: {"train_tokens": t, "heldout_tokens": 0} for n, t in TRAIN.items()},
         token_prior=PRIOR, dtype="uint16", vocab_size=300, eos_token_id=0, tokenizer="tokenizer",
     )  # fmt: skip
     selection = tmp_path / "result.json"

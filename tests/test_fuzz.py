@@ -6,7 +6,8 @@ configs from YAML text, `--set` overrides, safetensors headers (demix's own read
 accept only what the safetensors library loads) and artifact manifests.
 
 `make test` tries QUICK examples per parser, derandomized (the same inputs every run);
-`make test-reliability` sets DEMIX_FUZZ=long and tries LONG fresh random ones per parser. The
+`make test-reliability` sets DEMIX_FUZZ=long and tries LONG fresh ones per parser from one
+seed, printed at the end of the run (tests/conftest.py: the Hypothesis profiles). The
 reliability table counts the examples tried per parser.
 """
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from demix.cli import parse_mixture, parse_overrides
@@ -42,13 +43,7 @@ if PROFILE not in ("quick", "long"):
     raise ValueError(
         f"DEMIX_FUZZ={PROFILE!r}: use quick (make test) or long (make test-reliability)"
     )
-FUZZ = settings(
-    max_examples=LONG if PROFILE == "long" else QUICK,
-    derandomize=PROFILE == "quick",
-    deadline=None,
-    database=None,  # nothing written into the checkout
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+FUZZ = settings(max_examples=LONG if PROFILE == "long" else QUICK)  # the rest: the profile
 
 SCRATCH = Path(tempfile.mkdtemp(prefix="demix-fuzz-"))
 

@@ -216,3 +216,40 @@ def test_bad_files_are_one_line_model_errors(tmp_path, payload, message):
     with pytest.raises(ModelError, match=message) as err:
         MappedSafetensors(path)
     assert "\n" not in str(err.value) and str(path) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [
+        # the safetensors library: "invalid type: map, expected a sequence"
+        {"t0": {"dtype": "F64", "shape": {}, "data_offsets": [0, 8]}},
+        {"t0": {"dtype": "F64", "shape": [1.0], "data_offsets": [0, 8]}},
+        {"t0": {"dtype": "F64", "shape": [1], "data_offsets": {"0": 0, "1": 8}}},
+        {"t0": {"dtype": "F64", "shape": [1], "data_offsets": [0, 8, 8]}},
+        {"t0": {"dtype": "F64", "shape": [2**64, 0], "data_offsets": [0, 0]}},
+        {"t0": {"dtype": "F64", "shape": [2**40, 2**40, 0], "data_offsets": [0, 0]}},
+        {"t0": {"dtype": ["F64"], "shape": [1], "data_offsets": [0, 8]}},
+        {"t0": {"dtype": "F64", "shape": [1]}},
+        {"t0": None},
+        {"__metadata__": {"a": 1}, "t0": {"dtype": "F64", "shape": [1], "data_offsets": [0, 8]}},
+    ],
+    ids=str,
+)
+def test_headers_the_library_refuses_are_refused(tmp_path, entries):
+    """Every header field's type is checked, as the safetensors library checks it."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    path = _corrupt(tmp_path, _header(entries) + b"\0" * 8)
+    with pytest.raises(SafetensorError):
+        load_file(path)
+    with pytest.raises(ModelError) as err:
+        MappedSafetensors(path)
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
+
+
+def test_a_duplicate_header_key_is_refused(tmp_path):
+    text = b'{"t0": {"dtype": "F64", "dtype": "F64", "shape": [1], "data_offsets": [0, 8]}}'
+    path = _corrupt(tmp_path, struct.pack("<Q", len(text)) + text + b"\0" * 8)
+    with pytest.raises(ModelError, match="duplicate key 'dtype'"):
+        MappedSafetensors(path)

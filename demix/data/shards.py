@@ -8,21 +8,26 @@ from pathlib import Path
 import numpy as np
 
 from demix.errors import DataError
-from demix.storage import read_manifest
+from demix.storage import read_manifest, verify_artifact
 
 DATASET_KIND = "demix.dataset"
 SPLITS = ("train", "heldout")
 
 
 class CuratedData:
-    """Read side of a curated dataset artifact (see demix.data.curate).
+    """Read side of a curated dataset artifact (see demix.data.curate). Its manifest's fields
+    are checked on construction; before a token stream or the tokenizer is first read, the
+    folder is verified to be exactly its manifest (demix.storage.verify_artifact, each file
+    hashed once per process).
 
-    Raises DataError when the folder has no manifest of the right kind.
+    Raises DataError when the folder has no manifest of the right kind or a manifest field is
+    wrong.
     """
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.manifest = read_manifest(self.root, kind=DATASET_KIND)
+        self._verified = False
         self.names: list[str] = list(self.manifest["datasets"])
         # Datasets curated for evaluation only (data.targets): a held-out split, never trained on.
         self.targets: list[str] = list(self.manifest.get("targets", {}))
@@ -45,7 +50,8 @@ class CuratedData:
         """Memory-mapped token stream of one dataset split ("train" or "heldout"; a target has
         only "heldout").
 
-        Raises DataError for an unknown dataset or split, or a missing or truncated file.
+        Raises DataError for an unknown dataset or split, a missing or truncated file, or an
+        artifact that is not exactly its manifest.
         """
         stats = self.manifest["datasets"].get(name) or self.manifest.get("targets", {}).get(name)
         if stats is None:
@@ -64,6 +70,7 @@ class CuratedData:
                 f"{path}: {'missing' if size is None else f'{size} bytes'}, expected "
                 f"{expected} {self.dtype.name} tokens by {self.root / 'manifest.json'}; curate again"
             )
+        self.verify()
         if expected == 0:  # np.memmap refuses empty files
             return np.zeros(0, dtype=self.dtype)
         return np.memmap(path, dtype=self.dtype, mode="r")
@@ -73,7 +80,17 @@ class CuratedData:
         """The artifact's tokenizer. Raises ModelError when it cannot be loaded."""
         from demix.model import load_tokenizer
 
+        self.verify()
         return load_tokenizer(self.tokenizer_dir)
+
+    def verify(self) -> None:
+        """Check, once per instance, that the folder is exactly its manifest.
+
+        Raises DataError naming the file that is unlisted, missing or changed.
+        """
+        if not self._verified:
+            verify_artifact(self.root, self.manifest)
+            self._verified = True
 
 
 class MixtureSampler:

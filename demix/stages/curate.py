@@ -3,6 +3,7 @@ plan -> groups -> merge (the fan-out the pipeline runs)."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from demix.base_model import base_tokenizer_dir
@@ -10,6 +11,7 @@ from demix.config import RunConfig
 from demix.data.curate import curate, curate_group, input_files, merge_groups, plan_curation
 from demix.data.demo import fetch_demo
 from demix.data.shards import CuratedData
+from demix.errors import DataError
 from demix.train.job import fingerprint
 
 
@@ -43,7 +45,8 @@ def curation_fingerprint(config: RunConfig, tokenizer_dir: Path | None) -> str:
 
 def curate_stage(config: RunConfig, out: Path) -> CuratedData:
     """Curate the candidate datasets into `out` (plan, data.curate_groups groups and their merge,
-    in this process); skipped when `out` holds this curation already.
+    in this process); skipped when `out` holds this curation already, intact (a dataset changed
+    since it was written is curated again).
 
     Dataset paths and `model.base` may be gs:// URIs (each file fetched when it is read).
     """
@@ -51,7 +54,10 @@ def curate_stage(config: RunConfig, out: Path) -> CuratedData:
     tokenizer_dir = base_tokenizer_dir(config.model.base, config.model.trust_remote_code)
     fp = curation_fingerprint(config, tokenizer_dir)
     if (out / "manifest.json").is_file() and CuratedData(out).manifest.get("fingerprint") == fp:
-        return CuratedData(out)
+        kept = CuratedData(out)
+        with contextlib.suppress(DataError):  # changed since it was written: curated again
+            kept.verify()
+            return kept
     curate(config.data, out, config.seed, tokenizer_dir=tokenizer_dir, fingerprint=fp)
     return CuratedData(out)
 

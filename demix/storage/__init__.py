@@ -22,6 +22,7 @@ from demix.storage.manifest import (
     list_files,
     parse_manifest,
     read_manifest,
+    verify_artifact,
     write_manifest,
 )
 from demix.storage.outputs import write_output_bytes
@@ -65,6 +66,7 @@ __all__ = [
     "staged_dir",
     "synced_folder",
     "upload_artifact",
+    "verify_artifact",
     "write_manifest",
     "write_output_bytes",
 ]
