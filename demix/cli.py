@@ -315,24 +315,6 @@ def _cmd_plan(args) -> None:
     sys.stdout.write(json.dumps(table, indent=2) + "\n" if args.json else format_plan(table))
 
 
-HANDLERS = {
-    "fetch_demo": _cmd_fetch_demo,
-    "curate": _cmd_curate,
-    "train": _cmd_train,
-    "merge": _cmd_merge,
-    "evaluate": _cmd_evaluate,
-    "search": _cmd_search,
-    "validate": _cmd_validate,
-    "reproduce": _cmd_reproduce,
-    "reproduce_decision": _cmd_reproduce_decision,
-    "run": _cmd_run,
-    "report": _cmd_report,
-    "export": _cmd_export,
-    "validate_config": _cmd_validate_config,
-    "plan": _cmd_plan,
-}
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `demix` console script; returns the exit code (see demix.errors)."""
     args = build_parser().parse_args(argv)
@@ -341,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        HANDLERS[args.handler](args)
+        globals()[f"_cmd_{args.handler}"](args)  # looked up now: patchable in tests
     except KeyboardInterrupt as err:
         print(f"demix: {err or 'interrupted'}; rerun the same command to resume", file=sys.stderr)
         return 143 if str(err) == "terminated" else 130

@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 from unittest import mock
 
 import pytest
@@ -657,7 +658,8 @@ def test_training_components_log_loss_tokens_and_throughput(tmp_path, monkeypatc
     manifest |= {"tokens_per_s": 812.5, "seconds": 5.0, "weights": {"a": 1.0}}
     monkeypatch.setattr(demix.stages, "train_stage", lambda *a, **k: tmp_path / "model")
     monkeypatch.setattr(demix.checkpoint, "read_model_manifest", lambda folder: manifest)
-    monkeypatch.setattr(demix.config, "resolve_config", lambda text: None)
+    config = SimpleNamespace(final=SimpleNamespace(seeds=1))  # what the components read of it
+    monkeypatch.setattr(demix.config, "resolve_config", lambda text: config)
     monkeypatch.setattr(demix.data.shards, "CuratedData", lambda path: None)
     monkeypatch.setattr(demix.mixtures, "final_mixture", lambda *a: {"a": 1.0})
     (tmp_path / "config.yaml").write_text("seed: 0")
