@@ -7,6 +7,7 @@ import argparse
 
 from demix import __version__
 from demix.cli_outputs import add_wait_lock
+from demix.config import TRAINING_ROLES
 
 DESCRIPTION = "DeMix: data-mixture search by model merging, one subcommand per stage"
 
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--role",
         required=True,
-        choices=["base", "component", "reference", "control", "final"],
+        choices=TRAINING_ROLES,
         help="what to train: the base (from the config's architecture), a component (one "
         "dataset), a reference or the control (a mixture, for the fidelity check), a final model",
     )

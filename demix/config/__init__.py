@@ -30,6 +30,7 @@ from demix.config.run import (
 )
 from demix.config.sections import (
     MERGE_METHOD_PARAMETERS,
+    TRAINING_ROLES,
     DecisionConfig,
     EvaluateConfig,
     FidelityConfig,
@@ -60,6 +61,7 @@ __all__ = [
     "SamplerConfig",
     "SearchConfig",
     "StageTraining",
+    "TRAINING_ROLES",
     "Strict",
     "TokenizerConfig",
     "TrainConfig",

@@ -12,6 +12,10 @@ from demix.config.data import Strict, positive
 from demix.errors import ConfigError
 from demix.merge.registry import METHOD_PARAMETERS
 
+# What `demix train --role` and the training stage take, in training order: the one registry of
+# training roles (demix.train.roles says what each trains on and starts from).
+TRAINING_ROLES = ("base", "component", "reference", "control", "final")
+
 
 class StageTraining(Strict):
     """Token budget and optimizer schedule of one training role.

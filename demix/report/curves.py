@@ -10,12 +10,11 @@ from html import escape
 from pathlib import Path
 
 from demix.checkpoint import MODEL_KIND
+from demix.config import TRAINING_ROLES as ROLES  # in training order
 from demix.report.html import page, plt, png, table
 from demix.storage import MANIFEST, atomic_write_text
 from demix.train.curves import CURVES_FILE, read_curves
 
-# Roles in training order (demix.train.roles.ROLES; that module imports the training stack).
-ROLES = ("base", "component", "reference", "control", "final")
 # More models than this in one plot: no legend (a training-based search trains one per proxy).
 MAX_LEGEND = 12
 

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from demix.config import RunConfig, StageTraining
+from demix.config import TRAINING_ROLES, RunConfig, StageTraining
 from demix.data.shards import CuratedData
 from demix.errors import DemixError
 from demix.mixtures import as_dict, validate_mixture
 from demix.train.job import job_fingerprint
 from demix.train.loop import CheckpointHook, train_model
 
-ROLES = ("base", "component", "reference", "control", "final")
+ROLES = TRAINING_ROLES
 
 
 def role_budget(config: RunConfig, role: str) -> StageTraining:
