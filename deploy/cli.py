@@ -309,15 +309,28 @@ def main(argv: list[str] | None, build: Callable, description: str) -> int:
 
             if bool(args.config) == bool(args.config_flag):
                 raise ConfigError("run-local needs the run config: give CONFIG (or --config) once")
-            out = Path(args.out)
-            summary = local.run_local(
-                build,
-                Path(args.config or args.config_flag),
-                out,
-                Path(args.pipeline_root) if args.pipeline_root else None,
-                args.eval_workers,
-                overrides=parse_overrides(args.set),
-            )
+            from demix.cli_outputs import demo_out
+            from demix.config import load_config
+            from demix.storage.locks import output_locks
+            from demix.storage.outputs import LOCAL_RUN_KIND, Output, check_output, claim_folder
+
+            out, config_path = Path(args.out), Path(args.config or args.config_flag)
+            overrides = parse_overrides(args.set)
+            fetched = load_config(config_path, overrides).data.fetch_demo
+            # the run folder and the demo folder it fetches into: never over what demix did not
+            # write, one run at a time; a failed run's folder stays (its log, its cached tasks)
+            for output in (Output(out, LOCAL_RUN_KIND, "folder"), *demo_out(fetched)):
+                check_output(output)
+            with output_locks([out]):
+                claim_folder(out, LOCAL_RUN_KIND)
+                summary = local.run_local(
+                    build,
+                    config_path,
+                    out,
+                    Path(args.pipeline_root) if args.pipeline_root else None,
+                    args.eval_workers,
+                    overrides=overrides,
+                )
             print_summary(summary, out)
         else:
             print(COMMANDS[args.command](args))

@@ -105,3 +105,20 @@ def test_a_bad_set_is_the_same_one_line_on_both_front_doors(tmp_path, capsys):
     from_pipeline = _one_error_line(capsys.readouterr().err, "pipeline.py")
     assert from_demix.split("error:")[1] == from_pipeline.split("error:")[1]
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_run_local_never_writes_into_a_folder_demix_did_not_write(tmp_path, capsys):
+    """`pipeline.py run-local --out` holds to the output rule of `demix run`: a folder holding a
+    user's files is refused in one line before anything runs, and left as it was."""
+    from tests.conftest import smoke_config_dict
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(smoke_config_dict(tmp_path / "corpus")))
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "summary.json").write_text("my own summary\n")
+    assert pipeline.main(["run-local", str(config), "--out", str(out)]) == 2
+    line = _one_error_line(capsys.readouterr().err, "pipeline.py")
+    assert str(out) in line and "demix did not write" in line
+    assert [p.name for p in out.iterdir()] == ["summary.json"]
+    assert (out / "summary.json").read_text() == "my own summary\n"

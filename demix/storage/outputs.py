@@ -58,6 +58,7 @@ from demix.storage.uris import check_uri, is_remote, mirror, split_gs
 OUTPUT_MARKER = "demix-output.json"
 # Kinds of the folders commands write into (artifact kinds are their manifests' kinds).
 RUN_KIND = "demix.run"
+LOCAL_RUN_KIND = "demix.local-run"  # pipeline.py run-local --out
 SEARCH_KIND = "demix.search"
 VALIDATE_KIND = "demix.validate"
 REPRODUCE_KIND = "demix.reproduce"
