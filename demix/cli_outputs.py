@@ -30,6 +30,18 @@ def run_config(args):
     return args.loaded_config
 
 
+def add_set_argument(parser, help_: str = "") -> None:
+    """`--set KEY=VALUE` (repeatable) on a parser that takes a run config: one definition for
+    `demix`, `pipeline.py run-local`, `submit` and `schedule` (read by parse_overrides)."""
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=help_ or "override a config key, e.g. --set merge.method=ties (repeatable)",
+    )
+
+
 def parse_overrides(items: list[str]) -> dict[str, object]:
     """`--set key.path=value` items as {key.path: value}, values read as YAML.
 

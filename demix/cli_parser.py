@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from demix import __version__
-from demix.cli_outputs import add_wait_lock
+from demix.cli_outputs import add_set_argument, add_wait_lock
 from demix.config import TRAINING_ROLES
 
 DESCRIPTION = "DeMix: data-mixture search by model merging, one subcommand per stage"
@@ -53,13 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     def with_config(name: str, help_: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         p.add_argument("config", help="run config YAML")
-        p.add_argument(
-            "--set",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="override a config key, e.g. --set merge.method=ties (repeatable)",
-        )
+        add_set_argument(p)
         return p
 
     p = with_config("curate", "clean, dedupe, split, tokenize and pack the candidate datasets")

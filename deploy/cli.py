@@ -16,6 +16,7 @@ from pathlib import Path
 from kfp import compiler
 
 from components.image import CPU_IMAGE, CUDA_IMAGE, check_image
+from demix.cli_outputs import add_set_argument
 from demix.errors import ConfigError, DemixError, report_error
 from deploy import local
 from deploy.checks import (
@@ -258,13 +259,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p = sub.add_parser("run-local", help=about, description=about)
     p.add_argument("config", nargs="?", help="run config YAML")
     p.add_argument("--config", dest="config_flag", metavar="CONFIG", help="the same as CONFIG")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set merge.method=ties (repeatable)",
-    )
+    add_set_argument(p)
     p.add_argument(
         "--out", required=True, help="run folder: summary, report, mixture.json, verdict.md"
     )

@@ -16,6 +16,7 @@ import json
 import re
 from pathlib import Path
 
+from demix.cli_outputs import add_set_argument
 from demix.errors import ConfigError
 from deploy.follow import check_wait, follow_run, kubeflow_look, vertex_look
 from deploy.parameters import (
@@ -76,13 +77,10 @@ def add_commands(sub) -> None:
         "(sent as config_uri, read by the run's first task)",
     )
     run.add_argument("--config", dest="config_flag", metavar="CONFIG", help="the same as CONFIG")
-    run.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a key of a local config, e.g. --set search.n=16 (repeatable); the run "
-        "gets the overridden YAML",
+    add_set_argument(
+        run,
+        "override a key of a local config, e.g. --set search.n=16 (repeatable); the run gets "
+        "the overridden YAML",
     )
     run.add_argument(
         "--param",
