@@ -33,31 +33,14 @@ from typing import NamedTuple, TextIO
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Markdown, Metrics
 
-from components.collect_models import collect_models
-from components.curate_data import curate_data
-from components.curate_group import curate_group
-from components.dataset_names import dataset_names
-from components.evaluate_final import evaluate_final
-from components.evaluate_proxies import evaluate_proxies
 from components.export_mixture import export_mixture
 from components.final_runs import final_runs
-from components.merge import merge
-from components.plan_curation import plan_curation
-from components.predict import predict
 from components.read_inputs import read_inputs
 from components.resolve_config import resolve_config
-from components.train_final import train_final
-from components.train_model import train_model
 from components.validate_fidelity import validate_fidelity
 from deploy import cli, local
-from deploy.placement import (
-    Placement,
-    on_cpu,
-    on_eval_gpu,
-    on_gpu,
-    on_training_gpus,
-    training_inputs,
-)
+from deploy.graphs import build_graphs
+from deploy.placement import Placement, on_cpu, on_gpu
 from deploy.submit import PIPELINE_NAME, submit
 
 
@@ -81,7 +64,10 @@ __all__ = [
 
 
 def build_pipeline(placement: Placement):
-    """The pipeline function for one placement; search rounds are unrolled at compile time."""
+    """The pipeline function for one placement: read and resolve the config, then the
+    sub-graphs of deploy.graphs (curate, models, search, finals), the exported mixture and the
+    optional fidelity check; search rounds are unrolled at compile time."""
+    graphs = build_graphs(placement)
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
@@ -156,99 +142,21 @@ def build_pipeline(placement: Placement):
         ).set_caching_options(True)
         config.set_display_name("resolve config")
         cfg = config.outputs["resolved"]  # an artifact: see components/resolve_config.py
-        # Curation: plan (files, groups, tokenizer) -> one task per group -> merge.
-        data_fingerprint = inputs.outputs["data_fingerprint"]
-        plan = on_cpu(plan_curation(config=cfg, data_fingerprint=data_fingerprint), placement)
-        plan.set_display_name("curate / plan")
-        with dsl.ParallelFor(
-            plan.outputs["Output"], name="curate / groups", parallelism=placement.cpu_parallelism
-        ) as group:
-            part = on_cpu(curate_group(plan=plan.outputs["plan"], group=group), placement)
-            part.set_display_name("curate group")
-        data = on_cpu(
-            curate_data(
-                plan=plan.outputs["plan"],
-                parts=dsl.Collected(part.outputs["part"]),
-                data_fingerprint=data_fingerprint,
-            ),
-            placement,
-        ).set_display_name("curate / merge groups")
-        dataset = data.outputs["dataset"]
-        # Training tasks reuse models an earlier run trained for the same job (by content).
-        training = {**training_inputs(placement), "jobs_root": dsl.PIPELINE_ROOT_PLACEHOLDER}
-        base = on_training_gpus(
-            train_model(
-                config=cfg,
-                role="base",
-                name="base",
-                data=dataset,
-                base_fingerprint=inputs.outputs["base_fingerprint"],
-                **training,
-            ),
-            placement,
-        ).set_display_name("train base")
-        base_model_artifact = base.outputs["model"]
 
-        names = on_cpu(dataset_names(config=cfg), placement).set_display_name("list components")
-        with dsl.ParallelFor(
-            names.output, name="train components", parallelism=placement.parallelism
-        ) as name:
-            component = on_training_gpus(
-                train_model(
-                    config=cfg,
-                    role="component",
-                    name=name,
-                    data=dataset,
-                    init=base_model_artifact,
-                    **training,
-                ),
-                placement,
-            ).set_display_name("train component")
-
-        # A Collected object must not be shared between consumers (the compiler loses track of it).
-        def components():
-            return dsl.Collected(component.outputs["model"])
-
-        collected = on_cpu(
-            collect_models(entries=dsl.Collected(component.outputs["Output"])), placement
-        )
-        index = collected.set_display_name("index components").outputs["index"]
-
-        step = on_cpu(
-            predict(config=cfg, data=dataset, round_index=0, num_shards=num_eval_workers),
-            placement,
-        ).set_display_name("round 0 / propose")
-        # Rounds are numbered from 0, as in the search history and report.
-        for r in range(1, placement.rounds + 1):
-            with dsl.ParallelFor(
-                step.outputs["Output"],
-                name=f"round {r - 1} / proxies",
-                parallelism=placement.parallelism,
-            ) as shard:
-                scored = on_eval_gpu(
-                    evaluate_proxies(
-                        config=cfg,
-                        data=dataset,
-                        base=base_model_artifact,
-                        component_index=index,
-                        proposals=step.outputs["result"],
-                        shard=shard,
-                        num_shards=num_eval_workers,
-                    ),
-                    placement,
-                ).set_display_name(f"round {r - 1} / evaluate proxies")
-            step = on_cpu(
-                predict(
-                    config=cfg,
-                    data=dataset,
-                    round_index=r if r < placement.rounds else -1,
-                    num_shards=num_eval_workers,
-                    history=step.outputs["history_out"],
-                    scores=dsl.Collected(scored.outputs["scores"]),
-                ),
-                placement,
-            ).set_display_name(f"round {r} / propose" if r < placement.rounds else "select mixture")
-        selection = step.outputs["result"]
+        data = graphs.curate(config=cfg, data_fingerprint=inputs.outputs["data_fingerprint"])
+        dataset = data.set_display_name("curate data").output
+        models = graphs.models(
+            config=cfg, data=dataset, base_fingerprint=inputs.outputs["base_fingerprint"]
+        ).set_display_name("train models")
+        base, index = models.outputs["base"], models.outputs["index"]
+        search = graphs.search(
+            config=cfg,
+            data=dataset,
+            base=base,
+            component_index=index,
+            num_eval_workers=num_eval_workers,
+        ).set_display_name("search mixtures")
+        selection = search.output
         # The chosen mixture for training frameworks (`demix export --format json`).
         export = on_cpu(
             export_mixture(config=cfg, data=dataset, selection=selection), placement
@@ -258,52 +166,22 @@ def build_pipeline(placement: Placement):
         with dsl.If(validate == True, name="if validate"):  # noqa: E712 (a KFP condition)
             # one process on one GPU, but it trains reference models: the training timeout
             on_gpu(
-                validate_fidelity(
-                    config=cfg, data=dataset, base=base_model_artifact, component_index=index
-                ),
+                validate_fidelity(config=cfg, data=dataset, base=base, component_index=index),
                 placement,
                 gpus=placement.eval_accelerator_count,
                 timeout=placement.train_timeout,
             ).set_display_name("validate proxy fidelity")
 
-        on_cpu(
-            merge(
-                config=cfg,
-                data=dataset,
-                base=base_model_artifact,
-                components=components(),
-                selection=selection,
-            ),
-            placement,
-            holds_models=True,
-        ).set_display_name("merge chosen mixture")
         runs = on_cpu(final_runs(config=cfg), placement)  # each label for each final seed
         runs.set_display_name("list final runs")
-        with dsl.ParallelFor(
-            runs.output, name="train finals", parallelism=placement.parallelism
-        ) as label:
-            final = on_training_gpus(
-                train_final(
-                    config=cfg,
-                    label=label,
-                    data=dataset,
-                    base=base_model_artifact,
-                    selection=selection,
-                    **training,
-                ),
-                placement,
-            ).set_display_name("train final")
-        judged = on_eval_gpu(
-            evaluate_final(  # the components' norms from their manifests: no weights
-                config=cfg,
-                data=dataset,
-                base=base_model_artifact,
-                component_index=index,
-                finals=dsl.Collected(final.outputs["model"]),
-                selection=selection,
-            ),
-            placement,
-        ).set_display_name("evaluate finals")
+        judged = graphs.finals(
+            config=cfg,
+            data=dataset,
+            base=base,
+            component_index=index,
+            selection=selection,
+            runs=runs.output,
+        ).set_display_name("final models")
         return PipelineOutputs(
             mixture=export.outputs["export"],
             verdict=judged.outputs["verdict"],

@@ -29,15 +29,21 @@ def evaluate_final(
     from demix.data.shards import CuratedData
     from demix.logs import configure_logging
     from demix.report.summary import verdict_markdown
-    from demix.stages import evaluate_finals_stage, models_by_name, read_component_manifests
+    from demix.stages import (
+        Run,
+        evaluate_finals_stage,
+        models_by_name,
+        read_component_manifests,
+    )
 
     configure_logging()
     out = Path(summary.path)
+    run = Run(
+        resolve_config(Path(config.path).read_text()), CuratedData(Path(data.path)), Path(base.path)
+    )
     result = evaluate_finals_stage(
-        resolve_config(Path(config.path).read_text()),
-        CuratedData(Path(data.path)),
-        Path(base.path),
-        read_component_manifests(Path(component_index.path), Path(base.path)),
+        run,
+        read_component_manifests(Path(component_index.path), run.base),
         models_by_name([Path(f.path) for f in finals]),
         json.loads(Path(selection.path).read_text()),
         out,

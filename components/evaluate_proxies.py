@@ -22,14 +22,16 @@ def evaluate_proxies(
     from demix.config import resolve_config
     from demix.data.shards import CuratedData
     from demix.logs import configure_logging
-    from demix.stages import evaluate_proxies_stage, read_model_index
+    from demix.stages import Run, evaluate_proxies_stage, read_model_index
 
     configure_logging()
     rows = evaluate_proxies_stage(
-        resolve_config(Path(config.path).read_text()),
-        CuratedData(Path(data.path)),
-        Path(base.path),
-        read_model_index(Path(component_index.path)),
+        Run(
+            resolve_config(Path(config.path).read_text()),
+            CuratedData(Path(data.path)),
+            Path(base.path),
+            read_model_index(Path(component_index.path)),
+        ),
         json.loads(Path(proposals.path).read_text())[shard::num_shards],
         Path(scores.path),
     )

@@ -9,26 +9,32 @@ def merge(
     config: Input[Artifact],
     data: Input[Dataset],
     base: Input[Model],
-    components: Input[list[Model]],
+    component_index: Input[Artifact],
     selection: Input[Artifact],
     metrics: Output[Metrics],
     merged: Output[Model],
 ):
-    """Check the components, log ||theta_i - base|| / ||base||, and write the chosen mixture's merge."""
+    """Check the components, log ||theta_i - base|| / ||base||, and write the chosen mixture's merge.
+
+    The components come by their URIs in `component_index` (collect_models), fetched through
+    demix.storage, as the search's evaluation tasks fetch them.
+    """
     import json
     from pathlib import Path
 
     from demix.config import resolve_config
     from demix.data.shards import CuratedData
     from demix.logs import configure_logging
-    from demix.stages import merge_stage, models_by_name
+    from demix.stages import Run, merge_stage, read_model_index
 
     configure_logging()
     report = merge_stage(
-        resolve_config(Path(config.path).read_text()),
-        CuratedData(Path(data.path)),
-        Path(base.path),
-        models_by_name([Path(c.path) for c in components]),
+        Run(
+            resolve_config(Path(config.path).read_text()),
+            CuratedData(Path(data.path)),
+            Path(base.path),
+            read_model_index(Path(component_index.path)),
+        ),
         json.loads(Path(selection.path).read_text())["mixture"],
         Path(merged.path),
     )

@@ -6,7 +6,6 @@ one line `demix: internal error: ...` and exit code 3, with the traceback under 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
@@ -14,7 +13,6 @@ from pathlib import Path
 
 from demix.cli_outputs import (
     check_config,
-    components_arg,
     config_limits,
     curate_out,
     dataset_arg,
@@ -25,6 +23,7 @@ from demix.cli_outputs import (
     merge_out,
     model_arg,
     recipe_out,
+    run_arg,
     run_config,
     search_limits,
     search_out,
@@ -73,9 +72,9 @@ def _cmd_curate(args) -> None:
 
 @writes(train_out, reads=("data", "init"), limits=train_limits)
 def _cmd_train(args) -> None:
-    from demix.distributed import cluster_from_env, launched, node_first, run_launched
-    from demix.stages import train_stage
-    from demix.storage import artifact_output, checkpoint_sync, discard_checkpoint, is_remote
+    from demix.distributed import cluster_from_env, launched, run_launched
+    from demix.stages.worker import train_process
+    from demix.storage import is_remote
 
     config = run_config(args)
     if args.publish_uri and not is_remote(args.publish_uri):
@@ -108,32 +107,13 @@ def _cmd_train(args) -> None:
         run_launched(args.argv, args.processes, cluster)  # its main process reports
         return
     mixture = parse_mixture(args.mixture) if args.mixture else None
-    main = int(os.environ.get("RANK", "0")) == 0
-    with contextlib.ExitStack() as stack:
-        with node_first(
-            config.train
-        ):  # each machine's first process fetches the inputs into its cache
-            data = dataset_arg(args.data)
-            if mixture is not None:
-                from demix.mixtures import validate_mixture
-
-                validate_mixture(mixture, data.names)  # before fetching the base: fail fast
-            init = model_arg(args.init) if args.init else None
-            out = stack.enter_context(artifact_output(args.out, publish=main))
-            if args.publish_uri:  # fetched into the folder the loop resumes from
-                publish = checkpoint_sync(args.publish_uri, out.with_name(out.name + ".ckpt"))
-            else:
-                publish = checkpoint_sync(args.out)
-        names = {
-            "base": "base",
-            "component": args.dataset,
-            "control": "control",
-            "final": args.name or "final",
-        }
-        name = names.get(args.role, out.name)  # a reference is named by its folder
-        train_stage(config, data, args.role, out, name, init, mixture, on_checkpoint=publish)
-    if main:
-        discard_checkpoint(args.publish_uri or args.out)
+    names = {"base": "base", "component": args.dataset, "control": "control"}
+    names["final"] = args.name or "final"
+    name = names.get(args.role)  # None: a reference is named by its folder
+    train_process(
+        config, args.role, args.out, name, args.data, args.init, mixture, args.publish_uri
+    )
+    if int(os.environ.get("RANK", "0")) == 0:
         print(f"model written to {args.out}")
 
 
@@ -142,15 +122,10 @@ def _cmd_merge(args) -> None:
     from demix.stages import merge_stage
     from demix.storage import artifact_output
 
-    config = run_config(args)
     mixture = parse_mixture(args.mixture)
-    data, base, components = (
-        dataset_arg(args.data),
-        model_arg(args.base),
-        components_arg(args.components),
-    )
+    run = run_arg(args)
     with artifact_output(args.out) as out:
-        manifest = merge_stage(config, data, base, components, mixture, out)
+        manifest = merge_stage(run, mixture, out)
     print(
         json.dumps(
             {k: manifest[k] for k in ("data_mixture", "component_weights", "relative_delta_norms")}
@@ -191,14 +166,9 @@ def _cmd_search(args) -> None:
     from demix.stages import search_stage
     from demix.storage import synced_folder
 
-    config = run_config(args)
-    data, base, components = (
-        dataset_arg(args.data),
-        model_arg(args.base),
-        components_arg(args.components),
-    )
+    run = run_arg(args)
     with synced_folder(args.out) as out:
-        result = search_stage(config, data, base, components, out)
+        result = search_stage(run, out)
     print(
         json.dumps({"mixture": result["mixture"], "proxies_evaluated": result["proxies_evaluated"]})
     )
@@ -209,13 +179,7 @@ def _cmd_validate(args) -> None:
     from demix.fidelity import AGGREGATE
     from demix.stages.validate import validate_stage
 
-    result = validate_stage(
-        run_config(args),
-        dataset_arg(args.data),
-        model_arg(args.base),
-        components_arg(args.components),
-        Path(args.out),
-    )
+    result = validate_stage(run_arg(args), Path(args.out))
     print(
         f"{'score':<14}{'rho proxy':>11}{'95% interval':>18}{'rho linear':>12}"
         f"{'rho quadratic':>15}{'regret':>9}{'CRR':>7}  vs weights only"

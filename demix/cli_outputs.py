@@ -304,6 +304,19 @@ def components_arg(values: list[str]) -> dict[str, Path]:
     return out
 
 
+def run_arg(args):
+    """The Run of a command that takes --data, --base and --components: the config (with
+    --set), the curated dataset, the base and the components, each fetched and verified."""
+    from demix.stages.values import Run
+
+    return Run(
+        run_config(args),
+        dataset_arg(args.data),
+        model_arg(args.base),
+        components_arg(args.components),
+    )
+
+
 def dataset_arg(uri: str):
     """The curated dataset at a local path or gs:// URI, every file checked against its manifest."""
     from demix.data.shards import DATASET_KIND, CuratedData

@@ -143,13 +143,16 @@ def launch_command(
     return [*cmd, "--module", module, *argv]
 
 
-def run_launched(argv: list[str], processes: int, cluster: Cluster | None = None) -> None:
-    """Run `demix <argv>` under `accelerate launch` and wait; the processes' log passes through.
+def run_launched(
+    argv: list[str], processes: int, cluster: Cluster | None = None, module: str = "demix.cli"
+) -> None:
+    """Run `python -m <module> <argv>` (`demix <argv>` by default) under `accelerate launch` and
+    wait; the processes' log passes through.
 
     Raises DemixError with the processes' own one-line error when they report one (the
     launcher's report of the failed processes is then dropped), LaunchError otherwise.
     """
-    cmd = launch_command(argv, processes, cluster)
+    cmd = launch_command(argv, processes, cluster, module=module)
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, errors="replace")
     error = None
     for line in proc.stderr or ():
@@ -255,9 +258,16 @@ def gcs_uri(path: str | Path) -> str:
     return "gs://" + "/".join(parts[2:])
 
 
-def vertex_job(cluster_json: str, argv: list[str], processes: int, out: Path, **client):
-    """A Vertex AI custom job (not yet run) whose replicas each run `demix <argv>` with
-    `processes` processes per machine, each finding its place in CLUSTER_SPEC.
+def vertex_job(
+    cluster_json: str,
+    argv: list[str],
+    processes: int,
+    out: Path,
+    module: str = "demix.cli",
+    **client,
+):
+    """A Vertex AI custom job (not yet run) whose replicas each run `python -m <module> <argv>
+    --processes <processes>` (`demix <argv>` by default), each finding its place in CLUSTER_SPEC.
 
     The job carries the compiled labels and the run's (run_labels; compiled ones win) and the
     CMEK key. The job's own files go beside `out` (`<out>.job`); `client` (project, location,
@@ -266,7 +276,7 @@ def vertex_job(cluster_json: str, argv: list[str], processes: int, out: Path, **
     """
     from google.cloud import aiplatform
 
-    command = ["python", "-m", "demix.cli", *argv, "--processes", str(processes)]
+    command = ["python", "-m", module, *argv, "--processes", str(processes)]
     pools = [
         {**pool, "container_spec": {**pool["container_spec"], "command": command}}
         for pool in json.loads(cluster_json)["worker_pool_specs"]
@@ -308,8 +318,11 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def run_vertex_job(cluster_json: str, argv: list[str], processes: int, out: Path) -> None:
-    """Run `demix <argv>` on the machines of `cluster_json` as a Vertex AI custom job; wait.
+def run_vertex_job(
+    cluster_json: str, argv: list[str], processes: int, out: Path, module: str = "demix.cli"
+) -> None:
+    """Run `python -m <module> <argv>` (`demix <argv>` by default) on the machines of
+    `cluster_json` as a Vertex AI custom job; wait.
 
     The job runs as the compiled service account, with its timeout and scheduling (spot).
     Its console link is logged as soon as it exists. When the waiting task is stopped (SIGTERM,
@@ -319,7 +332,7 @@ def run_vertex_job(cluster_json: str, argv: list[str], processes: int, out: Path
     from google.cloud.aiplatform.compat.types import custom_job
 
     settings = job_settings(cluster_json)
-    job = vertex_job(cluster_json, argv, processes, out)
+    job = vertex_job(cluster_json, argv, processes, out, module=module)
     strategy = custom_job.Scheduling.Strategy.SPOT if settings["spot"] else None
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if main else None

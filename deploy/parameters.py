@@ -66,15 +66,20 @@ def compiled_job(package: str | Path) -> dict | None:
     runs in the pipeline's own tasks)."""
     from demix.distributed import job_settings
 
-    tasks = package_spec(package).get("root", {}).get("dag", {}).get("tasks", {})
-    cluster = (
-        tasks.get("train-model", {})
-        .get("inputs", {})
+    spec = package_spec(package)
+    # the base's training task, wherever the pipeline's sub-graphs put it
+    dags = [spec.get("root", {}), *spec.get("components", {}).values()]
+    tasks = [d.get("dag", {}).get("tasks", {}).get("train-model") for d in dags]
+    clusters = [
+        task.get("inputs", {})
         .get("parameters", {})
         .get("cluster", {})
         .get("runtimeValue", {})
         .get("constant")
-    )
+        for task in tasks
+        if task
+    ]
+    cluster = next((c for c in clusters if c), None)
     return job_settings(cluster) if cluster else None
 
 

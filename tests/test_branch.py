@@ -171,6 +171,7 @@ def test_fingerprints_of_cosine_jobs_do_not_change(corpus_dir, branched):
 def test_validate_reports_against_the_branch_point_and_the_control(branched):
     """A constructed validate run in the branch regime: the control is trained per run seed on
     the token prior from the branch point, and fidelity.json reports both anchors."""
+    from demix.stages import Run
     from demix.stages.validate import validate_stage
 
     config, data, base, root = branched
@@ -179,7 +180,7 @@ def test_validate_reports_against_the_branch_point_and_the_control(branched):
     )
     components = train_components(config, data, base, root / "models")
     out = root / "validate"
-    result = validate_stage(config, data, base, components, out)
+    result = validate_stage(Run(config, data, base, components), out)
     control = read_model_manifest(out / "control")
     assert control["role"] == "control" and control["seed"] == config.seed
     assert control["init"] == read_model_manifest(base)["fingerprint"]

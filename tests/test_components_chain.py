@@ -119,7 +119,7 @@ def test_every_component_in_pipeline_order(tmp_path, corpus_dir, eval_dir):
     )  # fmt: skip
     assert json.loads(Path(art["fidelity"].path).read_text())["n"] >= 2
     merge.python_func(
-        config=config, data=data, base=base, components=components, selection=selection,
+        config=config, data=data, base=base, component_index=index, selection=selection,
         metrics=out(Metrics, "merge-metrics"), merged=out(Model, "merged"),
     )  # fmt: skip
     assert (tmp_path / "merged" / "manifest.json").is_file()

@@ -253,7 +253,7 @@ def test_final_training_component_launches_one_process_per_gpu(
     )
     manifest = json.loads((tmp_path / "final" / "manifest.json").read_text())
     assert manifest["processes"] == 2 and manifest["name"] == model.metadata["name"] == "chosen"
-    assert not (tmp_path / "final.launch.yaml").exists()
+    assert not (tmp_path / "final.launch.json").exists()
     mixture = json.loads(selection.read_text())["mixture"]
     data = CuratedData(root / "data")
     one = read_model_manifest(

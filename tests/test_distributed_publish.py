@@ -138,7 +138,7 @@ def test_two_process_task_killed_after_a_published_checkpoint_resumes_in_an_empt
     # the checkpoints are gone once the models are done; nothing else was left in the bucket
     assert not storage.list_blobs(bucket, "run/train-base/model.ckpt")
     assert not storage.list_blobs(bucket, "ref/model.ckpt")
-    assert not (model.parent / "model.launch.yaml").exists()
+    assert not (model.parent / "model.launch.json").exists()
 
 
 def test_publish_uri_is_a_gcs_uri_for_a_local_output(tmp_path, gcs, capsys):
@@ -156,22 +156,41 @@ def test_publish_uri_is_a_gcs_uri_for_a_local_output(tmp_path, gcs, capsys):
 
 
 def test_launched_training_carries_the_publish_uri(tmp_path, monkeypatch):
-    from demix.config import parse_config
-    from demix.train import launch
+    """The job every launched process reads: the worker module's entry point, no `demix`
+    argv; a gs:// publish URI travels in the job, a local one is dropped."""
+    from demix.config import config_yaml, parse_config
+    from demix.stages import launch
 
     config = parse_config(smoke_config_dict(tmp_path))
-    commands = []
+    calls = []
 
-    def fake_launch(command, processes, cluster=None):
-        commands.append(command)
+    def fake_launch(argv, processes, cluster=None, module="demix.cli"):
+        calls.append((module, argv, json.loads(Path(argv[0]).read_text())))
         raise DemixError("stop here")
 
     monkeypatch.setattr("demix.distributed.run_launched", fake_launch)
     for uri in ("gs://b/run/model", str(tmp_path / "local-root" / "model")):
+        job = launch.job_for(config, "base", "base", tmp_path / "data", tmp_path / "model", None,
+                             None, publish_uri=uri)  # fmt: skip
         with pytest.raises(DemixError, match="stop here"):
-            launch.launch_train(config, ["--role", "base"], tmp_path / "model", 2, publish_uri=uri)
-    assert commands[0][-2:] == ["--publish-uri", "gs://b/run/model"]
-    assert "--publish-uri" not in commands[1]  # a local pipeline root: nothing to publish to
+            launch.launch_train(config, job, 2)
+    (module, argv, first), (_, _, second) = calls
+    assert module == "demix.stages.worker" and argv == [str(tmp_path / "model.launch.json")]
+    assert first["publish_uri"] == "gs://b/run/model" and first["role"] == "base"
+    assert second["publish_uri"] == ""  # a local pipeline root: nothing to publish to
+    assert first["config"] == config_yaml(config)  # the seeded config travels whole
+    assert not (tmp_path / "model.launch.json").exists()  # removed when the launch fails too
+
+
+def test_a_launched_process_reports_a_bad_job_in_one_line(tmp_path, capsys):
+    """The worker keeps demix's error contract: the launching process relays its one line."""
+    from demix.stages import worker
+
+    bad = tmp_path / "model.launch.json"
+    bad.write_text('{"role": "base"}')
+    assert worker.main([str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"demix: error: {bad}: not a training job")
 
 
 def test_only_the_main_process_guards_the_published_checkpoint(monkeypatch):

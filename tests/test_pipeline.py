@@ -73,18 +73,75 @@ def _spec(path: Path) -> tuple[pipeline_spec_pb2.PipelineSpec, list[dict]]:
     return spec, docs
 
 
-def _task_names(spec) -> set[str]:
-    names = set()
+def _tasks(spec) -> dict[str, tuple]:
+    """Every task of the compiled pipeline by its path (task keys from the root down, joined
+    by '/', through sub-graphs, loops and conditions): (task, the path of the task whose DAG
+    holds it, or None at the root)."""
+    found = {}
 
-    def walk(dag):
-        for name, task in dag.tasks.items():
-            names.add(re.sub(r"-\d+$", "", name))
+    def walk(dag, prefix: str, parent: str | None):
+        for key, task in dag.tasks.items():
+            found[prefix + key] = (task, parent)
             component = spec.components[task.component_ref.name]
             if component.WhichOneof("implementation") == "dag":
-                walk(component.dag)
+                walk(component.dag, f"{prefix}{key}/", prefix + key)
 
-    walk(spec.root.dag)
-    return names
+    walk(spec.root.dag, "", None)
+    return found
+
+
+def _all_tasks(spec) -> dict:
+    """Every task of the compiled DAG by its path, through sub-graphs, loops and conditions."""
+    return {path: task for path, (task, _) in _tasks(spec).items()}
+
+
+def _task_names(spec) -> set[str]:
+    return {re.sub(r"-\d+$", "", path.rsplit("/", 1)[-1]) for path in _tasks(spec)}
+
+
+def _path(spec, key: str) -> str:
+    """The path of the one task whose key is `key`."""
+    paths = [path for path in _tasks(spec) if path.rsplit("/", 1)[-1] == key]
+    assert len(paths) == 1, (key, paths)
+    return paths[0]
+
+
+def _task(spec, key: str):
+    return _all_tasks(spec)[_path(spec, key)]
+
+
+def _dag_of(path: str) -> str:
+    return path.rsplit("/", 1)[0] + "/" if "/" in path else ""
+
+
+def _output_source(spec, path: str, key: str, kind: str = "artifacts") -> tuple[str, str]:
+    """The container task (path) and output key behind output `key` of the task at `path`,
+    down through the DAG outputs of sub-graphs and loops."""
+    task = _all_tasks(spec)[path]
+    component = spec.components[task.component_ref.name]
+    if component.WhichOneof("implementation") != "dag":
+        return path, key
+    if kind == "artifacts":
+        selector = component.dag.outputs.artifacts[key].artifact_selectors[0]
+        inner, inner_key = selector.producer_subtask, selector.output_artifact_key
+    else:
+        selector = component.dag.outputs.parameters[key].value_from_parameter
+        inner, inner_key = selector.producer_subtask, selector.output_parameter_key
+    return _output_source(spec, f"{path}/{inner}", inner_key, kind)
+
+
+def _source(spec, path: str, name: str, kind: str = "artifacts") -> tuple[str, str]:
+    """The container task (path) and output key that feed input `name` (an artifact, or a
+    parameter with kind="parameters") of the task at `path`: up through the inputs of the DAGs
+    that hold it, down through the outputs of the sub-graphs that produce it."""
+    task, parent = _tasks(spec)[path]
+    given = getattr(task.inputs, kind)[name]
+    component_input = f"component_input_{kind[:-1]}"
+    if given.HasField(component_input):
+        return _source(spec, parent, getattr(given, component_input), kind)
+    output = given.task_output_artifact if kind == "artifacts" else given.task_output_parameter
+    key = output.output_artifact_key if kind == "artifacts" else output.output_parameter_key
+    return _output_source(spec, _dag_of(path) + output.producer_task, key, kind)
 
 
 def test_kubeflow_target_structure(compiled):
@@ -92,7 +149,8 @@ def test_kubeflow_target_structure(compiled):
     assert len(docs) == 2
     assert _task_names(spec) >= STAGES
     # fan-outs: curation groups, components, 3 search rounds, finals
-    assert len([n for n in spec.root.dag.tasks if n.startswith("for-loop")]) == 1 + 1 + 3 + 1
+    loops = [p for p in _tasks(spec) if p.rsplit("/", 1)[-1].startswith("for-loop")]
+    assert len(loops) == 1 + 1 + 3 + 1
     executors = spec.deployment_spec["executors"]
     for name in GPU_EXECUTORS:
         resources = executors[name]["container"]["resources"]
@@ -110,7 +168,38 @@ def test_kubeflow_target_structure(compiled):
             "cloud.google.com/gke-accelerator": "nvidia-h200-141gb"
         }
         assert platform[name]["tolerations"][0]["key"] == "nvidia.com/gpu"
-    assert spec.root.dag.tasks["train-model"].retry_policy.max_retry_count == 2
+    assert _task(spec, "train-model").retry_policy.max_retry_count == 2
+
+
+def test_the_pipeline_is_composed_of_sub_graphs(compiled):
+    """Curation, the models, the search and the finals are each one node of the top level
+    (a sub-graph to open in the UI); the top level holds only the config, the export, the
+    optional check and the list of final runs besides them."""
+    for path in compiled:
+        spec, _ = _spec(path)
+        top = {
+            key: spec.components[task.component_ref.name].WhichOneof("implementation")
+            for key, task in spec.root.dag.tasks.items()
+        }
+        assert top == {
+            "read-inputs": "executor_label",
+            "resolve-config": "executor_label",
+            "curate": "dag",
+            "models": "dag",
+            "search": "dag",
+            "export-mixture": "executor_label",
+            "condition-1": "dag",
+            "final-runs": "executor_label",
+            "finals": "dag",
+        }
+        inside = {
+            graph: {k.rsplit("/", 1)[-1] for k in _tasks(spec) if k.startswith(graph + "/")}
+            for graph in ("curate", "models", "search", "finals")
+        }
+        assert {"plan-curation", "curate-group", "curate-data"} <= inside["curate"]
+        assert {"train-model", "train-model-2", "collect-models"} <= inside["models"]
+        assert {"predict", "evaluate-proxies", "predict-4"} <= inside["search"]
+        assert {"merge", "train-final", "evaluate-final"} <= inside["finals"]
 
 
 def test_evaluate_finals_declares_no_component_weights(compiled):
@@ -118,39 +207,48 @@ def test_evaluate_finals_declares_no_component_weights(compiled):
     on Kubeflow the launcher downloads every declared model, K of them for nothing."""
     for path in compiled:
         spec, _ = _spec(path)
-        task = spec.root.dag.tasks["evaluate-final"]
-        artifacts = task.inputs.artifacts
+        at = _path(spec, "evaluate-final")
+        artifacts = _task(spec, "evaluate-final").inputs.artifacts
         assert set(artifacts) == {
             "config", "data", "base", "component_index", "finals", "selection",
         }  # fmt: skip
-        assert artifacts["component_index"].task_output_artifact.producer_task == "collect-models"
+        index_path = _path(spec, "collect-models")
+        assert _source(spec, at, "component_index") == (index_path, "index")
         finals = artifacts["finals"].task_output_artifact.producer_task
-        assert spec.components[spec.root.dag.tasks[finals].component_ref.name].dag.tasks.keys() == {
-            "train-final"
-        }
+        loop = _all_tasks(spec)[_dag_of(at) + finals]
+        assert spec.components[loop.component_ref.name].dag.tasks.keys() == {"train-final"}
+        task = _task(spec, "evaluate-final")
         inputs = spec.components[task.component_ref.name].input_definitions.artifacts
         models = {k for k, v in inputs.items() if v.artifact_type.schema_title == "system.Model"}
         assert models == {"base", "finals"}
-        index = spec.root.dag.tasks["collect-models"]  # the index: names and URIs, no weights
+        index = _task(spec, "collect-models")  # the index: names and URIs, no weights
         assert not index.inputs.artifacts
         entries = index.inputs.parameters["entries"].task_output_parameter
         assert entries.output_parameter_key.endswith("train-model-2-Output")
         components = [  # the one loop training the components: none of its outputs goes in
             name
-            for name, t in spec.root.dag.tasks.items()
-            if "train-model-2" in spec.components[t.component_ref.name].dag.tasks
+            for name, t in _all_tasks(spec).items()
+            if spec.components[t.component_ref.name].WhichOneof("implementation") == "dag"
+            and "train-model-2" in spec.components[t.component_ref.name].dag.tasks
         ]
         assert len(components) == 1
-        producers = {a.task_output_artifact.producer_task for a in artifacts.values()}
-        assert components[0] not in producers
-        assert artifacts["base"].task_output_artifact.producer_task == "train-model"  # the base
+        producers = {_source(spec, at, name)[0] for name in artifacts if name != "finals"}
+        assert not any(p.startswith(components[0] + "/") for p in producers)
+        assert _source(spec, at, "base") == (_path(spec, "train-model"), "model")  # the base
+        # merge too takes the components by the index, not their weights as inputs
+        merge_inputs = _task(spec, "merge").inputs.artifacts
+        assert _source(spec, _path(spec, "merge"), "component_index") == (index_path, "index")
+        assert not any(
+            _source(spec, _path(spec, "merge"), name)[0].startswith(components[0] + "/")
+            for name in merge_inputs
+        )
 
 
 def test_validate_branch_is_off_by_default_and_conditional(compiled):
     spec, _ = _spec(compiled[0])
     parameter = spec.root.input_definitions.parameters["validate"]
     assert parameter.default_value.bool_value is False
-    conditions = [t for t in spec.root.dag.tasks.values() if t.trigger_policy.condition]
+    conditions = [t for t in _all_tasks(spec).values() if t.trigger_policy.condition]
     branch = [t for t in conditions if "validate" in t.trigger_policy.condition]
     assert len(branch) == 1
     dag = spec.components[branch[0].component_ref.name].dag
@@ -159,11 +257,11 @@ def test_validate_branch_is_off_by_default_and_conditional(compiled):
 
 def test_curation_fans_out_over_the_plans_groups_and_merges_them(compiled):
     spec, _ = _spec(compiled[0])
-    tasks = spec.root.dag.tasks
+    tasks = _all_tasks(spec)
     loop_key, loop = next(
         (name, task)
         for name, task in tasks.items()
-        if name.startswith("for-loop")
+        if name.rsplit("/", 1)[-1].startswith("for-loop")
         and "curate-group" in spec.components[task.component_ref.name].dag.tasks
     )
     # one map task per group the plan task returns
@@ -173,34 +271,34 @@ def test_curation_fans_out_over_the_plans_groups_and_merges_them(compiled):
     assert body.inputs.artifacts["plan"].component_input_artifact.endswith("plan-curation-plan")
     assert body.inputs.parameters["group"].component_input_parameter.endswith("-loop-item")
     # the reduce collects every map output and reads the same plan
-    reduce = tasks["curate-data"]
-    parts = reduce.inputs.artifacts["parts"].task_output_artifact
-    assert parts.producer_task == loop_key
+    reduce = _path(spec, "curate-data")
+    parts = tasks[reduce].inputs.artifacts["parts"].task_output_artifact
+    assert _dag_of(reduce) + parts.producer_task == loop_key
     assert parts.output_artifact_key == "pipelinechannel--curate-group-part"
     loop_outputs = spec.components[loop.component_ref.name].output_definitions.artifacts
     assert loop_outputs["pipelinechannel--curate-group-part"].is_artifact_list
-    assert reduce.inputs.artifacts["plan"].task_output_artifact.producer_task == "plan-curation"
-    plan_inputs = tasks["plan-curation"].inputs.parameters
-    fingerprint = plan_inputs["data_fingerprint"].task_output_parameter
-    assert fingerprint.producer_task == "read-inputs"  # computed by the run, not the submitter
-    assert fingerprint.output_parameter_key == "data_fingerprint"
+    assert _source(spec, reduce, "plan") == (_path(spec, "plan-curation"), "plan")
+    # computed by the run, not the submitter
+    fingerprint = _source(spec, _path(spec, "plan-curation"), "data_fingerprint", "parameters")
+    assert fingerprint == ("read-inputs", "data_fingerprint")
     assert not tasks["read-inputs"].caching_options.enable_cache  # listed anew by every run
     # everything downstream reads the reduce's dataset
     consumers = [
-        task for task in tasks.values()
-        if any(a.task_output_artifact.producer_task == "curate-data"
-               for a in task.inputs.artifacts.values())
+        path for path, task in tasks.items()
+        if spec.components[task.component_ref.name].WhichOneof("implementation") != "dag"
+        and "data" in task.inputs.artifacts
+        and _source(spec, path, "data") == (reduce, "dataset")
     ]  # fmt: skip
-    assert len(consumers) >= 3 and tasks["train-model"] in consumers
+    assert len(consumers) >= 3 and _path(spec, "train-model") in consumers
 
 
 def test_the_export_artifact_is_written_from_the_final_selection(compiled):
     spec, _ = _spec(compiled[0])
-    task = spec.root.dag.tasks["export-mixture"]
-    selection = task.inputs.artifacts["selection"].task_output_artifact
-    merged = spec.root.dag.tasks["merge"].inputs.artifacts["selection"].task_output_artifact
-    assert selection == merged and selection.producer_task.startswith("predict-")
-    assert task.inputs.artifacts["data"].task_output_artifact.producer_task == "curate-data"
+    task = _task(spec, "export-mixture")
+    selection = _source(spec, "export-mixture", "selection")
+    merged = _source(spec, _path(spec, "merge"), "selection")
+    assert selection == merged and selection[0].rsplit("/", 1)[-1].startswith("predict-")
+    assert _source(spec, "export-mixture", "data") == (_path(spec, "curate-data"), "dataset")
     outputs = spec.components[task.component_ref.name].output_definitions.artifacts
     assert list(outputs) == ["export"]
     executor = spec.deployment_spec["executors"]["exec-export-mixture"]["container"]
@@ -220,15 +318,16 @@ def test_the_pipeline_returns_the_mixture_verdict_report_and_metrics(compiled, t
         "metrics": "system.Metrics",
     }
     selected = {
-        name: (s.producer_subtask, s.output_artifact_key)
+        name: _output_source(spec, s.producer_subtask, s.output_artifact_key)
         for name, value in spec.root.dag.outputs.artifacts.items()
         for s in value.artifact_selectors
     }
+    evaluate = _path(spec, "evaluate-final")
     assert selected == {
         "mixture": ("export-mixture", "export"),
-        "verdict": ("evaluate-final", "verdict"),
-        "report": ("evaluate-final", "report"),
-        "metrics": ("evaluate-final", "metrics"),
+        "verdict": (evaluate, "verdict"),
+        "report": (evaluate, "report"),
+        "metrics": (evaluate, "metrics"),
     }
 
 
@@ -239,21 +338,6 @@ def test_vertex_target_is_one_document_with_vertex_accelerators(compiled):
     resources = spec.deployment_spec["executors"]["exec-train-model"]["container"]["resources"]
     assert resources["accelerator"]["resourceType"] == "NVIDIA_H100_80GB"
     assert _task_names(spec) >= STAGES
-
-
-def _all_tasks(spec) -> dict:
-    """Every task of the compiled DAG by its key, through loops and conditions."""
-    found = {}
-
-    def walk(dag):
-        for name, task in dag.tasks.items():
-            found[name] = task
-            component = spec.components[task.component_ref.name]
-            if component.WhichOneof("implementation") == "dag":
-                walk(component.dag)
-
-    walk(spec.root.dag)
-    return found
 
 
 def test_every_task_has_a_display_name_and_every_parameter_a_description(compiled):
@@ -281,6 +365,10 @@ def test_every_task_has_a_display_name_and_every_parameter_a_description(compile
             "merge chosen mixture",
             "train final",
             "evaluate finals",
+            "curate data",  # the sub-graphs
+            "train models",
+            "search mixtures",
+            "final models",
         }
         parameters = spec.root.input_definitions.parameters
         assert len(parameters) == 11
@@ -358,12 +446,13 @@ def test_vertex_multi_node_training_is_a_custom_job_with_worker_pools(tmp_path):
         assert "accelerator" not in executors[name]["container"]["resources"]
     assert "accelerator" in executors["exec-evaluate-proxies"]["container"]["resources"]
 
-    argv = ["train", "/gcs/b/run/model.launch.yaml", "--role", "base", "--out", "/gcs/b/run/model"]
+    argv = ["/gcs/b/run/model.launch.json"]  # the job file, beside the model
     job = vertex_job(
         cluster,
         argv,
         processes,
         Path("/gcs/b/run/model"),
+        module="demix.stages.worker",
         project="p",
         location="us-central1",
         credentials=AnonymousCredentials(),
@@ -371,7 +460,7 @@ def test_vertex_multi_node_training_is_a_custom_job_with_worker_pools(tmp_path):
     specs = job.job_spec.worker_pool_specs
     assert [s.replica_count for s in specs] == [1, 3]
     assert list(specs[1].container_spec.command) == [
-        "python", "-m", "demix.cli", *argv, "--processes", "8",
+        "python", "-m", "demix.stages.worker", *argv, "--processes", "8",
     ]  # fmt: skip
     assert job.job_spec.base_output_directory.output_uri_prefix == "gs://b/run/model.job"
 
@@ -529,8 +618,9 @@ def test_multi_node_training_jobs_run_the_cuda_image_given(tmp_path):
     executors = spec.deployment_spec["executors"]
     train = [n for n in executors if n.startswith("exec-train-model")]
     assert train and all(executors[n]["container"]["image"] == CUDA_DIGEST for n in train)
-    constants = json.dumps(json_format.MessageToDict(spec.root))
-    assert constants.count(CUDA_DIGEST) >= 1 and CUDA_IMAGE not in out.read_text()
+    clusters = [cluster for _, cluster in _training_inputs(spec).values()]  # the job's image
+    assert clusters and all(CUDA_DIGEST in cluster for cluster in clusters)
+    assert CUDA_IMAGE not in out.read_text()
 
 
 @pytest.mark.parametrize(
@@ -846,11 +936,11 @@ def test_config_rounds_and_compiled_rounds_cannot_disagree(tmp_path, corpus_dir,
     out = tmp_path / "from-config.yaml"
     local = "--allow-local-images"
     assert pipeline.main(["compile", "--out", str(out), "--config", str(config), local]) == 0
-    predicts = [
-        t
-        for t in next(yaml.safe_load_all(out.read_text()))["root"]["dag"]["tasks"]
+    spec = next(yaml.safe_load_all(out.read_text()))
+    predicts = [  # in the search sub-graph
+        t for c in spec["components"].values() for t in c.get("dag", {}).get("tasks", {})
         if "predict" in t
-    ]
+    ]  # fmt: skip
     assert len(predicts) == 2 + 1  # one per round, then the final selection
     assert (
         pipeline.main(

@@ -281,7 +281,12 @@ def test_parallelism_caps_the_gpu_loops_only(specs):
 
 
 def _cluster(docs) -> dict:
-    task = docs[0]["root"]["dag"]["tasks"]["train-model"]
+    """The cluster input of the base's training task (in the models sub-graph)."""
+    dags = [
+        docs[0]["root"]["dag"],
+        *(c["dag"] for c in docs[0]["components"].values() if "dag" in c),
+    ]
+    (task,) = [dag["tasks"]["train-model"] for dag in dags if "train-model" in dag["tasks"]]
     return json.loads(task["inputs"]["parameters"]["cluster"]["runtimeValue"]["constant"])
 
 

@@ -121,9 +121,10 @@ def test_own_base_and_bucket_data_from_the_ui_rerun_incrementally(gcs, tmp_path,
     def run(n: int) -> tuple[Launcher, dict]:
         launcher = Launcher(package, store, tmp_path / f"work-{n}", cache)
         started = time.perf_counter()
-        done = launcher.run(params)
+        launcher.run(params)
         _show(f"run {n}", launcher, time.perf_counter() - started)
-        summary_uri = done["evaluate-final"]["artifacts"]["summary"][0]["uri"]
+        evaluated = launcher.records["finals/evaluate-final"]  # in the finals sub-graph
+        summary_uri = evaluated["artifacts"]["summary"][0]["uri"]
         blob = store.bucket.blob(store.key(f"{summary_uri}/summary.json"))
         return launcher, json.loads(blob.download_as_bytes())
 

@@ -38,7 +38,7 @@ from demix.search import ScoresTable, search_objective
 from demix.search.fits import fit_selection
 from demix.search.loop import canonical_rows, weights_matrix
 from demix.search.results import mixture_id
-from demix.stages import search_stage, train_components
+from demix.stages import Run, search_stage, train_components
 from demix.stages.validate import evaluate_once
 from demix.storage import atomic_write_json, atomic_write_text
 
@@ -92,27 +92,26 @@ def fitted_choices(config: RunConfig, data: CuratedData, folder: Path) -> dict[s
 
 
 def budget_searches(
-    config: RunConfig,
-    data: CuratedData,
-    base: Path,
+    run: Run,
     plan: dict[str, Any],
     out: Path,
     evaluator: Evaluator,
     timed: StageClock,
 ) -> dict[str, dict]:
     """Every method's choice at one budget: {method: {"mixture", "tokens", "proxies"}}."""
+    config, data, base = run.config, run.data, run.base
     at_budget = _component_budget(config, plan["component_tokens"])
     where = f"{plan['label']}/{config.seed}"
     with timed(f"components/{where}"):
-        components = train_components(at_budget, data, base, out / "models")
-    tokens = int(manifest_total(components.values(), "tokens"))
+        trained_run = Run(
+            at_budget, data, base, train_components(at_budget, data, base, out / "models")
+        )
+    tokens = int(manifest_total(trained_run.components.values(), "tokens"))
     choices = {}
     for total, n in plan["merged"].items():
         searched = _with(at_budget, "search", method="merge", n=n)
         with timed(f"search_merge_{total}/{where}"):
-            found = search_stage(
-                searched, data, base, components, out / f"merged-{total}", evaluator
-            )
+            found = search_stage(trained_run.using(searched), out / f"merged-{total}", evaluator)
         choices[f"merged {total}"] = {
             "mixture": found["mixture"],
             "tokens": tokens,
@@ -120,7 +119,7 @@ def budget_searches(
         }
     regmix = regmix_config(config, plan)
     with timed(f"search_trained/{where}"):
-        found = search_stage(regmix, data, base, {}, out / "trained", evaluator)
+        found = search_stage(Run(regmix, data, base), out / "trained", evaluator)
     trained = {"tokens": found["proxy_training_tokens"], "proxies": found["proxies_evaluated"]}
     choices["regmix"] = {"mixture": found["mixture"], **trained}
     for method, chosen in fitted_choices(regmix, data, out / "trained").items():
@@ -129,15 +128,14 @@ def budget_searches(
 
 
 def judge_seed(
-    config: RunConfig,
-    data: CuratedData,
-    base: Path,
+    run: Run,
     choices: dict[str, dict[str, dict]],
     out: Path,
     evaluator: Evaluator,
 ) -> tuple[dict[str, Any], int]:
     """Final models of every chosen mixture (one set per distinct mixture) and of the token
     prior, evaluated once each; the seed's rows (demix.decision.seed_rows) and final tokens."""
+    config, data = run.config, run.data
     grid = config.search.sampler.grid
     labels = {
         budget: {
@@ -150,34 +148,27 @@ def judge_seed(
         for method, chosen in methods.items():
             mixtures[labels[budget][method]] = chosen["mixture"]
     runs = seeded_runs(mixtures, config.final.seeds)
-    finals = train_finals(config, data, base, {r: mixtures[r.label] for r in runs}, out / "finals")
+    finals = train_finals(run, {r: mixtures[r.label] for r in runs}, out / "finals")
     device = resolve_device(config.train.device)
     results: dict[str, list[dict]] = {}
-    for run in runs:  # seed order within each label (seeded_runs)
-        evaluated = evaluate_once(config, data, base, finals[run.name], evaluator, device)
-        results.setdefault(run.label, []).append(evaluated)
+    for seeded in runs:  # seed order within each label (seeded_runs)
+        evaluated = evaluate_once(run, finals[seeded.name], evaluator, device)
+        results.setdefault(seeded.label, []).append(evaluated)
     rows = decision.seed_rows(config, labels, results, choices)
     return rows, int(manifest_total(finals.values(), "tokens"))
 
 
-def decision_seed(
-    config: RunConfig,
-    data: CuratedData,
-    base: Path,
-    out: Path,
-    evaluator: Evaluator,
-    timed: StageClock,
-) -> dict[str, Any]:
-    """One protocol seed into `out`: every budget's searches, then the finals and verdicts."""
-    plan = decision.budget_plan(config, len(data.names))
+def decision_seed(run: Run, out: Path, evaluator: Evaluator, timed: StageClock) -> dict[str, Any]:
+    """One protocol seed into `out` (`run`: the seed's config, the data and the base): every
+    budget's searches, then the finals and verdicts."""
+    config = run.config
+    plan = decision.budget_plan(config, len(run.data.names))
     choices = {
-        p["label"]: budget_searches(
-            config, data, base, p, out / f"budget-{p['label']}", evaluator, timed
-        )
+        p["label"]: budget_searches(run, p, out / f"budget-{p['label']}", evaluator, timed)
         for p in plan
     }
     with timed(f"final/{config.seed}"):
-        rows, final_tokens = judge_seed(config, data, base, choices, out, evaluator)
+        rows, final_tokens = judge_seed(run, choices, out, evaluator)
     return {"seed": config.seed, "plan": plan, **rows, "final_tokens": final_tokens}
 
 
@@ -191,13 +182,12 @@ def reproduce_decision(config: RunConfig, out: str | Path) -> dict[str, Any]:
     decision.budget_plan(config, len(config.data.datasets))  # refuse a bad plan before training
     out = start_run_folder(config, out)
     timed = StageClock()
-    data, base, _ = prepare_models(config, out, timed, components=False)
+    prepared = prepare_models(config, out, timed, components=False)
+    data = prepared.data
     evaluator = make_evaluator(config, data, resolve_device(config.train.device))
     per_seed = [
         decision_seed(
-            config.model_copy(update={"seed": config.seed + s}),
-            data,
-            base,
+            prepared.using(config.model_copy(update={"seed": config.seed + s})),
             seed_folder(out, s),
             evaluator,
             timed,

@@ -30,6 +30,7 @@ from demix.recipes.run import StageClock, prepare_models, start_run_folder, trai
 from demix.report.reproduce import format_table, headline, l1, stability
 from demix.report.summary import final_entry
 from demix.stages import (
+    Run,
     evaluate_each,
     finals_by_label,
     judge_finals,
@@ -50,20 +51,19 @@ def _with(config: RunConfig, section: str, **update) -> RunConfig:
 
 
 def sweep_point(
-    config: RunConfig,
-    data: CuratedData,
-    base: Path,
+    run: Run,
     point: StageTraining,
     validation: dict[str, Any],
     evaluator: Evaluator,
     out: Path,
 ) -> dict[str, Any]:
     """Components retrained with one budget / lr; their proxies scored against the references."""
+    config, data, base = run.config, run.data, run.base
     swept = _with(config, "train", component=point)
     components = train_components(swept, data, base, out)
     weights = _weights(data, validation)
     results = kept_proxy_scores(
-        swept, data, base, components, validation, evaluator, out / "proxy-scores.json"
+        Run(swept, data, base, components), validation, evaluator, out / "proxy-scores.json"
     )
     measured = fidelity(
         data.names,
@@ -104,17 +104,12 @@ def _weights(data: CuratedData, validation: dict[str, Any]) -> np.ndarray:
 
 
 def kept_proxy_scores(
-    config: RunConfig,
-    data: CuratedData,
-    base: Path,
-    components: dict[str, Path],
-    validation: dict[str, Any],
-    evaluator: Evaluator,
-    path: Path,
+    run: Run, validation: dict[str, Any], evaluator: Evaluator, path: Path
 ) -> list[dict]:
     """The merged proxies' results on the references' mixtures, kept in `path` under a key of
     the scores' settings, the merge, the components and the mixtures: a resumed protocol
     evaluates no proxy twice."""
+    config, data, base, components = run.config, run.data, run.base, run.components
 
     def scores() -> list[dict]:
         proxies = ProxyEvaluator(config, data, base, components, evaluator)
@@ -142,16 +137,11 @@ def _rho_entry(measured: dict[str, Any]) -> dict[str, Any]:
 
 
 def ablation_rows(
-    config: RunConfig,
-    data: CuratedData,
-    base: Path,
-    components: dict[str, Path],
-    validation: dict[str, Any],
-    evaluator: Evaluator,
-    out: Path,
+    run: Run, validation: dict[str, Any], evaluator: Evaluator, out: Path
 ) -> list[dict[str, Any]]:
     """Each `fidelity.ablations` merge setting's proxies against the same references: macro and
     aggregate rho, and the paired difference from the run's own merged proxies."""
+    config, data = run.config, run.data
     rows = []
     weights = _weights(data, validation)
     categories = config.evaluate.categories
@@ -161,7 +151,7 @@ def ablation_rows(
         ablated = config.model_copy(update={"merge": merge})
         label = merge_label(merge)
         results = kept_proxy_scores(
-            ablated, data, base, components, validation, evaluator, out / f"ablation-{i}.json"
+            run.using(ablated), validation, evaluator, out / f"ablation-{i}.json"
         )
         measured = fidelity(
             data.names, weights, results, validation["reference_results"], categories
@@ -180,17 +170,13 @@ def merge_label(merge) -> str:
 
 
 def budget_ladder(
-    config: RunConfig,
-    data: CuratedData,
-    base: Path,
-    validation: dict[str, Any],
-    evaluator: Evaluator,
-    out: Path,
+    run: Run, validation: dict[str, Any], evaluator: Evaluator, out: Path
 ) -> list[dict[str, Any]]:
     """Trained proxies of the references' mixtures at `fidelity.budgets` fractions of the
     component budget (same lr and schedule, the next training seed: an independent run of a
     cheaper recipe), each against the full-budget references, next to the merged proxies
     (paired difference merged − trained: better | worse | inconclusive)."""
+    config, data = run.config, run.data
     weights = _weights(data, validation)
     categories = config.evaluate.categories
     component = config.train.component
@@ -199,9 +185,7 @@ def budget_ladder(
         tokens = max(1, round(fraction * component.tokens))
         rung = _with(config, "train", component=component.model_copy(update={"tokens": tokens}))
         results, trained_tokens = train_references(
-            rung,
-            data,
-            base,
+            run.using(rung),
             weights,
             out / f"budget-{fraction:g}",
             evaluator,
@@ -267,9 +251,7 @@ def matched_fidelity(
 
 
 def seed_protocol(
-    config: RunConfig,
-    data: CuratedData,
-    base: Path,
+    run: Run,
     out: Path,
     evaluator: Evaluator,
     timed: StageClock,
@@ -278,27 +260,28 @@ def seed_protocol(
     """One seed of the protocol into `out`: components, the merged search, validate (with
     replicates), final models; the first seed also the training-based search, the sweep, the
     budget ladder and the ablations. With `fidelity.finals: false` no search and no final model
-    (fidelity only). Returns the seed's result (reproduce.json's per seed)."""
+    (fidelity only). Returns the seed's result (reproduce.json's per seed). `run`: the seed's
+    config, the data and the base; the seed's components are trained here."""
+    config, data, base = run.config, run.data, run.base
     seed = config.seed
     merge_config = _with(config, "search", method="merge")
     decide = config.fidelity.finals  # false: fidelity only (no searches, no finals)
     with timed(f"components/{seed}"):
-        components = train_components(config, data, base, out / "models")
+        run = Run(config, data, base, train_components(config, data, base, out / "models"))
+    components = run.components
     merged = None
     if decide:
         with timed(f"search_merge/{seed}"):
-            merged = search_stage(
-                merge_config, data, base, components, out / "search-merge", evaluator
-            )
+            merged = search_stage(run.using(merge_config), out / "search-merge", evaluator)
     trained = None
     if first and decide and config.fidelity.trained_search:
         trained_config = _with(config, "search", method="trained")
         with timed(f"search_trained/{seed}"):
             trained = search_stage(
-                trained_config, data, base, {}, out / "search-trained", evaluator
+                Run(trained_config, data, base), out / "search-trained", evaluator
             )
     with timed(f"validate/{seed}"):
-        validation = validate_stage(config, data, base, components, out / "validate", evaluator)
+        validation = validate_stage(run, out / "validate", evaluator)
     sweep, ladder, ablations = [], [], []
     if first:
         with timed("sweep"):
@@ -307,13 +290,11 @@ def seed_protocol(
                 sweep.append(sweep_entry(config.train.component, norms, validation))
             for point in config.fidelity.sweep:
                 folder = out / "sweep" / f"tokens{point.tokens}-lr{point.lr:g}"
-                sweep.append(sweep_point(config, data, base, point, validation, evaluator, folder))
+                sweep.append(sweep_point(run, point, validation, evaluator, folder))
         with timed("budgets"):
-            ladder = budget_ladder(config, data, base, validation, evaluator, out / "budgets")
+            ladder = budget_ladder(run, validation, evaluator, out / "budgets")
         with timed("ablations"):
-            ablations = ablation_rows(
-                config, data, base, components, validation, evaluator, out / "ablations"
-            )
+            ablations = ablation_rows(run, validation, evaluator, out / "ablations")
     merge_tokens = _tokens(components.values())
     if not decide:
         matched = matched_fidelity(ladder, sum(config.search.round_sizes), merge_tokens)
@@ -325,7 +306,7 @@ def seed_protocol(
     with timed(f"final/{seed}"):
         runs = seeded_runs(mixtures, config.final.seeds)
         per_run = {run: mixtures[run.label] for run in runs}
-        finals = train_finals(config, data, base, per_run, out / "models")
+        finals = train_finals(run, per_run, out / "models")
         results = finals_by_label(runs, evaluate_each(config, data, finals, evaluator))
         baselines = {label: results[label] for label in baseline_mixtures(data)}
         chosen_labels = ["chosen_merge"] + (["chosen_trained"] if trained is not None else [])
@@ -448,13 +429,12 @@ def reproduce(config: RunConfig, out: str | Path) -> dict[str, Any]:
     """
     out = start_run_folder(config, out)
     timed = StageClock()
-    data, base, _ = prepare_models(config, out, timed, components=False)
+    prepared = prepare_models(config, out, timed, components=False)
+    data, base = prepared.data, prepared.base
     evaluator = make_evaluator(config, data, resolve_device(config.train.device))
     per_seed = [
         seed_protocol(
-            config.model_copy(update={"seed": config.seed + s}),
-            data,
-            base,
+            prepared.using(config.model_copy(update={"seed": config.seed + s})),
             seed_folder(out, s),
             evaluator,
             timed,

@@ -50,18 +50,14 @@ def run(config: RunConfig, out: str | Path) -> dict:
     out = start_run_folder(config, out)
     timed = StageClock()
     # the training-based search trains a model per proxy instead of components to merge
-    data, base, components = prepare_models(
-        config, out, timed, components=config.search.method == "merge"
-    )
-    evaluator = run_evaluator(config, data)
+    prepared = prepare_models(config, out, timed, components=config.search.method == "merge")
+    evaluator = run_evaluator(config, prepared.data)
     with timed("search"):
-        selection = search_stage(config, data, base, components, out / "search", evaluator)
+        selection = search_stage(prepared, out / "search", evaluator)
     with timed("final"):
-        mixtures = final_mixtures(config, selection, data)
-        finals = train_finals(config, data, base, mixtures, out / "models")
-        manifests = component_manifests(components)
-        summary = evaluate_finals_stage(
-            config, data, base, manifests, finals, selection, out, evaluator
-        )
+        mixtures = final_mixtures(config, selection, prepared.data)
+        finals = train_finals(prepared, mixtures, out / "models")
+        manifests = component_manifests(prepared.components)
+        summary = evaluate_finals_stage(prepared, manifests, finals, selection, out, evaluator)
     wall = {"fetch": timed.timings["fetch"], "total": time.perf_counter() - started}
     return add_wall_times(out, summary, wall)

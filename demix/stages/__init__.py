@@ -12,6 +12,7 @@ local run and in a pipeline task; neither adds logic of its own.
     finals      evaluate_models_stage, evaluate_finals_stage (scores, summary.json, report)
     artifacts   the base's folder, the model index and the component manifests
     run         what the recipes share: the run folder, prepared models, finals, the evaluator
+    values      Run: the config, the curated data, the base and the components, in one value
     validate    validate_stage: trained references against merged proxies (demix.stages.validate,
                 imported from there: it trains and evaluates, so it loads on first use)
 
@@ -60,8 +61,10 @@ from demix.stages.search import (
     select_stage,
 )
 from demix.stages.train import train_components, train_stage
+from demix.stages.values import Run
 
 __all__ = [
+    "Run",
     "add_wall_times",
     "component_manifests",
     "final_mixtures",

@@ -15,6 +15,7 @@ from demix.errors import DemixError
 from demix.mixtures import SeededRun, components_in_order, final_runs
 from demix.progress import track
 from demix.report.summary import stage_timings, summarize, write_document_scores, write_summary
+from demix.stages.values import Run
 from demix.verdict import final_verdict
 
 if TYPE_CHECKING:
@@ -83,9 +84,7 @@ def judge_finals(
 
 
 def evaluate_finals_stage(
-    config: RunConfig,
-    data: CuratedData,
-    base: Path,
+    run: Run,
     components: dict[str, dict],
     finals: dict[str, Path],
     selection: dict,
@@ -96,13 +95,14 @@ def evaluate_finals_stage(
     baselines, write final_scores.json (per-document scores), summary.json and report.html
     into `out`; return the summary (the same for `demix run` and the pipeline).
 
-    `components`: the component models' manifests by name (their weights are not needed); a
-    selection without relative delta norms takes them from there.
+    `components`: the component models' manifests by name (their weights are not needed, nor
+    `run.components`); a selection without relative delta norms takes them from there.
     Raises DemixError when a final model of the configured labels and seeds is missing, or a
     component manifest has no relative delta norm where one is needed.
     """
+    config, data, base = run.config, run.data, run.base
     runs = final_runs(config.final.seeds)
-    names = [run.name for run in runs]
+    names = [seeded.name for seeded in runs]
     missing = sorted(set(names) - set(finals))
     if missing:
         raise DemixError(f"final models {missing} are missing (final.seeds={config.final.seeds})")

@@ -16,6 +16,7 @@ from demix.mixtures import SeededRun, final_mixture, final_runs, search_cap
 from demix.report.summary import add_wall_times
 from demix.stages.curate import curate_stage, fetch_configured_demo
 from demix.stages.train import train_components, train_stage
+from demix.stages.values import Run
 from demix.storage import atomic_write_json
 
 if TYPE_CHECKING:
@@ -48,9 +49,9 @@ def prepare_models(
     out: Path,
     timed: Callable[[str], AbstractContextManager],
     components: bool = True,
-) -> tuple[CuratedData, Path, dict[str, Path]]:
+) -> Run:
     """Fetch (demo), curate, the base and (unless `components` is False) the components, each
-    step under `timed(step)` (the recipe's clock)."""
+    step under `timed(step)` (the recipe's clock); the Run the later stages take."""
     with timed("fetch"):
         fetch_configured_demo(config)
     with timed("curate"):
@@ -60,30 +61,24 @@ def prepare_models(
         base = train_stage(config, data, "base", out / "models" / "base")
     with timed("components"):
         trained = train_components(config, data, base, out / "models") if components else {}
-    return data, base, trained
+    return Run(config, data, base, trained)
 
 
-def train_finals(
-    config: RunConfig,
-    data: CuratedData,
-    base: Path,
-    mixtures: dict[SeededRun, dict],
-    folder: Path,
-) -> dict[str, Path]:
-    """A final model per run and its mixture, from the base, into `folder`/final-<run name>,
-    each with the run seed + its seed offset; the folders by run name."""
+def train_finals(run: Run, mixtures: dict[SeededRun, dict], folder: Path) -> dict[str, Path]:
+    """A final model per seeded run and its mixture, from the base, into
+    `folder`/final-<run name>, each with the run seed + its seed offset; the folders by name."""
     return {
-        run.name: train_stage(
-            config,
-            data,
+        seeded.name: train_stage(
+            run.config,
+            run.data,
             "final",
-            folder / f"final-{run.name}",
-            run.name,
-            base,
+            folder / f"final-{seeded.name}",
+            seeded.name,
+            run.base,
             mixture,
-            seed_offset=run.seed_offset,
+            seed_offset=seeded.seed_offset,
         )
-        for run, mixture in mixtures.items()
+        for seeded, mixture in mixtures.items()
     }
 
 

@@ -22,6 +22,7 @@ from demix.mixtures import (
     search_space,
 )
 from demix.stages.proxies import make_proxy
+from demix.stages.values import Run
 from demix.storage import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
@@ -65,14 +66,7 @@ def describe_selection(
     }
 
 
-def search_stage(
-    config: RunConfig,
-    data: CuratedData,
-    base: Path,
-    components: dict[str, Path],
-    out: Path,
-    evaluator: Evaluator | None = None,
-) -> dict:
+def search_stage(run: Run, out: Path, evaluator: Evaluator | None = None) -> dict:
     """The whole search (demix.search.run_search) into `out`: scores.jsonl, then result.json.
 
     Resumes from an existing scores table: proxies already scored are not evaluated again.
@@ -81,9 +75,10 @@ def search_stage(
     """
     from demix.proxies import TrainedProxyEvaluator
 
+    config, data = run.config, run.data
     config_search_plan(config).check()
     out.mkdir(parents=True, exist_ok=True)
-    proxy = make_proxy(config, data, base, components, out, evaluator)
+    proxy = make_proxy(run, out, evaluator)
     table = search.ScoresTable(out / "scores.jsonl")
     space = search_space(config, data)
     found = search.run_search(

@@ -1,5 +1,5 @@
 """The training stage: base, component, reference and final roles, in one process or N
-(launched through demix.train.launch), with checkpoints synced to the bucket."""
+(launched through demix.stages.launch), with checkpoints synced to the bucket."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from demix.data.shards import CuratedData
 from demix.errors import DemixError
 from demix.mixtures import component_training_mix
 from demix.stages.artifacts import base_model_dir
+from demix.stages.launch import job_for, launch_train
 from demix.storage import checkpoint_sync, discard_checkpoint
-from demix.train.launch import launch_argv, launch_train
 
 if TYPE_CHECKING:
     from demix.train import CheckpointHook
@@ -43,7 +43,7 @@ def train_stage(
     reference / final: from `init` on `mixture`, with the run seed + `seed_offset` (a further
     training seed of the same mixture: demix.mixtures.SeededRun). With processes > 1 (GPUs
     of the machine) or a `cluster` (Vertex AI worker pools JSON) the loop runs under
-    `accelerate launch` in that many processes (demix.train.launch).
+    `accelerate launch` in that many processes (demix.stages.launch).
     `uri`: where `out` is published (a pipeline task's `model.uri`). When it is gs://, each
     checkpoint is published to `<uri>.ckpt` as it is written, training resumes from the newest
     one there (a task rerun in an empty pod continues), and it is deleted once the model is done.
@@ -107,10 +107,8 @@ def _train(
 ) -> None:
     """train_stage's training, in this process or launched in several."""
     if processes > 1 or cluster:
-        argv = launch_argv(
-            role, name, data.root, init, mixture if role in ("reference", "final") else None
-        )
-        launch_train(config, argv, out, processes, cluster, publish_uri=uri)
+        job = job_for(config, role, name, data.root, out, init, mixture, publish_uri=uri)
+        launch_train(config, job, processes, cluster)
         return
     publish = checkpoint_sync(uri, out.with_name(out.name + ".ckpt")) if uri else None
     hook = _both(on_checkpoint, publish)

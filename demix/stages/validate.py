@@ -55,6 +55,7 @@ from demix.search.results import mixture_id
 from demix.search.sampler import sample_mixtures
 from demix.stages.artifacts import read_model_index
 from demix.stages.train import train_stage
+from demix.stages.values import Run
 from demix.storage import atomic_write_json, atomic_write_text, kept_json
 
 log = logging.getLogger(__name__)
@@ -86,15 +87,9 @@ def reference_mixtures(config: RunConfig, data: CuratedData) -> np.ndarray:
     return np.array(out)
 
 
-def validate_stage(
-    config: RunConfig,
-    data: CuratedData,
-    base: Path,
-    components: dict[str, Path],
-    out: Path,
-    evaluator: Evaluator | None = None,
-) -> dict[str, Any]:
+def validate_stage(run: Run, out: Path, evaluator: Evaluator | None = None) -> dict[str, Any]:
     """Train references, build proxies, evaluate both, write fidelity.json/.html into `out`."""
+    config, data, base, components = run.config, run.data, run.base, run.components
     out.mkdir(parents=True, exist_ok=True)
     mixtures = reference_mixtures(config, data)
     device = resolve_device(config.train.device)
@@ -111,18 +106,18 @@ def validate_stage(
 
     start = time.perf_counter()
     reference_results, reference_tokens = train_references(
-        config, data, base, mixtures, out / "references", evaluator
+        run, mixtures, out / "references", evaluator
     )
     reference_seconds = time.perf_counter() - start
     k = config.fidelity.replicates
     replicate_results, replicate_tokens = train_references(
-        config, data, base, mixtures[:k], out / "references", evaluator, seed_offset=1
+        run, mixtures[:k], out / "references", evaluator, seed_offset=1
     )
 
     model = load_for_eval(config, base, device)
     base_result = evaluator.evaluate(model)
     del model
-    control_result = train_control(config, data, base, out, evaluator)
+    control_result = train_control(run, out, evaluator)
 
     result = {
         "datasets": data.names,
@@ -193,9 +188,7 @@ def validate_stage(
 
 
 def train_references(
-    config: RunConfig,
-    data: CuratedData,
-    base: Path,
+    run: Run,
     mixtures: np.ndarray,
     folder: Path,
     evaluator: Evaluator,
@@ -207,6 +200,7 @@ def train_references(
     results and the training tokens. seed_offset s > 0 trains with the run seed + s (another
     data order and initialisation of the same recipe). A model already there is not trained
     again (resume)."""
+    config, data = run.config, run.data
     device = resolve_device(config.train.device)
     results, tokens = [], 0
     for k, w in enumerate(track(mixtures, f"{role_label} models", "model")):
@@ -215,39 +209,32 @@ def train_references(
         log.info("%s %d/%d %s", role_label, k + 1, len(mixtures), name)
         path = folder / name
         mixture = as_dict(data.names, w)
-        train_stage(config, data, "reference", path, name, base, mixture, seed_offset=seed_offset)
+        train_stage(
+            config, data, "reference", path, name, run.base, mixture, seed_offset=seed_offset
+        )
         tokens += int(read_model_manifest(path).get("tokens", 0))
-        results.append(evaluate_once(config, data, base, path, evaluator, device))
+        results.append(evaluate_once(run, path, evaluator, device))
     return results, tokens
 
 
-def train_control(
-    config: RunConfig, data: CuratedData, base: Path, folder: Path, evaluator: Evaluator
-) -> dict:
+def train_control(run: Run, folder: Path, evaluator: Evaluator) -> dict:
     """The control branch (role control: the token prior, the references' budget and schedule,
     the run seed) trained into `folder`/control and evaluated; its result."""
     path = folder / "control"
     log.info("control (the token prior, the reference budget)")
-    train_stage(config, data, "control", path, "control", base)
-    return evaluate_once(config, data, base, path, evaluator, resolve_device(config.train.device))
+    train_stage(run.config, run.data, "control", path, "control", run.base)
+    return evaluate_once(run, path, evaluator, resolve_device(run.config.train.device))
 
 
-def evaluate_once(
-    config: RunConfig,
-    data: CuratedData,
-    base: Path,
-    model_dir: Path,
-    evaluator: Evaluator,
-    device,
-) -> dict:
+def evaluate_once(run: Run, model_dir: Path, evaluator: Evaluator, device) -> dict:
     """The evaluation of a trained model, kept beside it (<folder>.eval.json, stamped with the
     model's fingerprint and score_key): a resumed protocol evaluates no model twice."""
 
     def evaluate() -> dict:
-        model = load_for_eval(config, model_dir, device)
+        model = load_for_eval(run.config, model_dir, device)
         return evaluator.evaluate(model)
 
-    key = score_key(config, data, base, model=model_id(model_dir))
+    key = score_key(run.config, run.data, run.base, model=model_id(model_dir))
     return kept_json(model_dir.with_name(model_dir.name + ".eval.json"), key, evaluate)
 
 
@@ -349,9 +336,8 @@ def validate_step(
     Works under `fidelity_out`.work (references are kept there for a retried task).
     """
     work = fidelity_out.with_name(fidelity_out.name + ".work")
-    result = validate_stage(
-        config, CuratedData(data_dir), base, read_model_index(component_index), work
-    )
+    run = Run(config, CuratedData(data_dir), base, read_model_index(component_index))
+    result = validate_stage(run, work)
     atomic_write_json(fidelity_out, result)
     report_out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(report_out, (work / "fidelity.html").read_text())

@@ -1,6 +1,6 @@
 """Training: the one loop (loop.py), its checkpoint state (state.py), what a job is and whether
-it is done (job.py), the roles and their budgets (roles.py), and launching it in several
-processes or machines (launch.py).
+it is done (job.py) and the roles and their budgets (roles.py); launching it in several
+processes or machines is the training stage's (demix.stages.launch).
 
 The names below are imported on first use (demix.lazy): a job's fingerprint does not import
 torch."""
