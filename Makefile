@@ -60,7 +60,7 @@ reproduce-scaling: install ## the protocol on 3, 6 and 9 candidates (one base, t
 	$(BIN)/demix reproduce configs/reproduce-n3.yaml --out runs/reproduce-n3
 	$(BIN)/demix reproduce configs/reproduce-n6.yaml --out runs/reproduce-n6
 	$(BIN)/demix reproduce configs/reproduce-n9.yaml --out runs/reproduce-n9
-	$(BIN)/python -m demix.recipes.scaling runs/reproduce-n3 runs/reproduce-n6 runs/reproduce-n9 \
+	$(BIN)/demix scaling runs/reproduce-n3 runs/reproduce-n6 runs/reproduce-n9 \
 		--out runs/scaling.md
 
 test: install ## fast test suite (no slow, no gpu)

@@ -252,6 +252,16 @@ def _cmd_report(args) -> None:
     print(write_report(run.folder, run.summary, run.selection, run.config))
 
 
+def _cmd_scaling(args) -> None:
+    from demix.report.scaling import scaling_table
+    from demix.storage import atomic_write_text
+
+    table = scaling_table([Path(folder) for folder in args.folders])
+    print(table, end="")
+    if args.out:
+        atomic_write_text(Path(args.out), table)
+
+
 @writes(export_out, reads=("run",))
 def _cmd_export(args) -> None:
     from demix.export import file_text, parse_prefixes, read_run, render

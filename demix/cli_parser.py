@@ -153,6 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler="run")
 
     about = (
+        "fidelity and the merged search against the number of candidates: one table row per "
+        "finished `demix reproduce` folder (e.g. N = 3, 6, 9: `make reproduce-scaling`)"
+    )
+    p = sub.add_parser("scaling", help=about, description=about)
+    p.add_argument("folders", nargs="+", help="demix reproduce output folders")
+    p.add_argument("--out", help="also write the table to this Markdown file")
+    p.set_defaults(handler="scaling")
+
+    about = (
         "draw report.html of a finished run again, beside its summary.json (the run folder of "
         "`demix run` or `pipeline.py run-local`, a pipeline root, or a downloaded pipeline run)"
     )

@@ -282,13 +282,12 @@ def test_reproduce_decision_end_to_end_and_resumed(tmp_path, corpus_dir, monkeyp
     assert seed["final_tokens"] == len(finals) * 4096
 
     # resumed: nothing is trained or evaluated again
-    import demix.recipes.decision as recipe
-
     class NoEvaluation:
         def evaluate(self, model):
             raise AssertionError("a kept evaluation ran again")
 
-    monkeypatch.setattr(recipe, "make_evaluator", lambda *a, **k: NoEvaluation())
+    # the evaluator the recipe loads (demix.stages.run_evaluator)
+    monkeypatch.setattr("demix.proxies.make_evaluator", lambda *a, **k: NoEvaluation())
     assert main(argv) == 0
     again = json.loads((out / "decision.json").read_text())
     assert again["table"] == result["table"]

@@ -358,8 +358,8 @@ def test_fidelity_json_and_tables_carry_the_new_metrics(tmp_path):
     intervals, the quadratic fit with its tokens, the paired differences and the CRR."""
     import json
 
-    from demix.recipes.reproduce import format_table
     from demix.report.fidelity import write_fidelity_report
+    from demix.report.reproduce import format_table
 
     rng = np.random.default_rng(3)
     w = rng.dirichlet(np.ones(3), size=10)

@@ -1,4 +1,4 @@
-"""The tables `demix reproduce` and `python -m demix.recipes.scaling` print, from constructed
+"""The tables `demix reproduce` and `demix scaling` print, from constructed
 results: one row per N sorted by N, a missing run refused in one line, and what a run did not
 measure shown as "-" rather than NaN."""
 
@@ -8,8 +8,8 @@ import json
 
 import pytest
 
+from demix.cli import main as demix_main
 from demix.fidelity import AGGREGATE
-from demix.recipes import scaling
 from demix.report.reproduce import _seed_lines
 
 NAN = float("nan")
@@ -91,7 +91,7 @@ def test_scaling_table_has_one_row_per_run_sorted_by_n(tmp_path, capsys):
     result["mixtures"]["chosen_merge"] = {"general": 0.5, "code": 0.25, "math": 0.25}
     (three / "reproduce.json").write_text(json.dumps(result))
     out = tmp_path / "scaling.md"
-    assert scaling.main([str(nine), str(three), str(other), "--out", str(out)]) == 0
+    assert demix_main(["scaling", str(nine), str(three), str(other), "--out", str(out)]) == 0
     table = out.read_text()
     assert table == capsys.readouterr().out
     header, rule, first, *nines = table.strip().split("\n")
@@ -111,7 +111,8 @@ def test_scaling_table_has_one_row_per_run_sorted_by_n(tmp_path, capsys):
 def test_scaling_refuses_a_run_that_has_not_finished(tmp_path, capsys):
     done = _write(tmp_path / "n3", _result(["general", "code", "math"], 0.4, 0.6, 1))
     (tmp_path / "n6").mkdir()  # started, no reproduce.json yet
-    assert scaling.main([str(done), str(tmp_path / "n6"), "--out", str(tmp_path / "t.md")]) != 0
+    argv = ["scaling", str(done), str(tmp_path / "n6"), "--out", str(tmp_path / "t.md")]
+    assert demix_main(argv) != 0
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "n6/reproduce.json: not found; run demix reproduce into" in err

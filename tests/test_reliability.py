@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from demix.fidelity import AGGREGATE, compare_predictors, reliability, seed_noise
-from demix.recipes.reproduce import matched_fidelity
 from demix.report.reproduce import _over_seeds, headline, l1
+from demix.stages.reproduce import matched_fidelity
 
 CATEGORIES = {"a": ["ta"], "b": ["tb"]}
 

@@ -380,7 +380,7 @@ def test_reproduce_writes_one_table_of_every_step(
     assert "test-retest" in table and "Matched fidelity" in table and "dare_linear" in table
     assert "| mean [95%] |" in table
     # resumed: the sweep's and the ablations' merged proxies are read back, not evaluated again
-    import demix.recipes.reproduce as reproduce
+    import demix.stages.reproduce as reproduce
 
     def no_proxies(*args, **kwargs):
         raise AssertionError("a kept proxy evaluated again")
@@ -389,7 +389,9 @@ def test_reproduce_writes_one_table_of_every_step(
     assert main(argv) == 0
     again = json.loads((out / "reproduce.json").read_text())
     assert again["sweep"] == result["sweep"] and again["ablations"] == result["ablations"]
-    from demix.recipes.scaling import main as scaling
+
+    def scaling(args: list[str]) -> int:
+        return main(["scaling", *args])
 
     assert scaling([str(out), "--out", str(tmp_path / "scaling.md")]) == 0
     (row,) = [

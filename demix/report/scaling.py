@@ -1,5 +1,5 @@
 """The scaling table: fidelity and the merged search against the number of candidate datasets,
-one row per finished `demix reproduce` folder (its command: demix.recipes.scaling)."""
+one row per finished `demix reproduce` folder (its command: `demix scaling`)."""
 
 from __future__ import annotations
 

@@ -15,6 +15,9 @@ local run and in a pipeline task; neither adds logic of its own.
     values      Run: the config, the curated data, the base and the components, in one value
     validate    validate_stage: trained references against merged proxies (demix.stages.validate,
                 imported from there: it trains and evaluates, so it loads on first use)
+    reproduce   the fidelity protocol's stages (one seed, sweep, ladder, ablations, the table)
+    decision    the decision protocol's stages (each budget's searches and fits, finals, table)
+    launch      a training job in several processes; worker: each process's entry point
 
 The names below are those the recipes, components and tests import from `demix.stages`.
 """

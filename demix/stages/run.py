@@ -22,7 +22,11 @@ from demix.storage import atomic_write_json
 if TYPE_CHECKING:
     from demix.evaluate import Evaluator
 
+# A recipe's clock: `with timed("step"):` times and logs the step (demix.recipes.run.StageClock).
+Clock = Callable[[str], AbstractContextManager]
+
 __all__ = [
+    "Clock",
     "add_wall_times",
     "component_manifests",
     "final_mixtures",
@@ -47,7 +51,7 @@ def start_run_folder(config: RunConfig, out: str | Path) -> Path:
 def prepare_models(
     config: RunConfig,
     out: Path,
-    timed: Callable[[str], AbstractContextManager],
+    timed: Clock,
     components: bool = True,
 ) -> Run:
     """Fetch (demo), curate, the base and (unless `components` is False) the components, each
