@@ -202,6 +202,22 @@ def test_the_pipeline_is_composed_of_sub_graphs(compiled):
         assert {"merge", "train-final", "evaluate-final"} <= inside["finals"]
 
 
+def test_every_sub_graph_takes_a_parameter(compiled):
+    """kfp.local 2.17.3 drops the artifact inputs of a nested pipeline task without a parameter
+    input (deploy/graphs.py): each sub-graph keeps at least one, so `run-local` runs it."""
+    for path in compiled:
+        spec, _ = _spec(path)
+        graphs = [
+            (key, task)
+            for key, task in spec.root.dag.tasks.items()
+            if spec.components[task.component_ref.name].WhichOneof("implementation") == "dag"
+            and not task.trigger_policy.condition  # the validate branch: a condition, no graph
+        ]
+        assert {key for key, _ in graphs} == {"curate", "models", "search", "finals"}
+        for key, task in graphs:
+            assert task.inputs.parameters, f"sub-graph {key} has no parameter input"
+
+
 def test_evaluate_finals_declares_no_component_weights(compiled):
     """evaluate finals reads the components' norms from their manifests through the index:
     on Kubeflow the launcher downloads every declared model, K of them for nothing."""
