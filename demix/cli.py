@@ -107,8 +107,12 @@ def _cmd_train(args) -> None:
         run_launched(args.argv, args.processes, cluster)  # its main process reports
         return
     mixture = parse_mixture(args.mixture) if args.mixture else None
-    names = {"base": "base", "component": args.dataset, "control": "control"}
-    names["final"] = args.name or "final"
+    names = {
+        "base": "base",
+        "component": args.dataset,
+        "control": "control",
+        "final": args.name or "final",
+    }
     name = names.get(args.role)  # None: a reference is named by its folder
     train_process(
         config, args.role, args.out, name, args.data, args.init, mixture, args.publish_uri
