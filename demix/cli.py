@@ -25,6 +25,7 @@ from demix.cli_outputs import (
     recipe_out,
     run_arg,
     run_config,
+    scaling_out,
     search_limits,
     search_out,
     train_limits,
@@ -256,14 +257,15 @@ def _cmd_report(args) -> None:
     print(write_report(run.folder, run.summary, run.selection, run.config))
 
 
+@writes(scaling_out, reads=("folders",))
 def _cmd_scaling(args) -> None:
     from demix.report.scaling import scaling_table
-    from demix.storage import atomic_write_text
+    from demix.storage import write_output_bytes
 
     table = scaling_table([Path(folder) for folder in args.folders])
     print(table, end="")
     if args.out:
-        atomic_write_text(Path(args.out), table)
+        write_output_bytes(args.out, table.encode())
 
 
 @writes(export_out, reads=("run",))

@@ -286,6 +286,13 @@ def recipe_out(kind: str):
     return outputs
 
 
+def scaling_out(args) -> list:
+    """scaling: the optional file --out, replaced only when it holds an earlier scaling table."""
+    from demix.report.scaling import SCALING_KIND, is_scaling_table
+
+    return [Output(args.out, SCALING_KIND, "file", is_scaling_table)] if args.out else []
+
+
 def export_out(args) -> list:
     """export: the optional file --out, replaced only when it holds an earlier export."""
     from demix.export import EXPORT_KIND, is_export

@@ -11,6 +11,7 @@ import pytest
 from demix.cli import main as demix_main
 from demix.fidelity import AGGREGATE
 from demix.report.reproduce import _seed_lines
+from demix.report.scaling import is_scaling_table
 
 NAN = float("nan")
 
@@ -106,6 +107,36 @@ def test_scaling_table_has_one_row_per_run_sorted_by_n(tmp_path, capsys):
     assert second.startswith("| 9 | n9 | 30 | 0.250 [0.150, 0.350] | 0.500 [0.300, 1.000] |")
     assert "| code 0.333, general 0.333, math 0.333 | 0.333 | 3,600,000 |" in second
     assert "| - | 1 | 350 |" in next(r for r in nines if "| other |" in r)
+
+
+def test_scaling_out_replaces_only_an_earlier_scaling_table(tmp_path, capsys):
+    """--out follows the output rule: an earlier table is replaced, a user's file (a Markdown
+    table under another header among them) is refused in one line and kept as it was."""
+    run = _write(tmp_path / "n3", _result(["general", "code", "math"], 0.4, 0.6, 1))
+    out = tmp_path / "scaling.md"
+    for _ in range(2):  # the second writes over the first
+        assert demix_main(["scaling", str(run), "--out", str(out)]) == 0
+        assert is_scaling_table(out.read_bytes())
+    capsys.readouterr()
+    theirs = {
+        "notes.md": "my notes\n",
+        "table.md": "| N | run |\n|---|---|\n| 3 | n3 |\n",
+        "longer.md": out.read_text() + "\nmy conclusions\n",
+    }
+    for name, text in theirs.items():
+        (tmp_path / name).write_text(text)
+        assert not is_scaling_table(text.encode())
+        assert demix_main(["scaling", str(run), "--out", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert len([line for line in err.splitlines() if line.startswith("demix:")]) == 1, err
+        assert "not a file demix wrote" in err
+        assert (tmp_path / name).read_text() == text
+    assert demix_main(["scaling", str(run), "--out", str(run / "reproduce.json")]) == 2
+    assert json.loads((run / "reproduce.json").read_text())["datasets"] == [
+        "general",
+        "code",
+        "math",
+    ]
 
 
 def test_scaling_refuses_a_run_that_has_not_finished(tmp_path, capsys):

@@ -12,6 +12,8 @@ from demix.fidelity import AGGREGATE
 from demix.report.html import markdown_table
 from demix.report.summary import format_comparison, format_interval
 
+SCALING_KIND = "demix.scaling"  # the kind of the file `demix scaling --out` writes
+
 HEADER = [
     "N",
     "run",
@@ -88,3 +90,19 @@ def scaling_table(folders: list[Path]) -> str:
         same = by_file.keys() == first.keys()
         row[column] = f"{sum(abs(by_file[k] - first[k]) for k in first):.3f}" if same else "-"
     return "\n".join(markdown_table(HEADER, [row for row, _ in rows])) + "\n"
+
+
+def is_scaling_table(data: bytes) -> bool:
+    """Whether a file holds what `demix scaling --out` writes (--out may replace it): a Markdown
+    table under exactly this HEADER, every row with one cell per column."""
+    try:
+        lines = data.decode("utf-8").split("\n")
+    except UnicodeDecodeError:
+        return False
+    head = markdown_table(HEADER, [])
+    if lines[:2] != head or lines[-1] != "" or len(lines) < 4:
+        return False
+    return all(
+        row.startswith("| ") and row.endswith(" |") and len(row.split(" | ")) == len(HEADER)
+        for row in lines[2:-1]
+    )
