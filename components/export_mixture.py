@@ -26,9 +26,9 @@ def export_mixture(
 
     configure_logging()
     result = selection_export(
-        resolve_config(Path(config.path).read_text()),
         CuratedData(Path(data.path)),
         json.loads(Path(selection.path).read_text()),
+        resolve_config(Path(config.path).read_text()).train.final.tokens,
     )
     atomic_write_text(export.path, render(result, "json"))
     export.metadata["format"] = "json"

@@ -62,15 +62,16 @@ def mixture_export(
     }
 
 
-def selection_export(config, data, selection: dict) -> dict:
-    """The `json` export of a search's result.json (the pipeline's `export` artifact)."""
+def selection_export(data, selection: dict, final_tokens: int) -> dict:
+    """The `json` export of a search's result.json (the pipeline's `export` artifact), for a
+    final model of `final_tokens` (train.final.tokens)."""
     return mixture_export(
         data.names,
         selection["mixture"],
         selection["component_weights"],
         data.token_prior,
         data.full_train_tokens,
-        config.train.final.tokens,
+        final_tokens,
     )
 
 

@@ -208,6 +208,8 @@ def test_the_pipeline_export_artifact_equals_the_cli_json(run, tmp_path, capsys)
     from demix.data.shards import CuratedData
 
     direct = selection_export(
-        RunConfig.model_validate(raw), CuratedData(data), json.loads(selection.read_text())
+        CuratedData(data),
+        json.loads(selection.read_text()),
+        RunConfig.model_validate(raw).train.final.tokens,
     )
     assert direct == read_run(run)

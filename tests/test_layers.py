@@ -44,6 +44,44 @@ def test_an_upward_arrow_and_a_cycle_fail(tmp_path, capsys):
     assert "demix.mixtures <->" not in out and "UPWARD demix.mixtures" not in out
 
 
+def test_a_domain_module_taking_the_run_config_and_a_recipe_reaching_past_stages_fail(
+    tmp_path, capsys
+):
+    """Below the stages only the config layer names RunConfig (under TYPE_CHECKING too); a
+    recipe imports stages, config and ground, nothing between."""
+    _module(tmp_path, "demix.config", "class RunConfig: ...\nclass TrainConfig: ...\n")
+    _module(
+        tmp_path,
+        "demix.train.roles",
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from demix.config import RunConfig\n",
+    )
+    _module(tmp_path, "demix.search.loop", "def f(config: 'RunConfig'): ...\n")
+    _module(tmp_path, "demix.mixtures", "from demix.config import TrainConfig\n")
+    _module(tmp_path, "demix.export", "def f(data, config): ...\n")
+    _module(tmp_path, "demix.data.lines", "def f(config: 'DataConfig'): ...\n")
+    _module(
+        tmp_path,
+        "demix.stages.train",
+        "from demix.config import RunConfig\nimport demix.train.roles\n",
+    )
+    _module(
+        tmp_path,
+        "demix.recipes.run",
+        "from demix.stages import train\nfrom demix.config import RunConfig\n",
+    )
+    _module(tmp_path, "demix.recipes.bad", "from demix.search import loop\n")
+    assert layers.main([str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "RUNCONFIG demix.train.roles (train)" in out
+    assert "RUNCONFIG demix.search.loop (search)" in out
+    assert "RUNCONFIG demix.export (report)" in out  # a duck-typed whole config
+    assert "REACH demix.recipes.bad (recipes) -> demix.search.loop (search)" in out
+    allowed = ("demix.mixtures", "demix.data.lines", "demix.stages.train", "demix.recipes.run ")
+    for fine in (*allowed, "demix.config "):
+        assert f"RUNCONFIG {fine}" not in out and f"REACH {fine}" not in out
+    assert "ok:" not in out
+
+
 def test_every_module_is_in_a_layer():
     for module in layers.module_files(ROOT):
         layers.layer_of(module)  # raises LookupError for a module no layer names

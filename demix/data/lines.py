@@ -17,6 +17,10 @@ import itertools
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from demix.config import DataConfig
 
 from demix.config.bounds import DEFAULT_MAX_DOCUMENT_BYTES
 from demix.errors import DataError, one_line
@@ -38,7 +42,7 @@ class DocumentLimit:
     oversize: str = "refuse"
 
     @classmethod
-    def of(cls, config) -> DocumentLimit:
+    def of(cls, config: DataConfig) -> DocumentLimit:
         """The limit a DataConfig sets."""
         return cls(config.max_document_bytes, config.oversize)
 

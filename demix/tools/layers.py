@@ -7,6 +7,12 @@ An import anywhere in a module counts (inside a function too: a deferred import 
 arrow); one under `if TYPE_CHECKING:` does not, since it names a type for annotations and never
 runs. A module belongs to the layer of the longest prefix in LAYERS that names it; imports
 within one layer may point either way, but never in a cycle.
+
+Two rules about who reaches what, checked too: the whole run config (`RunConfig`) is taken only
+by the stage layer and what composes it (a module below names the config sections it reads;
+the name anywhere in it, an annotation under TYPE_CHECKING included, counts, and so does a
+parameter `config` with no annotation); and the recipes
+compose stages only (a recipe imports the stage, config and ground layers, nothing between).
 """
 
 from __future__ import annotations
@@ -52,6 +58,14 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("deploy", ("deploy",)),
     ("pipeline", ("pipeline",)),
 )
+
+
+# The layer from which modules may take the whole run config (and the config layer, its home).
+RUN_CONFIG_FLOOR = "stages"
+RUN_CONFIG = "RunConfig"
+TOOLS = "demix.tools"
+# What a recipe may import: it composes the stages and reads the config, nothing between.
+RECIPE_REACH = ("ground", "config", "stages", "recipes")
 
 
 @dataclass(frozen=True)
@@ -194,6 +208,48 @@ def _package(module: str, packages: set[str]) -> str:
     return f"{head}/" if head in packages else module
 
 
+def _layer_named(name: str) -> int:
+    return next(i for i, (layer, _) in enumerate(LAYERS) if layer == name)
+
+
+def _takes_run_config(node: ast.AST) -> bool:
+    """Whether `node` names RunConfig, or is a parameter `config` with no annotation (a duck-
+    typed whole config)."""
+    if isinstance(node, ast.arg):
+        return node.arg == "config" and node.annotation is None
+    return (
+        (isinstance(node, ast.Name) and node.id == RUN_CONFIG)
+        or (isinstance(node, ast.Attribute) and node.attr == RUN_CONFIG)
+        or (isinstance(node, ast.alias) and node.name.rpartition(".")[2] == RUN_CONFIG)
+        or (isinstance(node, ast.Constant) and node.value == RUN_CONFIG)
+    )
+
+
+def run_config_takers(root: Path) -> list[str]:
+    """The modules below RUN_CONFIG_FLOOR that take the whole run config: that name RunConfig,
+    or have a parameter `config` with no annotation (the config layer, RunConfig's home, and
+    the tools, which name it to find it, aside)."""
+    floor, home = _layer_named(RUN_CONFIG_FLOOR), _layer_named("config")
+    takers = []
+    for module, path in module_files(root).items():
+        if layer_of(module) in (home,) or layer_of(module) >= floor or module.startswith(TOOLS):
+            continue
+        tree = ast.parse(path.read_text(), filename=str(path))
+        if any(_takes_run_config(node) for node in ast.walk(tree)):
+            takers.append(module)
+    return takers
+
+
+def recipe_reaches(found: list[Arrow]) -> list[Arrow]:
+    """The arrows from a recipe to a layer outside RECIPE_REACH."""
+    allowed = {_layer_named(name) for name in RECIPE_REACH}
+    return [
+        a
+        for a in found
+        if layer_of(a.source) == _layer_named("recipes") and layer_of(a.target) not in allowed
+    ]
+
+
 def render(root: Path, packages: bool = False) -> tuple[str, bool]:
     """The layers from the top down with their modules (with `packages`, a package as one
     name), then the violations; and whether there are none."""
@@ -215,9 +271,25 @@ def render(root: Path, packages: bool = False) -> tuple[str, bool]:
         )
     for members in bad_cycles:
         lines.append(f"CYCLE {' <-> '.join(members)}")
-    if not bad_arrows and not bad_cycles:
-        lines.append(f"ok: {len(found)} imports, all pointing down or within a layer, no cycle")
-    return "\n".join(lines), not bad_arrows and not bad_cycles
+    takers = run_config_takers(root)
+    for module in takers:
+        lines.append(
+            f"RUNCONFIG {module} ({LAYERS[layer_of(module)][0]}) takes the whole run config: "
+            f"only {RUN_CONFIG_FLOOR} and above may; give it the sections it reads"
+        )
+    reaches = recipe_reaches(found)
+    for arrow in reaches:
+        lines.append(
+            f"REACH {arrow.source} (recipes) -> {arrow.target} "
+            f"({LAYERS[layer_of(arrow.target)][0]}): recipes compose stages only"
+        )
+    clean = not (bad_arrows or bad_cycles or takers or reaches)
+    if clean:
+        lines.append(
+            f"ok: {len(found)} imports, all pointing down or within a layer, no cycle; "
+            f"the run config taken from {RUN_CONFIG_FLOOR} up, recipes composing stages only"
+        )
+    return "\n".join(lines), clean
 
 
 def main(argv: list[str] | None = None) -> int:
