@@ -90,7 +90,8 @@ def build_pipeline(placement: Placement):
         """DeMix: data-mixture search by model merging.
 
         A negative seed or general_ratio, a zero count and an empty string keep the config's
-        value: sentinels, as kfp.local 2.17 cannot run a pipeline with a parameter left at None.
+        value (demix.config.parameters): sentinels, not None, which kfp.local, the KFP UI and
+        older Kubeflow backends do not all accept (docs/pipeline.md).
 
         Args:
             config_yaml: The run config as YAML text (pipeline.py submit sends a local

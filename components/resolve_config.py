@@ -17,31 +17,32 @@ def resolve_config(
     resolved: Output[Artifact],
     compiled_rounds: int = 0,
 ):
-    """Apply the pipeline parameters to the run config (a negative seed or general_ratio, a
-    zero count and an empty string keep the config's value) and validate it once, up front;
-    its search.rounds must be the `compiled_rounds` unrolled into this pipeline (0: not
-    checked, for calls outside a compiled pipeline).
+    """Apply the pipeline parameters to the run config (demix.config.parameters: a negative
+    seed or general_ratio, a zero count and an empty string keep the config's value) and
+    validate it once, up front; its search.rounds must be the `compiled_rounds` unrolled into
+    this pipeline (0: not checked, for calls outside a compiled pipeline).
 
     The result is an artifact, not a string output: kfp.local 2.17 hands a loop's item to
     string task outputs consumed inside a ParallelFor.
     """
-    import json
     from pathlib import Path
 
     from demix.config import config_yaml as to_yaml
     from demix.config import resolve_config as resolve
+    from demix.config.parameters import pipeline_overrides
     from demix.logs import configure_logging
 
     configure_logging()
-    datasets = json.loads(datasets_json) if datasets_json else None
-    overrides = {
-        "seed": seed if seed >= 0 else None,
-        "train.general_ratio": general_ratio if general_ratio >= 0 else None,
-        "model.base": base_model or None,
-        "data.datasets": datasets,
-        "search.n": search_n or None,
-        "train.component.tokens": component_tokens or None,
-        "train.final.tokens": final_tokens or None,
-    }
+    overrides = pipeline_overrides(
+        {
+            "seed": seed,
+            "general_ratio": general_ratio,
+            "base_model": base_model,
+            "datasets_json": datasets_json,
+            "search_n": search_n,
+            "component_tokens": component_tokens,
+            "final_tokens": final_tokens,
+        }
+    )
     config = resolve(config_yaml, overrides, compiled_rounds=compiled_rounds or None)
     Path(resolved.path).write_text(to_yaml(config))
