@@ -44,7 +44,7 @@ def predict(
     for key, value in found.items():
         if value is not None:
             metrics.log_metric(key, value)
-    write_search_report(Path(history_out.path), config, Path(report.path))
+    write_search_report(Path(history_out.path), config.search, config.evaluate, Path(report.path))
     if round_index < 0:
         return []
     return list(range(min(num_shards, len(json.loads(Path(result.path).read_text())))))

@@ -250,11 +250,9 @@ def _cmd_run(args) -> None:
 
 
 def _cmd_report(args) -> None:
-    from demix.report import write_report
-    from demix.report.folders import read_finished_run
+    from demix.stages import report_stage
 
-    run = read_finished_run(local_folder(args.run))
-    print(write_report(run.folder, run.summary, run.selection, run.config))
+    print(report_stage(local_folder(args.run)))
 
 
 @writes(scaling_out, reads=("folders",))

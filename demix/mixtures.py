@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from demix.config import RunConfig, per_dataset
+from demix.config import DataConfig, MergeConfig, SearchConfig, TrainConfig, per_dataset
 from demix.errors import DemixError, MixtureError, json_type, one_line
 
 if TYPE_CHECKING:  # annotations only: the curated data's reader imports this module
@@ -93,46 +93,56 @@ def prior_vector(data: CuratedData) -> np.ndarray:
     return np.array([data.token_prior[n] for n in data.names])
 
 
-def general_mix(config: RunConfig, data: CuratedData) -> np.ndarray:
+def general_mix(data_cfg: DataConfig, data: CuratedData) -> np.ndarray:
     """The general data every component sees: the named general dataset, else the token prior."""
-    if config.data.general is not None:
+    if data_cfg.general is not None:
         g = np.zeros(len(data.names))
-        g[data.names.index(config.data.general)] = 1.0
+        g[data.names.index(data_cfg.general)] = 1.0
         return g
     return prior_vector(data)
 
 
-def mix_matrix(config: RunConfig, data: CuratedData) -> np.ndarray:
+def mix_matrix(data_cfg: DataConfig, train: TrainConfig, data: CuratedData) -> np.ndarray:
     """M: column i is component i's training data mix."""
-    return component_mix_matrix(data.names, general_mix(config, data), config.train.general_ratio)
+    return component_mix_matrix(data.names, general_mix(data_cfg, data), train.general_ratio)
 
 
-def component_training_mix(config: RunConfig, data: CuratedData, dataset: str) -> dict[str, float]:
+def component_training_mix(
+    data_cfg: DataConfig, train: TrainConfig, data: CuratedData, dataset: str
+) -> dict[str, float]:
     """The data mix component `dataset` trains on (its column of M).
 
     Raises DemixError when `dataset` is not one of the curated datasets.
     """
     if dataset not in data.names:
         raise DemixError(f"--dataset {dataset!r} is not one of {data.names}")
-    return as_dict(data.names, mix_matrix(config, data)[:, data.names.index(dataset)])
+    return as_dict(data.names, mix_matrix(data_cfg, train, data)[:, data.names.index(dataset)])
 
 
-def merge_weights(config: RunConfig, data: CuratedData, mixture: np.ndarray) -> np.ndarray:
+def merge_weights(
+    data_cfg: DataConfig,
+    train: TrainConfig,
+    merge: MergeConfig,
+    data: CuratedData,
+    mixture: np.ndarray,
+) -> np.ndarray:
     """Component weights of the proxy for a data mixture [D], or for each row of [n, D]
     (`merge.weights`: c = d for `component`, c = M^-1 d for `data` and `hull`)."""
     mixture = np.asarray(mixture, dtype=np.float64)
-    if config.merge.weights == "component":
+    if merge.weights == "component":
         return mixture
-    return data_to_component(mix_matrix(config, data), mixture.T).T  # one column per mixture
+    return data_to_component(mix_matrix(data_cfg, train, data), mixture.T).T  # a column per mixture
 
 
-def search_floor(config: RunConfig, data: CuratedData) -> np.ndarray | None:
+def search_floor(
+    data_cfg: DataConfig, train: TrainConfig, merge: MergeConfig, data: CuratedData
+) -> np.ndarray | None:
     """The part of every searched mixture held fixed: with `merge.weights: hull`, g x the general
     mix, so every candidate is d = M c with c >= 0 (demix.search.sampler); else None (the
     whole simplex)."""
-    if config.merge.weights != "hull":
+    if merge.weights != "hull":
         return None
-    return config.train.general_ratio * general_mix(config, data)
+    return train.general_ratio * general_mix(data_cfg, data)
 
 
 def epochs(
@@ -146,33 +156,41 @@ def epochs(
     }
 
 
-def max_epochs(config: RunConfig, data: CuratedData) -> dict[str, float | None]:
+def max_epochs(search: SearchConfig, data: CuratedData) -> dict[str, float | None]:
     """search.max_epochs of each dataset (None: not capped)."""
-    return {n: per_dataset(config.search.max_epochs, n) for n in data.names}
+    return {n: per_dataset(search.max_epochs, n) for n in data.names}
 
 
-def epoch_caps(config: RunConfig, data: CuratedData) -> dict[str, float | None]:
+def epoch_caps(
+    train: TrainConfig, search: SearchConfig, data: CuratedData
+) -> dict[str, float | None]:
     """The weight search.max_epochs allows each dataset: max_epochs x its whole train tokens
     (estimated under data.max_tokens) / train.final.tokens, at most 1 (None: not capped)."""
-    final = config.train.final.tokens
+    final = train.final.tokens
     return {
         n: None if e is None else min(1.0, e * data.full_train_tokens[n] / final)
-        for n, e in max_epochs(config, data).items()
+        for n, e in max_epochs(search, data).items()
     }
 
 
-def search_cap(config: RunConfig, data: CuratedData) -> np.ndarray | None:
+def search_cap(
+    data_cfg: DataConfig,
+    train: TrainConfig,
+    merge: MergeConfig,
+    search: SearchConfig,
+    data: CuratedData,
+) -> np.ndarray | None:
     """The most weight each dataset may take in a searched mixture (epoch_caps; 1 where not
     capped), for demix.search.sample_mixtures; None without search.max_epochs.
 
     Raises MixtureError (one line, naming the datasets and the epochs needed) when the caps
     cannot hold a whole mixture, or, under merge.weights: hull, lie under the search floor.
     """
-    if config.search.max_epochs is None:
+    if search.max_epochs is None:
         return None
-    caps = epoch_caps(config, data)
+    caps = epoch_caps(train, search, data)
     cap = np.array([1.0 if c is None else c for c in caps.values()])
-    final = config.train.final.tokens
+    final = train.final.tokens
     if cap.sum() < 1 - 1e-9:  # every dataset is capped
         tokens = sum(data.full_train_tokens.values())
         raise MixtureError(
@@ -181,7 +199,7 @@ def search_cap(config: RunConfig, data: CuratedData) -> np.ndarray | None:
             f"{tokens} train tokens; raise search.max_epochs to at least that or lower "
             "train.final.tokens"
         )
-    floor = search_floor(config, data)
+    floor = search_floor(data_cfg, train, merge, data)
     over = [] if floor is None else np.flatnonzero(floor > cap + 1e-12)
     if len(over):
         held = {data.names[i]: round(float(floor[i]), 6) for i in over}
@@ -205,10 +223,19 @@ class SearchSpace:
     cap: np.ndarray | None
 
 
-def search_space(config: RunConfig, data: CuratedData) -> SearchSpace:
+def search_space(
+    data_cfg: DataConfig,
+    train: TrainConfig,
+    merge: MergeConfig,
+    search: SearchConfig,
+    data: CuratedData,
+) -> SearchSpace:
     """The SearchSpace of a run. Raises MixtureError as search_floor and search_cap do."""
     return SearchSpace(
-        data.names, prior_vector(data), search_floor(config, data), search_cap(config, data)
+        data.names,
+        prior_vector(data),
+        search_floor(data_cfg, train, merge, data),
+        search_cap(data_cfg, train, merge, search, data),
     )
 
 

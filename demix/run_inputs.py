@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from demix.config import RunConfig, resolve_config
+from demix.config import DataConfig, ModelConfig, resolve_config
 from demix.errors import ConfigError, DataError
 from demix.storage import check_uri, is_remote, sha256_file
 
@@ -74,10 +74,10 @@ def read_run_inputs(config_yaml: str, config_uri: str = "") -> RunInputs:
     """
     text = read_config_text(config_yaml, config_uri)
     config = resolve_config(text, source=config_uri or "config_yaml")
-    return RunInputs(text, data_fingerprint(config), base_fingerprint(config))
+    return RunInputs(text, data_fingerprint(config.data), base_fingerprint(config.model))
 
 
-def data_fingerprint(config: RunConfig) -> str:
+def data_fingerprint(data_cfg: DataConfig) -> str:
     """A hash of the candidate and target datasets' inputs, so changed data is never a cache hit.
 
     Local files are hashed by content (sha256); gs:// objects by the metadata of a listing
@@ -88,7 +88,7 @@ def data_fingerprint(config: RunConfig) -> str:
     from demix.data.sources import dataset_files
 
     h = hashlib.sha256()
-    for spec in config.data.all_specs:
+    for spec in data_cfg.all_specs:
         for entry in spec.paths:
             check_uri(entry)
             if is_remote(entry):
@@ -105,17 +105,17 @@ def data_fingerprint(config: RunConfig) -> str:
     return h.hexdigest()[:16]
 
 
-def base_fingerprint(config: RunConfig) -> str:
+def base_fingerprint(model: ModelConfig) -> str:
     """The content fingerprint of `model.base` ("" when the run trains its own base):
     demix.base_model.base_fingerprint (gs:// from one listing, nothing downloaded).
 
     Raises ConfigError, DataError or ModelError when the base cannot be listed or read.
     """
-    if not config.model.base:
+    if not model.base:
         return ""
     from demix.base_model import base_fingerprint as content_fingerprint
 
-    return content_fingerprint(config.model.base)
+    return content_fingerprint(model.base)
 
 
 def remote_listing(uri: str) -> list[tuple[str, int, str, int]]:

@@ -47,7 +47,7 @@ def _epochs_of(rows: np.ndarray) -> np.ndarray:
 
 def test_one_epoch_of_a_small_dataset_caps_its_weight_in_every_sampled_row(tmp_path):
     config = _config(tmp_path, {"math": 1})
-    cap = search_cap(config, DATA)
+    cap = search_cap(config.data, config.train, config.merge, config.search, DATA)
     # math's cap is 2,000 / 40,000 = 0.05, under the sampler's own 4 x prior (0.087)
     np.testing.assert_allclose(cap, [1.0, 1.0, 0.05])
     assert 4 * DATA.token_prior["math"] > cap[MATH]
@@ -74,23 +74,33 @@ def test_rounding_to_the_grid_never_lifts_a_weight_over_its_cap():
 
 def test_a_per_dataset_mapping_caps_only_the_datasets_it_names(tmp_path):
     config = _config(tmp_path, {"math": 1, "code": 0.5})
-    assert max_epochs(config, DATA) == {"general": None, "code": 0.5, "math": 1}
-    assert epoch_caps(config, DATA) == {"general": None, "code": 0.375, "math": 0.05}
+    assert max_epochs(config.search, DATA) == {"general": None, "code": 0.5, "math": 1}
+    assert epoch_caps(config.train, config.search, DATA) == {
+        "general": None,
+        "code": 0.375,
+        "math": 0.05,
+    }
     rows = sample_mixtures(
         prior_vector(DATA),
         5000,
         np.random.default_rng(1),
         SEARCH.sampler,
-        cap=search_cap(config, DATA),
+        cap=search_cap(config.data, config.train, config.merge, config.search, DATA),
     )
     assert rows[:, 1].max() == pytest.approx(0.375) and rows[:, MATH].max() == pytest.approx(0.05)
     assert rows[:, 0].max() > 0.95  # general is not capped
     # one number caps every dataset: general's 60,000 tokens allow it a weight up to 1
-    assert epoch_caps(_config(tmp_path, 1), DATA) == {"general": 1.0, "code": 0.75, "math": 0.05}
+    config = _config(tmp_path, 1)
+    assert epoch_caps(config.train, config.search, DATA) == {
+        "general": 1.0,
+        "code": 0.75,
+        "math": 0.05,
+    }
 
 
 def test_a_rounds_pool_and_proposals_stay_under_the_cap(tmp_path):
-    cap = search_cap(_config(tmp_path, {"math": 1}), DATA)
+    config = _config(tmp_path, {"math": 1})
+    cap = search_cap(config.data, config.train, config.merge, config.search, DATA)
     prior = prior_vector(DATA)
     scored = sample_mixtures(prior, 8, np.random.default_rng(9), SEARCH.sampler, cap=cap)
     scores = -np.abs(scored[:, MATH] - 0.3)  # the objective wants more math than it may get
@@ -126,7 +136,8 @@ def _search(path, cap: np.ndarray | None) -> dict:
 
 
 def test_the_chosen_mixture_of_a_search_respects_the_cap(tmp_path):
-    cap = search_cap(_config(tmp_path, {"math": 1}), DATA)
+    config = _config(tmp_path, {"math": 1})
+    cap = search_cap(config.data, config.train, config.merge, config.search, DATA)
     found = _search(tmp_path / "capped", cap)
     scored = np.array([[row["weights"][n] for n in NAMES] for row in found["history"]])
     assert len(scored) == 8 + 4
@@ -144,8 +155,9 @@ def test_the_chosen_mixture_of_a_search_respects_the_cap(tmp_path):
 
 def test_caps_that_cannot_hold_a_mixture_are_a_one_line_error(tmp_path):
     # 0.3 epochs of 92,000 tokens is 27,600 of the 40,000 final tokens
+    config = _config(tmp_path, 0.3)
     with pytest.raises(MixtureError, match="under 1") as err:
-        search_cap(_config(tmp_path, 0.3), DATA)
+        search_cap(config.data, config.train, config.merge, config.search, DATA)
     message = str(err.value)
     assert "\n" not in message and all(n in message for n in NAMES)
     assert "takes 0.4348 epochs" in message  # 40,000 / 92,000
@@ -174,14 +186,16 @@ def test_a_cap_under_the_hull_floor_is_an_error(tmp_path):
     # every hull mixture holds general_ratio 0.5 of general: 0.2 epochs allow it 0.3
     config = _config(tmp_path, {"general": 0.2}, weights="hull")
     with pytest.raises(MixtureError, match="general_ratio") as err:
-        search_cap(config, DATA)
+        search_cap(config.data, config.train, config.merge, config.search, DATA)
     assert "'general': 0.3333" in str(err.value) and "\n" not in str(err.value)
     # a floor of 0.5 x the prior: math holds 0.0109, and 0.1 epochs allow 0.005
+    config = _config(tmp_path, {"math": 0.1}, weights="hull", general=None)
     with pytest.raises(MixtureError, match="'math'"):
-        search_cap(_config(tmp_path, {"math": 0.1}, weights="hull", general=None), DATA)
+        search_cap(config.data, config.train, config.merge, config.search, DATA)
     # caps above the floor hold: rows keep both
     config = _config(tmp_path, {"math": 1, "code": 1}, weights="hull", general=None)
-    floor, cap = search_floor(config, DATA), search_cap(config, DATA)
+    floor = search_floor(config.data, config.train, config.merge, DATA)
+    cap = search_cap(config.data, config.train, config.merge, config.search, DATA)
     rows = sample_mixtures(
         prior_vector(DATA), 2000, np.random.default_rng(2), SEARCH.sampler, floor=floor, cap=cap
     )
@@ -215,5 +229,5 @@ def test_caps_count_the_whole_dataset_when_curation_kept_a_sample(tmp_path):
     dataset, so the cap follows its estimated size, not the sample's."""
     config = _config(tmp_path, {"math": 1})
     sampled = SimpleNamespace(**{**vars(DATA), "full_train_tokens": {**TRAIN, "math": 8_000}})
-    assert epoch_caps(config, DATA)["math"] == pytest.approx(2_000 / FINAL)
-    assert epoch_caps(config, sampled)["math"] == pytest.approx(8_000 / FINAL)
+    assert epoch_caps(config.train, config.search, DATA)["math"] == pytest.approx(2_000 / FINAL)
+    assert epoch_caps(config.train, config.search, sampled)["math"] == pytest.approx(8_000 / FINAL)

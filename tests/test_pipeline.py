@@ -1315,7 +1315,7 @@ def _fingerprint(path: Path) -> str:
     from demix.config import load_config
     from demix.run_inputs import data_fingerprint
 
-    return data_fingerprint(load_config(path))
+    return data_fingerprint(load_config(path).data)
 
 
 def test_data_fingerprint_sees_a_changed_object_in_the_bucket_without_downloading(

@@ -86,12 +86,24 @@ def test_the_config_of_a_reused_job_is_the_whole_training_job(tmp_path, corpus_d
     config = parse_config(raw)
     data = curate_stage(config, tmp_path / "data")
     mix = {"general": 0.5, "code": 0.5, "math": 0.0}
-    job = role_job_id(config, data, mix, "component", "code", None)
+    job = role_job_id(config.train, config.model, config.seed, data, mix, "component", "code", None)
     for key, value in (("seed", 1), ("train", {**raw["train"], "batch_size": 4})):
         other = parse_config(yaml.safe_load(yaml.safe_dump({**raw, key: value})))
-        assert role_job_id(other, data, mix, "component", "code", None) != job
+        assert (
+            role_job_id(other.train, other.model, other.seed, data, mix, "component", "code", None)
+            != job
+        )
     assert (
-        role_job_id(config, data, {**mix, "general": 0.4, "code": 0.6}, "component", "code", None)
+        role_job_id(
+            config.train,
+            config.model,
+            config.seed,
+            data,
+            {**mix, "general": 0.4, "code": 0.6},
+            "component",
+            "code",
+            None,
+        )
         != job
     )
 

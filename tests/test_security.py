@@ -162,9 +162,8 @@ def test_no_credentials_in_configs_compiled_pipelines_logs_or_reports(
     row = {"id": "m-1", "round": 0, "weights": {"general": 0.5, "code": 0.3, "math": 0.2}}
     task = {"metric": "loss", "value": 1.0, "stderr": 0.0, "higher_is_better": False}
     history.write_text(json.dumps({**row, "tasks": {f"heldout:{n}": task for n in row["weights"]}}))
-    report = write_search_report(
-        history, parse_config(smoke_config_dict(corpus_dir)), tmp_path / "r.html"
-    )
+    parsed = parse_config(smoke_config_dict(corpus_dir))
+    report = write_search_report(history, parsed.search, parsed.evaluate, tmp_path / "r.html")
     _no_key_like("search report", report.read_text(), secrets)
 
 

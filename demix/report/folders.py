@@ -13,7 +13,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from demix.config import RunConfig
 from demix.errors import DataError
 
 # Where each file may be, relative to the folder holding the run's summary.json.
@@ -22,12 +21,13 @@ _SELECTIONS = ("selection.json", "search/result.json")
 
 @dataclass(frozen=True)
 class FinishedRun:
-    """What report.html is drawn from: the folder's summary, selection and config."""
+    """What report.html is drawn from: the folder's summary, selection and config (config.json
+    as the run wrote it; the stage that draws the report validates it)."""
 
     folder: Path
     summary: dict
     selection: dict
-    config: RunConfig
+    config: dict
 
 
 def _holds_run(folder: Path) -> bool:
@@ -71,22 +71,16 @@ def _read_object(path: Path) -> dict:
 
 
 def read_finished_run(folder: str | Path) -> FinishedRun:
-    """The finished run at or below `folder` (see find_finished_run), read and validated.
+    """The finished run at or below `folder` (see find_finished_run), read and checked (the
+    config as a JSON object: demix.stages.finals.report_stage validates it).
 
     Raises DataError naming the file that is unreadable or not what a run writes.
     """
-    from pydantic import ValidationError
-
     where = find_finished_run(folder)
     selection_path = next(where / n for n in _SELECTIONS if (where / n).is_file())
     summary = _read_object(where / "summary.json")
     selection = _read_object(selection_path)
-    try:
-        config = RunConfig.model_validate(_read_object(where / "config.json"))
-    except ValidationError as err:
-        first = err.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise DataError(f"{where / 'config.json'}: {field}: {first['msg']}") from None
+    config = _read_object(where / "config.json")
     for name, obj, keys in (
         ("summary.json", summary, ("datasets", "mixture", "baselines", "final", "verdict")),
         (selection_path.name, selection, ("history",)),

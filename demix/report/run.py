@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from demix.config import RunConfig
+from demix.config import EvaluateConfig, MergeConfig, SearchConfig
 from demix.mixtures import FINAL_LABELS as LABELS
 from demix.report.curves import curves_section
 from demix.report.html import grouped_bars, page, plt, png, table
-from demix.search.objective import search_objective
+from demix.search.objective import Objective
 from demix.search.predictor import cross_val_predictions
 from demix.search.results import ScoresTable
 from demix.storage import atomic_write_text
@@ -97,20 +97,28 @@ def _base_note(base: dict | None) -> str:
     )
 
 
-def write_report(out: Path, summary: dict, found: dict, config: RunConfig) -> Path:
+def write_report(
+    out: Path,
+    summary: dict,
+    found: dict,
+    evaluate: EvaluateConfig,
+    search: SearchConfig,
+    merge: MergeConfig,
+    seed: int,
+) -> Path:
     """Write report.html (plots embedded) into the run folder; return its path."""
     names = summary["datasets"]
     history = found["history"]
     mixtures = {"chosen": summary["mixture"], **summary["baselines"]}
     final = summary["final"]
-    categories = list(config.evaluate.categories)
+    categories = list(evaluate.categories)
     images = [plot_search_progress(history)]
 
     X = np.array([[row["weights"][n] for n in names] for row in history])
     y = np.array([row["ranking_score"] for row in history])
     cv_note = ""
     if len(y) >= 4:
-        predicted, rho = cross_val_predictions(X, y, config.search.predictor, config.seed)
+        predicted, rho = cross_val_predictions(X, y, search.predictor, seed)
         images.append(plot_predicted_vs_observed(y, predicted, rho))
     else:
         cv_note = "<p>Too few proxies for a cross-validated predictor plot.</p>"
@@ -124,7 +132,7 @@ def write_report(out: Path, summary: dict, found: dict, config: RunConfig) -> Pa
     )
     images.append(plot_verdict(summary["verdict"], ["objective", *categories]))
 
-    tasks = config.evaluate.tasks
+    tasks = evaluate.tasks
     task_rows = []
     for task in tasks:
         first = final[LABELS[0]]["tasks"][task]
@@ -174,7 +182,7 @@ def write_report(out: Path, summary: dict, found: dict, config: RunConfig) -> Pa
             [
                 "dataset",
                 "data weight",
-                f"component weight ({config.merge.weights} mapping)",
+                f"component weight ({merge.weights} mapping)",
                 "token prior",
                 "epochs at train.final.tokens",
                 "search.max_epochs (weight cap)",
@@ -188,8 +196,8 @@ def write_report(out: Path, summary: dict, found: dict, config: RunConfig) -> Pa
         "searched mixture's weight at max_epochs x train tokens / final tokens.</p>",
         "<p>Component i was trained on a mix of general data and dataset i (columns of M: each "
         "component's training mix); a proxy for data mixture d merges with component weights "
-        f"{'c = d' if config.merge.weights == 'component' else 'c = M⁻¹d'} "
-        f"(merge.weights: {config.merge.weights}). A component weight below 0 means the proxy "
+        f"{'c = d' if merge.weights == 'component' else 'c = M⁻¹d'} "
+        f"(merge.weights: {merge.weights}). A component weight below 0 means the proxy "
         "extrapolates beyond the trained components.</p>",
         table(
             [
@@ -233,12 +241,18 @@ def write_report(out: Path, summary: dict, found: dict, config: RunConfig) -> Pa
     return path
 
 
-def write_search_report(history: Path, config: RunConfig, out: Path) -> Path:
-    """A report of the search so far (for the KFP UI): progress plot and the scored proxies."""
+def write_search_report(
+    history: Path, search: SearchConfig, evaluate: EvaluateConfig, out: Path
+) -> Path:
+    """A report of the search so far (for the KFP UI): progress plot and the scored proxies,
+    ranked by the search's objective (`search.objective` over `evaluate`'s categories)."""
     rows = ScoresTable(history).rows()
     body = ["<h1>DeMix search so far</h1>", f"<p>{len(rows)} proxies scored.</p>"]
     if rows:
-        scores = search_objective(config).observed([row["tasks"] for row in rows])
+        objective = Objective.from_config(
+            search.objective, evaluate.categories, evaluate.category_weights
+        )
+        scores = objective.observed([row["tasks"] for row in rows])
         history_rows = [{**row, "ranking_score": s} for row, s in zip(rows, scores, strict=True)]
         names = list(rows[0]["weights"])
         body.append(f'<img src="data:image/png;base64,{plot_search_progress(history_rows)}">')

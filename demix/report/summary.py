@@ -14,14 +14,14 @@ import numpy as np
 
 from demix.base_model import base_lineage
 from demix.checkpoint import manifest_total
-from demix.config import RunConfig
+from demix.config import MergeConfig, ModelConfig, SearchConfig, TrainConfig
 from demix.data.shards import CuratedData
 from demix.mixtures import FINAL_LABELS, baseline_mixtures, epoch_caps, epochs, max_epochs
 from demix.storage import atomic_write_json
 
 
 def stage_timings(
-    config: RunConfig,
+    model: ModelConfig,
     data: CuratedData,
     selection: dict,
     base: Path,
@@ -32,7 +32,7 @@ def stage_timings(
     """Seconds of work per stage, read from the artifacts (`components`: their manifests)."""
     return {
         "curate": round(float(data.manifest.get("seconds", 0.0)), 1),
-        "base": 0.0 if config.model.base else round(manifest_total([base], "seconds"), 1),
+        "base": 0.0 if model.base else round(manifest_total([base], "seconds"), 1),
         "components": round(_total(components.values(), "seconds"), 1),
         "search": round(sum(row.get("time_s", 0.0) for row in selection["history"]), 1),
         "final": round(manifest_total(finals.values(), "seconds") + final_eval_seconds, 1),
@@ -65,7 +65,10 @@ def final_entry(runs: list[dict]) -> dict:
 
 
 def summarize(
-    config: RunConfig,
+    model: ModelConfig,
+    train: TrainConfig,
+    merge: MergeConfig,
+    search: SearchConfig,
     data: CuratedData,
     selection: dict,
     results: dict[str, list[dict]],
@@ -86,33 +89,33 @@ def summarize(
         "datasets": data.names,
         "token_prior": dict(data.token_prior),
         "dataset_train_tokens": dict(data.full_train_tokens),
-        "final_tokens": config.train.final.tokens,
+        "final_tokens": train.final.tokens,
         "mixture": selection["mixture"],
-        "epochs": epochs(selection["mixture"], data.full_train_tokens, config.train.final.tokens),
-        "max_epochs": max_epochs(config, data),
-        "epoch_weight_caps": epoch_caps(config, data),
+        "epochs": epochs(selection["mixture"], data.full_train_tokens, train.final.tokens),
+        "max_epochs": max_epochs(search, data),
+        "epoch_weight_caps": epoch_caps(train, search, data),
         "component_weights": selection["component_weights"],
-        "merge_weights": config.merge.weights,
+        "merge_weights": merge.weights,
         "min_component_weight": selection.get("min_component_weight"),
         "pool_negative_share": selection.get("pool_negative_share"),
         "proxies_evaluated": selection["proxies_evaluated"],
         "search_rounds": selection["rounds"],
-        "search_objective": config.search.objective,
+        "search_objective": search.objective,
         "predictor_spearman": selection["predictor_spearman"],
         "predictor": selection.get("predictor"),
         "relative_delta_norms": selection["relative_delta_norms"],
         "baselines": baseline_mixtures(data),
         "final": {label: final_entry(runs) for label, runs in results.items()},
         "verdict": verdict,
-        "search_method": config.search.method,
+        "search_method": search.method,
         "training_tokens": {
-            "base": 0 if config.model.base else int(manifest_total([base], "tokens")),
+            "base": 0 if model.base else int(manifest_total([base], "tokens")),
             "components": int(_total(components.values(), "tokens")),
             "search_proxies": int(selection.get("proxy_training_tokens", 0)),
             "final": int(manifest_total(finals.values(), "tokens")),
         },
         "timings_s": timings,
-        "base_model": base_lineage(config.model.base, base, config.model.trust_remote_code),
+        "base_model": base_lineage(model.base, base, model.trust_remote_code),
     }
 
 
@@ -135,17 +138,15 @@ def write_document_scores(path: Path, results: dict[str, list[dict]]) -> None:
 REPORT_INPUTS = ("summary.json", "selection.json", "config.json")
 
 
-def write_summary(out: Path, summary: dict, selection: dict, config: RunConfig) -> None:
-    """summary.json, report.html and what the report is drawn from (the search's selection
-    with its history, and the run config) into `out`, so `demix report` can draw it again from
-    this folder alone, wherever it was copied to."""
-    from demix.report.run import write_report
-
+def write_summary(out: Path, summary: dict, selection: dict, config_record: dict) -> None:
+    """summary.json and what report.html is drawn from (the search's selection with its
+    history, and `config_record`: the run config as config.json records it) into `out`, so
+    `demix report` can draw the report again from this folder alone, wherever it was copied
+    to (the run's stage writes report.html beside them, demix.report.run.write_report)."""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "selection.json", selection)
-    atomic_write_json(out / "config.json", config.model_dump())
+    atomic_write_json(out / "config.json", config_record)
     atomic_write_json(out / "summary.json", summary)
-    write_report(out, summary, selection, config)
 
 
 def add_wall_times(out: Path, summary: dict, wall: dict[str, float]) -> dict:

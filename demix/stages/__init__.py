@@ -9,7 +9,8 @@ local run and in a pipeline task; neither adds logic of its own.
     train       train_stage (base, component, reference, final; 1 or N processes)
     search      search_stage (the loop) | propose/select in predict_stage
     proxies     make_proxy, evaluate_proxies_stage (a round's proxies), merge_stage (on disk)
-    finals      evaluate_models_stage, evaluate_finals_stage (scores, summary.json, report)
+    finals      evaluate_models_stage, evaluate_finals_stage (scores, summary.json, report),
+                report_stage (a finished run's report drawn again)
     artifacts   the base's folder, the model index and the component manifests
     run         what the recipes share: the run folder, prepared models, finals, the evaluator
     values      Run: the config, the curated data, the base and the components, in one value
@@ -45,6 +46,7 @@ from demix.stages.finals import (
     evaluate_models_stage,
     finals_by_label,
     judge_finals,
+    report_stage,
 )
 from demix.stages.proxies import evaluate_proxies_stage, make_proxy, merge_stage
 from demix.stages.run import (
@@ -97,6 +99,7 @@ __all__ = [
     "propose_stage",
     "read_component_manifests",
     "read_model_index",
+    "report_stage",
     "search_stage",
     "select_stage",
     "train_components",

@@ -78,8 +78,8 @@ def fitted_choices(config: RunConfig, data: CuratedData, folder: Path) -> dict[s
             config.seed,
             kind,
             objective.combine,
-            search_floor(config, data),
-            search_cap(config, data),
+            search_floor(config.data, config.train, config.merge, data),
+            search_cap(config.data, config.train, config.merge, config.search, data),
         )
         out[method] = {"mixture": as_dict(data.names, mixture), **info}
     return out

@@ -1,5 +1,5 @@
 """Final stages: evaluate trained models, judge the finals (verdict) and write the run's
-scores, summary.json and report."""
+scores, summary.json and report; draw a finished run's report again (report_stage)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from demix import evaluate
 from demix.checkpoint import RELATIVE_DELTA_NORM
 from demix.config import RunConfig
 from demix.data.shards import CuratedData
-from demix.errors import DemixError
+from demix.errors import DataError, DemixError
 from demix.mixtures import SeededRun, components_in_order, final_runs
 from demix.progress import track
 from demix.report.summary import stage_timings, summarize, write_document_scores, write_summary
@@ -119,9 +119,52 @@ def evaluate_finals_stage(
     verdict = judge_finals(config, results)
     seconds = time.perf_counter() - start
     write_document_scores(out / "final_scores.json", results)
-    timings = stage_timings(config, data, selection, base, components, finals, seconds)
+    timings = stage_timings(config.model, data, selection, base, components, finals, seconds)
     summary = summarize(
-        config, data, selection, results, verdict, base, components, finals, timings
+        config.model,
+        config.train,
+        config.merge,
+        config.search,
+        data,
+        selection,
+        results,
+        verdict,
+        base,
+        components,
+        finals,
+        timings,
     )
-    write_summary(out, summary, selection, config)
+    write_summary(out, summary, selection, config.model_dump())
+    write_run_report(config, out, summary, selection)
     return summary
+
+
+def write_run_report(config: RunConfig, out: Path, summary: dict, selection: dict) -> Path:
+    """report.html of a run into `out` (demix.report.run.write_report, with the sections of
+    `config` it shows); its path."""
+    from demix.report.run import write_report
+
+    return write_report(
+        out, summary, selection, config.evaluate, config.search, config.merge, config.seed
+    )
+
+
+def report_stage(folder: Path) -> Path:
+    """report.html drawn again from the finished run at or below `folder`
+    (demix.report.folders.read_finished_run); its path.
+
+    Raises DataError naming the file that is unreadable or not what a run writes, config.json
+    that is not a valid run config included.
+    """
+    from pydantic import ValidationError
+
+    from demix.report.folders import read_finished_run
+
+    finished = read_finished_run(folder)
+    try:
+        config = RunConfig.model_validate(finished.config)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise DataError(f"{finished.folder / 'config.json'}: {field}: {first['msg']}") from None
+    return write_run_report(config, finished.folder, finished.summary, finished.selection)

@@ -52,7 +52,7 @@ def merge_stage(run: Run, mixture: dict[str, float], out: Path) -> dict:
     manifest = merge.merge_to_disk(
         base,
         comp_dirs,
-        merge_weights(config, data, weights),
+        merge_weights(config.data, config.train, config.merge, data, weights),
         out,
         method=merge_method(config),
         dtype=None if config.merge.output_dtype == "auto" else config.merge.output_dtype,

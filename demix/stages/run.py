@@ -60,7 +60,8 @@ def prepare_models(
         fetch_configured_demo(config)
     with timed("curate"):
         data = curate_stage(config, out / "dataset")
-    search_cap(config, data)  # search.max_epochs that no mixture can meet fail before training
+    # search.max_epochs that no mixture can meet fail before training
+    search_cap(config.data, config.train, config.merge, config.search, data)
     with timed("base"):
         base = train_stage(config, data, "base", out / "models" / "base")
     with timed("components"):

@@ -41,7 +41,7 @@ def describe_selection(
     the final candidate pool with some component weight < 0, under merge.weights.
     """
     mixture = found["mixture"]
-    components = merge_weights(config, data, mixture)
+    components = merge_weights(config.data, config.train, config.merge, data, mixture)
     lowest = float(components.min())
     if lowest < -HULL_TOLERANCE and config.search.method == "merge":
         log.warning(
@@ -53,9 +53,11 @@ def describe_selection(
         "mixture": as_dict(data.names, mixture),
         "component_weights": as_dict(data.names, components),
         "min_component_weight": lowest,
-        "pool_negative_share": negative_share(merge_weights(config, data, found["pool"])),
+        "pool_negative_share": negative_share(
+            merge_weights(config.data, config.train, config.merge, data, found["pool"])
+        ),
         "merge_weights": config.merge.weights,
-        "mix_matrix": mix_matrix(config, data).round(6).tolist(),
+        "mix_matrix": mix_matrix(config.data, config.train, data).round(6).tolist(),
         "relative_delta_norms": norms,
         "rounds": found["rounds"],
         "proxies_evaluated": found["proxies_evaluated"],
@@ -80,7 +82,7 @@ def search_stage(run: Run, out: Path, evaluator: Evaluator | None = None) -> dic
     out.mkdir(parents=True, exist_ok=True)
     proxy = make_proxy(run, out, evaluator)
     table = search.ScoresTable(out / "scores.jsonl")
-    space = search_space(config, data)
+    space = search_space(config.data, config.train, config.merge, config.search, data)
     found = search.run_search(
         space.names,
         space.prior,
@@ -111,7 +113,7 @@ def propose_stage(
     """
     if not 0 <= round_index < config.search.rounds:
         raise DemixError(f"round {round_index} is outside search.rounds={config.search.rounds}")
-    space = search_space(config, data)
+    space = search_space(config.data, config.train, config.merge, config.search, data)
     objective = search.search_objective(config)
     return search.round_proposals(
         round_index,
@@ -128,7 +130,7 @@ def propose_stage(
 
 def select_stage(config: RunConfig, data: CuratedData, rows: list[dict]) -> dict:
     """The final mixture from every scored proxy (run_search's last step), as result.json."""
-    space = search_space(config, data)
+    space = search_space(config.data, config.train, config.merge, config.search, data)
     objective = search.search_objective(config)
     found = search.final_selection(
         rows,

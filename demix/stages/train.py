@@ -65,13 +65,15 @@ def train_stage(
     if role in ("reference", "final") and mixture is None:
         raise DemixError(f"role {role!r} needs a data mixture")
     if role == "component":
-        mixture = component_training_mix(config, data, name)
+        mixture = component_training_mix(config.data, config.train, data, name)
     elif role in ("base", "control"):  # the control: a decay branch on the token prior
         mixture = dict(data.token_prior)
     config = _seeded(config, role, seed_offset)  # the seed travels in the config from here
     job_id = ""
     if jobs_root:
-        job_id = train.role_job_id(config, data, mixture, role, name, init)
+        job_id = train.role_job_id(
+            config.train, config.model, config.seed, data, mixture, role, name, init
+        )
         if train.reuse_finished(jobs_root, job_id, out) is not None:
             return out
     _train(config, data, role, out, name, init, mixture, processes, cluster, on_checkpoint, uri)
@@ -113,10 +115,21 @@ def _train(
     publish = checkpoint_sync(uri, out.with_name(out.name + ".ckpt")) if uri else None
     hook = _both(on_checkpoint, publish)
     if role in ("reference", "final"):
-        train.train_on_mixture(config, data, init, role, name, mixture, out, hook)
+        train.train_on_mixture(
+            config.train, config.model, config.seed, data, init, role, name, mixture, out, hook
+        )
     else:
         train.train_role(
-            config, data, mixture, role, name or role, out, init=init, on_checkpoint=hook
+            config.train,
+            config.model,
+            config.seed,
+            data,
+            mixture,
+            role,
+            name or role,
+            out,
+            init=init,
+            on_checkpoint=hook,
         )
     if role == "component":  # its norm in its manifest: readers need no weights (finals)
         merge.record_relative_delta_norm(out, init)

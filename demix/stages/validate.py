@@ -71,12 +71,12 @@ def reference_mixtures(config: RunConfig, data: CuratedData) -> np.ndarray:
     inside the hull as the search draws it. References lie where the search looks."""
     prior = prior_vector(data)
     rng = np.random.default_rng([seed_entropy(config.seed), VALIDATE_STREAM])
-    floor = search_floor(config, data)
+    floor = search_floor(config.data, config.train, config.merge, data)
     sampled = sample_mixtures(
         prior, config.fidelity.references, rng, config.search.sampler, floor=floor
     )
     d = len(data.names)
-    corners = np.eye(d) if floor is None else mix_matrix(config, data).T
+    corners = np.eye(d) if floor is None else mix_matrix(config.data, config.train, data).T
     fixed = np.vstack([corners, corners.mean(axis=0)[None]])
     out, seen = [], set()
     for w in np.vstack([sampled, fixed]):
@@ -170,7 +170,7 @@ def validate_stage(run: Run, out: Path, evaluator: Evaluator | None = None) -> d
     tags, result["fidelity_by_hull"] = fidelity_by_hull(
         data.names,
         mixtures,
-        mix_matrix(config, data),
+        mix_matrix(config.data, config.train, data),
         proxy_results,
         reference_results,
         config.evaluate.categories,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from demix.config import TRAINING_ROLES, RunConfig, StageTraining
+from demix.config import TRAINING_ROLES, ModelConfig, StageTraining, TrainConfig
 from demix.data.shards import CuratedData
 from demix.errors import DemixError
 from demix.mixtures import as_dict, validate_mixture
@@ -27,17 +27,17 @@ from demix.train.loop import CheckpointHook, train_model
 ROLES = TRAINING_ROLES
 
 
-def role_budget(config: RunConfig, role: str) -> StageTraining:
+def role_budget(train: TrainConfig, role: str) -> StageTraining:
     """The token budget and learning-rate schedule of `role`.
 
     Raises DemixError for an unknown role.
     """
     budgets = {
-        "base": config.train.base,
-        "component": config.train.component,
-        "reference": config.train.component,  # training-based proxies: the component budget
-        "control": config.train.component,  # the references' anneal-only twin
-        "final": config.train.final,
+        "base": train.base,
+        "component": train.component,
+        "reference": train.component,  # training-based proxies: the component budget
+        "control": train.component,  # the references' anneal-only twin
+        "final": train.final,
     }
     if role not in budgets:
         raise DemixError(f"training role {role!r} is not one of {list(ROLES)}")
@@ -45,7 +45,9 @@ def role_budget(config: RunConfig, role: str) -> StageTraining:
 
 
 def train_role(
-    config: RunConfig,
+    train: TrainConfig,
+    model: ModelConfig,
+    seed: int,
     data: CuratedData,
     weights: dict[str, float],
     role: str,
@@ -56,23 +58,23 @@ def train_role(
 ) -> dict:
     """The one training loop with the budget of `role`; returns the model's manifest. A base
     with `decay_tokens` also gets its decayed copy (decayed_base_dir(out), decay_base)."""
-    stage = role_budget(config, role)
+    stage = role_budget(train, role)
     manifest = train_model(
         out,
         data,
         weights,
         stage,
-        config.train,
-        config.model,
-        config.seed,
+        train,
+        model,
+        seed,
         role=role,
         name=name,
         init=init,
-        arch=config.model.architecture if init is None else None,
+        arch=model.architecture if init is None else None,
         on_checkpoint=on_checkpoint,
     )
     if role == "base" and stage.decay_tokens:
-        decay_base(config, data, weights, out, decayed_base_dir(out))
+        decay_base(train, model, seed, data, weights, out, decayed_base_dir(out))
     return manifest
 
 
@@ -101,17 +103,23 @@ def decay_schedule(stage: StageTraining) -> StageTraining:
 
 
 def decay_base(
-    config: RunConfig, data: CuratedData, weights: dict[str, float], base: Path, out: Path
+    train: TrainConfig,
+    model: ModelConfig,
+    seed: int,
+    data: CuratedData,
+    weights: dict[str, float],
+    base: Path,
+    out: Path,
 ) -> dict:
     """The finished copy of a warmup-stable base (decay_schedule) into `out`; its manifest."""
     return train_model(
         out,
         data,
         weights,
-        decay_schedule(role_budget(config, "base")),
-        config.train,
-        config.model,
-        config.seed,
+        decay_schedule(role_budget(train, "base")),
+        train,
+        model,
+        seed,
         role="base",
         name="base-decayed",
         init=base,
@@ -119,7 +127,9 @@ def decay_base(
 
 
 def role_job_id(
-    config: RunConfig,
+    train: TrainConfig,
+    model: ModelConfig,
+    seed: int,
     data: CuratedData,
     weights: dict[str, float],
     role: str,
@@ -133,18 +143,20 @@ def role_job_id(
     return job_fingerprint(
         data,
         weights,
-        role_budget(config, role),
-        config.train,
-        config.seed,
+        role_budget(train, role),
+        train,
+        seed,
         role,
         name or role,
         init,
-        config.model.architecture if init is None else None,
+        model.architecture if init is None else None,
     )
 
 
 def train_on_mixture(
-    config: RunConfig,
+    train: TrainConfig,
+    model: ModelConfig,
+    seed: int,
     data: CuratedData,
     base: Path,
     role: str,
@@ -158,5 +170,7 @@ def train_on_mixture(
     Raises MixtureError for weights that are not a point of the simplex over the datasets.
     """
     mix = as_dict(data.names, validate_mixture(mixture, data.names))
-    train_role(config, data, mix, role, name, out, init=base, on_checkpoint=on_checkpoint)
+    train_role(
+        train, model, seed, data, mix, role, name, out, init=base, on_checkpoint=on_checkpoint
+    )
     return out
