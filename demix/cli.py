@@ -150,7 +150,7 @@ def _cmd_evaluate(args) -> None:
         check_uri(args.out)
     data = dataset_arg(args.data)
     # The tasks first: an unknown task or an empty eval set fails before any model is fetched.
-    evaluator = make_evaluator(config, data, resolve_device(config.train.device))
+    evaluator = make_evaluator(config.evaluate, data, resolve_device(config.train.device))
     models = {Path(m).name: model_arg(m) for m in args.models}
     result = evaluate_models_stage(config, data, models, evaluator)
     if args.out:

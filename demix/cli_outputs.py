@@ -133,7 +133,8 @@ def config_limits(decision: bool = False):
     """
 
     def check(args) -> None:
-        from demix.memory_plans import check_plans, config_plans
+        from demix.memory_plans import check_plans
+        from demix.stages.memory import config_plans
 
         check_plans(config_plans(run_config(args), decision))
 
@@ -142,7 +143,7 @@ def config_limits(decision: bool = False):
 
 def search_limits(args) -> None:
     """search: the candidate pool's memory plan, checked before the search folder is made."""
-    from demix.memory_plans import config_search_plan
+    from demix.stages.memory import config_search_plan
 
     config_search_plan(run_config(args)).check()
 
@@ -189,7 +190,8 @@ def check_config(args) -> str:
     machine has (demix.memory_plans).
     """
     from demix.base_model import check_base_reachable
-    from demix.memory_plans import check_plans, config_plans
+    from demix.memory_plans import check_plans
+    from demix.stages.memory import config_plans
 
     config = run_config(args)
     check_base_reachable(config.model.base)  # a hub id needs the hub where it runs

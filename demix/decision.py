@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from demix.config import RunConfig
+from demix.config import DecisionConfig, EvaluateConfig, SearchConfig, TrainConfig
 from demix.errors import DemixError
 from demix.verdict import final_verdict
 
@@ -53,13 +53,16 @@ def budget_label(budget: float) -> str:
     return f"{budget:g}x"
 
 
-def budget_plan(config: RunConfig, datasets: int) -> list[dict[str, Any]]:
-    """Per `decision.budgets` entry: its tokens, the merged search's component budget and
-    searches, and the trained proxies it buys (their budget and number).
+def budget_plan(
+    decision: DecisionConfig, train: TrainConfig, search: SearchConfig, datasets: int
+) -> list[dict[str, Any]]:
+    """Per `decision.budgets` entry: its tokens, the merged search's component budget
+    (train.component.tokens x the budget) and searches (search.rounds), and the trained proxies
+    it buys (their budget and number).
 
     Raises DemixError where a budget buys fewer than 4 trained proxies (no regression).
     """
-    decision, component = config.decision, config.train.component.tokens
+    component = train.component.tokens
     proxy_tokens = max(1, round(decision.proxy_fraction * component))
     plan = []
     for budget in decision.budgets:
@@ -79,7 +82,7 @@ def budget_plan(config: RunConfig, datasets: int) -> list[dict[str, Any]]:
                 "tokens": tokens,
                 "component_tokens": component_tokens,
                 "merged": {
-                    total: merged_search_size(total, config.search.rounds)
+                    total: merged_search_size(total, search.rounds)
                     for total in decision.merged_proxies
                 },
                 "proxy_tokens": proxy_tokens,
@@ -89,9 +92,9 @@ def budget_plan(config: RunConfig, datasets: int) -> list[dict[str, Any]]:
     return plan
 
 
-def method_names(config: RunConfig) -> list[str]:
+def method_names(decision: DecisionConfig) -> list[str]:
     """The methods of a budget, in table order."""
-    merged = [f"merged {n}" for n in config.decision.merged_proxies]
+    merged = [f"merged {n}" for n in decision.merged_proxies]
     return [*merged, "regmix", *FIT_METHODS]
 
 
@@ -100,14 +103,16 @@ def _objective(verdict: Mapping[str, dict], other: str) -> dict[str, Any]:
 
 
 def seed_rows(
-    config: RunConfig,
+    evaluate: EvaluateConfig,
+    seed: int,
     choices: Mapping[str, Mapping[str, str]],
     finals: Mapping[str, Sequence[dict]],
     details: Mapping[str, Mapping[str, dict]] | None = None,
 ) -> dict[str, Any]:
     """One protocol seed's rows: per budget and method, the paired objective difference from the
     token prior's finals, the regret against the best final of the seed, and the differences
-    from the other methods of its budget.
+    from the other methods of its budget (over `evaluate.categories` and their weights; `seed`:
+    the run's seed, which seeds the verdicts' bootstrap).
 
     choices: {budget label: {method: final label}} (methods that chose the same mixture share a
     final label); finals: {final label: [results per training seed]} holding BASELINE too;
@@ -117,14 +122,14 @@ def seed_rows(
     itself, at 0, when every choice is below it); regret = best minus this one (0 for the best).
     Raises ValueError when a final lacks per-document scores or the seeds differ.
     """
-    categories, weights = config.evaluate.categories, config.evaluate.category_weights
+    categories, weights = evaluate.categories, evaluate.category_weights
 
     def judged(chosen: str, others: Sequence[str]) -> dict[str, dict]:
         labels = [label for label in dict.fromkeys(others) if label != chosen]
         if not labels:
             return {}
         results = {label: finals[label] for label in (chosen, *labels)}
-        return final_verdict(results, categories, weights, chosen=chosen, seed=config.seed)
+        return final_verdict(results, categories, weights, chosen=chosen, seed=seed)
 
     labels = sorted({label for methods in choices.values() for label in methods.values()})
     versus_prior = {label: _objective(judged(label, [BASELINE]), BASELINE) for label in labels}

@@ -49,7 +49,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from demix.config import ArchitectureConfig, RunConfig, TrainConfig
+from demix.config import ArchitectureConfig, TrainConfig
 from demix.device_memory import host_available_bytes
 from demix.errors import ConfigError
 
@@ -270,46 +270,6 @@ def search_plan(candidates: int, datasets: int, targets: int, what: str = "searc
     )
 
 
-def config_search_plan(config: RunConfig, decision: bool = False) -> MemoryPlan:
-    """The search pool plan of a run config (the decision's pool with `decision`)."""
-    candidates = config.decision.candidates if decision else config.search.candidates
-    return search_plan(
-        candidates,
-        len(config.data.datasets),
-        len(config.evaluate.tasks),
-        "decision" if decision else "search",
-    )
-
-
-def config_training_plan(config: RunConfig, processes: int = 1) -> MemoryPlan | None:
-    """The training plan of a run config: its base (model.base when it is a local folder, else
-    model.architecture with data.tokenizer.vocab_size tokens); None for a base not yet fetched
-    (gs:// or a hub id) or a local one that is no model folder: planned when it is trained
-    from, after the base is verified (and refused with its own error)."""
-    from demix.errors import ModelError
-
-    base = config.model.base
-    if base is None:
-        shape = shape_of_architecture(config.model.architecture, config.data.tokenizer.vocab_size)
-    elif config.model.base_form == "local" and Path(base, "config.json").is_file():
-        try:
-            shape = shape_of_folder(base)
-        except ModelError:
-            return None
-    else:
-        return None
-    return training_plan(shape, config.train, config.model.attn_implementation, processes)
-
-
-def config_plans(config: RunConfig, decision: bool = False) -> list[MemoryPlan]:
-    """Every plan of a run config: training (when its base is local or built) and the search
-    pool (and the decision's pool with `decision`)."""
-    plans = [config_training_plan(config), config_search_plan(config)]
-    if decision:
-        plans.append(config_search_plan(config, decision=True))
-    return [p for p in plans if p is not None]
-
-
 def check_plans(plans: list[MemoryPlan]) -> list[MemoryPlan]:
     """The plans, each checked in order.
 
@@ -323,9 +283,6 @@ __all__ = [
     "ModelShape",
     "architecture_parameters",
     "check_plans",
-    "config_plans",
-    "config_search_plan",
-    "config_training_plan",
     "search_plan",
     "shape_of_architecture",
     "shape_of_folder",

@@ -41,7 +41,8 @@ def test_merged_search_size_gives_the_rounds_their_proxies():
 
 
 def test_budget_plan_counts_the_proxies_each_budget_buys(tmp_path):
-    plan = decision.budget_plan(_config(tmp_path), datasets=3)
+    config = _config(tmp_path)
+    plan = decision.budget_plan(config.decision, config.train, config.search, datasets=3)
     assert [p["label"] for p in plan] == ["1x", "2x", "4x"]
     # 3 components x 400k x budget, spent on proxies of 1/8 of the component budget (50k)
     assert [p["tokens"] for p in plan] == [1_200_000, 2_400_000, 4_800_000]
@@ -56,7 +57,7 @@ def test_budget_plan_counts_the_proxies_each_budget_buys(tmp_path):
 def test_budget_plan_refuses_a_budget_too_small_for_a_regression(tmp_path):
     config = _config(tmp_path, budgets=[0.25, 1], proxy_fraction=0.5)
     with pytest.raises(DemixError, match=r"0.25x .* buys 1 trained proxies"):
-        decision.budget_plan(config, datasets=3)
+        decision.budget_plan(config.decision, config.train, config.search, datasets=3)
     assert decision.proxies_bought(999, 250) == 3
     with pytest.raises(DemixError):
         decision.proxies_bought(1000, 0)
@@ -147,7 +148,7 @@ MIXTURES = {
 def test_seed_rows_judge_each_choice_against_the_prior_the_best_and_its_budget(tmp_path):
     config = parse_config(smoke_config_dict(tmp_path))
     finals = _finals({"m-good": 0.5, "m-flat": 0.0, "m-bad": -0.5, "m-best": 1.0})
-    seed = decision.seed_rows(config, _choices(), finals, _details(MIXTURES))
+    seed = decision.seed_rows(config.evaluate, config.seed, _choices(), finals, _details(MIXTURES))
     assert seed["best"] == "m-best"
     rows = {(r["budget"], r["method"]): r for r in seed["rows"]}
     assert len(rows) == 6
@@ -178,7 +179,7 @@ def test_no_choice_beats_the_prior_so_the_prior_is_the_best(tmp_path):
     config = parse_config(smoke_config_dict(tmp_path))
     finals = _finals({"m-good": -0.5, "m-flat": -1.0, "m-bad": -1.5})
     choices = {"1x": {"merged 21": "m-good", "regmix": "m-flat", "linear fit": "m-bad"}}
-    seed = decision.seed_rows(config, choices, finals)
+    seed = decision.seed_rows(config.evaluate, config.seed, choices, finals)
     assert seed["best"] == decision.BASELINE
     assert all(r["regret"]["verdict"] == "better" for r in seed["rows"])
 
@@ -186,11 +187,9 @@ def test_no_choice_beats_the_prior_so_the_prior_is_the_best(tmp_path):
 def test_table_rows_over_protocol_seeds_and_the_markdown(tmp_path):
     config = parse_config(smoke_config_dict(tmp_path))
     finals = _finals({"m-good": 0.5, "m-flat": 0.0, "m-bad": -0.5, "m-best": 1.0})
-    first = decision.seed_rows(config, _choices(), finals, _details(MIXTURES))
+    first = decision.seed_rows(config.evaluate, config.seed, _choices(), finals, _details(MIXTURES))
     moved = dict(MIXTURES, good={"a": 0.45, "b": 0.55})
-    second = decision.seed_rows(
-        config.model_copy(update={"seed": 1}), _choices(), finals, _details(moved)
-    )
+    second = decision.seed_rows(config.evaluate, 1, _choices(), finals, _details(moved))
     per_seed = [{"seed": 0, **first}, {"seed": 1, **second}]
     table = decision.table_rows(per_seed)
     assert [(r["budget"], r["method"]) for r in table] == [
@@ -235,7 +234,9 @@ def test_the_shipped_decision_config_validates_and_opens_with_its_command():
     assert config.decision.budgets == [1.0, 2.0, 4.0]
     assert config.decision.merged_proxies == [21, 200] and config.decision.seeds == 3
     assert config.final.seeds == 3 and config.merge.weights == "component"
-    plan = decision.budget_plan(config, len(config.data.datasets))
+    plan = decision.budget_plan(
+        config.decision, config.train, config.search, len(config.data.datasets)
+    )
     assert all(p["proxies"] >= 4 for p in plan)
 
 

@@ -237,7 +237,7 @@ def _evaluator_inputs(family, corpus_dir, tmp_path, **merge):
 
 
 def test_the_proxy_evaluator_logs_its_plan_and_follows_it(family, corpus_dir, tmp_path, caplog):
-    from demix.proxies import ProxyEvaluator
+    from demix.stages.proxies import ProxyEvaluator
 
     inputs = _evaluator_inputs(family, corpus_dir, tmp_path, delta_device="host")
     with caplog.at_level(logging.INFO, logger="demix"):
@@ -252,10 +252,11 @@ def test_the_proxy_evaluator_refuses_before_loading_weights(
     family, corpus_dir, tmp_path, monkeypatch
 ):
     import demix.device_memory as device_memory
-    import demix.proxies as proxies
+    import demix.evaluate.models as models
+    import demix.stages.proxies as proxies
 
     monkeypatch.setattr(device_memory, "free_memory", lambda device: (10**4, 10**4))
-    monkeypatch.setattr(proxies, "load_for_eval", lambda *a: pytest.fail("weights loaded"))
+    monkeypatch.setattr(models, "load_for_eval", lambda *a: pytest.fail("weights loaded"))
     with pytest.raises(ModelError, match="would fit: .*a device with"):
         proxies.ProxyEvaluator(*_evaluator_inputs(family, corpus_dir, tmp_path))
 
@@ -267,16 +268,22 @@ def _with_eval_dtype(config, dtype: str):
 
 
 def test_the_evaluation_dtype_sets_the_proxy_and_its_key(family, corpus_dir, tmp_path):
-    from demix.proxies import ProxyEvaluator, eval_dtype, score_key
+    from demix.evaluate.models import eval_dtype
+    from demix.proxies import score_key
+    from demix.stages.proxies import ProxyEvaluator
 
     config, data, base, components, evaluator = _evaluator_inputs(family, corpus_dir, tmp_path)
     assert config.evaluate.dtype == "auto"
-    assert eval_dtype(config, "cpu") == torch.float32
-    assert eval_dtype(config, "cuda") == torch.bfloat16
+    assert eval_dtype(config.evaluate, "cpu") == torch.float32
+    assert eval_dtype(config.evaluate, "cuda") == torch.bfloat16
     fp32, bf16 = _with_eval_dtype(config, "float32"), _with_eval_dtype(config, "bfloat16")
     # float32 keys are those of before the setting; scores in another dtype never mix with them
-    assert score_key(config, data, base) == score_key(fp32, data, base)
-    assert score_key(bf16, data, base) != score_key(fp32, data, base)
+    assert score_key(config.evaluate, data, base, device="cpu") == score_key(
+        fp32.evaluate, data, base, device="cpu"
+    )
+    assert score_key(bf16.evaluate, data, base, device="cpu") != score_key(
+        fp32.evaluate, data, base, device="cpu"
+    )
     mixture = np.array([0.4, 0.3, 0.3])
     merged = {}
     for dtype, settings in (("fp32", fp32), ("bf16", bf16)):

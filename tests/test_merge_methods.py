@@ -343,7 +343,7 @@ def test_the_output_dtype_is_not_a_scoring_setting(corpus_dir):
     raw = smoke_config_dict(corpus_dir)
 
     def settings(**merge):
-        return merge_settings(parse_config({**raw, "merge": merge}))
+        return merge_settings(parse_config({**raw, "merge": merge}).merge)
 
     assert settings(output_dtype="bfloat16") == settings() == settings(output_dtype="float16")
     assert settings(shard_bytes=1000) == settings()

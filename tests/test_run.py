@@ -189,7 +189,7 @@ def test_the_search_builds_proxies_with_the_configured_merge_method(smoke_run, t
     from demix.config import load_config
     from demix.data.shards import CuratedData
     from demix.model import load_model
-    from demix.proxies import ProxyEvaluator
+    from demix.stages.proxies import ProxyEvaluator
 
     config_path, out = smoke_run
     overrides = {"merge.method": "dare_linear", "merge.drop_rate": 0.3, "merge.seed": 4}

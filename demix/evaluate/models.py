@@ -1,5 +1,5 @@
 """Models as evaluation loads them: in the evaluation dtype (`evaluate.dtype`; auto: bfloat16 on
-CUDA, float32 on CPU), with the config's loading options (trust_remote_code, attention)."""
+CUDA, float32 on CPU), with the model section's loading options (trust_remote_code, attention)."""
 
 from __future__ import annotations
 
@@ -7,22 +7,25 @@ from pathlib import Path
 
 import torch
 
-from demix.config import RunConfig
+from demix.config import EvaluateConfig, ModelConfig
 from demix.model import load_model, resolve_dtype
 
 
-def eval_dtype(config: RunConfig, device: torch.device | str) -> torch.dtype:
+def eval_dtype(evaluate: EvaluateConfig, device: torch.device | str) -> torch.dtype:
     """What models are evaluated in, and so the merged proxy's dtype (`evaluate.dtype`; auto:
     bfloat16 on CUDA, float32 on CPU)."""
-    return resolve_dtype(config.evaluate.dtype, torch.device(device))
+    return resolve_dtype(evaluate.dtype, torch.device(device))
 
 
-def load_for_eval(config: RunConfig, path: Path, device: torch.device | str):
-    """A model folder loaded for evaluation (evaluate.dtype), with the config's loading options."""
+def load_for_eval(
+    evaluate: EvaluateConfig, model: ModelConfig, path: Path, device: torch.device | str
+):
+    """A model folder loaded for evaluation (evaluate.dtype), with the model section's loading
+    options (trust_remote_code, attn_implementation)."""
     return load_model(
         path,
         device,
-        eval_dtype(config, device),
-        config.model.trust_remote_code,
-        config.model.attn_implementation,
+        eval_dtype(evaluate, device),
+        model.trust_remote_code,
+        model.attn_implementation,
     )

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import rankdata
 
-from demix.config import RunConfig
+from demix.config import EvaluateConfig, SearchConfig
 from demix.errors import TaskError
 from demix.evaluate.scoring import oriented
 from demix.statistics import pooled_paired_stderr
@@ -157,9 +157,7 @@ class Objective:
         return self.combine(self.targets(results))
 
 
-def search_objective(config: RunConfig) -> Objective:
-    """The search's objective for a RunConfig (`search.objective` over the categories and their
+def search_objective(search: SearchConfig, evaluate: EvaluateConfig) -> Objective:
+    """The search's objective (`search.objective` over `evaluate.categories` and their
     weights)."""
-    return Objective.from_config(
-        config.search.objective, config.evaluate.categories, config.evaluate.category_weights
-    )
+    return Objective.from_config(search.objective, evaluate.categories, evaluate.category_weights)

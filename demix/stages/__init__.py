@@ -8,7 +8,9 @@ local run and in a pipeline task; neither adds logic of its own.
     curate      curate_stage | plan_curation_stage -> curate_group_stage -> merge_curation_stage
     train       train_stage (base, component, reference, final; 1 or N processes)
     search      search_stage (the loop) | propose/select in predict_stage
-    proxies     make_proxy, evaluate_proxies_stage (a round's proxies), merge_stage (on disk)
+    proxies     the proxy evaluators (merged, trained), make_proxy, evaluate_proxies_stage (a
+                round's proxies), merge_stage (on disk)
+    memory      a run config's memory plans (training, the search pool), checked first
     finals      evaluate_models_stage, evaluate_finals_stage (scores, summary.json, report),
                 report_stage (a finished run's report drawn again)
     artifacts   the base's folder, the model index and the component manifests

@@ -66,7 +66,7 @@ def regmix_config(config: RunConfig, plan: dict[str, Any]) -> RunConfig:
 def fitted_choices(config: RunConfig, data: CuratedData, folder: Path) -> dict[str, dict]:
     """The weights-only fits' choices from a trained-proxy search's scores (in `folder`)."""
     rows = canonical_rows(ScoresTable(folder / "scores.jsonl").rows())
-    objective = search_objective(config)
+    objective = search_objective(config.search, config.evaluate)
     X, y = weights_matrix(rows, data.names), objective.targets([r["tasks"] for r in rows])
     out = {}
     for method, kind in zip(decision.FIT_METHODS, ("linear", "quadratic"), strict=True):
@@ -148,7 +148,7 @@ def judge_seed(
     for seeded in runs:  # seed order within each label (seeded_runs)
         evaluated = evaluate_once(run, finals[seeded.name], evaluator, device)
         results.setdefault(seeded.label, []).append(evaluated)
-    rows = decision.seed_rows(config, labels, results, choices)
+    rows = decision.seed_rows(config.evaluate, config.seed, labels, results, choices)
     return rows, int(manifest_total(finals.values(), "tokens"))
 
 
@@ -156,7 +156,7 @@ def decision_seed(run: Run, out: Path, evaluator: Evaluator, timed: Clock) -> di
     """One protocol seed into `out` (`run`: the seed's config, the data and the base): every
     budget's searches, then the finals and verdicts."""
     config = run.config
-    plan = decision.budget_plan(config, len(run.data.names))
+    plan = decision.budget_plan(config.decision, config.train, config.search, len(run.data.names))
     choices = {
         p["label"]: budget_searches(run, p, out / f"budget-{p['label']}", evaluator, timed)
         for p in plan
@@ -169,7 +169,7 @@ def decision_seed(run: Run, out: Path, evaluator: Evaluator, timed: Clock) -> di
 def check_plan(config: RunConfig) -> None:
     """Refuse a bad plan before any training: DemixError where a budget buys fewer than 4
     trained proxies."""
-    decision.budget_plan(config, len(config.data.datasets))
+    decision.budget_plan(config.decision, config.train, config.search, len(config.data.datasets))
 
 
 def write_decision(

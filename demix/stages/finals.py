@@ -29,14 +29,15 @@ def evaluate_each(
     evaluator: Evaluator | None = None,
 ) -> dict[str, dict]:
     """Each model's task results (with per-document scores), by name."""
+    from demix.evaluate.models import load_for_eval
     from demix.model import resolve_device
-    from demix.proxies import load_for_eval, make_evaluator
+    from demix.proxies import make_evaluator
 
     device = resolve_device(config.train.device)
-    evaluator = evaluator or make_evaluator(config, data, device)
+    evaluator = evaluator or make_evaluator(config.evaluate, data, device)
     results = {}
     for name, path in track(list(models.items()), "evaluate", "model"):
-        model = load_for_eval(config, path, device)
+        model = load_for_eval(config.evaluate, config.model, path, device)
         results[name] = evaluator.evaluate(model)
         del model
     return results

@@ -19,10 +19,12 @@ from demix.evaluate.harness import Evaluator
 from demix.fidelity import AGGREGATE, compare_predictors, fidelity
 from demix.merge import relative_delta_norms
 from demix.mixtures import baseline_mixtures, components_in_order, seeded_runs
-from demix.proxies import ProxyEvaluator, merge_settings, model_id, score_key
+from demix.model import resolve_device
+from demix.proxies import merge_settings, model_id, score_key
 from demix.report.reproduce import format_table, headline, l1, stability
 from demix.report.summary import final_entry
 from demix.stages.finals import evaluate_each, finals_by_label, judge_finals
+from demix.stages.proxies import ProxyEvaluator
 from demix.stages.run import Clock, train_finals
 from demix.stages.search import search_stage
 from demix.stages.train import train_components
@@ -106,10 +108,11 @@ def kept_proxy_scores(
         return [proxies(w) for w in _weights(data, validation)]
 
     key = score_key(
-        config,
+        config.evaluate,
         data,
         base,
-        merge=merge_settings(config),
+        device=resolve_device(config.train.device),
+        merge=merge_settings(config.merge),
         components=[model_id(components[n]) for n in data.names],
         mixtures=[m["id"] for m in validation["mixtures"]],
     )

@@ -92,7 +92,7 @@ def run_evaluator(config: RunConfig, data: CuratedData) -> Evaluator:
     from demix.model import resolve_device  # torch and lm-eval: on first use
     from demix.proxies import make_evaluator
 
-    return make_evaluator(config, data, resolve_device(config.train.device))
+    return make_evaluator(config.evaluate, data, resolve_device(config.train.device))
 
 
 def final_mixtures(config: RunConfig, selection: dict, data: CuratedData) -> dict[SeededRun, dict]:

@@ -12,7 +12,6 @@ from demix import search
 from demix.config import RunConfig
 from demix.data.shards import CuratedData
 from demix.errors import DemixError
-from demix.memory_plans import config_search_plan
 from demix.mixtures import (
     HULL_TOLERANCE,
     as_dict,
@@ -21,7 +20,8 @@ from demix.mixtures import (
     negative_share,
     search_space,
 )
-from demix.stages.proxies import make_proxy
+from demix.stages.memory import config_search_plan
+from demix.stages.proxies import TrainedProxyEvaluator, make_proxy
 from demix.stages.values import Run
 from demix.storage import atomic_write_json, atomic_write_text
 
@@ -75,8 +75,6 @@ def search_stage(run: Run, out: Path, evaluator: Evaluator | None = None) -> dic
     Raises ConfigError, before `out` is made, when the candidate pool's memory plan
     (demix.memory_plans) exceeds the host's available memory.
     """
-    from demix.proxies import TrainedProxyEvaluator
-
     config, data = run.config, run.data
     config_search_plan(config).check()
     out.mkdir(parents=True, exist_ok=True)
@@ -89,7 +87,7 @@ def search_stage(run: Run, out: Path, evaluator: Evaluator | None = None) -> dic
         config.search,
         config.seed,
         proxy,
-        search.search_objective(config),
+        search.search_objective(config.search, config.evaluate),
         table,
         key=proxy.key,
         floor=space.floor,
@@ -114,7 +112,7 @@ def propose_stage(
     if not 0 <= round_index < config.search.rounds:
         raise DemixError(f"round {round_index} is outside search.rounds={config.search.rounds}")
     space = search_space(config.data, config.train, config.merge, config.search, data)
-    objective = search.search_objective(config)
+    objective = search.search_objective(config.search, config.evaluate)
     return search.round_proposals(
         round_index,
         rows,
@@ -131,7 +129,7 @@ def propose_stage(
 def select_stage(config: RunConfig, data: CuratedData, rows: list[dict]) -> dict:
     """The final mixture from every scored proxy (run_search's last step), as result.json."""
     space = search_space(config.data, config.train, config.merge, config.search, data)
-    objective = search.search_objective(config)
+    objective = search.search_objective(config.search, config.evaluate)
     found = search.final_selection(
         rows,
         space.names,
@@ -176,8 +174,7 @@ def predict_stage(
         result = propose_stage(config, data, rows, round_index)
         metrics["proposals"] = len(result)
     if rows:
-        metrics["best_observed"] = float(
-            max(search.search_objective(config).observed([row["tasks"] for row in rows]))
-        )
+        objective = search.search_objective(config.search, config.evaluate)
+        metrics["best_observed"] = float(max(objective.observed([row["tasks"] for row in rows])))
     atomic_write_json(result_out, result)
     return metrics

@@ -28,6 +28,7 @@ from demix.checkpoint import read_model_manifest
 from demix.config import RunConfig
 from demix.data.shards import CuratedData
 from demix.evaluate.harness import Evaluator
+from demix.evaluate.models import load_for_eval
 from demix.fidelity import AGGREGATE, fidelity, reliability, seed_noise, task_signal
 from demix.improvement import against_anchors
 from demix.mixtures import (
@@ -40,20 +41,13 @@ from demix.mixtures import (
 )
 from demix.model import resolve_device
 from demix.progress import track
-from demix.proxies import (
-    SMALL_UPDATE,
-    ProxyEvaluator,
-    large_updates,
-    load_for_eval,
-    make_evaluator,
-    model_id,
-    score_key,
-)
+from demix.proxies import SMALL_UPDATE, large_updates, make_evaluator, model_id, score_key
 from demix.report.fidelity import write_fidelity_report
 from demix.search.predictor import seed_entropy
 from demix.search.results import mixture_id
 from demix.search.sampler import sample_mixtures
 from demix.stages.artifacts import read_model_index
+from demix.stages.proxies import ProxyEvaluator
 from demix.stages.train import train_stage
 from demix.stages.values import Run
 from demix.storage import atomic_write_json, atomic_write_text, kept_json
@@ -93,7 +87,7 @@ def validate_stage(run: Run, out: Path, evaluator: Evaluator | None = None) -> d
     out.mkdir(parents=True, exist_ok=True)
     mixtures = reference_mixtures(config, data)
     device = resolve_device(config.train.device)
-    evaluator = evaluator or make_evaluator(config, data, device)
+    evaluator = evaluator or make_evaluator(config.evaluate, data, device)
     grid = config.search.sampler.grid
     ids = [mixture_id(w, grid) for w in mixtures]
 
@@ -114,7 +108,7 @@ def validate_stage(run: Run, out: Path, evaluator: Evaluator | None = None) -> d
         run, mixtures[:k], out / "references", evaluator, seed_offset=1
     )
 
-    model = load_for_eval(config, base, device)
+    model = load_for_eval(config.evaluate, config.model, base, device)
     base_result = evaluator.evaluate(model)
     del model
     control_result = train_control(run, out, evaluator)
@@ -231,10 +225,16 @@ def evaluate_once(run: Run, model_dir: Path, evaluator: Evaluator, device) -> di
     model's fingerprint and score_key): a resumed protocol evaluates no model twice."""
 
     def evaluate() -> dict:
-        model = load_for_eval(run.config, model_dir, device)
+        model = load_for_eval(run.config.evaluate, run.config.model, model_dir, device)
         return evaluator.evaluate(model)
 
-    key = score_key(run.config, run.data, run.base, model=model_id(model_dir))
+    key = score_key(
+        run.config.evaluate,
+        run.data,
+        run.base,
+        device=resolve_device(run.config.train.device),
+        model=model_id(model_dir),
+    )
     return kept_json(model_dir.with_name(model_dir.name + ".eval.json"), key, evaluate)
 
 
