@@ -102,47 +102,57 @@ def general_mix(data_cfg: DataConfig, data: CuratedData) -> np.ndarray:
     return prior_vector(data)
 
 
-def mix_matrix(data_cfg: DataConfig, train: TrainConfig, data: CuratedData) -> np.ndarray:
-    """M: column i is component i's training data mix."""
-    return component_mix_matrix(data.names, general_mix(data_cfg, data), train.general_ratio)
+@dataclass(frozen=True, eq=False)
+class Mixing:
+    """How a run's components mix the data and how a data mixture becomes merge weights, built
+    once from the config's sections and the curated data (`Mixing.of`).
 
-
-def component_training_mix(
-    data_cfg: DataConfig, train: TrainConfig, data: CuratedData, dataset: str
-) -> dict[str, float]:
-    """The data mix component `dataset` trains on (its column of M).
-
-    Raises DemixError when `dataset` is not one of the curated datasets.
+    Component i trains on `general_ratio` x the general mix plus the rest on dataset i (column
+    i of `matrix`, M); the proxy of a data mixture d merges with c = d (`merge.weights:
+    component`) or c = M^-1 d (`data`, `hull`); under `hull` every searched mixture holds
+    g x the general mix (`floor`), so that c >= 0.
     """
-    if dataset not in data.names:
-        raise DemixError(f"--dataset {dataset!r} is not one of {data.names}")
-    return as_dict(data.names, mix_matrix(data_cfg, train, data)[:, data.names.index(dataset)])
 
+    names: list[str]
+    general: np.ndarray  # the general mix (general_mix)
+    general_ratio: float  # train.general_ratio
+    weights: str  # merge.weights
 
-def merge_weights(
-    data_cfg: DataConfig,
-    train: TrainConfig,
-    merge: MergeConfig,
-    data: CuratedData,
-    mixture: np.ndarray,
-) -> np.ndarray:
-    """Component weights of the proxy for a data mixture [D], or for each row of [n, D]
-    (`merge.weights`: c = d for `component`, c = M^-1 d for `data` and `hull`)."""
-    mixture = np.asarray(mixture, dtype=np.float64)
-    if merge.weights == "component":
-        return mixture
-    return data_to_component(mix_matrix(data_cfg, train, data), mixture.T).T  # a column per mixture
+    @classmethod
+    def of(
+        cls, data_cfg: DataConfig, train: TrainConfig, merge: MergeConfig, data: CuratedData
+    ) -> Mixing:
+        """The Mixing of a run: data.general, train.general_ratio, merge.weights on `data`."""
+        return cls(data.names, general_mix(data_cfg, data), train.general_ratio, merge.weights)
 
+    @property
+    def matrix(self) -> np.ndarray:
+        """M: column i is component i's training data mix."""
+        return component_mix_matrix(self.names, self.general, self.general_ratio)
 
-def search_floor(
-    data_cfg: DataConfig, train: TrainConfig, merge: MergeConfig, data: CuratedData
-) -> np.ndarray | None:
-    """The part of every searched mixture held fixed: with `merge.weights: hull`, g x the general
-    mix, so every candidate is d = M c with c >= 0 (demix.search.sampler); else None (the
-    whole simplex)."""
-    if merge.weights != "hull":
-        return None
-    return train.general_ratio * general_mix(data_cfg, data)
+    @property
+    def floor(self) -> np.ndarray | None:
+        """The part of every searched mixture held fixed: under `hull`, g x the general mix, so
+        every candidate is d = M c with c >= 0 (demix.search.sampler); else None (the whole
+        simplex)."""
+        return self.general_ratio * self.general if self.weights == "hull" else None
+
+    def training_mix(self, dataset: str) -> dict[str, float]:
+        """The data mix component `dataset` trains on (its column of M).
+
+        Raises DemixError when `dataset` is not one of the curated datasets.
+        """
+        if dataset not in self.names:
+            raise DemixError(f"--dataset {dataset!r} is not one of {self.names}")
+        return as_dict(self.names, self.matrix[:, self.names.index(dataset)])
+
+    def merge_weights(self, mixture: np.ndarray) -> np.ndarray:
+        """Component weights of the proxy for a data mixture [D], or for each row of [n, D]
+        (`merge.weights`: c = d for `component`, c = M^-1 d for `data` and `hull`)."""
+        mixture = np.asarray(mixture, dtype=np.float64)
+        if self.weights == "component":
+            return mixture
+        return data_to_component(self.matrix, mixture.T).T  # a column per mixture
 
 
 def epochs(
@@ -174,14 +184,11 @@ def epoch_caps(
 
 
 def search_cap(
-    data_cfg: DataConfig,
-    train: TrainConfig,
-    merge: MergeConfig,
-    search: SearchConfig,
-    data: CuratedData,
+    search: SearchConfig, train: TrainConfig, data: CuratedData, floor: np.ndarray | None
 ) -> np.ndarray | None:
     """The most weight each dataset may take in a searched mixture (epoch_caps; 1 where not
-    capped), for demix.search.sample_mixtures; None without search.max_epochs.
+    capped), for demix.search.sample_mixtures; None without search.max_epochs. `floor`: the
+    Mixing's (what every searched mixture holds).
 
     Raises MixtureError (one line, naming the datasets and the epochs needed) when the caps
     cannot hold a whole mixture, or, under merge.weights: hull, lie under the search floor.
@@ -199,7 +206,6 @@ def search_cap(
             f"{tokens} train tokens; raise search.max_epochs to at least that or lower "
             "train.final.tokens"
         )
-    floor = search_floor(data_cfg, train, merge, data)
     over = [] if floor is None else np.flatnonzero(floor > cap + 1e-12)
     if len(over):
         held = {data.names[i]: round(float(floor[i]), 6) for i in over}
@@ -224,18 +230,12 @@ class SearchSpace:
 
 
 def search_space(
-    data_cfg: DataConfig,
-    train: TrainConfig,
-    merge: MergeConfig,
-    search: SearchConfig,
-    data: CuratedData,
+    mixing: Mixing, search: SearchConfig, train: TrainConfig, data: CuratedData
 ) -> SearchSpace:
-    """The SearchSpace of a run. Raises MixtureError as search_floor and search_cap do."""
+    """The SearchSpace of a run. Raises MixtureError as search_cap does."""
+    floor = mixing.floor
     return SearchSpace(
-        data.names,
-        prior_vector(data),
-        search_floor(data_cfg, train, merge, data),
-        search_cap(data_cfg, train, merge, search, data),
+        data.names, prior_vector(data), floor, search_cap(search, train, data, floor)
     )
 
 

@@ -13,12 +13,10 @@ import pytest
 from demix.config import SearchConfig, parse_config
 from demix.fidelity import fidelity
 from demix.mixtures import (
+    Mixing,
     in_hull,
-    merge_weights,
-    mix_matrix,
     negative_share,
     prior_vector,
-    search_floor,
 )
 from demix.search import ScoresTable, mixture_id, propose_round, run_search, sample_mixtures
 from demix.search.objective import Objective
@@ -33,6 +31,10 @@ DATA = SimpleNamespace(names=NAMES, token_prior={"general": 0.6, "code": 0.3, "m
 SEARCH = SearchConfig(n=8, rounds=2, candidates=2000, top_k=16)
 
 
+def _mixing(config) -> Mixing:
+    return Mixing.of(config.data, config.train, config.merge, DATA)
+
+
 def _config(tmp_path, weights: str, general: str | None = "general", **merge):
     raw = smoke_config_dict(tmp_path)
     raw["data"]["general"] = general
@@ -44,8 +46,8 @@ def _config(tmp_path, weights: str, general: str | None = "general", **merge):
 def test_hull_pools_never_extrapolate_and_data_pools_do(tmp_path, general):
     hull = _config(tmp_path, "hull", general)
     data = _config(tmp_path, "data", general)
-    floor = search_floor(hull.data, hull.train, hull.merge, DATA)
-    assert search_floor(data.data, data.train, data.merge, DATA) is None
+    floor = _mixing(hull).floor
+    assert _mixing(data).floor is None
     prior = prior_vector(DATA)
     for seed in range(8):
         for size in (1, 40, 3000):
@@ -54,32 +56,22 @@ def test_hull_pools_never_extrapolate_and_data_pools_do(tmp_path, general):
             )
             assert rows.shape == (size, 3)
             np.testing.assert_allclose(rows.sum(axis=1), 1.0, atol=1e-12)
-            assert merge_weights(hull.data, hull.train, hull.merge, DATA, rows).min() >= -1e-9
-            assert (
-                negative_share(merge_weights(hull.data, hull.train, hull.merge, DATA, rows)) == 0.0
-            )
+            assert _mixing(hull).merge_weights(rows).min() >= -1e-9
+            assert negative_share(_mixing(hull).merge_weights(rows)) == 0.0
             # on the data grid and distinct, like any pool
             units = np.rint(rows / SEARCH.sampler.grid)
             np.testing.assert_allclose(rows, units * SEARCH.sampler.grid, atol=1e-12)
             assert len({mixture_id(r) for r in rows}) == size
     # without the floor the same sampler draws mixtures that need negative component weights
     pool = sample_mixtures(prior, 3000, np.random.default_rng(0), SEARCH.sampler)
-    assert negative_share(merge_weights(data.data, data.train, data.merge, DATA, pool)) > 0.3
+    assert negative_share(_mixing(data).merge_weights(pool)) > 0.3
     # a round's pool and its proposals stay inside too
     scored = sample_mixtures(prior, 8, np.random.default_rng(9), SEARCH.sampler, floor=floor)
-    assert (
-        merge_weights(
-            hull.data,
-            hull.train,
-            hull.merge,
-            DATA,
-            candidate_pool(1, prior, scored, SEARCH, 0, floor=floor),
-        ).min()
-        >= -1e-9
-    )
+    pool = candidate_pool(1, prior, scored, SEARCH, 0, floor=floor)
+    assert _mixing(hull).merge_weights(pool).min() >= -1e-9
     scores = -np.abs(scored[:, 1] - 0.3)
     proposed = propose_round(1, 4, prior, scored, scores, SEARCH, 0, floor=floor)
-    assert merge_weights(hull.data, hull.train, hull.merge, DATA, proposed).min() >= -1e-9
+    assert _mixing(hull).merge_weights(proposed).min() >= -1e-9
 
 
 def test_the_default_mapping_merges_with_the_data_mixture(tmp_path):
@@ -91,21 +83,17 @@ def test_the_default_mapping_merges_with_the_data_mixture(tmp_path):
     default = parse_config(raw)
     assert default.merge.weights == "component"
     pool = sample_mixtures(prior_vector(DATA), 500, np.random.default_rng(0), SEARCH.sampler)
-    np.testing.assert_array_equal(
-        merge_weights(default.data, default.train, default.merge, DATA, pool), pool
-    )
-    assert (
-        negative_share(merge_weights(default.data, default.train, default.merge, DATA, pool)) == 0.0
-    )
-    assert search_floor(default.data, default.train, default.merge, DATA) is None
+    np.testing.assert_array_equal(_mixing(default).merge_weights(pool), pool)
+    assert negative_share(_mixing(default).merge_weights(pool)) == 0.0
+    assert _mixing(default).floor is None
     mapped = _config(tmp_path, "data")
-    data = merge_weights(mapped.data, mapped.train, mapped.merge, DATA, pool)
+    data = _mixing(mapped).merge_weights(pool)
     assert np.abs(data - pool).max() > 0.1
 
 
 def test_hull_pools_are_seeded(tmp_path):
     config = _config(tmp_path, "hull", None)
-    floor = search_floor(config.data, config.train, config.merge, DATA)
+    floor = _mixing(config).floor
     prior = prior_vector(DATA)
 
     def pool(seed: int) -> np.ndarray:
@@ -131,14 +119,12 @@ def test_a_hull_search_scores_and_chooses_inside_the_hull(tmp_path):
         evaluate,
         objective,
         ScoresTable(tmp_path / "scores.jsonl"),
-        floor=search_floor(config.data, config.train, config.merge, DATA),
+        floor=_mixing(config).floor,
     )
     scored = np.array([[row["weights"][n] for n in NAMES] for row in found["history"]])
     assert len(scored) == 8 + 4
-    assert in_hull(merge_weights(config.data, config.train, config.merge, DATA, scored)).all()
-    assert in_hull(
-        merge_weights(config.data, config.train, config.merge, DATA, found["pool"])
-    ).all()
+    assert in_hull(_mixing(config).merge_weights(scored)).all()
+    assert in_hull(_mixing(config).merge_weights(found["pool"])).all()
     selection = describe_selection(config, DATA, found, None)
     assert selection["min_component_weight"] >= -1e-9
     assert selection["pool_negative_share"] == 0.0
@@ -191,7 +177,7 @@ def _result(value: float) -> dict:
 
 def test_validate_splits_fidelity_at_the_hull(tmp_path):
     config = _config(tmp_path, "data")
-    mix = mix_matrix(config.data, config.train, DATA)
+    mix = _mixing(config).matrix
     # general weight >= 0.5 is inside the hull (general named, general_ratio 0.5)
     inside = np.array(
         [[0.5, 0.5, 0.0], [0.6, 0.2, 0.2], [0.7, 0.1, 0.2], [0.8, 0.1, 0.1], [1.0, 0.0, 0.0]]
@@ -232,8 +218,8 @@ def test_validate_references_lie_where_the_search_looks(tmp_path, weights):
 
     config = _config(tmp_path, weights, method="ties" if weights == "hull" else "linear")
     refs = reference_mixtures(config, DATA)
-    components = merge_weights(config.data, config.train, config.merge, DATA, refs)
-    corners = np.eye(3) if weights == "data" else mix_matrix(config.data, config.train, DATA).T
+    components = _mixing(config).merge_weights(refs)
+    corners = np.eye(3) if weights == "data" else _mixing(config).matrix.T
     for corner in corners:
         assert np.abs(refs - corner).sum(axis=1).min() < 1e-9
     if weights == "hull":

@@ -11,7 +11,7 @@ import pytest
 from demix.config import SamplerConfig, SearchConfig, parse_config
 from demix.errors import ConfigError, MixtureError
 from demix.export import mixture_export
-from demix.mixtures import epoch_caps, epochs, max_epochs, prior_vector, search_cap, search_floor
+from demix.mixtures import Mixing, epoch_caps, epochs, max_epochs, prior_vector, search_cap
 from demix.search import ScoresTable, propose_round, run_search, sample_mixtures
 from demix.search.objective import Objective
 from demix.search.rounds import candidate_pool
@@ -31,6 +31,15 @@ SEARCH = SearchConfig(n=8, rounds=2, candidates=2000, top_k=16)
 MATH = NAMES.index("math")
 
 
+def _mixing(config) -> Mixing:
+    return Mixing.of(config.data, config.train, config.merge, DATA)
+
+
+def _cap(config):
+    """search_cap of the config's max_epochs over DATA, under its mixing's floor."""
+    return search_cap(config.search, config.train, DATA, _mixing(config).floor)
+
+
 def _config(tmp_path, max_epochs, weights: str = "data", general: str | None = "general"):
     raw = smoke_config_dict(tmp_path)
     raw["train"]["final"]["tokens"] = FINAL
@@ -47,7 +56,7 @@ def _epochs_of(rows: np.ndarray) -> np.ndarray:
 
 def test_one_epoch_of_a_small_dataset_caps_its_weight_in_every_sampled_row(tmp_path):
     config = _config(tmp_path, {"math": 1})
-    cap = search_cap(config.data, config.train, config.merge, config.search, DATA)
+    cap = _cap(config)
     # math's cap is 2,000 / 40,000 = 0.05, under the sampler's own 4 x prior (0.087)
     np.testing.assert_allclose(cap, [1.0, 1.0, 0.05])
     assert 4 * DATA.token_prior["math"] > cap[MATH]
@@ -85,7 +94,7 @@ def test_a_per_dataset_mapping_caps_only_the_datasets_it_names(tmp_path):
         5000,
         np.random.default_rng(1),
         SEARCH.sampler,
-        cap=search_cap(config.data, config.train, config.merge, config.search, DATA),
+        cap=_cap(config),
     )
     assert rows[:, 1].max() == pytest.approx(0.375) and rows[:, MATH].max() == pytest.approx(0.05)
     assert rows[:, 0].max() > 0.95  # general is not capped
@@ -100,7 +109,7 @@ def test_a_per_dataset_mapping_caps_only_the_datasets_it_names(tmp_path):
 
 def test_a_rounds_pool_and_proposals_stay_under_the_cap(tmp_path):
     config = _config(tmp_path, {"math": 1})
-    cap = search_cap(config.data, config.train, config.merge, config.search, DATA)
+    cap = _cap(config)
     prior = prior_vector(DATA)
     scored = sample_mixtures(prior, 8, np.random.default_rng(9), SEARCH.sampler, cap=cap)
     scores = -np.abs(scored[:, MATH] - 0.3)  # the objective wants more math than it may get
@@ -137,7 +146,7 @@ def _search(path, cap: np.ndarray | None) -> dict:
 
 def test_the_chosen_mixture_of_a_search_respects_the_cap(tmp_path):
     config = _config(tmp_path, {"math": 1})
-    cap = search_cap(config.data, config.train, config.merge, config.search, DATA)
+    cap = _cap(config)
     found = _search(tmp_path / "capped", cap)
     scored = np.array([[row["weights"][n] for n in NAMES] for row in found["history"]])
     assert len(scored) == 8 + 4
@@ -157,7 +166,7 @@ def test_caps_that_cannot_hold_a_mixture_are_a_one_line_error(tmp_path):
     # 0.3 epochs of 92,000 tokens is 27,600 of the 40,000 final tokens
     config = _config(tmp_path, 0.3)
     with pytest.raises(MixtureError, match="under 1") as err:
-        search_cap(config.data, config.train, config.merge, config.search, DATA)
+        _cap(config)
     message = str(err.value)
     assert "\n" not in message and all(n in message for n in NAMES)
     assert "takes 0.4348 epochs" in message  # 40,000 / 92,000
@@ -186,16 +195,16 @@ def test_a_cap_under_the_hull_floor_is_an_error(tmp_path):
     # every hull mixture holds general_ratio 0.5 of general: 0.2 epochs allow it 0.3
     config = _config(tmp_path, {"general": 0.2}, weights="hull")
     with pytest.raises(MixtureError, match="general_ratio") as err:
-        search_cap(config.data, config.train, config.merge, config.search, DATA)
+        _cap(config)
     assert "'general': 0.3333" in str(err.value) and "\n" not in str(err.value)
     # a floor of 0.5 x the prior: math holds 0.0109, and 0.1 epochs allow 0.005
     config = _config(tmp_path, {"math": 0.1}, weights="hull", general=None)
     with pytest.raises(MixtureError, match="'math'"):
-        search_cap(config.data, config.train, config.merge, config.search, DATA)
+        _cap(config)
     # caps above the floor hold: rows keep both
     config = _config(tmp_path, {"math": 1, "code": 1}, weights="hull", general=None)
-    floor = search_floor(config.data, config.train, config.merge, DATA)
-    cap = search_cap(config.data, config.train, config.merge, config.search, DATA)
+    floor = _mixing(config).floor
+    cap = _cap(config)
     rows = sample_mixtures(
         prior_vector(DATA), 2000, np.random.default_rng(2), SEARCH.sampler, floor=floor, cap=cap
     )

@@ -18,9 +18,6 @@ from demix.evaluate.harness import Evaluator
 from demix.mixtures import (
     as_dict,
     baseline_mixtures,
-    prior_vector,
-    search_cap,
-    search_floor,
     seeded_runs,
 )
 from demix.model import resolve_device
@@ -33,7 +30,7 @@ from demix.stages.run import Clock, train_finals
 from demix.stages.search import search_stage
 from demix.stages.train import train_components
 from demix.stages.validate import evaluate_once
-from demix.stages.values import Run
+from demix.stages.values import Run, run_search_space
 from demix.storage import atomic_write_json, atomic_write_text
 
 
@@ -68,18 +65,19 @@ def fitted_choices(config: RunConfig, data: CuratedData, folder: Path) -> dict[s
     rows = canonical_rows(ScoresTable(folder / "scores.jsonl").rows())
     objective = search_objective(config.search, config.evaluate)
     X, y = weights_matrix(rows, data.names), objective.targets([r["tasks"] for r in rows])
+    space = run_search_space(config, data)
     out = {}
     for method, kind in zip(decision.FIT_METHODS, ("linear", "quadratic"), strict=True):
         mixture, info = fit_selection(
-            prior_vector(data),
+            space.prior,
             X,
             y,
             config.search,
             config.seed,
             kind,
             objective.combine,
-            search_floor(config.data, config.train, config.merge, data),
-            search_cap(config.data, config.train, config.merge, config.search, data),
+            space.floor,
+            space.cap,
         )
         out[method] = {"mixture": as_dict(data.names, mixture), **info}
     return out

@@ -20,9 +20,9 @@ from demix import merge, search, train
 from demix.checkpoint import check_compatible, manifest_total
 from demix.config import RunConfig
 from demix.data.shards import CuratedData
-from demix.mixtures import as_dict, components_in_order, merge_weights
+from demix.mixtures import as_dict, components_in_order
 from demix.search.sampler import validate_mixture
-from demix.stages.values import Run
+from demix.stages.values import Run, run_mixing
 
 if TYPE_CHECKING:
     from demix.evaluate import Evaluator
@@ -62,6 +62,7 @@ class ProxyEvaluator:
         check_compatible(base, comp_dirs)
         device = resolve_device(config.train.device)
         self.config, self.data = config, data
+        self.mixing = run_mixing(config, data)
         self.plan = merge_memory_plan(config.merge, config.evaluate, base, len(comp_dirs), device)
         self.model = load_for_eval(config.evaluate, config.model, base, device)
         self.model.eval()
@@ -90,8 +91,7 @@ class ProxyEvaluator:
         return as_dict(self.data.names, self.stack.relative_norms)
 
     def __call__(self, mixture: np.ndarray) -> dict:
-        config = self.config
-        weights = merge_weights(config.data, config.train, config.merge, self.data, mixture)
+        weights = self.mixing.merge_weights(mixture)
         self.stack.write(weights)
         return self.evaluator.evaluate(self.model)
 
@@ -190,7 +190,7 @@ def merge_stage(run: Run, mixture: dict[str, float], out: Path) -> dict:
     manifest = merge.merge_to_disk(
         base,
         comp_dirs,
-        merge_weights(config.data, config.train, config.merge, data, weights),
+        run_mixing(config, data).merge_weights(weights),
         out,
         method=merge_method(config.merge),
         dtype=None if config.merge.output_dtype == "auto" else config.merge.output_dtype,

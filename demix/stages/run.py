@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING
 from demix.checkpoint import read_model_manifest
 from demix.config import RunConfig
 from demix.data.shards import CuratedData
-from demix.mixtures import SeededRun, final_mixture, final_runs, search_cap
+from demix.mixtures import SeededRun, final_mixture, final_runs
 from demix.report.summary import add_wall_times
 from demix.stages.curate import curate_stage, fetch_configured_demo
 from demix.stages.train import train_components, train_stage
-from demix.stages.values import Run
+from demix.stages.values import Run, run_search_space
 from demix.storage import atomic_write_json
 
 if TYPE_CHECKING:
@@ -61,7 +61,7 @@ def prepare_models(
     with timed("curate"):
         data = curate_stage(config, out / "dataset")
     # search.max_epochs that no mixture can meet fail before training
-    search_cap(config.data, config.train, config.merge, config.search, data)
+    run_search_space(config, data)
     with timed("base"):
         base = train_stage(config, data, "base", out / "models" / "base")
     with timed("components"):

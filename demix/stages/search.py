@@ -12,17 +12,10 @@ from demix import search
 from demix.config import RunConfig
 from demix.data.shards import CuratedData
 from demix.errors import DemixError
-from demix.mixtures import (
-    HULL_TOLERANCE,
-    as_dict,
-    merge_weights,
-    mix_matrix,
-    negative_share,
-    search_space,
-)
+from demix.mixtures import HULL_TOLERANCE, as_dict, negative_share
 from demix.stages.memory import config_search_plan
 from demix.stages.proxies import TrainedProxyEvaluator, make_proxy
-from demix.stages.values import Run
+from demix.stages.values import Run, run_mixing, run_search_space
 from demix.storage import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
@@ -41,7 +34,8 @@ def describe_selection(
     the final candidate pool with some component weight < 0, under merge.weights.
     """
     mixture = found["mixture"]
-    components = merge_weights(config.data, config.train, config.merge, data, mixture)
+    mixing = run_mixing(config, data)
+    components = mixing.merge_weights(mixture)
     lowest = float(components.min())
     if lowest < -HULL_TOLERANCE and config.search.method == "merge":
         log.warning(
@@ -53,11 +47,9 @@ def describe_selection(
         "mixture": as_dict(data.names, mixture),
         "component_weights": as_dict(data.names, components),
         "min_component_weight": lowest,
-        "pool_negative_share": negative_share(
-            merge_weights(config.data, config.train, config.merge, data, found["pool"])
-        ),
+        "pool_negative_share": negative_share(mixing.merge_weights(found["pool"])),
         "merge_weights": config.merge.weights,
-        "mix_matrix": mix_matrix(config.data, config.train, data).round(6).tolist(),
+        "mix_matrix": mixing.matrix.round(6).tolist(),
         "relative_delta_norms": norms,
         "rounds": found["rounds"],
         "proxies_evaluated": found["proxies_evaluated"],
@@ -80,7 +72,7 @@ def search_stage(run: Run, out: Path, evaluator: Evaluator | None = None) -> dic
     out.mkdir(parents=True, exist_ok=True)
     proxy = make_proxy(run, out, evaluator)
     table = search.ScoresTable(out / "scores.jsonl")
-    space = search_space(config.data, config.train, config.merge, config.search, data)
+    space = run_search_space(config, data)
     found = search.run_search(
         space.names,
         space.prior,
@@ -111,7 +103,7 @@ def propose_stage(
     """
     if not 0 <= round_index < config.search.rounds:
         raise DemixError(f"round {round_index} is outside search.rounds={config.search.rounds}")
-    space = search_space(config.data, config.train, config.merge, config.search, data)
+    space = run_search_space(config, data)
     objective = search.search_objective(config.search, config.evaluate)
     return search.round_proposals(
         round_index,
@@ -128,7 +120,7 @@ def propose_stage(
 
 def select_stage(config: RunConfig, data: CuratedData, rows: list[dict]) -> dict:
     """The final mixture from every scored proxy (run_search's last step), as result.json."""
-    space = search_space(config.data, config.train, config.merge, config.search, data)
+    space = run_search_space(config, data)
     objective = search.search_objective(config.search, config.evaluate)
     found = search.final_selection(
         rows,

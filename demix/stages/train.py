@@ -11,9 +11,9 @@ from demix.base_model import write_base_artifact
 from demix.config import RunConfig
 from demix.data.shards import CuratedData
 from demix.errors import DemixError
-from demix.mixtures import component_training_mix
 from demix.stages.artifacts import base_model_dir
 from demix.stages.launch import job_for, launch_train
+from demix.stages.values import run_mixing
 from demix.storage import checkpoint_sync, discard_checkpoint
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ def train_stage(
     if role in ("reference", "final") and mixture is None:
         raise DemixError(f"role {role!r} needs a data mixture")
     if role == "component":
-        mixture = component_training_mix(config.data, config.train, data, name)
+        mixture = run_mixing(config, data).training_mix(name)
     elif role in ("base", "control"):  # the control: a decay branch on the token prior
         mixture = dict(data.token_prior)
     config = _seeded(config, role, seed_offset)  # the seed travels in the config from here

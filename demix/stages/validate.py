@@ -35,9 +35,7 @@ from demix.mixtures import (
     as_dict,
     data_to_component,
     in_hull,
-    mix_matrix,
     prior_vector,
-    search_floor,
 )
 from demix.model import resolve_device
 from demix.progress import track
@@ -49,7 +47,7 @@ from demix.search.sampler import sample_mixtures
 from demix.stages.artifacts import read_model_index
 from demix.stages.proxies import ProxyEvaluator
 from demix.stages.train import train_stage
-from demix.stages.values import Run
+from demix.stages.values import Run, run_mixing
 from demix.storage import atomic_write_json, atomic_write_text, kept_json
 
 log = logging.getLogger(__name__)
@@ -65,12 +63,13 @@ def reference_mixtures(config: RunConfig, data: CuratedData) -> np.ndarray:
     inside the hull as the search draws it. References lie where the search looks."""
     prior = prior_vector(data)
     rng = np.random.default_rng([seed_entropy(config.seed), VALIDATE_STREAM])
-    floor = search_floor(config.data, config.train, config.merge, data)
+    mixing = run_mixing(config, data)
+    floor = mixing.floor
     sampled = sample_mixtures(
         prior, config.fidelity.references, rng, config.search.sampler, floor=floor
     )
     d = len(data.names)
-    corners = np.eye(d) if floor is None else mix_matrix(config.data, config.train, data).T
+    corners = np.eye(d) if floor is None else mixing.matrix.T
     fixed = np.vstack([corners, corners.mean(axis=0)[None]])
     out, seen = [], set()
     for w in np.vstack([sampled, fixed]):
@@ -164,7 +163,7 @@ def validate_stage(run: Run, out: Path, evaluator: Evaluator | None = None) -> d
     tags, result["fidelity_by_hull"] = fidelity_by_hull(
         data.names,
         mixtures,
-        mix_matrix(config.data, config.train, data),
+        run_mixing(config, data).matrix,
         proxy_results,
         reference_results,
         config.evaluate.categories,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from demix.config import RunConfig
 from demix.data.shards import CuratedData
+from demix.mixtures import Mixing, SearchSpace, search_space
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,3 +26,16 @@ class Run:
     def using(self, config: RunConfig) -> Run:
         """The same data and models under another config (a recipe's variant of the run's)."""
         return dataclasses.replace(self, config=config)
+
+
+def run_mixing(config: RunConfig, data: CuratedData) -> Mixing:
+    """The run's Mixing (demix.mixtures): how its components mix the data, how it merges."""
+    return Mixing.of(config.data, config.train, config.merge, data)
+
+
+def run_search_space(config: RunConfig, data: CuratedData) -> SearchSpace:
+    """The run's SearchSpace: names, token prior, floor and cap.
+
+    Raises MixtureError where search.max_epochs cannot hold a whole mixture (search_cap).
+    """
+    return search_space(run_mixing(config, data), config.search, config.train, data)
