@@ -292,3 +292,44 @@ def test_reproduce_decision_end_to_end_and_resumed(tmp_path, corpus_dir, monkeyp
     assert main(argv) == 0
     again = json.loads((out / "decision.json").read_text())
     assert again["table"] == result["table"]
+
+
+def test_each_finished_protocol_seed_is_written_before_the_next_runs(tmp_path, monkeypatch):
+    """A run of hours shows what it has: after seed 0, decision.json and decision.md hold its
+    table, marked provisional (1 of 2); a second seed that fails leaves them as they were."""
+    from types import SimpleNamespace
+
+    import demix.recipes.decision as recipe
+    from demix.stages.values import Run
+
+    config = _config(tmp_path, seeds=2)
+    finals = _finals({"m-good": 0.5, "m-flat": 0.0, "m-bad": -0.5, "m-best": 1.0})
+    seed = decision.seed_rows(config.evaluate, config.seed, _choices(), finals, _details(MIXTURES))
+    data = SimpleNamespace(names=["a", "b"])
+    calls = []
+
+    def one_seed(run, folder, evaluator, timed):
+        calls.append(run.config.seed)
+        if len(calls) == 2:
+            assert "Provisional: 1 of 2" in (tmp_path / "out" / "decision.md").read_text()
+            raise KeyboardInterrupt  # the run stopped during seed 1
+        return {"seed": run.config.seed, **seed}
+
+    monkeypatch.setattr(recipe, "prepare_models", lambda c, o, t, components: Run(c, data, o))
+    monkeypatch.setattr(recipe, "run_evaluator", lambda c, d: None)
+    monkeypatch.setattr(recipe, "decision_seed", one_seed)
+    with pytest.raises(KeyboardInterrupt):
+        recipe.reproduce_decision(config, tmp_path / "out")
+    assert calls == [config.seed, config.seed + 1]
+    kept = json.loads((tmp_path / "out" / "decision.json").read_text())
+    assert kept["seeds_planned"] == 2 and [s["seed"] for s in kept["per_seed"]] == [config.seed]
+    assert kept["table"] == decision.table_rows([{"seed": config.seed, **seed}])
+    text = (tmp_path / "out" / "decision.md").read_text()
+    assert "**Provisional: 1 of 2 protocol seeds finished**" in text
+    assert "| 1x | merged 21 |" in text
+    # all seeds finished: the same table, no longer provisional
+    calls.clear()
+    monkeypatch.setattr(recipe, "decision_seed", lambda r, f, e, t: {"seed": r.config.seed, **seed})
+    result = recipe.reproduce_decision(config, tmp_path / "out")
+    assert result["seeds_planned"] == 2 and len(result["per_seed"]) == 2
+    assert "Provisional" not in (tmp_path / "out" / "decision.md").read_text()

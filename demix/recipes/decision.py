@@ -8,7 +8,8 @@ top `decision.top_k` of `decision.candidates`); the linear and quadratic weights
 the same proxies; then final models (`final.seeds` training seeds) for every chosen mixture and
 the token prior, and the paired verdicts. The seeds share the curated data and the base.
 Everything resumes: models are not trained twice, proxies and finals not evaluated twice.
-Writes decision.json and decision.md (the table) into the run folder.
+Writes decision.json and decision.md (the table) into the run folder after every protocol seed:
+a run of hours shows the seeds it has finished, marked provisional until the last.
 """
 
 from __future__ import annotations
@@ -37,13 +38,11 @@ def reproduce_decision(config: RunConfig, out: str | Path) -> dict[str, Any]:
     timed = StageClock()
     prepared = prepare_models(config, out, timed, components=False)
     evaluator = run_evaluator(config, prepared.data)
-    per_seed = [
-        decision_seed(
-            prepared.using(config.model_copy(update={"seed": config.seed + s})),
-            seed_folder(out, s),
-            evaluator,
-            timed,
+    per_seed: list[dict[str, Any]] = []
+    for s in range(config.decision.seeds):
+        seeded = prepared.using(config.model_copy(update={"seed": config.seed + s}))
+        per_seed.append(decision_seed(seeded, seed_folder(out, s), evaluator, timed))
+        result = write_decision(
+            prepared.data, per_seed, out, timed.timings, planned=config.decision.seeds
         )
-        for s in range(config.decision.seeds)
-    ]
-    return write_decision(prepared.data, per_seed, out, timed.timings)
+    return result

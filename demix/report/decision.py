@@ -74,12 +74,22 @@ def format_decision(result: dict[str, Any]) -> str:
     """decision.md: the table over protocol seeds, then each seed's chosen mixtures and its
     method-vs-method verdicts."""
     seeds = len(result["per_seed"])
+    planned = result.get("seeds_planned", seeds)
     lines = [
         f"The decision at equal training tokens ({seeds} protocol seed(s); objective difference "
         "of final models, standardised, paired over documents and training seeds; intervals "
         "over seeds as in `demix reproduce`'s headline). Regret: the seed's best final minus "
         "this one (> 0: the best is better; ~ 0: not told apart).",
         "",
+        *(
+            [
+                f"**Provisional: {seeds} of {planned} protocol seeds finished**; this table is "
+                "written again as each seed finishes.",
+                "",
+            ]
+            if seeds < planned
+            else []
+        ),
         *markdown_table(HEADER, decision_rows(result["table"])),
     ]
     versus = merged_versus_trained(result["per_seed"])

@@ -171,12 +171,18 @@ def check_plan(config: RunConfig) -> None:
 
 
 def write_decision(
-    data: CuratedData, per_seed: list[dict[str, Any]], out: Path, timings: dict
+    data: CuratedData,
+    per_seed: list[dict[str, Any]],
+    out: Path,
+    timings: dict,
+    planned: int | None = None,
 ) -> dict[str, Any]:
-    """decision.json's data (the table over seeds, each seed's rows, tokens and timings),
+    """decision.json's data (the table over the seeds finished so far, each seed's rows,
+    tokens and timings; `planned`: the protocol seeds the run will have, default these),
     written with decision.md (the table) into `out`."""
     result = {
         "datasets": data.names,
+        "seeds_planned": len(per_seed) if planned is None else planned,
         "table": decision.table_rows(per_seed),
         "per_seed": per_seed,
         "timings_s": timings,
