@@ -1385,3 +1385,17 @@ def test_evaluate_final_publishes_the_verdict_as_markdown(compiled):
     assert verdict_text(summary) in page and page.startswith("# DeMix")
     assert "vs token_prior" in page and "+0.500 [+0.100, +0.900] better" in page
     assert "2 seed(s)" in page
+
+
+def test_demix_report_names_a_bad_config_json_in_one_line(tmp_path, capsys):
+    """A run folder whose config.json is not a run config: one line naming the file and the
+    key, exit 2, and no report.html written."""
+    summary = {k: {} for k in ("datasets", "mixture", "baselines", "final", "verdict")}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    (tmp_path / "selection.json").write_text(json.dumps({"history": []}))
+    (tmp_path / "config.json").write_text(json.dumps({"sed": 1}))
+    assert demix_main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"{tmp_path / 'config.json'}: data: required key is missing" in err
+    assert not (tmp_path / "report.html").exists()

@@ -11,7 +11,7 @@ from demix import evaluate
 from demix.checkpoint import RELATIVE_DELTA_NORM
 from demix.config import RunConfig
 from demix.data.shards import CuratedData
-from demix.errors import DataError, DemixError
+from demix.errors import ConfigError, DataError, DemixError
 from demix.mixtures import SeededRun, components_in_order, final_runs
 from demix.progress import track
 from demix.report.summary import stage_timings, summarize, write_document_scores, write_summary
@@ -157,15 +157,12 @@ def report_stage(folder: Path) -> Path:
     Raises DataError naming the file that is unreadable or not what a run writes, config.json
     that is not a valid run config included.
     """
-    from pydantic import ValidationError
-
+    from demix.config import parse_config
     from demix.report.folders import read_finished_run
 
     finished = read_finished_run(folder)
     try:
-        config = RunConfig.model_validate(finished.config)
-    except ValidationError as err:
-        first = err.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise DataError(f"{finished.folder / 'config.json'}: {field}: {first['msg']}") from None
+        config = parse_config(finished.config, str(finished.folder / "config.json"))
+    except ConfigError as err:  # a file the run wrote, not the user's config: bad data
+        raise DataError(str(err)) from None
     return write_run_report(config, finished.folder, finished.summary, finished.selection)
