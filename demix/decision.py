@@ -110,7 +110,7 @@ def seed_rows(
     details: Mapping[str, Mapping[str, dict]] | None = None,
 ) -> dict[str, Any]:
     """One protocol seed's rows: per budget and method, the paired objective difference from the
-    token prior's finals, the regret against the best final of the seed, and the differences
+    token prior's finals, its regret (the lead of the final most ahead of it), and the differences
     from the other methods of its budget (over `evaluate.categories` and their weights; `seed`:
     the run's seed, which seeds the verdicts' bootstrap).
 
@@ -118,8 +118,13 @@ def seed_rows(
     final label); finals: {final label: [results per training seed]} holding BASELINE too;
     details: {budget label: {method: {...}}} copied into the rows (the search's tokens,
     proxies and chosen mixture).
-    The best final is the one with the largest difference from the token prior (the token prior
-    itself, at 0, when every choice is below it); regret = best minus this one (0 for the best).
+    Regret: how far the final that beats this one most (its "rival", among every final of the
+    seed, the token prior's included) is ahead of it, with the interval of that pairing (Holm
+    over the finals it is judged against); None where no final is ahead. Standardised
+    differences are paired z-scores and need not be transitive (A ahead of the prior by more
+    than B does not put A ahead of B), so regret takes every pairing rather than a difference
+    from one "best by its distance from the prior". The best final: the one no other is ahead
+    of, else the one whose rival is ahead of it by least.
     Raises ValueError when a final lacks per-document scores or the seeds differ.
     """
     categories, weights = evaluate.categories, evaluate.category_weights
@@ -133,13 +138,10 @@ def seed_rows(
 
     labels = sorted({label for methods in choices.values() for label in methods.values()})
     versus_prior = {label: _objective(judged(label, [BASELINE]), BASELINE) for label in labels}
-    best = max(labels, key=lambda label: versus_prior[label]["diff"], default=BASELINE)
-    if versus_prior.get(best, {"diff": 0.0})["diff"] <= 0:
-        best = BASELINE
-    regret = {
-        label: _objective(judged(best, [label]), label) if label != best else None
-        for label in labels
-    }
+    everyone = [BASELINE, *labels]
+    regret = {label: _regret(judged(label, everyone)) for label in everyone}
+    # a final no other beats, else the one its strongest rival beats least
+    best = min(everyone, key=lambda label: (regret[label] or _zero())["diff"])
     rows = []
     for budget, methods in choices.items():
         for method, label in methods.items():
@@ -160,6 +162,25 @@ def seed_rows(
                 }
             )
     return {"best": best, "rows": rows}
+
+
+def _regret(verdict: Mapping[str, dict]) -> dict[str, Any] | None:
+    """The regret of a final from its verdict against every other final (final_verdict): the
+    other most ahead of it, its lead (the objective difference turned round) and the verdict of
+    that lead; None where no other is ahead."""
+    rival = min(verdict, key=lambda other: verdict[other]["objective"]["diff"])
+    behind = verdict[rival]["objective"]
+    if behind["diff"] >= 0:
+        return None
+    turned = {"better": "worse", "worse": "better"}
+    return {
+        **behind,
+        "diff": -behind["diff"],
+        "ci_low": -behind["ci_high"],
+        "ci_high": -behind["ci_low"],
+        "verdict": turned.get(behind["verdict"], behind["verdict"]),
+        "rival": rival,
+    }
 
 
 def mean_interval(values: Sequence[float], intervals: Sequence[Sequence[float]]) -> dict:

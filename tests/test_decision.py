@@ -160,7 +160,7 @@ def test_seed_rows_judge_each_choice_against_the_prior_the_best_and_its_budget(t
     assert (
         rows[("1x", "merged 21")]["vs_token_prior"] == rows[("2x", "merged 21")]["vs_token_prior"]
     )
-    # regret: the best final minus this one; none for the best itself
+    # regret: how far the final most ahead of this one leads; none for the best itself
     assert rows[("2x", "regmix")]["regret"] is None
     assert rows[("1x", "linear fit")]["regret"]["verdict"] == "better"
     assert (
@@ -182,6 +182,45 @@ def test_no_choice_beats_the_prior_so_the_prior_is_the_best(tmp_path):
     seed = decision.seed_rows(config.evaluate, config.seed, choices, finals)
     assert seed["best"] == decision.BASELINE
     assert all(r["regret"]["verdict"] == "better" for r in seed["rows"])
+
+
+def test_regret_takes_every_pairing_where_standardised_differences_are_not_transitive(tmp_path):
+    # A: a small, clean gain on one task and a small, clean loss on the other; Q: a larger gain
+    # on the second task, buried in noise. Against the prior A leads by far (clean differences
+    # give large z-scores), yet paired with A, Q is ahead: the differences are not transitive,
+    # and a regret taken from "the best by its distance from the prior" would be below zero.
+    config = parse_config(smoke_config_dict(tmp_path))
+    tasks, docs = TASKS[:2], 240
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=(2, len(tasks), docs))
+    shifts = {decision.BASELINE: (0.0, 0.0), "m-a": (0.1, -0.05), "m-q": (0.0, 0.3)}
+    noise = {decision.BASELINE: 0.0, "m-a": 0.01, "m-q": 1.0}
+    finals = {
+        label: [
+            {
+                task: {
+                    "higher_is_better": True,
+                    "per_doc": (
+                        base[s, t] + shift[t] + noise[label] * rng.normal(size=docs)
+                    ).tolist(),
+                }
+                for t, task in enumerate(tasks)
+            }
+            for s in range(2)
+        ]
+        for label, shift in shifts.items()
+    }
+    evaluate = config.evaluate.model_copy(update={"categories": {"all": list(tasks)}})
+    choices = {"1x": {"merged 21": "m-a", "regmix": "m-q"}}
+    seed = decision.seed_rows(evaluate, config.seed, choices, finals)
+    rows = {r["method"]: r for r in seed["rows"]}
+    a, q = rows["merged 21"], rows["regmix"]
+    assert a["vs_token_prior"]["diff"] > q["vs_token_prior"]["diff"] > 0
+    assert a["vs_methods"]["regmix"]["diff"] < 0  # yet paired, Q is ahead of A
+    assert seed["best"] == "m-q" and q["regret"] is None
+    assert a["regret"]["rival"] == "m-q"
+    assert a["regret"]["diff"] == pytest.approx(-a["vs_methods"]["regmix"]["diff"])
+    assert all(r["regret"] is None or r["regret"]["diff"] > 0 for r in seed["rows"])
 
 
 def test_table_rows_over_protocol_seeds_and_the_markdown(tmp_path):

@@ -78,8 +78,10 @@ def format_decision(result: dict[str, Any]) -> str:
     lines = [
         f"The decision at equal training tokens ({seeds} protocol seed(s); objective difference "
         "of final models, standardised, paired over documents and training seeds; intervals "
-        "over seeds as in `demix reproduce`'s headline). Regret: the seed's best final minus "
-        "this one (> 0: the best is better; ~ 0: not told apart).",
+        "over seeds as in `demix reproduce`'s headline). Regret: how far the final most ahead "
+        "of this one (any final of the seed, the token prior's included) is ahead of it, Holm "
+        "over the finals it is judged against (> 0: told apart; ~ 0: not; best: none is "
+        "ahead). Standardised differences are paired z-scores and need not be transitive.",
         "",
         *(
             [
