@@ -167,7 +167,9 @@ def seed_rows(
 def _regret(verdict: Mapping[str, dict]) -> dict[str, Any] | None:
     """The regret of a final from its verdict against every other final (final_verdict): the
     other most ahead of it, its lead (the objective difference turned round) and the verdict of
-    that lead; None where no other is ahead."""
+    that lead; None where no other is ahead (or there is no other)."""
+    if not verdict:
+        return None
     rival = min(verdict, key=lambda other: verdict[other]["objective"]["diff"])
     behind = verdict[rival]["objective"]
     if behind["diff"] >= 0:
